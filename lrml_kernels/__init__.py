@@ -1,0 +1,27 @@
+"""lrml_kernels: fused kernels and a reference for LRML recommenders (Tay et al., WWW 2018).
+
+Public API::
+
+    lrml_distances, lrml_hinge_loss, lrml_topk   # the fused ops (ops.py)
+    available_backends                           # which backends run here (backends.py)
+    LRML                                         # the nn.Module (model.py)
+    reference                                    # SPEC.md in plain PyTorch
+"""
+
+from lrml_kernels import reference
+from lrml_kernels.backends import BackendUnavailable, available_backends
+from lrml_kernels.model import LRML
+from lrml_kernels.ops import lrml_distances, lrml_hinge_loss, lrml_topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LRML",
+    "BackendUnavailable",
+    "available_backends",
+    "lrml_distances",
+    "lrml_hinge_loss",
+    "lrml_topk",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,172 @@
+"""Which backends exist here, the ``"auto"`` rules and the ``LRML_KERNELS_BACKEND`` override.
+
+A backend is a module (or object) with three functions taking validated, contiguous inputs on one
+device (indices int32 or int64, parameters of one floating dtype):
+
+- ``distances(user_emb, item_emb, keys, memory, users, items, distance, relation, eps,
+  sparse_grad) -> D [B, C]`` (differentiable w.r.t. the four parameters);
+- ``hinge_loss(user_emb, item_emb, keys, memory, users, items, margin, distance, relation, eps,
+  reduction, sparse_grad) -> loss`` (scalar, or ``[B]`` for reduction="none");
+- ``topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps) -> (D [B, k],
+  ids int64 [B, k])`` with ``exclude`` None or ``(indptr int64 [B+1], indices int64)``.
+
+plus ``devices``: the device types it runs on. Backends:
+
+==========  =============================================  =========================================
+name        what                                           needs
+==========  =============================================  =========================================
+``torch``   :mod:`lrml_kernels.reference` (plain PyTorch)  nothing; any device, any float dtype
+``triton``  fused Triton kernels                           triton and a CUDA GPU (or, for tests,
+                                                           ``TRITON_INTERPRET=1`` on the CPU)
+``cpu``     C++ extension, CPU kernels                     a C++ compiler and ninja (built once)
+``cuda``    C++/CUDA extension, CUDA kernels               a CUDA build of torch and nvcc
+==========  =============================================  =========================================
+
+``"auto"`` on CUDA tensors: triton, else cuda, else torch. On CPU tensors: cpu, else torch (triton
+runs on CPU tensors only when asked for by name with ``TRITON_INTERPRET=1`` set, never by accident).
+The environment variable ``LRML_KERNELS_BACKEND`` replaces ``"auto"`` by a name.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+from lrml_kernels import reference
+
+BACKENDS = ("torch", "triton", "cpu", "cuda")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+def _torch_topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
+    return reference.lrml_topk(
+        user_emb, item_emb, keys, memory, users, k, exclude=exclude, distance=distance, eps=eps
+    )
+
+
+def _torch_distances(user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sp):
+    return reference.lrml_distances(
+        user_emb,
+        item_emb,
+        keys,
+        memory,
+        users,
+        items,
+        distance=distance,
+        relation=relation,
+        eps=eps,
+        sparse_grad=sp,
+    )
+
+
+def _torch_hinge(
+    user_emb, item_emb, keys, memory, users, items, margin, distance, relation, eps, reduction, sp
+):
+    D = _torch_distances(
+        user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sp
+    )
+    return reference.hinge_from_distances(D, margin, reduction)
+
+
+TORCH_BACKEND = SimpleNamespace(
+    name="torch",
+    devices=None,  # any
+    distances=_torch_distances,
+    hinge_loss=_torch_hinge,
+    topk=_torch_topk,
+)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _load(name: str):
+    """The backend object, or raise :class:`BackendUnavailable` with the reason."""
+    if name == "torch":
+        return TORCH_BACKEND
+    if name == "triton":
+        try:
+            return importlib.import_module("lrml_kernels.triton")
+        except ImportError as exc:
+            raise BackendUnavailable(f"triton backend: import failed ({exc})") from exc
+    if name in ("cpu", "cuda"):
+        from lrml_kernels import extension
+
+        return extension.backend(name)  # raises BackendUnavailable with the build error
+    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+
+
+def _runs_on(name: str, device_type: str) -> str | None:
+    """None if backend `name` can run on `device_type`, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and triton_interpreted():
+            return None
+        return (
+            "triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
+            f"not on {device_type}"
+        )
+    if name != device_type:
+        return f"{name} backend runs on {name} tensors, not {device_type}"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "cuda backend: no CUDA device"
+    return None
+
+
+def why_unavailable(name: str, device_type: str | None = None) -> str | None:
+    """None if ``name`` can run (on ``device_type`` if given), else a sentence saying why not."""
+    if device_type is not None:
+        reason = _runs_on(name, device_type)
+        if reason:
+            return reason
+    try:
+        _load(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    if device_type is None and name == "triton":
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return "triton backend: no CUDA device (set TRITON_INTERPRET=1 to run on the CPU)"
+    if device_type is None and name == "cuda" and not torch.cuda.is_available():
+        return "cuda backend: no CUDA device"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, e.g. ``["torch", "cpu"]``."""
+    return [name for name in BACKENDS if why_unavailable(name) is None]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend name for ``backend`` ("auto" or a name) on ``device``."""
+    if backend == "auto":
+        backend = os.environ.get("LRML_KERNELS_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            for name in _AUTO_ORDER.get(device.type, ("torch",)):
+                if why_unavailable(name, device.type) is None:
+                    return name
+            return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = why_unavailable(backend, device.type)
+    if reason:
+        raise BackendUnavailable(reason)
+    return backend
+
+
+def get(backend: str, device: torch.device):
+    """The backend object that runs ``backend`` ("auto" or a name) on ``device``."""
+    return _load(resolve(backend, device))

@@ -1,0 +1,128 @@
+"""The LRML ``nn.Module``: the four parameters and thin calls into :mod:`lrml_kernels.ops`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lrml_kernels import ops
+
+
+class LRML(nn.Module):
+    """Latent Relational Metric Learning (Tay et al., WWW 2018), SPEC.md semantics.
+
+    Parameters: ``user_emb [num_users, dim]``, ``item_emb [num_items, dim]``,
+    ``keys [memory_slots, dim]``, ``memory [memory_slots, dim]``, all initialised normal with std
+    ``1/sqrt(dim)``. ``sparse=True`` makes the embedding gradients sparse COO tensors (for
+    ``torch.optim.SparseAdam``, ``Adagrad`` and ``SGD``); ``max_norm`` is the radius of the
+    unit-ball projection applied by :meth:`project_` (None disables it).
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int = 100,
+        memory_slots: int = 20,
+        *,
+        distance: str = "l2",
+        relation: str = "pair",
+        margin: float = 0.5,
+        max_norm: float | None = 1.0,
+        sparse: bool = False,
+        backend: str = "auto",
+        eps: float = 1e-3,
+        validate: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim),
+                            ("memory_slots", memory_slots)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        ops._check_option("distance", distance, ops.DISTANCES)
+        ops._check_option("relation", relation, ops.RELATIONS)
+        if max_norm is not None and max_norm <= 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
+        std = 1.0 / math.sqrt(dim)
+        kw = {"device": device, "dtype": dtype}
+        self.user_emb = nn.Parameter(torch.randn(num_users, dim, **kw) * std)
+        self.item_emb = nn.Parameter(torch.randn(num_items, dim, **kw) * std)
+        self.keys = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
+        self.memory = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
+        self.distance, self.relation, self.margin = distance, relation, float(margin)
+        self.max_norm, self.sparse, self.backend = max_norm, sparse, backend
+        self.eps, self.validate = float(eps), validate
+
+    @property
+    def num_users(self) -> int:
+        return self.user_emb.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return self.item_emb.shape[0]
+
+    def _params(self):
+        return self.user_emb, self.item_emb, self.keys, self.memory
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, reduction: str = "sum"):
+        """Hinge loss of a batch: users ``[B]``, items ``[B, C]`` (column 0 positive)."""
+        return ops.lrml_hinge_loss(
+            *self._params(), users, items, margin=self.margin, distance=self.distance,
+            relation=self.relation, eps=self.eps, reduction=reduction, backend=self.backend,
+            sparse_grad=self.sparse, validate=self.validate,
+        )  # fmt: skip
+
+    def distances(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``D [B, C]`` (lower is a better match)."""
+        return ops.lrml_distances(
+            *self._params(), users, items, distance=self.distance, relation=self.relation,
+            eps=self.eps, backend=self.backend, sparse_grad=self.sparse, validate=self.validate,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def recommend(self, users: torch.Tensor, k: int = 10, exclude=None):
+        """Top-k items per user over the whole catalogue: ``(distances [B, k], ids [B, k])``.
+
+        ``exclude``: CSR ``(indptr [B+1], indices)`` of items to leave out (e.g. training items).
+        """
+        return ops.lrml_topk(
+            *self._params(), users, k, exclude=exclude, distance=self.distance, eps=self.eps,
+            backend=self.backend, validate=self.validate,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def project_(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None):
+        """Project user/item rows into the ball of radius ``max_norm`` (all rows, or those given).
+
+        ``x <- x / max(1, ‖x‖₂ / max_norm)``; a no-op when ``max_norm`` is None.
+        """
+        if self.max_norm is None:
+            return self
+        for table, rows in ((self.user_emb, users), (self.item_emb, items)):
+            if rows is None:
+                project_rows_(table, None, self.max_norm)
+            else:
+                project_rows_(table, torch.unique(rows.reshape(-1)), self.max_norm)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_users={self.num_users}, num_items={self.num_items}, dim={self.keys.shape[1]}, "
+            f"memory_slots={self.keys.shape[0]}, distance={self.distance!r}, "
+            f"relation={self.relation!r}, margin={self.margin}, max_norm={self.max_norm}, "
+            f"sparse={self.sparse}, backend={self.backend!r}"
+        )
+
+
+def project_rows_(table: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
+    """In place: ``table[rows] /= max(1, ‖table[rows]‖ / max_norm)`` (all rows if rows is None)."""
+    x = table if rows is None else table[rows]
+    scale = (x.float().norm(dim=1, keepdim=True) / max_norm).clamp_min(1.0)
+    if rows is None:
+        table.div_(scale.to(table.dtype))
+    else:
+        table[rows] = (x.float() / scale).to(table.dtype)

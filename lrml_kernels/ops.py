@@ -1,0 +1,313 @@
+"""The public ops: validation once, backend choice, then the backend's fused implementation.
+
+Every op checks its inputs before any kernel runs and raises an exception naming the argument:
+``TypeError`` for wrong types/dtypes, ``ValueError`` for wrong shapes, options and devices,
+``IndexError`` for out-of-range indices. The index range check is one min/max reduction and one
+host synchronisation per call; ``validate=False`` skips it (and the other value checks) for
+benchmarks and for training loops whose data was checked once. Kernels additionally mask their
+loads, so even unchecked indices never make them read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrml_kernels import backends, reference
+from lrml_kernels.reference import DISTANCES, REDUCTIONS, RELATIONS
+
+PARAM_NAMES = ("user_emb", "item_emb", "keys", "memory")
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_option(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_params(user_emb, item_emb, keys, memory, *, check_finite: bool = False):
+    """Validate the four parameter tensors; return them contiguous."""
+    params = (user_emb, item_emb, keys, memory)
+    for name, t in zip(PARAM_NAMES, params, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    dtypes = {t.dtype for t in params}
+    if len(dtypes) != 1:
+        got = ", ".join(f"{n}={t.dtype}" for n, t in zip(PARAM_NAMES, params, strict=True))
+        raise TypeError(f"user_emb, item_emb, keys and memory must share one dtype, got {got}")
+    devices = {t.device for t in params}
+    if len(devices) != 1:
+        got = ", ".join(f"{n} on {t.device}" for n, t in zip(PARAM_NAMES, params, strict=True))
+        raise ValueError(f"all tensors must be on one device, got {got}")
+    d = user_emb.shape[1]
+    for name, t in zip(PARAM_NAMES[1:], params[1:], strict=True):
+        if t.shape[1] != d:
+            raise ValueError(
+                f"{name} has dimension {t.shape[1]} but user_emb has {d}: all tables share d"
+            )
+    if keys.shape[0] != memory.shape[0]:
+        raise ValueError(
+            f"keys has {keys.shape[0]} memory slots but memory has {memory.shape[0]}: "
+            "they must match"
+        )
+    if keys.shape[0] < 1:
+        raise ValueError("keys and memory must have at least one memory slot (N >= 1)")
+    if d < 1:
+        raise ValueError("the embedding dimension d must be at least 1")
+    if check_finite and not _compiling():
+        for name, t in zip(PARAM_NAMES, params, strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+    return tuple(t.contiguous() for t in params)
+
+
+def check_index_tensor(name: str, idx, rank: int, device: torch.device) -> torch.Tensor:
+    """Validate dtype, rank and device of an index tensor; return it contiguous, int32 or int64."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}"
+        )
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer indices, got dtype {idx.dtype}")
+    if idx.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D, got shape {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the parameters are on {device}")
+    if idx.dtype not in INDEX_DTYPES:
+        idx = idx.to(torch.int64)
+    return idx.contiguous()
+
+
+def check_index_ranges(checks) -> None:
+    """``checks``: (name, index tensor, size) triples. One host sync for all of them together."""
+    checks = [c for c in checks if c[1].numel() > 0]
+    if not checks or _compiling():
+        return
+    bounds = torch.stack(
+        [torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in checks]
+    ).tolist()
+    for (name, _, size), (lo, hi) in zip(checks, bounds, strict=True):
+        if lo < 0 or hi >= size:
+            bad = lo if lo < 0 else hi
+            raise IndexError(
+                f"{name} holds index {bad}, out of range for a table of {size} rows "
+                f"(valid: 0..{size - 1})"
+            )
+
+
+def _prepare(
+    user_emb, item_emb, keys, memory, users, items, distance, relation, eps, validate, check_finite
+):
+    _check_option("distance", distance, DISTANCES)
+    _check_option("relation", relation, RELATIONS)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    params = check_params(user_emb, item_emb, keys, memory, check_finite=check_finite)
+    device = params[0].device
+    users = check_index_tensor("users", users, 1, device)
+    items = check_index_tensor("items", items, 2, device)
+    if items.shape[0] != users.shape[0]:
+        raise ValueError(
+            f"items has {items.shape[0]} rows but users has {users.shape[0]}: items is [B, C]"
+        )
+    if items.shape[1] < 1:
+        raise ValueError("items must have at least one column (column 0 is the positive item)")
+    if validate:
+        check_index_ranges(
+            [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
+        )
+    return params, users, items
+
+
+def lrml_distances(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    keys: torch.Tensor,
+    memory: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    *,
+    distance: str = "l2",
+    relation: str = "pair",
+    eps: float = 1e-3,
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    validate: bool = True,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """LRML distances ``D [B, C]`` of every (users[b], items[b, c]) pair (SPEC.md).
+
+    Args:
+        user_emb: P ``[U, d]``; item_emb: Q ``[I, d]``; keys: K ``[N, d]``; memory: M ``[N, d]``
+            (one floating dtype, one device).
+        users: ``[B]`` integer user indices; items: ``[B, C]`` integer item indices, column 0 the
+            positive, columns 1.. the sampled negatives.
+        distance: "l2" (default), "squared_l2" or "l1". relation: "pair" (default) or "shared".
+        eps: added under the square root of "l2".
+        backend: "auto", "torch", "triton", "cpu" or "cuda" (see :mod:`lrml_kernels.backends`).
+        sparse_grad: return sparse COO gradients for user_emb and item_emb.
+        validate: check index ranges (one host sync). check_finite: reject NaN/Inf parameters.
+
+    Returns:
+        ``D [B, C]`` in the parameter dtype; differentiable w.r.t. the four parameters.
+    """
+    params, users, items = _prepare(
+        user_emb,
+        item_emb,
+        keys,
+        memory,
+        users,
+        items,
+        distance,
+        relation,
+        eps,
+        validate,
+        check_finite,
+    )
+    impl = backends.get(backend, params[0].device)
+    if users.shape[0] == 0:
+        impl = backends.TORCH_BACKEND
+    return impl.distances(*params, users, items, distance, relation, float(eps), sparse_grad)
+
+
+def lrml_hinge_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    keys: torch.Tensor,
+    memory: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    *,
+    margin: float = 0.5,
+    distance: str = "l2",
+    relation: str = "pair",
+    eps: float = 1e-3,
+    reduction: str = "sum",
+    backend: str = "auto",
+    sparse_grad: bool = False,
+    validate: bool = True,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Pairwise hinge loss ``Σ_c max(0, margin + D[b,0] − D[b,c])`` (SPEC.md), fused.
+
+    Arguments as :func:`lrml_distances`, plus ``margin`` and ``reduction`` ("sum" as the authors'
+    code, "mean" over rows, or "none" for the per-row losses ``[B]``).
+    """
+    _check_option("reduction", reduction, REDUCTIONS)
+    if not isinstance(margin, (int, float)):
+        raise TypeError(f"margin must be a number, got {type(margin).__name__}")
+    params, users, items = _prepare(
+        user_emb,
+        item_emb,
+        keys,
+        memory,
+        users,
+        items,
+        distance,
+        relation,
+        eps,
+        validate,
+        check_finite,
+    )
+    impl = backends.get(backend, params[0].device)
+    if users.shape[0] == 0:
+        impl = backends.TORCH_BACKEND
+    return impl.hinge_loss(
+        *params,
+        users,
+        items,
+        float(margin),
+        distance,
+        relation,
+        float(eps),
+        reduction,
+        sparse_grad,
+    )
+
+
+def check_exclude(exclude, num_rows: int, num_items: int, device: torch.device, validate: bool):
+    """Validate a CSR ``(indptr [B+1], indices)`` exclusion list; return it as int64 tensors."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, (tuple, list)) or len(exclude) != 2:
+        raise TypeError("exclude must be None or a CSR pair (indptr [B+1], indices)")
+    indptr = check_index_tensor("exclude indptr", exclude[0], 1, device).to(torch.int64)
+    indices = check_index_tensor("exclude indices", exclude[1], 1, device).to(torch.int64)
+    if indptr.shape[0] != num_rows + 1:
+        raise ValueError(
+            f"exclude indptr has {indptr.shape[0]} entries but users has {num_rows} rows: "
+            f"it must have B + 1 = {num_rows + 1}"
+        )
+    if validate and not _compiling():
+        first, last = indptr[0].item(), indptr[-1].item()
+        if first != 0 or last != indices.shape[0]:
+            raise ValueError(
+                f"exclude indptr must start at 0 and end at len(indices) = {indices.shape[0]}, "
+                f"got {first} .. {last}"
+            )
+        if bool((indptr[1:] < indptr[:-1]).any()):
+            raise ValueError("exclude indptr must be non-decreasing")
+        check_index_ranges([("exclude indices", indices, num_items)])
+        if indices.numel() > 1:
+            step = indices[1:] < indices[:-1]
+            row_start = torch.zeros(indices.shape[0], dtype=torch.bool, device=device)
+            starts = indptr[1:-1]
+            row_start[starts[starts < indices.shape[0]]] = True
+            if bool((step & ~row_start[1:]).any()):
+                raise ValueError("exclude indices must be sorted ascending within each row")
+    return indptr, indices
+
+
+def lrml_topk(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    keys: torch.Tensor,
+    memory: torch.Tensor,
+    users: torch.Tensor,
+    k: int,
+    *,
+    exclude=None,
+    distance: str = "l2",
+    eps: float = 1e-3,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k items nearest to each user over the whole catalogue (relation="pair").
+
+    Args:
+        users: ``[B]`` integer user indices; k: 1 .. any (slots beyond the catalogue are padded).
+        exclude: None or CSR ``(indptr [B+1], indices)``: items never returned for row b are
+            ``indices[indptr[b]:indptr[b+1]]`` (sorted ascending), e.g. the user's training items.
+
+    Returns:
+        ``(distances [B, k], item_ids int64 [B, k])`` sorted ascending, ties broken by the smaller
+        item id; where fewer than k items remain the ids are -1 and the distances +inf.
+    """
+    _check_option("distance", distance, DISTANCES)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    params = check_params(user_emb, item_emb, keys, memory)
+    device = params[0].device
+    users = check_index_tensor("users", users, 1, device)
+    if validate:
+        check_index_ranges([("users", users, params[0].shape[0])])
+    exclude = check_exclude(exclude, users.shape[0], params[1].shape[0], device, validate)
+    impl = backends.get(backend, device)
+    if users.shape[0] == 0:
+        impl = backends.TORCH_BACKEND
+    with torch.no_grad():
+        return impl.topk(*params, users, k, exclude, distance, float(eps))
+
+
+__all__ = ["lrml_distances", "lrml_hinge_loss", "lrml_topk", "reference"]
