@@ -1,0 +1,22 @@
+"""The "triton" backend: fused Triton kernels for LRML (SPEC.md).
+
+Runs on CUDA tensors, or on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1`` set
+before this package is imported; :mod:`lrml_kernels.backends` enforces that). Parameters: float16,
+bfloat16 (GPU only), float32 (computed in fp32) and float64 (computed in fp64).
+
+Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
+
+- :func:`distances` and :func:`hinge_loss`: fused forward, fused backward through registered
+  custom ops (``torch.compile(fullgraph=True)`` sees them as opaque ops with fake shapes);
+- :func:`hinge_loss_grads`: forward and backward in one call without autograd, per-row embedding
+  gradients (for a fused sparse optimizer);
+- :func:`topk`: exact full-catalogue top-k.
+"""
+
+from lrml_kernels.triton.distances import distances, hinge_loss, hinge_loss_grads
+# topk pending
+
+name = "triton"
+devices = ("cuda", "cpu")
+
+__all__ = ["devices", "distances", "hinge_loss", "hinge_loss_grads", "name", "topk"]
