@@ -8,7 +8,11 @@ device (indices int32 or int64, parameters of one floating dtype):
 - ``hinge_loss(user_emb, item_emb, keys, memory, users, items, margin, distance, relation, eps,
   reduction, sparse_grad) -> loss`` (scalar, or ``[B]`` for reduction="none");
 - ``topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps) -> (D [B, k],
-  ids int64 [B, k])`` with ``exclude`` None or ``(indptr int64 [B+1], indices int64)``.
+  ids int64 [B, k])`` with ``exclude`` None or ``(indptr int64 [B+1], indices int64)``;
+- ``hinge_loss_grads(user_emb, item_emb, keys, memory, users, items, margin, distance, relation,
+  eps, reduction) -> (loss, g_user_rows [B, d], g_item_rows [B, C, d], g_keys, g_memory)``:
+  forward and backward in one call, embedding gradients per gathered row (not scattered), for the
+  fused sparse optimizer of :mod:`lrml_kernels.trainer`;
 
 plus ``devices``: the device types it runs on. Backends:
 
@@ -76,12 +80,28 @@ def _torch_hinge(
     return reference.hinge_from_distances(D, margin, reduction)
 
 
+def _torch_hinge_grads(
+    user_emb, item_emb, keys, memory, users, items, margin, distance, relation, eps, reduction
+):
+    """Loss and per-row gradients ``(loss, g_user_rows [B, d], g_item_rows [B, C, d], gK, gM)``."""
+    with torch.enable_grad():
+        p = user_emb.detach()[users].requires_grad_()
+        q = item_emb.detach()[items].requires_grad_()
+        k = keys.detach().requires_grad_()
+        m = memory.detach().requires_grad_()
+        D = reference.distances_from_rows(p, q, k, m, distance=distance, relation=relation, eps=eps)
+        loss = reference.hinge_from_distances(D, margin, reduction)
+        grads = torch.autograd.grad(loss.sum(), (p, q, k, m))
+    return (loss.detach(), *grads)
+
+
 TORCH_BACKEND = SimpleNamespace(
     name="torch",
     devices=None,  # any
     distances=_torch_distances,
     hinge_loss=_torch_hinge,
     topk=_torch_topk,
+    hinge_loss_grads=_torch_hinge_grads,
 )
 
 

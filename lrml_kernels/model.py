@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lrml_kernels import ops
+from lrml_kernels.reference import compute_dtype
 
 
 class LRML(nn.Module):
@@ -39,8 +40,12 @@ class LRML(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim),
-                            ("memory_slots", memory_slots)):  # fmt: skip
+        for name, value in (
+            ("num_users", num_users),
+            ("num_items", num_items),
+            ("dim", dim),
+            ("memory_slots", memory_slots),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         ops._check_option("distance", distance, ops.DISTANCES)
@@ -71,17 +76,32 @@ class LRML(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor, reduction: str = "sum"):
         """Hinge loss of a batch: users ``[B]``, items ``[B, C]`` (column 0 positive)."""
         return ops.lrml_hinge_loss(
-            *self._params(), users, items, margin=self.margin, distance=self.distance,
-            relation=self.relation, eps=self.eps, reduction=reduction, backend=self.backend,
-            sparse_grad=self.sparse, validate=self.validate,
-        )  # fmt: skip
+            *self._params(),
+            users,
+            items,
+            margin=self.margin,
+            distance=self.distance,
+            relation=self.relation,
+            eps=self.eps,
+            reduction=reduction,
+            backend=self.backend,
+            sparse_grad=self.sparse,
+            validate=self.validate,
+        )
 
     def distances(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``D [B, C]`` (lower is a better match)."""
         return ops.lrml_distances(
-            *self._params(), users, items, distance=self.distance, relation=self.relation,
-            eps=self.eps, backend=self.backend, sparse_grad=self.sparse, validate=self.validate,
-        )  # fmt: skip
+            *self._params(),
+            users,
+            items,
+            distance=self.distance,
+            relation=self.relation,
+            eps=self.eps,
+            backend=self.backend,
+            sparse_grad=self.sparse,
+            validate=self.validate,
+        )
 
     @torch.no_grad()
     def recommend(self, users: torch.Tensor, k: int = 10, exclude=None):
@@ -90,9 +110,15 @@ class LRML(nn.Module):
         ``exclude``: CSR ``(indptr [B+1], indices)`` of items to leave out (e.g. training items).
         """
         return ops.lrml_topk(
-            *self._params(), users, k, exclude=exclude, distance=self.distance, eps=self.eps,
-            backend=self.backend, validate=self.validate,
-        )  # fmt: skip
+            *self._params(),
+            users,
+            k,
+            exclude=exclude,
+            distance=self.distance,
+            eps=self.eps,
+            backend=self.backend,
+            validate=self.validate,
+        )
 
     @torch.no_grad()
     def project_(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None):
@@ -120,9 +146,9 @@ class LRML(nn.Module):
 
 def project_rows_(table: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
     """In place: ``table[rows] /= max(1, ‖table[rows]‖ / max_norm)`` (all rows if rows is None)."""
-    x = table if rows is None else table[rows]
-    scale = (x.float().norm(dim=1, keepdim=True) / max_norm).clamp_min(1.0)
+    x = (table if rows is None else table[rows]).to(compute_dtype(table.dtype))
+    x = x / (x.norm(dim=1, keepdim=True) / max_norm).clamp_min(1.0)
     if rows is None:
-        table.div_(scale.to(table.dtype))
+        table.copy_(x)
     else:
-        table[rows] = (x.float() / scale).to(table.dtype)
+        table[rows] = x.to(table.dtype)

@@ -102,7 +102,7 @@ def check_index_ranges(checks) -> None:
             )
 
 
-def _prepare(
+def prepare(
     user_emb, item_emb, keys, memory, users, items, distance, relation, eps, validate, check_finite
 ):
     _check_option("distance", distance, DISTANCES)
@@ -158,7 +158,7 @@ def lrml_distances(
     Returns:
         ``D [B, C]`` in the parameter dtype; differentiable w.r.t. the four parameters.
     """
-    params, users, items = _prepare(
+    params, users, items = prepare(
         user_emb,
         item_emb,
         keys,
@@ -203,7 +203,7 @@ def lrml_hinge_loss(
     _check_option("reduction", reduction, REDUCTIONS)
     if not isinstance(margin, (int, float)):
         raise TypeError(f"margin must be a number, got {type(margin).__name__}")
-    params, users, items = _prepare(
+    params, users, items = prepare(
         user_emb,
         item_emb,
         keys,

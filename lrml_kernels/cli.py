@@ -1,0 +1,165 @@
+"""``lrml train | evaluate | info``: the command line (also ``python -m lrml_kernels``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lrml_kernels.backends import BackendUnavailable
+from lrml_kernels.training import TrainConfig
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    a = p.add_argument
+    a(
+        "--data",
+        default=d.data,
+        help="data set: synthetic | synthetic-small | synthetic-netflix | ncf:PREFIX | "
+        "movielens:PATH | netflix:PATH | csv:FILE | citeulike:FILE (default: %(default)s)",
+    )
+    a("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    a("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    a("--dim", type=int, default=d.dim, help="embedding dimension d (default: %(default)s)")
+    a("--memory-slots", type=int, default=d.memory_slots, help="N (default: %(default)s)")
+    a("--negatives", type=int, default=d.negatives, help="negatives per positive")
+    a("--margin", type=float, default=d.margin, help="hinge margin (default: %(default)s)")
+    a("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
+    a("--optimizer", default=d.optimizer, choices=["adam", "adagrad", "rowwise_adagrad", "sgd"])
+    a("--distance", default=d.distance, choices=["l2", "squared_l2", "l1"])
+    a("--relation", default=d.relation, choices=["pair", "shared"])
+    a("--batch-size", type=int, default=d.batch_size, help="rows per step (default: %(default)s)")
+    a("--max-norm", type=float, default=d.max_norm, help="unit-ball radius; 0 disables")
+    a("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    a("--backend", default=d.backend, choices=["auto", "torch", "triton", "cpu", "cuda"])
+    a("--eval", default=d.eval, choices=["sampled", "full", "none"], help="evaluation protocol")
+    a("--eval-k", type=int, default=d.eval_k, help="k of HR@k / nDCG@k (default: %(default)s)")
+    a("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
+    a("--seed", type=int, default=d.seed)
+    a(
+        "--fused-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=d.fused_optimizer,
+        help="optimizer fused into the backward, touched rows only (default: on)",
+    )
+    a(
+        "--reject-positives",
+        action=argparse.BooleanOptionalAction,
+        default=d.reject_positives,
+        help="resample negatives that are the user's training items (default: on)",
+    )
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="also checkpoint every N steps (0: only after each epoch)",
+    )
+    a(
+        "--on-nonfinite",
+        default=d.on_nonfinite,
+        choices=["stop", "skip"],
+        help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step",
+    )
+    a("--out", default="runs/latest", help="output folder (default: %(default)s)")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _train(args) -> int:
+    import torch
+
+    from lrml_kernels.training import fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        data=args.data,
+        epochs=args.epochs,
+        dim=args.dim,
+        memory_slots=args.memory_slots,
+        negatives=args.negatives,
+        margin=args.margin,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        distance=args.distance,
+        relation=args.relation,
+        batch_size=args.batch_size,
+        max_norm=args.max_norm or None,
+        device=args.device,
+        backend=args.backend,
+        eval=args.eval,
+        eval_k=args.eval_k,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        fused_optimizer=args.fused_optimizer,
+        reject_positives=args.reject_positives,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+        on_nonfinite=args.on_nonfinite,
+        progress=not args.no_progress,
+    )
+    result = fit(cfg, args.out, resume=args.resume)
+    final = result["final"]
+    print(json.dumps({k: v for k, v in final.items()}, indent=2))
+    print(f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from lrml_kernels import data
+    from lrml_kernels.metrics import evaluate
+    from lrml_kernels.training import load_checkpoint
+
+    model, ckpt = load_checkpoint(args.checkpoint, args.device)
+    spec = args.data or ckpt["config"]["data"]
+    split = data.load(spec, seed=ckpt["config"]["seed"])
+    if split.fingerprint() != ckpt["data_fingerprint"]:
+        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
+    if args.backend:
+        model.backend = args.backend
+    for protocol in args.eval:
+        print(json.dumps(evaluate(model, split, protocol, args.k)))
+    return 0
+
+
+def _info(args) -> int:
+    import platform
+
+    import torch
+
+    from lrml_kernels import __version__, backends
+
+    print(
+        f"lrml_kernels {__version__}, torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    print(f"CUDA available: {torch.cuda.is_available()}")
+    for name in backends.BACKENDS:
+        reason = backends.why_unavailable(name)
+        print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lrml", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
+    _add_train_args(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
+    p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
+    p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
+    p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None)
+    p.set_defaults(func=_evaluate)
+    p = sub.add_parser("info", help="versions and which backends run here")
+    p.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, IndexError, BackendUnavailable) as exc:
+        print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
+        return 2

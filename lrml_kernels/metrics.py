@@ -1,0 +1,141 @@
+"""HR@k and nDCG@k under the sampled (NCF) and full-ranking protocols of SPEC.md.
+
+A ranker is anything with ``distances(users [B], items [B, C]) -> D [B, C]`` and
+``recommend(users [B], k, exclude=(indptr, indices)) -> (D [B, k], ids [B, k])``, lower distance
+is better: :class:`lrml_kernels.LRML` and :class:`PopularityRanker` both are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PROTOCOLS = ("sampled", "full")
+
+
+def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
+    """HR@k and nDCG@k of 0-based ranks ``[T]`` (nDCG: ``1/log2(rank + 2)`` for rank < k)."""
+    if ranks.numel() == 0:
+        return 0.0, 0.0
+    ranks = ranks.double()
+    hit = ranks < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
+    return hit.double().mean().item(), ndcg.mean().item()
+
+
+def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torch.Tensor:
+    """Rank of each held-out item among itself and its sampled negatives (ties count against it)."""
+    if split.test_negatives is None:
+        raise ValueError("this split has no sampled negatives: use protocol='full'")
+    device = torch.device(device) if device is not None else _device_of(ranker)
+    users = torch.as_tensor(split.test_users, dtype=torch.int64)
+    cand = torch.cat(
+        [
+            torch.as_tensor(split.test_items, dtype=torch.int64)[:, None],
+            torch.as_tensor(split.test_negatives, dtype=torch.int64),
+        ],
+        dim=1,
+    )
+    ranks = []
+    with torch.no_grad():
+        for start in range(0, users.shape[0], batch_size):
+            u = users[start : start + batch_size].to(device)
+            c = cand[start : start + batch_size].to(device)
+            D = ranker.distances(u, c).float()
+            ranks.append((D[:, 1:] <= D[:, :1]).sum(1).cpu())
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+
+
+def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=None) -> torch.Tensor:
+    """Rank of each held-out item among all items the user did not train on, capped at ``k``.
+
+    Uses top-(k+1) with the training items excluded: the held-out item's rank is the number of
+    other returned items at a distance ≤ its own; ``k`` means "not in the top k".
+    """
+    device = torch.device(device) if device is not None else _device_of(ranker)
+    indptr, indices = split.train_csr()
+    indptr = torch.as_tensor(indptr, dtype=torch.int64)
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    users = torch.as_tensor(split.test_users, dtype=torch.int64)
+    tests = torch.as_tensor(split.test_items, dtype=torch.int64)
+    ranks = []
+    with torch.no_grad():
+        for start in range(0, users.shape[0], batch_size):
+            u = users[start : start + batch_size]
+            lo, hi = indptr[u], indptr[u + 1]
+            sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(hi - lo, 0)])
+            sub_idx = indices[_ranges(lo, hi)]
+            ud, t = u.to(device), tests[start : start + batch_size].to(device)
+            dist, ids = ranker.recommend(
+                ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))
+            )
+            d_test = ranker.distances(ud, t[:, None]).to(dist.dtype)
+            better = (dist <= d_test) & (ids != t[:, None]) & (ids >= 0)
+            ranks.append(better.sum(1).clamp_max(k).cpu())
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+
+
+def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, **kw) -> dict:
+    """HR@k and nDCG@k of ``ranker`` on the held-out items of ``split``.
+
+    Returns ``{"protocol", "k", "users", "hr", "ndcg"}`` (``hr``/``ndcg`` as SPEC.md defines).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    was_training = getattr(ranker, "training", False)
+    if was_training:
+        ranker.eval()
+    try:
+        if protocol == "sampled":
+            ranks = sampled_ranks(ranker, split, **kw)
+        else:
+            ranks = full_ranks(ranker, split, k=k, **kw)
+    finally:
+        if was_training:
+            ranker.train()
+    hr, ndcg = hit_ndcg(ranks, k)
+    return {"protocol": protocol, "k": k, "users": int(ranks.numel()), "hr": hr, "ndcg": ndcg}
+
+
+class PopularityRanker:
+    """The popularity baseline: an item's distance is minus its number of training interactions."""
+
+    def __init__(self, split, device="cpu"):
+        counts = np.bincount(np.asarray(split.train.items), minlength=split.num_items)
+        self.neg_counts = -torch.as_tensor(counts, dtype=torch.float32, device=device)
+        self.device = torch.device(device)
+
+    def distances(self, users, items):
+        return self.neg_counts[items]
+
+    def recommend(self, users, k, exclude=None):
+        from lrml_kernels.reference import sort_candidates
+
+        D = self.neg_counts.expand(users.shape[0], -1).clone()
+        ids = torch.arange(D.shape[1], device=D.device).expand_as(D).clone()
+        if exclude is not None:
+            indptr, indices = exclude
+            rows = torch.repeat_interleave(torch.arange(users.shape[0]), indptr[1:] - indptr[:-1])
+            ids[rows, indices] = -1
+        return sort_candidates(D, ids, k)
+
+
+def _ranges(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(lo[i], hi[i])`` for every i, vectorised."""
+    lengths = hi - lo
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    starts = torch.repeat_interleave(lo - torch.cumsum(lengths, 0) + lengths, lengths)
+    return starts + torch.arange(total)
+
+
+def _device_of(ranker) -> torch.device:
+    if isinstance(ranker, torch.nn.Module):
+        return next(ranker.parameters()).device
+    return getattr(ranker, "device", torch.device("cpu"))
+
+
+__all__ = ["PROTOCOLS", "PopularityRanker", "evaluate", "hit_ndcg", "full_ranks", "sampled_ranks"]

@@ -1,0 +1,216 @@
+"""One LRML training step with the optimizer fused into the backward, FBGEMM-style.
+
+The backend returns the loss and per-row gradients (``[B, d]`` for users, ``[B, C, d]`` for
+items); the batch's indices are de-duplicated, each touched row's gradient is summed, and only those
+rows (and their optimizer state) are updated in place, then projected into the ``max_norm`` ball.
+No ``[U, d]`` or ``[I, d]`` gradient is built: one step costs O(B·C·d + N·d) memory beyond the
+tables and their optimizer state. ``keys`` and ``memory`` use the same optimizer densely.
+
+Optimizers (``optimizer=``), each matching its torch counterpart step for step:
+
+================== ========================================= =======================================
+name               embeddings (touched rows only)            keys / memory
+================== ========================================= =======================================
+``adam``           lazy Adam = ``torch.optim.SparseAdam``    ``torch.optim.Adam``
+``adagrad``        ``torch.optim.Adagrad`` (sparse)          ``torch.optim.Adagrad``
+``rowwise_adagrad`` one accumulator per row (FBGEMM)          one accumulator per row
+``sgd``            ``torch.optim.SGD`` (sparse)              ``torch.optim.SGD``
+================== ========================================= =======================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lrml_kernels import backends, ops
+from lrml_kernels.model import LRML, project_rows_
+from lrml_kernels.reference import compute_dtype
+
+OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
+DEFAULT_LR = {"adam": 1e-3, "adagrad": 0.1, "rowwise_adagrad": 0.1, "sgd": 0.1}
+
+
+class LRMLTrainer:
+    """Fused sparse training steps for an :class:`~lrml_kernels.LRML` model.
+
+    Args:
+        model: the model; its ``backend``, ``distance``, ``relation``, ``margin``, ``eps`` and
+            ``max_norm`` are used.
+        optimizer: one of ``OPTIMIZERS``. lr: learning rate (default per optimizer: ``DEFAULT_LR``).
+        betas, adam_eps: Adam's coefficients. adagrad_eps: Adagrad's epsilon.
+        reduction: "sum" (the authors' code) or "mean" over the batch rows.
+        skip_nonfinite: check the loss and gradients of every step (one host sync) and skip the
+            update when any is NaN/Inf; ``skipped`` counts such steps.
+    """
+
+    def __init__(
+        self,
+        model: LRML,
+        optimizer: str = "adam",
+        lr: float | None = None,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        adagrad_eps: float = 1e-10,
+        reduction: str = "sum",
+        skip_nonfinite: bool = False,
+    ):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.model, self.optimizer = model, optimizer
+        self.lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
+        self.reduction = reduction
+        self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        self.state = {name: self._init_state(p) for name, p in self._named_params()}
+        self.steps = 0
+
+    def _named_params(self):
+        m = self.model
+        return (
+            ("user_emb", m.user_emb),
+            ("item_emb", m.item_emb),
+            ("keys", m.keys),
+            ("memory", m.memory),
+        )
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        f32 = {"device": p.device, "dtype": compute_dtype(p.dtype)}
+        if self.optimizer == "adam":
+            return {
+                "step": 0,
+                "exp_avg": torch.zeros(p.shape, **f32),
+                "exp_avg_sq": torch.zeros(p.shape, **f32),
+            }
+        if self.optimizer == "adagrad":
+            return {"step": 0, "sum": torch.zeros(p.shape, **f32)}
+        if self.optimizer == "rowwise_adagrad":
+            return {"step": 0, "sum": torch.zeros(p.shape[0], **f32)}
+        return {"step": 0}
+
+    @torch.no_grad()
+    def step(self, users: torch.Tensor, items: torch.Tensor, *, validate: bool = False):
+        """One step on a batch: users ``[B]``, items ``[B, C]``. Returns the detached loss.
+
+        ``validate=True`` range-checks the indices (one host sync); the training loop checks its
+        data once up front instead.
+        """
+        m = self.model
+        params, users, items = ops.prepare(
+            m.user_emb,
+            m.item_emb,
+            m.keys,
+            m.memory,
+            users,
+            items,
+            m.distance,
+            m.relation,
+            m.eps,
+            validate,
+            False,
+        )
+        impl = backends.get(m.backend, params[0].device)
+        loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
+            *params, users, items, m.margin, m.distance, m.relation, m.eps, self.reduction
+        )
+        if self.skip_nonfinite:
+            grads = (loss, g_users, g_items, g_keys, g_memory)
+            if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                self.skipped += 1
+                return loss
+        self.steps += 1
+        u_rows = self._update_rows("user_emb", m.user_emb, users, g_users)
+        i_rows = self._update_rows("item_emb", m.item_emb, items, g_items)
+        self._update_dense("keys", m.keys, g_keys)
+        self._update_dense("memory", m.memory, g_memory)
+        if m.max_norm is not None:
+            project_rows_(m.user_emb, u_rows, m.max_norm)
+            project_rows_(m.item_emb, i_rows, m.max_norm)
+        return loss
+
+    def _update_rows(self, name, table, idx, grad_rows):
+        """Sum the gradient of each touched row, then update those rows in place."""
+        rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+        d = table.shape[1]
+        ct = compute_dtype(table.dtype)
+        grad = torch.zeros(rows.shape[0], d, device=table.device, dtype=ct)
+        grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
+        state = self.state[name]
+        state["step"] += 1
+        x = table[rows].to(ct)
+        if self.optimizer == "adam":  # torch.optim.SparseAdam
+            b1, b2 = self.betas
+            m_old, v_old = state["exp_avg"][rows], state["exp_avg_sq"][rows]
+            m_new = m_old + (grad - m_old) * (1 - b1)
+            v_new = v_old + (grad * grad - v_old) * (1 - b2)
+            state["exp_avg"][rows], state["exp_avg_sq"][rows] = m_new, v_new
+            bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+            x -= (self.lr * math.sqrt(bc2) / bc1) * m_new / (v_new.sqrt() + self.adam_eps)
+        else:
+            x = self._apply(state, x, grad, rows)
+        table[rows] = x.to(table.dtype)
+        return rows
+
+    def _update_dense(self, name, param, grad):
+        state = self.state[name]
+        state["step"] += 1
+        ct = compute_dtype(param.dtype)
+        grad, x = grad.to(ct), param.to(ct)
+        if self.optimizer == "adam":  # torch.optim.Adam
+            b1, b2 = self.betas
+            state["exp_avg"].lerp_(grad, 1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(self.adam_eps)
+            x = x.addcdiv(state["exp_avg"], denom, value=-self.lr / bc1)
+        else:
+            x = self._apply(state, x, grad, None)
+        param.copy_(x.to(param.dtype))
+
+    def _apply(self, state, x, grad, rows):
+        """Adagrad / row-wise Adagrad / SGD on rows ``x`` (all rows when ``rows`` is None)."""
+        if self.optimizer == "sgd":
+            return x - self.lr * grad
+        if self.optimizer == "adagrad":
+            acc = state["sum"] if rows is None else state["sum"][rows]
+            acc = acc + grad * grad
+            if rows is None:
+                state["sum"] = acc
+            else:
+                state["sum"][rows] = acc
+            return x - self.lr * grad / (acc.sqrt() + self.adagrad_eps)
+        acc = state["sum"] if rows is None else state["sum"][rows]  # rowwise_adagrad
+        acc = acc + (grad * grad).mean(1)
+        if rows is None:
+            state["sum"] = acc
+        else:
+            state["sum"][rows] = acc
+        return x - self.lr * grad / (acc.sqrt()[:, None] + self.adagrad_eps)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "steps": self.steps,
+            "state": self.state,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["optimizer"] != self.optimizer:
+            raise ValueError(
+                f"checkpoint optimizer {sd['optimizer']!r} differs from {self.optimizer!r}"
+            )
+        self.lr, self.steps = sd["lr"], sd["steps"]
+        self.state = {
+            name: {
+                k: (v.to(p.device) if torch.is_tensor(v) else v)
+                for k, v in sd["state"][name].items()
+            }
+            for name, p in self._named_params()
+        }

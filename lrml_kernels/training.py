@@ -1,0 +1,414 @@
+"""The training loop: data -> negatives -> fused step -> evaluation -> metrics and checkpoints.
+
+``fit(TrainConfig(...), out_dir)`` is what ``lrml train`` runs. Everything random (shuffling and
+negative sampling) comes from one ``torch.Generator`` on the training device whose state is saved
+in every checkpoint, so ``resume=True`` continues exactly where the last checkpoint was taken and
+reaches the same result as an uninterrupted run (bitwise on the CPU).
+
+Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
+``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
+leaves a broken checkpoint), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lrml_kernels import data as lkdata
+from lrml_kernels.metrics import PROTOCOLS, evaluate
+from lrml_kernels.model import LRML
+from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CURVE = "learning_curve.png"
+
+# Options that may differ between a checkpoint and the run that resumes it.
+RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN/Inf loss or gradient; the last good checkpoint is left intact."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``lrml train`` (the CLI flags are these names with dashes)."""
+
+    data: str = "synthetic"
+    epochs: int = 20
+    dim: int = 64
+    memory_slots: int = 20
+    negatives: int = 5
+    margin: float = 1.0
+    lr: float | None = None
+    optimizer: str = "adam"
+    distance: str = "squared_l2"
+    relation: str = "pair"
+    batch_size: int = 256
+    max_norm: float | None = 1.0
+    device: str = "cpu"
+    backend: str = "auto"
+    eval: str = "sampled"
+    eval_k: int = 10
+    eval_every: int = 1
+    seed: int = 0
+    fused_optimizer: bool = True
+    reject_positives: bool = True
+    max_steps: int | None = None
+    checkpoint_every: int = 0
+    on_nonfinite: str = "stop"
+    progress: bool = True
+
+    def validate(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in (
+            "epochs",
+            "dim",
+            "memory_slots",
+            "negatives",
+            "batch_size",
+            "eval_k",
+            "eval_every",
+        ):
+            positive(name)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.eval not in (*PROTOCOLS, "none"):
+            raise ValueError(f"eval must be one of {(*PROTOCOLS, 'none')}, got {self.eval!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.fused_optimizer and self.optimizer == "rowwise_adagrad":
+            raise ValueError("rowwise_adagrad exists only as a fused optimizer (--fused-optimizer)")
+        if not self.fused_optimizer and self.on_nonfinite == "skip":
+            raise ValueError("on_nonfinite='skip' needs the fused optimizer (--fused-optimizer)")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temporary file, fsync it, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _UnfusedStep:
+    """Autograd + torch optimizers + projection: the reference way to train (``--no-fused``)."""
+
+    def __init__(self, model: LRML, cfg: TrainConfig):
+        self.model = model
+        lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+        emb, dense = [model.user_emb, model.item_emb], [model.keys, model.memory]
+        if cfg.optimizer == "adam":
+            self.opts = [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr)]
+        elif cfg.optimizer == "adagrad":
+            self.opts = [torch.optim.Adagrad(emb + dense, lr=lr)]
+        else:
+            self.opts = [torch.optim.SGD(emb + dense, lr=lr)]
+
+    def step(self, users, items):
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss = self.model(users, items)
+        loss.backward()
+        for o in self.opts:
+            o.step()
+        self.model.project_(users, items)
+        return loss.detach()
+
+    def state_dict(self):
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, sd):
+        for o, s in zip(self.opts, sd, strict=True):
+            o.load_state_dict(s)
+
+
+def build(cfg: TrainConfig, num_users: int, num_items: int):
+    """The model and its step function for ``cfg`` (seeded by ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    model = LRML(
+        num_users,
+        num_items,
+        cfg.dim,
+        cfg.memory_slots,
+        distance=cfg.distance,
+        relation=cfg.relation,
+        margin=cfg.margin,
+        max_norm=cfg.max_norm,
+        sparse=not cfg.fused_optimizer,
+        backend=cfg.backend,
+        validate=False,
+        device=cfg.device,
+    )
+    if cfg.fused_optimizer:
+        skip = cfg.on_nonfinite == "skip"
+        return model, LRMLTrainer(model, cfg.optimizer, cfg.lr, skip_nonfinite=skip)
+    return model, _UnfusedStep(model, cfg)
+
+
+def _check_compatible(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
+    if ckpt.get("data_fingerprint") != fingerprint:
+        raise ValueError(
+            "refusing to resume: the checkpoint was trained on different data "
+            f"(checkpoint data {ckpt['config'].get('data')!r}, fingerprint "
+            f"{ckpt.get('data_fingerprint', '?')[:12]}; now {cfg.data!r}, {fingerprint[:12]})"
+        )
+    old, new = ckpt["config"], asdict(cfg)
+    diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(
+            f"refusing to resume: options differ from the checkpoint's ({changes}); "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _plot_curve(history: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("mean loss per row", color="tab:red")
+    evals = [h for h in history if "hr" in h]
+    if evals:
+        ax2 = ax1.twinx()
+        ax2.plot([h["epoch"] for h in evals], [h["hr"] for h in evals], "s-", label="HR@k")
+        ax2.plot([h["epoch"] for h in evals], [h["ndcg"] for h in evals], "^-", label="nDCG@k")
+        ax2.set_ylabel("metric")
+        ax2.legend(loc="center right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> dict:
+    """Train LRML as configured; return the metrics dict also written to ``metrics.json``.
+
+    Args:
+        cfg: the options. out_dir: where checkpoints and metrics go (None: nothing is written).
+        resume: continue from ``out_dir/checkpoint.pt`` (refused if data or options differ).
+        split: a ready :class:`lrml_kernels.data.Split` (otherwise ``cfg.data`` is loaded).
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and (out is None or not (out / CHECKPOINT).exists()):
+        raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
+    if split is None:
+        split = lkdata.load(cfg.data, seed=cfg.seed)
+    device = torch.device(cfg.device)
+    fingerprint = split.fingerprint()
+    model, stepper = build(cfg, split.num_users, split.num_items)
+
+    train_u = torch.as_tensor(split.train.users, dtype=torch.int64, device=device)
+    train_i = torch.as_tensor(split.train.items, dtype=torch.int64, device=device)
+    n = train_u.shape[0]
+    if n == 0:
+        raise ValueError(f"data set {cfg.data!r} has no training interactions")
+    exclude_csr = None
+    if cfg.reject_positives:
+        indptr, indices = split.train_csr()
+        exclude_csr = (
+            torch.as_tensor(indptr, device=device),
+            torch.as_tensor(indices, device=device),
+        )
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+
+    history: list[dict] = []
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    epoch_gen_state = gen.get_state()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    elapsed = 0.0
+    if resume:
+        ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        _check_compatible(ckpt, cfg, fingerprint)
+        model.load_state_dict(ckpt["model"])
+        stepper.load_state_dict(ckpt["trainer"])
+        history = ckpt["history"]
+        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step = ckpt["global_step"]
+        epoch_gen_state = ckpt["epoch_gen_state"]
+        loss_sum = ckpt["loss_sum"].to(device)
+        elapsed = ckpt["epoch_seconds"]
+
+    def checkpoint():
+        if out is None:
+            return
+        state = {
+            "version": _version(),
+            "config": asdict(cfg),
+            "data_fingerprint": fingerprint,
+            "num_users": split.num_users,
+            "num_items": split.num_items,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "model": model.state_dict(),
+            "trainer": stepper.state_dict(),
+            "epoch_gen_state": epoch_gen_state,
+            "gen_state": gen.get_state(),
+            "loss_sum": loss_sum,
+            "epoch_seconds": elapsed,
+            "history": history,
+        }
+        _atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def write_metrics(final: bool):
+        if out is None:
+            return
+        doc = {
+            "config": asdict(cfg),
+            "data": split.name,
+            "num_users": split.num_users,
+            "num_items": split.num_items,
+            "train_interactions": n,
+            "epochs": history,
+        }
+        if final:
+            doc["final"] = history[-1] if history else {}
+        text = json.dumps(doc, indent=2).encode()
+        _atomic_write(out / METRICS, lambda f: f.write(text))
+        if history:
+            _plot_curve(history, out / CURVE)
+
+    pairs_per_row = 1 + cfg.negatives
+    stop = False
+    while epoch < cfg.epochs and not stop:
+        gen.set_state(epoch_gen_state)
+        perm = torch.randperm(n, device=device, generator=gen)
+        if step_in_epoch and resume:
+            gen.set_state(ckpt["gen_state"])
+        resume = False
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            unit="batch",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        t0 = time.perf_counter() - elapsed
+        while step_in_epoch < steps_per_epoch:
+            if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                stop = True
+                break
+            idx = perm[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
+            users, pos = train_u[idx], train_i[idx]
+            neg = lkdata.sample_negatives(
+                users, split.num_items, cfg.negatives, generator=gen, exclude_csr=exclude_csr
+            )
+            items = torch.cat([pos[:, None], neg], dim=1)
+            loss = stepper.step(users, items)
+            if cfg.on_nonfinite == "skip":  # the step was not applied: leave it out of the sum
+                loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+            loss_sum += loss.double()
+            step_in_epoch += 1
+            global_step += 1
+            if step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch:
+                seen = loss_sum.item()
+                if not math.isfinite(seen):
+                    raise NonFiniteLossError(
+                        f"non-finite loss by step {global_step} (epoch {epoch + 1}, batch "
+                        f"{step_in_epoch}); the last good checkpoint is left as it was"
+                    )
+                rate = step_in_epoch * cfg.batch_size * pairs_per_row / (time.perf_counter() - t0)
+                bar.set_postfix(
+                    loss=f"{seen / (step_in_epoch * cfg.batch_size):.4f}", pairs_s=f"{rate:,.0f}"
+                )
+                bar.update(step_in_epoch - bar.n)
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                elapsed = time.perf_counter() - t0
+                checkpoint()
+        bar.close()
+        if stop and step_in_epoch == 0:
+            break
+        seconds = time.perf_counter() - t0
+        rows = min(step_in_epoch * cfg.batch_size, n)
+        record = {
+            "epoch": epoch + 1,
+            "steps": step_in_epoch,
+            "loss": loss_sum.item() / max(rows, 1),
+            "seconds": seconds,
+            "pairs_per_s": rows * pairs_per_row / max(seconds, 1e-9),
+        }
+        if not math.isfinite(record["loss"]):
+            raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}")
+        last = epoch + 1 == cfg.epochs or stop
+        if cfg.eval != "none" and ((epoch + 1) % cfg.eval_every == 0 or last):
+            t1 = time.perf_counter()
+            m = evaluate(model, split, cfg.eval, cfg.eval_k)
+            record.update(hr=m["hr"], ndcg=m["ndcg"], eval_seconds=time.perf_counter() - t1)
+            if cfg.progress:
+                print(
+                    f"epoch {epoch + 1}: loss {record['loss']:.4f}  HR@{cfg.eval_k} "
+                    f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
+                    file=sys.stderr,
+                )
+        history.append(record)
+        epoch += 1
+        step_in_epoch, elapsed = 0, 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        epoch_gen_state = gen.get_state()
+        checkpoint()
+        write_metrics(final=False)
+    write_metrics(final=True)
+    result = {"config": asdict(cfg), "epochs": history, "final": history[-1] if history else {}}
+    result["model"] = model
+    return result
+
+
+def _version() -> str:
+    from lrml_kernels import __version__
+
+    return __version__
+
+
+def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
+    """The model stored in a training checkpoint, and the checkpoint's metadata."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    cfg.device = str(device)
+    model, _ = build(cfg, ckpt["num_users"], ckpt["num_items"])
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt

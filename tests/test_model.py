@@ -1,0 +1,131 @@
+"""The LRML module: parameters, optimizers, sparse gradients, projection, state_dict, compile."""
+
+import copy
+
+import pytest
+import torch
+
+import lrml_kernels as lk
+
+
+def batch(U=20, I=15, B=8, C=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, U, (B,), generator=g), torch.randint(0, I, (B, C), generator=g)
+
+
+def test_shapes_and_init_scale():
+    torch.manual_seed(0)
+    m = lk.LRML(300, 200, dim=64, memory_slots=7)
+    assert m.user_emb.shape == (300, 64) and m.item_emb.shape == (200, 64)
+    assert m.keys.shape == (7, 64) and m.memory.shape == (7, 64)
+    assert m.user_emb.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert len(list(m.parameters())) == 4
+
+
+def test_forward_is_the_hinge_loss_of_distances():
+    m = lk.LRML(20, 15, dim=6, memory_slots=3, margin=0.3)
+    u, i = batch()
+    D = m.distances(u, i)
+    want = torch.relu(0.3 + D[:, :1] - D[:, 1:]).sum()
+    torch.testing.assert_close(m(u, i), want)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"dim": 0}, {"memory_slots": -1}, {"distance": "x"}, {"relation": "x"}, {"max_norm": 0.0}],
+)
+def test_bad_constructor_arguments(bad):
+    kw = {"dim": 4, "memory_slots": 2, **bad}
+    with pytest.raises(ValueError):
+        lk.LRML(5, 5, **kw)
+
+
+@pytest.mark.parametrize("opt", ["sparse_adam", "adagrad", "sgd"])
+def test_sparse_gradients_work_with_sparse_optimizers(opt):
+    torch.manual_seed(0)
+    m = lk.LRML(20, 15, dim=6, memory_slots=3, sparse=True)
+    dense = copy.deepcopy(m)
+    dense.sparse = False
+    u, i = batch()
+    m(u, i).backward()
+    dense(u, i).backward()
+    assert m.user_emb.grad.is_sparse and m.item_emb.grad.is_sparse
+    for a, b in zip(m.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(a.grad.to_dense(), b.grad)
+    if opt == "sparse_adam":
+        opts = [
+            torch.optim.SparseAdam([m.user_emb, m.item_emb]),
+            torch.optim.Adam([m.keys, m.memory]),
+        ]
+    elif opt == "adagrad":
+        opts = [torch.optim.Adagrad(m.parameters())]
+    else:
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1)]
+    before = m.user_emb.detach().clone()
+    for o in opts:
+        o.step()
+    changed = (m.user_emb != before).any(1)
+    assert changed[u].all() and changed.sum() == u.unique().numel()
+
+
+def test_project_puts_rows_in_the_ball():
+    torch.manual_seed(0)
+    m = lk.LRML(20, 15, dim=6, memory_slots=3, max_norm=1.0)
+    with torch.no_grad():
+        m.user_emb.mul_(10)
+        m.item_emb.mul_(10)
+    u, i = batch()
+    m.project_(u, i)
+    norms = m.user_emb.norm(dim=1)
+    touched = torch.zeros(20, dtype=torch.bool)
+    touched[u] = True
+    assert (norms[touched] <= 1 + 1e-6).all()
+    assert (norms[~touched] > 1).all()  # untouched rows are left alone
+    m.project_()
+    assert (m.item_emb.norm(dim=1) <= 1 + 1e-6).all()
+    # x <- x / max(1, |x| / max_norm): rows already inside are unchanged
+    small = lk.LRML(3, 3, dim=4, memory_slots=2, max_norm=100.0)
+    before = small.user_emb.detach().clone()
+    small.project_()
+    torch.testing.assert_close(small.user_emb.detach(), before)
+
+
+def test_state_dict_round_trip_and_to():
+    m = lk.LRML(20, 15, dim=6, memory_slots=3)
+    m2 = lk.LRML(20, 15, dim=6, memory_slots=3)
+    m2.load_state_dict(m.state_dict())
+    u, i = batch()
+    torch.testing.assert_close(m(u, i), m2(u, i))
+    m3 = m.to(torch.float64)
+    assert m3.user_emb.dtype == torch.float64
+    assert m3(u, i).dtype == torch.float64
+
+
+def test_recommend_returns_sorted_unexcluded_items():
+    torch.manual_seed(0)
+    m = lk.LRML(20, 15, dim=6, memory_slots=3)
+    u = torch.tensor([0, 3])
+    ex = (torch.tensor([0, 2, 2]), torch.tensor([1, 4]))
+    dist, ids = m.recommend(u, 15, exclude=ex)
+    assert (dist[:, :-1] <= dist[:, 1:]).all()
+    assert 1 not in ids[0].tolist() and 4 not in ids[0].tolist()
+    assert ids[0, -2:].tolist() == [-1, -1] and torch.isinf(dist[0, -2:]).all()
+    assert sorted(ids[1].tolist()) == list(range(15))
+    full = m.distances(u[1:].expand(15), torch.arange(15)[:, None])[:, 0]
+    torch.testing.assert_close(dist[1], full.sort().values)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    m = lk.LRML(20, 15, dim=6, memory_slots=3, backend="torch")
+    u, i = batch()
+    want = m(u, i)
+    want.backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    got = compiled(u, i)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for p, g in zip(m.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g)

@@ -1,0 +1,180 @@
+"""The public ops: input validation (before any kernel), backend choice, edge cases."""
+
+import pytest
+import torch
+
+import lrml_kernels as lk
+from lrml_kernels import backends
+
+
+def params(U=5, I=6, d=4, N=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, d, generator=g, dtype=dtype) for n in (U, I, N, N)]
+
+
+def batch(B=3, C=2, U=5, I=6):
+    return torch.randint(0, U, (B,)), torch.randint(0, I, (B, C))
+
+
+OPS = {
+    "distances": lambda P, u, i, **kw: lk.lrml_distances(*P, u, i, backend="torch", **kw),
+    "hinge": lambda P, u, i, **kw: lk.lrml_hinge_loss(*P, u, i, backend="torch", **kw),
+}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda P, u, i: (P, u.float(), i), TypeError, "users"),
+        (lambda P, u, i: (P, u, i.float()), TypeError, "items"),
+        (lambda P, u, i: (P, u[:, None], i), ValueError, "users must be 1-D"),
+        (lambda P, u, i: (P, u, i[:, 0]), ValueError, "items must be 2-D"),
+        (lambda P, u, i: (P, u[:2], i), ValueError, "items has 3 rows but users has 2"),
+        (lambda P, u, i: (P, u, i[:, :0]), ValueError, "at least one column"),
+        (lambda P, u, i: (P, u + 100, i), IndexError, "users holds index 10"),
+        (lambda P, u, i: (P, u - 100, i), IndexError, "users holds index -"),
+        (lambda P, u, i: (P, u, i + 6), IndexError, "items holds index"),
+        (lambda P, u, i: ([P[0][:, :3], *P[1:]], u, i), ValueError, "item_emb has dimension 4"),
+        (lambda P, u, i: ([*P[:3], P[3][:2]], u, i), ValueError, "memory has 2"),
+        (lambda P, u, i: ([P[0].double(), *P[1:]], u, i), TypeError, "share one dtype"),
+        (lambda P, u, i: ([P[0].long(), *P[1:]], u, i), TypeError, "user_emb must be a floating"),
+        (lambda P, u, i: ([P[0][None], *P[1:]], u, i), ValueError, "user_emb must be 2-D"),
+        (lambda P, u, i: ([P[0].tolist(), *P[1:]], u, i), TypeError, "user_emb must be a torch"),
+        (lambda P, u, i: (P, u.to("meta"), i), ValueError, "users is on meta"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(op, mutate, exc, words):
+    P, (u, i) = params(), batch()
+    P, u, i = mutate(P, u, i)
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace("[", r"\[")):
+        OPS[op](P, u, i)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"distance": "cosine"}, "distance must be one of"),
+        ({"relation": "both"}, "relation must be one of"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"backend": "tpu"}, "backend must be"),
+    ],
+)
+def test_bad_options_raise(kw, words):
+    P, (u, i) = params(), batch()
+    with pytest.raises(ValueError, match=words):
+        lk.lrml_distances(*P, u, i, **kw)
+
+
+def test_bad_reduction_raises():
+    P, (u, i) = params(), batch()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lk.lrml_hinge_loss(*P, u, i, reduction="max")
+
+
+def test_check_finite_rejects_nan():
+    P, (u, i) = params(), batch()
+    P[2][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        lk.lrml_distances(*P, u, i, check_finite=True)
+
+
+def test_validate_false_skips_the_range_check():
+    P, (u, i) = params(), batch()
+    # The torch backend then raises its own index error, but validation did not run first.
+    with pytest.raises(IndexError) as info:
+        lk.lrml_distances(*P, u + 100, i, backend="torch", validate=False)
+    assert "users holds index" not in str(info.value)
+
+
+def test_empty_batch_returns_empty_results():
+    P = [t.requires_grad_() for t in params()]
+    u, i = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, dtype=torch.int64)
+    assert lk.lrml_distances(*P, u, i).shape == (0, 3)
+    loss = lk.lrml_hinge_loss(*P, u, i)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in P)
+    assert lk.lrml_hinge_loss(*P, u, i, reduction="none").shape == (0,)
+
+
+def test_int32_indices_and_noncontiguous_inputs_work():
+    P, (u, i) = params(d=8), batch()
+    want = lk.lrml_distances(*P, u, i)
+    P2 = [torch.stack([t, t], 2)[..., 0] for t in P]  # non-contiguous, same values
+    got = lk.lrml_distances(*P2, u.int(), i.int().t().contiguous().t())
+    torch.testing.assert_close(got, want)
+
+
+def test_uint8_indices_are_accepted():
+    P, (u, i) = params(), batch()
+    torch.testing.assert_close(
+        lk.lrml_distances(*P, u.to(torch.uint8), i), lk.lrml_distances(*P, u, i)
+    )
+
+
+def test_available_backends_lists_torch_and_explains_the_rest():
+    names = lk.available_backends()
+    assert names[0] == "torch"
+    for name in backends.BACKENDS:
+        reason = backends.why_unavailable(name)
+        assert (reason is None) == (name in names)
+        assert reason is None or name in reason
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    assert backends.resolve("auto", torch.device("cpu")) in ("cpu", "torch")
+
+
+def test_env_override_replaces_auto(monkeypatch):
+    monkeypatch.setenv("LRML_KERNELS_BACKEND", "torch")
+    assert backends.resolve("auto", torch.device("cpu")) == "torch"
+
+
+def test_unavailable_backend_explains_why():
+    with pytest.raises(lk.BackendUnavailable, match="cuda"):
+        backends.resolve("cuda", torch.device("cpu"))
+
+
+def test_sparse_grad_gives_sparse_embedding_gradients():
+    P = [t.requires_grad_() for t in params()]
+    u, i = batch()
+    lk.lrml_hinge_loss(*P, u, i, sparse_grad=True, backend="torch").backward()
+    assert P[0].grad.is_sparse and P[1].grad.is_sparse
+    assert not P[2].grad.is_sparse
+    dense = [t.detach().clone().requires_grad_() for t in P]
+    lk.lrml_hinge_loss(*dense, u, i, backend="torch").backward()
+    for a, b in zip(P, dense, strict=True):
+        torch.testing.assert_close(a.grad.to_dense(), b.grad)
+
+
+class TestTopkValidation:
+    def test_k_must_be_positive(self):
+        P = params()
+        with pytest.raises(ValueError, match="k must be at least 1"):
+            lk.lrml_topk(*P, torch.tensor([0]), 0)
+
+    def test_indptr_length(self):
+        P = params()
+        with pytest.raises(ValueError, match="B \\+ 1 = 3"):
+            lk.lrml_topk(
+                *P, torch.tensor([0, 1]), 2, exclude=(torch.tensor([0, 1]), torch.tensor([1]))
+            )
+
+    def test_unsorted_exclusions(self):
+        P = params()
+        ex = (torch.tensor([0, 2]), torch.tensor([3, 1]))
+        with pytest.raises(ValueError, match="sorted ascending"):
+            lk.lrml_topk(*P, torch.tensor([0]), 2, exclude=ex)
+
+    def test_out_of_range_exclusion(self):
+        P = params()
+        ex = (torch.tensor([0, 1]), torch.tensor([6]))
+        with pytest.raises(IndexError, match="exclude indices holds index 6"):
+            lk.lrml_topk(*P, torch.tensor([0]), 2, exclude=ex)
+
+    def test_indptr_must_cover_indices(self):
+        P = params()
+        ex = (torch.tensor([0, 1]), torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match="end at len"):
+            lk.lrml_topk(*P, torch.tensor([0]), 2, exclude=ex)

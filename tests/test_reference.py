@@ -1,0 +1,153 @@
+"""The reference against an independent per-pair loop in float64 (SPEC.md, term by term)."""
+
+import math
+
+import pytest
+import torch
+
+from lrml_kernels import reference
+
+DISTANCES = ["l2", "squared_l2", "l1"]
+RELATIONS = ["pair", "shared"]
+
+
+def naive_pair(p, q, K, M, distance, eps, q_rel=None):
+    """D(u, i) for one pair, loops only; ``q_rel`` is the item whose relation is used."""
+    q_rel = q if q_rel is None else q_rel
+    N, d = len(K), len(K[0])
+    s = [p[j] * q_rel[j] for j in range(d)]
+    z = [sum(K[n][j] * s[j] for j in range(d)) for n in range(N)]
+    zmax = max(z)
+    ex = [math.exp(v - zmax) for v in z]
+    a = [v / sum(ex) for v in ex]
+    r = [sum(a[n] * M[n][j] for n in range(N)) for j in range(d)]
+    e = [p[j] + r[j] - q[j] for j in range(d)]
+    if distance == "l2":
+        return math.sqrt(sum(v * v for v in e) + eps)
+    if distance == "squared_l2":
+        return sum(v * v for v in e)
+    return sum(abs(v) for v in e)
+
+
+def make(U=6, I=7, d=5, N=3, B=4, C=3, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(U, d, generator=g, dtype=dtype) * scale
+    Q = torch.randn(I, d, generator=g, dtype=dtype) * scale
+    K = torch.randn(N, d, generator=g, dtype=dtype) * scale
+    M = torch.randn(N, d, generator=g, dtype=dtype) * scale
+    users = torch.randint(0, U, (B,), generator=g)
+    items = torch.randint(0, I, (B, C), generator=g)
+    return P, Q, K, M, users, items
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_distances_match_naive_loop(distance, relation):
+    P, Q, K, M, users, items = make()
+    D = reference.lrml_distances(P, Q, K, M, users, items, distance=distance, relation=relation)
+    p_, q_, k_, m_ = (t.tolist() for t in (P, Q, K, M))
+    for b in range(users.shape[0]):
+        for c in range(items.shape[1]):
+            p = p_[users[b]]
+            q = q_[items[b, c]]
+            q_rel = q_[items[b, 0]] if relation == "shared" else q
+            want = naive_pair(p, q, k_, m_, distance, 1e-3, q_rel)
+            assert D[b, c].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_hinge_matches_formula(reduction):
+    P, Q, K, M, users, items = make(C=4)
+    D = reference.lrml_distances(P, Q, K, M, users, items)
+    L = reference.lrml_hinge_loss(P, Q, K, M, users, items, margin=0.7, reduction=reduction)
+    per_row = torch.tensor(
+        [
+            sum(max(0.0, 0.7 + D[b, 0].item() - D[b, c].item()) for c in range(1, 4))
+            for b in range(D.shape[0])
+        ],
+        dtype=torch.float64,
+    )
+    want = {"sum": per_row.sum(), "mean": per_row.mean(), "none": per_row}[reduction]
+    torch.testing.assert_close(L, want)
+
+
+def test_hinge_single_column_is_zero():
+    P, Q, K, M, users, items = make(C=1)
+    assert reference.lrml_hinge_loss(P, Q, K, M, users, items).item() == 0.0
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_hinge_gradcheck(distance, relation):
+    P, Q, K, M, users, items = make(U=4, I=5, d=3, N=2, B=3, C=3)
+    # Repeated indices must accumulate: force a repeat.
+    users[1] = users[0]
+    items[2, 1] = items[0, 0]
+    params = [t.clone().requires_grad_() for t in (P, Q, K, M)]
+
+    def f(*ps):
+        # margin large enough that every hinge term is active (the hinge kink is not smooth)
+        return reference.lrml_hinge_loss(
+            *ps, users, items, margin=100.0, distance=distance, relation=relation
+        )
+
+    assert torch.autograd.gradcheck(f, params)
+
+
+def test_gradients_follow_spec_formulas():
+    """Autograd of the reference equals SPEC.md's hand-written gradients for one pair."""
+    P, Q, K, M, _, _ = make(U=1, I=1, d=6, N=4)
+    p, q = P[0], Q[0]
+    params = [t.clone().requires_grad_() for t in (p, q, K, M)]
+    D = reference.distances_from_rows(params[0][None], params[1][None, None], params[2], params[3])[
+        0, 0
+    ]
+    D.backward()
+    s = p * q
+    a = torch.softmax(K @ s, 0)
+    r = M.T @ a
+    e = p + r - q
+    ge = e / D.detach()
+    gM = torch.outer(a, ge)
+    ga = M @ ge
+    gz = a * (ga - (a * ga).sum())
+    gK = torch.outer(gz, s)
+    gs = K.T @ gz
+    torch.testing.assert_close(params[0].grad, ge + gs * q)
+    torch.testing.assert_close(params[1].grad, -ge + gs * p)
+    torch.testing.assert_close(params[2].grad, gK)
+    torch.testing.assert_close(params[3].grad, gM)
+
+
+def test_shared_relation_ignores_negative_attention():
+    P, Q, K, M, users, items = make(C=3)
+    Dp = reference.lrml_distances(P, Q, K, M, users, items, relation="shared")
+    # Replacing the negatives' relation by the positive's must give the "shared" result.
+    p, q = P[users], Q[items]
+    r0 = reference.relation_vectors(p, q[:, 0], K, M)[:, None]
+    want = torch.sqrt(((p[:, None] + r0 - q) ** 2).sum(-1) + 1e-3)
+    torch.testing.assert_close(Dp, want)
+
+
+def test_softmax_is_stable_for_huge_logits():
+    P, Q, K, M, users, items = make(scale=40.0)  # logits ~ 1e5: exp overflows without max-shift
+    D = reference.lrml_distances(P, Q, K, M, users, items)
+    assert torch.isfinite(D).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_computes_in_float32(dtype):
+    P, Q, K, M, users, items = make(dtype=torch.float64)
+    want = reference.lrml_distances(*(t.to(dtype).double() for t in (P, Q, K, M)), users, items)
+    got = reference.lrml_distances(*(t.to(dtype) for t in (P, Q, K, M)), users, items)
+    assert got.dtype == dtype
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_rewrite_matches_direct_formula(distance):
+    P, Q, K, M, users, _ = make(U=9, I=23, d=11, N=7)
+    fast = reference.all_item_distances(P[users], Q, K, M, distance=distance, rewrite=True)
+    slow = reference.all_item_distances(P[users], Q, K, M, distance=distance, rewrite=False)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
