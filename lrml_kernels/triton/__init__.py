@@ -14,7 +14,7 @@ Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
 """
 
 from lrml_kernels.triton.distances import distances, hinge_loss, hinge_loss_grads
-# topk pending
+from lrml_kernels.triton.topk import topk
 
 name = "triton"
 devices = ("cuda", "cpu")
