@@ -43,6 +43,11 @@ class LRMLTrainer:
         reduction: "sum" (the authors' code) or "mean" over the batch rows.
         skip_nonfinite: check the loss and gradients of every step (one host sync) and skip the
             update when any is NaN/Inf; ``skipped`` counts such steps.
+        process_group: data-parallel training with ``torch.distributed`` (default: the default
+            group when it is initialised with more than one rank). Every rank passes a batch of
+            the same shape; the touched row ids and their gradients are all-gathered and the
+            keys/memory gradients all-reduced, so every replica applies the update of the
+            combined batch and the replicas stay identical.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class LRMLTrainer:
         adagrad_eps: float = 1e-10,
         reduction: str = "sum",
         skip_nonfinite: bool = False,
+        process_group=None,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -68,6 +74,7 @@ class LRMLTrainer:
         self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
         self.reduction = reduction
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        self.group = process_group
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
         self.steps = 0
 
@@ -119,6 +126,10 @@ class LRMLTrainer:
         loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
             *params, users, items, m.margin, m.distance, m.relation, m.eps, self.reduction
         )
+        if self._world() > 1:
+            loss, users, items, g_users, g_items, g_keys, g_memory = self._all_gather(
+                loss, users, items, g_users, g_items, g_keys, g_memory
+            )
         if self.skip_nonfinite:
             grads = (loss, g_users, g_items, g_keys, g_memory)
             if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
@@ -133,6 +144,33 @@ class LRMLTrainer:
             project_rows_(m.user_emb, u_rows, m.max_norm)
             project_rows_(m.item_emb, i_rows, m.max_norm)
         return loss
+
+    def _world(self) -> int:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    def _all_gather(self, loss, users, items, g_users, g_items, g_keys, g_memory):
+        """The combined batch of every rank: gathered rows and gradients, summed keys/memory."""
+        dist = torch.distributed
+        world = self._world()
+
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
+            return torch.cat(parts)
+
+        if self.reduction == "mean":  # the mean over the combined batch
+            loss, g_users, g_items = loss / world, g_users / world, g_items / world
+            g_keys, g_memory = g_keys / world, g_memory / world
+        dense = torch.cat([loss.reshape(1).to(g_keys.dtype), g_keys.flatten(), g_memory.flatten()])
+        dist.all_reduce(dense, group=self.group)
+        n = g_keys.numel()
+        loss = dense[0].to(loss.dtype)
+        g_keys, g_memory = dense[1 : 1 + n].view_as(g_keys), dense[1 + n :].view_as(g_memory)
+        users, items = gather(users.to(torch.int64)), gather(items.to(torch.int64))
+        return loss, users, items, gather(g_users), gather(g_items), g_keys, g_memory
 
     def _update_rows(self, name, table, idx, grad_rows):
         """Sum the gradient of each touched row, then update those rows in place."""
