@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lrml_kernels.backends import BackendUnavailable
@@ -100,10 +101,22 @@ def _train(args) -> int:
         on_nonfinite=args.on_nonfinite,
         progress=not args.no_progress,
     )
-    result = fit(cfg, args.out, resume=args.resume)
-    final = result["final"]
-    print(json.dumps({k: v for k, v in final.items()}, indent=2))
-    print(f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun: one process per device
+        import torch.distributed as dist
+
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    try:
+        result = fit(cfg, args.out, resume=args.resume)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result["final"], indent=2))
+        print(f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,8 @@ is better: :class:`lrml_kernels.LRML` and :class:`PopularityRanker` both are.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -75,15 +77,19 @@ def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=Non
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 
-def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, **kw) -> dict:
+def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, *, shard=None, **kw) -> dict:
     """HR@k and nDCG@k of ``ranker`` on the held-out items of ``split``.
 
+    ``shard=(rank, world)`` evaluates every world-th test user from ``rank`` on and sums the
+    results over the ranks with ``torch.distributed`` (every rank gets the global numbers).
     Returns ``{"protocol", "k", "users", "hr", "ndcg"}`` (``hr``/``ndcg`` as SPEC.md defines).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if shard is not None:
+        split = _test_rows(split, slice(shard[0], None, shard[1]))
     was_training = getattr(ranker, "training", False)
     if was_training:
         ranker.eval()
@@ -96,7 +102,29 @@ def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, **kw) -> dic
         if was_training:
             ranker.train()
     hr, ndcg = hit_ndcg(ranks, k)
-    return {"protocol": protocol, "k": k, "users": int(ranks.numel()), "hr": hr, "ndcg": ndcg}
+    users = int(ranks.numel())
+    if shard is not None and shard[1] > 1:
+        sums = torch.tensor(
+            [hr * users, ndcg * users, users], dtype=torch.float64, device=_device_of(ranker)
+        )
+        torch.distributed.all_reduce(sums)
+        users = int(sums[2].item())
+        hr, ndcg = (sums[0] / max(users, 1)).item(), (sums[1] / max(users, 1)).item()
+    return {"protocol": protocol, "k": k, "users": users, "hr": hr, "ndcg": ndcg}
+
+
+def _test_rows(split, rows: slice):
+    """A view of ``split`` holding only the test rows ``rows`` (training data shared)."""
+    negatives = split.test_negatives
+    return SimpleNamespace(
+        train=split.train,
+        train_csr=split.train_csr,
+        num_users=split.num_users,
+        num_items=split.num_items,
+        test_users=split.test_users[rows],
+        test_items=split.test_items[rows],
+        test_negatives=None if negatives is None else negatives[rows],
+    )
 
 
 class PopularityRanker:

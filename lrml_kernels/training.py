@@ -171,7 +171,19 @@ def build(cfg: TrainConfig, num_users: int, num_items: int):
     return model, _UnfusedStep(model, cfg)
 
 
-def _check_compatible(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_compatible(ckpt: dict, cfg: TrainConfig, fingerprint: str, world: int) -> None:
+    if ckpt.get("world_size", 1) != world:
+        raise ValueError(
+            f"refusing to resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
+            f"processes and this run has {world}"
+        )
     if ckpt.get("data_fingerprint") != fingerprint:
         raise ValueError(
             "refusing to resume: the checkpoint was trained on different data "
@@ -249,29 +261,35 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             torch.as_tensor(indptr, device=device),
             torch.as_tensor(indices, device=device),
         )
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    rank, world = _rank_world()
+    n_local = n // world  # every rank runs the same number of equal-sized steps
+    steps_per_epoch = math.ceil(n_local / cfg.batch_size)
+    gen = torch.Generator(device=device)  # negatives: one stream per rank
+    gen.manual_seed(cfg.seed + 1_000_003 * rank)
 
     history: list[dict] = []
     epoch, step_in_epoch, global_step = 0, 0, 0
-    epoch_gen_state = gen.get_state()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     elapsed = 0.0
     if resume:
-        ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
-        _check_compatible(ckpt, cfg, fingerprint)
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+        _check_compatible(ckpt, cfg, fingerprint, world)
         model.load_state_dict(ckpt["model"])
         stepper.load_state_dict(ckpt["trainer"])
         history = ckpt["history"]
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = ckpt["global_step"]
-        epoch_gen_state = ckpt["epoch_gen_state"]
+        gen.set_state(ckpt["gen_states"][rank])
         loss_sum = ckpt["loss_sum"].to(device)
         elapsed = ckpt["epoch_seconds"]
+    writer = out if rank == 0 else None
 
     def checkpoint():
-        if out is None:
+        gen_states = [gen.get_state()]
+        if world > 1:
+            gen_states = [None] * world
+            torch.distributed.all_gather_object(gen_states, gen.get_state())
+        if writer is None:
             return
         state = {
             "version": _version(),
@@ -284,8 +302,8 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             "global_step": global_step,
             "model": model.state_dict(),
             "trainer": stepper.state_dict(),
-            "epoch_gen_state": epoch_gen_state,
-            "gen_state": gen.get_state(),
+            "gen_states": gen_states,
+            "world_size": world,
             "loss_sum": loss_sum,
             "epoch_seconds": elapsed,
             "history": history,
@@ -293,7 +311,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         _atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
 
     def write_metrics(final: bool):
-        if out is None:
+        if writer is None:
             return
         doc = {
             "config": asdict(cfg),
@@ -313,16 +331,16 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     pairs_per_row = 1 + cfg.negatives
     stop = False
     while epoch < cfg.epochs and not stop:
-        gen.set_state(epoch_gen_state)
-        perm = torch.randperm(n, device=device, generator=gen)
-        if step_in_epoch and resume:
-            gen.set_state(ckpt["gen_state"])
-        resume = False
+        # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
+        order_gen = torch.Generator(device=device)
+        order_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, device=device, generator=order_gen)
+        perm = perm[rank : n_local * world : world]
         bar = tqdm(
             total=steps_per_epoch,
             initial=step_in_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not cfg.progress or rank != 0,
             unit="batch",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -351,9 +369,16 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
                         f"non-finite loss by step {global_step} (epoch {epoch + 1}, batch "
                         f"{step_in_epoch}); the last good checkpoint is left as it was"
                     )
-                rate = step_in_epoch * cfg.batch_size * pairs_per_row / (time.perf_counter() - t0)
+                rate = (
+                    step_in_epoch
+                    * cfg.batch_size
+                    * world
+                    * pairs_per_row
+                    / (time.perf_counter() - t0)
+                )
                 bar.set_postfix(
-                    loss=f"{seen / (step_in_epoch * cfg.batch_size):.4f}", pairs_s=f"{rate:,.0f}"
+                    loss=f"{seen / (step_in_epoch * cfg.batch_size * world):.4f}",
+                    pairs_s=f"{rate:,.0f}",
                 )
                 bar.update(step_in_epoch - bar.n)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
@@ -363,7 +388,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         if stop and step_in_epoch == 0:
             break
         seconds = time.perf_counter() - t0
-        rows = min(step_in_epoch * cfg.batch_size, n)
+        rows = min(step_in_epoch * cfg.batch_size, n_local) * world
         record = {
             "epoch": epoch + 1,
             "steps": step_in_epoch,
@@ -376,9 +401,9 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         last = epoch + 1 == cfg.epochs or stop
         if cfg.eval != "none" and ((epoch + 1) % cfg.eval_every == 0 or last):
             t1 = time.perf_counter()
-            m = evaluate(model, split, cfg.eval, cfg.eval_k)
+            m = evaluate(model, split, cfg.eval, cfg.eval_k, shard=(rank, world))
             record.update(hr=m["hr"], ndcg=m["ndcg"], eval_seconds=time.perf_counter() - t1)
-            if cfg.progress:
+            if cfg.progress and rank == 0:
                 print(
                     f"epoch {epoch + 1}: loss {record['loss']:.4f}  HR@{cfg.eval_k} "
                     f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
@@ -388,7 +413,6 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         epoch += 1
         step_in_epoch, elapsed = 0, 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        epoch_gen_state = gen.get_state()
         checkpoint()
         write_metrics(final=False)
     write_metrics(final=True)
