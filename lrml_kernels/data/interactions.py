@@ -1,0 +1,192 @@
+"""The two containers of the data layer: :class:`Interactions` (a log) and :class:`Split`.
+
+Both hold plain numpy arrays (int64 indices, re-indexed ``0..n-1``), so the rest of the library
+never sees file formats or original ids. Timestamps are int64 seconds since the Unix epoch; a
+timestamp the source does not know is :data:`MISSING_TIMESTAMP` (the int64 minimum, which is also
+numpy's ``NaT``), so that it sorts before every real time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["MISSING_TIMESTAMP", "DataFormatError", "Interactions", "Split"]
+
+#: The timestamp of an interaction whose time is unknown: earlier than every real time.
+MISSING_TIMESTAMP: int = int(np.iinfo(np.int64).min)
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as its format says. The message names the file and line."""
+
+    def __init__(self, path, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}, line {line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+def _as_index_array(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
+    if a.dtype != np.int64:
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+        a = a.astype(np.int64)
+    return a
+
+
+def _check_range(name: str, a: np.ndarray, n: int) -> None:
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= n):
+        raise ValueError(f"{name} must lie in [0, {n}), got [{int(a.min())}, {int(a.max())}]")
+
+
+def _hash_arrays(h, *arrays) -> None:
+    for a in arrays:
+        if a is None:
+            h.update(b"<none>")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+
+
+@dataclass(eq=False)
+class Interactions:
+    """A log of (user, item, time) interactions, every row an implicit positive.
+
+    Attributes:
+        users, items: int64 ``[n]``, re-indexed to ``0..num_users-1`` / ``0..num_items-1``.
+        timestamps: int64 ``[n]`` seconds since the epoch (:data:`MISSING_TIMESTAMP` where unknown),
+            or ``None`` when the source has no times at all. Rows keep the source's order.
+        num_users, num_items: the index ranges (an index may have no row, e.g. a synthetic item).
+        user_ids, item_ids: ``[num_users]`` / ``[num_items]``: index -> original id in the source.
+        name: where the data came from (e.g. ``"movielens:/path/u.data"``).
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray | None
+    num_users: int
+    num_items: int
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.users = _as_index_array("users", self.users)
+        self.items = _as_index_array("items", self.items)
+        if self.users.shape != self.items.shape:
+            raise ValueError(f"users {self.users.shape} and items {self.items.shape} differ")
+        if self.timestamps is not None:
+            self.timestamps = _as_index_array("timestamps", self.timestamps)
+            if self.timestamps.shape != self.users.shape:
+                raise ValueError(f"timestamps {self.timestamps.shape} and users differ")
+        self.num_users = int(self.num_users)
+        self.num_items = int(self.num_items)
+        _check_range("users", self.users, self.num_users)
+        _check_range("items", self.items, self.num_items)
+        self.user_ids = np.asarray(self.user_ids)
+        self.item_ids = np.asarray(self.item_ids)
+        if self.user_ids.shape != (self.num_users,) or self.item_ids.shape != (self.num_items,):
+            raise ValueError(
+                f"user_ids {self.user_ids.shape} / item_ids {self.item_ids.shape} must have "
+                f"shapes ({self.num_users},) / ({self.num_items},)"
+            )
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the arrays and sizes (not the name): equal data, equal fingerprint."""
+        h = hashlib.sha256(b"lrml-interactions-v1")
+        h.update(f"{self.num_users},{self.num_items}".encode())
+        _hash_arrays(h, self.users, self.items, self.timestamps, self.user_ids, self.item_ids)
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        ts = "no timestamps" if self.timestamps is None else "timestamps"
+        return (
+            f"Interactions({self.name!r}: {self.num_users:,} users, {self.num_items:,} items, "
+            f"{len(self):,} rows, {ts})"
+        )
+
+
+@dataclass(eq=False)
+class Split:
+    """Training interactions plus held-out test items (leave-one-out), ready for train/evaluate.
+
+    Attributes:
+        train: the training interactions.
+        test_users, test_items: int64 ``[T]``: user ``test_users[t]`` held out ``test_items[t]``
+            (at most one row per user, users ascending).
+        test_negatives: int64 ``[T, n_neg]`` candidates of the sampled protocol, or ``None``.
+        num_users, num_items, name: as in ``train``.
+    """
+
+    train: Interactions
+    test_users: np.ndarray
+    test_items: np.ndarray
+    test_negatives: np.ndarray | None
+    num_users: int
+    num_items: int
+    name: str = ""
+    _csr: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.test_users = _as_index_array("test_users", self.test_users)
+        self.test_items = _as_index_array("test_items", self.test_items)
+        if self.test_users.shape != self.test_items.shape:
+            raise ValueError("test_users and test_items differ in length")
+        self.num_users = int(self.num_users)
+        self.num_items = int(self.num_items)
+        if (self.train.num_users, self.train.num_items) != (self.num_users, self.num_items):
+            raise ValueError("train's num_users/num_items differ from the split's")
+        _check_range("test_users", self.test_users, self.num_users)
+        _check_range("test_items", self.test_items, self.num_items)
+        if self.test_negatives is not None:
+            neg = np.asarray(self.test_negatives)
+            if neg.dtype != np.int64:
+                neg = neg.astype(np.int64)
+            if neg.ndim != 2 or neg.shape[0] != self.test_users.shape[0]:
+                raise ValueError(
+                    f"test_negatives must have shape [{self.test_users.shape[0]}, n_neg], "
+                    f"got {neg.shape}"
+                )
+            _check_range("test_negatives", neg, self.num_items)
+            self.test_negatives = neg
+
+    @property
+    def num_negatives(self) -> int:
+        return 0 if self.test_negatives is None else int(self.test_negatives.shape[1])
+
+    def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr [num_users+1], indices)``, int64: each user's training items, ascending and
+        de-duplicated. Computed once and cached on the split."""
+        if self._csr is None:
+            from lrml_kernels.data.split import build_csr
+
+            self._csr = build_csr(
+                self.train.users, self.train.items, self.num_users, self.num_items
+            )
+        return self._csr
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the training data, the test items and the negatives."""
+        h = hashlib.sha256(b"lrml-split-v1")
+        h.update(self.train.fingerprint().encode())
+        h.update(f"{self.num_users},{self.num_items}".encode())
+        _hash_arrays(h, self.test_users, self.test_items, self.test_negatives)
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"Split({self.name!r}: {self.num_users:,} users, {self.num_items:,} items, "
+            f"{len(self.train):,} train rows, {len(self.test_users):,} test users, "
+            f"{self.num_negatives} negatives each)"
+        )
