@@ -1,10 +1,375 @@
-"""The C++/CPU and CUDA extension backends (csrc/): built once with ninja, loaded once per process."""
+"""The C++/CPU and CUDA extension backends (csrc/): built once with ninja, loaded once per process.
+
+Two shared libraries register the ``lrml_ext`` ops with the dispatcher (``torch.ops.lrml_ext``):
+
+- the CPU library (``csrc/bindings.cpp``, ``csrc/cpu/*.cpp``): the op schema and the CPU kernels;
+- the CUDA library (``csrc/cuda/*``): the CUDA kernels, registered under the CUDA key. It needs the
+  CPU library (the schema) and a CUDA build of torch with a matching nvcc.
+
+Each is taken, in order, from the ahead-of-time build of ``setup.py`` (``lrml_kernels._C_cpu`` /
+``_C_cuda``, used only if built from the same sources for the same torch), else built just in time
+with ``torch.utils.cpp_extension.load`` (ninja) into ``$LRML_KERNELS_CACHE`` (default
+``~/.cache/lrml_kernels``)/``ext-<hash of sources, torch, python, cpu flags>``; later processes
+load the cached library without compiling. A failed build is remembered for the rest of the
+process and reported as :class:`~lrml_kernels.backends.BackendUnavailable` with the compiler's last
+lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
+
+Autograd (``register_autograd``) and fake kernels (``register_fake``, for ``torch.compile`` and
+meta tensors) are registered here, once, after the CPU library is loaded.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
 from lrml_kernels.backends import BackendUnavailable
+
+NAMESPACE = "lrml_ext"
+CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp")
+CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+STAMP = "_C_stamp.json"
+
+_PKG = Path(__file__).resolve().parent
+_lock = threading.RLock()
+_loaded: dict[str, object] = {}  # "cpu"/"cuda" -> True or the BackendUnavailable to re-raise
+_registered = False
+
+
+def csrc_dir() -> Path | None:
+    """The C++/CUDA sources: packaged (regular install) or the repository's csrc/ (editable)."""
+    for cand in (_PKG / "csrc", _PKG.parent / "csrc"):
+        if (cand / "bindings.cpp").is_file():
+            return cand
+    return None
+
+
+def sources_hash(src: Path) -> str:
+    """sha256 over every source and header under csrc/ (names and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in src.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
+        h.update(f.relative_to(src).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the JIT build uses -march=native; a shared cache must not mix)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LRML_KERNELS_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lrml_kernels"
+
+
+def build_dir(src: Path) -> Path:
+    key = "|".join(
+        [
+            sources_hash(src),
+            torch.__version__,
+            str(torch.version.cuda),
+            sys.version.split()[0],
+            platform.machine(),
+            _cpu_flags(),
+        ]
+    )
+    return cache_root() / ("ext-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(str(text).strip().splitlines()[-lines:])
+
+
+def _aot_library(name: str) -> str | None:
+    """Path of the setup.py-built library ``lrml_kernels._C_<name>`` if it matches the sources."""
+    try:
+        spec = importlib.util.find_spec(f"lrml_kernels._C_{name}")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    src = csrc_dir()
+    try:
+        stamp = json.loads((Path(spec.origin).parent / STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp is None or stamp.get("torch") != torch.__version__:
+        return None
+    if src is not None and stamp.get("sources") != sources_hash(src):
+        return None  # stale in-place build: rebuild just in time
+    return spec.origin
+
+
+def _jit_build(name: str) -> None:
+    if os.environ.get("LRML_KERNELS_NO_JIT", "0") not in ("", "0"):
+        raise BackendUnavailable(f"{name} backend: no ahead-of-time build and LRML_KERNELS_NO_JIT set")
+    src = csrc_dir()
+    if src is None:
+        raise BackendUnavailable(f"{name} backend: the csrc/ sources are not installed")
+    from torch.utils import cpp_extension
+
+    out = build_dir(src) / name
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "cpu":
+        sources = [str(src / s) for s in CPU_SOURCES]
+        kwargs = dict(
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            with_cuda=False,
+        )
+    else:
+        if torch.version.cuda is None:
+            raise BackendUnavailable("cuda backend: this torch build has no CUDA support")
+        if cpp_extension.CUDA_HOME is None:
+            raise BackendUnavailable("cuda backend: nvcc / CUDA_HOME not found")
+        sources = [str(src / s) for s in CUDA_SOURCES]
+        kwargs = dict(
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            with_cuda=True,
+        )
+    try:
+        cpp_extension.load(
+            name=f"lrml_ext_{name}",
+            sources=sources,
+            extra_include_paths=[str(src)],
+            build_directory=str(out),
+            is_python_module=False,
+            verbose=os.environ.get("LRML_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
+            **kwargs,
+        )
+    except Exception as exc:  # compiler errors, missing ninja, loader errors
+        raise BackendUnavailable(f"{name} backend: build failed:\n{_tail(exc)}") from exc
+
+
+def _load_library(name: str) -> None:
+    """Load the library ``name`` once per process; remember a failure."""
+    with _lock:
+        state = _loaded.get(name)
+        if state is True:
+            return
+        if isinstance(state, BackendUnavailable):
+            raise state
+        try:
+            if name == "cuda":
+                _load_library("cpu")  # the schema lives in the CPU library
+            path = _aot_library(name)
+            loaded = False
+            if path is not None:
+                try:
+                    torch.ops.load_library(path)
+                    loaded = True
+                except Exception:  # ABI mismatch etc.: fall back to the JIT build
+                    loaded = False
+            if not loaded:
+                _jit_build(name)
+            if name == "cpu":
+                _register_python_side()
+        except BackendUnavailable as exc:
+            _loaded[name] = exc
+            raise
+        except Exception as exc:
+            err = BackendUnavailable(f"{name} backend: loading failed: {_tail(exc)}")
+            _loaded[name] = err
+            raise err from exc
+        _loaded[name] = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side of the ops: fake kernels and autograd.
+
+
+def _ops():
+    return getattr(torch.ops, NAMESPACE)
+
+
+def scatter_rows(table: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, sparse: bool):
+    """Per-row gradients ``rows [..., d]`` of ``table[idx]`` -> the gradient of ``table``."""
+    idx = idx.reshape(-1).to(torch.int64)
+    rows = rows.reshape(-1, table.shape[1]).to(table.dtype)
+    if sparse:
+        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, table.shape)
+    return torch.zeros_like(table).index_add_(0, idx, rows)
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+    lib = f"{NAMESPACE}::"
+
+    @torch.library.register_fake(lib + "distances")
+    def _(user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sparse_grad):
+        return user_emb.new_empty(items.shape)
+
+    def _grads_fake(user_emb, keys, memory, items):
+        B, C = items.shape
+        d = user_emb.shape[1]
+        return (
+            user_emb.new_empty(B, d),
+            user_emb.new_empty(B, C, d),
+            keys.new_empty(keys.shape),
+            memory.new_empty(memory.shape),
+        )
+
+    @torch.library.register_fake(lib + "distances_backward")
+    def _(grad, user_emb, item_emb, keys, memory, users, items, distance, relation, eps):
+        return _grads_fake(user_emb, keys, memory, items)
+
+    def _loss_fake(user_emb, items, reduction):
+        return user_emb.new_empty(items.shape[0]) if reduction == "none" else user_emb.new_empty(())
+
+    @torch.library.register_fake(lib + "hinge_loss")
+    def _(P, Q, K, M, users, items, margin, distance, relation, eps, reduction, sparse_grad):
+        return _loss_fake(P, items, reduction)
+
+    @torch.library.register_fake(lib + "hinge_loss_backward")
+    def _(grad, P, Q, K, M, users, items, margin, distance, relation, eps, reduction):
+        return _grads_fake(P, K, M, items)
+
+    @torch.library.register_fake(lib + "hinge_loss_grads")
+    def _(P, Q, K, M, users, items, margin, distance, relation, eps, reduction):
+        return (_loss_fake(P, items, reduction), *_grads_fake(P, K, M, items))
+
+    @torch.library.register_fake(lib + "topk")
+    def _(P, Q, K, M, users, k, exclude_indptr, exclude_indices, distance, eps):
+        B = users.shape[0]
+        return P.new_empty(B, k), users.new_empty(B, k, dtype=torch.int64)
+
+    def _setup(ctx, inputs, output):
+        P, Q, K, M, users, items, *opts = inputs
+        ctx.save_for_backward(P, Q, K, M, users, items)
+        ctx.opts = opts
+
+    def _finish(ctx, gp, gq, gK, gM, sparse):
+        P, Q, K, M, users, items = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (
+            scatter_rows(P, users, gp, sparse) if need[0] else None,
+            scatter_rows(Q, items, gq, sparse) if need[1] else None,
+            gK if need[2] else None,
+            gM if need[3] else None,
+        )
+
+    def _distances_backward(ctx, grad):
+        P, Q, K, M, users, items = ctx.saved_tensors
+        distance, relation, eps, sparse = ctx.opts
+        n_extra = 6
+        if not any(ctx.needs_input_grad[:4]):
+            return (None,) * (4 + n_extra)
+        gp, gq, gK, gM = _ops().distances_backward(
+            grad.contiguous(), P, Q, K, M, users, items, distance, relation, eps
+        )
+        return (*_finish(ctx, gp, gq, gK, gM, sparse), *(None,) * n_extra)
+
+    def _hinge_backward(ctx, grad):
+        P, Q, K, M, users, items = ctx.saved_tensors
+        margin, distance, relation, eps, reduction, sparse = ctx.opts
+        n_extra = 8
+        if not any(ctx.needs_input_grad[:4]):
+            return (None,) * (4 + n_extra)
+        gp, gq, gK, gM = _ops().hinge_loss_backward(
+            grad.contiguous(), P, Q, K, M, users, items, margin, distance, relation, eps, reduction
+        )
+        return (*_finish(ctx, gp, gq, gK, gM, sparse), *(None,) * n_extra)
+
+    torch.library.register_autograd(
+        lib + "distances", _distances_backward, setup_context=_setup
+    )
+    torch.library.register_autograd(lib + "hinge_loss", _hinge_backward, setup_context=_setup)
+    _registered = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend objects of lrml_kernels.backends.
+
+
+class ExtensionBackend:
+    """The ``cpu`` or ``cuda`` backend: the interface of :mod:`lrml_kernels.backends`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.devices = (name,)
+
+    def __repr__(self) -> str:
+        return f"<lrml_kernels extension backend {self.name!r}>"
+
+    def _compute(self, params):
+        """Half-precision parameters on the CPU run in float32 (as the reference does)."""
+        dtype = params[0].dtype
+        if self.name == "cpu" and dtype not in (torch.float32, torch.float64):
+            return tuple(t.to(torch.float32) for t in params), dtype
+        return params, None
+
+    def distances(self, user_emb, item_emb, keys, memory, users, items, distance, relation, eps,
+                  sparse_grad):  # fmt: skip
+        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        D = _ops().distances(
+            *params, users, items, distance, relation, float(eps), bool(sparse_grad)
+        )
+        return D if cast is None else D.to(cast)
+
+    def hinge_loss(self, user_emb, item_emb, keys, memory, users, items, margin, distance,
+                   relation, eps, reduction, sparse_grad):  # fmt: skip
+        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        loss = _ops().hinge_loss(
+            *params,
+            users,
+            items,
+            float(margin),
+            distance,
+            relation,
+            float(eps),
+            reduction,
+            bool(sparse_grad),
+        )
+        return loss if cast is None else loss.to(cast)
+
+    def hinge_loss_grads(self, user_emb, item_emb, keys, memory, users, items, margin, distance,
+                         relation, eps, reduction):  # fmt: skip
+        """Forward and backward in one call, no autograd: ``(loss, grad_user_rows [B, d],
+        grad_item_rows [B, C, d], grad_keys [N, d], grad_memory [N, d])`` for ``∂loss = 1``
+        (per-row losses each with gradient 1 for reduction="none")."""
+        params = tuple(t.detach() for t in (user_emb, item_emb, keys, memory))
+        params, cast = self._compute(params)
+        out = _ops().hinge_loss_grads(
+            *params, users, items, float(margin), distance, relation, float(eps), reduction
+        )
+        return out if cast is None else tuple(t.to(cast) for t in out)
+
+    def topk(self, user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
+        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        indptr, indices = (None, None) if exclude is None else exclude
+        D, ids = _ops().topk(*params, users, int(k), indptr, indices, distance, float(eps))
+        return (D if cast is None else D.to(cast)), ids
 
 
 def backend(name: str):
     """The extension backend ``name`` ("cpu" or "cuda"), or raise :class:`BackendUnavailable`."""
-    raise BackendUnavailable(f"{name} backend: the C++ extension is not part of this build yet")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"the extension provides the 'cpu' and 'cuda' backends, not {name!r}")
+    _load_library(name)
+    return ExtensionBackend(name)
+
+
+__all__ = ["BackendUnavailable", "ExtensionBackend", "backend", "csrc_dir", "scatter_rows"]

@@ -1,0 +1,47 @@
+// TORCH_LIBRARY schema of the lrml_ext ops and their CPU implementations. The CUDA
+// implementations live in a separate library (cuda/lrml_cuda.cpp) registered under the CUDA key,
+// so a failed CUDA build never takes the CPU backend down. Autograd and fake (meta) kernels are
+// registered from Python (lrml_kernels/extension.py), as in pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops_cpu.h"
+
+// Importable as a Python module too (setup.py builds it as lrml_kernels._C_cpu); the ops are
+// registered when the shared library is loaded.
+extern "C" PyObject* PyInit__C_cpu(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+
+#define LRML_PARAMS "Tensor user_emb, Tensor item_emb, Tensor keys, Tensor memory"
+
+TORCH_LIBRARY(lrml_ext, m) {
+  m.def("distances(" LRML_PARAMS
+        ", Tensor users, Tensor items, str distance, str relation, float eps, bool sparse_grad)"
+        " -> Tensor");
+  m.def("distances_backward(Tensor grad, " LRML_PARAMS
+        ", Tensor users, Tensor items, str distance, str relation, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("hinge_loss(" LRML_PARAMS
+        ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
+        " str reduction, bool sparse_grad) -> Tensor");
+  m.def("hinge_loss_backward(Tensor grad, " LRML_PARAMS
+        ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
+        " str reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("hinge_loss_grads(" LRML_PARAMS
+        ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
+        " str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk(" LRML_PARAMS
+        ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
+        " float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
+  m.impl("distances", &lrml::cpu::distances);
+  m.impl("distances_backward", &lrml::cpu::distances_backward);
+  m.impl("hinge_loss", &lrml::cpu::hinge_loss);
+  m.impl("hinge_loss_backward", &lrml::cpu::hinge_loss_backward);
+  m.impl("hinge_loss_grads", &lrml::cpu::hinge_loss_grads);
+  m.impl("topk", &lrml::cpu::topk);
+}

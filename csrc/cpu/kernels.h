@@ -1,0 +1,130 @@
+// Inner loops of the CPU kernels: vectorisable loops over d (omp simd), the per-pair attention
+// forward/backward of SPEC.md. Plain C++ on raw pointers; `T` is the compute type (float/double).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../lrml.h"
+
+namespace lrml {
+namespace cpu {
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// y += alpha * x
+template <typename T>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
+template <typename T>
+inline void zero(T* x, int64_t n) {
+  std::memset(x, 0, sizeof(T) * n);
+}
+
+// Forward attention of one pair: s = p ⊙ q, a = softmax(K s) (max-subtracted), r = Mᵀ a.
+template <typename T>
+inline void attend(const T* __restrict p, const T* __restrict q, const T* __restrict K,
+                   const T* __restrict M, int64_t N, int64_t d, T* __restrict s, T* __restrict a,
+                   T* __restrict r) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) s[j] = p[j] * q[j];
+  T zmax = -std::numeric_limits<T>::infinity();
+  for (int64_t n = 0; n < N; ++n) {
+    a[n] = dot(K + n * d, s, d);
+    zmax = a[n] > zmax ? a[n] : zmax;
+  }
+  T sum = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    a[n] = std::exp(a[n] - zmax);
+    sum += a[n];
+  }
+  for (int64_t n = 0; n < N; ++n) a[n] = a[n] / sum;
+  zero(r, d);
+  for (int64_t n = 0; n < N; ++n) axpy(a[n], M + n * d, r, d);
+}
+
+// e = p + r − q; returns D(e).
+template <typename T>
+inline T residual_distance(const T* __restrict p, const T* __restrict r, const T* __restrict q,
+                           T* __restrict e, int64_t d, Distance distance, T eps) {
+  T acc = 0;
+  if (distance == Distance::L1) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < d; ++j) {
+      e[j] = p[j] + r[j] - q[j];
+      acc += std::abs(e[j]);
+    }
+    return acc;
+  }
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < d; ++j) {
+    e[j] = p[j] + r[j] - q[j];
+    acc += e[j] * e[j];
+  }
+  return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+}
+
+// ge = g ∂D/∂e (g the upstream gradient of D, Dv the value of D).
+template <typename T>
+inline void residual_grad(const T* __restrict e, T g, T Dv, int64_t d, Distance distance,
+                          T* __restrict ge) {
+  if (distance == Distance::L2) {
+    const T c = g / Dv;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) ge[j] = c * e[j];
+  } else if (distance == Distance::SquaredL2) {
+    const T c = 2 * g;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) ge[j] = c * e[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) ge[j] = e[j] > 0 ? g : (e[j] < 0 ? -g : T(0));
+  }
+}
+
+// Attention backward of one pair for the relation gradient gr: accumulates gM += a ⊗ gr and
+// gK += gz ⊗ s into the block partials, returns gs = Kᵀ gz. ga: [N] scratch.
+template <typename T>
+inline void attend_backward(const T* __restrict s, const T* __restrict a, const T* __restrict gr,
+                            const T* __restrict K, const T* __restrict M, int64_t N, int64_t d,
+                            T* __restrict gK, T* __restrict gM, T* __restrict ga,
+                            T* __restrict gs) {
+  T aga = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    ga[n] = dot(M + n * d, gr, d);
+    axpy(a[n], gr, gM + n * d, d);
+    aga += a[n] * ga[n];
+  }
+  zero(gs, d);
+  for (int64_t n = 0; n < N; ++n) {
+    const T gz = a[n] * (ga[n] - aga);
+    axpy(gz, s, gK + n * d, d);
+    axpy(gz, K + n * d, gs, d);
+  }
+}
+
+// Direct distance of one pair (scratch: 3d + N).
+template <typename T>
+inline T pair_distance(const T* p, const T* q, const T* K, const T* M, int64_t N, int64_t d,
+                       Distance distance, T eps, T* scratch) {
+  T* s = scratch;
+  T* r = s + d;
+  T* e = r + d;
+  T* a = e + d;
+  attend(p, q, K, M, N, d, s, a, r);
+  return residual_distance(p, r, q, e, d, distance, eps);
+}
+
+}  // namespace cpu
+}  // namespace lrml

@@ -1,0 +1,48 @@
+// The CPU implementations registered under the CPU dispatch key (see bindings.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+namespace lrml {
+namespace cpu {
+
+using Tensor = at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+Tensor distances(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                 const Tensor& memory, const Tensor& users, const Tensor& items,
+                 c10::string_view distance, c10::string_view relation, double eps,
+                 bool sparse_grad);
+
+Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,
+                         const Tensor& keys, const Tensor& memory, const Tensor& users,
+                         const Tensor& items, c10::string_view distance,
+                         c10::string_view relation, double eps);
+
+Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                  const Tensor& memory, const Tensor& users, const Tensor& items, double margin,
+                  c10::string_view distance, c10::string_view relation, double eps,
+                  c10::string_view reduction, bool sparse_grad);
+
+Grads hinge_loss_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,
+                          const Tensor& keys, const Tensor& memory, const Tensor& users,
+                          const Tensor& items, double margin, c10::string_view distance,
+                          c10::string_view relation, double eps, c10::string_view reduction);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
+    const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys, const Tensor& memory,
+    const Tensor& users, const Tensor& items, double margin, c10::string_view distance,
+    c10::string_view relation, double eps, c10::string_view reduction);
+
+std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
+                                const Tensor& keys, const Tensor& memory, const Tensor& users,
+                                int64_t k, const std::optional<Tensor>& exclude_indptr,
+                                const std::optional<Tensor>& exclude_indices,
+                                c10::string_view distance, double eps);
+
+}  // namespace cpu
+}  // namespace lrml

@@ -1,0 +1,153 @@
+"""Side-by-side CPU timings of the C++ extension against the eager and compiled reference.
+
+    python csrc/tools/bench_cpu.py [--only-ref] [--topk]
+
+Hinge loss fwd+bwd (B=4096, C=5, d=100, N=20, Netflix-size tables, fp32, sparse embedding grads)
+for both relation modes; top-k (2,048 users x 17,770 items, k=10, exclusions) against a chunked
+materialising plain-PyTorch implementation. Prints best-of-n times and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lrml_kernels import reference
+
+U, I, D, N, B, C = 480_189, 17_770, 100, 20, 4096, 5
+
+
+def best(fn, reps=7, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def make(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = (torch.randn(U, D, generator=g) * 0.1).requires_grad_()
+    Q = (torch.randn(I, D, generator=g) * 0.1).requires_grad_()
+    K = (torch.randn(N, D, generator=g) * 0.1).requires_grad_()
+    M = (torch.randn(N, D, generator=g) * 0.1).requires_grad_()
+    users = torch.randint(0, U, (B,), generator=g)
+    items = torch.randint(0, I, (B, C), generator=g)
+    return P, Q, K, M, users, items
+
+
+def step(loss_fn, P, Q, K, M, users, items, relation):
+    for t in (P, Q, K, M):
+        t.grad = None
+    loss = loss_fn(P, Q, K, M, users, items, relation=relation, sparse_grad=True)
+    loss.backward()
+
+
+def bench_hinge(only_ref: bool):
+    P, Q, K, M, users, items = make()
+    ref = reference.lrml_hinge_loss
+    # Inductor cannot compile a backward that produces sparse COO gradients, so the compiled
+    # reference gathers with nn.Embedding(sparse=True) semantics eagerly and compiles the rest.
+    rest = torch.compile(
+        lambda p, q, K, M, relation: reference.hinge_from_distances(
+            reference.distances_from_rows(p, q, K, M, relation=relation)
+        )
+    )
+
+    def compiled(P, Q, K, M, users, items, relation, sparse_grad):
+        p, q = reference.gather_rows(P, Q, users, items, sparse_grad=sparse_grad)
+        return rest(p, q, K, M, relation)
+
+    for relation in ("pair", "shared"):
+        t_ref = best(lambda: step(ref, P, Q, K, M, users, items, relation))  # noqa: B023
+        t_cmp = best(lambda: step(compiled, P, Q, K, M, users, items, relation))  # noqa: B023
+        line = f"hinge {relation:6s} eager {t_ref * 1e3:8.2f} ms  compiled {t_cmp * 1e3:8.2f} ms"
+        if not only_ref:
+            from lrml_kernels import extension
+
+            ext = extension.backend("cpu")
+
+            def run(P, Q, K, M, users, items, relation, sparse_grad):
+                return ext.hinge_loss(
+                    P, Q, K, M, users, items, 0.5, "l2", relation, 1e-3, "sum", sparse_grad
+                )
+
+            t_ext = best(lambda: step(run, P, Q, K, M, users, items, relation))  # noqa: B023
+
+            def grads():
+                return ext.hinge_loss_grads(
+                    P.detach(), Q.detach(), K.detach(), M.detach(), users, items, 0.5, "l2",
+                    relation, 1e-3, "sum",  # noqa: B023
+                )
+
+            t_gr = best(grads)
+            line += (
+                f"  ext {t_ext * 1e3:8.2f} ms (x{t_ref / t_ext:.1f} eager, x{t_cmp / t_ext:.1f} "
+                f"compiled)  hinge_loss_grads {t_gr * 1e3:.2f} ms"
+            )
+        print(line, flush=True)
+
+
+def chunked_topk(P, Q, K, M, users, k, exclude, chunk=64):
+    """Plain PyTorch, materialising [chunk, I, d]: the baseline of issue 6."""
+    out_d, out_i = [], []
+    indptr, indices = exclude
+    for s in range(0, users.shape[0], chunk):
+        p = P[users[s : s + chunk]][:, None, :]  # [c, 1, d]
+        sv = p * Q[None]  # [c, I, d]
+        a = torch.softmax(sv @ K.T, -1)
+        e = p + a @ M - Q[None]
+        dist = torch.sqrt((e * e).sum(-1) + 1e-3)
+        n = p.shape[0]
+        lo, hi = indptr[s : s + n], indptr[s + 1 : s + n + 1]
+        rows = torch.repeat_interleave(torch.arange(n), hi - lo)
+        dist[rows, indices[lo[0] : hi[-1]]] = float("inf")
+        dd, ii = torch.topk(dist, k, largest=False)
+        out_d.append(dd)
+        out_i.append(ii)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def bench_topk(only_ref: bool):
+    g = torch.Generator().manual_seed(1)
+    nu = 2048
+    P = torch.randn(nu, D, generator=g) * 0.1
+    Q = torch.randn(I, D, generator=g) * 0.1
+    K = torch.randn(N, D, generator=g) * 0.1
+    M = torch.randn(N, D, generator=g) * 0.1
+    users = torch.arange(nu)
+    counts = torch.randint(0, 200, (nu,), generator=g)
+    indptr = torch.zeros(nu + 1, dtype=torch.int64)
+    indptr[1:] = counts.cumsum(0)
+    indices = torch.cat([torch.randperm(I, generator=g)[:c].sort().values for c in counts])
+    exclude = (indptr, indices)
+    t_ref = best(lambda: chunked_topk(P, Q, K, M, users, 10, exclude), reps=1, warmup=0)
+    line = f"topk l2 chunked-materialising {t_ref:.2f} s"
+    if not only_ref:
+        import resource
+
+        from lrml_kernels import extension
+
+        ext = extension.backend("cpu")
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t_ext = best(lambda: ext.topk(P, Q, K, M, users, 10, exclude, "l2", 1e-3), reps=3)
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        line += f"  ext {t_ext:.3f} s (x{t_ref / t_ext:.1f}), peak RSS growth {(rss1 - rss0) / 1024:.0f} MB"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only-ref", action="store_true")
+    ap.add_argument("--topk", action="store_true")
+    ap.add_argument("--no-hinge", action="store_true")
+    args = ap.parse_args()
+    if not args.no_hinge:
+        bench_hinge(args.only_ref)
+    if args.topk:
+        bench_topk(args.only_ref)
