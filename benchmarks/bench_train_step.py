@@ -1,0 +1,141 @@
+"""A full training step (forward, backward, optimizer, unit-ball projection of touched rows),
+and on the GPU one epoch of synthetic Netflix (100,480,507 positives, 1 negative each).
+
+Providers (Adam, lr 1e-3, relation "pair", distance "l2", every baseline projects its touched
+rows after the step, as the fused trainer does):
+
+  eager         dense embedding gradients + torch.optim.Adam (the plain-PyTorch way)
+  eager-sparse  sparse embedding gradients + torch.optim.SparseAdam (keys/memory: Adam)
+  compile       as eager-sparse, the row math through torch.compile
+  torch/cpu/triton/cuda  lrml_kernels.LRMLTrainer(model, optimizer="adam") on a model of that
+                backend (skipped, with the reason, until the trainer lands)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import benchlib as bl
+import pytest
+import torch
+
+import lrml_kernels as lk
+from lrml_kernels import reference
+
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+
+
+def make_step(case: bl.Case, provider: str):
+    """(model, step(users, items) -> loss) for ``provider``, on fresh tables."""
+    bl.require(provider, case.device)
+    s = case.size
+    kw = {"device": case.device, "dtype": case.dtype, "validate": False}
+    if provider in ("eager", "eager-sparse", "compile"):
+        sparse = provider != "eager"
+        model = lk.LRML(s.U, s.I, s.d, s.N, sparse=sparse, backend="torch", **kw)
+        if sparse:
+            opts = [
+                torch.optim.SparseAdam([model.user_emb, model.item_emb], lr=bl.LR),
+                torch.optim.Adam([model.keys, model.memory], lr=bl.LR),
+            ]
+        else:
+            opts = [torch.optim.Adam(model.parameters(), lr=bl.LR)]
+        loss_fn = model
+        if provider == "compile":
+            rows = bl.compiled(bl.rows_hinge)
+
+            def loss_fn(users, items):
+                p, q = reference.gather_rows(
+                    model.user_emb, model.item_emb, users, items, sparse_grad=True
+                )
+                return rows(p, q, model.keys, model.memory, model.relation)
+
+        def step(users, items):
+            for opt in opts:
+                opt.zero_grad()
+            loss = loss_fn(users, items)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            model.project_(users, items)
+            return loss
+
+        return model, step
+    trainer_cls = bl.trainer_class()
+    model = lk.LRML(s.U, s.I, s.d, s.N, backend=provider, **kw)
+    trainer = trainer_cls(model, optimizer="adam", lr=bl.LR)
+    return model, trainer.step
+
+
+def _step_bytes(case: bl.Case, users, items) -> int:
+    """Gathered rows read once, then each touched row updated once by a fused Adam: the row
+    read and written, its two fp32 moments read and written."""
+    touched = torch.unique(users).numel() + torch.unique(items).numel()
+    es = torch.empty((), dtype=case.dtype).element_size()
+    B, C = items.shape
+    return bl.gathered_row_bytes(case, B, C) + touched * case.size.d * (2 * es + 16)
+
+
+@pytest.mark.lrml(dtypes=("fp32",))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step(benchmark, case, provider):
+    model, step = make_step(case, provider)
+    users, items = bl.batch(case)
+    loss = step(users, items)
+    assert math.isfinite(float(loss.detach())), f"{provider}: loss {float(loss.detach())}"
+    B, C = items.shape
+    bl.measure(
+        benchmark, case, provider, lambda: step(users, items), workload="train step",
+        variant="adam", pairs=B * C, bytes_moved=_step_bytes(case, users, items),
+        extra={"optimizer": "adam", "lr": bl.LR},
+    )  # fmt: skip
+
+
+@pytest.mark.lrml(devices=("cuda",), sizes=("netflix",), dtypes=("fp32",))
+@pytest.mark.parametrize("provider", ("eager", "eager-sparse", "torch", "triton", "cuda"))
+def test_epoch(benchmark, case, provider):
+    """One epoch: ceil(100,480,507 / 2^20) steps of 2^20 positives, 1 negative each, indices
+    drawn on the GPU inside the loop (random indices suffice for timing; no data layer). An epoch
+    that runs past ``SETTINGS["epoch_cap_s"]`` stops there and its time is scaled to the whole
+    epoch (recorded as ``extrapolated``)."""
+    model, step = make_step(case, provider)
+    s = case.size
+    g = torch.Generator(device="cuda")
+    g.manual_seed(3)
+    cols = 1 + bl.EPOCH_NEGATIVES
+
+    def draw(rows):
+        return (
+            torch.randint(0, s.U, (rows,), device="cuda", generator=g),
+            torch.randint(0, s.I, (rows, cols), device="cuda", generator=g),
+        )
+
+    for _ in range(2):  # warm-up: kernels compiled/autotuned, optimizer state allocated
+        step(*draw(bl.EPOCH_BATCH))
+    torch.cuda.synchronize()
+
+    def epoch() -> int:
+        t0, done, i = time.perf_counter(), 0, 0
+        while done < bl.EPOCH_POSITIVES:
+            rows = min(bl.EPOCH_BATCH, bl.EPOCH_POSITIVES - done)
+            step(*draw(rows))
+            done += rows
+            i += 1
+            if i % 8 == 0:
+                torch.cuda.synchronize()
+                if time.perf_counter() - t0 > bl.SETTINGS["epoch_cap_s"]:
+                    break
+        torch.cuda.synchronize()
+        return done
+
+    done = benchmark.pedantic(epoch, rounds=1, iterations=1)
+    if bl.SETTINGS["disabled"]:
+        return
+    bl.record_time(
+        benchmark, case, provider, benchmark.stats.stats.median, workload="epoch",
+        variant="adam, 1 neg", pairs=bl.EPOCH_POSITIVES * cols,
+        scale=bl.EPOCH_POSITIVES / done,
+        extra={"positives": bl.EPOCH_POSITIVES, "batch": bl.EPOCH_BATCH,
+               "timer": "host clock around a synchronised epoch"},
+    )  # fmt: skip

@@ -1,0 +1,527 @@
+"""Shared pieces of the benchmark suite: sizes, providers, inputs, baselines, timing, records.
+
+Every benchmark test does the same four things: pick a :class:`Case` (device, size, dtype) and a
+provider, skip with the reason if the provider cannot run here (:func:`require`), build one callable
+on inputs shared by every provider of that case (:func:`tables`, :func:`batch`), and hand it to
+:func:`measure`, which times it (pytest-benchmark rounds on the CPU, CUDA events through
+``triton.testing.do_bench`` on the GPU) and writes the record that ``report.py`` pivots into
+``benchmark.extra_info``.
+
+Run as a script, ``python benchmarks/benchlib.py peakmem ...`` is the top-k memory probe: one fresh
+process, see :func:`peak_extra_rss_mb`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest benchmarks/` without an installed package
+    sys.path.insert(0, str(REPO))
+
+import lrml_kernels as lk  # noqa: E402
+from lrml_kernels import backends, reference  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Table and batch sizes of one benchmark size."""
+
+    name: str
+    U: int  # users
+    I: int  # items
+    d: int  # embedding dimension
+    N: int  # memory slots
+    B: int  # batch rows (users)
+    C: int  # items per row: 1 positive + C-1 negatives
+    topk_users_cpu: int  # users ranked by the top-k workload on the CPU
+    topk_users_gpu: int  # ... and on the GPU
+
+
+SIZES = {
+    # CI smoke test: every code path, seconds.
+    "tiny": Size("tiny", 1_000, 500, 100, 20, 256, 5, 64, 64),
+    # MovieLens-1M tables, the small batch of the issue (B = 256).
+    "small": Size("small", 6_040, 3_706, 100, 20, 256, 5, 256, 6_040),
+    # Netflix Prize tables (480,189 x 17,770), the batch of the CPU and H200 targets.
+    "netflix": Size("netflix", 480_189, 17_770, 100, 20, 4_096, 5, 2_048, 480_189),
+}
+PRESETS = {"smoke": ("tiny",), "full": ("small", "netflix")}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+TOPK_K = 10
+TOPK_EXCLUDED_PER_USER = 50
+NAIVE_TOPK_CHUNK = 64  # users per chunk of the materialising baseline ([64, I, d])
+EPOCH_POSITIVES = 100_480_507  # Netflix Prize training ratings
+EPOCH_NEGATIVES = 1
+EPOCH_BATCH = 1 << 20
+LR = 1e-3
+
+
+def parse_sizes(spec: str) -> tuple[Size, ...]:
+    """``"smoke"``, ``"full"`` or a comma list of size names -> sizes, in the order given."""
+    names: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        for name in PRESETS.get(part, (part,)):
+            if name not in SIZES:
+                raise ValueError(
+                    f"unknown size {name!r}: use one of {sorted(PRESETS) + sorted(SIZES)}"
+                )
+            if name not in names:
+                names.append(name)
+    return tuple(SIZES[n] for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Where and at which size a benchmark runs."""
+
+    device: str  # "cpu" or "cuda"
+    size: Size
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def id(self) -> str:
+        return f"{self.device}-{self.size.name}-{self.dtype_name}"
+
+    @property
+    def topk_users(self) -> int:
+        n = self.size.topk_users_gpu if self.device == "cuda" else self.size.topk_users_cpu
+        return min(n, self.size.U)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings (filled in by conftest.py from the command line)
+
+SETTINGS = {
+    "disabled": False,  # --benchmark-disable: run each callable once, no timing
+    "budget_s": 1.0,  # CPU: target seconds of timed rounds per benchmark
+    "max_rounds": 50,
+    "gpu_rep_ms": 200.0,  # do_bench repetition time per benchmark
+    "jsonl": None,  # --lrml-jsonl: append every record here as it is measured
+    "copy_gbps": None,  # measured device copy bandwidth (read + write), GB/s
+    "epoch_cap_s": 15.0,  # wall-clock cap of one epoch benchmark before extrapolating
+    "gpu_baseline_topk_users": 32_768,  # baselines rank this many users, then extrapolate
+}
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+#
+#   eager         the plain-PyTorch way (the reference ops; for the train step dense gradients +
+#                 torch.optim.Adam; for top-k the chunked materialising [64, I, d] scorer)
+#   eager-sparse  train step only: sparse embedding gradients + torch.optim.SparseAdam
+#   compile       torch.compile of the eager provider (sparse-gradient workloads: the row math is
+#                 compiled, the sparse gather stays eager: inductor cannot compile sparse grads)
+#   torch         lrml_kernels' "torch" backend (top-k: the reference's [B, I, N] rewrite; train
+#                 step: the fused LRMLTrainer over the torch backend)
+#   cpu/triton/cuda  lrml_kernels' backends (train step: LRMLTrainer on a model of that backend)
+
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+BACKEND_PROVIDERS = ("torch", "cpu", "triton", "cuda")
+BASELINE = "eager"
+
+
+@functools.cache
+def _why_not(provider: str, device: str) -> str | None:
+    if provider in ("eager", "eager-sparse"):
+        return None
+    if provider == "compile":
+        if not hasattr(torch, "compile"):
+            return "torch.compile is not in this torch"
+        return None
+    if provider == "triton" and device == "cpu":
+        return "the Triton interpreter is not a performance provider (triton runs on CUDA only)"
+    if provider in BACKEND_PROVIDERS:
+        return backends.why_unavailable(provider, device)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def require(provider: str, device: str) -> None:
+    """Skip the current test, with the reason, if ``provider`` cannot run on ``device`` here."""
+    import pytest
+
+    reason = _why_not(provider, device)
+    if reason:
+        pytest.skip(f"{provider} on {device}: {reason}")
+
+
+def trainer_class():
+    """``lrml_kernels.LRMLTrainer``, or skip the test saying why it is not there."""
+    import pytest
+
+    cls = getattr(lk, "LRMLTrainer", None)
+    if cls is None:
+        try:
+            from lrml_kernels.trainer import LRMLTrainer as cls  # noqa: N813
+        except ImportError as exc:
+            pytest.skip(f"the fused trainer lrml_kernels.LRMLTrainer is not there yet ({exc})")
+    return cls
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _generator(device: str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+@functools.lru_cache(maxsize=1)
+def tables(case: Case):
+    """The four parameters (P, Q, K, M) of ``case``: leaf tensors that require grad.
+
+    Normal with std 1/sqrt(d) (as ``lrml_kernels.LRML``), drawn in place (no temporaries), seeded.
+    Shared by every provider of a case; one case is kept at a time.
+    """
+    s, dev = case.size, case.device
+    g = _generator(dev, 1234)
+    out = []
+    for rows in (s.U, s.I, s.N, s.N):
+        t = torch.empty(rows, s.d, device=dev, dtype=torch.float32)
+        t.normal_(0.0, 1.0 / math.sqrt(s.d), generator=g)
+        out.append(t.to(case.dtype).requires_grad_(True))
+    return tuple(out)
+
+
+def batch(case: Case, rows: int | None = None, cols: int | None = None, seed: int = 7):
+    """Random ``users [B]`` and ``items [B, C]`` (int64) on the case's device."""
+    s = case.size
+    rows = s.B if rows is None else rows
+    cols = s.C if cols is None else cols
+    g = _generator(case.device, seed)
+    users = torch.randint(0, s.U, (rows,), device=case.device, generator=g)
+    items = torch.randint(0, s.I, (rows, cols), device=case.device, generator=g)
+    return users, items
+
+
+def topk_inputs(case: Case, users: int | None = None, seed: int = 11):
+    """Users to rank (``arange``) and a CSR exclusion list of ~50 random items per user."""
+    s = case.size
+    n = case.topk_users if users is None else users
+    per_user = min(TOPK_EXCLUDED_PER_USER, max(1, s.I // 10))
+    g = _generator(case.device, seed)
+    u = torch.arange(n, device=case.device)
+    excl = torch.randint(0, s.I, (n, per_user), device=case.device, generator=g)
+    excl = excl.sort(dim=1).values.reshape(-1)  # sorted per row; repeats are allowed
+    indptr = torch.arange(0, n * per_user + 1, per_user, device=case.device, dtype=torch.int64)
+    return u, (indptr, excl)
+
+
+def clear_grads(params) -> None:
+    for t in params:
+        t.grad = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines that plain PyTorch users write
+
+
+def rows_hinge(p, q, keys, memory, relation: str):
+    """The reference's hinge loss on gathered rows (what ``compile`` compiles)."""
+    D = reference.distances_from_rows(p, q, keys, memory, relation=relation)
+    return reference.hinge_from_distances(D, 0.5, "sum")
+
+
+def naive_chunk_distances(p, item_emb, keys, memory, eps: float = 1e-3):
+    """Distances of users ``p [c, d]`` to every item through ``[c, I, d]`` (the direct formula)."""
+    s = p[:, None, :] * item_emb[None]  # [c, I, d]
+    a = torch.softmax(s @ keys.T, dim=-1)  # [c, I, N]
+    e = p[:, None, :] + a @ memory - item_emb[None]  # [c, I, d]
+    return torch.sqrt((e * e).sum(-1) + eps)  # [c, I]
+
+
+def naive_topk(user_emb, item_emb, keys, memory, users, k, exclude, score=naive_chunk_distances):
+    """Top-k the way public reimplementations do it: chunks of 64 users scored against every
+    item through a ``[64, I, d]`` tensor, excluded items set to +inf, then ``torch.topk``."""
+    indptr, indices = exclude
+    bounds = indptr.tolist()  # one host copy, not one sync per chunk
+    out_d, out_i = [], []
+    with torch.no_grad():
+        for start in range(0, users.shape[0], NAIVE_TOPK_CHUNK):
+            u = users[start : start + NAIVE_TOPK_CHUNK]
+            D = score(user_emb[u], item_emb, keys, memory)
+            counts = indptr[start + 1 : start + 1 + u.shape[0]] - indptr[start : start + u.shape[0]]
+            rows = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), counts)
+            D[rows, indices[bounds[start] : bounds[start + u.shape[0]]]] = float("inf")
+            d, i = torch.topk(D, k, dim=1, largest=False, sorted=True)
+            out_d.append(d)
+            out_i.append(i)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def compiled(fn):
+    """A fresh ``torch.compile`` of ``fn``, specialised to its shapes (no dynamic recompiles).
+
+    Dynamo's caches are reset first: a compiled function reused across many shapes otherwise hits
+    the recompile limit and silently falls back to eager, which would time the wrong thing.
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Byte models (for GB/s): the fewest bytes each workload must move through memory
+
+
+def gathered_row_bytes(case: Case, rows: int, cols: int) -> int:
+    """Bytes of the gathered P and Q rows of a ``[rows, cols]`` batch, each read once."""
+    return rows * (1 + cols) * case.size.d * _itemsize(case.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def index_bytes(rows: int, cols: int) -> int:
+    return rows * (1 + cols) * 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and records
+
+_BASELINE_TIMES: dict[tuple, float] = {}
+
+
+def _time_cpu(benchmark, fn) -> float | None:
+    if SETTINGS["disabled"]:
+        benchmark(fn)
+        return None
+    t0 = time.perf_counter()
+    fn()  # warm-up (and compilation, for the compile provider)
+    first = time.perf_counter() - t0
+    rounds = max(3, min(SETTINGS["max_rounds"], math.ceil(SETTINGS["budget_s"] / max(first, 1e-6))))
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if first < 0.5 else 0)
+    benchmark.extra_info["time_min_s"] = benchmark.stats.stats.min
+    return benchmark.stats.stats.median
+
+
+def _time_cuda(benchmark, fn) -> tuple[float | None, float | None]:
+    """(median seconds by CUDA events, peak extra device memory in MB)."""
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    if SETTINGS["disabled"]:
+        benchmark(synced)
+        return None, None
+    synced()  # warm-up: compilation, autotuning, allocator
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    synced()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    import triton.testing
+
+    t = triton.testing.do_bench(fn, warmup=25, rep=SETTINGS["gpu_rep_ms"], return_mode="median")
+    # A few host-timed, synchronised rounds so that pytest-benchmark's own table and JSON have
+    # stats too; the recorded time is the event-timed median above.
+    benchmark.pedantic(synced, rounds=3, iterations=1, warmup_rounds=0)
+    return t / 1e3, peak_mb
+
+
+def measure(
+    benchmark,
+    case: Case,
+    provider: str,
+    fn,
+    *,
+    workload: str,
+    variant: str = "",
+    pairs: int,
+    bytes_moved: int | None = None,
+    scale: float = 1.0,
+    extra: dict | None = None,
+):
+    """Time ``fn`` (CPU: pytest-benchmark rounds; CUDA: events), then :func:`record_time` it."""
+    extra = dict(extra or {})
+    if case.device == "cuda":
+        t, peak = _time_cuda(benchmark, fn)
+        extra.setdefault("timer", "cuda events (triton.testing.do_bench median)")
+        if peak is not None:
+            extra.setdefault("peak_extra_mb", round(peak, 1))
+    else:
+        t = _time_cpu(benchmark, fn)
+        extra.setdefault("timer", "pytest-benchmark rounds (median)")
+    return record_time(
+        benchmark, case, provider, t, workload=workload, variant=variant, pairs=pairs,
+        bytes_moved=bytes_moved, scale=scale, extra=extra,
+    )  # fmt: skip
+
+
+def record_time(
+    benchmark,
+    case: Case,
+    provider: str,
+    t: float | None,
+    *,
+    workload: str,
+    variant: str = "",
+    pairs: int,
+    bytes_moved: int | None = None,
+    scale: float = 1.0,
+    extra: dict | None = None,
+):
+    """Write the record of one measurement into ``benchmark.extra_info`` (and the JSONL file).
+
+    ``t``: measured seconds (None when timing is disabled); ``scale`` multiplies it (a subset was
+    timed: the record says so in ``extrapolated``); ``pairs`` and ``bytes_moved`` describe the
+    full workload.
+    """
+    info = benchmark.extra_info
+    s = case.size
+    info.update(
+        workload=workload,
+        variant=variant,
+        provider=provider,
+        device=case.device,
+        size=s.name,
+        dtype=case.dtype_name,
+        U=s.U,
+        I=s.I,
+        d=s.d,
+        N=s.N,
+        B=s.B,
+        C=s.C,
+        pairs=pairs,
+        threads=torch.get_num_threads(),
+        loadavg=round(os.getloadavg()[0], 2),  # a busy machine makes CPU numbers noisy
+        cpus=os.cpu_count(),
+    )
+    info.update(extra or {})
+    if t is None:
+        return info
+    if scale != 1.0:
+        info["extrapolated"] = f"timed {1 / scale:.3g} of the work, time scaled by {scale:.3g}"
+    t *= scale
+    if "time_min_s" in info:
+        info["time_min_s"] *= scale
+    info["time_s"] = t
+    info["pairs_per_s"] = pairs / t
+    if bytes_moved:
+        info["bytes"] = int(bytes_moved)
+        info["gbps"] = bytes_moved / t / 1e9
+        if case.device == "cuda" and SETTINGS["copy_gbps"]:
+            info["copy_gbps"] = SETTINGS["copy_gbps"]
+            info["bw_fraction"] = info["gbps"] / SETTINGS["copy_gbps"]
+    key = (workload, variant, case.id)
+    if provider == BASELINE:
+        _BASELINE_TIMES[key] = t
+    if key in _BASELINE_TIMES:
+        info["speedup_vs_eager"] = _BASELINE_TIMES[key] / t
+    record(info)
+    return info
+
+
+def record(info: dict) -> None:
+    """Append one record to the ``--lrml-jsonl`` file (a safety net if the run is cut short)."""
+    path = SETTINGS["jsonl"]
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(info, default=str) + "\n")
+
+
+def assert_close(actual, expected, dtype: torch.dtype, what: str) -> None:
+    """Every provider must compute the same thing as the eager one before it is timed."""
+    tol = {torch.float32: 1e-3, torch.float64: 1e-6}.get(dtype, 3e-2)
+    a, e = actual.detach().float(), expected.detach().float()
+    err = ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+    assert math.isfinite(err) and err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory of one top-k call on the CPU, in a fresh process
+
+
+def peak_extra_rss_mb(provider: str, size: str, dtype: str = "fp32") -> float:
+    """Peak resident memory (MB) one CPU top-k call adds on top of its inputs.
+
+    Method: a fresh Python process with glibc told to return freed memory to the system at once
+    (``MALLOC_MMAP_THRESHOLD_=65536``, ``MALLOC_TRIM_THRESHOLD_=0``, so the resident set tracks live
+    allocations), builds the inputs, warms the provider up on one user (JIT build, compilation),
+    resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM``
+    minus ``VmRSS`` before the call. This counts every allocation of the call: torch tensors, a C++
+    extension's own buffers, thread stacks.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(
+        [sys.executable, __file__, "peakmem", provider, size, dtype],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def topk_callable(case: Case, provider: str, user_emb, item_emb, keys, memory, users, exclude,
+                  score=None):  # fmt: skip
+    """The top-k of ``provider`` as a no-argument callable returning (distances, ids).
+
+    ``score``: for "compile", an already compiled chunk scorer to reuse.
+    """
+    k = TOPK_K
+    if provider == "eager":
+        return lambda: naive_topk(user_emb, item_emb, keys, memory, users, k, exclude)
+    if provider == "compile":
+        score = score or compiled(naive_chunk_distances)
+        return lambda: naive_topk(user_emb, item_emb, keys, memory, users, k, exclude, score)
+    return lambda: lk.lrml_topk(
+        user_emb, item_emb, keys, memory, users, k, exclude=exclude, backend=provider,
+        validate=False,
+    )  # fmt: skip
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peakmem_main(provider: str, size: str, dtype: str) -> None:
+    case = Case("cpu", SIZES[size], DTYPES[dtype])
+    with torch.no_grad():
+        P, Q, K, M = (t.detach() for t in tables(case))
+        users, (indptr, indices) = topk_inputs(case)
+        # Warm up on the first chunk of users: JIT build, compilation (for the real chunk shape).
+        w = min(NAIVE_TOPK_CHUNK, users.shape[0])
+        warm_x = (indptr[: w + 1].clone(), indices[: int(indptr[w])].clone())
+        score = compiled(naive_chunk_distances) if provider == "compile" else None
+        topk_callable(case, provider, P, Q, K, M, users[:w], warm_x, score)()
+        fn = topk_callable(case, provider, P, Q, K, M, users, (indptr, indices), score)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    print((peak - before) / 1024.0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "peakmem":
+        _peakmem_main(*sys.argv[2:])
+    else:
+        sys.exit("usage: benchlib.py peakmem PROVIDER SIZE DTYPE")

@@ -1,0 +1,240 @@
+"""pytest set-up of the benchmark suite: options, parametrisation, ordering, machine info.
+
+Options (each also read from an environment variable, the command line wins):
+
+  --lrml-size=smoke|full|NAME[,NAME]   LRML_BENCH_SIZE   (default smoke: tiny tables, for CI)
+  --lrml-device=auto|cpu|cuda          LRML_BENCH_DEVICE (default auto: cpu, plus cuda if present)
+  --lrml-dtypes=auto|fp32[,bf16]       LRML_BENCH_DTYPES (default auto: fp32, plus bf16 on cuda)
+  --lrml-budget=SECONDS                LRML_BENCH_BUDGET (CPU seconds of timed rounds per benchmark)
+  --lrml-jsonl=PATH                    append every record to PATH as soon as it is measured
+
+Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults stay untouched).
+A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...)``
+and takes the ``case`` argument; providers are a plain ``parametrize("provider", ...)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+
+import benchlib
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("lrml", "lrml_kernels benchmarks")
+    group.addoption("--lrml-size", default=os.environ.get("LRML_BENCH_SIZE", "smoke"))
+    group.addoption("--lrml-device", default=os.environ.get("LRML_BENCH_DEVICE", "auto"))
+    group.addoption("--lrml-dtypes", default=os.environ.get("LRML_BENCH_DTYPES", "auto"))
+    group.addoption(
+        "--lrml-budget", type=float, default=float(os.environ.get("LRML_BENCH_BUDGET", "1.0"))
+    )
+    group.addoption("--lrml-jsonl", default=None)
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _devices(config) -> tuple[str, ...]:
+    want = config.getoption("--lrml-device")
+    if want == "auto":
+        return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    devices = tuple(d.strip() for d in want.split(","))
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            raise pytest.UsageError(f"--lrml-device: {d!r} is not cpu, cuda or auto")
+        if d == "cuda" and not torch.cuda.is_available():
+            raise pytest.UsageError("--lrml-device=cuda but torch sees no CUDA device")
+    return devices
+
+
+def _dtypes(config, device: str) -> tuple[str, ...]:
+    want = config.getoption("--lrml-dtypes")
+    if want == "auto":
+        return ("fp32", "bf16") if device == "cuda" else ("fp32",)
+    names = tuple(n.strip() for n in want.split(","))
+    for n in names:
+        if n not in benchlib.DTYPES:
+            raise pytest.UsageError(f"--lrml-dtypes: {n!r} is not one of {list(benchlib.DTYPES)}")
+    return names
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "lrml(devices, sizes, dtypes): restrict a benchmark's cases (benchmarks/)"
+    )
+    try:
+        config._lrml_sizes = benchlib.parse_sizes(config.getoption("--lrml-size"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--lrml-size: {exc}") from exc
+    s = benchlib.SETTINGS
+    s["disabled"] = bool(config.getoption("benchmark_disable", False))
+    s["budget_s"] = config.getoption("--lrml-budget")
+    s["jsonl"] = config.getoption("--lrml-jsonl")
+    env_bw = os.environ.get("LRML_COPY_GBPS")
+    if env_bw:
+        s["copy_gbps"] = float(env_bw)
+    config._lrml_skipped = []
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("lrml")
+    allow = marker.kwargs if marker else {}
+    cases = []
+    for size in metafunc.config._lrml_sizes:
+        if "sizes" in allow and size.name not in allow["sizes"]:
+            continue
+        for device in _devices(metafunc.config):
+            if "devices" in allow and device not in allow["devices"]:
+                continue
+            for dt in _dtypes(metafunc.config, device):
+                if "dtypes" in allow and dt not in allow["dtypes"]:
+                    continue
+                cases.append(benchlib.Case(device, size, benchlib.DTYPES[dt]))
+    metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run each case's benchmarks together (inputs are built once per case), cases in the order
+    of --lrml-size (the GPU check puts the Netflix size first), eager before its peers."""
+    sizes = [s.name for s in config._lrml_sizes]
+    rank = {p: i for i, p in enumerate(benchlib.PROVIDERS)}
+    bench_items, others, deselected = [], [], []
+    for pos, item in enumerate(items):
+        cs = getattr(item, "callspec", None)
+        if cs is None or "case" not in cs.params:
+            others.append(item)
+            continue
+        case = cs.params["case"]
+        if not isinstance(case, benchlib.Case):  # no case of this run fits the test's marker
+            deselected.append(item)
+            continue
+        key = (
+            sizes.index(case.size.name),
+            case.device,
+            list(benchlib.DTYPES).index(case.dtype_name),
+            item.fspath.basename,
+            item.originalname,
+            tuple(str(v) for k, v in sorted(cs.params.items()) if k not in ("case", "provider")),
+            rank.get(cs.params.get("provider"), len(rank)),
+            pos,
+        )
+        bench_items.append((key, item))
+    bench_items.sort(key=lambda ki: ki[0])
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = others + [item for _, item in bench_items]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _copy_bandwidth(request):
+    """Measure the device copy bandwidth once per session (read + write bytes), if on CUDA."""
+    if "cuda" not in _devices(request.config) or benchlib.SETTINGS["copy_gbps"]:
+        return
+    if benchlib.SETTINGS["disabled"]:
+        return
+    benchlib.SETTINGS["copy_gbps"] = measure_copy_gbps()
+    torch.cuda.empty_cache()
+
+
+def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    import triton.testing
+
+    x = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
+    y = torch.empty_like(x)
+
+    def copy():
+        y.copy_(x)
+
+    ms = triton.testing.do_bench(copy, warmup=25, rep=200, return_mode="median")
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=benchlib.REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "sizes": [s.name for s in config._lrml_sizes],
+        "devices": list(_devices(config)),
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_sms"] = props.multi_processor_count
+        info["cuda"] = torch.version.cuda
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        info["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
+        info["copy_gbps"] = benchlib.SETTINGS["copy_gbps"]
+    machine_info["lrml"] = info
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    cs = getattr(item, "callspec", None)
+    if not rep.skipped or cs is None or "case" not in cs.params:
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    case = cs.params["case"]
+    entry = {
+        "name": item.name,
+        "provider": cs.params.get("provider"),
+        "device": case.device,
+        "size": case.size.name,
+        "dtype": case.dtype_name,
+        "reason": reason.removeprefix("Skipped: ").removeprefix(
+            f"{cs.params.get('provider')} on {case.device}: "
+        ),
+        "skipped": True,
+    }
+    item.config._lrml_skipped.append(entry)
+    benchlib.record(entry)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["lrml_skipped"] = config._lrml_skipped

@@ -1,0 +1,496 @@
+"""Turn a benchmark run into a Markdown table (and a PNG bar chart of the speedups).
+
+    python benchmarks/report.py RUN.json [--markdown OUT.md] [--png OUT.png] [--require P,Q]
+                                         [--status TEXT] [--title TEXT]
+
+RUN is the ``--benchmark-json`` file of ``pytest benchmarks/`` or the ``--lrml-jsonl`` file of the
+same run (written as it goes, so it survives a run that was cut short). One table row per
+(device, workload, variant, size, dtype), one column per provider: the time and the speedup over
+the row's ``eager`` provider; on the GPU also the achieved GB/s and its fraction of the measured
+copy bandwidth. Below it, every target of the issues with its measured ratio and a verdict.
+
+Exit status: 0; 2 for unreadable input; 3 when a provider named by ``--require`` measured
+nothing (the reasons it was skipped are printed). Without matplotlib the PNG is skipped with a
+warning, never an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+WORKLOADS = ("distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "epoch", "topk")
+SIZES = ("tiny", "small", "netflix")
+DTYPES = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+BASELINE = "eager"
+
+# What each provider column means, per workload (printed under the table).
+PROVIDER_NOTES = {
+    "distances/hinge": "eager = the reference (`lrml_kernels.reference`, sparse embedding "
+    "gradients for fwd+bwd); compile = `torch.compile` of it (fwd+bwd: the sparse gather stays "
+    "eager, inductor cannot emit sparse gradients); cpu/triton/cuda = `lrml_kernels` backends",
+    "train step / epoch": "eager = dense gradients + `torch.optim.Adam`; eager-sparse = "
+    "`sparse=True` + `torch.optim.SparseAdam`; compile = eager-sparse with the row math "
+    "compiled; every baseline projects its touched rows; torch/cpu/triton/cuda = "
+    '`lrml_kernels.LRMLTrainer(optimizer="adam")` on a model of that backend',
+    "topk": "eager = chunks of 64 users materialising `[64, I, d]` + `torch.topk` (what public "
+    "reimplementations do); compile = `torch.compile` of that chunk scorer; torch = the "
+    "reference's exact `[B, I, N]` rewrite; cpu/triton/cuda = `lrml_topk` of that backend",
+}
+
+# The targets of the issues, checked against the rows of the run.
+TARGETS = [
+    {
+        "what": "CPU fwd+bwd, Netflix tables, B=4096×5, {variant}: {provider} ≥ {ratio}× eager",
+        "device": "cpu", "workload": "hinge fwd+bwd", "variants": ("pair", "shared"),
+        "size": "netflix", "dtype": "fp32", "providers": ("cpu",), "vs": ("eager",), "ratio": 4,
+    },
+    {
+        "what": "CPU fwd+bwd, Netflix tables, B=4096×5, {variant}: {provider} ≥ {ratio}× compile",
+        "device": "cpu", "workload": "hinge fwd+bwd", "variants": ("pair", "shared"),
+        "size": "netflix", "dtype": "fp32", "providers": ("cpu",), "vs": ("compile",), "ratio": 2,
+    },
+    {
+        "what": "CPU train step, Netflix tables: fused trainer ({provider}) ≥ {ratio}× eager "
+        "dense Adam",
+        "device": "cpu", "workload": "train step", "variants": ("adam",), "size": "netflix",
+        "dtype": "fp32", "providers": ("cpu",), "vs": ("eager",), "ratio": 10,
+    },
+    {
+        "what": "CPU train step, Netflix tables: fused trainer ({provider}) ≥ {ratio}× best of "
+        "eager-sparse / compile (SparseAdam)",
+        "device": "cpu", "workload": "train step", "variants": ("adam",), "size": "netflix",
+        "dtype": "fp32", "providers": ("cpu",), "vs": ("eager-sparse", "compile"), "ratio": 3,
+    },
+    {
+        "what": "CPU top-10, 2,048 users × 17,770 items, ~50 excluded each: {provider} ≥ "
+        "{ratio}× the materialising baseline",
+        "device": "cpu", "workload": "topk", "variants": None, "size": "netflix", "dtype": "fp32",
+        "providers": ("cpu",), "vs": ("eager",), "ratio": 10,
+    },
+    {
+        "what": "CPU top-10 (as above): {provider} peak extra memory < {max_mb} MB",
+        "device": "cpu", "workload": "topk", "variants": None, "size": "netflix", "dtype": "fp32",
+        "providers": ("cpu",), "max_mb": 256,
+    },
+    {
+        "what": "GPU fwd+bwd, Netflix tables, B=4096×5, {variant}: {provider} ≥ {ratio}× eager",
+        "device": "cuda", "workload": "hinge fwd+bwd", "variants": ("pair", "shared"),
+        "size": "netflix", "dtype": "fp32", "providers": ("triton", "cuda"), "vs": ("eager",),
+        "ratio": 10,
+    },
+    {
+        "what": "GPU fwd+bwd, Netflix tables, B=4096×5, {variant}: {provider} ≥ {ratio}× compile",
+        "device": "cuda", "workload": "hinge fwd+bwd", "variants": ("pair", "shared"),
+        "size": "netflix", "dtype": "fp32", "providers": ("triton", "cuda"), "vs": ("compile",),
+        "ratio": 3,
+    },
+    {
+        "what": "GPU fwd+bwd, Netflix tables, {variant}: {provider} ≥ {min_bw:.0%} of the copy "
+        "bandwidth (rows read + gradients written)",
+        "device": "cuda", "workload": "hinge fwd+bwd", "variants": ("pair", "shared"),
+        "size": "netflix", "dtype": "fp32", "providers": ("triton", "cuda"), "min_bw": 0.5,
+    },
+    {
+        "what": "GPU top-10 for all 480,189 users × 17,770 items: {provider} < {max_s} s",
+        "device": "cuda", "workload": "topk", "variants": None, "size": "netflix",
+        "dtype": "fp32", "providers": ("triton", "cuda"), "max_s": 5.0,
+    },
+    {
+        "what": "GPU epoch of synthetic Netflix (100M positives, 1 negative): {provider} < "
+        "{max_s} s",
+        "device": "cuda", "workload": "epoch", "variants": None, "size": "netflix",
+        "dtype": "fp32", "providers": ("triton", "cuda"), "max_s": 5.0,
+    },
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | Path, stat: str = "median") -> dict:
+    """``{"records": [...], "skipped": [...], "machine": {...}, "commit": {...}}`` of a run.
+
+    ``stat="min"`` reports the fastest CPU round instead of the median one (for a machine shared
+    with other work, where load only ever adds time; GPU results are always event-timed medians).
+    """
+    path = Path(path)
+    text = path.read_text()
+    records, skipped, machine, commit = [], [], {}, {}
+    if path.suffix == ".jsonl":
+        for line in text.splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                (skipped if rec.get("skipped") else records).append(rec)
+    else:
+        data = json.loads(text)
+        for b in data.get("benchmarks", []):
+            rec = dict(b.get("extra_info") or {})
+            if "workload" not in rec:
+                continue
+            if "time_s" not in rec and b.get("stats"):
+                rec["time_s"] = b["stats"]["median"]
+            records.append(rec)
+        skipped = data.get("lrml_skipped", [])
+        machine = data.get("machine_info", {})
+        commit = data.get("commit_info", {})
+    records = [r for r in records if r.get("time_s")]
+    if stat == "min":
+        for r in records:
+            if r.get("time_min_s") and r["device"] == "cpu":
+                r["time_s"] = r["time_min_s"]
+                r["pairs_per_s"] = r["pairs"] / r["time_s"]
+    elif stat != "median":
+        raise ValueError(f"stat must be median or min, got {stat!r}")
+    return {
+        "records": records, "skipped": skipped, "machine": machine, "commit": commit, "stat": stat,
+    }  # fmt: skip
+
+
+def _rank(seq, value) -> int:
+    return seq.index(value) if value in seq else len(seq)
+
+
+def row_key(rec: dict) -> tuple:
+    return (rec["device"], rec["workload"], rec.get("variant", ""), rec["size"], rec["dtype"])
+
+
+def pivot(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Rows keyed by (device, workload, variant, size, dtype), each ``{provider: record}``."""
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for rec in records:
+        rows[row_key(rec)][rec["provider"]] = rec
+    order = sorted(
+        rows,
+        key=lambda k: (
+            _rank(DEVICES, k[0]), _rank(WORKLOADS, k[1]), k[2], _rank(SIZES, k[3]),
+            _rank(DTYPES, k[4]),
+        ),
+    )  # fmt: skip
+    for row in rows.values():
+        base = row.get(BASELINE)
+        for rec in row.values():
+            if base:
+                rec["speedup"] = base["time_s"] / rec["time_s"]
+    return {k: rows[k] for k in order}
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_time(t: float) -> str:
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t * 1e6:.3g} µs"
+
+
+def fmt_rate(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def shape(rec: dict) -> str:
+    if rec["workload"] == "topk":
+        return f"{rec.get('users', '?'):,} users × {rec['I']:,} items, k={rec.get('k', '?')}"
+    if rec["workload"] == "epoch":
+        return f"{rec.get('positives', 0) / 1e6:.1f}M pos × {rec['pairs'] // max(1, rec.get('positives', 1))}, B={rec.get('batch', 0):,}"  # noqa: E501
+    return f"B={rec['B']:,}×{rec['C']}"
+
+
+def tables_label(rec: dict) -> str:
+    return f"{rec['size']} ({rec['U']:,}×{rec['I']:,}, d={rec['d']}, N={rec['N']})"
+
+
+def cell(rec: dict | None) -> str:
+    if rec is None:
+        return "—"
+    parts = [fmt_time(rec["time_s"])]
+    if rec.get("extrapolated"):
+        parts[0] += "†"
+    if "speedup" in rec and rec["provider"] != BASELINE:
+        parts.append(f"**{rec['speedup']:.2f}×**")
+    if rec["device"] == "cuda" and rec.get("gbps"):
+        bw = f"{rec['gbps']:.0f} GB/s"
+        if rec.get("bw_fraction"):
+            bw += f" ({rec['bw_fraction']:.0%})"
+        parts.append(bw)
+    if rec["workload"] == "topk" and rec.get("peak_extra_mb") is not None:
+        parts.append(f"+{rec['peak_extra_mb']:.0f} MB")
+    return " ".join(parts[:1]) + (" · " + " · ".join(parts[1:]) if parts[1:] else "")
+
+
+def device_header(device: str, machine: dict, commit: dict) -> str:
+    lk = machine.get("lrml", {})
+    commit_id = lk.get("commit") or (commit.get("id", "")[:12] if commit else "")
+    dirty = " (with uncommitted changes)" if lk.get("dirty") or commit.get("dirty") else ""
+    common = (
+        f"torch {lk.get('torch', '?')}, triton {lk.get('triton', '?')}, commit "
+        f"`{commit_id or '?'}`{dirty}, {lk.get('date', '?')}"
+    )
+    if device == "cuda":
+        bw = lk.get("copy_gbps")
+        bw_s = f", measured copy bandwidth {bw:.0f} GB/s (read + write)" if bw else ""
+        return (
+            f"**GPU: {lk.get('gpu', '?')}** (driver {lk.get('driver', '?')}, CUDA "
+            f"{lk.get('cuda', '?')}){bw_s}; {common}"
+        )
+    return (
+        f"**CPU: {lk.get('cpu_model', '?')}**, {lk.get('cpu_count', '?')} cores, "
+        f"{lk.get('torch_threads', '?')} torch threads; {common}"
+    )
+
+
+def markdown(run: dict, *, title: str | None = None, status: str | None = None) -> str:
+    rows = pivot(run["records"])
+    out = []
+    if title:
+        out += [f"## {title}", ""]
+    if status:
+        out += [f"> **{status}**", ""]
+    if run.get("stat") == "min":
+        out += ["CPU times are the fastest of each benchmark's rounds (`--stat min`).", ""]
+    for device in DEVICES:
+        dev_rows = {k: v for k, v in rows.items() if k[0] == device}
+        if not dev_rows:
+            continue
+        providers = [p for p in PROVIDERS if any(p in r for r in dev_rows.values())]
+        out += [device_header(device, run["machine"], run["commit"]), ""]
+        head = ["workload", "tables", "batch", "dtype", *providers, "best pairs/s"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (_, workload, variant, _, dtype), row in dev_rows.items():
+            any_rec = next(iter(row.values()))
+            best = max(row.values(), key=lambda r: r["pairs_per_s"])
+            name = f"{workload} ({variant})" if variant else workload
+            cells = [name, tables_label(any_rec), shape(any_rec), dtype]
+            cells += [cell(row.get(p)) for p in providers]
+            cells.append(f"{fmt_rate(best['pairs_per_s'])} ({best['provider']})")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        busy = [r for r in run["records"] if r["device"] == device and r.get("loadavg") is not None
+                and r["loadavg"] > (r.get("cpus") or 1) + 1]  # fmt: skip
+        notes = [
+            "Cells: median time · **speedup over eager** (GPU: · achieved GB/s (fraction of the "
+            "measured copy bandwidth)); top-k: · peak extra memory. † = timed on a subset, "
+            "scaled to the whole workload. pairs/s counts (user, item) pairs scored.",
+        ]
+        notes += [f"{k}: {v}." for k, v in PROVIDER_NOTES.items()]
+        if busy and device == "cpu":
+            worst = max(r["loadavg"] for r in busy)
+            notes.append(
+                f"⚠ {len(busy)} of these results were measured while other processes loaded "
+                f"the machine (load average up to {worst:.1f} on {busy[0].get('cpus')} cores): "
+                "their absolute times are noisy."
+            )
+        out += [f"- {n}" for n in notes] + [""]
+    skipped = _skip_summary(run["skipped"])
+    if skipped:
+        out += ["Not measured in this run:", ""]
+        out += [f"- {s}" for s in skipped] + [""]
+    checks = check_targets(rows, run["skipped"])
+    if checks:
+        out += ["### Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+        out += [f"| {w} | {m} | {v} |" for w, m, v in checks] + [""]
+    return "\n".join(out)
+
+
+def _skip_summary(skipped: list[dict]) -> list[str]:
+    by_reason: dict[tuple, set] = defaultdict(set)
+    for s in skipped:
+        by_reason[(s.get("provider"), s.get("device"), s.get("reason", "").strip())].add(
+            s.get("name", "").split("[")[0]
+        )
+    return [
+        f"{prov} on {dev}: {short_reason(reason)} ({len(tests)} benchmarks)"
+        for (prov, dev, reason), tests in sorted(by_reason.items(), key=str)
+    ]
+
+
+def short_reason(reason: str, limit: int = 160) -> str:
+    """A skip reason on one line (a build error's first lines), at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in (reason or "?").splitlines() if line.strip())
+    text = text.replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+
+def check_targets(rows: dict, skipped: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for every target whose device was part of the run."""
+    devices_run = {k[0] for k in rows}
+    out = []
+    for t in TARGETS:
+        if t["device"] not in devices_run:
+            continue
+        matching = {
+            k: v
+            for k, v in rows.items()
+            if k[0] == t["device"] and k[1] == t["workload"] and k[3] == t["size"]
+            and k[4] == t["dtype"] and (t["variants"] is None or k[2] in t["variants"])
+        }  # fmt: skip
+        variants = t["variants"] or sorted({k[2] for k in matching}) or [""]
+        for variant in variants:
+            row = next((v for k, v in matching.items() if k[2] == variant), {})
+            for provider in t["providers"]:
+                what = t["what"].format(variant=variant, provider=provider, **t)
+                out.append((what, *_verdict(t, row, provider, skipped)))
+    return out
+
+
+def _verdict(t: dict, row: dict, provider: str, skipped: list[dict]) -> tuple[str, str]:
+    rec = row.get(provider)
+    if rec is None:
+        why = next(
+            (short_reason(s["reason"], 100) for s in skipped
+             if s.get("provider") == provider and s.get("device") == t["device"]),
+            "not in this run",
+        )  # fmt: skip
+        return "—", f"not measured ({why})"
+    if "ratio" in t:
+        peers = [row[p] for p in t["vs"] if p in row]
+        if not peers:
+            return fmt_time(rec["time_s"]), f"no {' / '.join(t['vs'])} result to compare with"
+        best = min(peers, key=lambda r: r["time_s"])
+        ratio = best["time_s"] / rec["time_s"]
+        measured = f"{ratio:.2f}× ({fmt_time(rec['time_s'])} vs {best['provider']} " \
+                   f"{fmt_time(best['time_s'])})"  # fmt: skip
+        return measured, _ok(ratio >= t["ratio"])
+    if "max_mb" in t:
+        mb = rec.get("peak_extra_mb")
+        if mb is None:
+            return "—", "no memory measurement"
+        return f"{mb:.0f} MB", _ok(mb < t["max_mb"])
+    if "min_bw" in t:
+        frac = rec.get("bw_fraction")
+        if frac is None:
+            return "—", "no bandwidth measurement"
+        return f"{frac:.0%} ({rec['gbps']:.0f} GB/s)", _ok(frac >= t["min_bw"])
+    if "max_s" in t:
+        note = " (extrapolated)" if rec.get("extrapolated") else ""
+        return fmt_time(rec["time_s"]) + note, _ok(rec["time_s"] < t["max_s"])
+    raise ValueError(f"target without a criterion: {t}")
+
+
+def _ok(passed: bool) -> str:
+    return "✅ met" if passed else "❌ not met"
+
+
+# ----------------------------------------------------------------------------------------------
+# Chart
+
+
+def png(run: dict, path: str | Path, title: str | None = None) -> bool:
+    """A bar chart of the speedup over eager per provider per row; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report.py: matplotlib is not installed, no PNG written", file=sys.stderr)
+        return False
+    rows = pivot(run["records"])
+    devices = [d for d in DEVICES if any(k[0] == d for k in rows)]
+    if not devices:
+        print("report.py: no results, no PNG written", file=sys.stderr)
+        return False
+    heights = [sum(1 for k in rows if k[0] == d) for d in devices]
+    fig, axes = plt.subplots(
+        len(devices), 1, figsize=(10, 1.0 + 0.55 * sum(heights) + 0.8 * len(devices)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
+    colors = dict(zip(PROVIDERS, plt.cm.tab10.colors, strict=False))
+    for ax, device in zip(axes[:, 0], devices, strict=True):
+        dev_rows = [(k, v) for k, v in rows.items() if k[0] == device]
+        providers = [p for p in PROVIDERS if any(p in v for _, v in dev_rows)]
+        width = 0.8 / max(1, len(providers))
+        labels = []
+        for i, (k, row) in enumerate(dev_rows):
+            labels.append(f"{k[1]}{' ' + k[2] if k[2] else ''} · {k[3]} · {k[4]}")
+            for j, p in enumerate(providers):
+                rec = row.get(p)
+                if rec is None or "speedup" not in rec:
+                    continue
+                y = i + (j - (len(providers) - 1) / 2) * width
+                ax.barh(y, rec["speedup"], height=width, color=colors[p], label=p)
+                ax.text(rec["speedup"], y, f" {rec['speedup']:.2g}×", va="center", fontsize=6)
+        ax.set_yticks(range(len(dev_rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("speedup over eager (log scale; > 1 is faster)")
+        lk = run["machine"].get("lrml", {})
+        name = lk.get("gpu", "GPU") if device == "cuda" else lk.get("cpu_model", "CPU")
+        ax.set_title(f"{device}: {name}", fontsize=9)
+        handles, names = ax.get_legend_handles_labels()
+        uniq = dict(zip(names, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="pytest-benchmark --benchmark-json file, or the --lrml-jsonl file")
+    ap.add_argument("--markdown", help="write the table here (it is always printed)")
+    ap.add_argument("--png", help="write the bar chart here (needs matplotlib)")
+    ap.add_argument("--require", default="", help="comma list of providers that must appear")
+    ap.add_argument("--status", help="a banner above the table, e.g. INCOMPLETE: ...")
+    ap.add_argument("--title")
+    ap.add_argument(
+        "--stat", choices=("median", "min"), default="median",
+        help="CPU rounds: the median (default) or the fastest (for a machine shared with others)",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    try:
+        run = load(args.run, args.stat)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"report.py: cannot read {args.run}: {exc}", file=sys.stderr)
+        return 2
+    missing = [
+        p for p in filter(None, (x.strip() for x in args.require.split(",")))
+        if not any(r["provider"] == p for r in run["records"])
+    ]  # fmt: skip
+    status = args.status
+    if missing:
+        extra = f"INCOMPLETE: no results for required provider(s) {', '.join(missing)}"
+        status = f"{status}; {extra}" if status else extra
+    text = markdown(run, title=args.title, status=status)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.png:
+        png(run, args.png, args.title)
+    print(text)
+    if missing:
+        for p in missing:
+            reasons = {short_reason(s["reason"]) for s in run["skipped"] if s["provider"] == p}
+            why = "; ".join(sorted(reasons)) or "not in this run"
+            print(f"report.py: required provider {p} measured nothing: {why}", file=sys.stderr)
+        return 3
+    if not run["records"]:
+        print("report.py: the run holds no results", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
