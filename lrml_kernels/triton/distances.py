@@ -4,8 +4,8 @@ One program owns ``BLOCK_B`` rows of the batch. It gathers ``P[users]`` once, ke
 on-chip, and for every column ``c`` gathers ``Q[items[:, c]]``, forms ``s = p ⊙ q``, the logits
 ``s Kᵀ`` (``tl.dot``), a max-subtracted softmax, ``r = a M`` (``tl.dot``), ``e = p + r − q`` and the
 distance. The forward writes ``D [B, C]`` (or, fused with the hinge, the per-row losses ``[B]`` and
-``∂L_b/∂D [B, C]``) plus the softmax log-sum-exp ``[B, C]`` and nothing of size ``[B, C, d]``.
-The backward recomputes ``s, a, r, e`` from the saved log-sum-exp and writes the per-row embedding
+``∂L_b/∂D [B, C]``) and nothing of size ``[B, C, d]`` or ``[B, C, N]``. The backward
+recomputes ``s, a, r, e`` (all on chip; cheaper than reloading) and writes the per-row embedding
 gradients (``[B, d]`` and ``[B, C, d]``, coalesced) and per-program fp32 partial gradients of
 ``K`` and ``M``, summed afterwards in a fixed order (deterministic); with deterministic algorithms
 disabled and many programs, an atomic-add path is used instead.
@@ -68,7 +68,13 @@ def _load_rows(base, rows, row_ok, offs_d, d_mask, stride_r, stride_d, IS_FP64: 
 
 @triton.jit
 def _attention(s, K, M, n_mask, DOT_PREC: tl.constexpr):
-    """``a = softmax(s Kᵀ)`` (max-subtracted, masked to N), ``r = a M`` and the log-sum-exp."""
+    """``a = softmax(s Kᵀ)`` (max-subtracted, masked to N) and ``r = a M``.
+
+    The backward recomputes this rather than reloading saved statistics: re-normalising
+    ``exp(z − max)`` keeps ``Σ a = 1`` to rounding even when the logits are huge and the softmax
+    saturates, where ``exp(z − lse)`` would leave an O(ulp(lse)) error that the softmax backward
+    ``a (ga − ⟨a, ga⟩)`` amplifies.
+    """
     z = tl.dot(s, tl.trans(K), input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_N]
     z = tl.where(n_mask[None, :], z, float("-inf"))
     m = tl.max(z, axis=1)
@@ -76,15 +82,6 @@ def _attention(s, K, M, n_mask, DOT_PREC: tl.constexpr):
     den = tl.sum(ex, axis=1)
     a = ex / den[:, None]
     r = tl.dot(a, M, input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_D]
-    return a, r, m + tl.log(den)
-
-
-@triton.jit
-def _attention_from_lse(s, K, M, n_mask, lse, DOT_PREC: tl.constexpr):
-    """Recompute ``a`` and ``r`` from the saved log-sum-exp (no reductions needed)."""
-    z = tl.dot(s, tl.trans(K), input_precision=DOT_PREC)
-    a = tl.where(n_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
-    r = tl.dot(a, M, input_precision=DOT_PREC)
     return a, r
 
 
@@ -139,13 +136,12 @@ def _lrml_forward_kernel(
     users, stride_ub,  # [B] int32/int64
     items, stride_ib, stride_ic,  # [B, C] int32/int64
     D_out, stride_db, stride_dc,  # [B, C] parameter dtype (STORE_D)
-    LSE, stride_lb, stride_lc,  # [B, C] (pair) or [B, 1] (shared), compute dtype (STORE_LSE)
     L_out, stride_Lb,  # [B] parameter dtype (HINGE): per-row hinge losses
     G_out, stride_gb, stride_gc,  # [B, C] fp32/fp64 (HINGE): ∂L_b/∂D[b, c]
     B, C, U, I, N, d,
     margin, eps,
     DISTANCE: tl.constexpr, SHARED: tl.constexpr, HINGE: tl.constexpr,
-    STORE_D: tl.constexpr, STORE_LSE: tl.constexpr, IS_FP64: tl.constexpr,
+    STORE_D: tl.constexpr, IS_FP64: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -165,9 +161,7 @@ def _lrml_forward_kernel(
     # Column 0 (the positive): its relation is reused by every column when SHARED.
     it, it_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
     q = _load_rows(Q, it, it_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-    a0, r0, lse = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
-    if STORE_LSE:
-        tl.store(LSE + offs_b * stride_lb, lse, mask=b_mask)
+    a0, r0 = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
     d0 = _distance(p + r0 - q, eps, DISTANCE)
     if STORE_D:
         tl.store(D_out + offs_b * stride_db, d0.to(D_out.dtype.element_ty), mask=b_mask)
@@ -181,9 +175,7 @@ def _lrml_forward_kernel(
         if SHARED:
             r = r0
         else:
-            a, r, lse = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
-            if STORE_LSE:
-                tl.store(LSE + offs_b * stride_lb + c * stride_lc, lse, mask=b_mask)
+            a, r = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
         dc = _distance(p + r - q, eps, DISTANCE)
         if STORE_D:
             tl.store(
@@ -214,7 +206,6 @@ def _lrml_backward_kernel(
     M, stride_mn, stride_md,  # [N, d] memory
     users, stride_ub,  # [B]
     items, stride_ib, stride_ic,  # [B, C]
-    LSE, stride_lb, stride_lc,  # [B, C] or [B, 1]: saved softmax log-sum-exp
     G, stride_gb, stride_gc,  # [B, C] ∂L/∂D (any float dtype, any strides)
     W, stride_wb,  # [B] per-row factor on G (HAS_W), e.g. the upstream grad of per-row losses
     GP, stride_gpb, stride_gpd,  # [B, d] out: gradient of each gathered user row
@@ -253,8 +244,7 @@ def _lrml_backward_kernel(
     it0, it0_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
     q0 = _load_rows(Q, it0, it0_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
     s0 = p * q0
-    lse0 = _upcast(tl.load(LSE + offs_b * stride_lb, mask=b_mask, other=0.0), IS_FP64)
-    a0, r0 = _attention_from_lse(s0, Kt, Mt, n_mask, lse0, DOT_PREC)
+    a0, r0 = _attention(s0, Kt, Mt, n_mask, DOT_PREC)
     e0 = p + r0 - q0
     ge0 = _residual_grad(e0, g0, bd_mask, eps, DISTANCE)
     gp = ge0
@@ -285,11 +275,7 @@ def _lrml_backward_kernel(
             gq = -ge
         else:
             s = p * q
-            lse = _upcast(
-                tl.load(LSE + offs_b * stride_lb + c * stride_lc, mask=b_mask, other=0.0),
-                IS_FP64,
-            )
-            a, r = _attention_from_lse(s, Kt, Mt, n_mask, lse, DOT_PREC)
+            a, r = _attention(s, Kt, Mt, n_mask, DOT_PREC)
             e = p + r - q
             ge = _residual_grad(e, g, bd_mask, eps, DISTANCE)
             gs, gK, gM = _attention_backward(ge, a, s, Kt, Mt, gK, gM, DOT_PREC)
@@ -396,11 +382,11 @@ def _param_args(user_emb, item_emb, keys, memory):
 
 def forward_launch(
     user_emb, item_emb, keys, memory, users, items, *, distance, relation, eps, margin=0.0,
-    hinge=False, store_d=True, store_lse=True,
+    hinge=False, store_d=True,
 ):  # fmt: skip
-    """Run the forward kernel. Returns ``(D or None, lse or None, L or None, G or None)``.
+    """Run the forward kernel. Returns ``(D or None, L or None, G or None)``.
 
-    ``D [B, C]`` and ``L [B]`` in the parameter dtype, ``lse [B, C]`` ([B, 1] for "shared") and
+    ``D [B, C]`` and ``L [B]`` in the parameter dtype and
     ``G = ∂L_b/∂D [B, C]`` in the compute dtype.
     """
     B, C = items.shape
@@ -410,11 +396,10 @@ def forward_launch(
     dev = user_emb.device
     shared = relation == "shared"
     D = torch.empty(B, C, dtype=dtype, device=dev) if store_d else None
-    lse = torch.empty(B, 1 if shared else C, dtype=ct, device=dev) if store_lse else None
     L = torch.empty(B, dtype=dtype, device=dev) if hinge else None
     G = torch.empty(B, C, dtype=ct, device=dev) if hinge else None
     dummy = torch.empty(1, 1, dtype=ct, device=dev)
-    Dt, LSEt, Lt, Gt = (x if x is not None else dummy for x in (D, lse, L, G))
+    Dt, Lt, Gt = (x if x is not None else dummy for x in (D, L, G))
     cfg = block_config(B, N, d, user_emb)
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     with _device_guard(user_emb):
@@ -423,17 +408,16 @@ def forward_launch(
             users, users.stride(0),
             items, items.stride(0), items.stride(1),
             Dt, Dt.stride(0), Dt.stride(1),
-            LSEt, LSEt.stride(0), LSEt.stride(1),
             Lt, Lt.stride(0),
             Gt, Gt.stride(0), Gt.stride(1),
             B, C, user_emb.shape[0], item_emb.shape[0], N, d,
             float(margin), float(eps),
             DISTANCE=DISTANCE_CODES[distance], SHARED=shared, HINGE=hinge,
-            STORE_D=store_d, STORE_LSE=store_lse, IS_FP64=dtype == torch.float64,
+            STORE_D=store_d, IS_FP64=dtype == torch.float64,
             DOT_PREC=_dot_precision(dtype),
             **cfg,
         )  # fmt: skip
-    return D, lse, L, G
+    return D, L, G
 
 
 def _use_atomics(t: torch.Tensor, programs: int) -> bool:
@@ -445,7 +429,7 @@ def _use_atomics(t: torch.Tensor, programs: int) -> bool:
 
 
 def backward_launch(
-    user_emb, item_emb, keys, memory, users, items, lse, G, W=None, scale=1.0, *, distance,
+    user_emb, item_emb, keys, memory, users, items, G, W=None, scale=1.0, *, distance,
     relation, eps, row_dtype=None, atomic=None,
 ):  # fmt: skip
     """Run the backward kernel. ``g[b, c] = G[b, c] · W[b] · scale`` is ``∂L/∂D``.
@@ -478,7 +462,6 @@ def backward_launch(
             *_param_args(user_emb, item_emb, keys, memory),
             users, users.stride(0),
             items, items.stride(0), items.stride(1),
-            lse, lse.stride(0), lse.stride(1),
             G, G.stride(0), G.stride(1),
             Wt, Wt.stride(0),
             GP, GP.stride(0), GP.stride(1),
@@ -509,7 +492,7 @@ def scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_rows: int, dtype, 
     rows = rows.reshape(index.shape[0], -1)
     if sparse:
         return torch.sparse_coo_tensor(
-            index.unsqueeze(0), rows.to(dtype), (num_rows, rows.shape[1])
+            index.unsqueeze(0), rows.to(dtype), (num_rows, rows.shape[1]), check_invariants=False
         )
     out = rows.new_zeros(num_rows, rows.shape[1])
     out.index_put_((index,), rows, accumulate=True)
@@ -537,23 +520,18 @@ def _distances_fwd(
     relation: str,
     eps: float,
     sparse_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D [B, C], lse)``; ``sparse_grad`` only tells the backward which layout to return."""
-    D, lse, _, _ = forward_launch(
+) -> torch.Tensor:
+    """``D [B, C]``; ``sparse_grad`` only tells the backward which layout to return."""
+    D, _, _ = forward_launch(
         user_emb, item_emb, keys, memory, users, items, distance=distance, relation=relation,
         eps=eps,
     )  # fmt: skip
-    return D, lse
+    return D
 
 
 @_distances_fwd.register_fake
 def _(user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sparse_grad):
-    B, C = items.shape
-    ct = _compute_dtype(user_emb.dtype)
-    return (
-        user_emb.new_empty(B, C),
-        user_emb.new_empty(B, 1 if relation == "shared" else C, dtype=ct),
-    )
+    return user_emb.new_empty(items.shape)
 
 
 @torch.library.custom_op("lrml_triton::hinge_fwd", mutates_args=())
@@ -569,24 +547,19 @@ def _hinge_fwd(
     relation: str,
     eps: float,
     sparse_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L [B] per-row hinge losses, G = ∂L_b/∂D [B, C], lse)`` from one fused kernel."""
-    _, lse, L, G = forward_launch(
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L [B] per-row hinge losses, G = ∂L_b/∂D [B, C])`` from one fused kernel."""
+    _, L, G = forward_launch(
         user_emb, item_emb, keys, memory, users, items, distance=distance, relation=relation,
         eps=eps, margin=margin, hinge=True, store_d=False,
     )  # fmt: skip
-    return L, G, lse
+    return L, G
 
 
 @_hinge_fwd.register_fake
 def _(user_emb, item_emb, keys, memory, users, items, margin, distance, relation, eps, sparse_grad):
-    B, C = items.shape
     ct = _compute_dtype(user_emb.dtype)
-    return (
-        user_emb.new_empty(B),
-        user_emb.new_empty(B, C, dtype=ct),
-        user_emb.new_empty(B, 1 if relation == "shared" else C, dtype=ct),
-    )
+    return user_emb.new_empty(items.shape[0]), user_emb.new_empty(items.shape, dtype=ct)
 
 
 @torch.library.custom_op("lrml_triton::backward", mutates_args=())
@@ -597,7 +570,6 @@ def _backward_op(
     memory: torch.Tensor,
     users: torch.Tensor,
     items: torch.Tensor,
-    lse: torch.Tensor,
     G: torch.Tensor,
     W: torch.Tensor | None,
     distance: str,
@@ -606,13 +578,13 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row embedding gradients (accumulation dtype) and the keys/memory gradients."""
     return backward_launch(
-        user_emb, item_emb, keys, memory, users, items, lse, G, W, distance=distance,
+        user_emb, item_emb, keys, memory, users, items, G, W, distance=distance,
         relation=relation, eps=eps, row_dtype=_accumulation_dtype(user_emb.dtype),
     )  # fmt: skip
 
 
 @_backward_op.register_fake
-def _(user_emb, item_emb, keys, memory, users, items, lse, G, W, distance, relation, eps):
+def _(user_emb, item_emb, keys, memory, users, items, G, W, distance, relation, eps):
     B, C = items.shape
     d = keys.shape[1]
     rt = _accumulation_dtype(user_emb.dtype)
@@ -624,12 +596,29 @@ def _(user_emb, item_emb, keys, memory, users, items, lse, G, W, distance, relat
     )
 
 
+def _save(ctx, inputs, options, G=None):
+    user_emb, item_emb, keys, memory, users, items = inputs[:6]
+    ctx.distance, ctx.relation, ctx.eps, ctx.sparse_grad = options
+    ctx.shapes = (user_emb.shape[0], item_emb.shape[0])
+    ctx.dtype = user_emb.dtype
+    extra = () if G is None else (G,)
+    ctx.save_for_backward(user_emb, item_emb, keys, memory, users, items, *extra)
+
+
+def _setup_distances(ctx, inputs, output):
+    _save(ctx, inputs, inputs[6:10])
+
+
+def _setup_hinge(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _save(ctx, inputs, inputs[7:11], G=output[1])
+
+
 def _grads(ctx, G, W):
-    user_emb, item_emb, keys, memory, users, items, lse = ctx.saved_tensors[:7]
+    user_emb, item_emb, keys, memory, users, items = ctx.saved_tensors[:6]
     gp, gq, gK, gM = _backward_op(
-        user_emb, item_emb, keys, memory, users, items, lse, G, W, ctx.distance, ctx.relation,
-        ctx.eps,
-    )  # fmt: skip
+        user_emb, item_emb, keys, memory, users, items, G, W, ctx.distance, ctx.relation, ctx.eps
+    )
     need = ctx.needs_input_grad
     U, I = ctx.shapes
     g_user = scatter_rows(gp, users, U, ctx.dtype, ctx.sparse_grad) if need[0] else None
@@ -637,31 +626,13 @@ def _grads(ctx, G, W):
     return g_user, g_item, gK if need[2] else None, gM if need[3] else None
 
 
-def _distances_backward(ctx, grad_D, grad_lse):
+def _distances_backward(ctx, grad_D):
     return (*_grads(ctx, grad_D, None), None, None, None, None, None, None)
 
 
-def _hinge_backward(ctx, grad_L, grad_G, grad_lse):
-    G = ctx.saved_tensors[7]
+def _hinge_backward(ctx, grad_L, grad_G):
+    G = ctx.saved_tensors[6]
     return (*_grads(ctx, G, grad_L), None, None, None, None, None, None, None)
-
-
-def _setup_distances(ctx, inputs, output):
-    ctx.distance, ctx.relation, ctx.eps, ctx.sparse_grad = inputs[6:10]
-    _save(ctx, inputs, lse=output[1])
-
-
-def _setup_hinge(ctx, inputs, output):
-    ctx.distance, ctx.relation, ctx.eps, ctx.sparse_grad = inputs[7:11]
-    _save(ctx, inputs, lse=output[2], G=output[1])
-
-
-def _save(ctx, inputs, lse, G=None):
-    user_emb, item_emb, keys, memory, users, items = inputs[:6]
-    ctx.shapes = (user_emb.shape[0], item_emb.shape[0])
-    ctx.dtype = user_emb.dtype
-    extra = () if G is None else (G,)
-    ctx.save_for_backward(user_emb, item_emb, keys, memory, users, items, lse, *extra)
 
 
 _distances_fwd.register_autograd(_distances_backward, setup_context=_setup_distances)
@@ -694,11 +665,10 @@ def _reduce(L: torch.Tensor, reduction: str) -> torch.Tensor:
 def distances(user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sparse_grad):
     """``D [B, C]`` (differentiable w.r.t. the four parameters)."""
     _check_dtype(user_emb)
-    D, _ = _distances_fwd(
+    return _distances_fwd(
         user_emb, item_emb, keys, memory, users, items, distance, relation, float(eps),
         bool(sparse_grad),
     )  # fmt: skip
-    return D
 
 
 def hinge_loss(
@@ -707,7 +677,7 @@ def hinge_loss(
 ):  # fmt: skip
     """Fused hinge loss: scalar ("sum", "mean") or per-row ``[B]`` ("none")."""
     _check_dtype(user_emb)
-    L, _, _ = _hinge_fwd(
+    L, _ = _hinge_fwd(
         user_emb, item_emb, keys, memory, users, items, float(margin), distance, relation,
         float(eps), bool(sparse_grad),
     )  # fmt: skip
@@ -739,13 +709,13 @@ def hinge_loss_grads(
             torch.zeros_like(keys),
             torch.zeros_like(memory),
         )
-    _, lse, L, G = forward_launch(
+    _, L, G = forward_launch(
         user_emb, item_emb, keys, memory, users, items, distance=distance, relation=relation,
         eps=eps, margin=margin, hinge=True, store_d=False,
     )  # fmt: skip
     scale = 1.0 / B if reduction == "mean" else 1.0
     gp, gq, gK, gM = backward_launch(
-        user_emb, item_emb, keys, memory, users, items, lse, G, None, scale, distance=distance,
+        user_emb, item_emb, keys, memory, users, items, G, None, scale, distance=distance,
         relation=relation, eps=eps,
     )  # fmt: skip
     return _reduce(L, reduction), gp, gq, gK, gM

@@ -72,7 +72,7 @@ def _lrml_topk_kernel(
             other=0.0,
         )
         p = _upcast(p, IS_FP64)[None, :]  # [1, BLOCK_D]
-        a, r, lse = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
+        a, r = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
         dist = _distance(p + r - q, eps, DISTANCE)
         tl.store(
             D_out + row * stride_ob + offs_i * stride_oi,
