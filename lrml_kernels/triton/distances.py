@@ -367,7 +367,10 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
     if t.dtype == torch.float64:
         budget //= 2
     block_b = max(16, min(64, budget // block_d))
-    num_warps = 4 if block_b * max(block_d, block_n) <= 4096 else 8
+    # The backward keeps ~10 [BLOCK_B, BLOCK_D] fp32 tiles live (p, q, s, e, gp, gs, gq, K, M, gK,
+    # gM): 8 warps from 2048 elements per tile keep that near 256 registers per thread.
+    limit = 2048 if backward else 4096
+    num_warps = 4 if block_b * max(block_d, block_n) < limit else 8
     return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
