@@ -187,13 +187,14 @@ std::pair<Tensor, Tensor> run(const Job<T>& job, const at::TensorOptions& opts) 
   const int64_t rows = std::max<int64_t>(1, (B + nblk0 - 1) / nblk0);
   const int64_t nblk = std::max<int64_t>(1, (B + rows - 1) / rows);
   const int64_t nd = N * d;
-  Tensor partials = at::zeros({nblk, 2, N, d}, opts);
+  Tensor partials = at::empty({nblk, 2, N, d}, opts);
   T* part = partials.data_ptr<T>();
   at::parallel_for(0, nblk, 1, [&](int64_t lo, int64_t hi) {
     Workspace<T> w(C, N, d);
     for (int64_t blk = lo; blk < hi; ++blk) {
       T* gK = part + blk * 2 * nd;
       T* gM = gK + nd;
+      zero(gK, 2 * nd);  // first touch by the thread that accumulates it
       const int64_t end = std::min(B, (blk + 1) * rows);
       for (int64_t b = blk * rows; b < end; ++b) process_row(job, b, w, gK, gM);
     }

@@ -1,0 +1,283 @@
+// Thin binding layer of the CUDA kernels (lrml_kernels.cu): checks, allocation, dtype casts, the
+// hinge's ∂L/∂D and the fixed-order sum of the keys/memory partials, with ATen; registered under
+// the CUDA dispatch key of the lrml_ext ops (the schema is defined by the CPU library).
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../checks.h"
+#include "../lrml.h"
+
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+
+namespace lrml {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK_TYPE(false, "the cuda backend supports float32, float16 and bfloat16");
+  }
+  return DType::Float32;
+}
+
+void check_launch(const char* err, const char* what) {
+  TORCH_CHECK(err == nullptr, "lrml_ext ", what, " CUDA kernel failed: ", err ? err : "");
+}
+
+struct Prepared {
+  Params p;
+  Batch b;
+  Distance distance;
+  Relation relation;
+  Tensor Kf, Mf;  // fp32 copies
+};
+
+Prepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                 const Tensor& memory, const Tensor& users, const Tensor& items,
+                 c10::string_view distance, c10::string_view relation, double eps) {
+  Prepared r;
+  r.distance = parse_distance(str(distance));
+  r.relation = parse_relation(str(relation));
+  check_eps(eps);
+  r.p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
+                     {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
+  r.b = check_batch(r.p, users, items);
+  r.Kf = r.p.K.to(at::kFloat).contiguous();
+  r.Mf = r.p.M.to(at::kFloat).contiguous();
+  return r;
+}
+
+void* stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
+
+// D [B, C] in fp32.
+Tensor distances_f32(const Prepared& pr, double eps) {
+  Tensor D = at::empty({pr.b.B, pr.b.C}, pr.p.P.options().dtype(at::kFloat));
+  if (pr.b.B == 0) return D;
+  check_launch(launch_distances(dtype_of(pr.p.P), pr.p.P.data_ptr(), pr.p.Q.data_ptr(),
+                                pr.Kf.data_ptr<float>(), pr.Mf.data_ptr<float>(),
+                                pr.b.users.data_ptr<int64_t>(), pr.b.items.data_ptr<int64_t>(),
+                                pr.b.B, pr.b.C, pr.p.N, pr.p.d, pr.distance, pr.relation,
+                                static_cast<float>(eps), 0, D.data_ptr<float>(), stream()),
+               "distances");
+  return D;
+}
+
+Grads backward_f32(const Prepared& pr, const Tensor& gD, double eps) {
+  const auto f32 = pr.p.P.options().dtype(at::kFloat);
+  const int64_t B = pr.b.B, C = pr.b.C, N = pr.p.N, d = pr.p.d;
+  const char* err = nullptr;
+  const int64_t grid = backward_grid(B, N, d, &err);
+  check_launch(err, "distances_backward");
+  Tensor gp = at::empty({B, d}, f32);
+  Tensor gq = at::empty({B, C, d}, f32);
+  Tensor partials = at::empty({grid, 2, N, d}, f32);
+  Tensor g = gD.to(at::kFloat).contiguous();
+  check_launch(launch_distances_backward(
+                   dtype_of(pr.p.P), pr.p.P.data_ptr(), pr.p.Q.data_ptr(),
+                   pr.Kf.data_ptr<float>(), pr.Mf.data_ptr<float>(),
+                   pr.b.users.data_ptr<int64_t>(), pr.b.items.data_ptr<int64_t>(),
+                   g.data_ptr<float>(), B, C, N, d, pr.distance, pr.relation,
+                   static_cast<float>(eps), gp.data_ptr<float>(), gq.data_ptr<float>(),
+                   partials.data_ptr<float>(), grid, stream()),
+               "distances_backward");
+  Tensor sums = partials.sum(0);  // [2, N, d], a deterministic reduction
+  const auto dt = pr.p.P.scalar_type();
+  return {gp.to(dt), gq.to(dt), sums[0].to(dt), sums[1].to(dt)};
+}
+
+// Per-row hinge losses L [B] (fp32) and, when w is given, ∂L/∂D [B, C] for the row weights w.
+Tensor hinge_rows(const Tensor& D, double margin) {
+  if (D.size(1) < 2) return at::zeros({D.size(0)}, D.options());
+  return at::relu(D.narrow(1, 0, 1) + margin - D.narrow(1, 1, D.size(1) - 1)).sum(1);
+}
+
+Tensor hinge_grad_D(const Tensor& D, double margin, const Tensor& w) {
+  Tensor gD = at::zeros_like(D);
+  if (D.size(1) < 2) return gD;
+  Tensor active = ((D.narrow(1, 0, 1) + margin - D.narrow(1, 1, D.size(1) - 1)) > 0).to(D.dtype());
+  Tensor wv = w.reshape({-1, 1}).to(D.dtype());
+  gD.narrow(1, 1, D.size(1) - 1).copy_(-active * wv);
+  gD.narrow(1, 0, 1).copy_(active.sum(1, true) * wv);
+  return gD;
+}
+
+Tensor reduce_loss(const Tensor& L, Reduction red, at::ScalarType dt) {
+  if (red == Reduction::None) return L.to(dt);
+  if (red == Reduction::Mean && L.size(0) > 0) return L.mean().to(dt);
+  return L.sum().to(dt);
+}
+
+Tensor row_weights(const Tensor* grad, Reduction red, int64_t B, const at::TensorOptions& f32) {
+  Tensor g = grad ? grad->to(at::kFloat) : at::ones({}, f32);
+  if (red == Reduction::None) return grad ? g.reshape({B}) : at::ones({B}, f32);
+  g = g.reshape({});
+  if (red == Reduction::Mean && B > 0) g = g / static_cast<double>(B);
+  return g.expand({B});
+}
+
+// ---- the ops -------------------------------------------------------------------------------
+
+Tensor distances(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                 const Tensor& memory, const Tensor& users, const Tensor& items,
+                 c10::string_view distance, c10::string_view relation, double eps, bool) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  return distances_f32(pr, eps).to(pr.p.P.scalar_type());
+}
+
+Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,
+                         const Tensor& keys, const Tensor& memory, const Tensor& users,
+                         const Tensor& items, c10::string_view distance,
+                         c10::string_view relation, double eps) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  check_grad_D(grad, pr.b, pr.p);
+  return backward_f32(pr, grad, eps);
+}
+
+Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                  const Tensor& memory, const Tensor& users, const Tensor& items, double margin,
+                  c10::string_view distance, c10::string_view relation, double eps,
+                  c10::string_view reduction, bool) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const Reduction red = parse_reduction(str(reduction));
+  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  return reduce_loss(hinge_rows(distances_f32(pr, eps), margin), red, pr.p.P.scalar_type());
+}
+
+Grads hinge_loss_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,
+                          const Tensor& keys, const Tensor& memory, const Tensor& users,
+                          const Tensor& items, double margin, c10::string_view distance,
+                          c10::string_view relation, double eps, c10::string_view reduction) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const Reduction red = parse_reduction(str(reduction));
+  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  check_grad_loss(grad, pr.b, pr.p, red);
+  Tensor D = distances_f32(pr, eps);
+  Tensor w = row_weights(&grad, red, pr.b.B, D.options());
+  return backward_f32(pr, hinge_grad_D(D, margin, w), eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
+    const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys, const Tensor& memory,
+    const Tensor& users, const Tensor& items, double margin, c10::string_view distance,
+    c10::string_view relation, double eps, c10::string_view reduction) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const Reduction red = parse_reduction(str(reduction));
+  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  Tensor D = distances_f32(pr, eps);
+  Tensor loss = reduce_loss(hinge_rows(D, margin), red, pr.p.P.scalar_type());
+  Tensor w = row_weights(nullptr, red, pr.b.B, D.options());
+  Grads g = backward_f32(pr, hinge_grad_D(D, margin, w), eps);
+  return {loss, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g)};
+}
+
+// Exact top-k: the direct formula for every (user, item) of a chunk of users (fp32 [chunk, I]),
+// exclusions masked, a stable sort (ties: smaller id first), the k first kept.
+std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
+                                const Tensor& keys, const Tensor& memory, const Tensor& users,
+                                int64_t k, const std::optional<Tensor>& exclude_indptr,
+                                const std::optional<Tensor>& exclude_indices,
+                                c10::string_view distance, double eps) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const Distance dist = parse_distance(str(distance));
+  check_eps(eps);
+  TORCH_CHECK_VALUE(k >= 1, "k must be at least 1, got ", k);
+  Params p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
+                          {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
+  Tensor u = check_index("users", users, 1, p.P.device());
+  check_index_range("users", u, p.U);
+  const int64_t B = u.size(0), I = p.I;
+  TORCH_CHECK_VALUE(exclude_indptr.has_value() == exclude_indices.has_value(),
+                    "exclude must be None or a CSR pair (indptr [B+1], indices)");
+  Tensor indptr, indices;
+  if (exclude_indptr.has_value()) {
+    indptr = check_index("exclude indptr", *exclude_indptr, 1, p.P.device());
+    indices = check_index("exclude indices", *exclude_indices, 1, p.P.device());
+    TORCH_CHECK_VALUE(indptr.size(0) == B + 1, "exclude indptr has ", indptr.size(0),
+                      " entries but users has ", B, " rows: it must have B + 1 = ", B + 1);
+    Tensor ends = at::stack({indptr[0], indptr[B]}).cpu();
+    TORCH_CHECK_VALUE(ends[0].item<int64_t>() == 0 && ends[1].item<int64_t>() == indices.size(0),
+                      "exclude indptr must start at 0 and end at len(indices) = ",
+                      indices.size(0));
+    if (B > 0) {
+      TORCH_CHECK_VALUE(!(indptr.narrow(0, 1, B) < indptr.narrow(0, 0, B)).any().item<bool>(),
+                        "exclude indptr must be non-decreasing");
+    }
+    check_index_range("exclude indices", indices, I);
+  }
+  const auto dt = p.P.scalar_type();
+  Tensor out_d = at::full({B, k}, INFINITY, p.P.options().dtype(at::kFloat));
+  Tensor out_i = at::full({B, k}, -1, p.P.options().dtype(at::kLong));
+  if (B == 0 || I == 0) return {out_d.to(dt), out_i};
+  Tensor Kf = p.K.to(at::kFloat).contiguous(), Mf = p.M.to(at::kFloat).contiguous();
+  const int64_t kk = std::min(k, I);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 25) / I);
+  Tensor item_ids = at::arange(I, u.options());
+  for (int64_t s = 0; s < B; s += chunk) {
+    const int64_t nb = std::min(chunk, B - s);
+    Tensor us = u.narrow(0, s, nb).contiguous();
+    Tensor D = at::empty({nb, I}, p.P.options().dtype(at::kFloat));
+    check_launch(launch_distances(dtype_of(p.P), p.P.data_ptr(), p.Q.data_ptr(),
+                                  Kf.data_ptr<float>(), Mf.data_ptr<float>(),
+                                  us.data_ptr<int64_t>(), nullptr, nb, I, p.N, p.d, dist,
+                                  Relation::Pair, static_cast<float>(eps), 1,
+                                  D.data_ptr<float>(), stream()),
+                 "topk");
+    Tensor excluded;
+    if (indptr.defined()) {
+      Tensor ip = indptr.narrow(0, s, nb + 1);
+      Tensor counts = ip.narrow(0, 1, nb) - ip.narrow(0, 0, nb);
+      Tensor rows = at::repeat_interleave(at::arange(nb, u.options()), counts);
+      Tensor lo = ip[0], hi = ip[nb];
+      const int64_t a = lo.item<int64_t>(), bnd = hi.item<int64_t>();
+      Tensor cols = indices.narrow(0, a, bnd - a);
+      excluded = at::zeros({nb, I}, p.P.options().dtype(at::kBool));
+      excluded.index_put_({rows, cols}, true);
+      D.masked_fill_(excluded, NAN);  // sorts after +inf: excluded items come last
+    }
+    auto sorted = at::sort(D, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+    Tensor dd = std::get<0>(sorted).narrow(1, 0, kk);
+    Tensor ii = std::get<1>(sorted).narrow(1, 0, kk);
+    if (excluded.defined()) {
+      Tensor ex = excluded.gather(1, ii);
+      ii = ii.masked_fill(ex, -1);
+      dd = dd.masked_fill(ex, INFINITY);
+    }
+    out_d.narrow(0, s, nb).narrow(1, 0, kk).copy_(dd);
+    out_i.narrow(0, s, nb).narrow(1, 0, kk).copy_(ii);
+  }
+  (void)item_ids;
+  return {out_d.to(dt), out_i};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lrml
+
+TORCH_LIBRARY_IMPL(lrml_ext, CUDA, m) {
+  m.impl("distances", &lrml::cuda::distances);
+  m.impl("distances_backward", &lrml::cuda::distances_backward);
+  m.impl("hinge_loss", &lrml::cuda::hinge_loss);
+  m.impl("hinge_loss_backward", &lrml::cuda::hinge_loss_backward);
+  m.impl("hinge_loss_grads", &lrml::cuda::hinge_loss_grads);
+  m.impl("topk", &lrml::cuda::topk);
+}

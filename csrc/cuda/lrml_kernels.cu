@@ -1,0 +1,457 @@
+// CUDA kernels of the fused LRML distances (forward) and their backward (SPEC.md).
+//
+// Free of torch headers: compiles with a plain nvcc (csrc/check_nvcc.sh); the thin binding layer
+// (lrml_cuda.cpp) allocates, casts and reduces with ATen. Parameters are fp32/fp16/bf16, the math
+// runs in fp32. K and M (fp32 copies) sit in shared memory when they fit. One warp handles one
+// unit (a pair, or a row with relation="shared"); lanes split d, warp shuffles reduce over d.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../lrml.h"
+
+namespace lrml {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x);
+template <>
+__device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Loads K and M into shared memory (when kmsmem) and returns the pointers to use.
+__device__ __forceinline__ void stage_km(const float* Kg, const float* Mg, int64_t nd, bool kmsmem,
+                                         float* smem, const float** K, const float** M) {
+  if (kmsmem) {
+    for (int64_t i = threadIdx.x; i < nd; i += blockDim.x) {
+      smem[i] = Kg[i];
+      smem[nd + i] = Mg[i];
+    }
+    *K = smem;
+    *M = smem + nd;
+  } else {
+    *K = Kg;
+    *M = Mg;
+  }
+  __syncthreads();
+}
+
+// Warp-cooperative attention of one pair: s = p ⊙ q (into s), a = softmax(K s) (into a),
+// r = Mᵀ a (into r, when r != nullptr). p, q: row pointers (global, type T).
+template <typename T>
+__device__ void warp_attend(const T* p, const T* q, const float* K, const float* M, int N, int d,
+                            float* s, float* a, float* r, int lane) {
+  for (int j = lane; j < d; j += kWarp) s[j] = to_f(p[j]) * to_f(q[j]);
+  __syncwarp();
+  for (int n = 0; n < N; ++n) {
+    float part = 0.f;
+    const float* Kn = K + static_cast<int64_t>(n) * d;
+    for (int j = lane; j < d; j += kWarp) part = fmaf(Kn[j], s[j], part);
+    part = warp_sum(part);
+    if (lane == 0) a[n] = part;
+  }
+  __syncwarp();
+  float m = -INFINITY;
+  for (int n = lane; n < N; n += kWarp) m = fmaxf(m, a[n]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int n = lane; n < N; n += kWarp) {
+    const float v = expf(a[n] - m);
+    a[n] = v;
+    sum += v;
+  }
+  sum = warp_sum(sum);
+  __syncwarp();
+  for (int n = lane; n < N; n += kWarp) a[n] = a[n] / sum;
+  __syncwarp();
+  if (r != nullptr) {
+    for (int j = lane; j < d; j += kWarp) {
+      float acc = 0.f;
+      for (int n = 0; n < N; ++n) acc = fmaf(a[n], M[static_cast<int64_t>(n) * d + j], acc);
+      r[j] = acc;
+    }
+    __syncwarp();
+  }
+}
+
+// D of e = p + r − q (all lanes get the value).
+template <typename T>
+__device__ float warp_distance(const T* p, const float* r, const T* q, int d, Distance distance,
+                               float eps, int lane) {
+  float acc = 0.f;
+  for (int j = lane; j < d; j += kWarp) {
+    const float e = to_f(p[j]) + r[j] - to_f(q[j]);
+    acc += distance == Distance::L1 ? fabsf(e) : e * e;
+  }
+  acc = warp_sum(acc);
+  return distance == Distance::L2 ? sqrtf(acc + eps) : acc;
+}
+
+__device__ __forceinline__ float residual_grad(float e, float g, float Dv, Distance distance) {
+  if (distance == Distance::L2) return g / Dv * e;
+  if (distance == Distance::SquaredL2) return 2.f * g * e;
+  return e > 0.f ? g : (e < 0.f ? -g : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one warp per unit (pair, or row for relation="shared"); per-warp scratch s, r [d], a [N].
+template <typename T>
+__global__ void distances_kernel(const T* __restrict__ P, const T* __restrict__ Q,
+                                 const float* __restrict__ Kg, const float* __restrict__ Mg,
+                                 const int64_t* __restrict__ users,
+                                 const int64_t* __restrict__ items, int64_t B, int64_t C, int N,
+                                 int d, Distance distance, Relation relation, float eps,
+                                 int all_items, bool kmsmem, float* __restrict__ D_out) {
+  extern __shared__ float smem[];
+  const int64_t nd = static_cast<int64_t>(N) * d;
+  const float *K, *M;
+  stage_km(Kg, Mg, nd, kmsmem, smem, &K, &M);
+  const int warps = blockDim.x / kWarp;
+  const int w = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  float* s = smem + (kmsmem ? 2 * nd : 0) + static_cast<int64_t>(w) * (2 * d + N);
+  float* r = s + d;
+  float* a = r + d;
+  const bool pair = relation == Relation::Pair;
+  const int64_t units = pair ? B * C : B;
+  for (int64_t unit = static_cast<int64_t>(blockIdx.x) * warps + w; unit < units;
+       unit += static_cast<int64_t>(gridDim.x) * warps) {
+    const int64_t b = pair ? unit / C : unit;
+    const T* p = P + users[b] * d;
+    if (pair) {
+      const int64_t c = unit % C;
+      const int64_t item = all_items ? c : items[b * C + c];
+      const T* q = Q + item * d;
+      warp_attend(p, q, K, M, N, d, s, a, r, lane);
+      const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
+      if (lane == 0) D_out[b * C + c] = Dv;
+    } else {
+      warp_attend(p, Q + items[b * C] * d, K, M, N, d, s, a, r, lane);
+      for (int64_t c = 0; c < C; ++c) {
+        const float Dv = warp_distance(p, r, Q + items[b * C + c] * d, d, distance, eps, lane);
+        if (lane == 0) D_out[b * C + c] = Dv;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one warp per row, all warps of a block step through the same number of units so
+// that after each unit the block adds the warps' attention contributions to its keys/memory
+// partial ([blockIdx, 2, N, d] in global memory, each element owned by one thread, warps added
+// in a fixed order: deterministic). Per-warp scratch: p, s, r, gr, gp [d], a, g [N].
+template <typename T>
+__global__ void distances_backward_kernel(
+    const T* __restrict__ P, const T* __restrict__ Q, const float* __restrict__ Kg,
+    const float* __restrict__ Mg, const int64_t* __restrict__ users,
+    const int64_t* __restrict__ items, const float* __restrict__ gD, int64_t B, int64_t C, int N,
+    int d, Distance distance, Relation relation, float eps, bool kmsmem,
+    float* __restrict__ grad_user_rows, float* __restrict__ grad_item_rows,
+    float* __restrict__ partials) {
+  extern __shared__ float smem[];
+  const int64_t nd = static_cast<int64_t>(N) * d;
+  const float *K, *M;
+  stage_km(Kg, Mg, nd, kmsmem, smem, &K, &M);
+  const int warps = blockDim.x / kWarp;
+  const int w = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t per_warp = 5 * static_cast<int64_t>(d) + 2 * N;
+  float* base = smem + (kmsmem ? 2 * nd : 0);
+  float* s = base + w * per_warp;
+  float* r = s + d;
+  float* gr = r + d;
+  float* gp = gr + d;
+  float* a = gp + d;
+  float* g = a + N;
+  float* part_K = partials + static_cast<int64_t>(blockIdx.x) * 2 * nd;
+  float* part_M = part_K + nd;
+  for (int64_t i = threadIdx.x; i < 2 * nd; i += blockDim.x) part_K[i] = 0.f;
+
+  const bool pair = relation == Relation::Pair;
+  const int64_t units_per_row = pair ? C : 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
+  const int64_t steps = (B + stride - 1) / stride;
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t b = step * stride + static_cast<int64_t>(blockIdx.x) * warps + w;
+    const bool valid = b < B;
+    const T* p = valid ? P + users[b] * d : P;
+    if (valid) {
+      for (int j = lane; j < d; j += kWarp) gp[j] = 0.f;
+      if (!pair) {
+        // Relation of the positive, then every column's residual gradient summed into gr.
+        const T* q0 = Q + items[b * C] * d;
+        warp_attend(p, q0, K, M, N, d, s, a, r, lane);
+        for (int j = lane; j < d; j += kWarp) gr[j] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* q = Q + items[b * C + c] * d;
+          const float gv = gD[b * C + c];
+          const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
+          float* gq = grad_item_rows + (b * C + c) * d;
+          for (int j = lane; j < d; j += kWarp) {
+            const float e = to_f(p[j]) + r[j] - to_f(q[j]);
+            const float ge = gv == 0.f ? 0.f : residual_grad(e, gv, Dv, distance);
+            gp[j] += ge;
+            gr[j] += ge;
+            gq[j] = -ge;
+          }
+        }
+        __syncwarp();
+      }
+    }
+    for (int64_t unit = 0; unit < units_per_row; ++unit) {
+      if (valid) {
+        const int64_t c = pair ? unit : 0;
+        const T* q = Q + items[b * C + c] * d;
+        float* gq = grad_item_rows + (b * C + c) * d;
+        if (pair) {
+          const float gv = gD[b * C + c];
+          warp_attend(p, q, K, M, N, d, s, a, r, lane);
+          const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
+          for (int j = lane; j < d; j += kWarp) {
+            const float e = to_f(p[j]) + r[j] - to_f(q[j]);
+            const float ge = gv == 0.f ? 0.f : residual_grad(e, gv, Dv, distance);
+            gr[j] = ge;
+            gp[j] += ge;
+            gq[j] = -ge;
+          }
+          __syncwarp();
+        }
+        // Attention backward: ga = M gr, gz = a ⊙ (ga − ⟨a, ga⟩), gs = Kᵀ gz.
+        for (int n = 0; n < N; ++n) {
+          float part = 0.f;
+          const float* Mn = M + static_cast<int64_t>(n) * d;
+          for (int j = lane; j < d; j += kWarp) part = fmaf(Mn[j], gr[j], part);
+          part = warp_sum(part);
+          if (lane == 0) g[n] = part;
+        }
+        __syncwarp();
+        float aga = 0.f;
+        for (int n = lane; n < N; n += kWarp) aga += a[n] * g[n];
+        aga = warp_sum(aga);
+        for (int n = lane; n < N; n += kWarp) g[n] = a[n] * (g[n] - aga);
+        __syncwarp();
+        for (int j = lane; j < d; j += kWarp) {
+          float gs = 0.f;
+          for (int n = 0; n < N; ++n) gs = fmaf(g[n], K[static_cast<int64_t>(n) * d + j], gs);
+          const float pj = to_f(p[j]);
+          const float qj = to_f(q[j]);
+          gp[j] += gs * qj;
+          gq[j] += gs * pj;
+        }
+      } else {
+        for (int n = lane; n < N; n += kWarp) {
+          a[n] = 0.f;
+          g[n] = 0.f;
+        }
+        for (int j = lane; j < d; j += kWarp) {
+          gr[j] = 0.f;
+          s[j] = 0.f;
+        }
+      }
+      __syncthreads();
+      // Block update of the partials, warps in a fixed order.
+      for (int64_t i = threadIdx.x; i < nd; i += blockDim.x) {
+        const int n = static_cast<int>(i / d);
+        const int j = static_cast<int>(i % d);
+        float accK = part_K[i];
+        float accM = part_M[i];
+        for (int v = 0; v < warps; ++v) {
+          const float* sv = base + v * per_warp;
+          const float* grv = sv + 2 * d;
+          const float* av = sv + 4 * d;
+          const float* gv = av + N;
+          accK = fmaf(gv[n], sv[j], accK);
+          accM = fmaf(av[n], grv[j], accM);
+        }
+        part_K[i] = accK;
+        part_M[i] = accM;
+      }
+      __syncthreads();
+    }
+    if (valid) {
+      for (int j = lane; j < d; j += kWarp) grad_user_rows[b * d + j] = gp[j];
+    }
+    __syncwarp();
+  }
+}
+
+struct Config {
+  int warps = 8;
+  bool kmsmem = true;
+  size_t smem = 0;
+  int max_smem = 48 * 1024;
+  int sms = 1;
+  const char* error = nullptr;
+};
+
+// Warps per block and whether K/M go to shared memory, for per-warp scratch of `per_warp` floats.
+Config configure(int64_t N, int64_t d, int64_t per_warp) {
+  Config cfg;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cfg.error = "cudaGetDevice failed";
+    return cfg;
+  }
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&cfg.sms, cudaDevAttrMultiProcessorCount, dev);
+  cfg.max_smem = optin > 0 ? optin : 48 * 1024;
+  const size_t km = 2 * static_cast<size_t>(N) * d * sizeof(float);
+  for (int warps = 8; warps >= 1; warps /= 2) {
+    const size_t scratch = static_cast<size_t>(warps) * per_warp * sizeof(float);
+    if (km + scratch <= static_cast<size_t>(cfg.max_smem)) {
+      cfg.warps = warps;
+      cfg.kmsmem = true;
+      cfg.smem = km + scratch;
+      return cfg;
+    }
+  }
+  for (int warps = 8; warps >= 1; warps /= 2) {
+    const size_t scratch = static_cast<size_t>(warps) * per_warp * sizeof(float);
+    if (scratch <= static_cast<size_t>(cfg.max_smem)) {
+      cfg.warps = warps;
+      cfg.kmsmem = false;
+      cfg.smem = scratch;
+      return cfg;
+    }
+  }
+  cfg.error = "the embedding dimension d is too large for the cuda backend's shared memory";
+  return cfg;
+}
+
+template <typename Kernel>
+const char* prepare_kernel(Kernel kernel, const Config& cfg) {
+  if (cfg.error) return cfg.error;
+  if (cfg.smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(cfg.smem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  return nullptr;
+}
+
+template <typename T>
+const char* distances_typed(const void* P, const void* Q, const float* K, const float* M,
+                            const int64_t* users, const int64_t* items, int64_t B, int64_t C,
+                            int64_t N, int64_t d, Distance distance, Relation relation, float eps,
+                            int all_items, float* D_out, cudaStream_t stream) {
+  const Config cfg = configure(N, d, 2 * d + N);
+  if (const char* e = prepare_kernel(distances_kernel<T>, cfg)) return e;
+  const int64_t units = relation == Relation::Pair ? B * C : B;
+  if (units == 0) return nullptr;
+  int64_t grid = (units + cfg.warps - 1) / cfg.warps;
+  const int64_t max_grid = static_cast<int64_t>(cfg.sms) * 32;
+  grid = grid < max_grid ? grid : max_grid;
+  distances_kernel<T><<<static_cast<unsigned>(grid), cfg.warps * kWarp, cfg.smem, stream>>>(
+      static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, B, C,
+      static_cast<int>(N), static_cast<int>(d), distance, relation, eps, all_items, cfg.kmsmem,
+      D_out);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T>
+const char* backward_typed(const void* P, const void* Q, const float* K, const float* M,
+                           const int64_t* users, const int64_t* items, const float* gD,
+                           int64_t B, int64_t C, int64_t N, int64_t d, Distance distance,
+                           Relation relation, float eps, float* gp, float* gq, float* partials,
+                           int64_t grid, cudaStream_t stream) {
+  const Config cfg = configure(N, d, 5 * d + 2 * N);
+  if (const char* e = prepare_kernel(distances_backward_kernel<T>, cfg)) return e;
+  if (grid <= 0) return nullptr;
+  distances_backward_kernel<T>
+      <<<static_cast<unsigned>(grid), cfg.warps * kWarp, cfg.smem, stream>>>(
+          static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, gD, B, C,
+          static_cast<int>(N), static_cast<int>(d), distance, relation, eps, cfg.kmsmem, gp, gq,
+          partials);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+int64_t backward_grid(int64_t B, int64_t N, int64_t d, const char** error) {
+  const Config cfg = configure(N, d, 5 * d + 2 * N);
+  if (cfg.error) {
+    *error = cfg.error;
+    return -1;
+  }
+  *error = nullptr;
+  const int64_t need = (B + cfg.warps - 1) / cfg.warps;
+  const int64_t max_grid = static_cast<int64_t>(cfg.sms) * 4;
+  const int64_t grid = need < max_grid ? need : max_grid;
+  return grid > 0 ? grid : 1;
+}
+
+const char* launch_distances(DType dtype, const void* user_emb, const void* item_emb,
+                             const float* keys_f, const float* memory_f, const int64_t* users,
+                             const int64_t* items, int64_t B, int64_t C, int64_t N, int64_t d,
+                             Distance distance, Relation relation, float eps, int all_items,
+                             float* D_out, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float32:
+      return distances_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
+                                    d, distance, relation, eps, all_items, D_out, st);
+    case DType::Float16:
+      return distances_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
+                                     d, distance, relation, eps, all_items, D_out, st);
+    case DType::BFloat16:
+      return distances_typed<__nv_bfloat16>(user_emb, item_emb, keys_f, memory_f, users, items,
+                                            B, C, N, d, distance, relation, eps, all_items, D_out,
+                                            st);
+  }
+  return "unsupported dtype";
+}
+
+const char* launch_distances_backward(DType dtype, const void* user_emb, const void* item_emb,
+                                      const float* keys_f, const float* memory_f,
+                                      const int64_t* users, const int64_t* items, const float* gD,
+                                      int64_t B, int64_t C, int64_t N, int64_t d,
+                                      Distance distance, Relation relation, float eps,
+                                      float* grad_user_rows, float* grad_item_rows,
+                                      float* partials, int64_t grid, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float32:
+      return backward_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, gD, B, C,
+                                   N, d, distance, relation, eps, grad_user_rows, grad_item_rows,
+                                   partials, grid, st);
+    case DType::Float16:
+      return backward_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, gD, B, C,
+                                    N, d, distance, relation, eps, grad_user_rows,
+                                    grad_item_rows, partials, grid, st);
+    case DType::BFloat16:
+      return backward_typed<__nv_bfloat16>(user_emb, item_emb, keys_f, memory_f, users, items,
+                                           gD, B, C, N, d, distance, relation, eps,
+                                           grad_user_rows, grad_item_rows, partials, grid, st);
+  }
+  return "unsupported dtype";
+}
+
+}  // namespace cuda
+}  // namespace lrml
