@@ -33,8 +33,6 @@ The environment variable ``LRML_KERNELS_BACKEND`` replaces ``"auto"`` by a name.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 from types import SimpleNamespace
 
@@ -110,14 +108,32 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_LOADED: dict = {}  # name -> backend object (a plain dict: torch.compile traces a hit cheaply)
+_FAILED: dict = {}  # name -> the BackendUnavailable it raised (a failed build is not retried)
+
+
 def _load(name: str):
     """The backend object, or raise :class:`BackendUnavailable` with the reason."""
+    backend = _LOADED.get(name)
+    if backend is None:
+        if name in _FAILED:
+            raise _FAILED[name]
+        try:
+            backend = _LOADED[name] = _import_backend(name)
+        except BackendUnavailable as exc:
+            _FAILED[name] = exc
+            raise
+    return backend
+
+
+def _import_backend(name: str):
     if name == "torch":
         return TORCH_BACKEND
     if name == "triton":
         try:
-            return importlib.import_module("lrml_kernels.triton")
+            from lrml_kernels import triton as triton_backend  # a statement: torch.compile runs it
+
+            return triton_backend
         except ImportError as exc:
             raise BackendUnavailable(f"triton backend: import failed ({exc})") from exc
     if name in ("cpu", "cuda"):

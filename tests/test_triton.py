@@ -334,17 +334,6 @@ def test_opcheck_registered_ops():
             torch.library.opcheck(ops.backward.default, (*plain, w, "l2", relation, 1e-3))
 
 
-# backends.get() must be traceable by dynamo for the public ops to compile with fullgraph=True:
-# with functools.cache + importlib.import_module in backends._load it is not (see the report of
-# issue 3 for the two-line change); until then the public-op compile tests are expected to fail.
-_BACKENDS_NOT_TRACEABLE = hasattr(lk.backends._load, "cache_info")
-_needs_traceable_backends = pytest.mark.xfail(
-    _BACKENDS_NOT_TRACEABLE,
-    reason="backends._load uses importlib.import_module, which dynamo refuses to trace",
-    strict=True,
-)
-
-
 def _compiled_loss_matches(loss_fn, params, users, items, backend="aot_eager"):
     compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
     leaves = [p.detach().clone().requires_grad_() for p in params]
@@ -365,7 +354,6 @@ def test_torch_compile_fullgraph_backend_function():
     _compiled_loss_matches(loss_fn, params, users, items)
 
 
-@_needs_traceable_backends
 def test_torch_compile_fullgraph_public_op():
     params, users, items = make_inputs(12, 14, 5, 16, 10, 4, torch.float32, scale=0.5)
 
@@ -375,7 +363,6 @@ def test_torch_compile_fullgraph_public_op():
     _compiled_loss_matches(loss_fn, params, users, items)
 
 
-@_needs_traceable_backends
 def test_torch_compile_model_inductor():
     torch.manual_seed(0)
     model = lk.LRML(12, 14, dim=16, memory_slots=5, backend="triton").to(DEVICE)
