@@ -451,6 +451,60 @@ def assert_close(actual, expected, dtype: torch.dtype, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The machine
+
+
+def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    import triton.testing
+
+    x = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
+    y = torch.empty_like(x)
+
+    def copy():
+        y.copy_(x)
+
+    ms = triton.testing.do_bench(copy, warmup=25, rep=200, return_mode="median")
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
+def _env_main(dry_run: bool) -> None:
+    """Step 1 of the GPU check: versions, the GPU, and the copy bandwidth (``COPY_GBPS=`` line)."""
+    import platform
+
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    )
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError as exc:
+        print(f"triton: not importable ({exc})")
+    print(f"lrml_kernels {lk.__version__} (backends are built and probed by the later steps)")
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
+         "--format=csv"], capture_output=True, text=True,
+    ) if not dry_run else None  # fmt: skip
+    if smi is not None and smi.returncode == 0:
+        print(smi.stdout.strip())
+    if not torch.cuda.is_available():
+        if dry_run:
+            print("dry run: no GPU used (no bandwidth measurement)")
+            return
+        sys.exit("no CUDA device visible to torch")
+    props = torch.cuda.get_device_properties(0)
+    gib = props.total_memory / 2**30
+    print(f"GPU 0: {props.name}, {props.multi_processor_count} SMs, {gib:.0f} GiB, "
+          f"compute capability {props.major}.{props.minor}")  # fmt: skip
+    if dry_run:
+        return
+    gbps = measure_copy_gbps()
+    print(f"device copy bandwidth (1 GiB, read + write): {gbps:.0f} GB/s")
+    print(f"COPY_GBPS={gbps:.1f}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Peak memory of one top-k call on the CPU, in a fresh process
 
 
@@ -523,5 +577,7 @@ def _peakmem_main(provider: str, size: str, dtype: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "peakmem":
         _peakmem_main(*sys.argv[2:])
+    elif len(sys.argv) in (2, 3) and sys.argv[1] == "env":
+        _env_main(dry_run=sys.argv[2:] == ["--dry-run"])
     else:
-        sys.exit("usage: benchlib.py peakmem PROVIDER SIZE DTYPE")
+        sys.exit("usage: benchlib.py peakmem PROVIDER SIZE DTYPE | benchlib.py env [--dry-run]")

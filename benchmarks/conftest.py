@@ -142,22 +142,8 @@ def _copy_bandwidth(request):
         return
     if benchlib.SETTINGS["disabled"]:
         return
-    benchlib.SETTINGS["copy_gbps"] = measure_copy_gbps()
+    benchlib.SETTINGS["copy_gbps"] = benchlib.measure_copy_gbps()
     torch.cuda.empty_cache()
-
-
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    import triton.testing
-
-    x = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
-    y = torch.empty_like(x)
-
-    def copy():
-        y.copy_(x)
-
-    ms = triton.testing.do_bench(copy, warmup=25, rep=200, return_mode="median")
-    return 2 * nbytes / (ms / 1e3) / 1e9
 
 
 def _git(*args) -> str:
@@ -188,7 +174,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch": torch.__version__,
         "sizes": [s.name for s in config._lrml_sizes],
         "devices": list(_devices(config)),
-        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        # LRML_COMMIT: the commit measured, where the tree was copied without .git (GPU machine)
+        "commit": os.environ.get("LRML_COMMIT") or _git("rev-parse", "--short=12", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     try:

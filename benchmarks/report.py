@@ -328,11 +328,11 @@ def short_reason(reason: str, limit: int = 160) -> str:
 
 
 def check_targets(rows: dict, skipped: list[dict]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for every target whose device was part of the run."""
-    devices_run = {k[0] for k in rows}
+    """(target, measured, verdict) for every target whose device and size were in the run."""
+    run = {(k[0], k[3]) for k in rows}
     out = []
     for t in TARGETS:
-        if t["device"] not in devices_run:
+        if (t["device"], t["size"]) not in run:
             continue
         matching = {
             k: v
@@ -412,31 +412,37 @@ def png(run: dict, path: str | Path, title: str | None = None) -> bool:
         gridspec_kw={"height_ratios": heights}, squeeze=False,
     )  # fmt: skip
     colors = dict(zip(PROVIDERS, plt.cm.tab10.colors, strict=False))
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     for ax, device in zip(axes[:, 0], devices, strict=True):
         dev_rows = [(k, v) for k, v in rows.items() if k[0] == device]
-        providers = [p for p in PROVIDERS if any(p in v for _, v in dev_rows)]
-        width = 0.8 / max(1, len(providers))
-        labels = []
+        labels, seen = [], set()
         for i, (k, row) in enumerate(dev_rows):
             labels.append(f"{k[1]}{' ' + k[2] if k[2] else ''} · {k[3]} · {k[4]}")
-            for j, p in enumerate(providers):
-                rec = row.get(p)
-                if rec is None or "speedup" not in rec:
-                    continue
-                y = i + (j - (len(providers) - 1) / 2) * width
-                ax.barh(y, rec["speedup"], height=width, color=colors[p], label=p)
-                ax.text(rec["speedup"], y, f" {rec['speedup']:.2g}×", va="center", fontsize=6)
+            bars = [p for p in PROVIDERS if p != BASELINE and "speedup" in row.get(p, {})]
+            width = 0.8 / max(1, len(bars))
+            for j, p in enumerate(bars):
+                x = row[p]["speedup"]
+                y = i + (j - (len(bars) - 1) / 2) * width
+                ax.barh(y, x, height=width * 0.95, color=colors[p],
+                        label=None if p in seen else p)  # fmt: skip
+                seen.add(p)
+                ax.text(x, y, f" {x:.2g}×", va="center", fontsize=6)
         ax.set_yticks(range(len(dev_rows)), labels, fontsize=7)
-        ax.invert_yaxis()
+        ax.set_ylim(len(dev_rows) - 0.5, -0.5)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel("speedup over eager (log scale; > 1 is faster)")
+        ax.set_xlabel("speedup over eager (log scale; right of the line = faster than eager)")
         lk = run["machine"].get("lrml", {})
         name = lk.get("gpu", "GPU") if device == "cuda" else lk.get("cpu_model", "CPU")
         ax.set_title(f"{device}: {name}", fontsize=9)
         handles, names = ax.get_legend_handles_labels()
-        uniq = dict(zip(names, handles, strict=True))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+        order = sorted(range(len(names)), key=lambda n: PROVIDERS.index(names[n]))
+        ax.legend([handles[n] for n in order], [names[n] for n in order], fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -448,6 +454,17 @@ def png(run: dict, path: str | Path, title: str | None = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def update_readme(readme: Path, block: str, body: str) -> None:
+    """Replace what lies between ``<!-- block:begin -->`` and ``<!-- block:end -->``."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"report.py: {readme} has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="pytest-benchmark --benchmark-json file, or the --lrml-jsonl file")
@@ -456,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--require", default="", help="comma list of providers that must appear")
     ap.add_argument("--status", help="a banner above the table, e.g. INCOMPLETE: ...")
     ap.add_argument("--title")
+    ap.add_argument(
+        "--readme", nargs=2, metavar=("README", "BLOCK"),
+        help="replace the text between <!-- BLOCK:begin --> and <!-- BLOCK:end --> in README "
+        "with the table (and the chart, if --png)",
+    )  # fmt: skip
     ap.add_argument(
         "--stat", choices=("median", "min"), default="median",
         help="CPU rounds: the median (default) or the fastest (for a machine shared with others)",
@@ -477,8 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(run, title=args.title, status=status)
     if args.markdown:
         Path(args.markdown).write_text(text)
-    if args.png:
-        png(run, args.png, args.title)
+    wrote_png = bool(args.png) and png(run, args.png, args.title)
+    if args.readme:
+        readme, block = Path(args.readme[0]), args.readme[1]
+        body = text
+        if wrote_png:
+            rel = Path(args.png).resolve().relative_to(readme.resolve().parent)
+            body += f"\n![speedup over eager per provider]({rel.as_posix()})\n"
+        update_readme(readme, block, body)
     print(text)
     if missing:
         for p in missing:

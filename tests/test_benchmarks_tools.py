@@ -1,0 +1,233 @@
+"""Benchmark tools: benchmarks/report.py on hand-made runs, benchmarks/gpu_check.sh --dry-run.
+
+The benchmarks themselves run in CI as a smoke test (`pytest benchmarks --benchmark-disable`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("lrml_bench_report", BENCH / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load_report()
+
+NETFLIX = {"U": 480_189, "I": 17_770, "d": 100, "N": 20, "B": 4096, "C": 5}
+
+
+def _rec(workload, variant, provider, t, device="cpu", size="netflix", **extra):
+    rec = {
+        "workload": workload, "variant": variant, "provider": provider, "device": device,
+        "size": size, "dtype": "fp32", "pairs": 20480, "time_s": t, "pairs_per_s": 20480 / t,
+        **NETFLIX, **extra,
+    }  # fmt: skip
+    return rec
+
+
+def _write_run(path: Path, records, skipped=(), machine=None) -> Path:
+    data = {
+        "machine_info": {"lrml": machine or {"cpu_model": "Test CPU", "cpu_count": 2}},
+        "commit_info": {"id": "0123456789abcdef", "dirty": False},
+        "benchmarks": [
+            {"name": f"test_x[{i}]", "stats": {"median": r["time_s"]}, "extra_info": r}
+            for i, r in enumerate(records)
+        ],
+        "lrml_skipped": list(skipped),
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _cpu_run():
+    return [
+        _rec("hinge fwd+bwd", "pair", "eager", 0.100),
+        _rec("hinge fwd+bwd", "pair", "compile", 0.030),
+        _rec("hinge fwd+bwd", "pair", "cpu", 0.020),
+        _rec("hinge fwd+bwd", "shared", "eager", 0.080),
+        _rec("hinge fwd+bwd", "shared", "compile", 0.040),
+        _rec("train step", "adam", "eager", 1.0),
+        _rec("train step", "adam", "eager-sparse", 0.30),
+        _rec("train step", "adam", "compile", 0.25),
+        _rec("train step", "adam", "cpu", 0.05),
+        _rec("topk", "k=10", "eager", 20.0, users=2048, k=10, peak_extra_mb=1500.0),
+        _rec("topk", "k=10", "cpu", 1.0, users=2048, k=10, peak_extra_mb=300.0),
+    ]
+
+
+def test_pivot_rows_and_speedups():
+    rows = report.pivot(_cpu_run())
+    keys = list(rows)
+    assert keys[0] == ("cpu", "hinge fwd+bwd", "pair", "netflix", "fp32")
+    assert [k[1] for k in keys] == ["hinge fwd+bwd", "hinge fwd+bwd", "train step", "topk"]
+    assert rows[keys[0]]["cpu"]["speedup"] == pytest.approx(5.0)
+    assert rows[keys[0]]["eager"]["speedup"] == pytest.approx(1.0)
+
+
+def test_markdown_table_and_target_verdicts(tmp_path):
+    skipped = [{"provider": "cpu", "device": "cpu", "size": "netflix", "dtype": "fp32",
+                "name": "test_hinge_forward_backward[cpu-netflix-fp32-cpu-shared]",
+                "reason": "cpu backend: build failed:\nerror: no compiler"}]  # fmt: skip
+    run = report.load(_write_run(tmp_path / "run.json", _cpu_run(), skipped))
+    md = report.markdown(run, title="t")
+    assert "**CPU: Test CPU**" in md
+    assert "| hinge fwd+bwd (pair) |" in md
+    assert "20 ms · **5.00×**" in md  # time and speedup over eager side by side
+    targets = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
+               if line.startswith("| CPU ")}  # fmt: skip
+    pair4 = targets["CPU fwd+bwd, Netflix tables, B=4096×5, pair: cpu ≥ 4× eager"]
+    assert "5.00×" in pair4 and "✅ met" in pair4
+    pair2 = targets["CPU fwd+bwd, Netflix tables, B=4096×5, pair: cpu ≥ 2× compile"]
+    assert "1.50×" in pair2 and "❌ not met" in pair2
+    shared = targets["CPU fwd+bwd, Netflix tables, B=4096×5, shared: cpu ≥ 4× eager"]
+    assert "not measured (cpu backend: build failed: error: no compiler)" in shared
+    # vs the best of eager-sparse / compile: 0.25 / 0.05 = 5x >= 3x
+    best = next(v for k, v in targets.items() if "best of eager-sparse" in k)
+    assert "5.00×" in best and "vs compile" in best and "✅ met" in best
+    mem = next(v for k, v in targets.items() if "peak extra memory" in k)
+    assert "300 MB" in mem and "❌ not met" in mem
+    assert "GPU" not in "".join(targets)  # no GPU targets for a CPU-only run
+    assert "cpu on cpu: cpu backend: build failed: error: no compiler (1 benchmarks)" in md
+
+
+def test_gpu_cells_show_bandwidth_and_extrapolation(tmp_path):
+    recs = [
+        _rec("hinge fwd+bwd", "pair", "eager", 1e-3, device="cuda"),
+        _rec(
+            "hinge fwd+bwd", "pair", "triton", 5e-5, device="cuda", gbps=3000.0, bw_fraction=0.7
+        ),  # fmt: skip
+        _rec(
+            "topk",
+            "k=10",
+            "eager",
+            60.0,
+            device="cuda",
+            users=480_189,
+            k=10,
+            extrapolated="timed 0.0682 of the work",
+        ),  # fmt: skip
+        _rec("topk", "k=10", "triton", 2.0, device="cuda", users=480_189, k=10),
+    ]
+    machine = {"gpu": "NVIDIA H200", "driver": "580", "cuda": "13.0", "copy_gbps": 4300.0}
+    run = report.load(_write_run(tmp_path / "gpu.json", recs, machine=machine))
+    md = report.markdown(run)
+    assert "**GPU: NVIDIA H200**" in md and "4300 GB/s" in md
+    assert "50 µs · **20.00×** · 3000 GB/s (70%)" in md
+    assert "60.00 s†" in md
+    assert "70% (3000 GB/s)" in md and "2.00 s" in md
+
+
+def test_jsonl_and_min_stat(tmp_path):
+    path = tmp_path / "run.jsonl"
+    lines = [
+        _rec("hinge fwd", "pair", "eager", 0.010, time_min_s=0.008),
+        _rec("hinge fwd", "pair", "compile", 0.005, time_min_s=0.002),
+        {
+            "skipped": True,
+            "provider": "cpu",
+            "device": "cpu",
+            "reason": "not built",
+            "name": "test_hinge_forward[cpu-netflix-fp32-cpu-pair]",
+        },  # fmt: skip
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    run = report.load(path)
+    assert len(run["records"]) == 2 and len(run["skipped"]) == 1
+    assert report.pivot(run["records"])[("cpu", "hinge fwd", "pair", "netflix", "fp32")]["compile"][
+        "speedup"
+    ] == pytest.approx(2.0)
+    fast = report.load(path, "min")
+    assert report.pivot(fast["records"])[("cpu", "hinge fwd", "pair", "netflix", "fp32")][
+        "compile"
+    ]["speedup"] == pytest.approx(4.0)
+    assert "fastest" in report.markdown(fast)
+
+
+def test_main_require_png_and_exit_codes(tmp_path, capsys):
+    run = _write_run(tmp_path / "run.json", _cpu_run())
+    md, png = tmp_path / "t.md", tmp_path / "c.png"
+    assert report.main([str(run), "--markdown", str(md), "--png", str(png)]) == 0
+    assert md.read_text().startswith("**CPU: Test CPU**")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.main([str(run), "--require", "eager,triton"]) == 3
+    captured = capsys.readouterr()
+    assert "INCOMPLETE: no results for required provider(s) triton" in captured.out
+    assert "required provider triton measured nothing" in captured.err
+    assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_png_without_matplotlib_is_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    run = report.load(_write_run(tmp_path / "run.json", _cpu_run()))
+    assert report.png(run, tmp_path / "c.png") is False
+    assert not (tmp_path / "c.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# gpu_check.sh --dry-run
+
+
+def _gpu_check(out: Path, *extra_env) -> subprocess.CompletedProcess:
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils timeout is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, **dict(extra_env))
+    return subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "out"
+    proc = _gpu_check(out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    for name in ("gpu_check.log", "bench.json", "bench.log", "table.md"):
+        assert name in files
+    assert "GPU CHECK OK (dry run)" in proc.stdout
+    for step in ("env", "build", "gpu-tests", "bench", "report"):
+        assert f"   {step}: ok" in proc.stdout
+    table = (out / "table.md").read_text()
+    assert "DRY RUN" in table and "| distances fwd (pair) |" in table
+    assert proc.stdout.rstrip().endswith(table.rstrip())  # the table is printed last
+    bench = json.loads((out / "bench.json").read_text())
+    assert {b["extra_info"]["provider"] for b in bench["benchmarks"]} >= {"eager"}
+
+
+def test_gpu_check_failed_step_is_named_and_no_numbers_are_printed(tmp_path):
+    out = tmp_path / "out"
+    proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "bench"))
+    assert proc.returncode == 1
+    assert "bench: FAILED (rc=7" in proc.stdout
+    assert "GPU CHECK FAILED: bench (rc=7) report (no benchmark results)" in proc.stdout
+    assert not (out / "table.md").exists()
+    assert "(no table: failed: bench (rc=7) report (no benchmark results))" in proc.stdout
+
+
+def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
+    out = tmp_path / "out"
+    proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "env"))
+    assert proc.returncode == 1
+    assert "GPU CHECK FAILED: env (rc=7)" in proc.stdout
+    assert "step build" not in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log"]
