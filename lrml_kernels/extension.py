@@ -122,7 +122,9 @@ def _aot_library(name: str) -> str | None:
 
 def _jit_build(name: str) -> None:
     if os.environ.get("LRML_KERNELS_NO_JIT", "0") not in ("", "0"):
-        raise BackendUnavailable(f"{name} backend: no ahead-of-time build and LRML_KERNELS_NO_JIT set")
+        raise BackendUnavailable(
+            f"{name} backend: no ahead-of-time build and LRML_KERNELS_NO_JIT is set"
+        )
     src = csrc_dir()
     if src is None:
         raise BackendUnavailable(f"{name} backend: the csrc/ sources are not installed")
@@ -208,7 +210,7 @@ def scatter_rows(table: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, spa
     idx = idx.reshape(-1).to(torch.int64)
     rows = rows.reshape(-1, table.shape[1]).to(table.dtype)
     if sparse:
-        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, table.shape)
+        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, table.shape, check_invariants=False)
     return torch.zeros_like(table).index_add_(0, idx, rows)
 
 
@@ -293,9 +295,7 @@ def _register_python_side() -> None:
         )
         return (*_finish(ctx, gp, gq, gK, gM, sparse), *(None,) * n_extra)
 
-    torch.library.register_autograd(
-        lib + "distances", _distances_backward, setup_context=_setup
-    )
+    torch.library.register_autograd(lib + "distances", _distances_backward, setup_context=_setup)
     torch.library.register_autograd(lib + "hinge_loss", _hinge_backward, setup_context=_setup)
     _registered = True
 

@@ -63,29 +63,28 @@ def bench_hinge(only_ref: bool):
         p, q = reference.gather_rows(P, Q, users, items, sparse_grad=sparse_grad)
         return rest(p, q, K, M, relation)
 
+    ext = None
+    if not only_ref:
+        from lrml_kernels import extension
+
+        ext = extension.backend("cpu")
+
+    def run(P, Q, K, M, users, items, relation, sparse_grad):
+        return ext.hinge_loss(
+            P, Q, K, M, users, items, 0.5, "l2", relation, 1e-3, "sum", sparse_grad
+        )
+
     for relation in ("pair", "shared"):
-        t_ref = best(lambda: step(ref, P, Q, K, M, users, items, relation))  # noqa: B023
-        t_cmp = best(lambda: step(compiled, P, Q, K, M, users, items, relation))  # noqa: B023
+        args = (P, Q, K, M, users, items, relation)
+        t_ref = best(lambda: step(ref, *args))  # noqa: B023
+        t_cmp = best(lambda: step(compiled, *args))  # noqa: B023
         line = f"hinge {relation:6s} eager {t_ref * 1e3:8.2f} ms  compiled {t_cmp * 1e3:8.2f} ms"
-        if not only_ref:
-            from lrml_kernels import extension
-
-            ext = extension.backend("cpu")
-
-            def run(P, Q, K, M, users, items, relation, sparse_grad):
-                return ext.hinge_loss(
-                    P, Q, K, M, users, items, 0.5, "l2", relation, 1e-3, "sum", sparse_grad
-                )
-
-            t_ext = best(lambda: step(run, P, Q, K, M, users, items, relation))  # noqa: B023
-
-            def grads():
-                return ext.hinge_loss_grads(
-                    P.detach(), Q.detach(), K.detach(), M.detach(), users, items, 0.5, "l2",
-                    relation, 1e-3, "sum",  # noqa: B023
-                )
-
-            t_gr = best(grads)
+        if ext is not None:
+            t_ext = best(lambda: step(run, *args))  # noqa: B023
+            detached = (P.detach(), Q.detach(), K.detach(), M.detach(), users, items)
+            t_gr = best(
+                lambda: ext.hinge_loss_grads(*detached, 0.5, "l2", relation, 1e-3, "sum")  # noqa: B023
+            )
             line += (
                 f"  ext {t_ext * 1e3:8.2f} ms (x{t_ref / t_ext:.1f} eager, x{t_cmp / t_ext:.1f} "
                 f"compiled)  hinge_loss_grads {t_gr * 1e3:.2f} ms"
@@ -137,7 +136,8 @@ def bench_topk(only_ref: bool):
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t_ext = best(lambda: ext.topk(P, Q, K, M, users, 10, exclude, "l2", 1e-3), reps=3)
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        line += f"  ext {t_ext:.3f} s (x{t_ref / t_ext:.1f}), peak RSS growth {(rss1 - rss0) / 1024:.0f} MB"
+        grow = (rss1 - rss0) / 1024
+        line += f"  ext {t_ext:.3f} s (x{t_ref / t_ext:.1f}), peak RSS growth {grow:.0f} MB"
     print(line, flush=True)
 
 

@@ -1,0 +1,131 @@
+"""Build script: pure-Python package, plus the C++/CUDA extension ahead of time when possible.
+
+pyproject's build requirements do not include torch, so under pip's build isolation (the
+default) nothing is compiled and the extension is built just in time on first use
+(lrml_kernels/extension.py).
+With torch importable at build time (``pip install --no-build-isolation [-e] .``) the CPU library
+``lrml_kernels._C_cpu`` is built, and the CUDA library ``lrml_kernels._C_cuda`` too when torch has
+CUDA and nvcc is found. A failed ahead-of-time build only warns: the install still succeeds and the
+just-in-time path takes over. ``LRML_KERNELS_NO_EXT=1`` skips the ahead-of-time build.
+
+Regular (non-editable) installs also get a copy of csrc/ as package data (lrml_kernels/csrc) so that
+the just-in-time build finds its sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/lrml_cpu.cpp", "csrc/cpu/topk_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/lrml_cuda.cpp", "csrc/cuda/lrml_kernels.cu"]
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+STAMP = "_C_stamp.json"
+
+
+def sources_hash() -> str:
+    """Same as lrml_kernels.extension.sources_hash: the AOT build is used only if it matches."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in CSRC.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
+        h.update(f.relative_to(CSRC).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the package (lrml_kernels/csrc) for the just-in-time build."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False) or not CSRC.is_dir():
+            return
+        dest = Path(self.build_lib) / "lrml_kernels" / "csrc"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(
+            CSRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so", "tools")
+        )
+
+
+def extension_setup() -> tuple[list, dict]:
+    if os.environ.get("LRML_KERNELS_NO_EXT", "0") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception:  # torch is not importable here (build isolation): JIT at first use
+        return [], {}
+
+    include = [str(CSRC)]
+    exts = [
+        cpp_extension.CppExtension(
+            "lrml_kernels._C_cpu",
+            CPU_SOURCES,
+            include_dirs=include,
+            # no -march=native: the wheel must run on other CPUs of the architecture
+            extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "lrml_kernels._C_cuda",
+                CUDA_SOURCES,
+                include_dirs=include,
+                extra_compile_args={
+                    "cxx": ["-O3"],
+                    "nvcc": [
+                        "-O3",
+                        "-lineinfo",
+                        "-gencode=arch=compute_80,code=sm_80",
+                        "-gencode=arch=compute_90,code=sm_90",
+                        "-gencode=arch=compute_90,code=compute_90",
+                    ],
+                },
+            )
+        )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Builds each extension if it can; a failure warns and leaves the JIT path in charge."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(
+                    f"lrml_kernels: ahead-of-time build of {ext.name} failed ({exc}); "
+                    "it will be built just in time on first use",
+                    stacklevel=1,
+                )
+                return
+            stamp = Path(self.get_ext_fullpath(ext.name)).parent / STAMP
+            stamp.write_text(
+                json.dumps({"sources": sources_hash(), "torch": torch.__version__}) + "\n"
+            )
+
+        def get_outputs(self):
+            outputs = []
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path):
+                    outputs.append(path)
+            return outputs
+
+    return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_setup()
+cmdclass["build_py"] = BuildPyWithSources
+if ext_modules:
+    print(f"lrml_kernels: building {[e.name for e in ext_modules]} ahead of time", file=sys.stderr)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,458 @@
+"""The C++/CUDA extension backends (csrc/) against the reference (SPEC.md).
+
+The CPU extension is built (or loaded from the on-disk cache) once per session; CUDA tests are
+marked ``gpu``. ``csrc/check_nvcc.sh`` compiles every .cu for sm_90 and sm_80 where nvcc exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import lrml_kernels as lk
+from lrml_kernels import extension, reference
+from lrml_kernels.backends import BackendUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+DISTANCES = ("l2", "squared_l2", "l1")
+RELATIONS = ("pair", "shared")
+TOL = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=2e-4, rtol=2e-4)}
+
+# (d, N, B, C): every value of d ∈ {1, 37, 100, 128}, N ∈ {1, 7, 20}, B ∈ {1, 37, 1023},
+# C ∈ {1, 2, 13} appears, in odd combinations.
+SHAPES = [
+    (1, 1, 1, 1),
+    (37, 7, 37, 13),
+    (100, 20, 1023, 2),
+    (128, 7, 37, 2),
+    (37, 20, 1, 13),
+    (128, 1, 37, 13),
+    (1, 20, 37, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        return extension.backend("cpu")
+    except BackendUnavailable as exc:  # CI must build it: fail, don't skip
+        pytest.fail(f"the CPU extension did not build: {exc}")
+
+
+def make(d, N, B, C, dtype, *, U=None, I=None, scale=1.0, seed=0, device="cpu"):
+    """Small tables, so that indices repeat; scale > 1 makes logits overflow a naive softmax."""
+    g = torch.Generator().manual_seed(seed)
+    U = U or max(1, B // 3)
+    I = I or max(2, (B * C) // 4)
+    P, Q, K, M = (
+        (torch.randn(n, d, generator=g, dtype=torch.float64) * s)
+        .to(dtype)
+        .to(device)
+        .requires_grad_()
+        for n, s in ((U, 1.0), (I, 1.0), (N, scale), (N, 1.0))
+    )
+    users = torch.randint(0, U, (B,), generator=g).to(device)
+    items = torch.randint(0, I, (B, C), generator=g).to(device)
+    return P, Q, K, M, users, items
+
+
+def grads(out, params, g=None):
+    return torch.autograd.grad(out, params, g, allow_unused=True)
+
+
+def assert_close(a, b, dtype):
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    a = a.to_dense() if a.is_sparse else a
+    b = b.to_dense() if b.is_sparse else b
+    tol = dict(TOL[dtype])
+    if dtype == torch.float32:  # sums over many pairs: absolute error scales with the magnitude
+        tol["atol"] *= max(1.0, float(b.detach().abs().max()))
+    torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "d{}-N{}-B{}-C{}".format(*s))
+def test_distances_forward_backward(ext, shape, distance, relation, dtype):
+    P, Q, K, M, users, items = make(*shape, dtype)
+    params = (P, Q, K, M)
+    D = ext.distances(*params, users, items, distance, relation, 1e-3, False)
+    Dr = reference.lrml_distances(*params, users, items, distance=distance, relation=relation)
+    assert D.dtype == dtype and D.shape == Dr.shape
+    assert_close(D, Dr, dtype)
+    gD = torch.randn_like(Dr)
+    for a, b in zip(grads(D, params, gD), grads(Dr, params, gD), strict=True):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("relation", "reduction"), list(itertools.product(RELATIONS, reference.REDUCTIONS))
+)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_hinge_loss_forward_backward(ext, distance, relation, reduction, dtype):
+    P, Q, K, M, users, items = make(37, 7, 37, 13, dtype, seed=1)
+    params = (P, Q, K, M)
+    kw = dict(margin=0.5, distance=distance, relation=relation, eps=1e-3, reduction=reduction)
+    L = ext.hinge_loss(*params, users, items, 0.5, distance, relation, 1e-3, reduction, False)
+    Lr = reference.lrml_hinge_loss(*params, users, items, **kw)
+    assert L.shape == Lr.shape and L.dtype == dtype
+    assert_close(L, Lr, dtype)
+    g = torch.rand_like(Lr) if reduction == "none" else None
+    for a, b in zip(grads(L, params, g), grads(Lr, params, g), strict=True):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_large_logits_do_not_overflow(ext, relation):
+    # |z| ~ 1e4: exp(z) overflows without max subtraction.
+    P, Q, K, M, users, items = make(100, 20, 37, 13, torch.float32, scale=300.0, seed=2)
+    params = (P, Q, K, M)
+    D = ext.distances(*params, users, items, "l2", relation, 1e-3, False)
+    Dr = reference.lrml_distances(*params, users, items, relation=relation)
+    assert torch.isfinite(D).all()
+    torch.testing.assert_close(D, Dr, atol=1e-3, rtol=1e-3)
+    for a, b in zip(grads(D.sum(), params), grads(Dr.sum(), params), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_hinge_loss_grads_matches_autograd(ext, relation, reduction):
+    P, Q, K, M, users, items = make(37, 7, 37, 5, torch.float64, seed=3)
+    params = (P, Q, K, M)
+    loss, gp, gq, gK, gM = ext.hinge_loss_grads(
+        *params, users, items, 0.5, "l2", relation, 1e-3, reduction
+    )
+    Lr = reference.lrml_hinge_loss(*params, users, items, relation=relation, reduction=reduction)
+    assert_close(loss, Lr.detach(), torch.float64)
+    rP, rQ, rK, rM = grads(Lr, params, torch.ones_like(Lr))
+    assert gp.shape == (37, 37) and gq.shape == (37, 5, 37)
+    assert_close(extension.scatter_rows(P, users, gp, False), rP, torch.float64)
+    assert_close(extension.scatter_rows(Q, items, gq, False), rQ, torch.float64)
+    assert_close(gK, rK, torch.float64)
+    assert_close(gM, rM, torch.float64)
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_sparse_grad_equals_dense(ext, relation):
+    P, Q, K, M, users, items = make(37, 7, 37, 13, torch.float64, seed=4)
+    params = (P, Q, K, M)
+    out = {}
+    for sparse in (False, True):
+        L = ext.hinge_loss(*params, users, items, 0.5, "l2", relation, 1e-3, "sum", sparse)
+        out[sparse] = grads(L, params)
+    assert out[True][0].is_sparse and out[True][1].is_sparse
+    assert not out[True][2].is_sparse
+    for a, b in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(a.to_dense(), b)
+    # and through the public op
+    L = lk.lrml_hinge_loss(
+        *params, users, items, relation=relation, backend="cpu", sparse_grad=True
+    )
+    gP = grads(L, params)[0]
+    assert gP.is_sparse
+    torch.testing.assert_close(gP.to_dense(), out[False][0])
+
+
+def test_opcheck(ext):
+    ops = torch.ops.lrml_ext
+    P, Q, K, M, users, items = make(37, 7, 9, 3, torch.float64, seed=5)
+    for relation in RELATIONS:
+        torch.library.opcheck(
+            ops.distances.default, (P, Q, K, M, users, items, "l2", relation, 1e-3, False)
+        )
+        torch.library.opcheck(
+            ops.hinge_loss.default,
+            (P, Q, K, M, users, items, 0.5, "squared_l2", relation, 1e-3, "mean", False),
+        )
+    Pd, Qd, Kd, Md = (t.detach() for t in (P, Q, K, M))
+    torch.library.opcheck(
+        ops.hinge_loss_grads.default, (Pd, Qd, Kd, Md, users, items, 0.5, "l1", "pair", 1e-3, "sum")
+    )
+    indptr = torch.tensor([0, 1, 1, 3, 3, 3, 4, 4, 4, 5])
+    indices = torch.tensor([2, 0, 5, 1, 3])
+    torch.library.opcheck(ops.topk.default, (Pd, Qd, Kd, Md, users, 4, indptr, indices, "l2", 1e-3))
+
+
+def test_determinism_and_thread_independence(ext):
+    P, Q, K, M, users, items = make(100, 20, 1023, 5, torch.float32, U=300, I=500, seed=6)
+    args = (P.detach(), Q.detach(), K.detach(), M.detach(), users, items)
+
+    def run():
+        return ext.hinge_loss_grads(*args, 0.5, "l2", "pair", 1e-3, "sum")
+
+    first = run()
+    for a, b in zip(first, run(), strict=True):
+        assert torch.equal(a, b)  # bitwise on repeat
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, single, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_torch_compile_fullgraph(ext):
+    P, Q, K, M, users, items = make(37, 7, 37, 5, torch.float32, seed=7)
+    params = (P, Q, K, M)
+
+    def f(P, Q, K, M, users, items):
+        D = torch.ops.lrml_ext.distances(P, Q, K, M, users, items, "l2", "pair", 1e-3, False)
+        return D.square().sum() + torch.ops.lrml_ext.hinge_loss(
+            P, Q, K, M, users, items, 0.5, "l2", "shared", 1e-3, "mean", False
+        )
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*params, users, items)
+    expected = f(*params, users, items)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads(out, params), grads(expected, params), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_public_ops_select_the_extension(ext):
+    assert "cpu" in lk.available_backends()
+    P, Q, K, M, users, items = make(37, 7, 37, 5, torch.float32, seed=8)
+    D = lk.lrml_distances(P, Q, K, M, users, items, backend="cpu")
+    torch.testing.assert_close(D, reference.lrml_distances(P, Q, K, M, users, items))
+    # bf16 on the CPU runs in fp32, like the reference
+    pb = [t.detach().to(torch.bfloat16) for t in (P, Q, K, M)]
+    Db = lk.lrml_distances(*pb, users, items, backend="cpu")
+    assert Db.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        Db, reference.lrml_distances(*pb, users, items), atol=2e-2, rtol=2e-2
+    )
+
+
+def test_errors_name_the_argument(ext):
+    ops = torch.ops.lrml_ext
+    P, Q, K, M, users, items = (t.detach() for t in make(8, 3, 5, 2, torch.float32))
+    bad = items.clone()
+    bad[0, 0] = Q.shape[0]
+    with pytest.raises(IndexError, match="items holds index"):
+        ops.distances(P, Q, K, M, users, bad, "l2", "pair", 1e-3, False)
+    with pytest.raises(IndexError, match="users holds index -1"):
+        ops.distances(P, Q, K, M, users - 1, items, "l2", "pair", 1e-3, False)
+    with pytest.raises(TypeError, match="memory"):
+        ops.distances(P, Q, K, M.double(), users, items, "l2", "pair", 1e-3, False)
+    with pytest.raises(TypeError, match="items must hold integer"):
+        ops.distances(P, Q, K, M, users, items.float(), "l2", "pair", 1e-3, False)
+    with pytest.raises(ValueError, match="keys has dimension"):
+        ops.distances(P, Q, K[:, :3], M, users, items, "l2", "pair", 1e-3, False)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        ops.distances(P, Q, K, M, users, items, "cosine", "pair", 1e-3, False)
+    with pytest.raises(ValueError, match="relation must be one of"):
+        ops.distances(P, Q, K, M, users, items, "l2", "both", 1e-3, False)
+    with pytest.raises(ValueError, match="items has 4 rows"):
+        ops.distances(P, Q, K, M, users, items[:4], "l2", "pair", 1e-3, False)
+    with pytest.raises(ValueError, match="exclude indptr"):
+        ops.topk(P, Q, K, M, users, 2, torch.tensor([0, 1]), torch.tensor([0]), "l2", 1e-3)
+    with pytest.raises(IndexError, match="exclude indices"):
+        ops.topk(P, Q, K, M, users, 2, torch.tensor([0, 1, 1, 1, 1, 1]), torch.tensor([99]),
+                 "l2", 1e-3)  # fmt: skip
+
+
+def test_cuda_backend_unavailable_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "cuda" not in lk.available_backends()
+    with pytest.raises(BackendUnavailable):
+        lk.lrml_distances(*make(4, 2, 3, 2, torch.float32), backend="cuda")
+
+
+# ---- top-k -------------------------------------------------------------------------------------
+
+
+def brute_force_topk(P, Q, K, M, users, k, exclude, distance, eps=1e-3):
+    """Direct distances of all items (fp64), excluded -> +inf, stable sort: smaller id first."""
+    with torch.no_grad():
+        p = P.double()[users]
+        D = reference.all_item_distances(
+            p, Q.double(), K.double(), M.double(), distance=distance, eps=eps, rewrite=False
+        )
+        mask = torch.zeros_like(D, dtype=torch.bool)
+        if exclude is not None:
+            indptr, indices = exclude
+            for b in range(D.shape[0]):
+                mask[b, indices[indptr[b] : indptr[b + 1]]] = True
+        D = D.masked_fill(mask, float("inf"))
+        order = torch.argsort(D, dim=1, stable=True)
+        return D, mask, order
+
+
+def check_topk(dist, ids, P, Q, K, M, users, k, exclude, distance, tol):
+    D, mask, order = brute_force_topk(P, Q, K, M, users, k, exclude, distance)
+    B, I = D.shape
+    assert dist.shape == (B, k) and ids.shape == (B, k) and ids.dtype == torch.int64
+    for b in range(B):
+        n_ok = int((~mask[b]).sum())
+        n = min(k, n_ok)
+        assert (ids[b, n:] == -1).all() and torch.isinf(dist[b, n:]).all()
+        got = ids[b, :n]
+        assert (got >= 0).all() and len(set(got.tolist())) == n
+        assert not mask[b, got].any(), "an excluded item was returned"
+        want_d = D[b, order[b, :n]]
+        # distances: the true k smallest, sorted
+        torch.testing.assert_close(dist[b, :n].double(), want_d, atol=tol, rtol=tol)
+        torch.testing.assert_close(D[b, got], want_d, atol=tol, rtol=tol)
+        # ids: exact wherever the true distances are not tied (within tol)
+        for x in range(n):
+            lo_gap = x == 0 or want_d[x] - want_d[x - 1] > 2 * tol * (1 + want_d[x].abs())
+            hi_gap = x + 1 >= n_ok or D[b, order[b, x + 1]] - want_d[x] > 2 * tol * (
+                1 + want_d[x].abs()
+            )
+            if lo_gap and hi_gap:
+                assert got[x] == order[b, x], (b, x)
+        # ties (equal returned distances) in ascending id order
+        for x in range(1, n):
+            if dist[b, x] == dist[b, x - 1]:
+                assert got[x] > got[x - 1]
+
+
+def make_exclude(B, I, seed, all_excluded_row=None):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        if b == all_excluded_row:
+            rows.append(torch.arange(I))
+        else:
+            n = int(torch.randint(0, max(1, I // 3), (1,), generator=g))
+            rows.append(torch.randperm(I, generator=g)[:n].sort().values)
+    indptr = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    return indptr, torch.cat(rows).to(torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize(("d", "N", "I", "k"), [(37, 7, 300, 10), (1, 1, 40, 3), (100, 20, 613, 7)])
+def test_topk_matches_brute_force(ext, d, N, I, k, distance, dtype):
+    B = 21
+    P, Q, K, M, users, _ = (
+        t.detach() if t.is_floating_point() else t
+        for t in make(d, N, B, 1, dtype, U=50, I=I, seed=9)
+    )
+    Q = Q.clone()
+    Q[5] = Q[17]  # duplicate item rows: equal distances, smaller id first
+    Q[11] = Q[17]
+    exclude = make_exclude(B, I, seed=10, all_excluded_row=3)
+    dist, ids = ext.topk(P, Q, K, M, users, k, exclude, distance, 1e-3)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    check_topk(dist, ids, P, Q, K, M, users, k, exclude, distance, tol)
+    assert (ids[3] == -1).all() and torch.isinf(dist[3]).all()  # every item excluded
+    dups = [x for x in ids.flatten().tolist() if x in (5, 11, 17)]
+    del dups
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_topk_k_beyond_catalogue_and_no_exclusions(ext, distance):
+    P, Q, K, M, users, _ = (t.detach() for t in make(8, 3, 6, 1, torch.float64, U=9, I=5, seed=11))
+    dist, ids = ext.topk(P, Q, K, M, users, 9, None, distance, 1e-3)
+    check_topk(dist, ids, P, Q, K, M, users, 9, None, distance, 1e-9)
+    assert (ids[:, 5:] == -1).all()
+    # the public op agrees with the torch backend
+    d2, i2 = lk.lrml_topk(P, Q, K, M, users, 9, distance=distance, backend="torch")
+    torch.testing.assert_close(dist, d2)
+    assert torch.equal(ids, i2)
+
+
+def test_topk_duplicates_ordered_by_id(ext):
+    P, Q, K, M, users, _ = (
+        t.detach() for t in make(16, 4, 4, 1, torch.float32, U=4, I=30, seed=12)
+    )
+    Q = Q.clone()
+    Q[:] = Q[7]  # every item identical: the answer is ids 0..k-1
+    dist, ids = ext.topk(P, Q, K, M, users, 6, None, "l2", 1e-3)
+    assert torch.equal(ids, torch.arange(6).expand(4, 6))
+    assert (dist == dist[:, :1]).all()
+
+
+# ---- build and CUDA ------------------------------------------------------------------------
+
+
+def test_build_is_cached_and_loaded_once(ext):
+    assert extension.backend("cpu").name == "cpu"
+    src = extension.csrc_dir()
+    assert src is not None and (src / "bindings.cpp").is_file()
+    assert extension.build_dir(src).name.startswith("ext-")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_every_cu_file_compiles_with_nvcc():
+    env = dict(os.environ)
+    r = subprocess.run(
+        ["bash", str(REPO / "csrc" / "check_nvcc.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_cuda_matches_reference(distance, relation, dtype):
+    cuda = extension.backend("cuda")
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for shape in SHAPES:
+        P, Q, K, M, users, items = make(*shape, dtype, device="cuda")
+        params = (P, Q, K, M)
+        D = cuda.distances(*params, users, items, distance, relation, 1e-3, False)
+        Dr = reference.lrml_distances(*params, users, items, distance=distance, relation=relation)
+        torch.testing.assert_close(D, Dr, **tol)
+        L = cuda.hinge_loss(*params, users, items, 0.5, distance, relation, 1e-3, "mean", False)
+        Lr = reference.lrml_hinge_loss(
+            *params, users, items, distance=distance, relation=relation, reduction="mean"
+        )
+        torch.testing.assert_close(L, Lr, **tol)
+        gD = torch.randn_like(Dr)
+        for a, b in zip(grads(D, params, gD), grads(Dr, params, gD), strict=True):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_cuda_topk_matches_brute_force(distance):
+    cuda = extension.backend("cuda")
+    B, I = 21, 300
+    P, Q, K, M, users, _ = (
+        t.detach() for t in make(37, 7, B, 1, torch.float32, U=50, I=I, seed=13)
+    )
+    Q = Q.clone()
+    Q[5] = Q[17]
+    exclude = make_exclude(B, I, seed=14, all_excluded_row=3)
+    dist, ids = cuda.topk(
+        *(t.cuda() for t in (P, Q, K, M, users)),
+        10,
+        tuple(t.cuda() for t in exclude),
+        distance,
+        1e-3,
+    )
+    check_topk(dist.cpu(), ids.cpu(), P, Q, K, M, users, 10, exclude, distance, 1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_hinge_loss_grads_deterministic():
+    cuda = extension.backend("cuda")
+    P, Q, K, M, users, items = (
+        t.detach() for t in make(100, 20, 1023, 5, torch.float32, device="cuda")
+    )
+    a = cuda.hinge_loss_grads(P, Q, K, M, users, items, 0.5, "l2", "pair", 1e-3, "sum")
+    b = cuda.hinge_loss_grads(P, Q, K, M, users, items, 0.5, "l2", "pair", 1e-3, "sum")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
