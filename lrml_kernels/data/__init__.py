@@ -1,25 +1,41 @@
-"""The data layer: readers -> :class:`Interactions` -> leave-one-out :class:`Split` -> samplers."""
+"""The data layer: reader -> :class:`Interactions` -> leave-one-out :class:`Split` -> sampler.
+
+``load(spec)`` is the one entry point most code needs; see :data:`FORMS` for the specs.
+"""
 
 from lrml_kernels.data.interactions import MISSING_TIMESTAMP, DataFormatError, Interactions, Split
 from lrml_kernels.data.readers import (
+    cache_dir,
     read_citeulike,
     read_csv,
     read_movielens,
     read_ncf,
     read_netflix,
 )
-from lrml_kernels.data.split import build_csr, leave_one_out
+from lrml_kernels.data.sampling import csr_membership, sample_negatives
+from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
+from lrml_kernels.data.split import build_csr, leave_one_out, sample_eval_negatives
+from lrml_kernels.data.synthetic import synthetic, write_netflix_format
 
 __all__ = [
+    "FORMS",
     "MISSING_TIMESTAMP",
+    "SYNTHETIC",
     "DataFormatError",
     "Interactions",
     "Split",
     "build_csr",
+    "cache_dir",
+    "csr_membership",
     "leave_one_out",
+    "load",
     "read_citeulike",
     "read_csv",
     "read_movielens",
     "read_ncf",
     "read_netflix",
+    "sample_eval_negatives",
+    "sample_negatives",
+    "synthetic",
+    "write_netflix_format",
 ]

@@ -319,7 +319,7 @@ def read_table(
             parts[name].append(col)
     out = {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}
     if not len(out[fields[0].name]):
-        raise DataFormatError(path, None, "no data rows (empty file?)")
+        raise DataFormatError(path, 1, "no data rows (empty file?)")
     return out
 
 
@@ -437,7 +437,7 @@ def parse_count_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = _normalize_newlines(Path(path).read_bytes())
     data = data.rstrip(b"\n \t") + b"\n"
     if data == b"\n":
-        raise DataFormatError(path, None, "no data rows (empty file?)")
+        raise DataFormatError(path, 1, "no data rows (empty file?)")
 
     def fail() -> DataFormatError:
         for k, raw in enumerate(data[:-1].split(b"\n")):

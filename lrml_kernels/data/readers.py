@@ -563,7 +563,7 @@ def read_netflix(
                 bar.update(nbytes)
         cols = {k: np.concatenate(v) for k, v in parts.items()}
         if cols["users"].size == 0:
-            raise DataFormatError(files[0], None, "no ratings")
+            raise DataFormatError(files[0], 1, "no ratings")
         ts = cols.pop("days").astype(np.int64)
         ts *= 86400
         return _finalize(path, cols["users"], cols["items"], ts, cols["ratings"], min_rating)

@@ -1,0 +1,81 @@
+"""Training negatives on the device of the batch: torch ops only, no Python loop per row."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["csr_membership", "sample_negatives"]
+
+
+def csr_membership(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    max_row_length: int | None = None,
+) -> torch.Tensor:
+    """``out[b, j]``: whether ``values[b, j]`` is in row ``rows[b]`` of a CSR whose rows are
+    sorted (``indices[indptr[r]:indptr[r + 1]]`` ascending).
+
+    A binary search of every element at once, confined to its row's slice: a fixed number of
+    steps, ``bit_length(max_row_length)`` (default: nnz), each a gather, a compare and two
+    ``where``; no sync with the device, no ``[rows, items]`` mask and nothing of size nnz is built.
+    """
+    lo = indptr[rows].unsqueeze(1).expand_as(values).contiguous()
+    end = indptr[rows + 1].unsqueeze(1).expand_as(values)
+    hi = end.clone()
+    nnz = indices.numel()
+    if nnz == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    longest = nnz if max_row_length is None else min(nnz, int(max_row_length))
+    steps = max(1, longest.bit_length())
+    last = nnz - 1
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        right = indices[mid.clamp(max=last)] < values
+        lo = torch.where(active & right, mid + 1, lo)
+        hi = torch.where(active & ~right, mid, hi)
+    return (lo < end) & (indices[lo.clamp(max=last)] == values)
+
+
+def sample_negatives(
+    users: torch.Tensor,
+    num_items: int,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    exclude_csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_tries: int = 32,
+) -> torch.Tensor:
+    """``[B, k]`` int64 items drawn uniformly from ``0..num_items-1`` for each of ``users [B]``,
+    on the device of ``users`` (with replacement within a row).
+
+    Args:
+        generator: a ``torch.Generator`` on that device (``None``: the global one).
+        exclude_csr: ``(indptr [num_users+1], indices)`` int64 on the same device, each row sorted
+            (``Split.train_csr()``): entries that hit the user's own items are redrawn, checked by
+            a binary search inside the user's slice (:func:`csr_membership`).
+        max_tries: redraw rounds at most. A user with a fraction f of the catalogue keeps a
+            positive with probability about ``f ** (max_tries + 1)`` per entry (1e-10 at f = 0.5);
+            rounds stop early once nothing is left to redraw (one device sync per round).
+    """
+    if k < 0 or num_items < 1:
+        raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")
+    device = users.device
+    shape = (users.shape[0], k)
+    neg = torch.randint(0, num_items, shape, generator=generator, device=device)
+    if exclude_csr is None or neg.numel() == 0:
+        return neg
+    indptr, indices = exclude_csr
+    users = users.to(torch.int64)
+    # A row (de-duplicated) holds at most num_items entries: that bounds the search, no sync.
+    bad = csr_membership(indptr, indices, users, neg, max_row_length=num_items)
+    for _ in range(max_tries):
+        if not bool(bad.any()):
+            break
+        redraw = torch.randint(0, num_items, shape, generator=generator, device=device)
+        neg = torch.where(bad, redraw, neg)
+        bad &= csr_membership(indptr, indices, users, neg, max_row_length=num_items)
+    return neg

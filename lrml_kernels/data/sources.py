@@ -1,0 +1,106 @@
+"""``load(spec)``: one string names a data set; the result is a leave-one-out :class:`Split`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrml_kernels.data.interactions import Split
+from lrml_kernels.data.readers import (
+    read_citeulike,
+    read_csv,
+    read_movielens,
+    read_ncf,
+    read_netflix,
+)
+from lrml_kernels.data.split import leave_one_out
+from lrml_kernels.data.synthetic import synthetic
+
+__all__ = ["SYNTHETIC", "load"]
+
+#: The built-in synthetic data sets: name -> (users, items, interactions).
+SYNTHETIC: dict[str, tuple[int, int, int]] = {
+    # the default: LRML d=64 trains a few epochs on it in about a minute on 2 CPU cores
+    "synthetic": (3_000, 2_000, 150_000),
+    "synthetic-small": (300, 200, 6_000),  # tests
+    "synthetic-netflix": (480_189, 17_770, 100_000_000),  # the Netflix Prize's size
+}
+
+FORMS = (
+    "ncf:PATH_PREFIX (NCF leave-one-out files PREFIX.train.rating/.test.rating/.test.negative)",
+    "movielens:PATH (folder or file: u.data, ratings.dat, ratings.csv, ratings_reconstructed.tsv)",
+    "netflix:PATH (folder with combined_data_*.txt or training_set/mv_*.txt, one such file, "
+    "or a .csv subset)",
+    "csv:FILE (delimited user,item[,rating[,timestamp]]; delimiter and header detected)",
+    "citeulike:FILE (CiteULike users.dat)",
+    *(
+        f"{name} ({u:,} users x {i:,} items, {n:,} interactions)"
+        for name, (u, i, n) in SYNTHETIC.items()
+    ),
+)
+
+_READERS = {
+    "movielens": read_movielens,
+    "netflix": read_netflix,
+    "csv": read_csv,
+    "citeulike": read_citeulike,
+}
+
+
+def _usage(problem: str) -> ValueError:
+    return ValueError(f"{problem}; accepted data sets:\n  " + "\n  ".join(FORMS))
+
+
+def load(
+    spec: str,
+    *,
+    min_rating: float | None = None,
+    num_negatives: int | None = 100,
+    seed: int = 0,
+    cache: bool = True,
+) -> Split:
+    """Load the data set named by ``spec`` (forms in :data:`FORMS`) as a leave-one-out split.
+
+    Args:
+        min_rating: keep only ratings ``>= min_rating`` (sources with ratings only).
+        num_negatives: sampled-protocol negatives per test user (0/None: none). ``ncf:`` keeps
+            the 99 of its ``.test.negative`` file whatever this says.
+        seed: seeds the negatives (the synthetic sets use seed 0 for the data itself, so that
+            every seed sees the same data and only the negatives change).
+        cache: read and write the parsed-file cache (see :mod:`lrml_kernels.data.readers`).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise _usage(f"data set must be a non-empty string, got {spec!r}")
+    if spec in SYNTHETIC:
+        if min_rating is not None:
+            raise ValueError(f"{spec!r} has no ratings: min_rating does not apply")
+        u, i, n = SYNTHETIC[spec]
+        x = synthetic(u, i, n, seed=0, name=spec)
+        return leave_one_out(x, num_negatives=num_negatives, seed=seed)
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or (kind not in _READERS and kind != "ncf"):
+        raise _usage(f"unknown data set {spec!r}")
+    p = Path(path).expanduser()
+    if kind == "ncf":
+        if min_rating is not None:
+            raise ValueError("ncf: files are implicit feedback already: min_rating does not apply")
+        missing = [
+            str(f)
+            for f in (
+                p.with_name(p.name + s) for s in (".train.rating", ".test.rating", ".test.negative")
+            )
+            if not f.is_file()
+        ]
+        if missing:
+            raise _usage(f"{spec!r}: missing file(s) {', '.join(missing)}")
+        return read_ncf(p, cache=cache)
+    if not p.exists():
+        raise _usage(f"{spec!r}: no such file or folder {p}")
+    reader = _READERS[kind]
+    if kind == "citeulike":
+        if min_rating is not None:
+            raise ValueError("citeulike has no ratings: min_rating does not apply")
+        x = reader(p, cache=cache)
+    else:
+        x = reader(p, min_rating=min_rating, cache=cache)
+    x.name = spec if min_rating is None else f"{spec} (rating >= {min_rating:g})"
+    return leave_one_out(x, num_negatives=num_negatives, seed=seed)

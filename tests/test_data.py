@@ -1,0 +1,625 @@
+"""Tests of lrml_kernels.data: readers, cache, leave-one-out, negatives, synthetic data.
+
+Small files in every format are written here (tmp_path); the real data sets are read from
+../shared/data (or $LRML_SHARED_DATA) and those tests skip where it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrml_kernels import data as D
+from lrml_kernels.data import _text
+from lrml_kernels.data.interactions import MISSING_TIMESTAMP, DataFormatError
+
+SHARED = Path(
+    os.environ.get(
+        "LRML_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+)
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not found at {p}")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Caches of the tests go to a temporary folder, never to ~/.cache."""
+    monkeypatch.setenv("LRML_KERNELS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def pairs(x: D.Interactions) -> list[tuple[int, int]]:
+    return list(zip(x.user_ids[x.users].tolist(), x.item_ids[x.items].tolist(), strict=True))
+
+
+def netflix_text(movies: dict[int, list[tuple[int, int, str]]]) -> str:
+    """Netflix training-set text: ``{movie: [(customer, rating, date), ...]}``."""
+    lines = []
+    for movie, rows in movies.items():
+        lines.append(f"{movie}:")
+        lines += [f"{c},{r},{d}" for c, r, d in rows]
+    return "\n".join(lines) + "\n"
+
+
+def expect_error(call, path: Path, line: int | None):
+    with pytest.raises(DataFormatError) as info:
+        call()
+    err = info.value
+    assert err.path == str(path) and str(path) in str(err)
+    if line is not None:
+        assert err.line == line and f"line {line}:" in str(err), str(err)
+    return err
+
+
+# --- readers on small files ---
+
+
+def test_movielens_u_data_reindexes_and_maps_back(tmp_path):
+    f = write(tmp_path / "u.data", "10\t7\t5\t100\n30\t7\t3\t50\n10\t99\t4\t200\n20\t8\t1\t10\n")
+    x = D.read_movielens(tmp_path)  # a folder: finds u.data
+    assert (x.num_users, x.num_items, len(x)) == (3, 3, 4)
+    assert x.user_ids.tolist() == [10, 20, 30] and x.item_ids.tolist() == [7, 8, 99]
+    assert pairs(x) == [(10, 7), (30, 7), (10, 99), (20, 8)]  # file order kept
+    assert x.timestamps.tolist() == [100, 50, 200, 10]
+    assert x.users.dtype == x.items.dtype == x.timestamps.dtype == np.int64
+    assert x.name == f"movielens:{f}"
+    assert D.read_movielens(f).fingerprint() == x.fingerprint()
+
+
+def test_movielens_dat_csv_and_reconstructed_tsv(tmp_path):
+    dat = D.read_movielens(
+        write(tmp_path / "a" / "ratings.dat", "1::1193::5::978300760\n2::661::3::978302109\n")
+    )
+    assert pairs(dat) == [(1, 1193), (2, 661)] and dat.timestamps.tolist() == [978300760, 978302109]
+    csv = write(
+        tmp_path / "b" / "ratings.csv",
+        "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,3.5,964981247\n2,3,0.5,1\n",
+    )
+    x = D.read_movielens(csv.parent, min_rating=3.5)
+    assert pairs(x) == [(1, 1), (1, 3)]
+    tsv = write(
+        tmp_path / "c" / "ratings_reconstructed.tsv",
+        "user_id\tmovie_id\trating\ttimestamp\n1\t1\t5\t978824268\n1\t48\t3\t\n2\t1\t4\t\n",
+    )
+    x = D.read_movielens(tsv.parent)
+    assert x.timestamps.tolist() == [978824268, MISSING_TIMESTAMP, MISSING_TIMESTAMP]
+    assert D.read_movielens(tsv, min_rating=4).timestamps.tolist() == [978824268, MISSING_TIMESTAMP]
+
+
+def test_min_rating_and_duplicates(tmp_path):
+    f = write(
+        tmp_path / "u.data",
+        "1\t1\t5\t10\n1\t2\t2\t10\n1\t1\t2\t30\n2\t3\t5\t5\n2\t3\t4\t5\n2\t4\t1\t1\n",
+    )
+    x = D.read_movielens(f)
+    # (1, 1) twice: the later timestamp (30) stays; (2, 3) twice at the same time: the later row
+    assert pairs(x) == [(1, 2), (1, 1), (2, 3), (2, 4)]
+    assert x.timestamps.tolist() == [10, 30, 5, 1]
+    # the latest rating of a pair decides: (1, 1) was re-rated 2, so min_rating=4 drops it
+    y = D.read_movielens(f, min_rating=4)
+    assert pairs(y) == [(2, 3)] and (y.num_users, y.num_items) == (1, 1)
+    with pytest.raises(ValueError, match="no interactions left"):
+        D.read_movielens(f, min_rating=6)
+
+
+@pytest.mark.parametrize(
+    "name, text, line, reason",
+    [
+        ("u.data", "1\t2\t3\t4\n1\t2\tx\t4\n", 2, "rating"),
+        ("u.data", "1\t2\t3\t4\n\n1\t2\t3\n", 3, "expected 4"),
+        ("u.data", "1,2,3,4\n", 1, "wrong delimiter"),
+        ("u.data", "1\t2\t3\t4\n1\t2.5\t3\t4\n", 2, "item"),
+        ("u.data", "1\t2\t3\t4\n1\t\t3\t4\n", 2, "empty item"),
+        ("u.data", "1\t2\t3\t4\n1\t2\tnan\t4\n", 2, "rating"),
+        ("u.data", "", 1, "empty"),
+        ("u.data", "\n\n", 1, "empty"),
+        ("ratings.dat", "1::2::3::4\n1::2::3:4\n", 2, "expected 4"),
+        ("ratings.dat", "1::2::3::4\n1\t2\t3\t4\n", 2, "expected 4"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n", 1, "no data rows"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n1,b,3,4\n", 3, "item"),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\r\n1,2,3.0,4\r\n1,2,3,4x\r\n",
+            3,
+            "timestamp",
+        ),
+    ],
+)
+def test_malformed_movielens_files_name_file_and_line(tmp_path, name, text, line, reason):
+    f = write(tmp_path / name, text)
+    err = expect_error(lambda: D.read_movielens(f), f, line)
+    assert reason in str(err)
+
+
+def test_errors_in_later_chunks_have_global_line_numbers(tmp_path):
+    rows = "".join(f"{u}\t{u % 7}\t3\t{u}\n" for u in range(1, 200))
+    f = write(tmp_path / "big.tsv", rows + "5\t6\toops\t7\n" + rows)
+    fields = [_text.Field("user", 0, "int"), _text.Field("rating", 2, "float")]
+    with pytest.raises(DataFormatError) as info:
+        _text.read_table(f, fields, delimiter="\t", ncols=4, chunk_bytes=100)
+    assert info.value.line == 200
+    t = _text.read_table(
+        write(tmp_path / "ok.tsv", rows * 2), fields, delimiter="\t", chunk_bytes=64
+    )
+    assert t["user"].tolist() == list(range(1, 200)) * 2
+
+
+@pytest.mark.parametrize("delim", [",", "\t", "::", ";", " "])
+def test_csv_detects_delimiter(tmp_path, delim):
+    f = write(
+        tmp_path / "x.txt",
+        delim.join(["5", "6", "1", "100"]) + "\n" + delim.join(["7", "6", "4", "200"]) + "\n",
+    )
+    x = D.read_csv(f, min_rating=2)
+    assert pairs(x) == [(7, 6)] and x.timestamps.tolist() == [200]
+
+
+def test_csv_header_names_dates_and_explicit_columns(tmp_path):
+    f = write(
+        tmp_path / "n.csv",
+        "MovieID,UserID,Rating,Date\n8764,1287529,4,2005-10-04\n16856,702643,5,2001-06-26\n",
+    )
+    x = D.read_csv(f)
+    assert pairs(x) == [(1287529, 8764), (702643, 16856)]  # columns found by name
+    assert x.timestamps.tolist() == [1128384000, 993513600]  # dates -> seconds since the epoch
+    g = write(tmp_path / "g.csv", "a;b;title;when\n1;2;hello world;\n3;4;x;17\n")
+    y = D.read_csv(g, user_col="b", item_col=0, timestamp_col=3)
+    assert pairs(y) == [(2, 1), (4, 3)] and y.timestamps.tolist() == [MISSING_TIMESTAMP, 17]
+    z = D.read_csv(write(tmp_path / "h.csv", "1,2\n3,4\n"))
+    assert pairs(z) == [(1, 2), (3, 4)] and z.timestamps is None
+    expect_error(lambda: D.read_csv(write(tmp_path / "one.csv", "123\n")), tmp_path / "one.csv", 1)
+    with pytest.raises(ValueError, match="no ratings"):
+        D.read_csv(tmp_path / "h.csv", min_rating=1)
+
+
+def test_netflix_combined_and_training_set_layouts(tmp_path):
+    movies = {
+        1: [(1488844, 3, "2005-09-06"), (822109, 5, "2005-05-13")],
+        2: [(885013, 4, "2004-10-19"), (1488844, 1, "2000-01-01")],
+        17770: [(822109, 2, "2004-02-29")],
+    }
+    combined = write(tmp_path / "k" / "combined_data_1.txt", netflix_text(movies))
+    write(tmp_path / "k" / "combined_data_2.txt", netflix_text({3: [(7, 4, "1999-12-31")]}))
+    x = D.read_netflix(tmp_path / "k")
+    assert pairs(x) == [
+        (1488844, 1),
+        (822109, 1),
+        (885013, 2),
+        (1488844, 2),
+        (822109, 17770),
+        (7, 3),
+    ]
+    assert x.timestamps[0] == 1125964800 and x.timestamps[-2] == 1078012800
+    assert len(D.read_netflix(combined, min_rating=3)) == 3
+    for m, rows in movies.items():
+        write(tmp_path / "o" / "training_set" / f"mv_{m:07d}.txt", netflix_text({m: rows}))
+    y = D.read_netflix(tmp_path / "o")
+    assert y.fingerprint() == D.read_netflix(combined).fingerprint()
+
+
+def test_netflix_writer_round_trip(tmp_path):
+    x = D.synthetic(200, 120, 3000, seed=3)
+    ratings = np.random.default_rng(0).integers(1, 6, len(x))
+    D.write_netflix_format(x, tmp_path / "c", num_files=3, ratings=ratings)
+    D.write_netflix_format(x, tmp_path / "t", layout="training_set")
+    days = x.timestamps // 86400
+    want = sorted(zip(x.users.tolist(), x.items.tolist(), days.tolist(), strict=True))
+    for folder in ("c", "t"):
+        y = D.read_netflix(tmp_path / folder)
+        got = sorted(
+            zip(
+                y.user_ids[y.users].tolist(),
+                y.item_ids[y.items].tolist(),
+                (y.timestamps // 86400).tolist(),
+                strict=True,
+            )
+        )
+        assert got == want
+    assert len(D.read_netflix(tmp_path / "c", min_rating=4)) == int((ratings >= 4).sum())
+
+
+@pytest.mark.parametrize(
+    "text, line, reason",
+    [
+        ("1:\n5,3,2005-09-06\n5,3,2005-13-06\n", 3, "date"),
+        ("1:\n5,3,2005-02-30\n", 2, "date"),
+        ("5,3,2005-09-06\n", 1, "MovieID"),
+        ("1:\n5,3\n", 2, "expected"),
+        ("1:\n5;3;2005-09-06\n", 2, "expected"),
+        ("1:\n5,x,2005-09-06\n", 2, "expected"),
+        ("1:\n2:x\n", 2, "expected"),
+    ],
+)
+def test_malformed_netflix(tmp_path, text, line, reason):
+    f = write(tmp_path / "combined_data_1.txt", text)
+    err = expect_error(lambda: D.read_netflix(f), f, line)
+    assert reason in str(err)
+
+
+def test_malformed_netflix_names_the_movie_file(tmp_path):
+    write(tmp_path / "training_set" / "mv_0000001.txt", "1:\n5,3,2005-09-06\n")
+    bad = write(tmp_path / "training_set" / "mv_0000002.txt", "2:\n5,3,2005-09-06\n6,4,2005-09\n")
+    expect_error(lambda: D.read_netflix(tmp_path), bad, 3)
+    write(bad, "5,3,2005-09-06\n")  # no MovieID line: the ratings must not go to movie 1
+    expect_error(lambda: D.read_netflix(tmp_path), bad, 1)
+    write(bad, "")
+    expect_error(lambda: D.read_netflix(tmp_path), bad, 1)
+
+
+def _ncf_files(tmp_path, train: str, negative: str | None = None) -> Path:
+    prefix = tmp_path / "toy"
+    write(tmp_path / "toy.train.rating", train)
+    write(tmp_path / "toy.test.rating", "0\t2\t5\t300\n1\t0\t4\t200\n")
+    write(tmp_path / "toy.test.negative", negative or "(0,2)\t3\t4\t5\n(1,0)\t4\t5\t6\n")
+    return prefix
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_ncf_reader(tmp_path, timestamps):
+    train = "0\t0\t5\t1\n0\t1\t3\t2\n1\t1\t4\t3\n" if timestamps else "0\t0\t5\n0\t1\t3\n1\t1\t4\n"
+    s = D.read_ncf(_ncf_files(tmp_path, train))
+    assert (s.num_users, s.num_items) == (2, 7)  # max id + 1 over the three files
+    assert s.train.users.tolist() == [0, 0, 1] and s.train.items.tolist() == [0, 1, 1]
+    assert (s.train.timestamps is not None) == timestamps
+    assert s.test_users.tolist() == [0, 1] and s.test_items.tolist() == [2, 0]
+    assert s.test_negatives.tolist() == [[3, 4, 5], [4, 5, 6]]
+    assert s.train_csr()[0].tolist() == [0, 2, 3]
+    assert D.load(f"ncf:{tmp_path / 'toy'}").fingerprint() == s.fingerprint()
+
+
+def test_ncf_malformed(tmp_path):
+    prefix = _ncf_files(tmp_path, "0\t0\t5\n0\t1\n")
+    expect_error(lambda: D.read_ncf(prefix), tmp_path / "toy.train.rating", 2)
+    prefix = _ncf_files(tmp_path, "0\t0\t5\n", "(0,2)\t3\t4\t5\n(1,1)\t4\t5\t6\n")
+    expect_error(lambda: D.read_ncf(prefix), tmp_path / "toy.test.negative", 2)
+    prefix = _ncf_files(tmp_path, "0\t0\t5\n", "(0,2)\t3\t4\t5\n(1,0)\t4\t5\n")
+    expect_error(lambda: D.read_ncf(prefix), tmp_path / "toy.test.negative", 2)
+    with pytest.raises(ValueError, match="missing file"):
+        D.load(f"ncf:{tmp_path / 'nothere'}")
+
+
+def test_citeulike(tmp_path):
+    f = write(tmp_path / "users.dat", "2 5 9\n1 9\n3 0 5 7\n")
+    x = D.read_citeulike(f)
+    assert pairs(x) == [(0, 5), (0, 9), (1, 9), (2, 0), (2, 5), (2, 7)]
+    assert x.timestamps is None and x.item_ids.tolist() == [0, 5, 7, 9]
+    bad = write(tmp_path / "bad.dat", "2 5 9\n2 9\n")
+    assert "count field" in str(expect_error(lambda: D.read_citeulike(bad), bad, 2))
+    bad = write(tmp_path / "bad2.dat", "2 5 9\n1 x\n")
+    expect_error(lambda: D.read_citeulike(bad), bad, 2)
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.delenv("LRML_KERNELS_CACHE_DIR")
+    f = write(
+        tmp_path / "u.data", "".join(f"{u}\t{u % 13}\t{u % 5 + 1}\t{u}\n" for u in range(500))
+    )
+    x = D.read_movielens(f)
+    caches = list(tmp_path.glob(".u.data.lrml-cache.*.npz"))
+    assert len(caches) == 1  # next to the file (the folder is writable)
+    assert not list(tmp_path.glob("*.tmp"))
+
+    def no_parsing(*a, **k):
+        raise AssertionError("parsed again despite the cache")
+
+    monkeypatch.setattr(_text, "read_table", no_parsing)
+    y = D.read_movielens(f)
+    assert y.fingerprint() == x.fingerprint() and y.name == x.name and y.users.dtype == np.int64
+    monkeypatch.undo()  # other options: another cache entry, parsed anew
+    monkeypatch.setenv("LRML_KERNELS_CACHE_DIR", str(tmp_path / "elsewhere"))
+    z = D.read_movielens(f, min_rating=3)
+    assert len(list((tmp_path / "elsewhere").glob("*.npz"))) == 1
+    assert len(z) < len(x)
+    # a changed file (size and mtime) invalidates the cache
+    write(f, "1\t2\t3\t4\n")
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert len(D.read_movielens(f)) == 1
+    # a damaged cache file is rebuilt, not trusted
+    for c in (tmp_path / "elsewhere").glob("*.npz"):
+        c.write_bytes(b"garbage")
+    assert len(D.read_movielens(f, min_rating=3)) == 1
+
+
+# --- splits and negatives ---
+
+
+def interactions(users, items, timestamps=None, num_items=None) -> D.Interactions:
+    users, items = np.asarray(users), np.asarray(items)
+    U, I = int(users.max()) + 1, num_items or int(items.max()) + 1
+    return D.Interactions(
+        users, items, None if timestamps is None else np.asarray(timestamps), U, I,
+        np.arange(U), np.arange(I), "toy",
+    )  # fmt: skip
+
+
+def test_leave_one_out_rules():
+    M = MISSING_TIMESTAMP
+    x = interactions(
+        users=[0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 0],
+        items=[1, 2, 3, 4, 5, 6, 7, 1, 2, 1, 8, 9, 2],
+        timestamps=[5, 9, 7, 3, 3, 1, 4, M, 2, M, M, M, 9],
+        num_items=12,
+    )
+    s = D.leave_one_out(x, num_negatives=0)
+    # user 0: time 9 twice (rows 1 and 12, both item 2): the later row; user 1: tie at 3 -> row 4
+    # user 2: one interaction -> no test row; user 3: the only known time wins over missing ones;
+    # user 4: all missing -> the last row
+    assert s.test_users.tolist() == [0, 1, 3, 4]
+    assert s.test_items.tolist() == [2, 5, 2, 9]
+    assert s.test_negatives is None
+    train = sorted(zip(s.train.users.tolist(), s.train.items.tolist(), strict=True))
+    assert train == [(0, 1), (0, 3), (1, 4), (1, 6), (2, 7), (3, 1), (3, 1), (4, 8)]
+    indptr, indices = s.train_csr()
+    assert indptr.tolist() == [0, 2, 4, 5, 6, 7] and indices.tolist() == [1, 3, 4, 6, 7, 1, 8]
+    assert s.train_csr() is s.train_csr()
+    s._csr = None  # the CSR derived by leave_one_out equals the one built from scratch
+    assert [a.tolist() for a in s.train_csr()] == [indptr.tolist(), indices.tolist()]
+    # without timestamps: the last row of each user
+    s = D.leave_one_out(interactions([0, 0, 1, 1, 0], [3, 1, 2, 0, 2]), num_negatives=0)
+    assert s.test_items.tolist() == [2, 0]
+
+
+def test_evaluation_negatives():
+    rng = np.random.default_rng(1)
+    n, U, I = 20_000, 400, 300
+    x = interactions(rng.integers(0, U, n), rng.integers(0, I, n), rng.integers(0, 10**6, n), I)
+    s = D.leave_one_out(x, num_negatives=100, seed=7)
+    neg = s.test_negatives
+    assert neg.shape == (len(s.test_users), 100) and neg.dtype == np.int64
+    assert (np.diff(neg, axis=1) > 0).all()  # sorted, no repeats
+    seen = set(zip(x.users.tolist(), x.items.tolist(), strict=True))
+    assert not any(
+        (u, i) in seen
+        for u, row in zip(s.test_users.tolist(), neg.tolist(), strict=True)
+        for i in row
+    )
+    assert not (neg == s.test_items[:, None]).any()
+    again = D.leave_one_out(x, num_negatives=100, seed=7)
+    assert np.array_equal(again.test_negatives, neg) and again.fingerprint() == s.fingerprint()
+    other = D.leave_one_out(x, num_negatives=100, seed=8)
+    assert not np.array_equal(other.test_negatives, neg) and other.fingerprint() != s.fingerprint()
+    # uniform: every never-interacted item shows up about equally often
+    counts = np.bincount(neg.ravel(), minlength=I)
+    assert counts.min() > 0.5 * counts.mean()
+
+
+def test_evaluation_negatives_dense_users_and_too_few_items():
+    # user 0 interacted with 45 of 50 items: only 5 candidates are left
+    users = [0] * 45 + [1, 1]
+    items = list(range(45)) + [0, 1]
+    s = D.leave_one_out(interactions(users, items, num_items=50), num_negatives=5, seed=0)
+    assert s.test_negatives[0].tolist() == [45, 46, 47, 48, 49]
+    assert not np.isin(s.test_negatives[1], [0, 1]).any()
+    with pytest.raises(ValueError, match="fewer than num_negatives=6"):
+        D.leave_one_out(interactions(users, items, num_items=50), num_negatives=6)
+
+
+def test_split_and_interactions_validation():
+    with pytest.raises(ValueError, match="items must lie"):
+        D.Interactions(np.array([0]), np.array([3]), None, 1, 3, np.arange(1), np.arange(3))
+    with pytest.raises(ValueError, match="differ"):
+        D.Interactions(np.array([0, 0]), np.array([1]), None, 1, 3, np.arange(1), np.arange(3))
+    x = interactions([0, 1], [1, 2])
+    y = interactions([0, 1], [1, 0])
+    assert x.fingerprint() != y.fingerprint() and len(x) == 2
+
+
+# --- training negatives (torch) ---
+
+
+def test_csr_membership_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = interactions(rng.integers(0, 50, 3000), rng.integers(0, 80, 3000), num_items=80)
+    indptr, indices = D.build_csr(x.users, x.items, x.num_users, x.num_items)
+    rows = rng.integers(0, x.num_users, 500)
+    vals = rng.integers(0, 80, (500, 7))
+    truth = np.array(
+        [
+            [v in set(indices[indptr[r] : indptr[r + 1]].tolist()) for v in vr]
+            for r, vr in zip(rows, vals, strict=True)
+        ]
+    )
+    got = D.csr_membership(*(torch.from_numpy(a) for a in (indptr, indices, rows, vals)))
+    assert np.array_equal(got.numpy(), truth)
+    assert np.array_equal(D.split.csr_contains(indptr, indices, rows[:, None], vals), truth)
+
+
+def test_sample_negatives_rejects_positives():
+    s = D.load("synthetic-small")
+    indptr, indices = (torch.from_numpy(a) for a in s.train_csr())
+    users = torch.arange(s.num_users).repeat(20)
+    g = torch.Generator().manual_seed(0)
+    neg = D.sample_negatives(users, s.num_items, 16, generator=g, exclude_csr=(indptr, indices))
+    assert neg.shape == (users.numel(), 16) and neg.dtype == torch.int64
+    assert 0 <= int(neg.min()) and int(neg.max()) < s.num_items
+    assert not D.csr_membership(indptr, indices, users, neg).any()
+    again = D.sample_negatives(
+        users,
+        s.num_items,
+        16,
+        generator=torch.Generator().manual_seed(0),
+        exclude_csr=(indptr, indices),
+    )
+    assert torch.equal(neg, again)
+    plain = D.sample_negatives(users, s.num_items, 16, generator=torch.Generator().manual_seed(0))
+    assert D.csr_membership(indptr, indices, users, plain).any()  # the rejection did something
+    # a user who owns 90% of the catalogue still gets only items outside it
+    heavy = interactions([0] * 180 + [1], list(range(180)) + [0], num_items=200)
+    ip, ix = (torch.from_numpy(a) for a in D.build_csr(heavy.users, heavy.items, 2, 200))
+    neg = D.sample_negatives(
+        torch.zeros(64, dtype=torch.int64), 200, 8, exclude_csr=(ip, ix), max_tries=300
+    )
+    assert (neg >= 180).all()
+
+
+# --- synthetic data ---
+
+
+def test_synthetic_shapes_determinism_long_tail():
+    x = D.synthetic(3000, 2000, 150_000, seed=0)
+    assert (x.num_users, x.num_items) == (3000, 2000)
+    assert 0.97 * 150_000 <= len(x) <= 150_000
+    assert len(np.unique(x.users * 2000 + x.items)) == len(x)  # no duplicate pairs
+    assert np.all(np.diff(x.users) >= 0)
+    same_user = x.users[1:] == x.users[:-1]
+    assert np.all(np.diff(x.timestamps)[same_user] > 0)  # strictly increasing per user
+    assert np.bincount(x.users, minlength=3000).min() >= 5
+    counts = np.sort(np.bincount(x.items, minlength=2000))[::-1]
+    assert counts[:200].sum() > 0.3 * len(x)  # top 10% of items: over 30% of the interactions
+    activity = np.sort(np.bincount(x.users))[::-1]
+    assert activity[:300].sum() > 0.3 * len(x)
+    assert D.synthetic(3000, 2000, 150_000, seed=0).fingerprint() == x.fingerprint()
+    assert D.synthetic(3000, 2000, 150_000, seed=1).fingerprint() != x.fingerprint()
+
+
+def test_synthetic_structure_beats_popularity():
+    """The latent clusters are learnable: item-kNN beats popularity on the sampled protocol."""
+    s = D.load("synthetic", num_negatives=100, seed=0)
+    U, I = s.num_users, s.num_items
+    R = np.zeros((U, I), dtype=np.float32)
+    R[s.train.users, s.train.items] = 1.0
+    sim = R.T @ R
+    np.fill_diagonal(sim, 0.0)
+    sim /= np.sqrt(np.outer(R.sum(0), R.sum(0))) + 1e-9
+    cand = np.concatenate([s.test_items[:, None], s.test_negatives], axis=1)
+
+    def hr10(score):  # ties count against the held-out item
+        return float(((score[:, 1:] >= score[:, :1]).sum(1) < 10).mean())
+
+    pop = R.sum(0)[cand]
+    knn = np.take_along_axis(R[s.test_users] @ sim, cand, axis=1)
+    assert hr10(knn) > hr10(pop) + 0.1, (hr10(knn), hr10(pop))
+
+
+def test_load_forms_and_errors(tmp_path):
+    s = D.load("synthetic-small", num_negatives=10, seed=3)
+    assert (s.num_users, s.num_items, s.num_negatives) == (
+        300,
+        200,
+        10,
+    ) and s.name == "synthetic-small"
+    assert D.load("synthetic-small", num_negatives=None).test_negatives is None
+    for bad in ("nonsense", "movielens:", "mnist:/x"):
+        with pytest.raises(ValueError, match="accepted data sets") as info:
+            D.load(bad)
+        assert "ncf:PATH_PREFIX" in str(info.value) and "synthetic-netflix" in str(info.value)
+    with pytest.raises(ValueError, match="no such file"):
+        D.load(f"movielens:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="min_rating"):
+        D.load("synthetic-small", min_rating=4)
+    write(tmp_path / "r.csv", "1,1,5,1\n1,2,5,2\n2,1,3,1\n2,3,5,9\n")
+    s = D.load(f"csv:{tmp_path / 'r.csv'}", min_rating=4, num_negatives=0)
+    assert s.test_users.tolist() == [0] and s.train.user_ids.tolist() == [1, 2]
+
+
+# --- the real data sets in ../shared/data ---
+
+
+def test_real_movielens_100k():
+    x = D.read_movielens(shared("movielens-100k"))
+    assert (x.num_users, x.num_items, len(x)) == (943, 1682, 100_000)
+    assert x.user_ids.tolist() == list(range(1, 944)) and x.item_ids[-1] == 1682
+    assert len(D.read_movielens(shared("movielens-100k", "u.data"), min_rating=4)) == 55_375
+    s = D.load(f"movielens:{shared('movielens-100k')}")
+    assert len(s.test_users) == 943 and len(s.train) == 100_000 - 943
+
+
+def test_real_movielens_1m_reconstructed():
+    x = D.read_movielens(shared("movielens-1m"))
+    assert (x.num_users, x.num_items, len(x)) == (6040, 3706, 1_000_205)
+    assert int((x.timestamps == MISSING_TIMESTAMP).sum()) == 1_000_205 - 663_062
+    assert len(D.read_movielens(shared("movielens-1m"), min_rating=4)) == 575_281
+
+
+def test_real_ncf_ml_1m():
+    s = D.read_ncf(shared("ncf-ml-1m") / "ml-1m")
+    assert (s.num_users, s.num_items, len(s.train)) == (6040, 3706, 994_165)
+    assert s.test_users.tolist() == list(range(6040)) and s.test_negatives.shape == (6040, 99)
+    assert s.train.timestamps is None
+    # Upstream drew negatives among items absent from the user's *train* set: 156 rows list the
+    # user's own test item (the README names user 4509); kept as published.
+    own = np.flatnonzero((s.test_negatives == s.test_items[:, None]).any(1))
+    assert len(own) == 156 and 4509 in own
+    indptr, indices = s.train_csr()
+    in_train = D.split.csr_contains(indptr, indices, s.test_users[:, None], s.test_negatives)
+    assert not in_train.any()  # no negative is a training item of its user
+    assert not D.split.csr_contains(indptr, indices, s.test_users, s.test_items).any()
+
+
+def test_real_leave_one_out_agrees_with_ncf():
+    """ML-1M held out by our rule vs NCF's official test ratings: wherever the rebuilt file knows
+    the time of NCF's test rating, our held-out rating has that same (latest) time."""
+    x = D.read_movielens(shared("movielens-1m"))
+    s = D.leave_one_out(x, num_negatives=0)
+    key = x.users * x.num_items + x.items
+    order = np.argsort(key)
+
+    def time_of(users, items):
+        return x.timestamps[order[np.searchsorted(key[order], users * x.num_items + items)]]
+
+    ncf = np.loadtxt(shared("ncf-ml-1m", "ml-1m.test.rating"), dtype=np.int64)
+    movies = np.loadtxt(
+        shared("ncf-ml-1m", "ncf_item_to_movielens_movie_id.tsv"), dtype=np.int64, skiprows=1
+    )
+    movie_of = dict(movies.tolist())
+    users = np.searchsorted(x.user_ids, ncf[:, 0] + 1)  # NCF user = MovieLens UserID - 1
+    items = np.searchsorted(x.item_ids, [movie_of[i] for i in ncf[:, 1].tolist()])
+    assert s.test_users.tolist() == users.tolist()
+    known = time_of(users, items) != MISSING_TIMESTAMP
+    assert known.sum() == 4343  # as the data README counts
+    ours = time_of(s.test_users, s.test_items)
+    assert np.array_equal(ours[known], ncf[known, 3])
+
+
+@pytest.mark.parametrize(
+    "spec, counts",
+    [
+        ("movielens:movielens-latest-small", (610, 9724, 100_836)),
+        ("csv:netflix-prize-subsets/netflix_subset.csv", (2949, 2429, 102_650)),
+        ("netflix:netflix-prize-subsets/netflix-user-ratings-10k.csv", (9687, 3451, 10_000)),
+        ("citeulike:citeulike-a/users.dat", (5551, 16_980, 204_986)),
+    ],
+)
+def test_real_other_sets(spec, counts):
+    kind, _, rel = spec.partition(":")
+    reader = {
+        "movielens": D.read_movielens,
+        "csv": D.read_csv,
+        "netflix": D.read_netflix,
+        "citeulike": D.read_citeulike,
+    }[kind]
+    x = reader(shared(*rel.split("/")))
+    assert (x.num_users, x.num_items, len(x)) == counts
+    s = D.load(f"{kind}:{shared(*rel.split('/'))}", num_negatives=50)
+    assert s.test_negatives.shape == (len(s.test_users), 50)
+
+
+# --- Netflix scale (not in the default suite) ---
+
+
+@pytest.mark.slow
+def test_synthetic_netflix_size(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("Netflix size (about a minute, 3 GB): run with -m slow")
+    t = time.perf_counter()
+    x = D.synthetic(480_189, 17_770, 100_000_000)
+    elapsed = time.perf_counter() - t
+    assert (x.num_users, x.num_items) == (480_189, 17_770)
+    assert len(x) > 0.97 * 100_000_000
+    assert elapsed < 120, elapsed
