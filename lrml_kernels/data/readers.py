@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -81,16 +82,22 @@ def _cache_candidates(kind: str, anchor: Path, key: str) -> list[Path]:
     return [near, user]
 
 
-def _pack(arrays: dict[str, np.ndarray | int | None]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, a in arrays.items():
-        if a is None:
-            continue
-        a = np.asarray(a)
-        if a.dtype == np.int64 and a.size and a.min() >= _INT32.min and a.max() <= _INT32.max:
-            a = a.astype(np.int32)  # halves the file; restored to int64 on load
-        out[name] = a
-    return out
+def _pack(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype == np.int64 and a.size and a.min() >= _INT32.min and a.max() <= _INT32.max:
+        a = a.astype(np.int32)  # halves the file; restored to int64 on load
+    return a
+
+
+def _save_npz(f, arrays: dict) -> None:
+    """``np.savez`` one array at a time (each packed just before it is written, so that a
+    100M-row cache never holds a second copy of everything)."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            if a is None:
+                continue
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as out:
+                np.lib.format.write_array(out, _pack(a), allow_pickle=False)
 
 
 def _unpack(npz) -> dict[str, np.ndarray]:
@@ -125,8 +132,6 @@ def _cached(
             except Exception:  # a damaged or foreign file: rebuild and overwrite it
                 pass
     arrays = build()
-    packed = _pack(arrays)
-    packed["_key"] = np.array(key)
     for place in places:
         tmp = None
         try:
@@ -135,7 +140,7 @@ def _cached(
                 dir=place.parent, prefix=place.name + ".", suffix=".tmp", delete=False
             ) as f:
                 tmp = f.name
-                np.savez(f, **packed)
+                _save_npz(f, {**arrays, "_key": np.array(key)})
             os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600
             os.replace(tmp, place)
             break
@@ -169,15 +174,17 @@ def _dedup_keep(
     users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, num_items: int
 ) -> np.ndarray | None:
     """Mask keeping one row per (user, item): the latest timestamp, ties the later row. ``None``
-    when there are no duplicates (the common case costs one sort of the keys)."""
-    key = users * np.int64(num_items)
-    key += items
-    s = np.sort(key)
+    when there are no duplicates (the common case costs one in-place sort of the keys)."""
+    s = users * np.int64(num_items)
+    s += items
+    s.sort()
     dup = s[1:] == s[:-1]
     if not dup.any():
         return None
     dup_keys = np.unique(s[1:][dup])
-    del s
+    del s, dup
+    key = users * np.int64(num_items)
+    key += items
     pos = np.minimum(np.searchsorted(dup_keys, key), dup_keys.size - 1)
     in_dup = dup_keys[pos] == key
     rows = np.flatnonzero(in_dup)
@@ -191,22 +198,22 @@ def _dedup_keep(
 
 
 def _finalize(
-    path: Path,
-    users_raw: np.ndarray,
-    items_raw: np.ndarray,
-    timestamps: np.ndarray | None,
-    ratings: np.ndarray | None,
-    min_rating: float | None,
-) -> dict[str, np.ndarray | int | None]:
+    path: Path, cols: dict[str, np.ndarray], min_rating: float | None
+) -> dict[str, np.ndarray | None]:
+    """Raw columns (``users``, ``items``, optional ``timestamps`` and ``ratings``; taken out of
+    ``cols`` one by one, so that each raw array is freed as soon as it is converted) -> the
+    re-indexed, de-duplicated, rating-filtered arrays of an :class:`Interactions`."""
+    ratings = cols.pop("ratings", None)
     if min_rating is not None and ratings is None:
         raise ValueError(f"{path} has no ratings: min_rating does not apply to it")
-    users, user_ids = _reindex(users_raw)
-    items, item_ids = _reindex(items_raw)
-    del users_raw, items_raw
+    users, user_ids = _reindex(cols.pop("users"))
+    items, item_ids = _reindex(cols.pop("items"))
+    timestamps = cols.pop("timestamps", None)
     keep = _dedup_keep(users, items, timestamps, item_ids.size)
     if min_rating is not None:
         good = ratings >= min_rating
         keep = good if keep is None else keep & good
+    del ratings
     if keep is not None and not keep.all():
         users, items = users[keep], items[keep]
         timestamps = None if timestamps is None else timestamps[keep]
@@ -378,9 +385,8 @@ def _read_rating_table(
             ncols=ncols,
             missing_ok=frozenset({"timestamp"}),
         )
-        return _finalize(
-            path, t["user"], t["item"], t.get("timestamp"), t.get("rating"), min_rating
-        )
+        names = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
+        return _finalize(path, {names[k]: v for k, v in t.items()}, min_rating)
 
     arrays = _cached(source, [path], path, options, build, cache)
     return _to_interactions(arrays, f"{source}:{path}")
@@ -561,12 +567,14 @@ def read_netflix(
                 for k, v in out.items():
                     parts[k].append(v)
                 bar.update(nbytes)
-        cols = {k: np.concatenate(v) for k, v in parts.items()}
+        cols = {k: np.concatenate(parts.pop(k)) for k in list(parts)}  # one column at a time
         if cols["users"].size == 0:
             raise DataFormatError(files[0], 1, "no ratings")
         ts = cols.pop("days").astype(np.int64)
         ts *= 86400
-        return _finalize(path, cols["users"], cols["items"], ts, cols["ratings"], min_rating)
+        cols["timestamps"] = ts
+        del ts
+        return _finalize(path, cols, min_rating)
 
     options = {"min_rating": min_rating}
     arrays = _cached("netflix", files, path, options, build, cache)
@@ -583,7 +591,7 @@ def read_citeulike(path, *, cache: bool = True) -> Interactions:
 
     def build() -> dict:
         users, items = _text.parse_count_lists(path)
-        return _finalize(path, users, items, None, None, None)
+        return _finalize(path, {"users": users, "items": items}, None)
 
     arrays = _cached("citeulike", [path], path, {}, build, cache)
     return _to_interactions(arrays, f"citeulike:{path}")
