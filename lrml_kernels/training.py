@@ -310,7 +310,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         }
         _atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
 
-    def write_metrics(final: bool):
+    def write_metrics(records: list[dict], final: bool = True):
         if writer is None:
             return
         doc = {
@@ -319,14 +319,14 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             "num_users": split.num_users,
             "num_items": split.num_items,
             "train_interactions": n,
-            "epochs": history,
+            "epochs": records,
         }
         if final:
-            doc["final"] = history[-1] if history else {}
+            doc["final"] = records[-1] if records else {}
         text = json.dumps(doc, indent=2).encode()
         _atomic_write(out / METRICS, lambda f: f.write(text))
-        if history:
-            _plot_curve(history, out / CURVE)
+        if records:
+            _plot_curve(records, out / CURVE)
 
     pairs_per_row = 1 + cfg.negatives
     stop = False
@@ -385,7 +385,8 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
                 elapsed = time.perf_counter() - t0
                 checkpoint()
         bar.close()
-        if stop and step_in_epoch == 0:
+        partial = step_in_epoch < steps_per_epoch  # stopped by max_steps inside the epoch
+        if partial and step_in_epoch == 0:
             break
         seconds = time.perf_counter() - t0
         rows = min(step_in_epoch * cfg.batch_size, n_local) * world
@@ -409,16 +410,30 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
                     f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
                     file=sys.stderr,
                 )
+        if partial:  # keep the mid-epoch state: --resume finishes this epoch
+            record["partial"] = True
+            elapsed = seconds
+            checkpoint()
+            write_metrics(history + [record])
+            return {
+                "config": asdict(cfg),
+                "epochs": history + [record],
+                "final": record,
+                "model": model,
+            }
         history.append(record)
         epoch += 1
         step_in_epoch, elapsed = 0, 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         checkpoint()
-        write_metrics(final=False)
-    write_metrics(final=True)
-    result = {"config": asdict(cfg), "epochs": history, "final": history[-1] if history else {}}
-    result["model"] = model
-    return result
+        write_metrics(history, final=False)
+    write_metrics(history)
+    return {
+        "config": asdict(cfg),
+        "epochs": history,
+        "final": history[-1] if history else {},
+        "model": model,
+    }
 
 
 def _version() -> str:
