@@ -1,0 +1,176 @@
+"""The training loop and CLI: outputs, exact resume, refusals, non-finite guard, convergence."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lrml_kernels import data
+from lrml_kernels.cli import main
+from lrml_kernels.metrics import PopularityRanker, evaluate
+from lrml_kernels.training import (
+    CHECKPOINT,
+    NonFiniteLossError,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return data.load("synthetic-small")
+
+
+def cfg(**kw):
+    base = dict(
+        data="synthetic-small",
+        epochs=2,
+        dim=8,
+        memory_slots=4,
+        negatives=2,
+        batch_size=64,
+        progress=False,
+        backend="torch",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params_of(out):
+    return torch.load(out / CHECKPOINT, weights_only=False)["model"]
+
+
+def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--data",
+            "synthetic-small",
+            "--epochs",
+            "2",
+            "--dim",
+            "8",
+            "--memory-slots",
+            "3",
+            "--batch-size",
+            "128",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    final = metrics["final"]
+    assert 0.0 <= final["hr"] <= 1.0 and 0.0 <= final["ndcg"] <= final["hr"]
+    assert final["pairs_per_s"] > 0 and final["seconds"] > 0
+    assert (out / "learning_curve.png").stat().st_size > 0
+    model, ckpt = load_checkpoint(out / CHECKPOINT)
+    assert ckpt["epoch"] == 2 and model.keys.shape == (3, 8)
+    assert json.loads(capsys.readouterr().out)["epoch"] == 2
+
+
+def test_cli_module_entry_point_and_bad_flags(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "lrml_kernels", "info"], capture_output=True, text=True, check=True
+    )
+    assert "torch" in r.stdout
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrml_kernels",
+            "train",
+            "--data",
+            "nosuch:x",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "error" in r.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, small, optimizer):
+    full = fit(cfg(epochs=3, optimizer=optimizer), tmp_path / "a", split=small)
+    fit(cfg(epochs=1, optimizer=optimizer), tmp_path / "b", split=small)
+    resumed = fit(cfg(epochs=3, optimizer=optimizer), tmp_path / "b", split=small, resume=True)
+    assert resumed["final"]["hr"] == full["final"]["hr"]
+    assert resumed["final"]["loss"] == full["final"]["loss"]
+    for k, v in params_of(tmp_path / "a").items():
+        assert torch.equal(v, params_of(tmp_path / "b")[k]), k
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, small):
+    full = fit(cfg(epochs=2), tmp_path / "a", split=small)
+    fit(cfg(epochs=2, max_steps=3, checkpoint_every=1), tmp_path / "b", split=small)
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] == 3
+    resumed = fit(cfg(epochs=2), tmp_path / "b", split=small, resume=True)
+    assert resumed["final"]["loss"] == full["final"]["loss"]
+    for k, v in params_of(tmp_path / "a").items():
+        assert torch.equal(v, params_of(tmp_path / "b")[k]), k
+
+
+def test_resume_refuses_other_data_or_options(tmp_path, small):
+    fit(cfg(epochs=1), tmp_path, split=small)
+    with pytest.raises(ValueError, match="different data"):
+        fit(cfg(epochs=2, data="synthetic"), tmp_path, resume=True)
+    with pytest.raises(ValueError, match="dim: 8 -> 16"):
+        fit(cfg(epochs=2, dim=16), tmp_path, split=small, resume=True)
+    with pytest.raises(FileNotFoundError):
+        fit(cfg(epochs=2), tmp_path / "none", split=small, resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small, monkeypatch):
+    fit(cfg(epochs=1), tmp_path, split=small)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    from lrml_kernels import trainer as trainer_mod
+
+    real_step = trainer_mod.LRMLTrainer.step
+
+    def poisoned(self, users, items, **kw):
+        with torch.no_grad():
+            self.model.keys.fill_(float("nan"))
+        return real_step(self, users, items, **kw)
+
+    monkeypatch.setattr(trainer_mod.LRMLTrainer, "step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step"):
+        fit(cfg(epochs=2), tmp_path, split=small, resume=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_unfused_training_runs(tmp_path, small):
+    r = fit(cfg(epochs=1, fused_optimizer=False), None, split=small)
+    assert r["final"]["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "bad", [{"epochs": 0}, {"optimizer": "lbfgs"}, {"eval": "x"}, {"batch_size": -1}, {"lr": 0.0}]
+)
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        cfg(**bad).validate()
+
+
+def test_beats_popularity_on_movielens_100k(shared_data):
+    split = data.load(f"movielens:{shared_data / 'movielens-100k'}")
+    r = fit(
+        TrainConfig(
+            epochs=3, dim=32, negatives=4, lr=1e-2, batch_size=256, progress=False, eval="none"
+        ),
+        None,
+        split=split,
+    )
+    model = r["model"]
+    ours = evaluate(model, split, "sampled")
+    pop = evaluate(PopularityRanker(split), split, "sampled")
+    assert ours["hr"] > pop["hr"] + 0.02, (ours, pop)
+    assert ours["ndcg"] > pop["ndcg"], (ours, pop)
