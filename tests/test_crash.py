@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -173,11 +174,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.parametrize("where", ["epoch end", "mid epoch"])
 def test_sigkill_during_checkpoint_write_then_resume_matches_uninterrupted(
-    tmp_path, reference_run, capsys
+    tmp_path, reference_run, capsys, where
 ):
+    # With --checkpoint-every 1, epoch 1 writes one checkpoint per step and one at its end.
+    split = data.load(OPTS["data"], seed=OPTS["seed"])
+    steps = math.ceil(len(split.train.users) / OPTS["batch_size"])
+    kill_at = steps + 1 if where == "epoch end" else steps + 11
     out = tmp_path / "run"
-    kill_at = 100  # a step checkpoint in the second epoch (89 steps and 90 writes per epoch)
     proc = subprocess.run(
         [sys.executable, "-c", KILL_DURING_WRITE, *cli_args(out, checkpoint_every=1)],
         env={**env(), "KILL_AT": str(kill_at)},
@@ -189,7 +194,10 @@ def test_sigkill_during_checkpoint_write_then_resume_matches_uninterrupted(
     partial = list(out.glob(f".{CHECKPOINT}.tmp*"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < (out / CHECKPOINT).stat().st_size
     ckpt = load(out)  # the previous checkpoint, untouched by the torn write
-    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] > 0
+    if where == "epoch end":  # after the epoch's last step, before its evaluation and record
+        assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["history"]) == (0, steps, [])
+    else:
+        assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 9)
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     resume(out, capsys)
     assert_same_run(out, reference_run)
