@@ -1,27 +1,43 @@
 // CPU kernels of the fused LRML distances and hinge loss, forward and backward (SPEC.md).
 //
-// One pass per row b: gather p = P[users[b]] and q_c = Q[items[b, c]], attention over the memory
-// (K and M, N x d, stay in cache), relation, residual and distance for every column; for the
-// gradients, the hinge's ∂L/∂D and the backward of every column right after, while the row is hot.
-// Per-row embedding gradients are written as rows ([B, d], [B, C, d]); the keys/memory gradients
-// accumulate in per-row-block partials (the blocks do not depend on the thread count) that are
-// summed in a fixed order, so the result is bitwise reproducible with any number of threads.
+// The rows of the batch are cut into fixed blocks (their number depends on B only) and each block
+// into tiles of a few rows: every tile gathers its user and item rows and runs the attention as
+// small register-blocked GEMMs over all its pairs at once (tile_gemm.h):
+//   forward   Z = S Kᵀ, A = softmax(Z), R = A M, E = P + R − Q, D(E)
+//   backward  GA = GR Mᵀ, GZ = A ⊙ (GA − ⟨A, GA⟩), gM += Aᵀ GR, gK += GZᵀ S, GS = GZ K
+// with S = P ⊙ Q the tile's [pairs, d] joint embeddings, K, M (and Kᵀ, Mᵀ) padded once per call
+// to whole SIMD vectors and kept in cache. For the gradients, the hinge's ∂L/∂D and the backward
+// run right after the forward of the tile, while its rows are hot (one fused pass); pairs with a
+// zero upstream gradient (inactive hinge terms) are dropped from the backward GEMMs. With
+// relation="shared" only column 0 of a row goes through the attention.
+//
+// Per-row embedding gradients are written once, contiguous ([B, d], [B, C, d]); the keys/memory
+// gradients accumulate in per-block partials (blocks and tiles do not depend on the thread count;
+// threads take blocks from a shared counter) that are summed in a fixed order, so the result is
+// bitwise reproducible with any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
 #include "kernels.h"
 #include "ops_cpu.h"
+#include "tile_gemm.h"
 
 namespace lrml {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxBlocks = 64;        // keys/memory partials: at most 64 x 2 x N x d
+constexpr int64_t kMaxBlocks = 64;  // keys/memory partials: at most 64 x 2 x N x d
 constexpr int64_t kMinRowsPerBlock = 16;
+constexpr int64_t kTilePairs = 40;         // attention pairs per tile (pair mode: rows x C)
+constexpr int64_t kSharedTileRows = 32;    // rows per tile with relation="shared"
 
 const std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
 
@@ -48,171 +64,344 @@ struct Job {
   T* gq_rows = nullptr;  // [B, C, d]
 };
 
+// K, M padded to dp = round_up(d, W) columns and Kᵀ, Mᵀ to Np = round_up(N, W): the B operands.
 template <typename T>
-struct Workspace {
-  std::vector<T> buf;
-  std::vector<char> active;
-  T *s, *a, *r, *e, *Dc, *gD, *ge, *gp, *gr, *ga, *gs;
-  Workspace(int64_t C, int64_t N, int64_t d) : active(C) {
-    buf.resize(C * N + C * d + 6 * d + 2 * C + N + 8);
-    T* x = buf.data();
-    a = x; x += C * N;
-    e = x; x += C * d;
-    s = x; x += d;
-    r = x; x += d;
-    ge = x; x += d;
-    gp = x; x += d;
-    gr = x; x += d;
-    gs = x; x += d;
-    Dc = x; x += C;
-    gD = x; x += C;
-    ga = x;
+struct Memory {
+  int64_t N, d, dp, Np;
+  Tensor buf;
+  const T *Kp, *Mp, *Kt, *Mt;
+  Memory(const T* K, const T* M, int64_t N_, int64_t d_, const at::TensorOptions& opts)
+      : N(N_), d(d_) {
+    dp = round_up(d, Simd<T>::W);
+    Np = round_up(N, Simd<T>::W);
+    buf = at::zeros({2 * N * dp + 2 * d * Np}, opts);
+    T* x = buf.data_ptr<T>();
+    T* kp = x;
+    T* mp = kp + N * dp;
+    T* kt = mp + N * dp;
+    T* mt = kt + d * Np;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < d; ++j) {
+        kp[n * dp + j] = K[n * d + j];
+        mp[n * dp + j] = M[n * d + j];
+        kt[j * Np + n] = K[n * d + j];
+        mt[j * Np + n] = M[n * d + j];
+      }
+    Kp = kp;
+    Mp = mp;
+    Kt = kt;
+    Mt = mt;
+  }
+};
+
+// Per-thread tile buffers. Rows are dp (or Np) apart; the padding columns start at zero and the
+// element-wise loops never write them (the GEMMs may, only into padding of their outputs).
+template <typename T>
+struct Tile {
+  Tensor buf;
+  std::vector<int64_t> act, slot;
+  std::vector<const T*> prow, qrow;
+  T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *gp, *Dc, *g;
+  Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
+       const at::TensorOptions& opts)
+      : act(Ta), slot(rows * C), prow(rows), qrow(rows * C) {
+    const int64_t Tc = rows * C;
+    const int64_t Dsz = round_up(Tc, 16);
+    const int64_t Esz = pair ? 0 : Tc * dp;  // pair: E (then ge) in place of R
+    const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + dp + 2 * Dsz;
+    buf = at::zeros({n}, opts);
+    T* x = buf.data_ptr<T>();
+    S = x; x += Ta * dp;
+    R = x; x += Ta * dp;
+    GR = x; x += Ta * dp;
+    GS = x; x += Ta * dp;
+    Sc = x; x += Ta * dp;
+    A = x; x += Ta * Np;
+    GA = x; x += Ta * Np;
+    Ac = x; x += Ta * Np;
+    E = pair ? R : x; x += Esz;
+    gp = x; x += dp;
+    Dc = x; x += Dsz;
+    g = x;
   }
 };
 
 template <typename T>
-void process_row(const Job<T>& job, int64_t b, Workspace<T>& w, T* gK, T* gM) {
-  const int64_t d = job.d, N = job.N, C = job.C;
-  const T* p = job.P + job.users[b] * d;
-  const int64_t* it = job.items + b * C;
-  const T* K = job.K;
-  const T* M = job.M;
-  const bool pair = job.relation == Relation::Pair;
-
-  // Forward: distances of every column.
-  if (pair) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T* q = job.Q + it[c] * d;
-      attend(p, q, K, M, N, d, w.s, w.a + c * N, w.r);
-      w.Dc[c] = residual_distance(p, w.r, q, w.e + c * d, d, job.distance, job.eps);
-    }
-  } else {
-    attend(p, job.Q + it[0] * d, K, M, N, d, w.s, w.a, w.r);  // the positive's relation
-    for (int64_t c = 0; c < C; ++c) {
-      const T* q = job.Q + it[c] * d;
-      w.Dc[c] = residual_distance(p, w.r, q, w.e + c * d, d, job.distance, job.eps);
-    }
+inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps) {
+  T acc = 0;
+  if (distance == Distance::L1) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < d; ++j) acc += std::abs(e[j]);
+    return acc;
   }
-  if (job.D_out) std::copy(w.Dc, w.Dc + C, job.D_out + b * C);
-  int64_t n_active = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < d; ++j) acc += e[j] * e[j];
+  return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+}
+
+template <typename T>
+inline void prefetch_row(const T* x, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+
+template <typename T>
+void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
+  for (int64_t b = b0; b < b0 + nr; ++b) {
+    prefetch_row(job.P + job.users[b] * job.d, job.d);
+    for (int64_t c = 0; c < job.C; ++c) prefetch_row(job.Q + job.items[b * job.C + c] * job.d, job.d);
+  }
+}
+
+// One tile: rows [b0, b0 + nr). gK, gM: the block's padded partials [N, dp] (backward only).
+template <typename T>
+void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t nr, Tile<T>& w,
+                  T* gK, T* gM) {
+  const int64_t d = job.d, N = job.N, C = job.C, dp = mem.dp, Np = mem.Np;
+  const bool pair = job.relation == Relation::Pair;
+  const int64_t Tc = nr * C;
+  const int64_t Ta = pair ? Tc : nr;  // attention pairs
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t b = b0 + r;
+    w.prow[r] = job.P + job.users[b] * d;
+    for (int64_t c = 0; c < C; ++c) w.qrow[r * C + c] = job.Q + job.items[b * C + c] * d;
+  }
+
+  // ---- forward. Attention pair t: row t / C, column t % C (pair) or row t, column 0 (shared).
+  for (int64_t t = 0; t < Ta; ++t) {
+    const T* __restrict p = w.prow[pair ? t / C : t];
+    const T* __restrict q = w.qrow[pair ? t : t * C];
+    T* __restrict s = w.S + t * dp;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) s[j] = p[j] * q[j];
+  }
+  gemm<T, false>(Ta, Np, d, w.S, dp, 1, mem.Kt, Np, w.A, Np);  // Z = S Kᵀ
+  softmax_rows(w.A, Ta, N, Np);
+  gemm<T, false>(Ta, dp, N, w.A, Np, 1, mem.Mp, dp, w.R, dp);  // R = A M
+  for (int64_t tc = 0; tc < Tc; ++tc) {
+    const T* __restrict p = w.prow[tc / C];
+    const T* __restrict q = w.qrow[tc];
+    const T* rv = w.R + (pair ? tc : tc / C) * dp;
+    T* e = w.E + tc * dp;  // pair: in place of R
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
+    w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
+  }
+  if (job.D_out) std::copy(w.Dc, w.Dc + Tc, job.D_out + b0 * C);
   if (job.hinge) {
-    T L = 0;
-    const T base = job.margin + w.Dc[0];
-    for (int64_t c = 1; c < C; ++c) {
-      const T h = base - w.Dc[c];
-      w.active[c] = h > 0;
-      if (h > 0) {
-        L += h;
-        ++n_active;
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* Dr = w.Dc + r * C;
+      T* gr = w.g + r * C;
+      const T base = job.margin + Dr[0];
+      T L = 0;
+      int64_t n_active = 0;
+      for (int64_t c = 1; c < C; ++c) {
+        const T h = base - Dr[c];
+        gr[c] = h > 0 ? T(1) : T(0);
+        if (h > 0) {
+          L += h;
+          ++n_active;
+        }
       }
+      gr[0] = static_cast<T>(n_active);
+      if (job.L_out) job.L_out[b0 + r] = L;
     }
-    if (job.L_out) job.L_out[b] = L;
   }
   if (!job.gq_rows) return;
 
-  // ∂L/∂D of this row.
-  const T* gD = w.gD;
+  // ---- ∂L/∂D of the tile's pairs
   if (job.gD) {
-    gD = job.gD + b * C;
+    std::copy(job.gD + b0 * C, job.gD + (b0 + nr) * C, w.g);
   } else {
-    const T wb = job.w_rows ? job.w_rows[b] : job.w_scalar;
-    w.gD[0] = wb * static_cast<T>(n_active);
-    for (int64_t c = 1; c < C; ++c) w.gD[c] = w.active[c] ? -wb : T(0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const T wb = job.w_rows ? job.w_rows[b0 + r] : job.w_scalar;
+      T* gr = w.g + r * C;
+      gr[0] = wb * gr[0];
+      for (int64_t c = 1; c < C; ++c) gr[c] = gr[c] != T(0) ? -wb : T(0);
+    }
   }
 
-  // Backward.
-  T* gp = w.gp;
-  zero(gp, d);
-  if (!pair) zero(w.gr, d);
-  T* gq_row = job.gq_rows + b * C * d;
-  bool any = false;
-  for (int64_t c = 0; c < C; ++c) {
-    const T g = gD[c];
-    T* gq = gq_row + c * d;
-    if (g == 0) {
-      zero(gq, d);
-      continue;
-    }
-    any = true;
-    const T* q = job.Q + it[c] * d;
-    residual_grad(w.e + c * d, g, w.Dc[c], d, job.distance, w.ge);
-    const T* ge = w.ge;
+  // ---- residual backward: ge = g ∂D/∂e in place of e for the pairs with g != 0; the relation
+  // gradients GR of the attention pairs that receive one, compacted (act: their pair index).
+  int64_t na = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    bool row_active = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t tc = r * C + c;
+      const T g = w.g[tc];
+      w.slot[tc] = -1;
+      if (g == T(0)) continue;
+      T* e = w.E + tc * dp;
+      if (job.distance == Distance::L2 || job.distance == Distance::SquaredL2) {
+        const T coef = job.distance == Distance::L2 ? g / w.Dc[tc] : 2 * g;
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) {
-      gp[j] += ge[j];
-      gq[j] = -ge[j];
-    }
-    if (pair) {
+        for (int64_t j = 0; j < d; ++j) e[j] = coef * e[j];
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) w.s[j] = p[j] * q[j];
-      attend_backward(w.s, w.a + c * N, ge, K, M, N, d, gK, gM, w.ga, w.gs);
-      const T* gs = w.gs;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        gp[j] += gs[j] * q[j];
-        gq[j] += gs[j] * p[j];
+        for (int64_t j = 0; j < d; ++j) e[j] = e[j] > 0 ? g : (e[j] < 0 ? -g : T(0));
       }
-    } else {
-      axpy(T(1), ge, w.gr, d);
+      if (pair) {
+        w.slot[tc] = na;
+        w.act[na++] = tc;
+      } else {
+        T* __restrict gr = w.GR + na * dp;
+        if (!row_active) {
+          std::copy(e, e + d, gr);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) gr[j] += e[j];
+        }
+        row_active = true;
+      }
+    }
+    if (!pair && row_active) {
+      w.slot[r * C] = na;
+      w.act[na++] = r;
     }
   }
-  if (!pair && any) {
-    const T* q = job.Q + it[0] * d;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) w.s[j] = p[j] * q[j];
-    attend_backward(w.s, w.a, w.gr, K, M, N, d, gK, gM, w.ga, w.gs);
-    const T* gs = w.gs;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) {
-      gp[j] += gs[j] * q[j];
-      gq_row[j] += gs[j] * p[j];
+
+  // ---- attention backward of the active attention pairs
+  if (na > 0) {
+    const T* Aa = w.A;
+    const T* Sa = w.S;
+    const T* GR = (pair && na == Ta) ? w.E : w.GR;  // pair, all active: ge in place is GR
+    if (na < Ta) {  // compact A and S (and, pair, GR) to the active pairs
+      for (int64_t i = 0; i < na; ++i) {
+        const int64_t t = w.act[i];
+        if (pair) std::copy(w.E + t * dp, w.E + t * dp + d, w.GR + i * dp);
+        std::copy(w.A + t * Np, w.A + t * Np + N, w.Ac + i * Np);
+        std::copy(w.S + t * dp, w.S + t * dp + d, w.Sc + i * dp);
+      }
+      Aa = w.Ac;
+      Sa = w.Sc;
     }
+    gemm<T, false>(na, Np, d, GR, dp, 1, mem.Mt, Np, w.GA, Np);   // GA = GR Mᵀ
+    softmax_backward_rows(Aa, w.GA, na, Np);                      // GZ, in place of GA
+    gemm<T, true>(N, dp, na, Aa, 1, Np, GR, dp, gM, dp);          // gM += Aᵀ GR
+    gemm<T, true>(N, dp, na, w.GA, 1, Np, Sa, dp, gK, dp);        // gK += GZᵀ S
+    gemm<T, false>(na, dp, N, w.GA, Np, 1, mem.Kp, dp, w.GS, dp); // GS = GZ K
   }
-  std::copy(gp, gp + d, job.gp_rows + b * d);
+
+  // ---- the rows' gradients, each written once: through e = p + r − q and s = p ⊙ q,
+  // gp = Σ_c (ge_c + gs_c ⊙ q_c), gq_c = gs_c ⊙ p − ge_c (gs only where attention ran).
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* __restrict p = w.prow[r];
+    T* __restrict gp = w.gp;
+    for (int64_t j = 0; j < d; ++j) gp[j] = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t tc = r * C + c;
+      T* __restrict gq = job.gq_rows + (b0 * C + tc) * d;
+      const bool active = w.g[tc] != T(0);
+      const int64_t i = w.slot[tc];
+      const T* __restrict e = w.E + tc * dp;
+      if (i >= 0) {
+        const T* __restrict q = w.qrow[tc];
+        const T* __restrict gs = w.GS + i * dp;
+        if (active) {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            gp[j] += e[j] + gs[j] * q[j];
+            gq[j] = gs[j] * p[j] - e[j];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            gp[j] += gs[j] * q[j];
+            gq[j] = gs[j] * p[j];
+          }
+        }
+      } else if (active) {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+          gp[j] += e[j];
+          gq[j] = -e[j];
+        }
+      } else {
+        zero(gq, d);
+      }
+    }
+    std::copy(gp, gp + d, job.gp_rows + (b0 + r) * d);
+  }
 }
 
 // Runs the rows; with gradients, returns (gK, gM) summed over the row-block partials in order.
 template <typename T>
 std::pair<Tensor, Tensor> run(const Job<T>& job, const at::TensorOptions& opts) {
   const int64_t B = job.B, N = job.N, d = job.d, C = job.C;
-  if (!job.gq_rows) {
-    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
-      Workspace<T> w(C, N, d);
-      for (int64_t b = lo; b < hi; ++b) process_row(job, b, w, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
-    });
-    return {};
-  }
+  const bool grads = job.gq_rows != nullptr;
+  const bool pair = job.relation == Relation::Pair;
+  Memory<T> mem(job.K, job.M, N, d, opts);
+  const int64_t dp = mem.dp, Np = mem.Np;
   const int64_t nblk0 = std::max<int64_t>(
       1, std::min<int64_t>(kMaxBlocks, (B + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
   const int64_t rows = std::max<int64_t>(1, (B + nblk0 - 1) / nblk0);
   const int64_t nblk = std::max<int64_t>(1, (B + rows - 1) / rows);
-  const int64_t nd = N * d;
-  Tensor partials = at::empty({nblk, 2, N, d}, opts);
-  T* part = partials.data_ptr<T>();
-  at::parallel_for(0, nblk, 1, [&](int64_t lo, int64_t hi) {
-    Workspace<T> w(C, N, d);
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      T* gK = part + blk * 2 * nd;
-      T* gM = gK + nd;
-      zero(gK, 2 * nd);  // first touch by the thread that accumulates it
-      const int64_t end = std::min(B, (blk + 1) * rows);
-      for (int64_t b = blk * rows; b < end; ++b) process_row(job, b, w, gK, gM);
+  const int64_t tile_rows = std::min<int64_t>(
+      rows, pair ? std::max<int64_t>(1, kTilePairs / C) : kSharedTileRows);
+  const int64_t Ta_max = pair ? tile_rows * C : tile_rows;
+  const int64_t nd = N * dp;
+  Tensor partials;
+  T* part = nullptr;
+  if (grads) {
+    partials = at::empty({nblk, 2, N, dp}, opts);
+    part = partials.data_ptr<T>();
+  }
+  std::atomic<int64_t> next{0};
+  // Threads take blocks from `next` (balanced on a busy machine); what a block computes does not
+  // depend on which thread runs it.
+  at::parallel_for(0, nblk, 1, [&](int64_t, int64_t) {
+    Tile<T> w(tile_rows, C, Ta_max, pair, dp, Np, opts);
+    auto tiles = [&](int64_t blk) {  // a block's rows [lo, hi) and its number of tiles
+      const int64_t lo = blk * rows, hi = std::min(B, lo + rows);
+      return std::array<int64_t, 3>{lo, hi, (hi - lo + tile_rows - 1) / tile_rows};
+    };
+    int64_t blk = next++;
+    if (blk < nblk) {
+      const auto t = tiles(blk);
+      prefetch_rows(job, t[0], (t[1] - t[0]) / t[2]);
+    }
+    while (blk < nblk) {
+      T* gK = grads ? part + blk * 2 * nd : nullptr;
+      T* gM = grads ? gK + nd : nullptr;
+      if (grads) zero(gK, 2 * nd);
+      const auto [lo, hi, ntile] = tiles(blk);
+      int64_t nxt = nblk;
+      for (int64_t i = 0, b = lo; i < ntile; ++i) {
+        const int64_t nr = (hi - b) / (ntile - i);
+        // The rows are random reads: prefetch the next tile's, or the first of the next block
+        // (claimed now).
+        if (i + 1 < ntile) {
+          const int64_t nb = b + nr;
+          prefetch_rows(job, nb, (hi - nb) / (ntile - i - 1));
+        } else {
+          nxt = next++;
+          if (nxt < nblk) {
+            const auto t = tiles(nxt);
+            prefetch_rows(job, t[0], (t[1] - t[0]) / t[2]);
+          }
+        }
+        process_tile(job, mem, b, nr, w, gK, gM);
+        b += nr;
+      }
+      blk = nxt;
     }
   });
+  if (!grads) return {};
   Tensor gK = at::empty({N, d}, opts);
   Tensor gM = at::empty({N, d}, opts);
   T* ok = gK.data_ptr<T>();
   T* om = gM.data_ptr<T>();
-  at::parallel_for(0, nd, 2048, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      T sk = 0, sm = 0;
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        sk += part[blk * 2 * nd + i];
-        sm += part[blk * 2 * nd + nd + i];
+  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      for (int64_t j = 0; j < d; ++j) {
+        T sk = 0, sm = 0;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          sk += part[blk * 2 * nd + n * dp + j];
+          sm += part[blk * 2 * nd + nd + n * dp + j];
+        }
+        ok[n * d + j] = sk;
+        om[n * d + j] = sm;
       }
-      ok[i] = sk;
-      om[i] = sm;
-    }
   });
   return {gK, gM};
 }
