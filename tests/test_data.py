@@ -232,6 +232,11 @@ def test_netflix_writer_round_trip(tmp_path):
         )
         assert got == want
     assert len(D.read_netflix(tmp_path / "c", min_rating=4)) == int((ratings >= 4).sum())
+    # tiny chunks: movies continue across chunk boundaries
+    small = D.read_netflix(tmp_path / "c", cache=False, chunk_bytes=1000)
+    assert small.fingerprint() == D.read_netflix(tmp_path / "c").fingerprint()
+    s = D.load(f"netflix:{tmp_path / 'c'}", num_negatives=20)
+    assert s.name == f"netflix:{tmp_path / 'c'}" and s.test_negatives.shape[1] == 20
 
 
 @pytest.mark.parametrize(

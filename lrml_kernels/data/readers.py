@@ -283,7 +283,7 @@ _NAME_ROLES = {
         "isbn",
         "doc",
         "docid",
-    },  # fmt: skip
+    },
     "rating": {"rating", "ratings", "score", "stars", "value", "preference", "bookrating"},
     "timestamp": {"timestamp", "time", "date", "datetime", "ts", "unixtime", "unixreviewtime"},
 }
