@@ -415,6 +415,18 @@ def test_evaluation_negatives_dense_users_and_too_few_items():
         D.leave_one_out(interactions(users, items, num_items=50), num_negatives=6)
 
 
+def test_data_format_error_pickles():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataFormatError("/x/u.data", 7, "bad")))
+    assert (err.path, err.line, err.reason, str(err)) == (
+        "/x/u.data",
+        7,
+        "bad",
+        "/x/u.data, line 7: bad",
+    )
+
+
 def test_split_and_interactions_validation():
     with pytest.raises(ValueError, match="items must lie"):
         D.Interactions(np.array([0]), np.array([3]), None, 1, 3, np.arange(1), np.arange(3))

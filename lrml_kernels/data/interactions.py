@@ -29,6 +29,9 @@ class DataFormatError(ValueError):
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):  # picklable across processes
+        return (type(self), (self.path, self.line, self.reason))
+
 
 def _as_index_array(name: str, a) -> np.ndarray:
     a = np.asarray(a)
