@@ -5,19 +5,27 @@ Public API::
     lrml_distances, lrml_hinge_loss, lrml_topk   # the fused ops (ops.py)
     available_backends                           # which backends run here (backends.py)
     LRML                                         # the nn.Module (model.py)
+    LRMLTrainer                                  # fused sparse optimizer step (trainer.py)
+    evaluate                                     # HR@k / nDCG@k, sampled or full (metrics.py)
+    data                                         # readers, splits, synthetic data, sampling
     reference                                    # SPEC.md in plain PyTorch
 """
 
-from lrml_kernels import reference
+from lrml_kernels import data, reference
 from lrml_kernels.backends import BackendUnavailable, available_backends
+from lrml_kernels.metrics import evaluate
 from lrml_kernels.model import LRML
 from lrml_kernels.ops import lrml_distances, lrml_hinge_loss, lrml_topk
+from lrml_kernels.trainer import LRMLTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LRML",
+    "LRMLTrainer",
     "BackendUnavailable",
+    "data",
+    "evaluate",
     "available_backends",
     "lrml_distances",
     "lrml_hinge_loss",
