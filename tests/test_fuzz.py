@@ -245,8 +245,10 @@ def check_problem(backend, pb):
         close(a, e, dtype, f"hinge grad {name}", r, C * mag[name])
 
     # The fused per-row gradients of the trainer (no autograd).
-    if backend == "torch" or (backend == "cpu" and users.shape[0] == 0):  # known bug: see below
+    if backend == "torch":
         return
+    if users.shape[0] == 0 and (backend == "cpu" or pb["reduction"] == "mean"):
+        return  # known bugs: see test_fused_training_step_on_an_empty_batch
     args = (pb["margin"], pb["distance"], pb["relation"], pb["eps"], pb["reduction"])
     impl = backends.get(backend, torch.device(DEVICE))
     ps = [p.contiguous() for p in params]
@@ -417,15 +419,32 @@ def test_sparse_grad_with_half_precision(backend, dtype):
         close(a, b, dtype, "sparse grad")
 
 
-@pytest.mark.parametrize("backend", with_marks(CPU_EMPTY_FUSED))
-def test_fused_training_step_on_an_empty_batch(backend):
+TRITON_EMPTY_MEAN = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bug: triton hinge_loss_grads reduces with L.mean() (_reduce), NaN for B = 0; the "
+    "reference returns 0 (hinge_from_distances: L.mean() if L.numel() else L.sum())",
+)
+
+
+def empty_batch_cases():
+    for b in BACKENDS:
+        for reduction in ("sum", "mean"):
+            mark = {"cpu": CPU_EMPTY_FUSED}.get(b)
+            if b == "triton" and reduction == "mean":
+                mark = TRITON_EMPTY_MEAN
+            yield pytest.param(b, reduction, marks=mark or ())
+
+
+@pytest.mark.parametrize("backend, reduction", empty_batch_cases())
+def test_fused_training_step_on_an_empty_batch(backend, reduction):
     from lrml_kernels.model import LRML
     from lrml_kernels.trainer import LRMLTrainer
 
     torch.manual_seed(0)
     model = LRML(5, 6, 4, 3, backend=backend, device=DEVICE)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = LRMLTrainer(model, "adam")
+    trainer = LRMLTrainer(model, "adam", reduction=reduction)
     empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
     loss = trainer.step(empty, empty.view(0, 3))
     assert float(loss) == 0.0
