@@ -436,7 +436,7 @@ def empty_batch_cases():
             yield pytest.param(b, reduction, marks=mark or ())
 
 
-@pytest.mark.parametrize("backend, reduction", empty_batch_cases())
+@pytest.mark.parametrize("backend, reduction", list(empty_batch_cases()))
 def test_fused_training_step_on_an_empty_batch(backend, reduction):
     from lrml_kernels.model import LRML
     from lrml_kernels.trainer import LRMLTrainer
