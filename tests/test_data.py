@@ -440,7 +440,16 @@ def test_split_and_interactions_validation():
 # --- training negatives (torch) ---
 
 
-def test_csr_membership_matches_numpy():
+@pytest.fixture
+def one_thread():
+    """Small torch ops: one thread (OpenMP threads on an oversubscribed machine crawl)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_csr_membership_matches_numpy(one_thread):
     rng = np.random.default_rng(0)
     x = interactions(rng.integers(0, 50, 3000), rng.integers(0, 80, 3000), num_items=80)
     indptr, indices = D.build_csr(x.users, x.items, x.num_users, x.num_items)
@@ -457,10 +466,10 @@ def test_csr_membership_matches_numpy():
     assert np.array_equal(D.split.csr_contains(indptr, indices, rows[:, None], vals), truth)
 
 
-def test_sample_negatives_rejects_positives():
+def test_sample_negatives_rejects_positives(one_thread):
     s = D.load("synthetic-small")
     indptr, indices = (torch.from_numpy(a) for a in s.train_csr())
-    users = torch.arange(s.num_users).repeat(20)
+    users = torch.arange(s.num_users).repeat(4)
     g = torch.Generator().manual_seed(0)
     neg = D.sample_negatives(users, s.num_items, 16, generator=g, exclude_csr=(indptr, indices))
     assert neg.shape == (users.numel(), 16) and neg.dtype == torch.int64
