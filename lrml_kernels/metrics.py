@@ -26,7 +26,10 @@ def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
 
 
 def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torch.Tensor:
-    """Rank of each held-out item among itself and its sampled negatives (ties count against it)."""
+    """Rank of each held-out item among its sampled negatives (ties count against it).
+
+    Negatives equal to the held-out item itself are ignored.
+    """
     if split.test_negatives is None:
         raise ValueError("this split has no sampled negatives: use protocol='full'")
     device = torch.device(device) if device is not None else _device_of(ranker)
@@ -44,7 +47,10 @@ def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torc
             u = users[start : start + batch_size].to(device)
             c = cand[start : start + batch_size].to(device)
             D = ranker.distances(u, c).float()
-            ranks.append((D[:, 1:] <= D[:, :1]).sum(1).cpu())
+            # A negative equal to the held-out item (156 rows of the NCF ml-1m file) is not a
+            # competitor: skip it, as NCF's own evaluation does.
+            rivals = c[:, 1:] != c[:, :1]
+            ranks.append(((D[:, 1:] <= D[:, :1]) & rivals).sum(1).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 

@@ -66,6 +66,13 @@ def test_sampled_protocol_hand_computed():
     assert out["hr"] == 1.0 and out["ndcg"] == pytest.approx((1 / math.log2(3) + 1) / 2)
 
 
+def test_a_negative_equal_to_the_held_out_item_is_ignored():
+    table = [[0.5, 0.1, 0.9, 1.0]]
+    split = make_split([(0, 3)], [(0, 0)], [[0, 2, 0]], 4)  # item 0 listed among its negatives
+    out = evaluate(TableRanker(table), split, "sampled", k=1)
+    assert out["hr"] == 1.0
+
+
 def test_constant_model_scores_zero():
     table = np.zeros((2, 5))
     split = make_split([(0, 4), (1, 4)], [(0, 0), (1, 1)], [[1, 2, 3], [0, 2, 3]], 5)
