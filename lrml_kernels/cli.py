@@ -173,6 +173,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, IndexError, BackendUnavailable) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        IndexError,
+        BackendUnavailable,
+        FloatingPointError,  # training.NonFiniteLossError
+    ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
         return 2

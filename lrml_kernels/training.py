@@ -283,6 +283,9 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         loss_sum = ckpt["loss_sum"].to(device)
         elapsed = ckpt["epoch_seconds"]
     writer = out if rank == 0 else None
+    if writer is not None:  # temporary files of writes that a crash interrupted
+        for stale in writer.glob(f".{CHECKPOINT}.tmp*"):
+            stale.unlink()
 
     def checkpoint():
         gen_states = [gen.get_state()]
@@ -291,6 +294,12 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             torch.distributed.all_gather_object(gen_states, gen.get_state())
         if writer is None:
             return
+        # A finite loss can hide a non-finite gradient for one step: never save such a model.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteLossError(
+                f"non-finite parameters after step {global_step}; the last good checkpoint is "
+                "left as it was"
+            )
         state = {
             "version": _version(),
             "config": asdict(cfg),
@@ -329,6 +338,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             _plot_curve(records, out / CURVE)
 
     pairs_per_row = 1 + cfg.negatives
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     stop = False
     while epoch < cfg.epochs and not stop:
         # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
@@ -359,15 +369,22 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             loss = stepper.step(users, items)
             if cfg.on_nonfinite == "skip":  # the step was not applied: leave it out of the sum
                 loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+            else:  # remember the first bad step on the device (no host sync per step)
+                first_bad = torch.where(
+                    (first_bad < 0) & ~torch.isfinite(loss), global_step + 1, first_bad
+                )
             loss_sum += loss.double()
             step_in_epoch += 1
             global_step += 1
-            if step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch:
+            due = cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
+            if due or step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch:
                 seen = loss_sum.item()
-                if not math.isfinite(seen):
+                if not math.isfinite(seen):  # checked before any checkpoint is written
+                    bad = int(first_bad)
                     raise NonFiniteLossError(
-                        f"non-finite loss by step {global_step} (epoch {epoch + 1}, batch "
-                        f"{step_in_epoch}); the last good checkpoint is left as it was"
+                        f"non-finite loss at step {bad} (epoch {epoch + 1}, batch "
+                        f"{bad - (global_step - step_in_epoch)}); the last good checkpoint "
+                        "is left as it was"
                     )
                 rate = (
                     step_in_epoch

@@ -273,13 +273,6 @@ def small_cfg(**over) -> TrainConfig:
     return TrainConfig(**{**OPTS, "epochs": 1, "eval": "none", "progress": False, **over})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: training.fit checks the loss only every 50 steps and at the epoch end, so "
-    "--checkpoint-every writes the poisoned model over the last good checkpoint, and the "
-    "message names the step of the check, not the bad step",
-)
 def test_nonfinite_stop_names_the_step_and_never_checkpoints_it(tmp_path, poison_step):
     poison_step(5)
     with pytest.raises(NonFiniteLossError) as info:
@@ -290,12 +283,6 @@ def test_nonfinite_stop_names_the_step_and_never_checkpoints_it(tmp_path, poison
     assert re.search(r"step 5\b", str(info.value)), str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NonFiniteLossError,
-    reason="bug: cli.main catches ValueError/FileNotFoundError/IndexError/BackendUnavailable but "
-    "not NonFiniteLossError (a FloatingPointError): a traceback instead of a one-line error",
-)
 def test_cli_reports_nonfinite_loss_as_an_error(tmp_path, poison_step, capsys):
     poison_step(5)
     rc = main(cli_args(tmp_path, epochs=1, eval="none"))

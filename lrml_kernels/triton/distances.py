@@ -659,7 +659,7 @@ def _reduce(L: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return L.sum()
     if reduction == "mean":
-        return L.mean()
+        return L.mean() if L.numel() else L.sum()  # 0, not NaN, for an empty batch
     if reduction == "none":
         return L
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
