@@ -301,6 +301,65 @@ def _register_python_side() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Autograd of a scalar hinge loss in one fused pass.
+#
+# A scalar loss ("sum"/"mean") has gradients that are the gradients for ∂loss = 1 times the
+# upstream scalar, so the forward computes them all at once (hinge_loss_grads: one pass over the
+# pairs, no recomputation of the attention in a backward) and the backward only scales them.
+# The price: a forward that needs gradients costs a forward + backward even if backward() is
+# never called. Used outside torch.compile (which traces the registered autograd of the op) for
+# fp32/fp64 parameters; reduction="none" and lrml_distances keep the op's recomputing backward.
+
+
+def _fused_autograd_applies(params, reduction: str) -> bool:
+    return (
+        reduction != "none"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in params)
+        and params[0].dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _rows_to_table_grad(shape, dtype, idx, rows, sparse: bool):
+    """As :func:`scatter_rows`, from the table's shape and dtype (the table is not kept)."""
+    idx = idx.reshape(-1).to(torch.int64)
+    rows = rows.reshape(-1, shape[1]).to(dtype)
+    if sparse:
+        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, shape, check_invariants=False)
+    return torch.zeros(shape, dtype=dtype, device=rows.device).index_add_(0, idx, rows)
+
+
+class _FusedHingeLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, P, Q, K, M, users, items, margin, distance, relation, eps, reduction, sparse):
+        loss, gp, gq, gK, gM = _ops().hinge_loss_grads(
+            P, Q, K, M, users, items, margin, distance, relation, eps, reduction
+        )
+        ctx.save_for_backward(users, items, gp, gq, gK, gM)
+        ctx.tables = (P.shape, Q.shape, P.dtype)
+        ctx.sparse = sparse
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        users, items, gp, gq, gK, gM = ctx.saved_tensors
+        p_shape, q_shape, dtype = ctx.tables
+        need = ctx.needs_input_grad
+
+        def scaled(g):  # ∂loss = grad: a scalar; skip the multiply for the usual 1
+            return g if bool(grad == 1) else g * grad.to(g.dtype)
+
+        out = (
+            _rows_to_table_grad(p_shape, dtype, users, scaled(gp), ctx.sparse) if need[0] else None,
+            _rows_to_table_grad(q_shape, dtype, items, scaled(gq), ctx.sparse) if need[1] else None,
+            scaled(gK) if need[2] else None,
+            scaled(gM) if need[3] else None,
+        )
+        return (*out, *(None,) * 8)
+
+
+# ----------------------------------------------------------------------------------------------
 # The backend objects of lrml_kernels.backends.
 
 
@@ -331,7 +390,13 @@ class ExtensionBackend:
 
     def hinge_loss(self, user_emb, item_emb, keys, memory, users, items, margin, distance,
                    relation, eps, reduction, sparse_grad):  # fmt: skip
-        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        params = (user_emb, item_emb, keys, memory)
+        if _fused_autograd_applies(params, reduction):
+            return _FusedHingeLoss.apply(
+                *params, users, items, float(margin), distance, relation, float(eps), reduction,
+                bool(sparse_grad),
+            )  # fmt: skip
+        params, cast = self._compute(params)
         loss = _ops().hinge_loss(
             *params,
             users,

@@ -165,6 +165,74 @@ def test_sparse_grad_equals_dense(ext, relation):
     torch.testing.assert_close(gP.to_dense(), out[False][0])
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_fused_autograd_of_scalar_hinge(ext, relation, reduction, sparse):
+    # A scalar hinge loss that needs gradients runs forward + backward in the forward
+    # (hinge_loss_grads) and scales them in backward: against the reference, for an upstream
+    # gradient != 1 and for a subset of the inputs requiring gradients.
+    P, Q, K, M, users, items = make(37, 7, 37, 13, torch.float64, seed=15)
+    params = (P, Q, K, M)
+    kw = dict(relation=relation, reduction=reduction)
+    L = lk.lrml_hinge_loss(*params, users, items, backend="cpu", sparse_grad=sparse, **kw)
+    assert L.grad_fn is not None and "Fused" in type(L.grad_fn).__name__
+    Lr = reference.lrml_hinge_loss(*params, users, items, **kw)
+    assert_close(L, Lr, torch.float64)
+    got, want = grads(3.5 * L, params), grads(3.5 * Lr, params)
+    assert got[0].is_sparse == sparse and got[1].is_sparse == sparse
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, torch.float64)
+    # only keys and memory
+    Pd, Qd = P.detach(), Q.detach()
+    L = lk.lrml_hinge_loss(Pd, Qd, K, M, users, items, backend="cpu", **kw)
+    Lr = reference.lrml_hinge_loss(Pd, Qd, K, M, users, items, **kw)
+    for a, b in zip(grads(L, (K, M)), grads(Lr, (K, M)), strict=True):
+        assert_close(a, b, torch.float64)
+    # no gradients needed: the plain forward op
+    with torch.no_grad():
+        L0 = lk.lrml_hinge_loss(*params, users, items, backend="cpu", **kw)
+    assert L0.grad_fn is None
+    assert_close(L0, Lr.detach(), torch.float64)
+
+
+def test_fused_autograd_equals_hinge_loss_grads(ext):
+    P, Q, K, M, users, items = make(100, 20, 300, 5, torch.float32, seed=16)
+    params = (P, Q, K, M)
+    L = lk.lrml_hinge_loss(*params, users, items, backend="cpu")
+    gP, gQ, gK, gM = grads(L, params)
+    loss, gp, gq, gK2, gM2 = ext.hinge_loss_grads(
+        *(t.detach() for t in params), users, items, 0.5, "l2", "pair", 1e-3, "sum"
+    )
+    assert torch.equal(L.detach(), loss)
+    assert torch.equal(gK, gK2) and torch.equal(gM, gM2)
+    assert torch.equal(gP, extension.scatter_rows(P, users, gp, False))
+    assert torch.equal(gQ, extension.scatter_rows(Q, items, gq, False))
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_rows_do_not_depend_on_the_batch_around_them(ext, relation):
+    # Large enough for the streaming stores of the gradient rows (>= 4 MB); every row's
+    # distances and gradient rows are the bits of the same row computed in a small batch.
+    B, C, d = 2200, 5, 100
+    P, Q, K, M, users, items = (
+        t.detach() for t in make(d, 20, B, C, torch.float32, U=5000, I=3000, seed=17)
+    )
+    args = (P, Q, K, M)
+    big = ext.hinge_loss_grads(*args, users, items, 0.5, "l2", relation, 1e-3, "none")
+    D = ext.distances(*args, users, items, "l2", relation, 1e-3, False)
+    for lo, hi in ((0, 1), (37, 100), (2150, 2200)):
+        small = ext.hinge_loss_grads(*args, users[lo:hi], items[lo:hi], 0.5, "l2", relation, 1e-3,
+                                     "none")  # fmt: skip
+        assert torch.equal(big[0][lo:hi], small[0])
+        assert torch.equal(big[1][lo:hi], small[1])
+        assert torch.equal(big[2][lo:hi], small[2])
+        Ds = ext.distances(*args, users[lo:hi], items[lo:hi], "l2", relation, 1e-3, False)
+        assert torch.equal(D[lo:hi], Ds)
+    Lr = reference.lrml_hinge_loss(*args, users, items, relation=relation, reduction="none")
+    torch.testing.assert_close(big[0], Lr, atol=1e-5, rtol=1e-5)
+
+
 def test_opcheck(ext):
     ops = torch.ops.lrml_ext
     P, Q, K, M, users, items = make(37, 7, 9, 3, torch.float64, seed=5)
@@ -203,6 +271,7 @@ def test_determinism_and_thread_independence(ext):
         torch.set_num_threads(threads)
     for a, b in zip(first, single, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert torch.equal(a, b)  # fixed blocks: the same bits with any number of threads
 
 
 def test_torch_compile_fullgraph(ext):

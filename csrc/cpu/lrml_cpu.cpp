@@ -25,6 +25,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "../checks.h"
 #include "kernels.h"
 #include "ops_cpu.h"
@@ -38,6 +42,7 @@ constexpr int64_t kMaxBlocks = 64;  // keys/memory partials: at most 64 x 2 x N 
 constexpr int64_t kMinRowsPerBlock = 16;
 constexpr int64_t kTilePairs = 40;         // attention pairs per tile (pair mode: rows x C)
 constexpr int64_t kSharedTileRows = 32;    // rows per tile with relation="shared"
+constexpr int64_t kStreamBytes = 4 << 20;  // gradient rows at least this large: streaming stores
 
 const std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
 
@@ -62,6 +67,7 @@ struct Job {
   T w_scalar = 0;
   T* gp_rows = nullptr;  // [B, d]
   T* gq_rows = nullptr;  // [B, C, d]
+  bool stream = false;   // write the rows with non-temporal stores (outputs larger than cache)
 };
 
 // K, M padded to dp = round_up(d, W) columns and Kᵀ, Mᵀ to Np = round_up(N, W): the B operands.
@@ -94,6 +100,33 @@ struct Memory {
   }
 };
 
+// dst[0:n] = src[0:n] with non-temporal stores where the CPU has them: the gradient rows are
+// written once and not read again by the kernel, so they need not take cache lines (nor be read
+// for ownership). The caller fences (stream_fence) before the data is used.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  size_t bytes = static_cast<size_t>(n) * sizeof(T);
+#if defined(__AVX__)
+  size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
+  head = std::min(head, bytes);
+  std::memcpy(d, s, head);
+  d += head;
+  s += head;
+  bytes -= head;
+  for (; bytes >= 32; bytes -= 32, d += 32, s += 32)
+    _mm256_stream_ps(reinterpret_cast<float*>(d), _mm256_loadu_ps(reinterpret_cast<const float*>(s)));
+#endif
+  std::memcpy(d, s, bytes);
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // Per-thread tile buffers. Rows are dp (or Np) apart; the padding columns start at zero and the
 // element-wise loops never write them (the GEMMs may, only into padding of their outputs).
 template <typename T>
@@ -101,14 +134,15 @@ struct Tile {
   Tensor buf;
   std::vector<int64_t> act, slot;
   std::vector<const T*> prow, qrow;
-  T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *gp, *Dc, *g;
+  T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *gp, *Dc, *g, *Gq, *Gp;
   Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
        const at::TensorOptions& opts)
       : act(Ta), slot(rows * C), prow(rows), qrow(rows * C) {
     const int64_t Tc = rows * C;
     const int64_t Dsz = round_up(Tc, 16);
     const int64_t Esz = pair ? 0 : Tc * dp;  // pair: E (then ge) in place of R
-    const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + dp + 2 * Dsz;
+    const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + dp + 2 * Dsz + round_up(Tc * dp, 16) +
+                      round_up(rows * dp, 16);
     buf = at::zeros({n}, opts);
     T* x = buf.data_ptr<T>();
     S = x; x += Ta * dp;
@@ -122,7 +156,9 @@ struct Tile {
     E = pair ? R : x; x += Esz;
     gp = x; x += dp;
     Dc = x; x += Dsz;
-    g = x;
+    g = x; x += Dsz;
+    Gq = x; x += round_up(Tc * dp, 16);  // the tile's gq rows [Tc, d], as in the output
+    Gp = x;                              // and its gp rows [rows, d]
   }
 };
 
@@ -290,7 +326,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
     for (int64_t j = 0; j < d; ++j) gp[j] = 0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t tc = r * C + c;
-      T* __restrict gq = job.gq_rows + (b0 * C + tc) * d;
+      T* __restrict gq = (job.stream ? w.Gq : job.gq_rows + b0 * C * d) + tc * d;
       const bool active = w.g[tc] != T(0);
       const int64_t i = w.slot[tc];
       const T* __restrict e = w.E + tc * dp;
@@ -320,16 +356,21 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
         zero(gq, d);
       }
     }
-    std::copy(gp, gp + d, job.gp_rows + (b0 + r) * d);
+    std::copy(gp, gp + d, (job.stream ? w.Gp : job.gp_rows + b0 * d) + r * d);
+  }
+  if (job.stream) {
+    stream_copy(job.gq_rows + b0 * C * d, w.Gq, Tc * d);
+    stream_copy(job.gp_rows + b0 * d, w.Gp, nr * d);
   }
 }
 
 // Runs the rows; with gradients, returns (gK, gM) summed over the row-block partials in order.
 template <typename T>
-std::pair<Tensor, Tensor> run(const Job<T>& job, const at::TensorOptions& opts) {
+std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
   const int64_t B = job.B, N = job.N, d = job.d, C = job.C;
   const bool grads = job.gq_rows != nullptr;
   const bool pair = job.relation == Relation::Pair;
+  job.stream = grads && B * C * d * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   Memory<T> mem(job.K, job.M, N, d, opts);
   const int64_t dp = mem.dp, Np = mem.Np;
   const int64_t nblk0 = std::max<int64_t>(
@@ -385,23 +426,27 @@ std::pair<Tensor, Tensor> run(const Job<T>& job, const at::TensorOptions& opts) 
       }
       blk = nxt;
     }
+    if (job.stream) stream_fence();
   });
   if (!grads) return {};
   Tensor gK = at::empty({N, d}, opts);
   Tensor gM = at::empty({N, d}, opts);
   T* ok = gK.data_ptr<T>();
   T* om = gM.data_ptr<T>();
-  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n)
-      for (int64_t j = 0; j < d; ++j) {
-        T sk = 0, sm = 0;
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          sk += part[blk * 2 * nd + n * dp + j];
-          sm += part[blk * 2 * nd + nd + n * dp + j];
-        }
-        ok[n * d + j] = sk;
-        om[n * d + j] = sm;
+  // Sum of the block partials, block 0 first: the same order for every element and thread count.
+  at::parallel_for(0, 2 * N, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> acc(dp);
+    for (int64_t x = lo; x < hi; ++x) {  // x < N: keys row x, else memory row x - N
+      const T* src = part + (x < N ? x * dp : nd + (x - N) * dp);
+      std::copy(src, src + dp, acc.begin());
+      for (int64_t blk = 1; blk < nblk; ++blk) {
+        const T* pb = src + blk * 2 * nd;
+        T* __restrict a = acc.data();
+#pragma omp simd
+        for (int64_t j = 0; j < dp; ++j) a[j] += pb[j];
       }
+      std::copy(acc.begin(), acc.begin() + d, (x < N ? ok + x * d : om + (x - N) * d));
+    }
   });
   return {gK, gM};
 }

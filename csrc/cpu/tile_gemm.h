@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace lrml {
 namespace cpu {
@@ -31,7 +32,12 @@ struct Simd {
     return v;
   }
   static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V splat(T x) { return V{} + x; }
+  // Broadcast (V{} + x would cost an add: 0 + x is not x for x = -0).
+  static inline V splat(T x) { return splat_(x, std::make_index_sequence<W>{}); }
+  template <std::size_t... I>
+  static inline V splat_(T x, std::index_sequence<I...>) {
+    return V{((void)I, x)...};
+  }
 };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
