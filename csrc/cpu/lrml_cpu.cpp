@@ -192,7 +192,13 @@ void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
 // One tile: rows [b0, b0 + nr). gK, gM: the block's padded partials [N, dp] (backward only).
 template <typename T>
 void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t nr, Tile<T>& w,
-                  T* gK, T* gM) {
+                  T* gK, T* gM, int64_t pf_b, int64_t pf_n) {
+  // Rows of the next tile [pf_b, pf_b + pf_n) are prefetched in three parts spread over this
+  // tile's work (a burst of hundreds of prefetches would stall on the cache's miss buffers).
+  auto prefetch_part = [&](int64_t k) {
+    const int64_t lo = pf_b + pf_n * k / 3, hi = pf_b + pf_n * (k + 1) / 3;
+    prefetch_rows(job, lo, hi - lo);
+  };
   const int64_t d = job.d, N = job.N, C = job.C, dp = mem.dp, Np = mem.Np;
   const bool pair = job.relation == Relation::Pair;
   const int64_t Tc = nr * C;
@@ -211,8 +217,10 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) s[j] = p[j] * q[j];
   }
+  prefetch_part(0);
   gemm<T, false>(Ta, Np, d, w.S, dp, 1, mem.Kt, Np, w.A, Np);  // Z = S Kᵀ
   softmax_rows(w.A, Ta, N, Np);
+  prefetch_part(1);
   gemm<T, false>(Ta, dp, N, w.A, Np, 1, mem.Mp, dp, w.R, dp);  // R = A M
   for (int64_t tc = 0; tc < Tc; ++tc) {
     const T* __restrict p = w.prow[tc / C];
@@ -223,6 +231,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
     for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
     w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
   }
+  prefetch_part(2);
   if (job.D_out) std::copy(w.Dc, w.Dc + Tc, job.D_out + b0 * C);
   if (job.hinge) {
     for (int64_t r = 0; r < nr; ++r) {
@@ -411,17 +420,19 @@ std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
         const int64_t nr = (hi - b) / (ntile - i);
         // The rows are random reads: prefetch the next tile's, or the first of the next block
         // (claimed now).
+        int64_t pf_b = 0, pf_n = 0;
         if (i + 1 < ntile) {
-          const int64_t nb = b + nr;
-          prefetch_rows(job, nb, (hi - nb) / (ntile - i - 1));
+          pf_b = b + nr;
+          pf_n = (hi - pf_b) / (ntile - i - 1);
         } else {
           nxt = next++;
           if (nxt < nblk) {
             const auto t = tiles(nxt);
-            prefetch_rows(job, t[0], (t[1] - t[0]) / t[2]);
+            pf_b = t[0];
+            pf_n = (t[1] - t[0]) / t[2];
           }
         }
-        process_tile(job, mem, b, nr, w, gK, gM);
+        process_tile(job, mem, b, nr, w, gK, gM, pf_b, pf_n);
         b += nr;
       }
       blk = nxt;
@@ -434,7 +445,10 @@ std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
   T* ok = gK.data_ptr<T>();
   T* om = gM.data_ptr<T>();
   // Sum of the block partials, block 0 first: the same order for every element and thread count.
-  at::parallel_for(0, 2 * N, 1, [&](int64_t lo, int64_t hi) {
+  // Small (2 x N x d x blocks adds): in the calling thread unless large, as every parallel region
+  // costs a wake-up of the other threads (milliseconds when the cores are busy with other work).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 19) / (nblk * dp));
+  at::parallel_for(0, 2 * N, grain, [&](int64_t lo, int64_t hi) {
     std::vector<T> acc(dp);
     for (int64_t x = lo; x < hi; ++x) {  // x < N: keys row x, else memory row x - N
       const T* src = part + (x < N ? x * dp : nd + (x - N) * dp);
