@@ -184,8 +184,17 @@ inline void prefetch_row(const T* x, int64_t d) {
 template <typename T>
 void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
   for (int64_t b = b0; b < b0 + nr; ++b) {
-    prefetch_row(job.P + job.users[b] * job.d, job.d);
-    for (int64_t c = 0; c < job.C; ++c) prefetch_row(job.Q + job.items[b * job.C + c] * job.d, job.d);
+    // The tables are large (Netflix users: 192 MB in 4 KB pages): a software prefetch that misses
+    // the TLB does not help, so one real load per row walks the page table (the loads of a few
+    // rows overlap), then the prefetches find the translation.
+    const T* p = job.P + job.users[b] * job.d;
+    (void)*reinterpret_cast<const volatile T*>(p);
+    prefetch_row(p, job.d);
+    for (int64_t c = 0; c < job.C; ++c) {
+      const T* q = job.Q + job.items[b * job.C + c] * job.d;
+      (void)*reinterpret_cast<const volatile T*>(q);
+      prefetch_row(q, job.d);
+    }
   }
 }
 

@@ -13,6 +13,7 @@ materialising plain-PyTorch implementation. Prints best-of-n times and ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -74,6 +75,14 @@ def best_interleaved(fns, reps=9, warmup=2):
 
 def bench_hinge(only_ref: bool, reps: int):
     P, Q, K, M, users, items = make()
+    # Calls cycle through 7 batches: consecutive calls (of any candidate) gather different rows,
+    # as in training, instead of finding the previous call's rows in cache.
+    g = torch.Generator().manual_seed(1)
+    batches = itertools.cycle(
+        [(users, items)]
+        + [(torch.randint(0, U, (B,), generator=g), torch.randint(0, I, (B, C), generator=g))
+           for _ in range(6)]
+    )  # fmt: skip
     ref = reference.lrml_hinge_loss
     # Inductor cannot compile a backward that produces sparse COO gradients, so the compiled
     # reference gathers with nn.Embedding(sparse=True) semantics eagerly and compiles the rest
@@ -106,22 +115,25 @@ def bench_hinge(only_ref: bool, reps: int):
         flush=True,
     )
     for relation in ("pair", "shared"):
-        args = (P, Q, K, M, users, items, relation)
+        tables = (P, Q, K, M)
+
+        def run(loss_fn):
+            u, it = next(batches)  # every call a batch the previous calls did not touch
+            step(loss_fn, *tables, u, it, relation)  # noqa: B023
+
         fns = {
-            "eager": lambda: step(ref, *args),  # noqa: B023
-            "compiled": lambda: step(compiled, *args),  # noqa: B023
+            "eager": lambda: run(ref),
+            "compiled": lambda: run(compiled),
         }
         if not only_ref:
-            detached = (P.detach(), Q.detach(), K.detach(), M.detach(), users, items)
-            fns["ext autograd"] = lambda: step(public, *args)  # noqa: B023
-            fns["hinge_loss_grads"] = lambda: ext.hinge_loss_grads(
-                *detached,  # noqa: B023
-                0.5,
-                "l2",
-                relation,  # noqa: B023
-                1e-3,
-                "sum",
-            )
+            detached = tuple(t.detach() for t in tables)
+
+            def grads_only():
+                u, it = next(batches)
+                ext.hinge_loss_grads(*detached, u, it, 0.5, "l2", relation, 1e-3, "sum")  # noqa: B023
+
+            fns["ext autograd"] = lambda: run(public)
+            fns["hinge_loss_grads"] = grads_only
         wall, cpu = best_interleaved(fns, reps)
         parts = [f"{k} {wall[k] * 1e3:7.2f} ({cpu[k] * 1e3:7.2f})" for k in fns]
         print(f"hinge {relation:6s} " + "  ".join(parts), flush=True)
