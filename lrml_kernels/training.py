@@ -45,7 +45,7 @@ class TrainConfig:
     """Every option of ``lrml train`` (the CLI flags are these names with dashes)."""
 
     data: str = "synthetic"
-    epochs: int = 20
+    epochs: int = 15
     dim: int = 64
     memory_slots: int = 20
     negatives: int = 5
@@ -54,7 +54,7 @@ class TrainConfig:
     optimizer: str = "adam"
     distance: str = "squared_l2"
     relation: str = "pair"
-    batch_size: int = 256
+    batch_size: int = 1024
     max_norm: float | None = 1.0
     device: str = "cpu"
     backend: str = "auto"
