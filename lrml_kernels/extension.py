@@ -363,6 +363,19 @@ class _FusedHingeLoss(torch.autograd.Function):
 # The backend objects of lrml_kernels.backends.
 
 
+class _Upcast(torch.autograd.Function):
+    """``t.to(float32)`` whose backward keeps a sparse gradient sparse (ToCopyBackward cannot)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.dtype = t.dtype
+        return t.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype)  # Tensor.to(dtype) keeps the layout, sparse or strided
+
+
 class ExtensionBackend:
     """The ``cpu`` or ``cuda`` backend: the interface of :mod:`lrml_kernels.backends`."""
 
@@ -377,7 +390,7 @@ class ExtensionBackend:
         """Half-precision parameters on the CPU run in float32 (as the reference does)."""
         dtype = params[0].dtype
         if self.name == "cpu" and dtype not in (torch.float32, torch.float64):
-            return tuple(t.to(torch.float32) for t in params), dtype
+            return tuple(_Upcast.apply(t) for t in params), dtype
         return params, None
 
     def distances(self, user_emb, item_emb, keys, memory, users, items, distance, relation, eps,

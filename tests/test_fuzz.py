@@ -231,8 +231,7 @@ def check_problem(backend, pb):
         close(a, e, dtype, f"distances grad {name}", r, 1.3 * mag[name])
 
     # Hinge loss (dense or sparse embedding gradients).
-    half = dtype in (torch.float16, torch.bfloat16)
-    sp = {"sparse_grad": pb["sparse"] and not (backend == "cpu" and half)}  # known bug: xfail below
+    sp = {"sparse_grad": pb["sparse"]}
     loss, grads = run(ours(lk.lrml_hinge_loss, **sp), params, users, items, **hinge_kw)
     ref, ref_grads = run(reference.lrml_hinge_loss, params, users, items.long(), **hinge_kw)
     exact, exact_grads = run(reference.lrml_hinge_loss, p64, users, items.long(), **hinge_kw)
@@ -247,8 +246,6 @@ def check_problem(backend, pb):
     # The fused per-row gradients of the trainer (no autograd).
     if backend == "torch":
         return
-    if users.shape[0] == 0 and backend == "cpu":
-        return  # known bugs: see test_fused_training_step_on_an_empty_batch
     args = (pb["margin"], pb["distance"], pb["relation"], pb["eps"], pb["reduction"])
     impl = backends.get(backend, torch.device(DEVICE))
     ps = [p.contiguous() for p in params]
@@ -376,29 +373,11 @@ def test_topk_matches_brute_force(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# Regressions found by the fuzzer (the cases are excluded from the fuzz tests above until fixed)
+# Regressions found by the fuzzer
 # ----------------------------------------------------------------------------------------------
 
-CPU_HALF_SPARSE = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: ExtensionBackend._compute casts fp16/bf16 tables with Tensor.to(float32) inside "
-    "autograd; ToCopyBackward cannot turn the sparse gradient back ('to(options) doesn't support "
-    "converting to a different layout')",
-)
-CPU_EMPTY_FUSED = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: the C++ hinge_loss_grads returns undefined keys/memory gradients (None) for "
-    "B = 0 (run() mistakes the null data_ptr of an empty [0, C, d] buffer for 'no gradients')",
-)
 
-
-def with_marks(mark):
-    return [pytest.param(b, marks=mark) if b == "cpu" else b for b in BACKENDS]
-
-
-@pytest.mark.parametrize("backend", with_marks(CPU_HALF_SPARSE))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sparse_grad_with_half_precision(backend, dtype):
     if backend == "triton" and dtype == torch.bfloat16 and INTERPRETED:
@@ -420,7 +399,7 @@ def test_sparse_grad_with_half_precision(backend, dtype):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("backend", with_marks(CPU_EMPTY_FUSED))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_fused_grads_on_an_empty_batch(backend, reduction):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(n, 4, generator=g).to(DEVICE) for n in (5, 6, 3, 3)]

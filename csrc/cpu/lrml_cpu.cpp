@@ -67,6 +67,7 @@ struct Job {
   T w_scalar = 0;
   T* gp_rows = nullptr;  // [B, d]
   T* gq_rows = nullptr;  // [B, C, d]
+  bool grads = false;    // backward wanted (the row buffers are null when B = 0)
   bool stream = false;   // write the rows with non-temporal stores (outputs larger than cache)
 };
 
@@ -255,13 +256,15 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
         if (h > 0) {
           L += h;
           ++n_active;
+        } else if (h != h) {
+          L += h;  // a NaN distance makes the loss NaN, as relu(NaN) does in the reference
         }
       }
       gr[0] = static_cast<T>(n_active);
       if (job.L_out) job.L_out[b0 + r] = L;
     }
   }
-  if (!job.gq_rows) return;
+  if (!job.grads) return;
 
   // ---- ∂L/∂D of the tile's pairs
   if (job.gD) {
@@ -386,8 +389,12 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
 template <typename T>
 std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
   const int64_t B = job.B, N = job.N, d = job.d, C = job.C;
-  const bool grads = job.gq_rows != nullptr;
+  const bool grads = job.grads;
   const bool pair = job.relation == Relation::Pair;
+  if (B == 0) {  // no rows, no tiles: zero keys/memory gradients
+    if (!grads) return {};
+    return {at::zeros({N, d}, opts), at::zeros({N, d}, opts)};
+  }
   job.stream = grads && B * C * d * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   Memory<T> mem(job.K, job.M, N, d, opts);
   const int64_t dp = mem.dp, Np = mem.Np;
@@ -554,6 +561,7 @@ Grads hinge_backward_impl(const Prepared& pr, const Tensor* grad, double margin,
     }
     job.gp_rows = gp_rows.data_ptr<scalar_t>();
     job.gq_rows = gq_rows.data_ptr<scalar_t>();
+    job.grads = true;
     gkm = run(job, opts);
   });
   if (loss_out) *loss_out = reduce_loss(L, reduction);
@@ -593,6 +601,7 @@ Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tenso
     job.gD = g.data_ptr<scalar_t>();
     job.gp_rows = gp_rows.data_ptr<scalar_t>();
     job.gq_rows = gq_rows.data_ptr<scalar_t>();
+    job.grads = true;
     gkm = run(job, opts);
   });
   return {gp_rows, gq_rows, gkm.first, gkm.second};

@@ -186,7 +186,7 @@ def _lrml_forward_kernel(
         if HINGE:
             h = margin + d0 - dc
             active = h > 0
-            loss += tl.where(active, h, 0.0)
+            loss += tl.where(active | (h != h), h, 0.0)  # NaN propagates, as relu(NaN) does
             g0 += tl.where(active, 1.0, 0.0)
             tl.store(
                 G_out + offs_b * stride_gb + c * stride_gc,
