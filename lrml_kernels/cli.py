@@ -27,6 +27,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--negatives", type=int, default=d.negatives, help="negatives per positive")
     a("--margin", type=float, default=d.margin, help="hinge margin (default: %(default)s)")
     a("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
+    a(
+        "--lr-schedule",
+        default=d.lr_schedule,
+        choices=["constant", "cosine"],
+        help="learning-rate schedule over all steps (default: %(default)s)",
+    )
     a("--optimizer", default=d.optimizer, choices=["adam", "adagrad", "rowwise_adagrad", "sgd"])
     a("--distance", default=d.distance, choices=["l2", "squared_l2", "l1"])
     a("--relation", default=d.relation, choices=["pair", "shared"])
@@ -83,6 +89,7 @@ def _train(args) -> int:
         negatives=args.negatives,
         margin=args.margin,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         optimizer=args.optimizer,
         distance=args.distance,
         relation=args.relation,

@@ -147,6 +147,10 @@ class LRMLTrainer:
             project_rows_(m.item_emb, i_rows, m.max_norm)
         return loss
 
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate (a schedule calls this before a step)."""
+        self.lr = float(lr)
+
     def _world(self) -> int:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):

@@ -99,9 +99,11 @@ def test_cli_module_entry_point_and_bad_flags(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
 def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, small, optimizer):
-    full = fit(cfg(epochs=3, optimizer=optimizer), tmp_path / "a", split=small)
-    fit(cfg(epochs=1, optimizer=optimizer), tmp_path / "b", split=small)
-    resumed = fit(cfg(epochs=3, optimizer=optimizer), tmp_path / "b", split=small, resume=True)
+    # More epochs on resume: a constant learning rate (the cosine schedule spans --epochs).
+    kw = {"optimizer": optimizer, "lr_schedule": "constant"}
+    full = fit(cfg(epochs=3, **kw), tmp_path / "a", split=small)
+    fit(cfg(epochs=1, **kw), tmp_path / "b", split=small)
+    resumed = fit(cfg(epochs=3, **kw), tmp_path / "b", split=small, resume=True)
     assert resumed["final"]["hr"] == full["final"]["hr"]
     assert resumed["final"]["loss"] == full["final"]["loss"]
     for k, v in params_of(tmp_path / "a").items():
@@ -153,7 +155,15 @@ def test_unfused_training_runs(tmp_path, small):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"epochs": 0}, {"optimizer": "lbfgs"}, {"eval": "x"}, {"batch_size": -1}, {"lr": 0.0}]
+    "bad",
+    [
+        {"epochs": 0},
+        {"optimizer": "lbfgs"},
+        {"eval": "x"},
+        {"batch_size": -1},
+        {"lr": 0.0},
+        {"lr_schedule": "step"},
+    ],
 )
 def test_bad_config(bad):
     with pytest.raises(ValueError):
