@@ -436,7 +436,10 @@ class ExtensionBackend:
         return out if cast is None else tuple(t.to(cast) for t in out)
 
     def topk(self, user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
-        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        # Detached: the kernel's worker threads do not inherit the caller's no_grad mode, and
+        # its GEMMs into preallocated outputs refuse inputs that require grad.
+        params = tuple(t.detach() for t in (user_emb, item_emb, keys, memory))
+        params, cast = self._compute(params)
         indptr, indices = (None, None) if exclude is None else exclude
         D, ids = _ops().topk(*params, users, int(k), indptr, indices, distance, float(eps))
         return (D if cast is None else D.to(cast)), ids

@@ -129,3 +129,21 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for p, g in zip(m.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_recommend_on_a_trainable_model_uses_worker_threads_safely():
+    # Parameters that require grad, and a catalogue large enough for the kernels to go parallel.
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = lk.LRML(64, 3000, dim=16, memory_slots=4)
+        users = torch.arange(64)
+        dist, ids = m.recommend(users, 5)
+        want_d, want_i = lk.lrml_topk(
+            *(p.detach() for p in m.parameters()), users, 5, backend="torch"
+        )
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(dist, want_d)
+    assert torch.equal(ids, want_i)
