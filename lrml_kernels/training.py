@@ -54,7 +54,7 @@ class TrainConfig:
     epochs: int = 15
     dim: int = 64
     memory_slots: int = 20
-    negatives: int = 5
+    negatives: int = 10
     margin: float = 1.0
     lr: float | None = None
     lr_schedule: str = "cosine"
