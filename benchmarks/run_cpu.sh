@@ -3,7 +3,7 @@
 #   bash benchmarks/run_cpu.sh
 # Runs every benchmark on the CPU at the small (MovieLens-1M) and Netflix sizes, every provider
 # that can run here, then writes benchmarks/results/cpu-<date>.{json,md,png} and puts the table
-# and chart into benchmarks/README.md. Takes 15-30 minutes on 2 cores. Environment:
+# and chart into benchmarks/README.md and README.md. Takes 12-30 minutes on 2 cores. Environment:
 #   PYTHON           the interpreter (default .venv/bin/python if present, else python3)
 #   LRML_BENCH_STAT  median (default) or min: the CPU statistic the table shows (min for a
 #                    machine shared with other work; the JSON keeps both)
@@ -26,3 +26,6 @@ rm -f "$base.jsonl" # the JSON is complete: the incremental record is not needed
 "$py" benchmarks/report.py "$base.json" --stat "${LRML_BENCH_STAT:-median}" \
   --markdown "$base.md" --png "$base.png" --readme benchmarks/README.md cpu \
   --title "CPU, $stamp"
+# The project README embeds the same table and chart.
+"$py" benchmarks/report.py "$base.json" --stat "${LRML_BENCH_STAT:-median}" --png "$base.png" \
+  --readme README.md cpu --title "CPU, $stamp" >/dev/null
