@@ -25,7 +25,7 @@ import math
 import torch
 
 from lrml_kernels import backends, ops
-from lrml_kernels.model import LRML, project_rows_
+from lrml_kernels.model import LRML
 from lrml_kernels.reference import compute_dtype
 
 OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
@@ -138,13 +138,10 @@ class LRMLTrainer:
                 self.skipped += 1
                 return loss
         self.steps += 1
-        u_rows = self._update_rows("user_emb", m.user_emb, users, g_users)
-        i_rows = self._update_rows("item_emb", m.item_emb, items, g_items)
+        self._update_rows("user_emb", m.user_emb, users, g_users, m.max_norm)
+        self._update_rows("item_emb", m.item_emb, items, g_items, m.max_norm)
         self._update_dense("keys", m.keys, g_keys)
         self._update_dense("memory", m.memory, g_memory)
-        if m.max_norm is not None:
-            project_rows_(m.user_emb, u_rows, m.max_norm)
-            project_rows_(m.item_emb, i_rows, m.max_norm)
         return loss
 
     def set_lr(self, lr: float) -> None:
@@ -178,8 +175,8 @@ class LRMLTrainer:
         users, items = gather(users.to(torch.int64)), gather(items.to(torch.int64))
         return loss, users, items, gather(g_users), gather(g_items), g_keys, g_memory
 
-    def _update_rows(self, name, table, idx, grad_rows):
-        """Sum the gradient of each touched row, then update those rows in place."""
+    def _update_rows(self, name, table, idx, grad_rows, max_norm):
+        """Sum the gradient of each touched row, update those rows, project them, write once."""
         rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
         d = table.shape[1]
         ct = compute_dtype(table.dtype)
@@ -187,18 +184,22 @@ class LRMLTrainer:
         grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
         state = self.state[name]
         state["step"] += 1
-        x = table[rows].to(ct)
-        if self.optimizer == "adam":  # torch.optim.SparseAdam
+        x = table.index_select(0, rows).to(ct)
+        if self.optimizer == "adam":  # torch.optim.SparseAdam, in place on the gathered rows
             b1, b2 = self.betas
-            m_old, v_old = state["exp_avg"][rows], state["exp_avg_sq"][rows]
-            m_new = m_old + (grad - m_old) * (1 - b1)
-            v_new = v_old + (grad * grad - v_old) * (1 - b2)
-            state["exp_avg"][rows], state["exp_avg_sq"][rows] = m_new, v_new
+            m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - b1)
+            v = state["exp_avg_sq"].index_select(0, rows)
+            v.add_(grad.mul_(grad).sub_(v), alpha=1 - b2)
+            state["exp_avg"].index_copy_(0, rows, m)
+            state["exp_avg_sq"].index_copy_(0, rows, v)
             bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-            x -= (self.lr * math.sqrt(bc2) / bc1) * m_new / (v_new.sqrt() + self.adam_eps)
+            denom = v.sqrt_().add_(self.adam_eps)
+            x.addcdiv_(m, denom, value=-self.lr * math.sqrt(bc2) / bc1)
         else:
             x = self._apply(state, x, grad, rows)
-        table[rows] = x.to(table.dtype)
+        if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
+            x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
+        table.index_copy_(0, rows, x.to(table.dtype))
         return rows
 
     def _update_dense(self, name, param, grad):
