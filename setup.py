@@ -27,7 +27,12 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/lrml_cpu.cpp", "csrc/cpu/topk_cpu.cpp"]
+CPU_SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/cpu/lrml_cpu.cpp",
+    "csrc/cpu/topk_cpu.cpp",
+    "csrc/cpu/row_update_cpu.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda/lrml_cuda.cpp", "csrc/cuda/lrml_kernels.cu"]
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = "_C_stamp.json"

@@ -35,6 +35,9 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("topk(" LRML_PARAMS
         ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
         " float eps) -> (Tensor, Tensor)");
+  m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows,"
+        " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
+        " -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
@@ -44,4 +47,5 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("hinge_loss_backward", &lrml::cpu::hinge_loss_backward);
   m.impl("hinge_loss_grads", &lrml::cpu::hinge_loss_grads);
   m.impl("topk", &lrml::cpu::topk);
+  m.impl("row_adam_", &lrml::cpu::row_adam_);
 }

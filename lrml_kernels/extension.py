@@ -34,7 +34,7 @@ import torch
 from lrml_kernels.backends import BackendUnavailable
 
 NAMESPACE = "lrml_ext"
-CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp")
+CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_update_cpu.cpp")
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = "_C_stamp.json"
@@ -434,6 +434,26 @@ class ExtensionBackend:
             *params, users, items, float(margin), distance, relation, float(eps), reduction
         )
         return out if cast is None else tuple(t.to(cast) for t in out)
+
+    def row_adam_(self, table, exp_avg, exp_avg_sq, rows, grad, betas, eps, step_size, max_norm):
+        """The fused trainer's lazy-Adam + projection update of ``table[rows]``, in place.
+
+        CPU tables only (fp32/fp64, contiguous, state of the same dtype); returns False where it
+        does not apply, so the caller falls back to torch ops.
+        """
+        ok = (
+            self.name == "cpu"
+            and table.dtype in (torch.float32, torch.float64)
+            and all(t.is_contiguous() and t.dtype == table.dtype for t in (exp_avg, exp_avg_sq))
+        )
+        if not ok:
+            return False
+        _ops().row_adam_(
+            table, exp_avg, exp_avg_sq, rows, grad.to(table.dtype).contiguous(),
+            float(betas[0]), float(betas[1]), float(eps), float(step_size),
+            0.0 if max_norm is None else float(max_norm),
+        )  # fmt: skip
+        return True
 
     def topk(self, user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
         # Detached: the kernel's worker threads do not inherit the caller's no_grad mode, and

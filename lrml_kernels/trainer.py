@@ -74,6 +74,7 @@ class LRMLTrainer:
         self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
         self.reduction = reduction
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        self._impl = backends.TORCH_BACKEND  # the backend of the current step
         self.group = process_group
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
         self.steps = 0
@@ -125,6 +126,7 @@ class LRMLTrainer:
         impl = backends.get(m.backend, params[0].device)
         if users.shape[0] == 0:  # as the public ops do: nothing for a kernel to launch
             impl = backends.TORCH_BACKEND
+        self._impl = impl
         loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
             *params, users, items, m.margin, m.distance, m.relation, m.eps, self.reduction
         )
@@ -184,19 +186,25 @@ class LRMLTrainer:
         grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
         state = self.state[name]
         state["step"] += 1
-        x = table.index_select(0, rows).to(ct)
-        if self.optimizer == "adam":  # torch.optim.SparseAdam, in place on the gathered rows
+        if self.optimizer == "adam":  # torch.optim.SparseAdam
             b1, b2 = self.betas
+            bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+            step_size = self.lr * math.sqrt(bc2) / bc1
+            fused = getattr(self._impl, "row_adam_", None)  # one pass per row in C++ (cpu)
+            if fused is not None and fused(
+                table.data, state["exp_avg"], state["exp_avg_sq"], rows, grad, self.betas,
+                self.adam_eps, step_size, max_norm,
+            ):  # fmt: skip
+                return rows
+            x = table.index_select(0, rows).to(ct)  # in place on the gathered rows
             m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - b1)
             v = state["exp_avg_sq"].index_select(0, rows)
             v.add_(grad.mul_(grad).sub_(v), alpha=1 - b2)
             state["exp_avg"].index_copy_(0, rows, m)
             state["exp_avg_sq"].index_copy_(0, rows, v)
-            bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-            denom = v.sqrt_().add_(self.adam_eps)
-            x.addcdiv_(m, denom, value=-self.lr * math.sqrt(bc2) / bc1)
+            x.addcdiv_(m, v.sqrt_().add_(self.adam_eps), value=-step_size)
         else:
-            x = self._apply(state, x, grad, rows)
+            x = self._apply(state, table.index_select(0, rows).to(ct), grad, rows)
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
             x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
         table.index_copy_(0, rows, x.to(table.dtype))

@@ -44,5 +44,12 @@ std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
                                 const std::optional<Tensor>& exclude_indices,
                                 c10::string_view distance, double eps);
 
+// In place, for each distinct row r = rows[i]: lazy Adam with gradient grad[i] (SparseAdam's
+// update; step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)), then x /= max(1, |x| / max_norm)
+// when max_norm > 0.
+void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+               const Tensor& rows, const Tensor& grad, double beta1, double beta2, double eps,
+               double step_size, double max_norm);
+
 }  // namespace cpu
 }  // namespace lrml
