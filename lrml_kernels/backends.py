@@ -203,6 +203,11 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def get(backend: str, device: torch.device):
-    """The backend object that runs ``backend`` ("auto" or a name) on ``device``."""
-    return _load(resolve(backend, device))
+def get(backend: str, device: torch.device, rows: int | None = None):
+    """The backend object that runs ``backend`` ("auto" or a name) on ``device``.
+
+    A batch of ``rows == 0`` gets the torch backend: there is nothing for a kernel to launch, and
+    the reference returns the empty results (and zero gradients) every backend must.
+    """
+    impl = _load(resolve(backend, device))
+    return TORCH_BACKEND if rows == 0 else impl

@@ -171,9 +171,7 @@ def lrml_distances(
         validate,
         check_finite,
     )
-    impl = backends.get(backend, params[0].device)
-    if users.shape[0] == 0:
-        impl = backends.TORCH_BACKEND
+    impl = backends.get(backend, params[0].device, users.shape[0])
     return impl.distances(*params, users, items, distance, relation, float(eps), sparse_grad)
 
 
@@ -216,9 +214,7 @@ def lrml_hinge_loss(
         validate,
         check_finite,
     )
-    impl = backends.get(backend, params[0].device)
-    if users.shape[0] == 0:
-        impl = backends.TORCH_BACKEND
+    impl = backends.get(backend, params[0].device, users.shape[0])
     return impl.hinge_loss(
         *params,
         users,
@@ -303,9 +299,7 @@ def lrml_topk(
     if validate:
         check_index_ranges([("users", users, params[0].shape[0])])
     exclude = check_exclude(exclude, users.shape[0], params[1].shape[0], device, validate)
-    impl = backends.get(backend, device)
-    if users.shape[0] == 0:
-        impl = backends.TORCH_BACKEND
+    impl = backends.get(backend, device, users.shape[0])
     with torch.no_grad():
         return impl.topk(*params, users, k, exclude, distance, float(eps))
 

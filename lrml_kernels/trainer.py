@@ -123,9 +123,7 @@ class LRMLTrainer:
             validate,
             False,
         )
-        impl = backends.get(m.backend, params[0].device)
-        if users.shape[0] == 0:  # as the public ops do: nothing for a kernel to launch
-            impl = backends.TORCH_BACKEND
+        impl = backends.get(m.backend, params[0].device, users.shape[0])
         self._impl = impl
         loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
             *params, users, items, m.margin, m.distance, m.relation, m.eps, self.reduction
@@ -230,21 +228,15 @@ class LRMLTrainer:
         """Adagrad / row-wise Adagrad / SGD on rows ``x`` (all rows when ``rows`` is None)."""
         if self.optimizer == "sgd":
             return x - self.lr * grad
-        if self.optimizer == "adagrad":
-            acc = state["sum"] if rows is None else state["sum"][rows]
-            acc = acc + grad * grad
-            if rows is None:
-                state["sum"] = acc
-            else:
-                state["sum"][rows] = acc
-            return x - self.lr * grad / (acc.sqrt() + self.adagrad_eps)
-        acc = state["sum"] if rows is None else state["sum"][rows]  # rowwise_adagrad
-        acc = acc + (grad * grad).mean(1)
+        # Adagrad: one accumulator per element; row-wise Adagrad: one per row (mean of g²).
+        square = grad * grad if self.optimizer == "adagrad" else (grad * grad).mean(1)
         if rows is None:
-            state["sum"] = acc
+            acc = state["sum"] = state["sum"] + square
         else:
+            acc = state["sum"][rows] + square
             state["sum"][rows] = acc
-        return x - self.lr * grad / (acc.sqrt()[:, None] + self.adagrad_eps)
+        denom = acc.sqrt() + self.adagrad_eps
+        return x - self.lr * grad / (denom if self.optimizer == "adagrad" else denom[:, None])
 
     def state_dict(self) -> dict:
         return {
