@@ -8,6 +8,11 @@ With torch importable at build time (``pip install --no-build-isolation [-e] .``
 CUDA and nvcc is found. A failed ahead-of-time build only warns: the install still succeeds and the
 just-in-time path takes over. ``LRML_KERNELS_NO_EXT=1`` skips the ahead-of-time build.
 
+The CPU library is compiled for the building machine (``-march=native``, as the just-in-time
+build): the stamp records that machine's CPU flags and the package ignores the library on a CPU
+with other flags (it builds just in time there). For a wheel meant for other machines set
+``LRML_KERNELS_MARCH`` (e.g. ``x86-64-v3``: AVX2 + FMA) to build for that baseline instead.
+
 Regular (non-editable) installs also get a copy of csrc/ as package data (lrml_kernels/csrc) so that
 the just-in-time build finds its sources.
 """
@@ -36,6 +41,19 @@ CPU_SOURCES = [
 CUDA_SOURCES = ["csrc/cuda/lrml_cuda.cpp", "csrc/cuda/lrml_kernels.cu"]
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = "_C_stamp.json"
+MARCH = os.environ.get("LRML_KERNELS_MARCH", "native")
+
+
+def cpu_flags_hash() -> str:
+    """Same as lrml_kernels.extension.cpu_flags_hash: a -march=native build runs only where the
+    CPU has the same flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256(" ".join(sorted(flags.split()[2:])).encode()).hexdigest()[:16]
 
 
 def sources_hash() -> str:
@@ -76,8 +94,7 @@ def extension_setup() -> tuple[list, dict]:
             "lrml_kernels._C_cpu",
             CPU_SOURCES,
             include_dirs=include,
-            # no -march=native: the wheel must run on other CPUs of the architecture
-            extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+            extra_compile_args={"cxx": ["-O3", f"-march={MARCH}", "-fno-math-errno", "-fopenmp"]},
             extra_link_args=["-fopenmp"],
         )
     ]
@@ -114,9 +131,10 @@ def extension_setup() -> tuple[list, dict]:
                 )
                 return
             stamp = Path(self.get_ext_fullpath(ext.name)).parent / STAMP
-            stamp.write_text(
-                json.dumps({"sources": sources_hash(), "torch": torch.__version__}) + "\n"
-            )
+            info = {"sources": sources_hash(), "torch": torch.__version__, "march": MARCH}
+            if MARCH == "native" and ext.name.endswith("_cpu"):
+                info["cpu_flags"] = cpu_flags_hash()
+            stamp.write_text(json.dumps(info) + "\n")
 
         def get_outputs(self):
             outputs = []

@@ -35,7 +35,7 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("topk(" LRML_PARAMS
         ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
         " float eps) -> (Tensor, Tensor)");
-  m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows,"
+  m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
         " -> ()");
 }

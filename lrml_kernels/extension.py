@@ -38,6 +38,8 @@ CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = "_C_stamp.json"
+# -fno-math-errno: sqrt in vectorised loops (errno is never read)
+CPU_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 _PKG = Path(__file__).resolve().parent
 _lock = threading.RLock()
@@ -74,6 +76,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_flags_hash() -> str:
+    """A short hash of the CPU's feature flags (as setup.py stamps a -march=native build)."""
+    return hashlib.sha256(" ".join(sorted(_cpu_flags().split()[2:])).encode()).hexdigest()[:16]
+
+
 def cache_root() -> Path:
     env = os.environ.get("LRML_KERNELS_CACHE")
     if env:
@@ -91,6 +98,7 @@ def build_dir(src: Path) -> Path:
             sys.version.split()[0],
             platform.machine(),
             _cpu_flags(),
+            " ".join(CPU_CFLAGS),
         ]
     )
     return cache_root() / ("ext-" + hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -115,6 +123,8 @@ def _aot_library(name: str) -> str | None:
         stamp = None
     if stamp is None or stamp.get("torch") != torch.__version__:
         return None
+    if "cpu_flags" in stamp and stamp["cpu_flags"] != cpu_flags_hash():
+        return None  # built with -march=native on another kind of CPU: build for this one
     if src is not None and stamp.get("sources") != sources_hash(src):
         return None  # stale in-place build: rebuild just in time
     return spec.origin
@@ -135,7 +145,7 @@ def _jit_build(name: str) -> None:
     if name == "cpu":
         sources = [str(src / s) for s in CPU_SOURCES]
         kwargs = dict(
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=CPU_CFLAGS,
             extra_ldflags=["-fopenmp"],
             with_cuda=False,
         )
@@ -435,8 +445,9 @@ class ExtensionBackend:
         )
         return out if cast is None else tuple(t.to(cast) for t in out)
 
-    def row_adam_(self, table, exp_avg, exp_avg_sq, rows, grad, betas, eps, step_size, max_norm):
-        """The fused trainer's lazy-Adam + projection update of ``table[rows]``, in place.
+    def row_adam_(self, table, exp_avg, exp_avg_sq, idx, grad, betas, eps, step_size, max_norm):
+        """The fused trainer's lazy-Adam + projection update, in place: the rows ``idx [n]`` of
+        ``table`` (repeats allowed: their gradient rows ``grad [n, d]`` are summed in order).
 
         CPU tables only (fp32/fp64, contiguous, state of the same dtype); returns False where it
         does not apply, so the caller falls back to torch ops.
@@ -449,7 +460,8 @@ class ExtensionBackend:
         if not ok:
             return False
         _ops().row_adam_(
-            table, exp_avg, exp_avg_sq, rows, grad.to(table.dtype).contiguous(),
+            table, exp_avg, exp_avg_sq, idx.reshape(-1).to(torch.int64).contiguous(),
+            grad.reshape(-1, table.shape[1]).to(table.dtype).contiguous(),
             float(betas[0]), float(betas[1]), float(eps), float(step_size),
             0.0 if max_norm is None else float(max_norm),
         )  # fmt: skip

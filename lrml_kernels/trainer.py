@@ -177,23 +177,25 @@ class LRMLTrainer:
 
     def _update_rows(self, name, table, idx, grad_rows, max_norm):
         """Sum the gradient of each touched row, update those rows, project them, write once."""
-        rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
-        d = table.shape[1]
-        ct = compute_dtype(table.dtype)
-        grad = torch.zeros(rows.shape[0], d, device=table.device, dtype=ct)
-        grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
         state = self.state[name]
         state["step"] += 1
         if self.optimizer == "adam":  # torch.optim.SparseAdam
             b1, b2 = self.betas
             bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
             step_size = self.lr * math.sqrt(bc2) / bc1
-            fused = getattr(self._impl, "row_adam_", None)  # one pass per row in C++ (cpu)
+            # cpu backend: de-duplication, Adam and projection in one C++ call
+            fused = getattr(self._impl, "row_adam_", None)
             if fused is not None and fused(
-                table.data, state["exp_avg"], state["exp_avg_sq"], rows, grad, self.betas,
+                table.data, state["exp_avg"], state["exp_avg_sq"], idx, grad_rows, self.betas,
                 self.adam_eps, step_size, max_norm,
             ):  # fmt: skip
-                return rows
+                return
+        rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+        d = table.shape[1]
+        ct = compute_dtype(table.dtype)
+        grad = torch.zeros(rows.shape[0], d, device=table.device, dtype=ct)
+        grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
+        if self.optimizer == "adam":
             x = table.index_select(0, rows).to(ct)  # in place on the gathered rows
             m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - b1)
             v = state["exp_avg_sq"].index_select(0, rows)
@@ -206,7 +208,6 @@ class LRMLTrainer:
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
             x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
         table.index_copy_(0, rows, x.to(table.dtype))
-        return rows
 
     def _update_dense(self, name, param, grad):
         state = self.state[name]

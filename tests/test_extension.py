@@ -7,6 +7,7 @@ marked ``gpu``. ``csrc/check_nvcc.sh`` compiles every .cu for sm_90 and sm_80 wh
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -332,6 +333,64 @@ def test_errors_name_the_argument(ext):
     with pytest.raises(IndexError, match="exclude indices"):
         ops.topk(P, Q, K, M, users, 2, torch.tensor([0, 1, 1, 1, 1, 1]), torch.tensor([99]),
                  "l2", 1e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
+    # row_adam_ takes the batch's rows as they come (repeats included): the gradient of a row is
+    # the sum of its gradient rows, then SparseAdam's step and the max_norm projection.
+    g = torch.Generator().manual_seed(3)
+    R, d, n, lr, max_norm = 50, 37, 400, 0.05, 1.0
+    table = torch.randn(R, d, generator=g, dtype=torch.float64).to(dtype)
+    ref = table.clone().requires_grad_()
+    opt = torch.optim.SparseAdam([ref], lr=lr)
+    m, v = torch.zeros_like(table), torch.zeros_like(table)
+    for step in range(1, 4):
+        idx = torch.randint(0, R // 2, (n,), generator=g)  # heavy repeats, half the rows untouched
+        rows = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+        ref.grad = torch.sparse_coo_tensor(idx[None], rows, ref.shape)
+        opt.step()
+        with torch.no_grad():  # the touched rows into the max_norm ball
+            x = ref[idx.unique()]
+            ref[idx.unique()] = x / x.norm(dim=1, keepdim=True).div(max_norm).clamp_min(1.0)
+        step_size = lr * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step)
+        torch.ops.lrml_ext.row_adam_(table, m, v, idx, rows, 0.9, 0.999, 1e-8, step_size, max_norm)
+    torch.testing.assert_close(table, ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(m, opt.state[ref]["exp_avg"], **TOL[dtype])
+    # the same bits with one thread
+    t1, m1, v1 = (torch.randn(R, d, generator=g).to(dtype) for _ in range(3))
+    v1.abs_()
+    t2, m2, v2 = t1.clone(), m1.clone(), v1.clone()
+    idx, rows = torch.randint(0, R, (n,), generator=g), torch.randn(n, d, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    torch.ops.lrml_ext.row_adam_(t1, m1, v1, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
+    torch.set_num_threads(1)
+    try:
+        torch.ops.lrml_ext.row_adam_(t2, m2, v2, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+    idx[5] = R
+    with pytest.raises(IndexError, match="idx holds index 50, out of range for a table of 50"):
+        torch.ops.lrml_ext.row_adam_(t1, m1, v1, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
+
+
+def test_aot_library_is_ignored_on_another_cpu(tmp_path, monkeypatch):
+    # A -march=native ahead-of-time build is stamped with its CPU's flags; elsewhere the package
+    # builds just in time instead of loading code the CPU may not run.
+    pkg = tmp_path / "lrml_kernels"
+    pkg.mkdir()
+    lib = pkg / "_C_cpu.so"
+    lib.write_bytes(b"")
+    spec = type("Spec", (), {"origin": str(lib)})()
+    monkeypatch.setattr(extension.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(extension, "csrc_dir", lambda: None)
+    stamp = {"sources": "x", "torch": torch.__version__, "march": "native"}
+    for flags, found in ((extension.cpu_flags_hash(), str(lib)), ("0" * 16, None)):
+        (pkg / extension.STAMP).write_text(json.dumps({**stamp, "cpu_flags": flags}))
+        assert extension._aot_library("cpu") == found
+    (pkg / extension.STAMP).write_text(json.dumps({**stamp, "march": "x86-64-v3"}))
+    assert extension._aot_library("cpu") == str(lib)
 
 
 def test_cuda_backend_unavailable_without_cuda():

@@ -44,11 +44,12 @@ std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
                                 const std::optional<Tensor>& exclude_indices,
                                 c10::string_view distance, double eps);
 
-// In place, for each distinct row r = rows[i]: lazy Adam with gradient grad[i] (SparseAdam's
-// update; step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)), then x /= max(1, |x| / max_norm)
-// when max_norm > 0.
+// In place, for each distinct row r of idx: lazy Adam with the gradient g = the sum of grad[i]
+// over the i with idx[i] = r, in increasing i (SparseAdam's update of a coalesced gradient;
+// step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)), then x /= max(1, |x| / max_norm) when
+// max_norm > 0.
 void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-               const Tensor& rows, const Tensor& grad, double beta1, double beta2, double eps,
+               const Tensor& idx, const Tensor& grad, double beta1, double beta2, double eps,
                double step_size, double max_norm);
 
 }  // namespace cpu
