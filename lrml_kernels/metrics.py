@@ -137,7 +137,10 @@ class PopularityRanker:
     """The popularity baseline: an item's distance is minus its number of training interactions."""
 
     def __init__(self, split, device="cpu"):
-        counts = np.bincount(np.asarray(split.train.items), minlength=split.num_items)
+        items = np.asarray(split.train.items)
+        counts = np.zeros(split.num_items, dtype=np.int64)
+        for s in range(0, items.size, 1 << 22):  # (bincount copies int32 input to int64)
+            counts += np.bincount(items[s : s + (1 << 22)], minlength=split.num_items)
         self.neg_counts = -torch.as_tensor(counts, dtype=torch.float32, device=device)
         self.device = torch.device(device)
 

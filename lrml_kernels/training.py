@@ -264,8 +264,10 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     fingerprint = split.fingerprint()
     model, stepper = build(cfg, split.num_users, split.num_items)
 
-    train_u = torch.as_tensor(split.train.users, dtype=torch.int64, device=device)
-    train_i = torch.as_tensor(split.train.items, dtype=torch.int64, device=device)
+    # int32 or int64 as the split holds them (int32: half the memory, and on the CPU no copy at
+    # all); each batch is widened to the int64 indices the model takes.
+    train_u = _index_tensor(split.train.users, device)
+    train_i = _index_tensor(split.train.items, device)
     n = train_u.shape[0]
     if n == 0:
         raise ValueError(f"data set {cfg.data!r} has no training interactions")
@@ -378,7 +380,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
                 stop = True
                 break
             idx = perm[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
-            users, pos = train_u[idx], train_i[idx]
+            users, pos = train_u[idx].long(), train_i[idx].long()
             neg = lkdata.sample_negatives(
                 users, split.num_items, cfg.negatives, generator=gen, exclude_csr=exclude_csr
             )
@@ -471,6 +473,12 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         "final": history[-1] if history else {},
         "model": model,
     }
+
+
+def _index_tensor(a, device: torch.device) -> torch.Tensor:
+    """An int32 or int64 index array as a tensor of the same dtype (other dtypes: int64)."""
+    t = torch.as_tensor(a, device=device)
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
 
 
 def _version() -> str:

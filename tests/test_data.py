@@ -77,7 +77,8 @@ def test_movielens_u_data_reindexes_and_maps_back(tmp_path):
     assert x.user_ids.tolist() == [10, 20, 30] and x.item_ids.tolist() == [7, 8, 99]
     assert pairs(x) == [(10, 7), (30, 7), (10, 99), (20, 8)]  # file order kept
     assert x.timestamps.tolist() == [100, 50, 200, 10]
-    assert x.users.dtype == x.items.dtype == x.timestamps.dtype == np.int64
+    assert x.users.dtype == x.items.dtype == np.int32 and x.timestamps.dtype == np.int64
+    assert x.user_ids.dtype == x.item_ids.dtype == np.int64
     assert x.name == f"movielens:{f}"
     assert D.read_movielens(f).fingerprint() == x.fingerprint()
 
@@ -325,7 +326,10 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_text, "read_table", no_parsing)
     y = D.read_movielens(f)
-    assert y.fingerprint() == x.fingerprint() and y.name == x.name and y.users.dtype == np.int64
+    assert y.fingerprint() == x.fingerprint() and y.name == x.name
+    for name in ("users", "items", "timestamps", "user_ids", "item_ids"):  # as parsed
+        assert getattr(y, name).dtype == getattr(x, name).dtype, name
+    assert y.users.dtype == np.int32 and y.timestamps.dtype == np.int64
     monkeypatch.undo()  # other options: another cache entry, parsed anew
     monkeypatch.setenv("LRML_KERNELS_CACHE_DIR", str(tmp_path / "elsewhere"))
     z = D.read_movielens(f, min_rating=3)
@@ -339,6 +343,92 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     for c in (tmp_path / "elsewhere").glob("*.npz"):
         c.write_bytes(b"garbage")
     assert len(D.read_movielens(f, min_rating=3)) == 1
+
+
+def test_netflix_int32_ids_split_trains_and_evaluates(tmp_path):
+    from lrml_kernels.metrics import evaluate
+    from lrml_kernels.training import TrainConfig, fit
+
+    src = D.synthetic(80, 60, 1500, seed=4)
+    ratings = np.random.default_rng(1).integers(1, 6, len(src))
+    D.write_netflix_format(src, tmp_path / "nf", num_files=2, ratings=ratings)
+    x = D.read_netflix(tmp_path / "nf")  # parsed (and the cache written)
+    y = D.read_netflix(tmp_path / "nf")  # from the cache
+    for z in (x, y):
+        assert z.users.dtype == z.items.dtype == np.int32
+        assert z.timestamps.dtype == z.user_ids.dtype == z.item_ids.dtype == np.int64
+    assert y.fingerprint() == x.fingerprint()
+    # the same data held as int64: the same fingerprint (checkpoints of either resume)
+    wide = D.Interactions(
+        x.users.astype(np.int64), x.items.astype(np.int64), x.timestamps, x.num_users,
+        x.num_items, x.user_ids, x.item_ids, x.name,
+    )  # fmt: skip
+    assert wide.users.dtype == np.int64 and wide.fingerprint() == x.fingerprint()
+    s = D.leave_one_out(y, num_negatives=20)
+    s_wide = D.leave_one_out(wide, num_negatives=20)
+    assert s.train.users.dtype == s.train.items.dtype == s.test_items.dtype == np.int32
+    assert s_wide.train.users.dtype == np.int64 and s_wide.fingerprint() == s.fingerprint()
+    assert all(a.dtype == np.int64 for a in s.train_csr())
+    assert all((a == b).all() for a, b in zip(s.train_csr(), s_wide.train_csr(), strict=True))
+
+    cfg = TrainConfig(
+        data="netflix", epochs=2, dim=8, memory_slots=4, negatives=2, batch_size=64,
+        progress=False, backend="torch",
+    )  # fmt: skip
+    result = fit(cfg, tmp_path / "run", split=s)
+    final = result["final"]
+    assert np.isfinite(final["loss"]) and 0 <= final["hr"] <= 1 and 0 <= final["ndcg"] <= 1
+    full = evaluate(result["model"], s, "full", 10)
+    assert full["users"] == len(s.test_users) and 0 <= full["hr"] <= 1
+    # int32 and int64 indices train alike, bit for bit, and a run resumes on either
+    same = fit(cfg, None, split=s_wide)["final"]
+    assert (same["loss"], same["hr"], same["ndcg"]) == (final["loss"], final["hr"], final["ndcg"])
+    cfg.epochs = 3
+    assert len(fit(cfg, tmp_path / "run", resume=True, split=s_wide)["epochs"]) == 3
+
+
+def test_reindex_dedup_and_cache_in_small_chunks(tmp_path, monkeypatch):
+    """The full-size loops (re-indexing, de-duplication by user ranges, compaction, cache
+    read/write, fingerprints) give what one big step gives, with chunks of a few rows."""
+    from lrml_kernels.data import interactions, readers
+
+    rng = np.random.default_rng(0)
+    n, U, I = 3000, 200, 30
+    users = rng.integers(0, U, n).astype(np.int32)
+    items = rng.integers(0, I, n).astype(np.int32)
+    ts = rng.integers(0, 4, n).astype(np.int64)
+    best: dict[tuple[int, int], int] = {}  # the latest time per pair, ties the later row
+    for r in range(n):
+        k = (int(users[r]), int(items[r]))
+        if k not in best or ts[r] >= ts[best[k]]:
+            best[k] = r
+    want = np.zeros(n, dtype=bool)
+    want[list(best.values())] = True
+    assert readers._dedup_keep(users, items, ts, U, I).tolist() == want.tolist()
+    u, i = np.divmod(rng.permutation(U * I)[:2000], I)
+    u, i = u.astype(np.int32), i.astype(np.int32)
+
+    src = D.synthetic(150, 90, 2500, seed=2)
+    ratings = np.random.default_rng(3).integers(1, 6, len(src))
+    D.write_netflix_format(src, tmp_path / "nf", num_files=2, ratings=ratings)
+    big = [D.read_netflix(tmp_path / "nf", cache=False, min_rating=m) for m in (None, 3)]
+
+    monkeypatch.setattr(readers, "_CHUNK", 7)
+    monkeypatch.setattr(interactions, "_HASH_CHUNK", 5)
+    for rows_per_block in (1, 13, 97):
+        got = readers._dedup_keep(users, items, ts, U, I, rows_per_block=rows_per_block)
+        assert got.tolist() == want.tolist()
+        assert readers._dedup_keep(u, i, None, U, I, rows_per_block=rows_per_block) is None
+    codes, uniques = readers._reindex(np.array([9, 2, 9, 5, 2], np.int32), inplace=True)
+    assert codes.tolist() == [2, 0, 2, 1, 0] and uniques.tolist() == [2, 5, 9]
+    codes, uniques = readers._reindex(np.array([7, 3, 7, 10**12, 3], np.int64))  # sparse ids
+    assert codes.dtype == np.int32 and codes.tolist() == [1, 0, 1, 2, 0]
+    assert uniques.tolist() == [3, 7, 10**12]
+    for m, want_x in zip((None, 3), big, strict=True):
+        x = D.read_netflix(tmp_path / "nf", min_rating=m, chunk_bytes=300)  # parse, write cache
+        y = D.read_netflix(tmp_path / "nf", min_rating=m)  # read the cache
+        assert x.fingerprint() == y.fingerprint() == want_x.fingerprint()
+        assert (y.timestamps == want_x.timestamps).all() and y.users.dtype == np.int32
 
 
 # --- splits and negatives ---
@@ -642,7 +732,7 @@ def test_real_other_sets(spec, counts):
 @pytest.mark.slow
 def test_synthetic_netflix_size(request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("Netflix size (about a minute, 3 GB): run with -m slow")
+        pytest.skip("Netflix size (about a minute, 2 GB): run with -m slow")
     t = time.perf_counter()
     x = D.synthetic(480_189, 17_770, 100_000_000)
     elapsed = time.perf_counter() - t

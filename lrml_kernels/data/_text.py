@@ -43,12 +43,15 @@ def iter_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[by
             if not block:
                 break
             data = rest + block
+            del block
             cut = data.rfind(b"\n")
             if cut < 0:
                 rest = data
                 continue
             chunk, rest = data[: cut + 1], data[cut + 1 :]
-            yield _normalize_newlines(chunk), line
+            del data  # while the chunk is out, hold only it (and the cut-off rest)
+            chunk = _normalize_newlines(chunk)
+            yield chunk, line
             line += chunk.count(b"\n")
         if rest:
             yield _normalize_newlines(rest + b"\n"), line

@@ -1,9 +1,15 @@
 """The two containers of the data layer: :class:`Interactions` (a log) and :class:`Split`.
 
-Both hold plain numpy arrays (int64 indices, re-indexed ``0..n-1``), so the rest of the library
-never sees file formats or original ids. Timestamps are int64 seconds since the Unix epoch; a
+Both hold plain numpy arrays (indices re-indexed ``0..n-1``), so the rest of the library never
+sees file formats or original ids. User and item indices are int32 or int64 as given (the readers
+give int32: 100M rows take 400 MB per column instead of 800 MB); any other integer dtype becomes
+int64. Code that needs int64 (torch indices, ``user * num_items + item`` keys) widens them itself,
+a batch or a chunk at a time. Timestamps are always int64 seconds since the Unix epoch; a
 timestamp the source does not know is :data:`MISSING_TIMESTAMP` (the int64 minimum, which is also
 numpy's ``NaT``), so that it sorts before every real time.
+
+Fingerprints hash index arrays as int64 values whatever their dtype: equal data, equal
+fingerprint, int32 or int64 (and the same fingerprints as when every array was int64).
 """
 
 from __future__ import annotations
@@ -33,11 +39,17 @@ class DataFormatError(ValueError):
         return (type(self), (self.path, self.line, self.reason))
 
 
-def _as_index_array(name: str, a) -> np.ndarray:
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_HASH_CHUNK = 1 << 22  # elements widened to int64 at a time while hashing
+
+
+def _as_index_array(name: str, a, *, compact: bool = True) -> np.ndarray:
+    """``a`` as a 1-D integer array: int32 or int64 kept as they are (``compact``), any other
+    integer dtype (and int32 when not ``compact``) converted to int64."""
     a = np.asarray(a)
     if a.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if a.dtype != np.int64:
+    if a.dtype != np.int64 and not (compact and a.dtype == np.int32):
         if a.size and not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
         a = a.astype(np.int64)
@@ -49,12 +61,20 @@ def _check_range(name: str, a: np.ndarray, n: int) -> None:
         raise ValueError(f"{name} must lie in [0, {n}), got [{int(a.min())}, {int(a.max())}]")
 
 
-def _hash_arrays(h, *arrays) -> None:
+def _hash_arrays(h, *arrays, as_int64: bool = False) -> None:
+    """Hash dtype, shape and bytes of each array; ``as_int64``: integer arrays are hashed as their
+    int64 values (widened a chunk at a time), so int32 and int64 copies of data hash alike."""
     for a in arrays:
         if a is None:
             h.update(b"<none>")
             continue
         a = np.ascontiguousarray(a)
+        if as_int64 and a.dtype != np.int64 and np.issubdtype(a.dtype, np.integer):
+            h.update(f"{np.dtype(np.int64).str}{a.shape}".encode())
+            flat = a.reshape(-1)
+            for s in range(0, flat.size, _HASH_CHUNK):
+                h.update(memoryview(flat[s : s + _HASH_CHUNK].astype(np.int64).view(np.uint8)))
+            continue
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a.reshape(-1).view(np.uint8)))
 
@@ -64,9 +84,11 @@ class Interactions:
     """A log of (user, item, time) interactions, every row an implicit positive.
 
     Attributes:
-        users, items: int64 ``[n]``, re-indexed to ``0..num_users-1`` / ``0..num_items-1``.
-        timestamps: int64 ``[n]`` seconds since the epoch (:data:`MISSING_TIMESTAMP` where unknown),
-            or ``None`` when the source has no times at all. Rows keep the source's order.
+        users, items: int32 or int64 ``[n]`` (kept as given; other integer dtypes become int64;
+            the readers give int32), re-indexed to ``0..num_users-1`` / ``0..num_items-1``.
+        timestamps: int64 ``[n]`` (always int64) seconds since the epoch
+            (:data:`MISSING_TIMESTAMP` where unknown), or ``None`` when the source has no times
+            at all. Rows keep the source's order.
         num_users, num_items: the index ranges (an index may have no row, e.g. a synthetic item).
         user_ids, item_ids: ``[num_users]`` / ``[num_items]``: index -> original id in the source.
         name: where the data came from (e.g. ``"movielens:/path/u.data"``).
@@ -87,7 +109,7 @@ class Interactions:
         if self.users.shape != self.items.shape:
             raise ValueError(f"users {self.users.shape} and items {self.items.shape} differ")
         if self.timestamps is not None:
-            self.timestamps = _as_index_array("timestamps", self.timestamps)
+            self.timestamps = _as_index_array("timestamps", self.timestamps, compact=False)
             if self.timestamps.shape != self.users.shape:
                 raise ValueError(f"timestamps {self.timestamps.shape} and users differ")
         self.num_users = int(self.num_users)
@@ -106,10 +128,12 @@ class Interactions:
         return int(self.users.shape[0])
 
     def fingerprint(self) -> str:
-        """sha256 (hex) of the arrays and sizes (not the name): equal data, equal fingerprint."""
+        """sha256 (hex) of the arrays and sizes (not the name): equal data, equal fingerprint
+        (``users`` / ``items`` hashed as int64 values, whether they are held as int32 or int64)."""
         h = hashlib.sha256(b"lrml-interactions-v1")
         h.update(f"{self.num_users},{self.num_items}".encode())
-        _hash_arrays(h, self.users, self.items, self.timestamps, self.user_ids, self.item_ids)
+        _hash_arrays(h, self.users, self.items, self.timestamps, as_int64=True)
+        _hash_arrays(h, self.user_ids, self.item_ids)
         return h.hexdigest()
 
     def __repr__(self) -> str:
@@ -126,8 +150,9 @@ class Split:
 
     Attributes:
         train: the training interactions.
-        test_users, test_items: int64 ``[T]``: user ``test_users[t]`` held out ``test_items[t]``
-            (at most one row per user, users ascending).
+        test_users, test_items: int32 or int64 ``[T]`` (as ``train.users`` / ``train.items``):
+            user ``test_users[t]`` held out ``test_items[t]`` (at most one row per user, users
+            ascending).
         test_negatives: int64 ``[T, n_neg]`` candidates of the sampled protocol, or ``None``.
         num_users, num_items, name: as in ``train``.
     """
@@ -180,11 +205,12 @@ class Split:
         return self._csr
 
     def fingerprint(self) -> str:
-        """sha256 (hex) of the training data, the test items and the negatives."""
+        """sha256 (hex) of the training data, the test items and the negatives (index arrays
+        hashed as int64 values: the dtype they are held in does not change it)."""
         h = hashlib.sha256(b"lrml-split-v1")
         h.update(self.train.fingerprint().encode())
         h.update(f"{self.num_users},{self.num_items}".encode())
-        _hash_arrays(h, self.test_users, self.test_items, self.test_negatives)
+        _hash_arrays(h, self.test_users, self.test_items, self.test_negatives, as_int64=True)
         return h.hexdigest()
 
     def __repr__(self) -> str:

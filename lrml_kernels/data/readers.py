@@ -7,10 +7,11 @@ parsed arrays go to an ``.npz`` next to the source (or, where that is not writab
 reader's options, and written atomically.
 
 Common rules: ids are re-indexed ``0..n-1`` in ascending order of the original id (``user_ids`` /
-``item_ids`` map back); a (user, item) pair that occurs more than once keeps its row with the
-latest timestamp (ties: the later row), *before* ``min_rating`` is applied, so a re-rating
-decides; ``min_rating`` keeps the ratings ``>= min_rating`` (each kept row is an implicit
-positive); timestamps are seconds since the epoch, :data:`MISSING_TIMESTAMP` where a field is empty.
+``item_ids`` map back; the indices are int32, the ids int64); a (user, item) pair that occurs
+more than once keeps its row with the latest timestamp (ties: the later row), *before*
+``min_rating`` is applied, so a re-rating decides; ``min_rating`` keeps the ratings
+``>= min_rating`` (each kept row is an implicit positive); timestamps are int64 seconds since the
+epoch, :data:`MISSING_TIMESTAMP` where a field is empty.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ __all__ = [
 
 CACHE_VERSION = 1
 _INT32 = np.iinfo(np.int32)
+_CHUNK = 1 << 22  # elements per step of the full-size loops (temporaries of 16-32 MB, not GBs)
+_COMPACT = ("users", "items", "test_users", "test_items")  # arrays that may stay int32
 
 
 # --- cache ----------------------------------------------------------------------------------------
@@ -82,30 +85,74 @@ def _cache_candidates(kind: str, anchor: Path, key: str) -> list[Path]:
     return [near, user]
 
 
-def _pack(a) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype == np.int64 and a.size and a.min() >= _INT32.min and a.max() <= _INT32.max:
-        a = a.astype(np.int32)  # halves the file; restored to int64 on load
-    return a
+def _fits_int32(a: np.ndarray) -> bool:
+    return not a.size or (int(a.min()) >= _INT32.min and int(a.max()) <= _INT32.max)
+
+
+def _write_npy(out, a: np.ndarray) -> None:
+    """``np.save`` of ``a``, int64 stored as int32 where the values fit (halves the file), the
+    narrowing done a chunk at a time (no second full-size array)."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)  # (not for 0-d arrays: it would make them 1-d)
+    if a.dtype != np.int64 or a.ndim != 1 or not _fits_int32(a):
+        np.lib.format.write_array(out, a, allow_pickle=False)
+        return
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32))}
+    header.update(fortran_order=False, shape=a.shape)
+    np.lib.format.write_array_header_1_0(out, header)
+    for s in range(0, a.size, _CHUNK):
+        out.write(a[s : s + _CHUNK].astype(np.int32).tobytes())
 
 
 def _save_npz(f, arrays: dict) -> None:
-    """``np.savez`` one array at a time (each packed just before it is written, so that a
-    100M-row cache never holds a second copy of everything)."""
+    """``np.savez`` one array at a time (each written in chunks, so that a 100M-row cache never
+    holds a second copy of anything)."""
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, a in arrays.items():
             if a is None:
                 continue
             with zf.open(name + ".npy", mode="w", force_zip64=True) as out:
-                np.lib.format.write_array(out, _pack(a), allow_pickle=False)
+                _write_npy(out, np.asarray(a))
 
 
-def _unpack(npz) -> dict[str, np.ndarray]:
-    out = {}
-    for name in npz.files:
-        a = npz[name]
-        out[name] = a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a
+def _read_npy(f, name: str) -> np.ndarray:
+    """One array of a cache. Integer arrays come back int64, except :data:`_COMPACT` ones stored
+    as int32, which stay int32; the widening is done while reading, a chunk at a time."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unexpected .npy version {version}")
+    if not np.issubdtype(dtype, np.integer) or fortran or len(shape) > 2:
+        return np.lib.format.read_array(f, allow_pickle=False, version=version)
+    keep = name in _COMPACT and dtype == np.int32
+    out = np.empty(shape, dtype=dtype if keep else np.int64)
+    flat = out.reshape(-1)
+    step = max(1, _CHUNK * 4 // dtype.itemsize)
+    for s in range(0, flat.size, step):
+        e = min(s + step, flat.size)
+        data = f.read((e - s) * dtype.itemsize)
+        if len(data) != (e - s) * dtype.itemsize:
+            raise ValueError(f"truncated array {name!r}")
+        flat[s:e] = np.frombuffer(data, dtype=dtype)
     return out
+
+
+def _load_npz(place: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays of the cache at ``place`` if its key is ``key``, else ``None``."""
+    with zipfile.ZipFile(place) as zf:
+        names = [n.removesuffix(".npy") for n in zf.namelist()]
+        with zf.open("_key.npy") as f:
+            if str(np.lib.format.read_array(f, allow_pickle=False)) != key:
+                return None
+        arrays = {}
+        for name in names:
+            if name != "_key":
+                with zf.open(name + ".npy") as f:
+                    arrays[name] = _read_npy(f, name)
+        return arrays
 
 
 def _cached(
@@ -124,13 +171,11 @@ def _cached(
     for place in places:
         if place.is_file():
             try:
-                with np.load(place, allow_pickle=False) as npz:
-                    if str(npz["_key"]) == key:
-                        arrays = _unpack(npz)
-                        del arrays["_key"]
-                        return arrays
+                arrays = _load_npz(place, key)
             except Exception:  # a damaged or foreign file: rebuild and overwrite it
-                pass
+                arrays = None
+            if arrays is not None:
+                return arrays
     arrays = build()
     for place in places:
         tmp = None
@@ -155,81 +200,172 @@ def _cached(
 # --- raw columns -> Interactions ------------------------------------------------------------------
 
 
-def _reindex(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes, uniques)``: codes in ``0..len(uniques)-1``, uniques ascending (int64)."""
+def _index_dtype(n: int) -> type:
+    return np.int32 if n <= _INT32.max + 1 else np.int64
+
+
+def _reindex(raw: np.ndarray, *, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, uniques)``: codes in ``0..len(uniques)-1`` (int32 unless there are more than
+    2**31 uniques), uniques ascending (int64). ``inplace``: ``raw`` is the caller's to spend, and
+    when it has the codes' dtype the codes overwrite it (no second full-size array)."""
     if raw.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
     lo, hi = int(raw.min()), int(raw.max())
     if hi - lo < max(4 * raw.size, 1 << 22):  # dense ids: a lookup table, O(n)
         present = np.zeros(hi - lo + 1, dtype=bool)
-        shifted = raw - np.asarray(lo, dtype=raw.dtype) if lo else raw
-        present[shifted] = True
+        for s in range(0, raw.size, _CHUNK):
+            present[raw[s : s + _CHUNK] - lo] = True
+        uniques = np.flatnonzero(present).astype(np.int64) + lo
         lut = np.cumsum(present, dtype=np.int64) - 1
-        return lut[shifted], np.flatnonzero(present).astype(np.int64) + lo
-    uniques, codes = np.unique(raw, return_inverse=True)
-    return codes.astype(np.int64).reshape(-1), uniques.astype(np.int64)
+        del present
+        lut = lut.astype(_index_dtype(uniques.size))
+
+        def codes_of(chunk):
+            return lut[chunk - lo]
+    else:  # sparse ids: sort the uniques, then binary searches
+        uniques = np.unique(raw).astype(np.int64)
+        dtype = _index_dtype(uniques.size)
+
+        def codes_of(chunk):
+            return np.searchsorted(uniques, chunk).astype(dtype)
+
+    codes_dtype = _index_dtype(uniques.size)
+    codes = raw if inplace and raw.dtype == codes_dtype else np.empty(raw.size, codes_dtype)
+    for s in range(0, raw.size, _CHUNK):
+        codes[s : s + _CHUNK] = codes_of(raw[s : s + _CHUNK])
+    return codes, uniques
+
+
+def _rows_of_users(users: np.ndarray, a: int, b: int, dtype) -> np.ndarray:
+    """The rows (ascending, as ``dtype``) whose user lies in ``[a, b)``, a chunk at a time."""
+    rows = []
+    for s in range(0, users.size, _CHUNK):
+        u = users[s : s + _CHUNK] - users.dtype.type(a)  # in [0, b - a) as unsigned: one compare
+        hit = np.flatnonzero(u.view(u.dtype.str.replace("i", "u")) < b - a)
+        hit += s
+        rows.append(hit.astype(dtype))
+    return np.concatenate(rows)
 
 
 def _dedup_keep(
-    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, num_items: int
+    users: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray | None,
+    num_users: int,
+    num_items: int,
+    *,
+    rows_per_block: int = 1 << 23,
 ) -> np.ndarray | None:
     """Mask keeping one row per (user, item): the latest timestamp, ties the later row. ``None``
-    when there are no duplicates (the common case costs one in-place sort of the keys)."""
-    s = users * np.int64(num_items)
-    s += items
-    s.sort()
-    dup = s[1:] == s[:-1]
-    if not dup.any():
+    when there are no duplicates (the common case costs one sort of the keys).
+
+    The keys ``user * num_items + item`` of 100M rows would take 800 MB as int64: the users are
+    taken in ranges of about ``rows_per_block`` rows (a (user, item) pair never spans two), one
+    block of keys at a time, relative to the range's first user (int32 when they fit)."""
+    n = users.size
+    if n < 2:
         return None
-    dup_keys = np.unique(s[1:][dup])
-    del s, dup
-    key = users * np.int64(num_items)
-    key += items
-    pos = np.minimum(np.searchsorted(dup_keys, key), dup_keys.size - 1)
-    in_dup = dup_keys[pos] == key
-    rows = np.flatnonzero(in_dup)
-    ts = timestamps[rows] if timestamps is not None else np.zeros(rows.size, np.int64)
-    order = np.lexsort((rows, ts, key[rows]))  # by key, then time, then row: the last one wins
-    k_sorted = key[rows][order]
-    last = np.concatenate((k_sorted[1:] != k_sorted[:-1], [True]))
-    keep = ~in_dup
-    keep[rows[order][last]] = True
+    if n <= rows_per_block:
+        bounds = [0, num_users]
+    else:
+        counts = np.zeros(num_users, dtype=np.int64)
+        for s in range(0, n, _CHUNK):  # (bincount would copy all of users to int64)
+            counts += np.bincount(users[s : s + _CHUNK], minlength=num_users)
+        cum = np.cumsum(counts)
+        cuts = np.searchsorted(cum, np.arange(rows_per_block, n, rows_per_block), side="right")
+        bounds = np.unique(np.concatenate(([0], cuts, [num_users]))).tolist()
+    row_dtype = np.int32 if n <= _INT32.max else np.int64
+    keep = None
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        whole = (a, b) == (0, num_users)
+        rows = None if whole else _rows_of_users(users, a, b, row_dtype)
+        key_dtype = np.int32 if (b - a) * num_items <= _INT32.max + 1 else np.int64
+        key = (users if whole else users[rows]).astype(key_dtype)
+        if a:
+            key -= a
+        key *= num_items
+        key += items if whole else items[rows]
+        s = np.sort(key)
+        dup = s[1:] == s[:-1]
+        if not dup.any():
+            continue
+        dup_keys = np.unique(s[1:][dup])
+        del s, dup
+        pos = np.minimum(np.searchsorted(dup_keys, key), dup_keys.size - 1)
+        in_dup = np.flatnonzero(dup_keys[pos] == key)
+        del pos
+        k = key[in_dup]
+        r = in_dup if whole else rows[in_dup]
+        ts = timestamps[r] if timestamps is not None else np.zeros(r.size, np.int64)
+        order = np.lexsort((r, ts, k))  # by key, then time, then row: the last one wins
+        k_sorted = k[order]
+        last = np.concatenate((k_sorted[1:] != k_sorted[:-1], [True]))
+        if keep is None:
+            keep = np.ones(n, dtype=bool)
+        keep[r[order][~last]] = False
     return keep
+
+
+def _compact(arrays: dict, name: str, keep: np.ndarray) -> None:
+    """``arrays[name] = arrays[name][keep]``, the array being the caller's to spend: the kept
+    rows are written over its front a chunk at a time (they only move forward), then it is shrunk
+    in place (:func:`_resize`)."""
+    a = arrays[name]
+    w = 0
+    for s in range(0, a.size, _CHUNK):
+        part = a[s : s + _CHUNK][keep[s : s + _CHUNK]]
+        a[w : w + part.size] = part
+        w += part.size
+    del a
+    _resize(arrays, name, w)
+
+
+def _resize(arrays: dict, name: str, size: int) -> None:
+    """Resize the 1-d ``arrays[name]`` in place (``realloc``: a shrunk tail goes back to the
+    system, no copy). numpy refuses while another reference to the array exists: then a copy."""
+    a = arrays.pop(name)
+    try:
+        a.resize(size, refcheck=True)
+    except ValueError:  # a view, or referenced elsewhere
+        b = np.zeros(size, dtype=a.dtype)
+        b[: min(size, a.size)] = a[: min(size, a.size)]
+        a = b
+    arrays[name] = a
 
 
 def _finalize(
     path: Path, cols: dict[str, np.ndarray], min_rating: float | None
 ) -> dict[str, np.ndarray | None]:
-    """Raw columns (``users``, ``items``, optional ``timestamps`` and ``ratings``; taken out of
-    ``cols`` one by one, so that each raw array is freed as soon as it is converted) -> the
-    re-indexed, de-duplicated, rating-filtered arrays of an :class:`Interactions`."""
+    """Raw columns (``users``, ``items``, optional int64 ``timestamps`` and ``ratings``; taken out
+    of ``cols`` and spent: re-indexed and filtered in place where their dtypes allow) -> the
+    re-indexed (int32), de-duplicated, rating-filtered arrays of an :class:`Interactions`. No
+    full-size int64 temporary is made (100M Netflix rows stay within their final 1.6 GB)."""
     ratings = cols.pop("ratings", None)
     if min_rating is not None and ratings is None:
         raise ValueError(f"{path} has no ratings: min_rating does not apply to it")
-    users, user_ids = _reindex(cols.pop("users"))
-    items, item_ids = _reindex(cols.pop("items"))
-    timestamps = cols.pop("timestamps", None)
-    keep = _dedup_keep(users, items, timestamps, item_ids.size)
+    out: dict[str, np.ndarray | None] = {}
+    out["users"], out["user_ids"] = _reindex(cols.pop("users"), inplace=True)
+    out["items"], out["item_ids"] = _reindex(cols.pop("items"), inplace=True)
+    out["timestamps"] = cols.pop("timestamps", None)
+    keep = _dedup_keep(
+        out["users"], out["items"], out["timestamps"], out["user_ids"].size, out["item_ids"].size
+    )
     if min_rating is not None:
         good = ratings >= min_rating
         keep = good if keep is None else keep & good
     del ratings
     if keep is not None and not keep.all():
-        users, items = users[keep], items[keep]
-        timestamps = None if timestamps is None else timestamps[keep]
-        if users.size == 0:
+        if not keep.any():
             raise ValueError(f"{path}: no interactions left with min_rating={min_rating}")
-        users, kept = _reindex(users)
-        user_ids = user_ids[kept]
-        items, kept = _reindex(items)
-        item_ids = item_ids[kept]
-    return {
-        "users": users,
-        "items": items,
-        "timestamps": timestamps,
-        "user_ids": user_ids,
-        "item_ids": item_ids,
-    }
+        for name in ("users", "items", "timestamps"):
+            if out[name] is not None:
+                _compact(out, name, keep)
+        del keep
+        for name in ("users", "items"):  # ids left without a row are dropped
+            codes, kept = _reindex(out.pop(name), inplace=True)
+            out[name] = codes
+            out[name[:-1] + "_ids"] = out[name[:-1] + "_ids"][kept]
+    return out
 
 
 def _to_interactions(arrays: dict, name: str) -> Interactions:
@@ -532,14 +668,17 @@ def read_netflix(
     min_rating: float | None = None,
     cache: bool = True,
     progress: bool = False,
-    chunk_bytes: int = _text.CHUNK_BYTES,
+    chunk_bytes: int = 16 << 20,
 ) -> Interactions:
     """The Netflix Prize training set: a folder with ``combined_data_*.txt`` (Kaggle layout) or
     ``training_set/mv_*.txt`` (the original), or one such file: ``MovieID:`` lines followed by
     ``CustomerID,Rating,YYYY-MM-DD`` lines. Dates become seconds since the epoch (midnight UTC).
     A ``.csv`` file is read by :func:`read_csv` (e.g. ``MovieID,UserID,Rating,Date`` subsets).
 
-    100M ratings parse in int32/int8 (about 1.3 GB) and finish as int64 arrays (2.4 GB)."""
+    100M ratings take about 1.6 GB in all, while parsing and once parsed: int32 users and
+    items, int64 timestamps (plus int8 ratings while parsing, with ``min_rating``); the ``.npz``
+    cache loads them back in seconds at the same size. ``chunk_bytes``: text parsed per step
+    (16 MB: the parse's temporaries stay near 100 MB)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         x = read_csv(path, min_rating=min_rating, cache=cache)
@@ -551,7 +690,15 @@ def read_netflix(
         from tqdm.auto import tqdm
 
         total = sum(p.stat().st_size for p in files)
-        parts: dict[str, list[np.ndarray]] = {"users": [], "items": [], "ratings": [], "days": []}
+        dtypes = {"users": np.int32, "items": np.int32, "timestamps": np.int64}
+        if min_rating is not None:
+            dtypes["ratings"] = np.int8
+        # Each chunk is parsed straight into columns sized for the most rows the files can hold
+        # (a rating line has at least 13 bytes): pages never written are never allocated, and
+        # no list of parts is concatenated (their freed memory would stay with the process).
+        cap = total // 13 + 1
+        cols = {k: np.empty(cap, dtype) for k, dtype in dtypes.items()}
+        n = 0
         movie = None
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
             for chunk, segs, nbytes in _netflix_chunks(files, chunk_bytes):
@@ -564,16 +711,23 @@ def read_netflix(
                         raise DataFormatError(segs[0][1], None, e.reason) from None
                     start, p, first = max(s for s in segs if s[0] <= e.line)
                     raise DataFormatError(p, first + e.line - start, e.reason) from None
-                for k, v in out.items():
-                    parts[k].append(v)
+                m = out["users"].size
+                if n + m > cap:  # not for well-formed files
+                    cap = max(n + m, 2 * cap)
+                    for k in dtypes:
+                        _resize(cols, k, cap)
+                for k in dtypes:
+                    if k == "timestamps":
+                        np.multiply(out["days"], np.int64(86400), out=cols[k][n : n + m])
+                    else:
+                        cols[k][n : n + m] = out[k]
+                n += m
+                del out
                 bar.update(nbytes)
-        cols = {k: np.concatenate(parts.pop(k)) for k in list(parts)}  # one column at a time
-        if cols["users"].size == 0:
+        if n == 0:
             raise DataFormatError(files[0], 1, "no ratings")
-        ts = cols.pop("days").astype(np.int64)
-        ts *= 86400
-        cols["timestamps"] = ts
-        del ts
+        for k in dtypes:
+            _resize(cols, k, n)
         return _finalize(path, cols, min_rating)
 
     options = {"min_rating": min_rating}
@@ -688,12 +842,13 @@ def read_ncf(prefix, *, cache: bool = True) -> Split:
         num_users = max(int(a.max()) for a in ids) + 1
         num_items = max(int(train["item"].max()), int(neg[:, 1:].max())) + 1
         order = np.argsort(test["user"], kind="stable")
+        narrow = _index_dtype(max(num_users, num_items))
         return {
-            "users": train["user"],
-            "items": train["item"],
+            "users": train["user"].astype(narrow),
+            "items": train["item"].astype(narrow),
             "timestamps": train.get("timestamp"),
-            "test_users": test["user"][order],
-            "test_items": test["item"][order],
+            "test_users": test["user"][order].astype(narrow),
+            "test_items": test["item"][order].astype(narrow),
             "test_negatives": np.ascontiguousarray(neg[order, 2:]),
             "num_users": np.int64(num_users),
             "num_items": np.int64(num_items),

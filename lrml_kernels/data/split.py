@@ -26,8 +26,10 @@ _CHUNK = 1 << 22  # rows per vectorised step where temporaries would otherwise r
 
 
 def _sorted_unique_keys(users: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
-    """``users * num_items + items``, sorted, duplicates removed."""
-    keys = users * np.int64(num_items)
+    """``users * num_items + items`` (int64 whatever the inputs' integer dtypes), sorted,
+    duplicates removed."""
+    keys = users.astype(np.int64)
+    keys *= num_items
     keys += items
     keys.sort()
     if keys.size > 1:
@@ -47,8 +49,14 @@ def _csr_from_keys(keys: np.ndarray, num_users: int, num_items: int, *, inplace:
 def build_csr(
     users: np.ndarray, items: np.ndarray, num_users: int, num_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(indptr [num_users+1], indices)``, int64: each user's items ascending, de-duplicated."""
-    keys = _sorted_unique_keys(np.asarray(users, np.int64), np.asarray(items, np.int64), num_items)
+    """``(indptr [num_users+1], indices)``, int64: each user's items ascending, de-duplicated.
+    ``users`` / ``items`` may be int32 (widened only inside the int64 keys)."""
+    users, items = np.asarray(users), np.asarray(items)
+    if users.dtype not in (np.int32, np.int64):
+        users = users.astype(np.int64)
+    if items.dtype not in (np.int32, np.int64):
+        items = items.astype(np.int64)
+    keys = _sorted_unique_keys(users, items, num_items)
     return _csr_from_keys(keys, num_users, num_items, inplace=True)
 
 

@@ -130,9 +130,10 @@ def synthetic(
     start = (_T0 + rng.uniform(0, 6 * _YEAR - span)).astype(np.int64)
     mean_gap = span / n_u
 
-    out_u = np.empty(int(n_u.sum()), dtype=np.int64)
+    index = np.int32 if max(U, I) <= np.iinfo(np.int32).max else np.int64
+    out_u = np.empty(int(n_u.sum()), dtype=index)  # int32 indices: 0.8 GB less at Netflix size
     out_i = np.empty_like(out_u)
-    out_t = np.empty_like(out_u)
+    out_t = np.empty(out_u.size, dtype=np.int64)
     filled = 0
     rows_per_chunk = 1 << 19  # small chunks: fewer page faults, caches stay warm
     cum_n = np.cumsum(n_u)
