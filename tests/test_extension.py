@@ -348,7 +348,7 @@ def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
     for step in range(1, 4):
         idx = torch.randint(0, R // 2, (n,), generator=g)  # heavy repeats, half the rows untouched
         rows = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
-        ref.grad = torch.sparse_coo_tensor(idx[None], rows, ref.shape)
+        ref.grad = torch.sparse_coo_tensor(idx[None], rows, ref.shape, check_invariants=True)
         opt.step()
         with torch.no_grad():  # the touched rows into the max_norm ball
             x = ref[idx.unique()]

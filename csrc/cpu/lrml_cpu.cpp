@@ -163,16 +163,34 @@ struct Tile {
   }
 };
 
+// D(e) over d entries: two vector accumulators, a scalar tail, a tree sum of the lanes (an
+// `omp simd` reduction here compiled to a spill and a chain of scalar adds per call).
 template <typename T>
 inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps) {
-  T acc = 0;
-  if (distance == Distance::L1) {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < d; ++j) acc += std::abs(e[j]);
-    return acc;
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const bool l1 = distance == Distance::L1;
+  V a0 = V{}, a1 = V{};
+  int64_t j = 0;
+  for (; j + 2 * W <= d; j += 2 * W) {
+    const V x = S::load(e + j), y = S::load(e + j + W);
+    a0 += l1 ? (x < 0 ? -x : x) : x * x;
+    a1 += l1 ? (y < 0 ? -y : y) : y * y;
   }
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < d; ++j) acc += e[j] * e[j];
+  if (j + W <= d) {
+    const V x = S::load(e + j);
+    a0 += l1 ? (x < 0 ? -x : x) : x * x;
+    j += W;
+  }
+  T tail = 0;
+  for (; j < d; ++j) tail += l1 ? std::abs(e[j]) : e[j] * e[j];
+  a0 += a1;
+  T lanes[W];
+  S::store(lanes, a0);
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  const T acc = lanes[0] + tail;
   return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
 }
 
