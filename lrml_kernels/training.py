@@ -399,15 +399,19 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             step_in_epoch += 1
             global_step += 1
             due = cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
-            if due or step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch:
+            report = due or step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch
+            # The loss is checked before any checkpoint is written: every step where reading it
+            # costs nothing (CPU), every 50 steps on a GPU (a host sync).
+            if report or loss_sum.device.type == "cpu":
                 seen = loss_sum.item()
-                if not math.isfinite(seen):  # checked before any checkpoint is written
+                if not math.isfinite(seen):
                     bad = int(first_bad)
                     raise NonFiniteLossError(
                         f"non-finite loss at step {bad} (epoch {epoch + 1}, batch "
                         f"{bad - (global_step - step_in_epoch)}); the last good checkpoint "
                         "is left as it was"
                     )
+            if report:
                 rate = (
                     step_in_epoch
                     * cfg.batch_size

@@ -283,6 +283,15 @@ def test_nonfinite_stop_names_the_step_and_never_checkpoints_it(tmp_path, poison
     assert re.search(r"step 5\b", str(info.value)), str(info.value)
 
 
+def test_nonfinite_stop_on_the_cpu_runs_no_step_after_the_bad_one(tmp_path, poison_step):
+    # Reading the loss costs nothing on the CPU, so it is checked every step: no step runs on the
+    # poisoned model (on a GPU the check comes every 50 steps, to avoid a host sync per step).
+    calls = poison_step(3)
+    with pytest.raises(NonFiniteLossError, match=r"step 3\b"):
+        fit(small_cfg(), tmp_path)
+    assert calls[0] == 3
+
+
 def test_cli_reports_nonfinite_loss_as_an_error(tmp_path, poison_step, capsys):
     poison_step(5)
     rc = main(cli_args(tmp_path, epochs=1, eval="none"))
