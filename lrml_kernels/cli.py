@@ -149,7 +149,7 @@ def _info(args) -> int:
 
     import torch
 
-    from lrml_kernels import __version__, backends
+    from lrml_kernels import __version__, backends, extension
 
     print(
         f"lrml_kernels {__version__}, torch {torch.__version__}, Python {platform.python_version()}"
@@ -158,6 +158,9 @@ def _info(args) -> int:
     for name in backends.BACKENDS:
         reason = backends.why_unavailable(name)
         print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        origin = extension.library_origin(name) if name in ("cpu", "cuda") else None
+        if reason is None and origin:
+            print(f"          {origin}")
     return 0
 
 

@@ -44,6 +44,7 @@ CPU_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 _PKG = Path(__file__).resolve().parent
 _lock = threading.RLock()
 _loaded: dict[str, object] = {}  # "cpu"/"cuda" -> True or the BackendUnavailable to re-raise
+_origin: dict[str, str] = {}  # "cpu"/"cuda" -> which build was loaded (lrml info prints it)
 _registered = False
 
 
@@ -191,10 +192,12 @@ def _load_library(name: str) -> None:
                 try:
                     torch.ops.load_library(path)
                     loaded = True
+                    _origin[name] = f"ahead-of-time build {path}"
                 except Exception:  # ABI mismatch etc.: fall back to the JIT build
                     loaded = False
             if not loaded:
                 _jit_build(name)
+                _origin[name] = f"just-in-time build in {build_dir(csrc_dir()) / name}"
             if name == "cpu":
                 _register_python_side()
         except BackendUnavailable as exc:
@@ -209,6 +212,11 @@ def _load_library(name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Python side of the ops: fake kernels and autograd.
+
+
+def library_origin(name: str) -> str | None:
+    """Which build of the ``name`` library this process loaded (None if not loaded)."""
+    return _origin.get(name)
 
 
 def _ops():

@@ -1,6 +1,7 @@
 """The training loop and CLI: outputs, exact resume, refusals, non-finite guard, convergence."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,8 @@ def test_cli_module_entry_point_and_bad_flags(tmp_path):
         [sys.executable, "-m", "lrml_kernels", "info"], capture_output=True, text=True, check=True
     )
     assert "torch" in r.stdout
+    # the cpu backend (built in CI) says which build of the extension was loaded
+    assert re.search(r"cpu +available\n +(ahead-of-time|just-in-time) build", r.stdout), r.stdout
     r = subprocess.run(
         [
             sys.executable,
