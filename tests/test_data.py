@@ -505,6 +505,49 @@ def test_evaluation_negatives_dense_users_and_too_few_items():
         D.leave_one_out(interactions(users, items, num_items=50), num_negatives=6)
 
 
+@pytest.mark.parametrize("timestamps", ["known", "some missing", "none"])
+def test_leave_one_out_in_place_and_in_small_chunks(monkeypatch, timestamps):
+    """``load`` lets the split compact the training rows inside the log's own arrays (and the
+    keys are de-duplicated and thinned in place): the same split as copying, chunk after chunk,
+    and ``leave_one_out`` leaves the log it is given unchanged."""
+    from lrml_kernels.data import split as S
+
+    rng = np.random.default_rng(3)
+    n, U, I = 6_000, 120, 200
+    ts = None
+    if timestamps != "none":
+        ts = rng.integers(0, 20, n) * 86_400  # many ties
+        if timestamps == "some missing":
+            ts[rng.random(n) < 0.3] = MISSING_TIMESTAMP
+    users, items = rng.integers(0, U, n).astype(np.int32), rng.integers(0, I, n).astype(np.int32)
+
+    def log():
+        return interactions(users.copy(), items.copy(), None if ts is None else ts.copy(), I)
+
+    ref = D.leave_one_out(log(), num_negatives=30, seed=5)  # one chunk: the plain path
+    monkeypatch.setattr(S, "_CHUNK", 97)  # redraws in smaller groups, from the same stream
+    monkeypatch.setattr(S, "_CHECK", 40)  # and key look-ups of one row at a time
+    for consume in (False, True):
+        x = log()
+        fp = x.fingerprint()
+        s = S._leave_one_out(x, 30, 5, consume=consume)
+        if not consume:
+            assert x.fingerprint() == fp
+        assert s.fingerprint() == ref.fingerprint()
+        for a, b in [
+            (s.train.users, ref.train.users),
+            (s.train.items, ref.train.items),
+            (s.train.timestamps, ref.train.timestamps),
+            (s.test_users, ref.test_users),
+            (s.test_items, ref.test_items),
+            (s.test_negatives, ref.test_negatives),
+            *zip(s.train_csr(), ref.train_csr(), strict=True),
+        ]:
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+        built = D.build_csr(s.train.users, s.train.items, U, I)
+        assert all(np.array_equal(a, b) for a, b in zip(built, s.train_csr(), strict=True))
+
+
 def test_data_format_error_pickles():
     import pickle
 
