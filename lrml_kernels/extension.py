@@ -365,8 +365,10 @@ class _FusedHingeLoss(torch.autograd.Function):
         p_shape, q_shape, dtype = ctx.tables
         need = ctx.needs_input_grad
 
-        def scaled(g):  # ∂loss = grad: a scalar; skip the multiply for the usual 1
-            return g if bool(grad == 1) else g * grad.to(g.dtype)
+        one = bool(grad == 1)  # ∂loss = grad, a scalar: skip the multiplies for the usual 1
+
+        def scaled(g):
+            return g if one else g * grad.to(g.dtype)
 
         out = (
             _rows_to_table_grad(p_shape, dtype, users, scaled(gp), ctx.sparse) if need[0] else None,
