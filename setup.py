@@ -40,8 +40,14 @@ CPU_SOURCES = [
 ]
 CUDA_SOURCES = ["csrc/cuda/lrml_cuda.cpp", "csrc/cuda/lrml_kernels.cu"]
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
-STAMP = "_C_stamp.json"
+STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
 MARCH = os.environ.get("LRML_KERNELS_MARCH", "native")
+
+
+def stamp_path(library) -> Path:
+    """The stamp of a built library: ``_C_cpu.<suffix>.so`` -> ``_C_cpu.stamp.json``."""
+    library = Path(library)
+    return library.with_name(library.name.split(".")[0] + STAMP)
 
 
 def cpu_flags_hash() -> str:
@@ -130,11 +136,21 @@ def extension_setup() -> tuple[list, dict]:
                     stacklevel=1,
                 )
                 return
-            stamp = Path(self.get_ext_fullpath(ext.name)).parent / STAMP
+            stamp = stamp_path(self.get_ext_fullpath(ext.name))
             info = {"sources": sources_hash(), "torch": torch.__version__, "march": MARCH}
             if MARCH == "native" and ext.name.endswith("_cpu"):
                 info["cpu_flags"] = cpu_flags_hash()
             stamp.write_text(json.dumps(info) + "\n")
+
+        def copy_extensions_to_source(self):
+            """Editable installs: each library is copied into the source tree, and its stamp
+            with it (without it the package would not trust the library and build again)."""
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace, regular = self._get_inplace_equivalent(build_py, ext)
+                if stamp_path(regular).exists():
+                    shutil.copyfile(stamp_path(regular), stamp_path(inplace))
 
         def get_outputs(self):
             outputs = []

@@ -37,7 +37,7 @@ NAMESPACE = "lrml_ext"
 CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_update_cpu.cpp")
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
-STAMP = "_C_stamp.json"
+STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
 # -fno-math-errno: sqrt in vectorised loops (errno is never read)
 CPU_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -109,6 +109,13 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
 
 
+def stamp_path(library) -> Path:
+    """The stamp setup.py writes next to a built library (``_C_cpu.<suffix>.so`` ->
+    ``_C_cpu.stamp.json``): the sources, torch and CPU the library was built for."""
+    library = Path(library)
+    return library.with_name(library.name.split(".")[0] + STAMP)
+
+
 def _aot_library(name: str) -> str | None:
     """Path of the setup.py-built library ``lrml_kernels._C_<name>`` if it matches the sources."""
     try:
@@ -119,7 +126,7 @@ def _aot_library(name: str) -> str | None:
         return None
     src = csrc_dir()
     try:
-        stamp = json.loads((Path(spec.origin).parent / STAMP).read_text())
+        stamp = json.loads(stamp_path(spec.origin).read_text())
     except (OSError, ValueError):
         stamp = None
     if stamp is None or stamp.get("torch") != torch.__version__:

@@ -6,6 +6,7 @@ marked ``gpu``. ``csrc/check_nvcc.sh`` compiles every .cu for sm_90 and sm_80 wh
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -375,21 +376,36 @@ def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
         torch.ops.lrml_ext.row_adam_(t1, m1, v1, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
 
 
+def test_an_installed_ahead_of_time_build_is_the_one_loaded(ext):
+    # pip install [-e] . builds lrml_kernels._C_cpu and stamps it; the package must then use it
+    # (not build again just in time), unless the sources changed since.
+    spec = importlib.util.find_spec("lrml_kernels._C_cpu")
+    if spec is None or not spec.origin:
+        pytest.skip("no ahead-of-time build installed here (the JIT build is in use)")
+    stamp = extension.stamp_path(spec.origin)
+    assert stamp.is_file(), f"{spec.origin} has no stamp {stamp.name}"
+    src = extension.csrc_dir()
+    if src is not None and json.loads(stamp.read_text())["sources"] != extension.sources_hash(src):
+        pytest.skip("the sources changed since the ahead-of-time build (stale: JIT in use)")
+    assert extension._aot_library("cpu") == spec.origin
+    assert extension.library_origin("cpu") == f"ahead-of-time build {spec.origin}"
+
+
 def test_aot_library_is_ignored_on_another_cpu(tmp_path, monkeypatch):
     # A -march=native ahead-of-time build is stamped with its CPU's flags; elsewhere the package
     # builds just in time instead of loading code the CPU may not run.
     pkg = tmp_path / "lrml_kernels"
     pkg.mkdir()
-    lib = pkg / "_C_cpu.so"
+    lib = pkg / "_C_cpu.cpython-311-x86_64-linux-gnu.so"
     lib.write_bytes(b"")
     spec = type("Spec", (), {"origin": str(lib)})()
     monkeypatch.setattr(extension.importlib.util, "find_spec", lambda name: spec)
     monkeypatch.setattr(extension, "csrc_dir", lambda: None)
     stamp = {"sources": "x", "torch": torch.__version__, "march": "native"}
     for flags, found in ((extension.cpu_flags_hash(), str(lib)), ("0" * 16, None)):
-        (pkg / extension.STAMP).write_text(json.dumps({**stamp, "cpu_flags": flags}))
+        extension.stamp_path(lib).write_text(json.dumps({**stamp, "cpu_flags": flags}))
         assert extension._aot_library("cpu") == found
-    (pkg / extension.STAMP).write_text(json.dumps({**stamp, "march": "x86-64-v3"}))
+    extension.stamp_path(lib).write_text(json.dumps({**stamp, "march": "x86-64-v3"}))
     assert extension._aot_library("cpu") == str(lib)
 
 
