@@ -156,6 +156,32 @@ inline void check_eps(double eps) {
   TORCH_CHECK_VALUE(eps >= 0, "eps must be a non-negative number, got ", eps);
 }
 
+inline std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
+
+// The checked inputs of one distances / hinge-loss call.
+struct Prepared {
+  Params p;
+  Batch b;
+  Distance distance;
+  Relation relation;
+};
+
+// Every argument of a distances / hinge-loss call checked, for a backend on `device_type` that
+// takes the dtypes `allowed`.
+inline Prepared prepare(const at::Tensor& user_emb, const at::Tensor& item_emb,
+                        const at::Tensor& keys, const at::Tensor& memory, const at::Tensor& users,
+                        const at::Tensor& items, c10::string_view distance,
+                        c10::string_view relation, double eps, c10::DeviceType device_type,
+                        std::initializer_list<at::ScalarType> allowed, const char* backend) {
+  Prepared r;
+  r.distance = parse_distance(str(distance));
+  r.relation = parse_relation(str(relation));
+  check_eps(eps);
+  r.p = check_params(user_emb, item_emb, keys, memory, device_type, allowed, backend);
+  r.b = check_batch(r.p, users, items);
+  return r;
+}
+
 // The upstream gradient of the distances: [B, C], floating.
 inline at::Tensor check_grad_D(const at::Tensor& grad, const Batch& b, const Params& p) {
   TORCH_CHECK_TYPE(grad.defined() && at::isFloatingType(grad.scalar_type()),

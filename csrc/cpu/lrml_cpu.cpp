@@ -46,8 +46,6 @@ constexpr int64_t kStreamBytes = 4 << 20;  // gradient rows at least this large:
 
 const std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
 
-std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
-
 template <typename T>
 struct Job {
   const T *P = nullptr, *Q = nullptr, *K = nullptr, *M = nullptr;
@@ -499,23 +497,11 @@ std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
   return {gK, gM};
 }
 
-struct Prepared {
-  Params p;
-  Batch b;
-  Distance distance;
-  Relation relation;
-};
-
 Prepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
                  const Tensor& memory, const Tensor& users, const Tensor& items,
                  c10::string_view distance, c10::string_view relation, double eps) {
-  Prepared r;
-  r.distance = parse_distance(str(distance));
-  r.relation = parse_relation(str(relation));
-  check_eps(eps);
-  r.p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CPU, kDtypes, "cpu");
-  r.b = check_batch(r.p, users, items);
-  return r;
+  return lrml::prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps,
+                       c10::DeviceType::CPU, kDtypes, "cpu");
 }
 
 template <typename T>

@@ -26,8 +26,6 @@ namespace {
 using at::Tensor;
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-std::string str(c10::string_view s) { return std::string(s.data(), s.size()); }
-
 DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::Float32;
@@ -42,24 +40,18 @@ void check_launch(const char* err, const char* what) {
   TORCH_CHECK(err == nullptr, "lrml_ext ", what, " CUDA kernel failed: ", err ? err : "");
 }
 
-struct Prepared {
-  Params p;
-  Batch b;
-  Distance distance;
-  Relation relation;
-  Tensor Kf, Mf;  // fp32 copies
+// The checked inputs and fp32 copies of the small keys and memory (the kernels read them in fp32).
+struct CudaPrepared : Prepared {
+  Tensor Kf, Mf;
 };
 
-Prepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
-                 const Tensor& memory, const Tensor& users, const Tensor& items,
-                 c10::string_view distance, c10::string_view relation, double eps) {
-  Prepared r;
-  r.distance = parse_distance(str(distance));
-  r.relation = parse_relation(str(relation));
-  check_eps(eps);
-  r.p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
-                     {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
-  r.b = check_batch(r.p, users, items);
+CudaPrepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
+                     const Tensor& memory, const Tensor& users, const Tensor& items,
+                     c10::string_view distance, c10::string_view relation, double eps) {
+  CudaPrepared r;
+  static_cast<Prepared&>(r) =
+      lrml::prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps,
+                    c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
   r.Kf = r.p.K.to(at::kFloat).contiguous();
   r.Mf = r.p.M.to(at::kFloat).contiguous();
   return r;
@@ -68,7 +60,7 @@ Prepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& k
 void* stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
 // D [B, C] in fp32.
-Tensor distances_f32(const Prepared& pr, double eps) {
+Tensor distances_f32(const CudaPrepared& pr, double eps) {
   Tensor D = at::empty({pr.b.B, pr.b.C}, pr.p.P.options().dtype(at::kFloat));
   if (pr.b.B == 0) return D;
   check_launch(launch_distances(dtype_of(pr.p.P), pr.p.P.data_ptr(), pr.p.Q.data_ptr(),
@@ -80,7 +72,7 @@ Tensor distances_f32(const Prepared& pr, double eps) {
   return D;
 }
 
-Grads backward_f32(const Prepared& pr, const Tensor& gD, double eps) {
+Grads backward_f32(const CudaPrepared& pr, const Tensor& gD, double eps) {
   const auto f32 = pr.p.P.options().dtype(at::kFloat);
   const int64_t B = pr.b.B, C = pr.b.C, N = pr.p.N, d = pr.p.d;
   const char* err = nullptr;
@@ -139,7 +131,7 @@ Tensor distances(const Tensor& user_emb, const Tensor& item_emb, const Tensor& k
                  const Tensor& memory, const Tensor& users, const Tensor& items,
                  c10::string_view distance, c10::string_view relation, double eps, bool) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
-  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   return distances_f32(pr, eps).to(pr.p.P.scalar_type());
 }
 
@@ -148,7 +140,7 @@ Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tenso
                          const Tensor& items, c10::string_view distance,
                          c10::string_view relation, double eps) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
-  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   check_grad_D(grad, pr.b, pr.p);
   return backward_f32(pr, grad, eps);
 }
@@ -159,7 +151,7 @@ Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& 
                   c10::string_view reduction, bool) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
   const Reduction red = parse_reduction(str(reduction));
-  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   return reduce_loss(hinge_rows(distances_f32(pr, eps), margin), red, pr.p.P.scalar_type());
 }
 
@@ -169,7 +161,7 @@ Grads hinge_loss_backward(const Tensor& grad, const Tensor& user_emb, const Tens
                           c10::string_view relation, double eps, c10::string_view reduction) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
   const Reduction red = parse_reduction(str(reduction));
-  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   check_grad_loss(grad, pr.b, pr.p, red);
   Tensor D = distances_f32(pr, eps);
   Tensor w = row_weights(&grad, red, pr.b.B, D.options());
@@ -182,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
     c10::string_view relation, double eps, c10::string_view reduction) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
   const Reduction red = parse_reduction(str(reduction));
-  Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
+  const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   Tensor D = distances_f32(pr, eps);
   Tensor loss = reduce_loss(hinge_rows(D, margin), red, pr.p.P.scalar_type());
   Tensor w = row_weights(nullptr, red, pr.b.B, D.options());
