@@ -36,6 +36,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// out[n] = ⟨X[n, :], v⟩ for the N rows of X [N, d] (row-major): the warp's lanes split d.
+__device__ __forceinline__ void warp_rows_dot(const float* X, const float* v, int N, int d,
+                                              float* out, int lane) {
+  for (int n = 0; n < N; ++n) {
+    float part = 0.f;
+    const float* Xn = X + static_cast<int64_t>(n) * d;
+    for (int j = lane; j < d; j += kWarp) part = fmaf(Xn[j], v[j], part);
+    part = warp_sum(part);
+    if (lane == 0) out[n] = part;
+  }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
@@ -66,13 +78,7 @@ __device__ void warp_attend(const T* p, const T* q, const float* K, const float*
                             float* s, float* a, float* r, int lane) {
   for (int j = lane; j < d; j += kWarp) s[j] = to_f(p[j]) * to_f(q[j]);
   __syncwarp();
-  for (int n = 0; n < N; ++n) {
-    float part = 0.f;
-    const float* Kn = K + static_cast<int64_t>(n) * d;
-    for (int j = lane; j < d; j += kWarp) part = fmaf(Kn[j], s[j], part);
-    part = warp_sum(part);
-    if (lane == 0) a[n] = part;
-  }
+  warp_rows_dot(K, s, N, d, a, lane);
   __syncwarp();
   float m = -INFINITY;
   for (int n = lane; n < N; n += kWarp) m = fmaxf(m, a[n]);
@@ -241,13 +247,7 @@ __global__ void distances_backward_kernel(
           __syncwarp();
         }
         // Attention backward: ga = M gr, gz = a ⊙ (ga − ⟨a, ga⟩), gs = Kᵀ gz.
-        for (int n = 0; n < N; ++n) {
-          float part = 0.f;
-          const float* Mn = M + static_cast<int64_t>(n) * d;
-          for (int j = lane; j < d; j += kWarp) part = fmaf(Mn[j], gr[j], part);
-          part = warp_sum(part);
-          if (lane == 0) g[n] = part;
-        }
+        warp_rows_dot(M, gr, N, d, g, lane);
         __syncwarp();
         float aga = 0.f;
         for (int n = lane; n < N; n += kWarp) aga += a[n] * g[n];
