@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """Small torch ops: one intra-op thread (on a shared, busy machine OpenMP threads that wait for
+    a descheduled sibling make tiny ops 10-50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The real data sets of ../shared/data (never copied into the repo); skip if absent."""
     if not SHARED_DATA.is_dir():

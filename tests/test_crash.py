@@ -28,6 +28,9 @@ from lrml_kernels import backends, data
 from lrml_kernels.cli import main
 from lrml_kernels.training import CHECKPOINT, METRICS, NonFiniteLossError, TrainConfig, fit
 
+# Small torch ops: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 OPTS = dict(
     data="synthetic-small",
@@ -54,14 +57,6 @@ def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1")
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH")) if p)
     return e
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

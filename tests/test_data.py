@@ -573,15 +573,6 @@ def test_split_and_interactions_validation():
 # --- training negatives (torch) ---
 
 
-@pytest.fixture
-def one_thread():
-    """Small torch ops: one thread (OpenMP threads on an oversubscribed machine crawl)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_csr_membership_matches_numpy(one_thread):
     rng = np.random.default_rng(0)
     x = interactions(rng.integers(0, 50, 3000), rng.integers(0, 80, 3000), num_items=80)

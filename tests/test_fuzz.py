@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 import lrml_kernels as lk
 from lrml_kernels import backends, reference
 
+# Small torch ops: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 settings.register_profile(
     "ci",
     deadline=None,
@@ -51,14 +54,6 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bflo
 
 def fuzz_settings(n: int):
     return settings(settings.get_profile(PROFILE), max_examples=n * MULTIPLIER)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def small(backend: str) -> bool:

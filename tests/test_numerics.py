@@ -21,6 +21,9 @@ import torch
 import lrml_kernels as lk
 from lrml_kernels import backends, reference
 
+# Small torch ops: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [b for b in backends.BACKENDS if backends.why_unavailable(b, DEVICE) is None]
 DISTANCES = ("l2", "squared_l2", "l1")
@@ -31,15 +34,6 @@ TOL = {
     torch.float16: 2e-2,
     torch.bfloat16: 6e-2,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, busy CPU (no spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
