@@ -161,7 +161,7 @@ struct Tile {
   }
 };
 
-// D(e) over d entries: two vector accumulators, a scalar tail, a tree sum of the lanes (an
+// D(e) over d entries: two vector accumulators, a scalar tail, a butterfly sum of the lanes (an
 // `omp simd` reduction here compiled to a spill and a chain of scalar adds per call).
 template <typename T>
 inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps) {
@@ -183,12 +183,7 @@ inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps)
   }
   T tail = 0;
   for (; j < d; ++j) tail += l1 ? std::abs(e[j]) : e[j] * e[j];
-  a0 += a1;
-  T lanes[W];
-  S::store(lanes, a0);
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
-  const T acc = lanes[0] + tail;
+  const T acc = allreduce<T>(a0 + a1, [](V x, V y) { return x + y; })[0] + tail;
   return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
 }
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 namespace lrml {
@@ -158,33 +159,57 @@ inline Simd<double>::V exp_nonpositive(Simd<double>::V x) {
   return x;
 }
 
+// Every lane of the result holds op over all lanes of v: log2(W) butterfly steps (lane i with
+// lane i ^ step), no scalar chain.
+template <typename T, int Step, std::size_t... I>
+inline typename Simd<T>::V lanes_swapped(typename Simd<T>::V v, std::index_sequence<I...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(v, v, static_cast<int>(I ^ Step)...);
+#else
+  using I_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I_t Vi __attribute__((vector_size(32)));
+  return __builtin_shuffle(v, Vi{static_cast<I_t>(I ^ Step)...});
+#endif
+}
+
+template <typename T, int Step = Simd<T>::W / 2, typename Op>
+inline typename Simd<T>::V allreduce(typename Simd<T>::V v, Op op) {
+  v = op(v, lanes_swapped<T, Step>(v, std::make_index_sequence<Simd<T>::W>{}));
+  if constexpr (Step > 1) v = allreduce<T, Step / 2>(v, op);
+  return v;
+}
+
 // Softmax over the first N of the Np (a multiple of W) entries of each of `rows` rows, in place,
-// max-subtracted; the padding entries become 0.
+// max-subtracted; the padding entries become 0. The padding lanes are masked in registers: the
+// GEMM has just stored the row, and scalar stores into its last vector would make that vector's
+// reload miss store forwarding (a stall of every row).
 template <typename T>
 inline void softmax_rows(T* Z, int64_t rows, int64_t N, int64_t Np) {
   using S = Simd<T>;
   using V = typename S::V;
-  const int64_t nv = Np / S::W;
+  constexpr int W = S::W;
+  const int64_t nv = Np / W;
+  V lane;
+  for (int i = 0; i < W; ++i) lane[i] = static_cast<T>((nv - 1) * W + i);
+  const auto pad = lane >= static_cast<T>(N);  // padding lanes of the last vector
+  const V ninf = S::splat(-std::numeric_limits<T>::infinity());
+  const auto vmax = [](V a, V b) { return a > b ? a : b; };
+  const auto vadd = [](V a, V b) { return a + b; };
   for (int64_t t = 0; t < rows; ++t) {
     T* z = Z + t * Np;
-    for (int64_t n = N; n < Np; ++n) z[n] = -std::numeric_limits<T>::infinity();
-    V mx = S::load(z);
-    for (int64_t v = 1; v < nv; ++v) {
-      const V x = S::load(z + v * S::W);
-      mx = x > mx ? x : mx;
-    }
-    T m = mx[0];
-    for (int i = 1; i < S::W; ++i) m = mx[i] > m ? mx[i] : m;
+    V mx = nv == 1 ? ninf : S::load(z);
+    for (int64_t v = 1; v < nv - 1; ++v) mx = vmax(mx, S::load(z + v * W));
+    const V last = S::load(z + (nv - 1) * W);
+    mx = allreduce<T>(vmax(mx, pad ? ninf : last), vmax);
     V sum = V{};
     for (int64_t v = 0; v < nv; ++v) {
-      const V e = exp_nonpositive(S::load(z + v * S::W) - m);
-      S::store(z + v * S::W, e);
+      V e = exp_nonpositive((v == nv - 1 ? last : S::load(z + v * W)) - mx);
+      if (v == nv - 1) e = pad ? V{} : e;
+      S::store(z + v * W, e);
       sum += e;
     }
-    T s = 0;
-    for (int i = 0; i < S::W; ++i) s += sum[i];
-    const T inv = T(1) / s;
-    for (int64_t v = 0; v < nv; ++v) S::store(z + v * S::W, S::load(z + v * S::W) * inv);
+    const V inv = S::splat(T(1)) / allreduce<T>(sum, vadd);
+    for (int64_t v = 0; v < nv; ++v) S::store(z + v * W, S::load(z + v * W) * inv);
   }
 }
 
@@ -200,8 +225,7 @@ inline void softmax_backward_rows(const T* A, T* GA, int64_t rows, int64_t Np) {
     T* ga = GA + t * Np;
     V acc = V{};
     for (int64_t v = 0; v < nv; ++v) acc += S::load(a + v * S::W) * S::load(ga + v * S::W);
-    T aga = 0;
-    for (int i = 0; i < S::W; ++i) aga += acc[i];
+    const V aga = allreduce<T>(acc, [](V x, V y) { return x + y; });
     for (int64_t v = 0; v < nv; ++v)
       S::store(ga + v * S::W, S::load(a + v * S::W) * (S::load(ga + v * S::W) - aga));
   }
