@@ -133,14 +133,14 @@ struct Tile {
   Tensor buf;
   std::vector<int64_t> act, slot;
   std::vector<const T*> prow, qrow;
-  T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *gp, *Dc, *g, *Gq, *Gp;
+  T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *Dc, *g, *Gq, *Gp;
   Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
        const at::TensorOptions& opts)
       : act(Ta), slot(rows * C), prow(rows), qrow(rows * C) {
     const int64_t Tc = rows * C;
     const int64_t Dsz = round_up(Tc, 16);
     const int64_t Esz = pair ? 0 : Tc * dp;  // pair: E (then ge) in place of R
-    const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + dp + 2 * Dsz + round_up(Tc * dp, 16) +
+    const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + 2 * Dsz + round_up(Tc * dp, 16) +
                       round_up(rows * dp, 16);
     buf = at::zeros({n}, opts);
     T* x = buf.data_ptr<T>();
@@ -153,7 +153,6 @@ struct Tile {
     GA = x; x += Ta * Np;
     Ac = x; x += Ta * Np;
     E = pair ? R : x; x += Esz;
-    gp = x; x += dp;
     Dc = x; x += Dsz;
     g = x; x += Dsz;
     Gq = x; x += round_up(Tc * dp, 16);  // the tile's gq rows [Tc, d], as in the output
@@ -227,6 +226,10 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
   const bool pair = job.relation == Relation::Pair;
   const int64_t Tc = nr * C;
   const int64_t Ta = pair ? Tc : nr;  // attention pairs
+  // Pair tc's item-gradient row: in the tile's buffer when streaming, else in the output.
+  auto gq_row = [&](int64_t tc) {
+    return (job.stream ? w.Gq : job.gq_rows + b0 * C * d) + tc * d;
+  };
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t b = b0 + r;
     w.prow[r] = job.P + job.users[b] * d;
@@ -246,21 +249,26 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
   softmax_rows(w.A, Ta, N, Np);
   prefetch_part(1);
   gemm<T, false>(Ta, dp, N, w.A, Np, 1, mem.Mp, dp, w.R, dp);  // R = A M
-  for (int64_t tc = 0; tc < Tc; ++tc) {
-    const T* __restrict p = w.prow[tc / C];
-    const T* __restrict q = w.qrow[tc];
-    const T* rv = w.R + (pair ? tc : tc / C) * dp;
-    T* e = w.E + tc * dp;  // pair: in place of R
+  // ---- row by row, while the row's residuals are in L1: e = p + r − q and D(e); the hinge;
+  // with gradients, ∂L/∂D (g) and the residual backward: ge = g ∂D/∂e in place of e for the pairs
+  // with g != 0, and the relation gradients GR of the attention pairs that receive one, compacted
+  // (act: their pair index). With relation="shared", the item gradients of columns >= 1
+  // (gq = −ge, no attention through them) are final here.
+  int64_t na = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* __restrict p = w.prow[r];
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t tc = r * C + c;
+      const T* __restrict q = w.qrow[tc];
+      const T* rv = w.R + (pair ? tc : r) * dp;
+      T* e = w.E + tc * dp;  // pair: in place of R
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
-    w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
-  }
-  prefetch_part(2);
-  if (job.D_out) std::copy(w.Dc, w.Dc + Tc, job.D_out + b0 * C);
-  if (job.hinge) {
-    for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
+      w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
+    }
+    T* gr = w.g + r * C;
+    if (job.hinge) {
       const T* Dr = w.Dc + r * C;
-      T* gr = w.g + r * C;
       const T base = job.margin + Dr[0];
       T L = 0;
       int64_t n_active = 0;
@@ -277,31 +285,24 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       gr[0] = static_cast<T>(n_active);
       if (job.L_out) job.L_out[b0 + r] = L;
     }
-  }
-  if (!job.grads) return;
+    if (!job.grads) continue;
 
-  // ---- ∂L/∂D of the tile's pairs
-  if (job.gD) {
-    std::copy(job.gD + b0 * C, job.gD + (b0 + nr) * C, w.g);
-  } else {
-    for (int64_t r = 0; r < nr; ++r) {
+    if (job.gD) {
+      std::copy(job.gD + (b0 + r) * C, job.gD + (b0 + r + 1) * C, gr);
+    } else {
       const T wb = job.w_rows ? job.w_rows[b0 + r] : job.w_scalar;
-      T* gr = w.g + r * C;
       gr[0] = wb * gr[0];
       for (int64_t c = 1; c < C; ++c) gr[c] = gr[c] != T(0) ? -wb : T(0);
     }
-  }
-
-  // ---- residual backward: ge = g ∂D/∂e in place of e for the pairs with g != 0; the relation
-  // gradients GR of the attention pairs that receive one, compacted (act: their pair index).
-  int64_t na = 0;
-  for (int64_t r = 0; r < nr; ++r) {
     bool row_active = false;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t tc = r * C + c;
-      const T g = w.g[tc];
+      const T g = gr[c];
       w.slot[tc] = -1;
-      if (g == T(0)) continue;
+      if (g == T(0)) {
+        if (!pair && c > 0) zero(gq_row(tc), d);
+        continue;
+      }
       T* e = w.E + tc * dp;
       if (job.distance == Distance::L2 || job.distance == Distance::SquaredL2) {
         const T coef = job.distance == Distance::L2 ? g / w.Dc[tc] : 2 * g;
@@ -314,22 +315,30 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       if (pair) {
         w.slot[tc] = na;
         w.act[na++] = tc;
-      } else {
-        T* __restrict gr = w.GR + na * dp;
-        if (!row_active) {
-          std::copy(e, e + d, gr);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) gr[j] += e[j];
-        }
-        row_active = true;
+        continue;
       }
+      T* __restrict ga = w.GR + na * dp;
+      if (c > 0) {
+        T* __restrict gq = gq_row(tc);
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) gq[j] = -e[j];
+      }
+      if (!row_active) {
+        std::copy(e, e + d, ga);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) ga[j] += e[j];
+      }
+      row_active = true;
     }
     if (!pair && row_active) {
       w.slot[r * C] = na;
       w.act[na++] = r;
     }
   }
+  prefetch_part(2);
+  if (job.D_out) std::copy(w.Dc, w.Dc + Tc, job.D_out + b0 * C);
+  if (!job.grads) return;
 
   // ---- attention backward of the active attention pairs
   if (na > 0) {
@@ -353,15 +362,36 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
     gemm<T, false>(na, dp, N, w.GA, Np, 1, mem.Kp, dp, w.GS, dp); // GS = GZ K
   }
 
-  // ---- the rows' gradients, each written once: through e = p + r − q and s = p ⊙ q,
-  // gp = Σ_c (ge_c + gs_c ⊙ q_c), gq_c = gs_c ⊙ p − ge_c (gs only where attention ran).
+  // ---- the rows' remaining gradients, each written once: through e = p + r − q and
+  // s = p ⊙ q, gp = Σ_c (ge_c + gs_c ⊙ q_c), gq_c = gs_c ⊙ p − ge_c (gs only where attention ran).
+  // Shared: only column 0 is left, and Σ_c ge_c is the row's GR.
   for (int64_t r = 0; r < nr; ++r) {
     const T* __restrict p = w.prow[r];
-    T* __restrict gp = w.gp;
+    T* __restrict gp = (job.stream ? w.Gp : job.gp_rows + b0 * d) + r * d;
+    if (!pair) {
+      const int64_t i = w.slot[r * C];
+      T* __restrict gq = gq_row(r * C);
+      if (i < 0) {  // no pair of the row has a gradient
+        zero(gp, d);
+        zero(gq, d);
+        continue;
+      }
+      const T* __restrict ga = w.GR + i * dp;
+      const T* __restrict gs = w.GS + i * dp;
+      const T* __restrict q = w.qrow[r * C];
+      const T* __restrict e = w.E + r * C * dp;
+      const bool active = w.g[r * C] != T(0);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        gp[j] = ga[j] + gs[j] * q[j];
+        gq[j] = gs[j] * p[j] - (active ? e[j] : T(0));
+      }
+      continue;
+    }
     for (int64_t j = 0; j < d; ++j) gp[j] = 0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t tc = r * C + c;
-      T* __restrict gq = (job.stream ? w.Gq : job.gq_rows + b0 * C * d) + tc * d;
+      T* __restrict gq = gq_row(tc);
       const bool active = w.g[tc] != T(0);
       const int64_t i = w.slot[tc];
       const T* __restrict e = w.E + tc * dp;
@@ -391,7 +421,6 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
         zero(gq, d);
       }
     }
-    std::copy(gp, gp + d, (job.stream ? w.Gp : job.gp_rows + b0 * d) + r * d);
   }
   if (job.stream) {
     stream_copy(job.gq_rows + b0 * C * d, w.Gq, Tc * d);
