@@ -125,34 +125,51 @@ inline void gemm(int64_t rows, int64_t ncols, int64_t depth, const T* A, int64_t
   }
 }
 
-// exp of a vector of floats with x <= 0 (softmax after max subtraction): Cephes' expf polynomial
-// (relative error ~2 ulp) with round-to-nearest range reduction; x < -87 gives 0 (the true value
-// is below 1.7e-38). For doubles, std::exp lane by lane.
-inline Simd<float>::V exp_nonpositive(Simd<float>::V x) {
-  using V = Simd<float>::V;
-  typedef int32_t Vi __attribute__((vector_size(32)));
-  const V lo = Simd<float>::splat(-87.0f);
-  const Vi under = x < lo;
-  x = x < lo ? lo : x;
-  const V magic = Simd<float>::splat(12582912.0f);  // 1.5 * 2^23: adding rounds to an integer
+// exp of floats x <= 0 (softmax after max subtraction), for a float or a Simd<float>::V: Cephes'
+// expf polynomial (relative error ~2 ulp) with round-to-nearest range reduction; x < -87 gives 0
+// (the true value is below 1.7e-38). Branch-free, so the scalar form vectorises in `omp simd`
+// loops. For doubles, std::exp (lane by lane).
+template <typename V>
+inline V exp_nonpositive(V x) {
+  constexpr bool scalar = std::is_same_v<V, float>;
+  typedef int32_t Vi_ __attribute__((vector_size(32)));
+  using Vi = std::conditional_t<scalar, int32_t, Vi_>;
+  const auto bcast = [](float v) {
+    if constexpr (scalar) {
+      return v;
+    } else {
+      return Simd<float>::splat(v);
+    }
+  };
+  const V lo = bcast(-87.0f);
+  const auto under = x < lo;
+  x = under ? lo : x;
+  const V magic = bcast(12582912.0f);  // 1.5 * 2^23: adding rounds to an integer
   V n = x * 1.44269504088896341f + magic;
   n = n - magic;
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V y = Simd<float>::splat(1.9875691500e-4f);
+  V y = bcast(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  const Vi ni = __builtin_convertvector(n, Vi);
+  Vi ni;
+  if constexpr (scalar) {
+    ni = static_cast<int32_t>(n);
+  } else {
+    ni = __builtin_convertvector(n, Vi);
+  }
   const Vi bits = (ni + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
   y = y * scale;
-  return under ? Simd<float>::splat(0.0f) : y;
+  return under ? bcast(0.0f) : y;
 }
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
 
 inline Simd<double>::V exp_nonpositive(Simd<double>::V x) {
   for (int i = 0; i < Simd<double>::W; ++i) x[i] = std::exp(x[i]);

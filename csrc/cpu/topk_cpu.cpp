@@ -20,6 +20,7 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "ops_cpu.h"
+#include "tile_gemm.h"
 
 namespace lrml {
 namespace cpu {
@@ -27,27 +28,6 @@ namespace {
 
 constexpr int64_t kUsersPerBlock = 16;
 constexpr int64_t kItemsPerTile = 256;
-
-// exp for x <= 0 (max-subtracted logits): Cephes-style range reduction and polynomial, ~2 ulp,
-// branch-free so that the loops around it vectorise. Only used for candidate selection.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(fn) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 struct Selector {
@@ -210,7 +190,7 @@ void topk_kernel(const Params& pr, const int64_t* users, int64_t B, int64_t k,
             T s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t n = 0; n < N; ++n) {
-              const T v = fast_exp(z[n] - m);
+              const T v = exp_nonpositive(z[n] - m);  // candidate selection only
               a[n] = v;
               s += v;
             }
