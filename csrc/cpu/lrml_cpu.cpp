@@ -40,7 +40,7 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 64;  // keys/memory partials: at most 64 x 2 x N x d
 constexpr int64_t kMinRowsPerBlock = 16;
-constexpr int64_t kTilePairs = 40;         // attention pairs per tile (pair mode: rows x C)
+constexpr int64_t kTilePairs = 90;         // attention pairs per tile (pair mode: rows x C)
 constexpr int64_t kSharedTileRows = 32;    // rows per tile with relation="shared"
 constexpr int64_t kStreamBytes = 4 << 20;  // gradient rows at least this large: streaming stores
 
