@@ -135,10 +135,12 @@ struct Tile {
   Tensor buf;
   std::vector<int64_t> act, slot;
   std::vector<const T*> prow, qrow;
+  std::vector<const T*> ecol;  // shared: a row's columns with a gradient (their ge rows)
+  std::vector<T*> gqcol;       // ... and their item-gradient rows (null for column 0)
   T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *Dc, *g, *Gq, *Gp;
   Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
        const at::TensorOptions& opts)
-      : act(Ta), slot(rows * C), prow(rows), qrow(rows * C) {
+      : act(Ta), slot(rows * C), prow(rows), qrow(rows * C), ecol(C), gqcol(C) {
     const int64_t Tc = rows * C;
     const int64_t Dsz = round_up(Tc, 16);
     const int64_t Esz = pair ? 0 : Tc * dp;  // pair: E (then ge) in place of R
@@ -190,6 +192,33 @@ inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps)
 
 // Into L2 (prefetcht1), not L1: a tile's rows and buffers already fill L1, and the next tile's
 // lines pulled into it evicted the current tile's (A/B, 1 thread: shared forward -13%).
+// Relation "shared", one row: ga = Σ_k e[k] (its relation gradient GR) and gq[k] = −e[k] (the
+// final item gradients of its columns >= 1; gq[k] null for column 0) over the n columns with a
+// gradient, in one pass over d.
+template <typename T>
+void sum_and_negate(const T* const* e, T* const* gq, int64_t n, int64_t d, T* __restrict ga) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  int64_t j = 0;
+  for (; j + S::W <= d; j += S::W) {
+    V acc = V{};
+    for (int64_t k = 0; k < n; ++k) {
+      const V v = S::load(e[k] + j);
+      acc += v;
+      if (gq[k]) S::store(gq[k] + j, -v);
+    }
+    S::store(ga + j, acc);
+  }
+  for (; j < d; ++j) {  // the rows of gq are d apart: no vector past d
+    T acc = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      acc += e[k][j];
+      if (gq[k]) gq[k][j] = -e[k][j];
+    }
+    ga[j] = acc;
+  }
+}
+
 template <typename T>
 inline void prefetch_row(const T* x, int64_t d) {
   const char* c = reinterpret_cast<const char*>(x);
@@ -296,7 +325,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       gr[0] = wb * gr[0];
       for (int64_t c = 1; c < C; ++c) gr[c] = gr[c] != T(0) ? -wb : T(0);
     }
-    bool row_active = false;
+    int64_t n_act = 0;  // shared: the row's columns with a gradient
     for (int64_t c = 0; c < C; ++c) {
       const int64_t tc = r * C + c;
       const T g = gr[c];
@@ -317,23 +346,13 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       if (pair) {
         w.slot[tc] = na;
         w.act[na++] = tc;
-        continue;
-      }
-      T* __restrict ga = w.GR + na * dp;
-      if (c > 0) {
-        T* __restrict gq = gq_row(tc);
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) gq[j] = -e[j];
-      }
-      if (!row_active) {
-        std::copy(e, e + d, ga);
       } else {
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) ga[j] += e[j];
+        w.ecol[n_act] = e;
+        w.gqcol[n_act++] = c > 0 ? gq_row(tc) : nullptr;
       }
-      row_active = true;
     }
-    if (!pair && row_active) {
+    if (!pair && n_act > 0) {
+      sum_and_negate(w.ecol.data(), w.gqcol.data(), n_act, d, w.GR + na * dp);
       w.slot[r * C] = na;
       w.act[na++] = r;
     }
