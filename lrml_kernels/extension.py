@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lrml_kernels.backends import BackendUnavailable
+from lrml_kernels.backends import BackendUnavailable, table_grad
 
 NAMESPACE = "lrml_ext"
 CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_update_cpu.cpp")
@@ -230,15 +230,6 @@ def _ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-def scatter_rows(table: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, sparse: bool):
-    """Per-row gradients ``rows [..., d]`` of ``table[idx]`` -> the gradient of ``table``."""
-    idx = idx.reshape(-1).to(torch.int64)
-    rows = rows.reshape(-1, table.shape[1]).to(table.dtype)
-    if sparse:
-        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, table.shape, check_invariants=False)
-    return torch.zeros_like(table).index_add_(0, idx, rows)
-
-
 def _register_python_side() -> None:
     global _registered
     if _registered:
@@ -292,8 +283,8 @@ def _register_python_side() -> None:
         P, Q, K, M, users, items = ctx.saved_tensors
         need = ctx.needs_input_grad
         return (
-            scatter_rows(P, users, gp, sparse) if need[0] else None,
-            scatter_rows(Q, items, gq, sparse) if need[1] else None,
+            table_grad(gp, users, P.shape[0], P.dtype, sparse) if need[0] else None,
+            table_grad(gq, items, Q.shape[0], Q.dtype, sparse) if need[1] else None,
             gK if need[2] else None,
             gM if need[3] else None,
         )
@@ -346,15 +337,6 @@ def _fused_autograd_applies(params, reduction: str) -> bool:
     )
 
 
-def _rows_to_table_grad(shape, dtype, idx, rows, sparse: bool):
-    """As :func:`scatter_rows`, from the table's shape and dtype (the table is not kept)."""
-    idx = idx.reshape(-1).to(torch.int64)
-    rows = rows.reshape(-1, shape[1]).to(dtype)
-    if sparse:
-        return torch.sparse_coo_tensor(idx.unsqueeze(0), rows, shape, check_invariants=False)
-    return torch.zeros(shape, dtype=dtype, device=rows.device).index_add_(0, idx, rows)
-
-
 class _FusedHingeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, Q, K, M, users, items, margin, distance, relation, eps, reduction, sparse):
@@ -362,24 +344,24 @@ class _FusedHingeLoss(torch.autograd.Function):
             P, Q, K, M, users, items, margin, distance, relation, eps, reduction
         )
         ctx.save_for_backward(users, items, gp, gq, gK, gM)
-        ctx.tables = (P.shape, Q.shape, P.dtype)
+        ctx.tables = (P.shape[0], Q.shape[0], P.dtype)
         ctx.sparse = sparse
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         users, items, gp, gq, gK, gM = ctx.saved_tensors
-        p_shape, q_shape, dtype = ctx.tables
+        U, I, dtype = ctx.tables
         need = ctx.needs_input_grad
 
-        one = bool(grad == 1)  # ∂loss = grad, a scalar: skip the multiplies for the usual 1
+        one = grad.item() == 1  # ∂loss = grad, a scalar: skip the multiplies for the usual 1
 
         def scaled(g):
             return g if one else g * grad.to(g.dtype)
 
         out = (
-            _rows_to_table_grad(p_shape, dtype, users, scaled(gp), ctx.sparse) if need[0] else None,
-            _rows_to_table_grad(q_shape, dtype, items, scaled(gq), ctx.sparse) if need[1] else None,
+            table_grad(scaled(gp), users, U, dtype, ctx.sparse) if need[0] else None,
+            table_grad(scaled(gq), items, I, dtype, ctx.sparse) if need[1] else None,
             scaled(gK) if need[2] else None,
             scaled(gM) if need[3] else None,
         )
@@ -502,4 +484,4 @@ def backend(name: str):
     return ExtensionBackend(name)
 
 
-__all__ = ["BackendUnavailable", "ExtensionBackend", "backend", "csrc_dir", "scatter_rows"]
+__all__ = ["BackendUnavailable", "ExtensionBackend", "backend", "csrc_dir"]

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lrml_kernels.backends import table_grad
+
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -484,24 +486,6 @@ def backward_launch(
     return GP, GQ, gK, gM
 
 
-def scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_rows: int, dtype, sparse: bool):
-    """Scatter-add gradient rows ``[n, d]`` into a ``[num_rows, d]`` gradient.
-
-    Dense: ``index_put_(accumulate=True)``, deterministic under
-    ``torch.use_deterministic_algorithms(True)``. Sparse: an uncoalesced COO tensor, as
-    ``F.embedding(..., sparse=True)`` returns.
-    """
-    index = index.reshape(-1).to(torch.int64)
-    rows = rows.reshape(index.shape[0], -1)
-    if sparse:
-        return torch.sparse_coo_tensor(
-            index.unsqueeze(0), rows.to(dtype), (num_rows, rows.shape[1]), check_invariants=False
-        )
-    out = rows.new_zeros(num_rows, rows.shape[1])
-    out.index_put_((index,), rows, accumulate=True)
-    return out.to(dtype)
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -624,8 +608,8 @@ def _grads(ctx, G, W):
     )
     need = ctx.needs_input_grad
     U, I = ctx.shapes
-    g_user = scatter_rows(gp, users, U, ctx.dtype, ctx.sparse_grad) if need[0] else None
-    g_item = scatter_rows(gq, items, I, ctx.dtype, ctx.sparse_grad) if need[1] else None
+    g_user = table_grad(gp, users, U, ctx.dtype, ctx.sparse_grad) if need[0] else None
+    g_item = table_grad(gq, items, I, ctx.dtype, ctx.sparse_grad) if need[1] else None
     return g_user, g_item, gK if need[2] else None, gM if need[3] else None
 
 
