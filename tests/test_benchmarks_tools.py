@@ -231,3 +231,22 @@ def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
     assert "GPU CHECK FAILED: env (rc=7)" in proc.stdout
     assert "step build" not in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log"]
+
+
+def _collected(*paths: str) -> list[str]:
+    args = ["--collect-only", "-q", "-p", "no:cacheprovider", "--lrml-device=cpu"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", *paths, *args, "--lrml-size=tiny"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [line for line in run.stdout.splitlines() if "::" in line]
+
+
+def test_a_bench_file_named_on_the_command_line_is_collected_once():
+    one = _collected("benchmarks/bench_hinge_loss.py")
+    assert one and len(one) == len(set(one)), "benchmarks collected twice"
+    from_dir = [
+        n for n in _collected("benchmarks") if n.startswith("benchmarks/bench_hinge_loss.py")
+    ]
+    assert sorted(one) == sorted(from_dir)
