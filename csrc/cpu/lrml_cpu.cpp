@@ -190,8 +190,6 @@ inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps)
   return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
 }
 
-// Into L2 (prefetcht1), not L1: a tile's rows and buffers already fill L1, and the next tile's
-// lines pulled into it evicted the current tile's (A/B, 1 thread: shared forward -13%).
 // Relation "shared", one row: ga = Σ_k e[k] (its relation gradient GR) and gq[k] = −e[k] (the
 // final item gradients of its columns >= 1; gq[k] null for column 0) over the n columns with a
 // gradient, in one pass over d.
@@ -219,6 +217,8 @@ void sum_and_negate(const T* const* e, T* const* gq, int64_t n, int64_t d, T* __
   }
 }
 
+// Into L2 (prefetcht1), not L1: a tile's rows and buffers already fill L1, and the next tile's
+// lines pulled into it evicted the current tile's (A/B, 1 thread: shared forward -13%).
 template <typename T>
 inline void prefetch_row(const T* x, int64_t d) {
   const char* c = reinterpret_cast<const char*>(x);
@@ -239,7 +239,8 @@ void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
     (void)*reinterpret_cast<const volatile T*>(job.Q + job.items[b] * job.d);
   for (int64_t b = b0; b < b0 + nr; ++b) {
     prefetch_row(job.P + job.users[b] * job.d, job.d);
-    for (int64_t c = 0; c < job.C; ++c) prefetch_row(job.Q + job.items[b * job.C + c] * job.d, job.d);
+    for (int64_t c = 0; c < job.C; ++c)
+      prefetch_row(job.Q + job.items[b * job.C + c] * job.d, job.d);
   }
 }
 
