@@ -1,5 +1,6 @@
-// Inner loops of the CPU kernels: vectorisable loops over d (omp simd), the per-pair attention
-// forward/backward of SPEC.md. Plain C++ on raw pointers; `T` is the compute type (float/double).
+// Inner loops of the CPU kernels: vectorisable loops over d (omp simd), the direct distance of
+// one pair (SPEC.md; the top-k's exact rescoring) and the prefetch of a row. Plain C++ on raw
+// pointers; `T` is the compute type (float/double).
 #pragma once
 
 #include <cmath>
@@ -30,6 +31,15 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
 template <typename T>
 inline void zero(T* x, int64_t n) {
   std::memset(x, 0, sizeof(T) * n);
+}
+
+// Prefetch the lines of a row of d entries: for reading or writing (kWrite), into L1
+// (kLocality 3) or only L2 (kLocality 2).
+template <int kWrite, int kLocality, typename T>
+inline void prefetch_row(const T* x, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64)
+    __builtin_prefetch(c + o, kWrite, kLocality);
 }
 
 // Forward attention of one pair: s = p ⊙ q, a = softmax(K s) (max-subtracted), r = Mᵀ a.
@@ -73,45 +83,6 @@ inline T residual_distance(const T* __restrict p, const T* __restrict r, const T
     acc += e[j] * e[j];
   }
   return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
-}
-
-// ge = g ∂D/∂e (g the upstream gradient of D, Dv the value of D).
-template <typename T>
-inline void residual_grad(const T* __restrict e, T g, T Dv, int64_t d, Distance distance,
-                          T* __restrict ge) {
-  if (distance == Distance::L2) {
-    const T c = g / Dv;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) ge[j] = c * e[j];
-  } else if (distance == Distance::SquaredL2) {
-    const T c = 2 * g;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) ge[j] = c * e[j];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) ge[j] = e[j] > 0 ? g : (e[j] < 0 ? -g : T(0));
-  }
-}
-
-// Attention backward of one pair for the relation gradient gr: accumulates gM += a ⊗ gr and
-// gK += gz ⊗ s into the block partials, returns gs = Kᵀ gz. ga: [N] scratch.
-template <typename T>
-inline void attend_backward(const T* __restrict s, const T* __restrict a, const T* __restrict gr,
-                            const T* __restrict K, const T* __restrict M, int64_t N, int64_t d,
-                            T* __restrict gK, T* __restrict gM, T* __restrict ga,
-                            T* __restrict gs) {
-  T aga = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    ga[n] = dot(M + n * d, gr, d);
-    axpy(a[n], gr, gM + n * d, d);
-    aga += a[n] * ga[n];
-  }
-  zero(gs, d);
-  for (int64_t n = 0; n < N; ++n) {
-    const T gz = a[n] * (ga[n] - aga);
-    axpy(gz, s, gK + n * d, d);
-    axpy(gz, K + n * d, gs, d);
-  }
 }
 
 // Direct distance of one pair (scratch: 3d + N).

@@ -11,6 +11,8 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
+#include "kernels.h"
 #include "ops_cpu.h"
 
 namespace lrml {
@@ -55,12 +57,6 @@ struct RowGroups {
 
 constexpr int64_t kAhead = 8;  // rows prefetched ahead (random rows of tables beyond cache)
 
-template <typename T>
-inline void prefetch_row(const T* x, int64_t d) {  // for writing
-  const char* c = reinterpret_cast<const char*>(x);
-  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 1);
-}
-
 // One row: lazy Adam with gradient g, then the projection; returns nothing, writes x, m, v.
 template <typename T>
 inline void adam_row(T* __restrict x, T* __restrict m, T* __restrict v, const T* __restrict g,
@@ -94,9 +90,9 @@ void row_adam_impl(T* table, T* exp_avg, T* exp_avg_sq, const RowGroups& groups,
     for (int64_t u = lo; u < hi; ++u) {
       if (u + kAhead < hi) {
         const int64_t ra = groups.rows[u + kAhead];
-        for (T* t : {table, exp_avg, exp_avg_sq}) prefetch_row(t + ra * d, d);
+        for (T* t : {table, exp_avg, exp_avg_sq}) prefetch_row<1, 3>(t + ra * d, d);
         for (int32_t i = groups.first[u + kAhead]; i >= 0; i = groups.next[i])
-          prefetch_row(grad + i * d, d);
+          prefetch_row<0, 3>(grad + i * d, d);
       }
       const int64_t r = groups.rows[u];
       int32_t i = groups.first[u];
@@ -136,12 +132,8 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
   const int64_t n = idx.size(0), d = table.size(1), R = table.size(0);
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "row_adam_: more than 2^31 - 1 rows");
   if (n == 0) return;
-  const int64_t* r = idx.data_ptr<int64_t>();
-  const auto [lo_it, hi_it] = std::minmax_element(r, r + n);
-  const int64_t lo = *lo_it, hi = *hi_it;
-  TORCH_CHECK_INDEX(lo >= 0 && hi < R, "row_adam_: idx holds index ", lo < 0 ? lo : hi,
-                    ", out of range for a table of ", R, " rows");
-  const RowGroups groups(r, n);
+  check_index_range("idx", idx, R);
+  const RowGroups groups(idx.data_ptr<int64_t>(), n);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "lrml_row_adam_cpu", [&] {
     row_adam_impl<scalar_t>(table.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
                             exp_avg_sq.data_ptr<scalar_t>(), groups, grad.data_ptr<scalar_t>(), d,
