@@ -19,7 +19,7 @@ the just-in-time build finds its sources.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -32,43 +32,15 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = [
-    "csrc/bindings.cpp",
-    "csrc/cpu/lrml_cpu.cpp",
-    "csrc/cpu/topk_cpu.cpp",
-    "csrc/cpu/row_update_cpu.cpp",
-]
-CUDA_SOURCES = ["csrc/cuda/lrml_cuda.cpp", "csrc/cuda/lrml_kernels.cu"]
-SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
-STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
+# The source lists and the stamp helpers, shared with the package (loaded by path: neither the
+# package nor torch needs to be importable for this).
+_spec = importlib.util.spec_from_file_location("lrml_build", ROOT / "lrml_kernels" / "_build.py")
+lrml_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lrml_build)
+CPU_SOURCES = [f"csrc/{s}" for s in lrml_build.CPU_SOURCES]
+CUDA_SOURCES = [f"csrc/{s}" for s in lrml_build.CUDA_SOURCES]
+stamp_path = lrml_build.stamp_path
 MARCH = os.environ.get("LRML_KERNELS_MARCH", "native")
-
-
-def stamp_path(library) -> Path:
-    """The stamp of a built library: ``_C_cpu.<suffix>.so`` -> ``_C_cpu.stamp.json``."""
-    library = Path(library)
-    return library.with_name(library.name.split(".")[0] + STAMP)
-
-
-def cpu_flags_hash() -> str:
-    """Same as lrml_kernels.extension.cpu_flags_hash: a -march=native build runs only where the
-    CPU has the same flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha256(" ".join(sorted(flags.split()[2:])).encode()).hexdigest()[:16]
-
-
-def sources_hash() -> str:
-    """Same as lrml_kernels.extension.sources_hash: the AOT build is used only if it matches."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in CSRC.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
-        h.update(f.relative_to(CSRC).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 class BuildPyWithSources(build_py):
@@ -137,9 +109,13 @@ def extension_setup() -> tuple[list, dict]:
                 )
                 return
             stamp = stamp_path(self.get_ext_fullpath(ext.name))
-            info = {"sources": sources_hash(), "torch": torch.__version__, "march": MARCH}
+            info = {
+                "sources": lrml_build.sources_hash(CSRC),
+                "torch": torch.__version__,
+                "march": MARCH,
+            }
             if MARCH == "native" and ext.name.endswith("_cpu"):
-                info["cpu_flags"] = cpu_flags_hash()
+                info["cpu_flags"] = lrml_build.cpu_flags_hash()
             stamp.write_text(json.dumps(info) + "\n")
 
         def copy_extensions_to_source(self):

@@ -31,13 +31,17 @@ from pathlib import Path
 
 import torch
 
+from lrml_kernels._build import (
+    CPU_SOURCES,
+    CUDA_SOURCES,
+    cpu_flags,
+    cpu_flags_hash,
+    sources_hash,
+    stamp_path,
+)
 from lrml_kernels.backends import BackendUnavailable, table_grad
 
 NAMESPACE = "lrml_ext"
-CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_update_cpu.cpp")
-CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")
-SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
-STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
 # -fno-math-errno: sqrt in vectorised loops (errno is never read)
 CPU_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -56,32 +60,6 @@ def csrc_dir() -> Path | None:
     return None
 
 
-def sources_hash(src: Path) -> str:
-    """sha256 over every source and header under csrc/ (names and contents)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in src.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file()):
-        h.update(f.relative_to(src).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (the JIT build uses -march=native; a shared cache must not mix)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def cpu_flags_hash() -> str:
-    """A short hash of the CPU's feature flags (as setup.py stamps a -march=native build)."""
-    return hashlib.sha256(" ".join(sorted(_cpu_flags().split()[2:])).encode()).hexdigest()[:16]
-
-
 def cache_root() -> Path:
     env = os.environ.get("LRML_KERNELS_CACHE")
     if env:
@@ -98,7 +76,7 @@ def build_dir(src: Path) -> Path:
             str(torch.version.cuda),
             sys.version.split()[0],
             platform.machine(),
-            _cpu_flags(),
+            cpu_flags(),
             " ".join(CPU_CFLAGS),
         ]
     )
@@ -107,13 +85,6 @@ def build_dir(src: Path) -> Path:
 
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(str(text).strip().splitlines()[-lines:])
-
-
-def stamp_path(library) -> Path:
-    """The stamp setup.py writes next to a built library (``_C_cpu.<suffix>.so`` ->
-    ``_C_cpu.stamp.json``): the sources, torch and CPU the library was built for."""
-    library = Path(library)
-    return library.with_name(library.name.split(".")[0] + STAMP)
 
 
 def _aot_library(name: str) -> str | None:
