@@ -1,7 +1,8 @@
 // TORCH_LIBRARY schema of the lrml_ext ops and their CPU implementations. The CUDA
 // implementations live in a separate library (cuda/lrml_cuda.cpp) registered under the CUDA key,
 // so a failed CUDA build never takes the CPU backend down. Autograd and fake (meta) kernels are
-// registered from Python (lrml_kernels/extension.py), as in pytorch/extension-cpp.
+// registered from Python (lrml_kernels/extension.py), as in pytorch/extension-cpp, except the
+// fused autograd of hinge_loss_fused (fused_hinge_autograd.cpp): a C++ node costs less per call.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,6 +30,10 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("hinge_loss_backward(Tensor grad, " LRML_PARAMS
         ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
         " str reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Scalar reductions only; its autograd is in fused_hinge_autograd.cpp.
+  m.def("hinge_loss_fused(" LRML_PARAMS
+        ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
+        " str reduction, bool sparse_grad) -> Tensor");
   m.def("hinge_loss_grads(" LRML_PARAMS
         ", Tensor users, Tensor items, float margin, str distance, str relation, float eps,"
         " str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -9,7 +9,13 @@ import hashlib
 import platform
 from pathlib import Path
 
-CPU_SOURCES = ("bindings.cpp", "cpu/lrml_cpu.cpp", "cpu/topk_cpu.cpp", "cpu/row_update_cpu.cpp")
+CPU_SOURCES = (
+    "bindings.cpp",
+    "fused_hinge_autograd.cpp",
+    "cpu/lrml_cpu.cpp",
+    "cpu/topk_cpu.cpp",
+    "cpu/row_update_cpu.cpp",
+)
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")  # relative to csrc/, as above
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json

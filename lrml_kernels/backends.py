@@ -55,7 +55,8 @@ def table_grad(rows, index, num_rows: int, dtype, sparse: bool) -> torch.Tensor:
     ``rows``. Dense: a scatter-add in the rows' dtype, then ``dtype``, deterministic: ``index_add_``
     on the CPU (``index_put_(accumulate=True)`` is not bitwise reproducible there), on CUDA
     ``index_put_(accumulate=True)`` (deterministic under ``torch.use_deterministic_algorithms``).
-    The backends' shared last step of a backward.
+    The backends' shared last step of a backward; the C++ autograd node of the extension's fused
+    hinge loss (csrc/fused_hinge_autograd.cpp) applies the same rule.
     """
     index = index.reshape(1, -1)
     if index.dtype != torch.int64:

@@ -288,14 +288,11 @@ def _register_python_side() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd of a scalar hinge loss in one fused pass.
-#
-# A scalar loss ("sum"/"mean") has gradients that are the gradients for ∂loss = 1 times the
-# upstream scalar, so the forward computes them all at once (hinge_loss_grads: one pass over the
-# pairs, no recomputation of the attention in a backward) and the backward only scales them.
-# The price: a forward that needs gradients costs a forward + backward even if backward() is
-# never called. Used outside torch.compile (which traces the registered autograd of the op) for
-# fp32/fp64 parameters; reduction="none" and lrml_distances keep the op's recomputing backward.
+# Autograd of a scalar hinge loss in one fused pass: lrml_ext::hinge_loss_fused, whose C++ autograd
+# node (csrc/fused_hinge_autograd.cpp) saves the gradients hinge_loss_grads computes in the forward
+# and only scales them in backward. Used outside torch.compile (which traces the registered
+# autograd of lrml_ext::hinge_loss) for fp32/fp64 parameters; reduction="none" and lrml_distances
+# keep the op's recomputing backward.
 
 
 def _fused_autograd_applies(params, reduction: str) -> bool:
@@ -306,37 +303,6 @@ def _fused_autograd_applies(params, reduction: str) -> bool:
         and params[0].dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
     )
-
-
-class _FusedHingeLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, P, Q, K, M, users, items, margin, distance, relation, eps, reduction, sparse):
-        loss, gp, gq, gK, gM = _ops().hinge_loss_grads(
-            P, Q, K, M, users, items, margin, distance, relation, eps, reduction
-        )
-        ctx.save_for_backward(users, items, gp, gq, gK, gM)
-        ctx.tables = (P.shape[0], Q.shape[0], P.dtype)
-        ctx.sparse = sparse
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        users, items, gp, gq, gK, gM = ctx.saved_tensors
-        U, I, dtype = ctx.tables
-        need = ctx.needs_input_grad
-
-        one = grad.item() == 1  # ∂loss = grad, a scalar: skip the multiplies for the usual 1
-
-        def scaled(g):
-            return g if one else g * grad.to(g.dtype)
-
-        out = (
-            table_grad(scaled(gp), users, U, dtype, ctx.sparse) if need[0] else None,
-            table_grad(scaled(gq), items, I, dtype, ctx.sparse) if need[1] else None,
-            scaled(gK) if need[2] else None,
-            scaled(gM) if need[3] else None,
-        )
-        return (*out, *(None,) * 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +351,7 @@ class ExtensionBackend:
                    relation, eps, reduction, sparse_grad):  # fmt: skip
         params = (user_emb, item_emb, keys, memory)
         if _fused_autograd_applies(params, reduction):
-            return _FusedHingeLoss.apply(
+            return _ops().hinge_loss_fused(
                 *params, users, items, float(margin), distance, relation, float(eps), reduction,
                 bool(sparse_grad),
             )  # fmt: skip
