@@ -13,6 +13,7 @@ process, see :func:`peak_extra_rss_mb`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -120,9 +121,45 @@ SETTINGS = {
     "gpu_rep_ms": 200.0,  # do_bench repetition time per benchmark
     "jsonl": None,  # --lrml-jsonl: append every record here as it is measured
     "copy_gbps": None,  # measured device copy bandwidth (read + write), GB/s
+    "malloc": "system",  # --lrml-malloc, as set_malloc_mode applied it
     "epoch_cap_s": 15.0,  # wall-clock cap of one epoch benchmark before extrapolating
     "gpu_baseline_topk_users": 32_768,  # baselines rank this many users, then extrapolate
 }
+
+# ----------------------------------------------------------------------------------------------
+# The allocator: every provider measured in its steady state
+#
+# glibc serves a block at least its mmap threshold (dynamic, up to 32 MB) with a fresh mmap() and
+# gives the heap top back above twice that. A provider that allocates and frees ~8 MB tensors
+# every call (every one here on the Netflix batch) then page-faults on them in some calls and not
+# in others, depending on the heap's history: the eager hinge fwd+bwd (shared) took 6.3 ms in some
+# rounds and 10 ms in others of the same benchmark, and medians moved by 30 % between runs.
+# "steady" fixes both thresholds so that freed blocks are reused, as a caching allocator
+# (jemalloc, tcmalloc: PyTorch's CPU tuning guide) would: the times are the work, not the faults.
+
+MALLOC_MODES = ("steady", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's largest
+STEADY_TRIM_THRESHOLD = 1 << 30
+
+
+def set_malloc_mode(mode: str) -> str:
+    """Apply ``mode`` (MALLOC_MODES) to this process; returns what the run records."""
+    if mode == "system":
+        return "system"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "system (no glibc mallopt here)"
+    ok = mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        return "system (mallopt refused)"
+    return (
+        f"steady (glibc mmap threshold {STEADY_MMAP_THRESHOLD >> 20} MB, "
+        f"trim threshold {STEADY_TRIM_THRESHOLD >> 20} MB)"
+    )
+
 
 # ----------------------------------------------------------------------------------------------
 # Providers

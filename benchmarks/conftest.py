@@ -6,6 +6,8 @@ Options (each also read from an environment variable, the command line wins):
   --lrml-device=auto|cpu|cuda          LRML_BENCH_DEVICE (default auto: cpu, plus cuda if present)
   --lrml-dtypes=auto|fp32[,bf16]       LRML_BENCH_DTYPES (default auto: fp32, plus bf16 on cuda)
   --lrml-budget=SECONDS                LRML_BENCH_BUDGET (CPU seconds of timed rounds per benchmark)
+  --lrml-malloc=steady|system          LRML_BENCH_MALLOC (default steady: see benchlib, "The
+                                       allocator")
   --lrml-jsonl=PATH                    append every record to PATH as soon as it is measured
 
 Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults stay untouched).
@@ -32,6 +34,11 @@ def pytest_addoption(parser):
     group.addoption("--lrml-dtypes", default=os.environ.get("LRML_BENCH_DTYPES", "auto"))
     group.addoption(
         "--lrml-budget", type=float, default=float(os.environ.get("LRML_BENCH_BUDGET", "1.0"))
+    )
+    group.addoption(
+        "--lrml-malloc",
+        choices=benchlib.MALLOC_MODES,
+        default=os.environ.get("LRML_BENCH_MALLOC", "steady"),
     )
     group.addoption("--lrml-jsonl", default=None)
 
@@ -84,6 +91,7 @@ def pytest_configure(config):
     s["disabled"] = bool(config.getoption("benchmark_disable", False))
     s["budget_s"] = config.getoption("--lrml-budget")
     s["jsonl"] = config.getoption("--lrml-jsonl")
+    s["malloc"] = benchlib.set_malloc_mode(config.getoption("--lrml-malloc"))
     env_bw = os.environ.get("LRML_COPY_GBPS")
     if env_bw:
         s["copy_gbps"] = float(env_bw)
@@ -183,6 +191,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         # LRML_COMMIT: the commit measured, where the tree was copied without .git (GPU machine)
         "commit": os.environ.get("LRML_COMMIT") or _git("rev-parse", "--short=12", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "malloc": benchlib.SETTINGS["malloc"],
     }
     try:
         import triton

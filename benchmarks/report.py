@@ -245,9 +245,10 @@ def device_header(device: str, machine: dict, commit: dict) -> str:
             f"**GPU: {lk.get('gpu', '?')}** (driver {lk.get('driver', '?')}, CUDA "
             f"{lk.get('cuda', '?')}){bw_s}; {common}"
         )
+    malloc = f"; malloc: {lk['malloc']}" if lk.get("malloc") else ""
     return (
         f"**CPU: {lk.get('cpu_model', '?')}**, {lk.get('cpu_count', '?')} cores, "
-        f"{lk.get('torch_threads', '?')} torch threads; {common}"
+        f"{lk.get('torch_threads', '?')} torch threads; {common}{malloc}"
     )
 
 

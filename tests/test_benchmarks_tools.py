@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -250,3 +251,18 @@ def test_a_bench_file_named_on_the_command_line_is_collected_once():
         n for n in _collected("benchmarks") if n.startswith("benchmarks/bench_hinge_loss.py")
     ]
     assert sorted(one) == sorted(from_dir)
+
+
+def test_malloc_mode_is_applied_recorded_and_shown(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(BENCH))
+    assert benchlib.set_malloc_mode("system") == "system"
+    steady = benchlib.set_malloc_mode("steady")
+    if platform.libc_ver()[0] == "glibc":
+        assert steady.startswith("steady (glibc mmap threshold 32 MB")
+    machine = {"cpu_model": "Test CPU", "cpu_count": 2, "malloc": steady}
+    run = report.load(_write_run(tmp_path / "run.json", _cpu_run(), machine=machine))
+    assert f"malloc: {steady}" in report.markdown(run)
