@@ -23,6 +23,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -135,15 +137,26 @@ struct Tile {
   Tensor buf;
   std::vector<int64_t> act, slot;
   std::vector<const T*> prow, qrow;
-  std::vector<const T*> ecol;  // shared: a row's columns with a gradient (their ge rows)
-  std::vector<T*> gqcol;       // ... and their item-gradient rows (null for column 0)
+  // shared: a row's columns with a gradient: their item rows, coefficients, the rows their ge
+  // goes to and whether negated (shared_group_grads)
+  std::vector<const T*> gcol;
+  std::vector<T> gcoef;
+  std::vector<T*> gout;
+  std::unique_ptr<bool[]> gneg;
   T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *Dc, *g, *Gq, *Gp;
   Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
        const at::TensorOptions& opts)
-      : act(Ta), slot(rows * C), prow(rows), qrow(rows * C), ecol(C), gqcol(C) {
+      : act(Ta),
+        slot(rows * C),
+        prow(rows),
+        qrow(rows * C),
+        gcol(C),
+        gcoef(C),
+        gout(C),
+        gneg(new bool[C]) {
     const int64_t Tc = rows * C;
     const int64_t Dsz = round_up(Tc, 16);
-    const int64_t Esz = pair ? 0 : Tc * dp;  // pair: E (then ge) in place of R
+    const int64_t Esz = pair ? 0 : rows * dp;  // pair: E (then ge) in place of R; shared: ge_0
     const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + 2 * Dsz + round_up(Tc * dp, 16) +
                       round_up(rows * dp, 16);
     buf = at::zeros({n}, opts);
@@ -190,28 +203,105 @@ inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps)
   return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
 }
 
-// Relation "shared", one row: ga = Σ_k e[k] (its relation gradient GR) and gq[k] = −e[k] (the
-// final item gradients of its columns >= 1; gq[k] null for column 0) over the n columns with a
-// gradient, in one pass over d.
-template <typename T>
-void sum_and_negate(const T* const* e, T* const* gq, int64_t n, int64_t d, T* __restrict ga) {
+// Relation "shared": the columns of one row share p + r, so their residuals e_c = (p + r) − q_c
+// are formed a group of columns at a time, p + r loaded once per vector, and never stored: the
+// distances need only their sums, and the gradient pass forms them again from the rows in L1
+// (one residual pass and one gradient pass over d, not five passes each).
+#if defined(__AVX512VL__)
+constexpr int kMaxGroup = 8;  // 2 accumulators a column: 16 of the 32 vector registers
+#else
+constexpr int kMaxGroup = 4;
+#endif
+
+template <typename F>
+inline void with_group_size(int n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+#if defined(__AVX512VL__)
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+#endif
+    default: break;
+  }
+}
+
+// D[g] = D(pr − q[g]) for G columns, pr = p + r; the arithmetic of distance_of on the stored
+// residual (two accumulators, a scalar tail, a butterfly sum), so the bits are the same.
+template <typename T, int G>
+void shared_group_distances(const T* __restrict p, const T* __restrict rv, const T* const* q,
+                            int64_t d, Distance distance, T eps, T* D) {
   using S = Simd<T>;
   using V = typename S::V;
+  constexpr int W = S::W;
+  const bool l1 = distance == Distance::L1;
+  V a0[G], a1[G];
+  for (int g = 0; g < G; ++g) a0[g] = a1[g] = V{};
   int64_t j = 0;
-  for (; j + S::W <= d; j += S::W) {
-    V acc = V{};
-    for (int64_t k = 0; k < n; ++k) {
-      const V v = S::load(e[k] + j);
-      acc += v;
-      if (gq[k]) S::store(gq[k] + j, -v);
+  for (; j + 2 * W <= d; j += 2 * W) {
+    const V pr0 = S::load(p + j) + S::load(rv + j);
+    const V pr1 = S::load(p + j + W) + S::load(rv + j + W);
+    for (int g = 0; g < G; ++g) {
+      const V x = pr0 - S::load(q[g] + j), y = pr1 - S::load(q[g] + j + W);
+      a0[g] += l1 ? (x < 0 ? -x : x) : x * x;
+      a1[g] += l1 ? (y < 0 ? -y : y) : y * y;
+    }
+  }
+  if (j + W <= d) {
+    const V pr0 = S::load(p + j) + S::load(rv + j);
+    for (int g = 0; g < G; ++g) {
+      const V x = pr0 - S::load(q[g] + j);
+      a0[g] += l1 ? (x < 0 ? -x : x) : x * x;
+    }
+    j += W;
+  }
+  for (int g = 0; g < G; ++g) {
+    T tail = 0;
+    for (int64_t k = j; k < d; ++k) {
+      const T e = p[k] + rv[k] - q[g][k];
+      tail += l1 ? std::abs(e) : e * e;
+    }
+    const T acc = allreduce<T>(a0[g] + a1[g], [](V x, V y) { return x + y; })[0] + tail;
+    D[g] = distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+  }
+}
+
+// The residual backward of G columns with gradient: ge_g = coef[g]·e_g (l1: g·sign(e_g), coef
+// holding g), e_g = pr − q[g] formed again; ga (+)= Σ_g ge_g in column order (`first`: ga starts
+// at 0), and out[g] = −ge_g (an item gradient, final) or ge_g (column 0, kept for its last step).
+template <typename T, int G>
+void shared_group_grads(const T* __restrict p, const T* __restrict rv, const T* const* q,
+                        const T* coef, T* const* out, const bool* negate, int64_t d, bool l1,
+                        bool first, T* __restrict ga) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const V zero_v = V{};
+  int64_t j = 0;
+  for (; j + W <= d; j += W) {
+    const V pr = S::load(p + j) + S::load(rv + j);
+    V acc = first ? zero_v : S::load(ga + j);
+    for (int g = 0; g < G; ++g) {
+      const V e = pr - S::load(q[g] + j);
+      const V c = S::splat(coef[g]);
+      const V ge = l1 ? (e > 0 ? c : (e < 0 ? -c : zero_v)) : c * e;
+      acc += ge;
+      S::store(out[g] + j, negate[g] ? -ge : ge);
     }
     S::store(ga + j, acc);
   }
-  for (; j < d; ++j) {  // the rows of gq are d apart: no vector past d
-    T acc = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      acc += e[k][j];
-      if (gq[k]) gq[k][j] = -e[k][j];
+  for (; j < d; ++j) {  // the rows of out are d apart: no vector past d
+    const T pr = p[j] + rv[j];
+    T acc = first ? T(0) : ga[j];
+    for (int g = 0; g < G; ++g) {
+      const T e = pr - q[g][j];
+      const T ge = l1 ? (e > 0 ? coef[g] : (e < 0 ? -coef[g] : T(0))) : coef[g] * e;
+      acc += ge;
+      out[g][j] = negate[g] ? -ge : ge;
     }
     ga[j] = acc;
   }
@@ -279,22 +369,33 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
   softmax_rows(w.A, Ta, N, Np);
   prefetch_part(1);
   gemm<T, false>(Ta, dp, N, w.A, Np, 1, mem.Mp, dp, w.R, dp);  // R = A M
-  // ---- row by row, while the row's residuals are in L1: e = p + r − q and D(e); the hinge;
-  // with gradients, ∂L/∂D (g) and the residual backward: ge = g ∂D/∂e in place of e for the pairs
-  // with g != 0, and the relation gradients GR of the attention pairs that receive one, compacted
-  // (act: their pair index). With relation="shared", the item gradients of columns >= 1
-  // (gq = −ge, no attention through them) are final here.
+  // ---- row by row, while the row's rows are in L1: e = p + r − q and D(e); the hinge; with
+  // gradients, ∂L/∂D (g) and the residual backward: ge = g ∂D/∂e for the pairs with g != 0, and
+  // the relation gradients GR of the attention pairs that receive one, compacted (act: their pair
+  // index). Pair: e, then ge, in place of R. Shared: e formed from the rows when needed (see
+  // shared_group_distances); the item gradients of columns >= 1 (gq = −ge, no attention through
+  // them) are final here, and column 0's ge is kept in E.
   int64_t na = 0;
   for (int64_t r = 0; r < nr; ++r) {
     const T* __restrict p = w.prow[r];
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t tc = r * C + c;
-      const T* __restrict q = w.qrow[tc];
-      const T* rv = w.R + (pair ? tc : r) * dp;
-      T* e = w.E + tc * dp;  // pair: in place of R
+    const T* const* qr = w.qrow.data() + r * C;
+    if (pair) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t tc = r * C + c;
+        const T* __restrict q = qr[c];
+        const T* rv = w.R + tc * dp;
+        T* e = w.E + tc * dp;
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
-      w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
+        for (int64_t j = 0; j < d; ++j) e[j] = p[j] + rv[j] - q[j];
+        w.Dc[tc] = distance_of(e, d, job.distance, job.eps);
+      }
+    } else {
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxGroup) {
+        with_group_size(static_cast<int>(std::min<int64_t>(kMaxGroup, C - c0)), [&](auto G) {
+          shared_group_distances<T, G()>(p, w.R + r * dp, qr + c0, d, job.distance, job.eps,
+                                         w.Dc + r * C + c0);
+        });
+      }
     }
     T* gr = w.g + r * C;
     if (job.hinge) {
@@ -324,6 +425,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       gr[0] = wb * gr[0];
       for (int64_t c = 1; c < C; ++c) gr[c] = gr[c] != T(0) ? -wb : T(0);
     }
+    const bool l1 = job.distance == Distance::L1;
     int64_t n_act = 0;  // shared: the row's columns with a gradient
     for (int64_t c = 0; c < C; ++c) {
       const int64_t tc = r * C + c;
@@ -333,25 +435,33 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
         if (!pair && c > 0) zero(gq_row(tc), d);
         continue;
       }
-      T* e = w.E + tc * dp;
-      if (job.distance == Distance::L2 || job.distance == Distance::SquaredL2) {
-        const T coef = job.distance == Distance::L2 ? g / w.Dc[tc] : 2 * g;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) e[j] = coef * e[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) e[j] = e[j] > 0 ? g : (e[j] < 0 ? -g : T(0));
-      }
+      const T coef = l1 ? g : job.distance == Distance::L2 ? g / w.Dc[tc] : 2 * g;
       if (pair) {
+        T* e = w.E + tc * dp;
+        if (l1) {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) e[j] = e[j] > 0 ? g : (e[j] < 0 ? -g : T(0));
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) e[j] = coef * e[j];
+        }
         w.slot[tc] = na;
         w.act[na++] = tc;
       } else {
-        w.ecol[n_act] = e;
-        w.gqcol[n_act++] = c > 0 ? gq_row(tc) : nullptr;
+        w.gcol[n_act] = qr[c];
+        w.gcoef[n_act] = coef;
+        w.gout[n_act] = c > 0 ? gq_row(tc) : w.E + r * dp;
+        w.gneg[n_act++] = c > 0;
       }
     }
     if (!pair && n_act > 0) {
-      sum_and_negate(w.ecol.data(), w.gqcol.data(), n_act, d, w.GR + na * dp);
+      T* ga = w.GR + na * dp;
+      for (int64_t k0 = 0; k0 < n_act; k0 += kMaxGroup) {
+        with_group_size(static_cast<int>(std::min<int64_t>(kMaxGroup, n_act - k0)), [&](auto G) {
+          shared_group_grads<T, G()>(p, w.R + r * dp, w.gcol.data() + k0, w.gcoef.data() + k0,
+                                     w.gout.data() + k0, w.gneg.get() + k0, d, l1, k0 == 0, ga);
+        });
+      }
       w.slot[r * C] = na;
       w.act[na++] = r;
     }
@@ -399,7 +509,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       const T* __restrict ga = w.GR + i * dp;
       const T* __restrict gs = w.GS + i * dp;
       const T* __restrict q = w.qrow[r * C];
-      const T* __restrict e = w.E + r * C * dp;
+      const T* __restrict e = w.E + r * dp;
       const bool active = w.g[r * C] != T(0);
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
