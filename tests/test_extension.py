@@ -1,7 +1,8 @@
 """The C++/CUDA extension backends (csrc/) against the reference (SPEC.md).
 
 The CPU extension is built (or loaded from the on-disk cache) once per session; CUDA tests are
-marked ``gpu``. ``csrc/check_nvcc.sh`` compiles every .cu for sm_90 and sm_80 where nvcc exists.
+marked ``gpu``. ``csrc/check_nvcc.sh --binding`` compiles every .cu for sm_90 and sm_80 where
+nvcc exists, and syntax-checks the CUDA binding layer against torch's and CUDA's headers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -549,9 +551,10 @@ def test_build_is_cached_and_loaded_once(ext):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_every_cu_file_compiles_with_nvcc():
-    env = dict(os.environ)
+    # --binding: also the CUDA binding layer (cuda/*.cpp) against torch's and CUDA's headers
+    env = dict(os.environ, PYTHON=sys.executable)
     r = subprocess.run(
-        ["bash", str(REPO / "csrc" / "check_nvcc.sh")],
+        ["bash", str(REPO / "csrc" / "check_nvcc.sh"), "--binding"],
         capture_output=True,
         text=True,
         env=env,
