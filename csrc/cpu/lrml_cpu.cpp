@@ -231,7 +231,8 @@ inline void with_group_size(int n, F&& f) {
 }
 
 // D[g] = D(pr − q[g]) for G columns, pr = p + r; the arithmetic of distance_of on the stored
-// residual (two accumulators, a scalar tail, a butterfly sum), so the bits are the same.
+// residual (two accumulators, a scalar tail, a butterfly sum): fp32 results were bitwise those of
+// distance_of here, fp64 ones within an ulp (the compiler contracts differently).
 template <typename T, int G>
 void shared_group_distances(const T* __restrict p, const T* __restrict rv, const T* const* q,
                             int64_t d, Distance distance, T eps, T* D) {
