@@ -72,6 +72,12 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
     const Tensor& users = saved[0];
     const Tensor& items = saved[1];
     const Tensor& grad = grad_outputs[0];
+    // Differentiable once (as @once_differentiable): the saved gradients are constants, so a
+    // double backward through them would silently miss terms.
+    TORCH_CHECK(!(at::GradMode::is_enabled() && grad.requires_grad()),
+                "lrml_kernels: the hinge loss of the cpu and cuda backends is differentiable once "
+                "(no double backward); use backend=\"torch\" for higher-order gradients");
+    at::NoGradGuard no_grad;
     const bool one = grad.item<double>() == 1.0;  // the usual ∂loss = 1: skip the multiplies
     auto scaled = [&](const Tensor& g) { return one ? g : g * grad.to(g.scalar_type()); };
     const bool sparse = ctx->saved_data["sparse"].toBool();

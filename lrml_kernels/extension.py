@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lrml_kernels._build import (
     CPU_SOURCES,
@@ -260,6 +261,9 @@ def _register_python_side() -> None:
             gM if need[3] else None,
         )
 
+    # Differentiable once: the backward ops have no autograd of their own, so a double backward
+    # through them must fail loudly (once_differentiable), not silently miss terms.
+    @once_differentiable
     def _distances_backward(ctx, grad):
         P, Q, K, M, users, items = ctx.saved_tensors
         distance, relation, eps, sparse = ctx.opts
@@ -271,6 +275,7 @@ def _register_python_side() -> None:
         )
         return (*_finish(ctx, gp, gq, gK, gM, sparse), *(None,) * n_extra)
 
+    @once_differentiable
     def _hinge_backward(ctx, grad):
         P, Q, K, M, users, items = ctx.saved_tensors
         margin, distance, relation, eps, reduction, sparse = ctx.opts

@@ -228,6 +228,30 @@ def test_fused_autograd_equals_hinge_loss_grads(ext):
     assert L0.grad_fn is None and torch.equal(L0, loss)
 
 
+@pytest.mark.parametrize("op", ["hinge_sum", "hinge_none", "distances"])
+def test_double_backward_fails_loudly(ext, op):
+    # The backward passes are differentiable once: differentiating a gradient raises instead of
+    # silently dropping the second-order terms.
+    P, Q, K, M, users, items = make(8, 3, 4, 3, torch.float64, seed=18)
+    params = (P, Q, K, M)
+    if op == "distances":
+        out = lk.lrml_distances(*params, users, items, backend="cpu").sum()
+    else:
+        red = "sum" if op == "hinge_sum" else "none"
+        out = lk.lrml_hinge_loss(*params, users, items, backend="cpu", reduction=red).sum()
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    # (the fused scalar hinge raises at the first step, the others at the second)
+    with pytest.raises(RuntimeError, match="differentiate twice|differentiable once"):
+        (gK,) = torch.autograd.grad(out * w, K, create_graph=True)
+        gK.sum().backward()
+    # first-order gradients under create_graph=True are still right
+    (gK1,) = torch.autograd.grad(out, K, create_graph=True)
+    ref = reference.lrml_hinge_loss if op != "distances" else reference.lrml_distances
+    kw = {} if op == "distances" else {"reduction": "sum" if op == "hinge_sum" else "none"}
+    (gKr,) = torch.autograd.grad(ref(*params, users, items, **kw).sum(), K)
+    assert_close(gK1.detach(), gKr, torch.float64)
+
+
 @pytest.mark.parametrize("relation", RELATIONS)
 def test_rows_do_not_depend_on_the_batch_around_them(ext, relation):
     # Large enough for the streaming stores of the gradient rows (>= 4 MB); every row's

@@ -416,3 +416,16 @@ def test_backend_interface():
     for fn in ("distances", "hinge_loss", "topk", "hinge_loss_grads"):
         assert callable(getattr(T, fn))
     assert lk.backends.why_unavailable("triton", DEVICE) is None
+
+
+@pytest.mark.parametrize("op", ["hinge", "distances"])
+def test_double_backward_fails_loudly(op):
+    # First-order only: differentiating a gradient raises (no silently missing terms).
+    (P, Q, K, M), users, items = make_inputs(20, 30, 3, 8, 4, 3, seed=19)
+    for t in (P, Q, K, M):
+        t.requires_grad_(True)
+    f = lk.lrml_hinge_loss if op == "hinge" else lk.lrml_distances
+    out = f(P, Q, K, M, users, items, backend="triton").sum()
+    (gK,) = torch.autograd.grad(out, K, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gK.sum().backward()
