@@ -177,8 +177,23 @@ struct Tile {
   }
 };
 
-// D(e) over d entries: two vector accumulators, a scalar tail, a butterfly sum of the lanes (an
-// `omp simd` reduction here compiled to a spill and a chain of scalar adds per call).
+// The pieces of D(e) shared by distance_of and shared_group_distances: the term of one vector
+// (|x| or x²) and D from the two vector accumulators and the scalar tail (a butterfly sum of the
+// lanes; an `omp simd` reduction here compiled to a spill and a chain of scalar adds per call).
+template <typename V>
+inline V distance_term(V x, bool l1) {
+  return l1 ? (x < 0 ? -x : x) : x * x;
+}
+
+template <typename T>
+inline T distance_from(typename Simd<T>::V a0, typename Simd<T>::V a1, T tail, Distance distance,
+                       T eps) {
+  using V = typename Simd<T>::V;
+  const T acc = allreduce<T>(a0 + a1, [](V x, V y) { return x + y; })[0] + tail;
+  return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+}
+
+// D(e) over d entries: two vector accumulators, a scalar tail.
 template <typename T>
 inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps) {
   using S = Simd<T>;
@@ -188,19 +203,16 @@ inline T distance_of(const T* __restrict e, int64_t d, Distance distance, T eps)
   V a0 = V{}, a1 = V{};
   int64_t j = 0;
   for (; j + 2 * W <= d; j += 2 * W) {
-    const V x = S::load(e + j), y = S::load(e + j + W);
-    a0 += l1 ? (x < 0 ? -x : x) : x * x;
-    a1 += l1 ? (y < 0 ? -y : y) : y * y;
+    a0 += distance_term(S::load(e + j), l1);
+    a1 += distance_term(S::load(e + j + W), l1);
   }
   if (j + W <= d) {
-    const V x = S::load(e + j);
-    a0 += l1 ? (x < 0 ? -x : x) : x * x;
+    a0 += distance_term(S::load(e + j), l1);
     j += W;
   }
   T tail = 0;
   for (; j < d; ++j) tail += l1 ? std::abs(e[j]) : e[j] * e[j];
-  const T acc = allreduce<T>(a0 + a1, [](V x, V y) { return x + y; })[0] + tail;
-  return distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+  return distance_from(a0, a1, tail, distance, eps);
 }
 
 // Relation "shared": the columns of one row share p + r, so their residuals e_c = (p + r) − q_c
@@ -230,9 +242,8 @@ inline void with_group_size(int n, F&& f) {
   }
 }
 
-// D[g] = D(pr − q[g]) for G columns, pr = p + r; the arithmetic of distance_of on the stored
-// residual (two accumulators, a scalar tail, a butterfly sum): fp32 results were bitwise those of
-// distance_of here, fp64 ones within an ulp (the compiler contracts differently).
+// D[g] = D(pr − q[g]) for G columns, pr = p + r: distance_of's arithmetic on residuals formed in
+// registers (fp32 results bitwise those of distance_of on the stored residuals here).
 template <typename T, int G>
 void shared_group_distances(const T* __restrict p, const T* __restrict rv, const T* const* q,
                             int64_t d, Distance distance, T eps, T* D) {
@@ -247,17 +258,13 @@ void shared_group_distances(const T* __restrict p, const T* __restrict rv, const
     const V pr0 = S::load(p + j) + S::load(rv + j);
     const V pr1 = S::load(p + j + W) + S::load(rv + j + W);
     for (int g = 0; g < G; ++g) {
-      const V x = pr0 - S::load(q[g] + j), y = pr1 - S::load(q[g] + j + W);
-      a0[g] += l1 ? (x < 0 ? -x : x) : x * x;
-      a1[g] += l1 ? (y < 0 ? -y : y) : y * y;
+      a0[g] += distance_term(pr0 - S::load(q[g] + j), l1);
+      a1[g] += distance_term(pr1 - S::load(q[g] + j + W), l1);
     }
   }
   if (j + W <= d) {
     const V pr0 = S::load(p + j) + S::load(rv + j);
-    for (int g = 0; g < G; ++g) {
-      const V x = pr0 - S::load(q[g] + j);
-      a0[g] += l1 ? (x < 0 ? -x : x) : x * x;
-    }
+    for (int g = 0; g < G; ++g) a0[g] += distance_term(pr0 - S::load(q[g] + j), l1);
     j += W;
   }
   for (int g = 0; g < G; ++g) {
@@ -266,8 +273,7 @@ void shared_group_distances(const T* __restrict p, const T* __restrict rv, const
       const T e = p[k] + rv[k] - q[g][k];
       tail += l1 ? std::abs(e) : e * e;
     }
-    const T acc = allreduce<T>(a0[g] + a1[g], [](V x, V y) { return x + y; })[0] + tail;
-    D[g] = distance == Distance::L2 ? std::sqrt(acc + eps) : acc;
+    D[g] = distance_from(a0[g], a1[g], tail, distance, eps);
   }
 }
 
