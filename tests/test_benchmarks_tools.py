@@ -20,14 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("lrml_bench_report", BENCH / "report.py")
+def _load(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lrml_bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it runs
     spec.loader.exec_module(mod)
     return mod
 
 
-report = _load_report()
+report = _load("report")
 
 NETFLIX = {"U": 480_189, "I": 17_770, "d": 100, "N": 20, "B": 4096, "C": 5}
 
@@ -254,11 +256,7 @@ def test_a_bench_file_named_on_the_command_line_is_collected_once():
 
 
 def test_malloc_mode_is_applied_recorded_and_shown(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import benchlib
-    finally:
-        sys.path.remove(str(BENCH))
+    benchlib = _load("benchlib")
     assert benchlib.set_malloc_mode("system") == "system"
     steady = benchlib.set_malloc_mode("steady")
     if platform.libc_ver()[0] == "glibc":
