@@ -24,7 +24,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Gradient rows [..., d] of table[index] -> the gradient [num_rows, d] of the table: the rule of
-// lrml_kernels.backends.table_grad (its Python twin, used by the other backends). Sparse: an
+// lrml_kernels.gradients.table_grad (its Python twin, used by the other backends). Sparse: an
 // uncoalesced COO tensor sharing `rows`, as F.embedding(..., sparse=True) gives. Dense: a
 // deterministic scatter-add (index_add_ on the CPU, index_put_(accumulate) on CUDA).
 Tensor table_grad(const Tensor& rows, const Tensor& index, int64_t num_rows, bool sparse) {

@@ -39,39 +39,10 @@ from types import SimpleNamespace
 import torch
 
 from lrml_kernels import reference
+from lrml_kernels.errors import BackendUnavailable
 
 BACKENDS = ("torch", "triton", "cpu", "cuda")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says why."""
-
-
-def table_grad(rows, index, num_rows: int, dtype, sparse: bool) -> torch.Tensor:
-    """Gradient rows ``[..., d]`` of ``table[index]`` -> the gradient ``[num_rows, d]`` of table.
-
-    Sparse: an uncoalesced COO tensor (as ``F.embedding(..., sparse=True)`` returns) that shares
-    ``rows``. Dense: a scatter-add in the rows' dtype, then ``dtype``, deterministic: ``index_add_``
-    on the CPU (``index_put_(accumulate=True)`` is not bitwise reproducible there), on CUDA
-    ``index_put_(accumulate=True)`` (deterministic under ``torch.use_deterministic_algorithms``).
-    The backends' shared last step of a backward; the C++ autograd node of the extension's fused
-    hinge loss (csrc/fused_hinge_autograd.cpp) applies the same rule.
-    """
-    index = index.reshape(1, -1)
-    if index.dtype != torch.int64:
-        index = index.to(torch.int64)
-    rows = rows.reshape(index.shape[1], -1)
-    if sparse:
-        return torch.sparse_coo_tensor(
-            index, rows.to(dtype), (num_rows, rows.shape[1]), check_invariants=False
-        )
-    out = rows.new_zeros(num_rows, rows.shape[1])
-    if out.device.type == "cpu":
-        out.index_add_(0, index[0], rows)
-    else:
-        out.index_put_((index[0],), rows, accumulate=True)
-    return out.to(dtype)
 
 
 def _torch_topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):

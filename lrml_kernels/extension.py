@@ -11,7 +11,7 @@ Each is taken, in order, from the ahead-of-time build of ``setup.py`` (``lrml_ke
 with ``torch.utils.cpp_extension.load`` (ninja) into ``$LRML_KERNELS_CACHE`` (default
 ``~/.cache/lrml_kernels``)/``ext-<hash of sources, torch, python, cpu flags>``; later processes
 load the cached library without compiling. A failed build is remembered for the rest of the
-process and reported as :class:`~lrml_kernels.backends.BackendUnavailable` with the compiler's last
+process and reported as :class:`~lrml_kernels.errors.BackendUnavailable` with the compiler's last
 lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
 
 Autograd (``register_autograd``) and fake kernels (``register_fake``, for ``torch.compile`` and
@@ -40,7 +40,8 @@ from lrml_kernels._build import (
     sources_hash,
     stamp_path,
 )
-from lrml_kernels.backends import BackendUnavailable, table_grad
+from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.gradients import table_grad
 
 NAMESPACE = "lrml_ext"
 # -fno-math-errno: sqrt in vectorised loops (errno is never read)

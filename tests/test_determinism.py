@@ -148,7 +148,7 @@ def test_cpu_extension_gives_the_same_bits_for_any_thread_count():
 @pytest.mark.gpu
 def test_triton_atomic_path_is_off_under_deterministic_algorithms_gpu():
     # Enough programs for the atomic-add path when deterministic algorithms are off.
-    from lrml_kernels.triton import distances as TD
+    from lrml_kernels.triton import distance_kernels as TD
 
     params, users, items = make(U=2000, I=3000, B=64 * TD.ATOMIC_MIN_PROGRAMS)
     cfg = TD.block_config(users.shape[0], 7, 37, params[0], backward=True)

@@ -21,7 +21,8 @@ import torch
 
 import lrml_kernels as lk
 from lrml_kernels import extension, reference
-from lrml_kernels.backends import BackendUnavailable, table_grad
+from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.gradients import table_grad
 
 REPO = Path(__file__).resolve().parents[1]
 DISTANCES = ("l2", "squared_l2", "l1")

@@ -16,7 +16,7 @@ from lrml_kernels import reference
 
 triton = pytest.importorskip("triton")
 T = importlib.import_module("lrml_kernels.triton")
-TD = importlib.import_module("lrml_kernels.triton.distances")
+TD = importlib.import_module("lrml_kernels.triton.distance_kernels")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DISTANCES = ("l2", "squared_l2", "l1")

@@ -17,7 +17,7 @@ from lrml_kernels import reference
 
 pytest.importorskip("triton")
 T = importlib.import_module("lrml_kernels.triton")
-TK = importlib.import_module("lrml_kernels.triton.topk")
+TK = importlib.import_module("lrml_kernels.triton.topk_kernels")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DISTANCES = ("l2", "squared_l2", "l1")

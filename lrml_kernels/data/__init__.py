@@ -15,7 +15,7 @@ from lrml_kernels.data.readers import (
 from lrml_kernels.data.sampling import csr_membership, sample_negatives
 from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
 from lrml_kernels.data.split import build_csr, leave_one_out, sample_eval_negatives
-from lrml_kernels.data.synthetic import synthetic, write_netflix_format
+from lrml_kernels.data.synthetic_data import synthetic, write_netflix_format
 
 __all__ = [
     "FORMS",

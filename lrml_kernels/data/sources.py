@@ -13,7 +13,7 @@ from lrml_kernels.data.readers import (
     read_netflix,
 )
 from lrml_kernels.data.split import _leave_one_out
-from lrml_kernels.data.synthetic import synthetic
+from lrml_kernels.data.synthetic_data import synthetic
 
 __all__ = ["SYNTHETIC", "load"]
 

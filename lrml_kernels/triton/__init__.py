@@ -13,8 +13,8 @@ Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
 - :func:`topk`: exact full-catalogue top-k.
 """
 
-from lrml_kernels.triton.distances import distances, hinge_loss, hinge_loss_grads
-from lrml_kernels.triton.topk import topk
+from lrml_kernels.triton.distance_kernels import distances, hinge_loss, hinge_loss_grads
+from lrml_kernels.triton.topk_kernels import topk
 
 name = "triton"
 devices = ("cuda", "cpu")

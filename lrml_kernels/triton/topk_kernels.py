@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-_dist = importlib.import_module("lrml_kernels.triton.distances")
+_dist = importlib.import_module("lrml_kernels.triton.distance_kernels")
 _attention = _dist._attention
 _distance = _dist._distance
 _load_rows = _dist._load_rows

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lrml_kernels.backends import table_grad
+from lrml_kernels.gradients import table_grad
 
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 REDUCTIONS = ("sum", "mean", "none")
