@@ -2,7 +2,10 @@
 
 A ranker is anything with ``distances(users [B], items [B, C]) -> D [B, C]`` and
 ``recommend(users [B], k, exclude=(indptr, indices)) -> (D [B, k], ids [B, k])``, lower distance
-is better: :class:`lrml_kernels.LRML` and :class:`PopularityRanker` both are.
+is better: :class:`lrml_kernels.LRML` and :class:`PopularityRanker` both are. A ranker scores
+every (user, item) pair on its own: ``D[b, c]`` must not depend on the other columns of row b
+(LRML ranks per pair whatever relation it was trained with), or the candidate list would tell the
+ranker which column holds the held-out item.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ class LRML(nn.Module):
     ``keys [memory_slots, dim]``, ``memory [memory_slots, dim]``, all initialised normal with std
     ``1/sqrt(dim)``. ``sparse=True`` makes the embedding gradients sparse COO tensors (for
     ``torch.optim.SparseAdam``, ``Adagrad`` and ``SGD``); ``max_norm`` is the radius of the
-    unit-ball projection applied by :meth:`project_` (None disables it).
+    unit-ball projection applied by :meth:`project_` (None disables it). ``relation`` is the
+    training loss's choice (SPEC.md); :meth:`distances` and :meth:`recommend` rank per pair.
     """
 
     def __init__(
@@ -89,14 +90,23 @@ class LRML(nn.Module):
             validate=self.validate,
         )
 
-    def distances(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``D [B, C]`` (lower is a better match)."""
+    def distances(
+        self, users: torch.Tensor, items: torch.Tensor, relation: str = "pair"
+    ) -> torch.Tensor:
+        """``D [B, C]`` of users ``[B]`` and items ``[B, C]`` (lower is a better match).
+
+        Scoring is per pair: every ``(users[b], items[b, c])`` gets its own relation, whatever
+        :attr:`relation` the model trains with, so a candidate's score never depends on the other
+        candidates of its row. ``relation="shared"`` gives the training loss's distances instead
+        (column 0's relation reused for every column): never rank with it, since column 0's
+        relation tells which candidate is the positive.
+        """
         return ops.lrml_distances(
             *self._params(),
             users,
             items,
             distance=self.distance,
-            relation=self.relation,
+            relation=relation,
             eps=self.eps,
             backend=self.backend,
             sparse_grad=self.sparse,

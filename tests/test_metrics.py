@@ -119,3 +119,80 @@ def test_bad_protocol():
         evaluate(TableRanker([[0, 0, 0, 0]]), split, "loo")
     with pytest.raises(ValueError, match="no sampled negatives"):
         evaluate(TableRanker([[0, 0, 0, 0]]), split, "sampled")
+
+
+def shared_model_and_split(backend="torch", users=48, items=70, negatives=30, seed=0):
+    """A ``relation="shared"`` model whose relations matter (memory scaled up) and a split."""
+    from lrml_kernels import LRML
+
+    torch.manual_seed(seed)
+    model = LRML(users, items, dim=8, memory_slots=5, relation="shared", backend=backend)
+    with torch.no_grad():
+        model.memory.mul_(4.0)
+    rng = np.random.default_rng(seed)
+    split = make_split(
+        [(u, 0) for u in range(users)],
+        [(u, int(rng.integers(1, items))) for u in range(users)],
+        rng.integers(1, items, (users, negatives)).tolist(),
+        items,
+    )
+    return model, split
+
+
+def ranks_of(D, cand, col):
+    """Rank of ``cand[b, col[b]]`` among the other candidates of row b (ties against it)."""
+    rows = torch.arange(D.shape[0])
+    d_held, held = D[rows, col][:, None], cand[rows, col][:, None]
+    return ((D <= d_held) & (cand != held)).sum(1)
+
+
+def test_shared_model_is_scored_per_pair():
+    """The reported sampled ranks of a shared-trained model are those of an independent per-pair
+    scoring (each candidate alone), not those of the training loss's shared relation."""
+    from lrml_kernels import reference
+    from lrml_kernels.metrics import sampled_ranks
+
+    model, split = shared_model_and_split()
+    users = torch.as_tensor(split.test_users)
+    cand = torch.cat(
+        [torch.as_tensor(split.test_items)[:, None], torch.as_tensor(split.test_negatives)], 1
+    )
+    params = [p.detach() for p in (model.user_emb, model.item_emb, model.keys, model.memory)]
+    alone = torch.cat(
+        [
+            reference.lrml_distances(*params, users, cand[:, c : c + 1])
+            for c in range(cand.shape[1])
+        ],
+        1,
+    )
+    col0 = torch.zeros(len(users), dtype=torch.int64)
+    want = ranks_of(alone, cand, col0)
+    assert torch.equal(sampled_ranks(model, split), want)
+    leak = ranks_of(reference.lrml_distances(*params, users, cand, relation="shared"), cand, col0)
+    assert not torch.equal(leak, want)  # the shared relation would change the ranks
+    hr, ndcg = hit_ndcg(want, 10)
+    result = evaluate(model, split)
+    assert (result["hr"], result["ndcg"]) == (hr, ndcg)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_no_ranker_sees_the_position_of_the_held_out_item(backend):
+    """Permuting each row's candidates leaves every rank unchanged."""
+    from lrml_kernels import available_backends
+    from lrml_kernels.metrics import sampled_ranks
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not available")
+    model, split = shared_model_and_split(backend)
+    users = torch.as_tensor(split.test_users)
+    cand = torch.cat(
+        [torch.as_tensor(split.test_items)[:, None], torch.as_tensor(split.test_negatives)], 1
+    )
+    g = torch.Generator().manual_seed(1)
+    perm = torch.stack([torch.randperm(cand.shape[1], generator=g) for _ in range(len(users))])
+    shuffled = cand.gather(1, perm)
+    held_at = (perm == 0).int().argmax(1)
+    assert (held_at != 0).any()
+    with torch.no_grad():
+        D = model.distances(users, shuffled)
+    assert torch.equal(ranks_of(D, shuffled, held_at), sampled_ranks(model, split))
