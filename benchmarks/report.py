@@ -160,7 +160,7 @@ def load(path: str | Path, stat: str = "median") -> dict:
 
 
 def load_empty() -> dict:
-    """A run with no results (what :func:`load` returns for an empty file)."""
+    """A run with no results."""
     return {"records": [], "skipped": [], "machine": {}, "commit": {}, "stat": "median"}
 
 
