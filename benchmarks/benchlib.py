@@ -144,12 +144,7 @@ SETTINGS = {
     "cap_s": None,  # --lrml-cap: seconds one provider may spend on one slow workload
     "deadline": None,  # --lrml-deadline, as time.monotonic(): no benchmark starts after it
 }
-DEFAULT_EPOCH_CAP_S = 15.0  # an epoch's wall-clock cap without --lrml-cap
-
-
-def cap_s(default: float) -> float:
-    """The time cap of one provider on one slow workload: ``--lrml-cap`` or ``default``."""
-    return SETTINGS["cap_s"] if SETTINGS["cap_s"] else default
+DEFAULT_EPOCH_CAP_S = 15.0  # an epoch's wall-clock cap without --lrml-cap (with it: half the cap)
 
 
 def capped_units(total: int, probe_units: int, probe_s: float, cap: float) -> int:
@@ -452,7 +447,9 @@ def _time_cuda(benchmark, fn) -> tuple[float | None, float | None]:
 
     # do_bench's repetitions: 200 ms, less under a tight --lrml-cap (cap / 15: a few benchmarks
     # of a workload, each with its warm-up and check, stay inside the cap)
-    rep = min(SETTINGS["gpu_rep_ms"], 1e3 * cap_s(math.inf) / 15)
+    rep = SETTINGS["gpu_rep_ms"]
+    if SETTINGS["cap_s"]:
+        rep = min(rep, 1e3 * SETTINGS["cap_s"] / 15)
     t = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     # A few host-timed, synchronised rounds so that pytest-benchmark's own table and JSON have
     # stats too; the recorded time is the event-timed median above.

@@ -22,8 +22,9 @@ Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults
 A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...,
 epoch_batch=...)`` (``epoch_batch=True``: also at the epoch-batch sizes, netflix-epoch and
 tiny-epoch, which run nothing else) and takes the ``case`` argument; providers are a plain
-``parametrize("provider", ...)``. ``compile`` peers run after every other benchmark of the run
-(compiling costs the most time; under a deadline they are what is left out).
+``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile`` peers
+run after every other benchmark (compiling costs the most time: under a deadline, what is left
+out).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(session, config, items):
     """Run each case's benchmarks together (inputs are built once per case), cases in the order
     of --lrml-size (the GPU check puts the Netflix size first), eager before its peers, the
-    compile peers last; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
+    compile peers last in each size; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
     sizes = [s.name for s in config._lrml_sizes]
     rank = {p: i for i, p in enumerate(benchlib.PROVIDERS)}
     headline = config.getoption("--lrml-workloads") == "headline"
@@ -167,8 +168,8 @@ def pytest_collection_modifyitems(session, config, items):
             deselected.append(item)
             continue
         key = (
-            cs.params.get("provider") == "compile",
             sizes.index(case.size.name),
+            cs.params.get("provider") == "compile",
             case.device,
             list(benchlib.DTYPES).index(case.dtype_name),
             item.fspath.basename,
