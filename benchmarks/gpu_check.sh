@@ -149,8 +149,12 @@ run_step() {
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then why="timed out after ${limit} s"; fi
     failed+=("$name ($why)")
     summary+=("$name: FAILED ($why, ${dt} s), log: $(basename "$steplog")")
-    say "   FAILED ($why, ${dt} s); last lines of $(basename "$steplog"):"
-    tail -n 25 "$steplog" | sed 's/^/   | /' | tee -a "$log"
+    if [[ $steplog == "$tmp"/* ]]; then # folded into the log in full right after
+      say "   FAILED ($why, ${dt} s); its output:"
+    else
+      say "   FAILED ($why, ${dt} s); last lines of $(basename "$steplog"):"
+      tail -n 25 "$steplog" | sed 's/^/   | /' | tee -a "$log"
+    fi
   fi
   return 0
 }
@@ -250,9 +254,10 @@ require="${LRML_GPU_CHECK_REQUIRE:-eager,compile,triton,cuda}"
 [[ $mode == dry-run ]] && require="eager"
 title="GPU check $(date -u '+%Y-%m-%d'), commit $commit"
 limit_of report
-run_step report "$limit" "$tmp/report.log" "$py" benchmarks/report.py "$run_json" \
-  --markdown "$out/table.md" --require "$require" --status "${status:-complete}" --title "$title"
-grep '^report.py' "$tmp/report.log" | sed 's/^/   | /' | tee -a "$log" >/dev/null || true
+run_step report "$limit" "$tmp/report.log" bash -c '"$@" >/dev/null' report "$py" \
+  benchmarks/report.py "$run_json" --markdown "$out/table.md" --require "$require" \
+  --status "${status:-complete}" --title "$title"
+fold "$tmp/report.log" # its messages (stderr); the table itself is printed last
 
 # summary, the profile's summary, then the table --------------------------------------------------
 say ""

@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(run, title=args.title, status=status)
     if args.markdown:
         Path(args.markdown).write_text(text)
+        heading = "INCOMPLETE" if status and "INCOMPLETE" in status else "complete"
+        print(f"report.py: wrote {args.markdown}: {len(pivot(run['records']))} rows, {heading}",
+              file=sys.stderr)  # fmt: skip
     wrote_png = bool(args.png) and png(run, args.png, args.title)
     if args.readme:
         readme, block = Path(args.readme[0]), args.readme[1]
