@@ -31,9 +31,9 @@
 # env 5, build 10, gpu-tests 50, bench 25, profile 7, report 3; floors (s): env 20, build 15,
 # gpu-tests 20, bench 30, profile 15, report 8. So every step runs at every budget from 120 s
 # up, each limit scales with the budget, a step that ends early leaves its time to the later
-# ones, and the steps together never exceed the budget. At 300 s (every step using its whole
-# limit; --plan prints these): env 20, build 29, gpu-tests 147, bench 74, profile 21, report 9;
-# at 120 s: 20, 15, 32, 30, 15, 8. A step is stopped by SIGINT 3 s before its limit (pytest
+# ones, and the steps together never exceed the budget less 2 s for the script itself. At 300 s
+# (every step using its whole limit; --plan prints these): env 20, build 29, gpu-tests 146,
+# bench 73, profile 21, report 9; at 120 s: 20, 15, 30, 30, 15, 8. A step is stopped by SIGINT 3 s before its limit (pytest
 # still writes its JSON) and SIGKILL at it. Inside their limits the steps plan their own work: the bench starts no
 # benchmark after its deadline (limit - 3 s - 4 x cap; a compile peer needs 20 s more) and
 # skips the rest as "out of time"; each slow workload (top-k, epoch) of a provider is capped
@@ -71,7 +71,8 @@ fi
 steps=(env build gpu-tests bench profile report)
 declare -A share=([env]=5 [build]=10 [gpu-tests]=50 [bench]=25 [profile]=7 [report]=3)
 declare -A floor=([env]=20 [build]=15 [gpu-tests]=20 [bench]=30 [profile]=15 [report]=8)
-grace=3              # SIGINT this long before a step's limit, SIGKILL at it
+grace=3                # SIGINT this long before a step's limit, SIGKILL at it
+own=2                  # the script's own seconds (start, summary; SECONDS counts whole ones)
 cap=$((total_s / 100)) # seconds one provider may spend on one slow workload
 ((cap >= 1)) || cap=1
 
@@ -92,7 +93,7 @@ step_limit() {
 
 # plan: each step's limit if every step used all of it.
 plan() {
-  local left=$total_s line="" name lim
+  local left=$((total_s - own)) line="" name lim
   for name in "${steps[@]}"; do
     lim=$(step_limit "$name" "$left")
     left=$((left - lim))
@@ -126,7 +127,7 @@ say() { echo "$*" | tee -a "$log"; }
 fold() { sed 's/^/   | /' "$1" | tee -a "$log"; } # a step's output into the log
 
 # limit_of NAME: the limit of step NAME now (step_limit of the time left), into $limit.
-limit_of() { limit=$(step_limit "$1" $((total_s - (SECONDS - start)))); }
+limit_of() { limit=$(step_limit "$1" $((total_s - own - (SECONDS - start)))); }
 
 # run_step NAME LIMIT LOGFILE COMMAND...
 # Runs COMMAND with its output to LOGFILE under LIMIT seconds (from limit_of, just before). A
