@@ -287,6 +287,21 @@ def test_gpu_check_failed_steps_are_named_and_the_report_still_written(tmp_path)
     assert proc.stdout.rstrip().endswith(table.rstrip())
 
 
+def test_profile_lists_what_it_had_no_time_for(tmp_path):
+    md = tmp_path / "profile.md"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "profile_gpu.py"), str(md), "--device", "cpu", "--size",
+         "tiny", "--backends", "torch,nope", "--time-limit", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    text = md.read_text()
+    for piece in ("| torch | hinge fwd+bwd | B=256×5 |", "| torch | train step | B=256×5 |",
+                  "| torch | hinge fwd+bwd | B=4,096×2 |"):  # fmt: skip
+        assert f"{piece} not profiled: out of time" in text
+    assert "| nope | — | — | unavailable: " in text
+
+
 def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
     out = tmp_path / "out"
     proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "env"))
