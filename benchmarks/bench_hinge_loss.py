@@ -1,6 +1,8 @@
 """lrml_hinge_loss: forward, and forward + backward with sparse embedding gradients.
 
-Both relation modes. The forward runs under ``torch.no_grad()``. The forward + backward asks for
+Both relation modes. The forward + backward also runs at the epoch's batch (size
+``netflix-epoch``: B = 2^20 rows x 2 on the Netflix tables). The forward runs under
+``torch.no_grad()``. The forward + backward asks for
 sparse COO gradients of the embedding tables (``sparse_grad=True``, nn.Embedding(sparse=True) in
 the eager reference): a dense [U, d] gradient of a Netflix-size table would dominate otherwise.
 ``compile`` compiles the reference's row math and keeps the sparse gather eager (inductor cannot
@@ -63,6 +65,7 @@ def test_hinge_forward(benchmark, case, provider, relation):
     )  # fmt: skip
 
 
+@pytest.mark.lrml(epoch_batch=True)
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_hinge_forward_backward(benchmark, case, provider, relation):

@@ -5,8 +5,11 @@ CPU: 2,048 users (Netflix size) against every item. GPU: every user (480,189 at 
 tensor, then ``torch.topk`` (:func:`benchlib.naive_topk`); ``compile`` compiles its chunk scorer;
 ``torch`` is the reference's exact [B, I, N] rewrite. On the GPU the three baselines rank the
 first 32,768 users and their time is scaled to all users (recorded as ``extrapolated``); the
-fused backends always rank every user. Peak extra memory: on the CPU a fresh process per provider
-(:func:`benchlib.peak_extra_rss_mb`), on the GPU ``torch.cuda.max_memory_allocated``.
+fused backends rank every user. Under ``--lrml-cap`` every provider ranks only as many users as
+one call of a quarter of the cap allows (sized by a probe on 4,096 users), scaled and marked the
+same way. Peak extra memory: on the CPU a fresh process per provider
+(:func:`benchlib.peak_extra_rss_mb`; not under ``--lrml-cap``), on the GPU
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 PROVIDERS = ("eager", "compile", "torch", "cpu", "triton", "cuda")
 BASELINES = ("eager", "compile", "torch")
+PROBE_USERS = 4_096  # --lrml-cap: the users of the probe call that sizes the timed subset
 
 
 def _agree(ids, dist, ref_ids, ref_dist, dtype, provider):
@@ -28,6 +32,21 @@ def _agree(ids, dist, ref_ids, ref_dist, dtype, provider):
     assert overlap > need, f"{provider} top-k ids overlap the fp32 ones by only {overlap:.1%}"
 
 
+def _users_within_cap(case, provider, params, users: int) -> int:
+    """How many of ``users`` one call ranks in a quarter of ``--lrml-cap`` (measure() makes three
+    calls, the probe two small ones), from a warm-up and a timed call on ``PROBE_USERS``."""
+    n = min(users, PROBE_USERS)
+    probe = bl.topk_callable(case, provider, *params, *bl.topk_inputs(case, n))
+    with torch.no_grad():
+        probe()  # warm-up: compilation, autotuning
+        t0 = bl.synchronized_clock(case.device)
+        probe()
+        took = bl.synchronized_clock(case.device) - t0
+    fit = bl.capped_units(users, n, took, bl.SETTINGS["cap_s"] / 4)
+    # whole chunks of the baselines' 64 users: a partial last chunk would compile anew
+    return fit if fit == users else max(n, fit - fit % bl.NAIVE_TOPK_CHUNK)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_topk(benchmark, case, provider):
     bl.require(provider, case.device)
@@ -36,6 +55,8 @@ def test_topk(benchmark, case, provider):
     timed = n_users
     if case.device == "cuda" and provider in BASELINES:
         timed = min(n_users, bl.SETTINGS["gpu_baseline_topk_users"])
+    if bl.SETTINGS["cap_s"] and not bl.SETTINGS["disabled"]:
+        timed = _users_within_cap(case, provider, (P, Q, K, M), timed)
     users, exclude = bl.topk_inputs(case, timed)
     run = bl.topk_callable(case, provider, P, Q, K, M, users, exclude)
 
@@ -47,7 +68,8 @@ def test_topk(benchmark, case, provider):
     _agree(got_i, got_d, ref_i, ref_d, case.dtype, provider)
 
     extra = {"k": bl.TOPK_K, "users": n_users, "excluded_per_user": exclude[1].numel() // timed}
-    if case.device == "cpu" and not bl.SETTINGS["disabled"]:
+    # The CPU's memory probe starts a process per provider: not in a run under --lrml-cap.
+    if case.device == "cpu" and not bl.SETTINGS["disabled"] and not bl.SETTINGS["cap_s"]:
         extra["peak_extra_mb"] = round(bl.peak_extra_rss_mb(provider, case.size.name,
                                                             case.dtype_name), 1)  # fmt: skip
         extra["memory_method"] = "fresh process, VmHWM - VmRSS (see benchlib.peak_extra_rss_mb)"

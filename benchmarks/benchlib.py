@@ -50,6 +50,9 @@ class Size:
     C: int  # items per row: 1 positive + C-1 negatives
     topk_users_cpu: int  # users ranked by the top-k workload on the CPU
     topk_users_gpu: int  # ... and on the GPU
+    # The epoch's batch (B = 2^20 rows x 2) on the tables of another size: only the benchmarks
+    # whose marker says ``epoch_batch=True`` run at it (``tables`` are shared with that size).
+    epoch_batch: bool = False
 
 
 SIZES = {
@@ -59,8 +62,23 @@ SIZES = {
     "small": Size("small", 6_040, 3_706, 100, 20, 256, 5, 256, 6_040),
     # Netflix Prize tables (480,189 x 17,770), the batch of the CPU and H200 targets.
     "netflix": Size("netflix", 480_189, 17_770, 100, 20, 4_096, 5, 2_048, 480_189),
+    # Netflix tables, the batch of the GPU epoch: 2^20 users x (1 positive + 1 negative).
+    "netflix-epoch": Size("netflix-epoch", 480_189, 17_770, 100, 20, 1 << 20, 2, 0, 0, True),
+    # Its dry-run stand-in (gpu_check.sh --dry-run): tiny tables, a 16x larger batch.
+    "tiny-epoch": Size("tiny-epoch", 1_000, 500, 100, 20, 4_096, 2, 0, 0, True),
 }
 PRESETS = {"smoke": ("tiny",), "full": ("small", "netflix")}
+
+# The GPU check's default selection (--lrml-workloads=headline): test -> the dtypes it runs in
+# (None: every dtype of the run). Run at the sizes netflix,netflix-epoch: hinge fwd+bwd in both
+# relations at B = 4096 x 5 and 2^20 x 2 (fp32 and bf16), the train step, the epoch, the
+# all-user top-10 in fp32.
+HEADLINE = {
+    "test_hinge_forward_backward": None,
+    "test_train_step": None,
+    "test_epoch": None,
+    "test_topk": ("fp32",),
+}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -122,9 +140,37 @@ SETTINGS = {
     "jsonl": None,  # --lrml-jsonl: append every record here as it is measured
     "copy_gbps": None,  # measured device copy bandwidth (read + write), GB/s
     "malloc": "system",  # --lrml-malloc, as set_malloc_mode applied it
-    "epoch_cap_s": 15.0,  # wall-clock cap of one epoch benchmark before extrapolating
     "gpu_baseline_topk_users": 32_768,  # baselines rank this many users, then extrapolate
+    "cap_s": None,  # --lrml-cap: seconds one provider may spend on one slow workload
+    "deadline": None,  # --lrml-deadline, as time.monotonic(): no benchmark starts after it
 }
+DEFAULT_EPOCH_CAP_S = 15.0  # an epoch's wall-clock cap without --lrml-cap (with it: half the cap)
+
+
+def capped_units(total: int, probe_units: int, probe_s: float, cap: float) -> int:
+    """How many of ``total`` units (users, steps) to time so that one call takes about ``cap``
+    seconds, from a probe that did ``probe_units`` in ``probe_s``: at least the probe's units."""
+    per_unit = max(probe_s, 1e-9) / max(probe_units, 1)
+    return max(min(probe_units, total), min(total, int(cap / per_unit)))
+
+
+def synchronized_clock(device: str) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+OUT_OF_TIME = "out of time"  # how a benchmark skipped past the deadline says so (report.py)
+
+
+COMPILE_RESERVE_S = 20.0  # a compile peer starts only this long before the deadline or earlier
+
+
+def out_of_time(need_s: float = 0.0) -> bool:
+    """True once the ``--lrml-deadline`` of the run is less than ``need_s`` seconds away."""
+    return SETTINGS["deadline"] is not None and time.monotonic() + need_s > SETTINGS["deadline"]
+
 
 # ----------------------------------------------------------------------------------------------
 # The allocator: every provider measured in its steady state
@@ -225,20 +271,25 @@ def _generator(device: str, seed: int) -> torch.Generator:
     return g
 
 
-@functools.lru_cache(maxsize=1)
 def tables(case: Case):
     """The four parameters (P, Q, K, M) of ``case``: leaf tensors that require grad.
 
     Normal with std 1/sqrt(d) (as ``lrml_kernels.LRML``), drawn in place (no temporaries), seeded.
-    Shared by every provider of a case; one case is kept at a time.
+    Shared by every provider of a case, and by the sizes with the same tables (netflix and
+    netflix-epoch); one set of tables is kept at a time.
     """
-    s, dev = case.size, case.device
+    s = case.size
+    return _tables(case.device, s.U, s.I, s.d, s.N, case.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _tables(dev: str, U: int, I: int, d: int, N: int, dtype: torch.dtype):  # noqa: N803
     g = _generator(dev, 1234)
     out = []
-    for rows in (s.U, s.I, s.N, s.N):
-        t = torch.empty(rows, s.d, device=dev, dtype=torch.float32)
-        t.normal_(0.0, 1.0 / math.sqrt(s.d), generator=g)
-        out.append(t.to(case.dtype).requires_grad_(True))
+    for rows in (U, I, N, N):
+        t = torch.empty(rows, d, device=dev, dtype=torch.float32)
+        t.normal_(0.0, 1.0 / math.sqrt(d), generator=g)
+        out.append(t.to(dtype).requires_grad_(True))
     return tuple(out)
 
 
@@ -308,13 +359,20 @@ def naive_topk(user_emb, item_emb, keys, memory, users, k, exclude, score=naive_
     return torch.cat(out_d), torch.cat(out_i)
 
 
+@functools.cache
 def compiled(fn):
-    """A fresh ``torch.compile`` of ``fn``, specialised to its shapes (no dynamic recompiles).
+    """``torch.compile(fn)``, specialised to its shapes (no dynamic recompiles), made once per
+    function: every case and provider of a workload that calls it (the hinge fwd+bwd and the
+    train step share ``rows_hinge``) reuses its graphs, and a new shape compiles one more.
 
-    Dynamo's caches are reset first: a compiled function reused across many shapes otherwise hits
-    the recompile limit and silently falls back to eager, which would time the wrong thing.
+    A compiled function that hits the recompile limit silently falls back to eager, which would
+    time the wrong thing: the limit is raised, and where this torch can, hitting it raises.
     """
-    torch._dynamo.reset()
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # old
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
     return torch.compile(fn, dynamic=False)
 
 
@@ -339,6 +397,7 @@ def index_bytes(rows: int, cols: int) -> int:
 # Timing and records
 
 _BASELINE_TIMES: dict[tuple, float] = {}
+_T0 = time.monotonic()
 LONG_CALL_S = 0.25  # GPU calls longer than this are timed call by call, not by do_bench
 
 
@@ -386,7 +445,12 @@ def _time_cuda(benchmark, fn) -> tuple[float | None, float | None]:
         return statistics.median([first, benchmark.stats.stats.median]), peak_mb
     import triton.testing
 
-    t = triton.testing.do_bench(fn, warmup=25, rep=SETTINGS["gpu_rep_ms"], return_mode="median")
+    # do_bench's repetitions: 200 ms, less under a tight --lrml-cap (cap / 15: a few benchmarks
+    # of a workload, each with its warm-up and check, stay inside the cap)
+    rep = SETTINGS["gpu_rep_ms"]
+    if SETTINGS["cap_s"]:
+        rep = min(rep, 1e3 * SETTINGS["cap_s"] / 15)
+    t = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     # A few host-timed, synchronised rounds so that pytest-benchmark's own table and JSON have
     # stats too; the recorded time is the event-timed median above.
     benchmark.pedantic(synced, rounds=3, iterations=1, warmup_rounds=0)
@@ -488,6 +552,7 @@ def record_time(
 
 def record(info: dict) -> None:
     """Append one record to the ``--lrml-jsonl`` file (a safety net if the run is cut short)."""
+    info.setdefault("done_at_s", round(time.monotonic() - _T0, 2))  # where the run's time went
     path = SETTINGS["jsonl"]
     if path:
         with open(path, "a") as fh:
@@ -504,6 +569,16 @@ def assert_close(actual, expected, dtype: torch.dtype, what: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The machine
+
+
+def git(*args) -> str:
+    """The output of ``git ARGS`` in the repository ("" where there is no git or no .git)."""
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def measure_copy_gbps(nbytes: int = 1 << 30) -> float:

@@ -9,10 +9,22 @@ Options (each also read from an environment variable, the command line wins):
   --lrml-malloc=steady|system          LRML_BENCH_MALLOC (default steady: see benchlib, "The
                                        allocator")
   --lrml-jsonl=PATH                    append every record to PATH as soon as it is measured
+  --lrml-workloads=all|headline        LRML_BENCH_WORKLOADS (default all; headline: the tests
+                                       and dtypes of benchlib.HEADLINE, the GPU check's choice)
+  --lrml-cap=SECONDS                   LRML_BENCH_CAP (default none): what one provider may
+                                       spend on one slow workload (top-k, epoch): it is timed on
+                                       a subset and scaled (marked "extrapolated")
+  --lrml-deadline=SECONDS              LRML_BENCH_DEADLINE (default none): seconds after the
+                                       start of the run after which no benchmark starts; the
+                                       rest are skipped "out of time" (the report says so)
 
 Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults stay untouched).
-A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...)``
-and takes the ``case`` argument; providers are a plain ``parametrize("provider", ...)``.
+A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...,
+epoch_batch=...)`` (``epoch_batch=True``: also at the epoch-batch sizes, netflix-epoch and
+tiny-epoch, which run nothing else) and takes the ``case`` argument; providers are a plain
+``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile`` peers
+run after every other benchmark (compiling costs the most time: under a deadline, what is left
+out).
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import datetime
 import os
 import platform
 import subprocess
+import time
 
 import benchlib
 import pytest
@@ -41,6 +54,18 @@ def pytest_addoption(parser):
         default=os.environ.get("LRML_BENCH_MALLOC", "steady"),
     )
     group.addoption("--lrml-jsonl", default=None)
+    group.addoption(
+        "--lrml-workloads",
+        choices=("all", "headline"),
+        default=os.environ.get("LRML_BENCH_WORKLOADS", "all"),
+    )
+    group.addoption("--lrml-cap", type=float, default=_env_float("LRML_BENCH_CAP"))
+    group.addoption("--lrml-deadline", type=float, default=_env_float("LRML_BENCH_DEADLINE"))
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
 
 
 def pytest_collect_file(file_path, parent):
@@ -92,6 +117,9 @@ def pytest_configure(config):
     s["budget_s"] = config.getoption("--lrml-budget")
     s["jsonl"] = config.getoption("--lrml-jsonl")
     s["malloc"] = benchlib.set_malloc_mode(config.getoption("--lrml-malloc"))
+    s["cap_s"] = config.getoption("--lrml-cap")
+    deadline = config.getoption("--lrml-deadline")
+    s["deadline"] = None if deadline is None else time.monotonic() + deadline
     env_bw = os.environ.get("LRML_COPY_GBPS")
     if env_bw:
         s["copy_gbps"] = float(env_bw)
@@ -107,6 +135,8 @@ def pytest_generate_tests(metafunc):
     for size in metafunc.config._lrml_sizes:
         if "sizes" in allow and size.name not in allow["sizes"]:
             continue
+        if size.epoch_batch and not allow.get("epoch_batch"):
+            continue
         for device in _devices(metafunc.config):
             if "devices" in allow and device not in allow["devices"]:
                 continue
@@ -119,9 +149,11 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(session, config, items):
     """Run each case's benchmarks together (inputs are built once per case), cases in the order
-    of --lrml-size (the GPU check puts the Netflix size first), eager before its peers."""
+    of --lrml-size (the GPU check puts the Netflix size first), eager before its peers, the
+    compile peers last in each size; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
     sizes = [s.name for s in config._lrml_sizes]
     rank = {p: i for i, p in enumerate(benchlib.PROVIDERS)}
+    headline = config.getoption("--lrml-workloads") == "headline"
     bench_items, others, deselected = [], [], []
     for pos, item in enumerate(items):
         cs = getattr(item, "callspec", None)
@@ -132,8 +164,12 @@ def pytest_collection_modifyitems(session, config, items):
         if not isinstance(case, benchlib.Case):  # no case of this run fits the test's marker
             deselected.append(item)
             continue
+        if headline and not _is_headline(item.originalname, case):
+            deselected.append(item)
+            continue
         key = (
             sizes.index(case.size.name),
+            cs.params.get("provider") == "compile",
             case.device,
             list(benchlib.DTYPES).index(case.dtype_name),
             item.fspath.basename,
@@ -149,6 +185,25 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = others + [item for _, item in bench_items]
 
 
+def _is_headline(test: str, case: benchlib.Case) -> bool:
+    if test not in benchlib.HEADLINE:
+        return False
+    dtypes = benchlib.HEADLINE[test]
+    return dtypes is None or case.dtype_name in dtypes
+
+
+def pytest_runtest_setup(item):
+    """Past --lrml-deadline no benchmark starts (a compile peer: COMPILE_RESERVE_S before it)."""
+    cs = getattr(item, "callspec", None)
+    if cs is None or "case" not in cs.params:
+        return
+    need = benchlib.COMPILE_RESERVE_S if cs.params.get("provider") == "compile" else 0.0
+    if benchlib.out_of_time(need):
+        deadline = item.config.getoption("--lrml-deadline")
+        when = f"less than {need:g} s away" if need else "past"
+        pytest.skip(f"{benchlib.OUT_OF_TIME}: the run's deadline ({deadline:g} s) was {when}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _copy_bandwidth(request):
     """Measure the device copy bandwidth once per session (read + write bytes), if on CUDA."""
@@ -158,15 +213,6 @@ def _copy_bandwidth(request):
         return
     benchlib.SETTINGS["copy_gbps"] = benchlib.measure_copy_gbps()
     torch.cuda.empty_cache()
-
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=benchlib.REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _cpu_model() -> str:
@@ -189,8 +235,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "sizes": [s.name for s in config._lrml_sizes],
         "devices": list(_devices(config)),
         # LRML_COMMIT: the commit measured, where the tree was copied without .git (GPU machine)
-        "commit": os.environ.get("LRML_COMMIT") or _git("rev-parse", "--short=12", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": os.environ.get("LRML_COMMIT") or benchlib.git("rev-parse", "--short=12", "HEAD"),
+        "dirty": bool(benchlib.git("status", "--porcelain", "--untracked-files=no")),
         "malloc": benchlib.SETTINGS["malloc"],
     }
     try:

@@ -1,144 +1,247 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: everything a scarce, offline GPU machine should do, in one run of at
-# most 8 minutes (LRML_GPU_CHECK_TOTAL_S, default 470 s), from the repository root:
+# The one-shot GPU check: everything a scarce, offline GPU machine should do, in one run that
+# ends within LRML_GPU_CHECK_TOTAL_S (default 300 s, at least 120 s), from the repository root:
 #
 #   1 env        GPU, driver, torch/triton/CUDA versions; the copy bandwidth, measured once
 #   2 build      the CUDA extension (JIT, ninja, TORCH_CUDA_ARCH_LIST=9.0 ->
 #                -gencode arch=compute_90,code=sm_90), through lrml_kernels.extension.backend
-#   3 gpu-tests  pytest -m gpu tests/ (bf16/tf32 tolerances, CUDA extension, determinism, compile)
-#   4 bench      the benchmark suite's GPU workloads, Netflix size first, then the small size;
-#                fp32 and bf16; torch.compile peers at Netflix fp32 only (compiling costs minutes)
-#   5 report     benchmarks/report.py: the Markdown table (and PNG) of step 4
+#   3 gpu-tests  pytest -m gpu tests/ (the test matrix on CUDA tensors; its log says which
+#                subset ran); LRML_GPU_TESTS_BUDGET_S tells it the step's time limit
+#   4 bench      the headline workloads at Netflix size (benchlib.HEADLINE): hinge fwd+bwd in
+#                both relations at B = 4096 x 5 and at B = 2^20 x 2 (fp32, bf16), the train step,
+#                the epoch, the all-user top-10 (fp32); compile peers in fp32, after the rest
+#   5 profile    benchmarks/profile_gpu.py: torch.profiler over a train step and a hinge fwd+bwd
+#                (B = 4096 x 5, B = 2^20 x 2) for the torch, triton and cuda backends
+#   6 report     benchmarks/report.py: the Markdown table of step 4, always written
 #
-# Usage:   bash benchmarks/gpu_check.sh [--dry-run] OUTDIR
-#   OUTDIR receives at most 8 files, no subfolders: gpu_check.log build.log gpu_tests.log
-#   bench.log bench.json bench.jsonl table.md chart.png. The table is printed last.
-#   --dry-run: the CPU-side logic only, on any machine: no bandwidth, no build (the extension's
-#   entry point is imported), the gpu tests collected but not run, the benchmarks on the CPU at
-#   the smoke size without the compile peers, and the report.
-# Every step runs under its own timeout (inside the overall budget); a failed step does not stop
-# the later ones (the scarce machine time is used in full) except step 1 (no GPU: nothing else
-# can run). Any failure: the table is headed INCOMPLETE, the summary names the failed steps and
-# the exit status is 1.
-# Environment: PYTHON (default python3), LRML_COMMIT (the commit measured, where the tree was
-# copied without .git), LRML_GPU_CHECK_REQUIRE (providers that must have results, default
-# eager,compile,triton,cuda), LRML_GPU_CHECK_FAIL=<step> (tests: make that step fail).
+# Usage:   bash benchmarks/gpu_check.sh [--dry-run | --plan] OUTDIR
+#   OUTDIR receives 7 files, no subfolders: gpu_check.log (steps 1, 2, 5 and 6, the summary),
+#   gpu_tests.log, bench.log, bench.json, bench.jsonl (every record as measured), table.md,
+#   profile.md. The profile's summary and the table are printed last.
+#   --dry-run: the whole logic on the CPU, on any machine: no bandwidth, no build (the
+#   extension's entry point is imported), the gpu tests collected but not run, the headline
+#   benchmarks on the CPU at the tiny sizes without the compile peers, the profile of the torch
+#   and cpu backends at the tiny sizes, and the report. CI runs it (tests/test_benchmarks_tools.py).
+#   --plan: print each step's time limit for this budget (if every step used all of it), run
+#   nothing.
+#
+# Budget. Each step runs under a time limit, computed when it starts from the time left:
+#   limit = left x share / (shares of this and the later steps),
+# at least the step's floor, at most what leaves the later steps their floors. Shares (%):
+# env 5, build 10, gpu-tests 50, bench 25, profile 7, report 3; floors (s): env 20, build 15,
+# gpu-tests 20, bench 30, profile 15, report 8. So every step runs at every budget from 120 s
+# up, each limit scales with the budget, a step that ends early leaves its time to the later
+# ones, and the steps together never exceed the budget less 2 s for the script itself. At 300 s
+# (every step using its whole limit; --plan prints these): env 20, build 29, gpu-tests 146,
+# bench 73, profile 21, report 9; at 120 s: 20, 15, 30, 30, 15, 8. A step is stopped by SIGINT 3 s before its limit (pytest
+# still writes its JSON) and SIGKILL at it. Inside their limits the steps plan their own work: the bench starts no
+# benchmark after its deadline (limit - 3 s - 4 x cap; a compile peer needs 20 s more) and
+# skips the rest as "out of time"; each slow workload (top-k, epoch) of a provider is capped
+# at cap = budget / 100 s (3 s at 300 s), timed on a subset, scaled and marked; the profile
+# stops starting pieces near its limit and lists those it left out.
+#
+# A failed step does not stop the later ones (the machine time is used in full) except step 1
+# (no GPU: nothing else can run). The report is always written: from bench.json, else from
+# bench.jsonl (a bench cut short), else an INCOMPLETE stub with no numbers. Any failure or
+# anything left out: the summary names it, the table is headed INCOMPLETE and the exit status is
+# 1.
+# Environment: PYTHON (default python3), LRML_GPU_CHECK_TOTAL_S (the budget, default 300),
+# LRML_COMMIT (the commit measured, where the tree was copied without .git),
+# LRML_GPU_CHECK_REQUIRE (providers that must have results, default eager,compile,triton,cuda),
+# LRML_GPU_CHECK_BENCH_ARGS (more pytest options for the bench, split on whitespace, e.g.
+# "--lrml-workloads=all --lrml-size=netflix,netflix-epoch,small" for every workload),
+# LRML_GPU_CHECK_FAIL=<step>[,<step>...] (tests: make those steps fail at once).
 set -euo pipefail
 
-dry=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  dry=1
+mode=run
+if [[ "${1:-}" == "--dry-run" || "${1:-}" == "--plan" ]]; then
+  mode="${1#--}"
   shift
 fi
-if [[ $# -ne 1 ]]; then
-  echo "usage: bash benchmarks/gpu_check.sh [--dry-run] OUTDIR" >&2
+if [[ $# -ne 1 && $mode != plan ]]; then
+  echo "usage: bash benchmarks/gpu_check.sh [--dry-run | --plan] OUTDIR" >&2
   exit 2
 fi
+total_s="${LRML_GPU_CHECK_TOTAL_S:-300}"
+if ! [[ "$total_s" =~ ^[0-9]+$ ]] || ((total_s < 120)); then
+  echo "gpu_check.sh: LRML_GPU_CHECK_TOTAL_S must be a whole number of seconds >= 120" >&2
+  exit 2
+fi
+
+steps=(env build gpu-tests bench profile report)
+declare -A share=([env]=5 [build]=10 [gpu-tests]=50 [bench]=25 [profile]=7 [report]=3)
+declare -A floor=([env]=20 [build]=15 [gpu-tests]=20 [bench]=30 [profile]=15 [report]=8)
+grace=3                # SIGINT this long before a step's limit, SIGKILL at it
+own=2                  # the script's own seconds (start, summary; SECONDS counts whole ones)
+cap=$((total_s / 100)) # seconds one provider may spend on one slow workload
+((cap >= 1)) || cap=1
+
+# step_limit NAME LEFT: the time limit of step NAME when LEFT seconds of the budget are left.
+step_limit() {
+  local name="$1" left="$2" i rest=0 after=0 seen=0 lim
+  for i in "${steps[@]}"; do
+    [[ $i == "$name" ]] && seen=1
+    ((seen)) || continue
+    rest=$((rest + share[$i]))
+    [[ $i == "$name" ]] || after=$((after + floor[$i]))
+  done
+  lim=$((left * share[$name] / rest))
+  ((lim <= left - after)) || lim=$((left - after))
+  ((lim >= floor[$name])) || lim=${floor[$name]}
+  echo "$lim"
+}
+
+# plan: each step's limit if every step used all of it.
+plan() {
+  local left=$((total_s - own)) line="" name lim
+  for name in "${steps[@]}"; do
+    lim=$(step_limit "$name" "$left")
+    left=$((left - lim))
+    line+="$name ${lim} s, "
+  done
+  echo "limits if every step used all of its own: ${line%, }; slow-workload cap ${cap} s"
+}
+
+if [[ $mode == plan ]]; then
+  echo "budget ${total_s} s; $(plan)"
+  exit 0
+fi
+
 out="$1"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
-
 py="${PYTHON:-python3}"
-total_s="${LRML_GPU_CHECK_TOTAL_S:-470}"
 start=$SECONDS
 log="$out/gpu_check.log"
-files=(gpu_check.log build.log gpu_tests.log bench.log bench.json bench.jsonl table.md chart.png)
-for f in "${files[@]}"; do rm -f "$out/$f"; done
+files=(gpu_check.log gpu_tests.log bench.log bench.json bench.jsonl table.md profile.md)
+for f in "${files[@]}" build.log chart.png; do rm -f "$out/$f"; done # (the last two: old runs)
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
 export PYTHONUNBUFFERED=1
+commit="${LRML_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 failed=()
 summary=()
 
 say() { echo "$*" | tee -a "$log"; }
+fold() { sed 's/^/   | /' "$1" | tee -a "$log"; } # a step's output into the log
 
-# run_step NAME MAX_SECONDS RESERVE_SECONDS LOGFILE COMMAND...
-# Runs COMMAND with output to LOGFILE, under a timeout of MAX_SECONDS, cut so that RESERVE_SECONDS
-# of the overall budget stay for the steps after it. SIGINT first (pytest then still writes its
-# JSON), SIGKILL 20 s later.
+# limit_of NAME: the limit of step NAME now (step_limit of the time left), into $limit.
+limit_of() { limit=$(step_limit "$1" $((total_s - own - (SECONDS - start)))); }
+
+# run_step NAME LIMIT LOGFILE COMMAND...
+# Runs COMMAND with its output to LOGFILE under LIMIT seconds (from limit_of, just before). A
+# step always runs: every limit keeps the floors of the later steps out.
 run_step() {
-  local name="$1" max="$2" reserve="$3" steplog="$4"
-  shift 4
-  local left=$((total_s - (SECONDS - start) - reserve))
-  local limit=$((max < left ? max : left))
-  if ((limit < 10)); then
-    say "== step $name: NOT RUN, no time left in the ${total_s} s budget"
-    failed+=("$name (not run: out of time)")
-    summary+=("$name: NOT RUN (out of time)")
-    return 0
-  fi
-  if [[ "${LRML_GPU_CHECK_FAIL:-}" == "$name" ]]; then
+  local name="$1" limit="$2" steplog="$3"
+  shift 3
+  if [[ ",${LRML_GPU_CHECK_FAIL:-}," == *",$name,"* ]]; then
     set -- bash -c "echo 'step $name: failure injected by LRML_GPU_CHECK_FAIL' >&2; exit 7"
   fi
-  say "== step $name (limit ${limit} s): $*"
+  say "== step $name (limit ${limit} s, $((SECONDS - start)) s into the ${total_s} s budget): $*"
   local t0=$SECONDS rc=0
-  timeout -s INT -k 20 "$limit" "$@" >>"$steplog" 2>&1 || rc=$?
+  timeout -s INT -k "$grace" $((limit - grace)) "$@" >>"$steplog" 2>&1 || rc=$?
   local dt=$((SECONDS - t0))
   if [[ $rc -eq 0 ]]; then
-    summary+=("$name: ok (${dt} s)")
-    say "   ok (${dt} s): $(tail -n 1 "$steplog")"
+    summary+=("$name: ok (${dt} s of ${limit} s)")
+    say "   ok (${dt} s): $(awk 'NF { l = $0 } END { print l }' "$steplog")"
   else
     local why="rc=$rc"
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then why="timed out after ${limit} s"; fi
     failed+=("$name ($why)")
     summary+=("$name: FAILED ($why, ${dt} s), log: $(basename "$steplog")")
-    say "   FAILED ($why, ${dt} s); last lines of $(basename "$steplog"):"
-    tail -n 25 "$steplog" | sed 's/^/   | /' | tee -a "$log"
+    if [[ $steplog == "$tmp"/* ]]; then # folded into the log in full right after
+      say "   FAILED ($why, ${dt} s); its output:"
+    else
+      say "   FAILED ($why, ${dt} s); last lines of $(basename "$steplog"):"
+      tail -n 25 "$steplog" | sed 's/^/   | /' | tee -a "$log"
+    fi
   fi
   return 0
 }
 
-say "gpu_check $([[ $dry -eq 1 ]] && echo '(DRY RUN) ')$(date -u '+%Y-%m-%d %H:%M UTC'), commit ${LRML_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}, output $out"
+say "gpu_check $([[ $mode == dry-run ]] && echo '(DRY RUN) ')$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit, output $out"
+say "budget ${total_s} s; $(plan)"
 
 # 1 env -------------------------------------------------------------------------------------------
 env_args=()
-[[ $dry -eq 1 ]] && env_args=(--dry-run)
-run_step env 90 400 "$out/env.tmp" "$py" benchmarks/benchlib.py env "${env_args[@]}"
-sed 's/^/   /' "$out/env.tmp" | tee -a "$log"
+[[ $mode == dry-run ]] && env_args=(--dry-run)
+limit_of env
+run_step env "$limit" "$tmp/env.log" "$py" benchmarks/benchlib.py env "${env_args[@]}"
+fold "$tmp/env.log"
 if ((${#failed[@]})); then
-  rm -f "$out/env.tmp"
   say "step env failed: no usable GPU, nothing else can run"
-  printf '%s\n' "GPU CHECK FAILED: ${failed[*]}" | tee -a "$log"
+  say "GPU CHECK FAILED: ${failed[*]}"
   exit 1
 fi
-gbps="$(sed -n 's/^COPY_GBPS=//p' "$out/env.tmp" | tail -n 1)"
-rm -f "$out/env.tmp"
+gbps="$(sed -n 's/^COPY_GBPS=//p' "$tmp/env.log" | tail -n 1)"
 [[ -n "$gbps" ]] && export LRML_COPY_GBPS="$gbps"
 
 # 2 build -----------------------------------------------------------------------------------------
-if [[ $dry -eq 1 ]]; then
-  run_step build 60 300 "$out/build.log" "$py" -c \
+limit_of build
+if [[ $mode == dry-run ]]; then
+  run_step build "$limit" "$tmp/build.log" "$py" -c \
     "import lrml_kernels.extension as e; assert callable(e.backend); print('dry run: extension entry point imported, no build')"
 else
-  run_step build 150 300 "$out/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+  run_step build "$limit" "$tmp/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
     LRML_KERNELS_VERBOSE_BUILD=1 "$py" -c \
     "import lrml_kernels.extension as e; e.backend('cuda'); print('cuda extension built and loaded')"
 fi
+fold "$tmp/build.log"
 
 # 3 gpu-tests -------------------------------------------------------------------------------------
-if [[ $dry -eq 1 ]]; then
+# LRML_GPU_TESTS_BUDGET_S: the step's limit, for a test matrix that sizes its subset to it.
+limit_of gpu-tests
+export LRML_GPU_TESTS_BUDGET_S=$((limit - grace))
+if [[ $mode == dry-run ]]; then
   # Collect only; "no tests collected" (5) is fine in a dry run.
-  run_step gpu-tests 90 240 "$out/gpu_tests.log" bash -c \
+  run_step gpu-tests "$limit" "$out/gpu_tests.log" bash -c \
     "$py -m pytest -m gpu tests/ -q -p no:cacheprovider --collect-only; rc=\$?; [ \$rc -eq 5 ] && exit 0; exit \$rc"
 else
-  run_step gpu-tests 120 240 "$out/gpu_tests.log" "$py" -m pytest -m gpu tests/ -q \
+  run_step gpu-tests "$limit" "$out/gpu_tests.log" "$py" -m pytest -m gpu tests/ -q \
     -p no:cacheprovider -ra
 fi
+unset LRML_GPU_TESTS_BUDGET_S
 
 # 4 bench -----------------------------------------------------------------------------------------
+# The deadline leaves the longest capped benchmark (4 x cap) and the SIGINT grace inside the limit.
 bench=("$py" -m pytest benchmarks/ -q -p no:cacheprovider -ra
   --benchmark-json="$out/bench.json" --lrml-jsonl="$out/bench.jsonl"
-  --benchmark-columns=median,rounds --benchmark-sort=name)
-if [[ $dry -eq 1 ]]; then
-  bench+=(--lrml-device=cpu --lrml-size=smoke --lrml-budget=0.05 -k "not compile")
+  --benchmark-columns=median,rounds --benchmark-sort=name --lrml-workloads=headline
+  --lrml-cap="$cap")
+if [[ $mode == dry-run ]]; then
+  export OMP_NUM_THREADS=1 # the CPU stand-in: no thread contention on a shared CI machine
+  bench+=(--lrml-device=cpu --lrml-size=tiny,tiny-epoch --lrml-budget=0.05 -k "not compile")
 else
-  bench+=(--lrml-device=cuda --lrml-size=netflix,small -k "not compile or (netflix and fp32)")
+  bench+=(--lrml-device=cuda --lrml-size=netflix,netflix-epoch -k "not compile or fp32")
 fi
-run_step bench 420 25 "$out/bench.log" "${bench[@]}"
+read -ra bench_extra <<<"${LRML_GPU_CHECK_BENCH_ARGS:-}"
+limit_of bench
+bench+=(--lrml-deadline=$((limit - grace - 4 * cap)) "${bench_extra[@]}")
+run_step bench "$limit" "$out/bench.log" "${bench[@]}"
+late=0
+[[ -f "$out/bench.jsonl" ]] && late=$(grep -c '"reason": "out of time' "$out/bench.jsonl" || true)
+if ((late > 0)); then
+  failed+=("bench (${late} benchmarks out of time)")
+  summary+=("bench: INCOMPLETE, ${late} benchmarks not run: out of time (see table.md)")
+  say "   INCOMPLETE: ${late} benchmarks not run, out of time"
+fi
 
-# 5 report ----------------------------------------------------------------------------------------
+# 5 profile ---------------------------------------------------------------------------------------
+if [[ $mode == dry-run ]]; then
+  prof=(--device cpu --size tiny --backends torch,cpu)
+else
+  prof=(--device cuda --size netflix)
+fi
+limit_of profile
+run_step profile "$limit" "$tmp/profile.log" "$py" benchmarks/profile_gpu.py "$out/profile.md" \
+  "${prof[@]}" --time-limit=$((limit - grace - 2))
+fold "$tmp/profile.log"
+
+# 6 report ----------------------------------------------------------------------------------------
 if ((${#failed[@]})); then
   status="INCOMPLETE: failed step(s): ${failed[*]}"
-elif [[ $dry -eq 1 ]]; then
+elif [[ $mode == dry-run ]]; then
   status="DRY RUN on the CPU: the script's logic, not GPU numbers"
 else
   status=""
@@ -146,22 +249,18 @@ fi
 run_json="$out/bench.json"
 if ! "$py" -c "import json,sys; json.load(open(sys.argv[1]))['benchmarks']" "$run_json" 2>/dev/null; then
   run_json="$out/bench.jsonl" # the run was cut short before pytest-benchmark wrote its JSON
-  status="${status:+$status; }results from the partial record bench.jsonl"
+  status="${status:+$status; }INCOMPLETE: results from the partial record bench.jsonl"
 fi
 require="${LRML_GPU_CHECK_REQUIRE:-eager,compile,triton,cuda}"
-[[ $dry -eq 1 ]] && require="eager"
-if [[ -s "$run_json" ]]; then
-  title="GPU check $(date -u '+%Y-%m-%d'), commit ${LRML_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
-  run_step report 60 0 "$out/report.tmp" "$py" benchmarks/report.py "$run_json" --markdown "$out/table.md" \
-    --png "$out/chart.png" --require "$require" --status "${status:-complete}" --title "$title"
-else
-  failed+=("report (no benchmark results)")
-  summary+=("report: FAILED (no benchmark results)")
-fi
+[[ $mode == dry-run ]] && require="eager"
+title="GPU check $(date -u '+%Y-%m-%d'), commit $commit"
+limit_of report
+run_step report "$limit" "$tmp/report.log" bash -c '"$@" >/dev/null' report "$py" \
+  benchmarks/report.py "$run_json" --markdown "$out/table.md" --require "$require" \
+  --status "${status:-complete}" --title "$title"
+fold "$tmp/report.log" # its messages (stderr); the table itself is printed last
 
-[[ -f "$out/report.tmp" ]] && { cat "$out/report.tmp" >>"$log"; rm -f "$out/report.tmp"; }
-
-# summary, then the table -------------------------------------------------------------------------
+# summary, the profile's summary, then the table --------------------------------------------------
 say ""
 say "== summary ($((SECONDS - start)) s of ${total_s} s)"
 for line in "${summary[@]}"; do say "   $line"; done
@@ -171,13 +270,10 @@ if ((${#failed[@]})); then
   say "GPU CHECK FAILED: ${failed[*]}"
   rc=1
 else
-  say "GPU CHECK OK$([[ $dry -eq 1 ]] && echo ' (dry run)')"
+  say "GPU CHECK OK$([[ $mode == dry-run ]] && echo ' (dry run)')"
   rc=0
 fi
-say ""
-if [[ -s "$out/table.md" ]]; then
-  cat "$out/table.md"
-else
-  echo "(no table: $(if ((${#failed[@]})); then echo "failed: ${failed[*]}"; else echo "no results"; fi))"
-fi
+echo ""
+[[ -s "$out/profile.md" ]] && sed '/^### /,$d' "$out/profile.md"
+[[ -s "$out/table.md" ]] && cat "$out/table.md"
 exit $rc

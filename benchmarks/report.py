@@ -9,9 +9,14 @@ same run (written as it goes, so it survives a run that was cut short). One tabl
 the row's ``eager`` provider; on the GPU also the achieved GB/s and its fraction of the measured
 copy bandwidth. Below it, every target of the issues with its measured ratio and a verdict.
 
+The table is headed INCOMPLETE (with ``--status`` in front) when a provider named by
+``--require`` measured nothing or benchmarks were skipped "out of time" (the run's deadline).
+With ``--markdown``, a file is written even when RUN cannot be read: the INCOMPLETE heading and
+why, no numbers.
+
 Exit status: 0; 2 for unreadable input; 3 when a provider named by ``--require`` measured
-nothing (the reasons it was skipped are printed). Without matplotlib the PNG is skipped with a
-warning, never an error.
+nothing (the reasons it was skipped are printed) or the run holds no results. Without matplotlib
+the PNG is skipped with a warning, never an error.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from pathlib import Path
 
 PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
 WORKLOADS = ("distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "epoch", "topk")
-SIZES = ("tiny", "small", "netflix")
+SIZES = ("tiny", "tiny-epoch", "small", "netflix", "netflix-epoch")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 BASELINE = "eager"
+OUT_OF_TIME = "out of time"  # the reason of a benchmark skipped past the run's deadline
 
 # What each provider column means, per workload (printed under the table).
 PROVIDER_NOTES = {
@@ -151,6 +157,15 @@ def load(path: str | Path, stat: str = "median") -> dict:
     return {
         "records": records, "skipped": skipped, "machine": machine, "commit": commit, "stat": stat,
     }  # fmt: skip
+
+
+def load_empty() -> dict:
+    """A run with no results."""
+    return {"records": [], "skipped": [], "machine": {}, "commit": {}, "stat": "median"}
+
+
+def _join(status: str | None, more: str) -> str:
+    return f"{status}; {more}" if status else more
 
 
 def _rank(seq, value) -> int:
@@ -488,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         run = load(args.run, args.stat)
     except (OSError, ValueError, KeyError) as exc:
         print(f"report.py: cannot read {args.run}: {exc}", file=sys.stderr)
+        if args.markdown:
+            why = f"INCOMPLETE: no benchmark results ({Path(args.run).name}: {exc})"
+            Path(args.markdown).write_text(
+                markdown(load_empty(), title=args.title, status=_join(args.status, why))
+            )
         return 2
     missing = [
         p for p in filter(None, (x.strip() for x in args.require.split(",")))
@@ -495,11 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     status = args.status
     if missing:
-        extra = f"INCOMPLETE: no results for required provider(s) {', '.join(missing)}"
-        status = f"{status}; {extra}" if status else extra
+        status = _join(
+            status, f"INCOMPLETE: no results for required provider(s) {', '.join(missing)}"
+        )
+    late = [s for s in run["skipped"] if s.get("reason", "").startswith(OUT_OF_TIME)]
+    if late:
+        status = _join(status, f"INCOMPLETE: {len(late)} benchmark(s) not run, {OUT_OF_TIME}")
     text = markdown(run, title=args.title, status=status)
     if args.markdown:
         Path(args.markdown).write_text(text)
+        heading = "INCOMPLETE" if status and "INCOMPLETE" in status else "complete"
+        print(f"report.py: wrote {args.markdown}: {len(pivot(run['records']))} rows, {heading}",
+              file=sys.stderr)  # fmt: skip
     wrote_png = bool(args.png) and png(run, args.png, args.title)
     if args.readme:
         readme, block = Path(args.readme[0]), args.readme[1]

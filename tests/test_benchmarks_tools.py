@@ -183,48 +183,123 @@ def test_png_without_matplotlib_is_a_warning(tmp_path, monkeypatch, capsys):
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
+def test_report_is_written_without_results_and_says_incomplete(tmp_path):
+    md = tmp_path / "t.md"
+    assert report.main([str(tmp_path / "bench.jsonl"), "--markdown", str(md), "--status", "s"]) == 2
+    text = md.read_text()
+    assert text.startswith("> **s; INCOMPLETE: no benchmark results (bench.jsonl: ")
+    assert "|" not in text  # no table, no numbers
+    late = {"skipped": True, "provider": "compile", "device": "cuda", "name": "test_x[c]",
+            "reason": "out of time: the run's deadline (60 s) was past"}  # fmt: skip
+    run = _write_run(tmp_path / "run.json", _cpu_run(), [late])
+    assert report.main([str(run), "--markdown", str(md)]) == 0
+    assert "INCOMPLETE: 1 benchmark(s) not run, out of time" in md.read_text()
+
+
+def test_benchlib_caps_and_compiles_once():
+    benchlib = _load("benchlib")
+    # a probe of 100 users in 0.5 s: 2 s allow 400 of 1,000; never fewer than the probe's
+    assert benchlib.capped_units(1000, 100, 0.5, 2.0) == 400
+    assert benchlib.capped_units(1000, 100, 0.5, 0.1) == 100
+    assert benchlib.capped_units(1000, 100, 1e-4, 2.0) == 1000
+    assert benchlib.compiled(benchlib.rows_hinge) is benchlib.compiled(benchlib.rows_hinge)
+
+
 # --------------------------------------------------------------------------------------------
-# gpu_check.sh --dry-run
+# gpu_check.sh --plan / --dry-run
 
 
-def _gpu_check(out: Path, *extra_env) -> subprocess.CompletedProcess:
+def _gpu_check(
+    out: Path | None, *extra_env, mode: str = "--dry-run"
+) -> subprocess.CompletedProcess:
     if shutil.which("timeout") is None:
         pytest.skip("coreutils timeout is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHON=sys.executable, **dict(extra_env))
     return subprocess.run(
-        ["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)],
+        ["bash", str(BENCH / "gpu_check.sh"), mode, *([str(out)] if out else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
+STEPS = ("env", "build", "gpu-tests", "bench", "profile", "report")
+
+
+def _plan(budget: int) -> dict[str, int]:
+    proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", str(budget)), mode="--plan")
+    assert proc.returncode == 0, proc.stderr
+    # "budget 120 s; limits if every step used all of its own: env 20 s, build 15 s, ...; cap ..."
+    limits = proc.stdout.split(": ", 1)[1].split(";")[0]
+    return {name: int(sec) for name, sec, _ in (x.split(" ") for x in limits.split(", "))}
+
+
+def test_gpu_check_budget_runs_every_step_within_it():
+    plans = {b: _plan(b) for b in (120, 300, 1000)}
+    for budget, plan in plans.items():
+        assert tuple(plan) == STEPS
+        assert sum(plan.values()) <= budget and min(plan.values()) >= 8, (budget, plan)
+    for step in STEPS:  # scaled with the budget, never down to nothing
+        assert plans[120][step] <= plans[300][step] <= plans[1000][step]
+    assert plans[300]["gpu-tests"] >= 140  # the GPU test matrix: ~150 s on the H200
+    assert plans[1000]["bench"] == 250  # proportional once the floors no longer bind
+    proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", "100"), mode="--plan")
+    assert proc.returncode == 2 and ">= 120" in proc.stderr
+
+
 @pytest.mark.slow
-def test_gpu_check_dry_run(tmp_path):
+@pytest.mark.parametrize("budget", [None, "120"], ids=["default-budget", "120s"])
+def test_gpu_check_dry_run(tmp_path, budget):
     out = tmp_path / "out"
-    proc = _gpu_check(out)
+    proc = _gpu_check(out, *([("LRML_GPU_CHECK_TOTAL_S", budget)] if budget else []))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
-    for name in ("gpu_check.log", "bench.json", "bench.log", "table.md"):
-        assert name in files
+    assert files == sorted(["gpu_check.log", "gpu_tests.log", "bench.log", "bench.json",
+                            "bench.jsonl", "table.md", "profile.md"])  # fmt: skip
+    assert f"budget {budget or 300} s" in proc.stdout
     assert "GPU CHECK OK (dry run)" in proc.stdout
-    for step in ("env", "build", "gpu-tests", "bench", "report"):
+    for step in STEPS:
         assert f"   {step}: ok" in proc.stdout
     table = (out / "table.md").read_text()
-    assert "DRY RUN" in table and "| distances fwd (pair) |" in table
+    assert "DRY RUN" in table and "INCOMPLETE" not in table
+    for row in ("| hinge fwd+bwd (pair) | tiny (", "| hinge fwd+bwd (shared) | tiny-epoch (",
+                "| train step (adam) |", "| topk (k=10) |"):  # fmt: skip
+        assert row in table
+    assert "distances fwd" not in table  # not a headline workload
     assert proc.stdout.rstrip().endswith(table.rstrip())  # the table is printed last
+    profile = (out / "profile.md").read_text()
+    for piece in ("| torch | hinge fwd+bwd | B=256×5 |", "| cpu | train step | B=256×5 |",
+                  "| cpu | hinge fwd+bwd | B=4,096×2 |", "### torch · train step"):  # fmt: skip
+        assert piece in profile
+    assert "not profiled" not in profile
     bench = json.loads((out / "bench.json").read_text())
-    assert {b["extra_info"]["provider"] for b in bench["benchmarks"]} >= {"eager"}
+    assert {b["extra_info"]["provider"] for b in bench["benchmarks"]} >= {"eager", "cpu"}
 
 
-def test_gpu_check_failed_step_is_named_and_no_numbers_are_printed(tmp_path):
+def test_gpu_check_failed_steps_are_named_and_the_report_still_written(tmp_path):
     out = tmp_path / "out"
-    proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "bench"))
+    proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "bench,profile"))
     assert proc.returncode == 1
-    assert "bench: FAILED (rc=7" in proc.stdout
-    assert "GPU CHECK FAILED: bench (rc=7) report (no benchmark results)" in proc.stdout
-    assert not (out / "table.md").exists()
-    assert "(no table: failed: bench (rc=7) report (no benchmark results))" in proc.stdout
+    assert "bench: FAILED (rc=7" in proc.stdout and "profile: FAILED (rc=7" in proc.stdout
+    assert "GPU CHECK FAILED: bench (rc=7) profile (rc=7) report (rc=2)" in proc.stdout
+    table = (out / "table.md").read_text()
+    assert "INCOMPLETE: failed step(s): bench (rc=7) profile (rc=7)" in table
+    assert "no benchmark results (bench.jsonl" in table and "|" not in table
+    assert proc.stdout.rstrip().endswith(table.rstrip())
+
+
+def test_profile_lists_what_it_had_no_time_for(tmp_path):
+    md = tmp_path / "profile.md"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "profile_gpu.py"), str(md), "--device", "cpu", "--size",
+         "tiny", "--backends", "torch,nope", "--time-limit", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    text = md.read_text()
+    for piece in ("| torch | hinge fwd+bwd | B=256×5 |", "| torch | train step | B=256×5 |",
+                  "| torch | hinge fwd+bwd | B=4,096×2 |"):  # fmt: skip
+        assert f"{piece} not profiled: out of time" in text
+    assert "| nope | — | — | unavailable: " in text
 
 
 def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
@@ -236,14 +311,40 @@ def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log"]
 
 
-def _collected(*paths: str) -> list[str]:
+def _collected(*paths: str, size: str = "tiny") -> list[str]:
     args = ["--collect-only", "-q", "-p", "no:cacheprovider", "--lrml-device=cpu"]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", *paths, *args, "--lrml-size=tiny"],
+        [sys.executable, "-m", "pytest", *paths, *args, f"--lrml-size={size}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     return [line for line in run.stdout.splitlines() if "::" in line]
+
+
+def test_headline_selection_epoch_batch_and_compile_last():
+    names = [n.split("::")[1] for n in _collected(
+        "benchmarks", "--lrml-workloads=headline", size="tiny,tiny-epoch")]  # fmt: skip
+    tests = {n.split("[")[0] for n in names}
+    assert tests == {"test_hinge_forward_backward", "test_train_step", "test_topk"}
+    epoch_batch = {n.split("[")[0] for n in names if "-tiny-epoch-" in n}
+    assert epoch_batch == {"test_hinge_forward_backward"}
+    tiny = [n for n in names if "-tiny-fp32-" in n]  # the size run first, compile peers last
+    assert names[: len(tiny)] == tiny
+    compile_at = [i for i, n in enumerate(tiny) if "-compile" in n]
+    assert compile_at and compile_at == list(range(len(tiny) - len(compile_at), len(tiny)))
+
+
+def test_no_benchmark_starts_after_the_deadline(tmp_path):
+    jsonl = tmp_path / "run.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_hinge_loss.py", "-q",
+         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny", "--lrml-deadline=0",
+         f"--lrml-jsonl={jsonl}", "-k", "forward_backward"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(recs) == 10 and all(r["reason"].startswith("out of time") for r in recs), recs
 
 
 def test_a_bench_file_named_on_the_command_line_is_collected_once():
