@@ -332,3 +332,29 @@ def test_full_protocol_evaluation_runs_on_the_screened_topk():
     model.backend = "torch"
     assert torch.equal(ranks, full_ranks(model, split, k=10))
     assert 0 < ranks.lt(10).sum() < U
+
+
+def test_shapes_beyond_the_screen_take_the_direct_path():
+    params, users = make(4, 20, 3, 600, 2, seed=41)
+    assert not TK.screen_fits(3, 600, "l2") and TK.screen_fits(20, 100, "l1")
+    dist, ids = T.topk(*params, users, 5, None, "l2", 1e-3)
+    assert TK.last_stats == {"screened": 0, "fallback": 2}
+    check_topk(dist, ids, brute_distances(params, users, "l2"), None, 5, 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gpu_netflix_items_screened_is_exact(monkeypatch, screen, distance):
+    # Netflix catalogue (17,770 items, d = 100, N = 20), unit-ball embeddings, ~50 exclusions per
+    # user: the screened answer is the direct formula's; the fallback rate is printed.
+    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
+    B, I = 2048, 17770
+    params, users = make(50_000, I, 20, 100, B, torch.float32, seed=31, scale=0.1)
+    exclude, mask = random_exclude(B, I, seed=32, p=50 / I)
+    dist, ids = T.topk(*params, users, 10, exclude, distance, 1e-3)
+    stats = dict(TK.last_stats)
+    print(f"screen={screen} {distance}: {stats}")
+    assert stats["fallback"] < B // 10
+    full = TK.chunk_distances(*params, users, distance, 1e-3).double().cpu()  # direct formula
+    check_topk(dist, ids, full, mask, 10, 1e-6)
