@@ -276,15 +276,20 @@ def planted_near_ties(dtype, copies, spread, seed=21, k=10):
 @pytest.mark.parametrize("copies", [12, 70])
 def test_planted_near_ties_at_the_boundary(dtype, spread, tol, copies):
     params, users, slots = planted_near_ties(dtype, copies, spread)
+    users = users.repeat(2)  # row 1: the same user with its nearest item and two copies excluded
     full = brute_distances(params, users, "l2")
-    dist, ids = T.topk(*params, users, 10, None, "l2", 1e-3)
-    check_topk(dist, ids, full, None, 10, tol)
+    gone = sorted([int(full[1].argmin()), *slots[:2].tolist()])
+    mask = torch.zeros(full.shape, dtype=torch.bool)
+    mask[1, gone] = True
+    exclude = (torch.tensor([0, 0, 3], device=DEVICE), torch.tensor(gone, device=DEVICE))
+    dist, ids = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    check_topk(dist, ids, full, mask, 10, tol)
     # Distinct exact distances closer to the k-th than the tf32 screening error (~1e-3 relative).
     dk = full[0].sort().values[9]
     assert full[0][(full[0] - dk).abs() < 2e-3 * dk].unique().numel() >= 3
     assert set(ids[0].tolist()) & set(slots.tolist())  # the planted items are in play
     if copies > TK.candidates_for(10):
-        assert TK.last_stats["fallback"] == 1  # more near-ties than candidates: certified exact
+        assert TK.last_stats["fallback"] == 2  # more near-ties than candidates: certified exact
     else:
         assert TK.last_stats["fallback"] == 0
 
