@@ -224,13 +224,18 @@ def test_screened_few_hundred_users():
     check_topk(dist, ids, full, mask, 10, 2e-5)
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.5])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
-def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen):
-    # KC >= I: every item is a candidate, so the kernel reports a lower bound for each.
+def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen, scale):
+    # KC >= I: every item is a candidate, so the kernel reports a lower bound for each. Scales
+    # from near-uniform to saturated attention; items 0-5 sit next to users 0-5 (small residuals,
+    # where the rewrite cancels).
     monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
     I = 100
-    params, users = make(12, I, 7, 37, 6, torch.float32, seed=15, scale=0.3)
+    params, _ = make(12, I, 7, 37, 6, torch.float32, seed=15, scale=scale)
+    users = torch.arange(6, device=DEVICE)
+    params[1][:6] = params[0][:6] * (1 + 1e-3)
     keys, drop = TK.screen_launch(*params, users, 60, None, distance, 1e-3)
     full = keys != TK._MAXKEY
     assert (drop == TK._MAXKEY).all() and (full.sum(1) == I).all()
@@ -239,6 +244,8 @@ def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen):
     lo = (keys >> 32).to(torch.int32).view(torch.float32).double()[full]
     exact = TK.rescore_launch(*params, users, ids, distance, 1e-3).double()[full]
     assert (lo <= exact).all(), (exact - lo).min()
+    if scale > 1:
+        return  # ‖p‖ ≈ 9 and peaked attention: valid, but (by design) loose
     # Not vacuous: the bound is within a few screening units of the exact value.
     unit = TK.SCREEN_UNIT[screen]
     assert ((exact - lo) <= 100 * unit * (1 + exact)).all(), ((exact - lo) / (1 + exact)).max()
