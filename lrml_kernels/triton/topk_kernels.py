@@ -684,7 +684,8 @@ def _topk_screened(user_emb, item_emb, keys, memory, users, k, exclude, distance
     kc = candidates_for(k)
     out_d = torch.full((B, k), float("inf"), dtype=dtype, device=dev)
     out_i = torch.full((B, k), -1, dtype=torch.int64, device=dev)
-    per_user = (I + 7) // 8 + 8 * user_emb.shape[1] + 40 * kc
+    # Bitmask (built in int32, kept in uint8), fp64 user rows, candidate keys, ids and distances.
+    per_user = 5 * ((I + 7) // 8) + 8 * user_emb.shape[1] + 40 * kc
     chunk = max(1, SCREEN_CHUNK_BYTES // per_user)
     failed = []
     for start in range(0, B, chunk):
