@@ -1,8 +1,12 @@
 """Full-catalogue top-k of the triton backend against brute force (SPEC.md "Ranking all items").
 
-Brute force: the reference distance of every (user, item), excluded items removed, a stable sort
-by (distance, item id). Returned distances must match; ids must match wherever the ranking is
-unambiguous at the test tolerance, and within exact ties the kernel must order ids ascending.
+Brute force: the reference distance of every (user, item) in float64, excluded items removed, a
+stable sort by (distance, item id). Returned distances must match; ids must match wherever the
+ranking is unambiguous at the test tolerance, and within exact ties the kernel must order ids
+ascending. The screened path (SPEC.md "Exact top-k from a screen") is checked for what makes it
+exact: its lower bounds hold and are not vacuous, near-ties planted at the top-k boundary (closer
+than the screening error) come out in the exact order, and with the error bound switched off the
+same test fails.
 """
 
 from __future__ import annotations
@@ -167,3 +171,215 @@ def test_matches_reference_topk_on_random_data():
         d2, i2 = reference.lrml_topk(*params, users, 25, exclude=exclude, distance=distance)
         assert torch.equal(i1, i2)
         torch.testing.assert_close(d1, d2, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# The screened path (tensor-core screen, exact re-score, certificate, fallback)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_screen(monkeypatch):
+    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", TK.SCREEN_BF16)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_screened_odd_shapes(distance, dtype):
+    # d = 37, N = 7, I = 200 (one full and one partial item tile), B = 1 and B = 9, k = 1 / 10 /
+    # more than the catalogue minus the exclusions of row 3 (every item but 5 excluded).
+    I = 200
+    params, users = make(30, I, 7, 37, 9, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    mask = torch.rand(9, I, generator=g) < 0.2
+    mask[3] = True
+    mask[3, [0, 57, 128, 150, 199]] = False
+    mask[5] = False
+    counts = mask.sum(1)
+    exclude = (
+        torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(DEVICE),
+        mask.nonzero()[:, 1].to(DEVICE),
+    )
+    full = brute_distances(params, users, distance)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for k in (1, 10, 40):
+        dist, ids = T.topk(*params, users, k, exclude, distance, 1e-3)
+        assert TK.last_stats == {"screened": 9, "fallback": 0}
+        check_topk(dist, ids, full, mask, k, tol)
+        left = {0, 57, 128, 150, 199}
+        assert (ids[3, 5:] == -1).all() and set(ids[3, :5].tolist()) <= left
+        assert k < 5 or set(ids[3, :5].tolist()) == left
+    dist, ids = T.topk(*params, users[:1], 10, None, distance, 1e-3)
+    check_topk(dist, ids, full[:1], None, 10, tol)
+
+
+def test_screened_user_chunks(monkeypatch):
+    # Chunks of 2 users: each chunk's exclusion bitmask starts at its own CSR row.
+    B, I = 7, 90
+    params, users = make(10, I, 5, 20, B, torch.float32, seed=17)
+    exclude, mask = random_exclude(B, I, seed=18, p=0.3, full_rows=(4,))
+    whole = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    monkeypatch.setattr(TK, "SCREEN_CHUNK_BYTES", 2 * (5 * 12 + 8 * 20 + 40 * 32))
+    parts = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    assert torch.equal(whole[1], parts[1])  # (the interpreter's BLAS rounds by batch shape)
+    torch.testing.assert_close(whole[0], parts[0], rtol=1e-6, atol=1e-6)
+    check_topk(*parts, brute_distances(params, users, "l2"), mask, 10, 2e-5)
+
+
+@pytest.mark.slow
+def test_screened_few_hundred_users():
+    B, I = 300, 150
+    params, users = make(400, I, 7, 37, B, torch.float32, seed=13)
+    exclude, mask = random_exclude(B, I, seed=14, p=0.1)
+    full = brute_distances(params, users, "l2")
+    dist, ids = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    assert TK.last_stats["fallback"] <= 3
+    check_topk(dist, ids, full, mask, 10, 2e-5)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.5])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
+def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen, scale):
+    # KC >= I: every item is a candidate, so the kernel reports a lower bound for each. Scales
+    # from near-uniform to saturated attention; items 0-5 sit next to users 0-5 (small residuals,
+    # where the rewrite cancels).
+    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
+    I = 100
+    params, _ = make(12, I, 7, 37, 6, torch.float32, seed=15, scale=scale)
+    users = torch.arange(6, device=DEVICE)
+    params[1][:6] = params[0][:6] * (1 + 1e-3)
+    keys, drop = TK.screen_launch(*params, users, 60, None, distance, 1e-3)
+    full = keys != TK._MAXKEY
+    assert (drop == TK._MAXKEY).all() and (full.sum(1) == I).all()
+    ids = torch.where(full, keys & 0xFFFFFFFF, -1)
+    assert (ids.sort(1).values[:, -I:] == torch.arange(I)).all()
+    lo = (keys >> 32).to(torch.int32).view(torch.float32).double()[full]
+    exact = TK.rescore_launch(*params, users, ids, distance, 1e-3).double()[full]
+    assert (lo <= exact).all(), (exact - lo).min()
+    if scale > 1:
+        return  # ‖p‖ ≈ 9 and peaked attention: valid, but (by design) loose
+    # Not vacuous: the bound is within a few screening units of the exact value.
+    unit = TK.SCREEN_UNIT[screen]
+    assert ((exact - lo) <= 100 * unit * (1 + exact)).all(), ((exact - lo) / (1 + exact)).max()
+    assert ((exact - lo) / (1 + exact)).max() > unit / 64  # and it is the screen that is rounded
+
+
+def planted_near_ties(dtype, copies, spread, seed=21, k=10):
+    """One user; ``copies`` items near its k-th nearest item q, invisible to the screen.
+
+    Each copy is ``q + spread·‖q‖·v`` with a unit ``v`` orthogonal to q and to the rows of M (so
+    ‖q‖ and Mq do not move to first order) and far below the tf32/bf16 resolution of q: the
+    screen sees the same item every time, while the exact distances differ by ~spread. Every
+    seventh copy is exact (an exact tie with q, broken by id).
+    """
+    I, d, N = 160, 37, 7
+    params, users = make(4, I, N, d, 1, seed=seed)
+    users[:] = 0
+    Q, M = params[1], params[3]
+    base = int(torch.argsort(brute_distances(params, users, "l2")[0])[k - 1])
+    span = torch.cat([Q[base : base + 1], M]).T.cpu()  # [d, N + 1]
+    ortho = torch.linalg.qr(span, mode="complete").Q[:, N + 1 :]  # [d, d - N - 1]
+    g = torch.Generator().manual_seed(seed + 1)
+    slots = torch.randperm(I, generator=g)
+    slots = slots[slots != base][:copies]
+    for c, i in enumerate(slots.tolist()):
+        v = ortho @ torch.randn(d - N - 1, generator=g, dtype=torch.float64)
+        step = (c % 7 - 3) * spread * Q[base].norm() / v.norm()
+        Q[i] = Q[base] + step * v.to(DEVICE)
+    return [x.to(dtype) for x in params], users, slots
+
+
+@pytest.mark.parametrize(
+    ("dtype", "spread", "tol"), [(torch.float64, 1e-6, 1e-9), (torch.float32, 2e-4, 1e-6)]
+)
+@pytest.mark.parametrize("copies", [12, 70])
+def test_planted_near_ties_at_the_boundary(dtype, spread, tol, copies):
+    params, users, slots = planted_near_ties(dtype, copies, spread)
+    users = users.repeat(2)  # row 1: the same user with its nearest item and two copies excluded
+    full = brute_distances(params, users, "l2")
+    gone = sorted([int(full[1].argmin()), *slots[:2].tolist()])
+    mask = torch.zeros(full.shape, dtype=torch.bool)
+    mask[1, gone] = True
+    exclude = (torch.tensor([0, 0, 3], device=DEVICE), torch.tensor(gone, device=DEVICE))
+    dist, ids = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    check_topk(dist, ids, full, mask, 10, tol)
+    # Distinct exact distances closer to the k-th than the tf32 screening error (~1e-3 relative).
+    dk = full[0].sort().values[9]
+    assert full[0][(full[0] - dk).abs() < 2e-3 * dk].unique().numel() >= 3
+    assert set(ids[0].tolist()) & set(slots.tolist())  # the planted items are in play
+    if copies > TK.candidates_for(10):
+        assert TK.last_stats["fallback"] == 2  # more near-ties than candidates: certified exact
+    else:
+        assert TK.last_stats["fallback"] == 0
+
+
+def test_planted_near_ties_with_bf16_screen(bf16_screen):
+    params, users, _ = planted_near_ties(torch.float32, 20, 3e-5, seed=23)
+    full = brute_distances(params, users, "l2")
+    dist, ids = T.topk(*params, users, 10, None, "l2", 1e-3)
+    check_topk(dist, ids, full, None, 10, 1e-6)
+
+
+def test_near_tie_test_fails_without_the_error_bound(monkeypatch):
+    # The screen's own values as lower bounds (no margin) and no certificate: the planted
+    # boundary comes out in the screen's order (by id), which the check must reject.
+    monkeypatch.setattr(TK, "BOUND_SCALE", 0.0)
+    monkeypatch.setattr(TK, "CERTIFY", False)
+    params, users, _ = planted_near_ties(torch.float64, 70, 1e-6)
+    full = brute_distances(params, users, "l2")
+    dist, ids = T.topk(*params, users, 10, None, "l2", 1e-3)
+    with pytest.raises(AssertionError):
+        check_topk(dist, ids, full, None, 10, 1e-9)
+
+
+def test_full_protocol_evaluation_runs_on_the_screened_topk():
+    # lk.evaluate(protocol="full") goes through the model's backend lrml_topk: the triton
+    # backend's ranks equal the torch reference's (the distances here are far from ties).
+    from types import SimpleNamespace
+
+    from lrml_kernels.metrics import full_ranks
+
+    torch.manual_seed(0)
+    U, I = 30, 90
+    model = lk.LRML(U, I, 16, 5, backend="triton")
+    g = torch.Generator().manual_seed(3)
+    train = (torch.rand(U, I, generator=g) < 0.2).nonzero()
+    indptr = torch.searchsorted(train[:, 0], torch.arange(U + 1))
+    test_items = torch.randint(0, I, (U,), generator=g)
+    split = SimpleNamespace(
+        test_users=torch.arange(U).numpy(),
+        test_items=test_items.numpy(),
+        train_csr=lambda: (indptr.numpy(), train[:, 1].numpy()),
+    )
+    ranks = full_ranks(model, split, k=10)
+    assert TK.last_stats["screened"] == U
+    model.backend = "torch"
+    assert torch.equal(ranks, full_ranks(model, split, k=10))
+    assert 0 < ranks.lt(10).sum() < U
+
+
+def test_shapes_beyond_the_screen_take_the_direct_path():
+    params, users = make(4, 20, 3, 600, 2, seed=41)
+    assert not TK.screen_fits(3, 600, "l2") and TK.screen_fits(20, 100, "l1")
+    dist, ids = T.topk(*params, users, 5, None, "l2", 1e-3)
+    assert TK.last_stats == {"screened": 0, "fallback": 2}
+    check_topk(dist, ids, brute_distances(params, users, "l2"), None, 5, 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gpu_netflix_items_screened_is_exact(monkeypatch, screen, distance):
+    # Netflix catalogue (17,770 items, d = 100, N = 20), unit-ball embeddings, ~50 exclusions per
+    # user: the screened answer is the direct formula's; the fallback rate is printed.
+    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
+    B, I = 2048, 17770
+    params, users = make(50_000, I, 20, 100, B, torch.float32, seed=31, scale=0.1)
+    exclude, mask = random_exclude(B, I, seed=32, p=50 / I)
+    dist, ids = T.topk(*params, users, 10, exclude, distance, 1e-3)
+    stats = dict(TK.last_stats)
+    print(f"screen={screen} {distance}: {stats}")
+    assert stats["fallback"] < B // 10
+    full = TK.chunk_distances(*params, users, distance, 1e-3).double().cpu()  # direct formula
+    check_topk(dist, ids, full, mask, 10, 1e-6)

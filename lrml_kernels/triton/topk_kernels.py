@@ -1,42 +1,304 @@
-"""Exact full-catalogue top-k (SPEC.md "Ranking all items"), relation="pair".
+"""Exact full-catalogue top-k (SPEC.md "Ranking all items"): tensor-core screen, exact re-score.
 
-Kernel: one program owns a tile of ``BLOCK_I`` items (loaded once, with K and M) and ``BLOCK_U``
-users of the current user chunk; for each user it forms ``s = p ⊙ Q_tile``, the logits
-``s Kᵀ`` (``tl.dot``), the softmax, ``r = a M`` (``tl.dot``), ``e`` and the distance, all on chip
-with the direct formula (exact for every distance kind, so no cancellation and no re-scoring;
-at most ``[BLOCK_I, N]`` and ``[BLOCK_I, d]`` per step, never ``[users, items, d]``). It writes
-the distances of the chunk, ``[users_chunk, I]``, with users_chunk × I bounded by
-``CHUNK_ELEMENTS``.
+Three steps per block of users (the exactness argument is SPEC.md "Exact top-k from a screen"):
 
-Selection (torch, on device): distances in float32 are made exact sort keys
-``bits(D) << 32 | item_id`` (non-negative floats order like their bit patterns), so one
-``torch.topk`` over int64 keys gives the k smallest with ties to the smaller id; excluded items get
-the largest key and come back as -1 / +inf. float64 distances use a stable sort (ties keep the
-ascending id order). Exclusions are scattered into the chunk's keys from the CSR lists, never a
-dense ``[B, I]`` mask.
+1. **Screen** (:func:`_screen_kernel`, the hot loop). A program owns ``BLOCK_U`` users and streams
+   the whole catalogue in tiles of ``BLOCK_I`` items. Per (item tile, user) the logits of every
+   memory slot are one GEMM ``z = Q_tile (p ⊙ K)ᵀ`` (``[BLOCK_I, d] × [d, N]``, ``tl.dot`` on
+   tensor cores in tf32 or bf16; the operands are rounded to that precision explicitly, so the
+   interpreter reproduces the GPU's products exactly). A spare column of ``Kᵀ`` holds ones, so the
+   same GEMM yields ``p·q``. ``l2``/``squared_l2`` then use the rewrite
+   ``‖e‖² = ‖p‖² + ‖q‖² − 2p·q + 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a`` with ``Mp``, ``Mq``, ``MMᵀ``
+   precomputed and the quadratic form as a second small GEMM ``W (MMᵀ)``; ``l1`` forms
+   ``r = a M`` (a GEMM) and ``e = p + r − q`` on chip. Each screened distance becomes a guaranteed
+   **lower bound** ``lo`` on the exact distance (screened value minus a per-pair error bound
+   ``δ``). Excluded items (a per-call bitmask) and padding never enter. A running list of the
+   ``KC`` smallest ``(lo, id)`` keys per user lives in registers and is merged with each tile by
+   ``KC`` rounds of min-extraction (skipped when no key of the tile beats the list), with the
+   smallest key that was dropped.
+2. **Re-score** (:func:`_rescore_kernel`): the ``KC`` candidates of every user by the direct SPEC
+   formula (``e = p + r − q``; IEEE fp32 dots, fp64 for fp64 parameters).
+3. **Select and verify** (torch): the k smallest exact distances among the candidates, ties to the
+   smaller id. A user's answer is certified when nothing was dropped or its k-th exact distance
+   is below the smallest dropped lower bound; an uncertified user (the list was too short for its
+   near-ties) is recomputed by the direct all-items path (:func:`_topk_direct`). The result is
+   the exact answer either way.
+
+Roofline (Netflix: U = 480,189 users × I = 17,770 items, d = 100, N = 20, k = 10, H200): the logit
+GEMMs are 2·U·I·N·d = 3.4e13 FLOP; with the padding of the tile shapes (N+1 → 32, d → 128) the
+tensor cores execute 2·U·I·32·128 = 7.0e13, plus the quadratic-form GEMM 2·U·I·32·32 = 1.7e13:
+8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s), 0.09 s in bf16 (~990). The per-pair
+CUDA-core work (softmax over 32 slots: 32 exps, ~8 flops per slot) is ~2.7e11 exps and ~2.2e12
+flops: ~0.07 s on the MUFU units and ~0.03 s on the FMA pipes, partly overlapped with the MMAs.
+Memory traffic is small (the items, 7 MB, are re-read from L2 by every program; the candidate
+lists are B·KC·8 bytes). l1 adds the ``[64, 32] × [32, 128]`` GEMM for ``r`` and ~4 flops per
+(pair, d) for ``e`` (~3.4e12 flops, ~0.1 s). Static facts (sm_90, Netflix shape, KC = 32): l2
+251 registers, l1 252, bf16 238, zero spills, 53 / 80 / 27 KB shared memory, HGMMA in the SASS
+(tests/test_triton_topk_static.py). At ~250 registers × 128 threads only 2 programs share an SM,
+so the GEMM → softmax → GEMM chain of one user is not hidden behind another's MMAs; expected
+~0.3-0.6 s for l2 in tf32 (target ≤ 1 s), ~2× that for l1, plus the users the certificate sends
+to the direct path (~30 µs each). These are estimates owed to a GPU run (benchmarks/gpu_check,
+``pytest -m gpu tests/test_triton_topk.py`` prints the fallback rate).
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-_dist = importlib.import_module("lrml_kernels.triton.distance_kernels")
-_attention = _dist._attention
-_distance = _dist._distance
-_load_rows = _dist._load_rows
-_upcast = _dist._upcast
-
-# Elements of the per-chunk distance buffer (users_chunk × I); its keys take 8 bytes each.
+DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
+SCREEN_TF32, SCREEN_BF16 = 0, 1
+# Unit roundoff of the screening GEMM inputs: tf32 keeps 10 mantissa bits, bf16 7.
+SCREEN_UNIT = {SCREEN_TF32: 2.0**-11, SCREEN_BF16: 2.0**-8}
+# Largest candidate list per user; a larger k uses the direct path.
+MAX_CANDIDATES = 256
+# Bytes of per-chunk working memory of the screened path (exclusion bitmask, fp64 user rows, keys).
+SCREEN_CHUNK_BYTES = 1 << 29
+# Elements of the per-chunk distance buffer of the direct path (users_chunk × I).
 CHUNK_ELEMENTS = 1 << 24
-_EXCLUDED = torch.iinfo(torch.int64).max
+# Screen precision override (None: from the parameter dtype); tests force bf16 in the interpreter.
+SCREEN_OVERRIDE: int | None = None
+# Multiplier of the screening error bound, and the certificate switch: only tests that show that
+# the margin matters change them.
+BOUND_SCALE = 1.0
+CERTIFY = True
+# Statistics of the last call: users certified by the screen, users recomputed directly.
+last_stats = {"screened": 0, "fallback": 0}
+
+_MAXKEY = torch.iinfo(torch.int64).max
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _lrml_topk_kernel(
+def _rows(base, rows, row_ok, offs_d, d_mask, stride_r, stride_d, IS_FP64: tl.constexpr):
+    """``base[rows, :d]`` as a ``[BLOCK, BLOCK_D]`` compute-dtype tile (zero where masked)."""
+    x = tl.load(
+        base + rows[:, None] * stride_r + offs_d[None, :] * stride_d,
+        mask=row_ok[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if IS_FP64:
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _round_operand(x, SCREEN: tl.constexpr):
+    """Round fp32 ``x`` to the tensor-core input precision (tf32: ties away, bf16: ties even)."""
+    b = x.to(tl.int32, bitcast=True)
+    if SCREEN == 0:
+        b = (b + 0x1000) & -8192
+    else:
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _screen_dot(a, b, CAST_BF16: tl.constexpr):
+    """fp32-accumulated product of operands already rounded to the screen precision."""
+    if CAST_BF16:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a, b, input_precision="tf32")
+    return out
+
+
+@triton.jit
+def _merge(state, drop, tile, KC: tl.constexpr):
+    """Keep the ``KC`` smallest keys of ``state ∪ tile`` per row; ``drop`` takes the rest's min.
+
+    Keys are unique (the item id is in the low bits) except the empty key int64 max, so ``KC``
+    rounds of "take the row minimum, remove it" select them; the list needs no order. A tile none
+    of whose keys beats a list's largest (the common case once the lists fill) costs one min.
+    """
+    big: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    tile_min = tl.min(tile, axis=1)
+    if tl.max((tile_min < tl.max(state, axis=1)).to(tl.int32)) > 0:
+        offs_c = tl.arange(0, KC)[None, :]
+        kept = tl.full(state.shape, big, tl.int64)
+        for c in range(KC):
+            m = tl.minimum(tl.min(state, axis=1), tl.min(tile, axis=1))[:, None]
+            kept = tl.where(offs_c == c, m, kept)
+            state = tl.where(state == m, big, state)
+            tile = tl.where(tile == m, big, tile)
+        drop = tl.minimum(drop, tl.minimum(tl.min(state, axis=1), tl.min(tile, axis=1)))
+        state = kept
+    else:
+        drop = tl.minimum(drop, tile_min)
+    return state, drop
+
+
+@triton.jit
+def _screen_kernel(
+    P, stride_pu, stride_pd,  # [U, d] user_emb
+    Q, stride_qi, stride_qd,  # [I, d] item_emb
+    K, stride_kn, stride_kd,  # [N, d] keys
+    M, stride_mn, stride_md,  # [N, d] memory
+    QS, stride_si, stride_sd,  # [I, d] item_emb rounded to the screen precision (fp32 or bf16)
+    users,  # [B] rows of this chunk
+    MP,  # [B, BLOCK_N] fp32: M p_u (zero beyond N)
+    MQ,  # [I, BLOCK_N] fp32: M q_i (zero beyond N)
+    G,  # [BLOCK_N, BLOCK_N] fp32: M Mᵀ (zero beyond N)
+    KT,  # [BLOCK_D, BLOCK_N] fp32: Kᵀ, zero-padded, with a column of ones at n = N (gives p·q)
+    UNORM,  # [B, 3] fp32, rounded up: ‖p‖₂, ‖p‖₁, κ = max_n ‖p ⊙ K_n‖₂
+    INORM,  # [I, 2] fp32, rounded up: ‖q‖₂, ‖q‖₁
+    EXCL, stride_xb,  # [B, ⌈I/8⌉] uint8 bitmask of excluded items (HAS_EXCL)
+    KEYS,  # [B, KC] int64 out: (bits(lo) << 32) | item, no order; int64 max = empty
+    DROP,  # [B] int64 out: the smallest key not kept
+    B, U, I, N, d,
+    eps, mu, muc, mu1, mu1c, c_z, c_r,
+    DISTANCE: tl.constexpr, SCREEN: tl.constexpr, CAST_BF16: tl.constexpr,
+    HAS_EXCL: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KC: tl.constexpr,
+):  # fmt: skip
+    big: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_U
+    offs_u = tl.arange(0, BLOCK_U)
+    rows = row0 + offs_u
+    row_ok = rows < B
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N
+    d_mask = offs_d < d
+
+    if DISTANCE == 2:
+        Mr = _round_operand(
+            _rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, False), SCREEN
+        )
+    else:
+        Gr = _round_operand(tl.load(G + offs_n[:, None] * BLOCK_N + offs_n[None, :]), SCREEN)
+
+    Kt = tl.load(KT + offs_d[:, None] * BLOCK_N + offs_n[None, :])  # [BLOCK_D, BLOCK_N]
+    state = tl.full((BLOCK_U, KC), big, tl.int64)
+    drop = tl.full((BLOCK_U,), big, tl.int64)
+    n_users = tl.minimum(B - row0, BLOCK_U)
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        i_mask = offs_i < I
+        qs = tl.load(  # the GEMM's A operand, straight from memory (wgmma reads it from smem)
+            QS + offs_i[:, None] * stride_si + offs_d[None, :] * stride_sd,
+            mask=i_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        nq = tl.load(INORM + offs_i * 2, mask=i_mask, other=0.0)
+        nq1 = tl.load(INORM + offs_i * 2 + 1, mask=i_mask, other=0.0)
+        if DISTANCE != 2:
+            mq = tl.load(
+                MQ + offs_i[:, None] * BLOCK_N + offs_n[None, :], mask=i_mask[:, None], other=0.0
+            )
+        lo_tile = tl.full((BLOCK_U, BLOCK_I), float("inf"), tl.float32)
+        for j in range(0, n_users):
+            row = row0 + j
+            u = tl.load(users + row).to(tl.int64)
+            u_ok = (u >= 0) & (u < U)
+            u = tl.where(u_ok, u, 0)
+            p = tl.load(
+                P + u * stride_pu + offs_d * stride_pd,
+                mask=tl.where(u_ok, d_mask, False),  # (scalar & vector masks trip the interpreter)
+                other=0.0,
+            ).to(tl.float32)
+            np2 = tl.load(UNORM + row * 3)
+            np1 = tl.load(UNORM + row * 3 + 1)
+            kappa = tl.load(UNORM + row * 3 + 2)
+            z = _screen_dot(qs, _round_operand(p[:, None] * Kt, SCREEN), CAST_BF16)  # [BI, BN]
+            zl = tl.where(n_mask[None, :], z, float("-inf"))
+            w = tl.exp(zl - tl.max(zl, axis=1)[:, None])  # zero beyond N
+            S = tl.sum(w, axis=1)
+            # Logit error bound ε (|Δz_n| ≤ ε for every slot) moves a by at most ε in l1.
+            rho = c_z * kappa * nq + c_r
+            if DISTANCE == 2:
+                r = _screen_dot(_round_operand(w / S[:, None], SCREEN), Mr, CAST_BF16)  # [BI, BD]
+                q = _rows(Q, offs_i, i_mask, offs_d, d_mask, stride_qi, stride_qd, False)
+                e = p[None, :] + r - q
+                delta = mu1c * rho + c_r * (np1 + nq1 + mu1)
+                lo = tl.sum(tl.abs(e), axis=1) - delta
+            else:
+                mp = tl.load(MP + row * BLOCK_N + offs_n)
+                pq = tl.sum(tl.where(offs_n[None, :] == N, z, 0.0), axis=1)
+                lin = tl.sum(w * (mp[None, :] - mq), axis=1)
+                quad = tl.sum(w * _screen_dot(_round_operand(w, SCREEN), Gr, CAST_BF16), axis=1)
+                x = np2 * np2 + nq * nq - 2.0 * pq + (2.0 * lin + quad / S) / S
+                R = np2 + nq + mu
+                err = c_r * R * R
+                rho = muc * rho
+                lo = x - (2.0 * tl.sqrt(tl.maximum(x, 0.0) + err) * rho + rho * rho + err)
+                if DISTANCE == 0:
+                    lo = tl.sqrt(tl.maximum(lo, 0.0) + eps) * (1.0 - 2.0**-20)
+            lo = tl.maximum(lo, 0.0) + 0.0  # +0.0: bit patterns order like the values
+            if HAS_EXCL:  # excluded items never become candidates
+                byte = tl.load(EXCL + row * stride_xb + (offs_i >> 3), mask=i_mask, other=0)
+                lo = tl.where(
+                    ((byte.to(tl.int32) >> (offs_i & 7).to(tl.int32)) & 1) != 0, float("nan"), lo
+                )
+            lo_tile = tl.where(offs_u[:, None] == j, lo[None, :], lo_tile)
+        ok = row_ok[:, None] & i_mask[None, :] & (lo_tile == lo_tile)  # NaN: excluded
+        keys = (lo_tile.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs_i[None, :]
+        state, drop = _merge(state, drop, tl.where(ok, keys, big), KC)
+    offs_c = tl.arange(0, KC)
+    tl.store(KEYS + rows[:, None] * KC + offs_c[None, :], state, mask=row_ok[:, None])
+    tl.store(DROP + rows, drop, mask=row_ok)
+
+
+@triton.jit
+def _direct_distance(p, q, K, M, n_mask, eps, DISTANCE: tl.constexpr):
+    """SPEC.md's direct formula for rows of pairs (IEEE dots): ``s``, softmax, ``r``, ``e``, D."""
+    z = tl.dot(p * q, tl.trans(K), input_precision="ieee")  # [rows, BLOCK_N]
+    z = tl.where(n_mask[None, :], z, float("-inf"))
+    ex = tl.exp(z - tl.max(z, axis=1)[:, None])
+    a = ex / tl.sum(ex, axis=1)[:, None]
+    e = p + tl.dot(a, M, input_precision="ieee") - q
+    if DISTANCE == 0:
+        dist = tl.sqrt(tl.sum(e * e, axis=1) + eps)
+    elif DISTANCE == 1:
+        dist = tl.sum(e * e, axis=1)
+    else:
+        dist = tl.sum(tl.abs(e), axis=1)
+    return dist
+
+
+@triton.jit
+def _rescore_kernel(
+    P, stride_pu, stride_pd,  # [U, d] user_emb
+    Q, stride_qi, stride_qd,  # [I, d] item_emb
+    K, stride_kn, stride_kd,  # [N, d] keys
+    M, stride_mn, stride_md,  # [N, d] memory
+    users,  # [B]
+    IDS,  # [B, KC] int64 candidate items, -1 = none
+    D_out,  # [B, KC] compute dtype: the SPEC distance of every candidate
+    pairs, U, I, N, d,
+    eps,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KC: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = offs < pairs
+    item = tl.load(IDS + offs, mask=ok, other=-1)
+    i_ok = ok & (item >= 0) & (item < I)
+    u = tl.load(users + offs // KC, mask=ok, other=0).to(tl.int64)
+    u_ok = ok & (u >= 0) & (u < U)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N
+    d_mask = offs_d < d
+    p = _rows(P, tl.where(u_ok, u, 0), u_ok, offs_d, d_mask, stride_pu, stride_pd, IS_FP64)
+    q = _rows(Q, tl.where(i_ok, item, 0), i_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
+    Kr = _rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
+    Mr = _rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
+    tl.store(D_out + offs, _direct_distance(p, q, Kr, Mr, n_mask, eps, DISTANCE), mask=ok)
+
+
+@triton.jit
+def _direct_kernel(
     P, stride_pu, stride_pd,  # [U, d] user_emb
     Q, stride_qi, stride_qd,  # [I, d] item_emb
     K, stride_kn, stride_kd,  # [N, d] keys
@@ -45,9 +307,10 @@ def _lrml_topk_kernel(
     D_out, stride_ob, stride_oi,  # [n, I] compute dtype: distance of every (user, item)
     n, U, I, N, d,
     eps,
-    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """The fallback: the direct SPEC distance of every (user, item) of a chunk, IEEE dots."""
     pid_u = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1).to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
@@ -56,10 +319,9 @@ def _lrml_topk_kernel(
     i_mask = offs_i < I
     n_mask = offs_n < N
     d_mask = offs_d < d
-
-    q = _load_rows(Q, offs_i, i_mask, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-    Kt = _load_rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
-    Mt = _load_rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
+    q = _rows(Q, offs_i, i_mask, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
+    Kr = _rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
+    Mr = _rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
     for j in range(0, BLOCK_U):
         row = pid_u * BLOCK_U + j
         row_ok = row < n
@@ -71,20 +333,102 @@ def _lrml_topk_kernel(
             mask=tl.where(u_ok, d_mask, False),  # (scalar & vector masks trip the interpreter)
             other=0.0,
         )
-        p = _upcast(p, IS_FP64)[None, :]  # [1, BLOCK_D]
-        a, r = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
-        dist = _distance(p + r - q, eps, DISTANCE)
+        if IS_FP64:
+            p = p.to(tl.float64)[None, :]
+        else:
+            p = p.to(tl.float32)[None, :]
         tl.store(
             D_out + row * stride_ob + offs_i * stride_oi,
-            dist,
+            _direct_distance(p, q, Kr, Mr, n_mask, eps, DISTANCE),
             mask=tl.where(row_ok, i_mask, False),
         )
 
 
-def _block_config(n: int, I: int, N: int, d: int, t: torch.Tensor) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Launch configuration (one function per kernel; benchmarks/kernel_report.py compiles these)
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def candidates_for(k: int) -> int:
+    """Candidate-list length ``KC`` for top-k: room for k plus at least 16 near-ties."""
+    return max(16, triton.next_power_of_2(max(2 * k, k + 16)))
+
+
+def screen_precision(dtype: torch.dtype) -> int:
+    """bf16 tensor cores for bf16 parameters, tf32 otherwise (fp16 has tf32's 10 mantissa bits)."""
+    if SCREEN_OVERRIDE is not None:
+        return SCREEN_OVERRIDE
+    return SCREEN_BF16 if dtype == torch.bfloat16 else SCREEN_TF32
+
+
+def screen_config(
+    N: int, d: int, k: int, distance: str, dtype: torch.dtype, device: torch.device
+) -> dict:
+    """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
+
+    ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. ``BLOCK_I = 64``
+    items are the M side of the GEMM: one wgmma ``m64n32k8`` warpgroup tile, so 4 warps. The item
+    tile sits in shared memory (the GEMM's A operand); ``Kᵀ``, the ``Mq`` tile and the per-pair
+    ``[64, 32]`` logits, weights and quadratic-form products live in registers, as do the
+    candidate lists ``[BLOCK_U, KC]`` int64. ``BLOCK_U`` = 16 users per program for l2 (8 for
+    l1, which also holds ``r`` and ``e`` ``[64, BLOCK_D]``) is what fits 255 registers without
+    spills at d = 100 (sm_90, ptxas: l2 245 registers, l1 255, zero spills); the item tile,
+    read once per program from L2, is then reused by 8-16 GEMMs. Under the interpreter, a wider
+    item tile means fewer Python steps.
+    """
+    screen = screen_precision(dtype)
+    cfg = {
+        "SCREEN": screen,
+        "CAST_BF16": screen == SCREEN_BF16 and device.type == "cuda",
+        "BLOCK_N": max(16, triton.next_power_of_2(N + 1)),
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "KC": candidates_for(k),
+    }
+    if device.type != "cuda":
+        return {**cfg, "BLOCK_U": 16, "BLOCK_I": 128}
+    block_u = 8 if distance == "l1" else 16
+    return {**cfg, "BLOCK_U": block_u, "BLOCK_I": 64, "num_warps": 4, "num_stages": 1}
+
+
+def screen_fits(N: int, d: int, distance: str) -> bool:
+    """Whether the screen's shared-memory tiles fit an sm_90 SM with room to spare.
+
+    fp32 words of the item tile ``[64, BLOCK_D]``, the GEMM's ``(p ⊙ K)ᵀ`` ``[BLOCK_D, BLOCK_N]``,
+    ``MMᵀ`` and, for l1, ``M`` ``[BLOCK_N, BLOCK_D]``; the compiler adds layout-conversion
+    scratch, ~20% (l1: d = 100, N = 20: 68 KB by this count, 80 KB measured; d = 256: 132 KB,
+    160 KB). The sm_90 limit is 227 KB per program; larger shapes take the direct path.
+    """
+    bd = max(16, triton.next_power_of_2(d))
+    bn = max(16, triton.next_power_of_2(N + 1))
+    words = 64 * bd + bd * bn + bn * bn + (bn * bd if distance == "l1" else 0)
+    return 4 * words <= 176 * 1024
+
+
+def rescore_config(N: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    cfg = {"BLOCK_N": max(16, triton.next_power_of_2(N)), "BLOCK_D": block_d}
+    if device.type != "cuda":
+        return {**cfg, "BLOCK_R": 512}
+    block_r = max(16, min(64, (4096 if dtype == torch.float64 else 8192) // block_d))
+    return {**cfg, "BLOCK_R": block_r, "num_warps": 4}
+
+
+def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
-    if t.device.type != "cuda":  # interpreter: few, large programs
+    if device.type != "cuda":  # interpreter: few, large programs
         return {
             "BLOCK_U": max(1, min(n, 64)),
             "BLOCK_I": min(1024, max(16, triton.next_power_of_2(I))),
@@ -101,66 +445,208 @@ def _block_config(n: int, I: int, N: int, d: int, t: torch.Tensor) -> dict:
     }
 
 
-def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> torch.Tensor:
-    """Distances of ``users`` (a chunk) to every item: ``[n, I]`` in the compute dtype."""
-    n, I = users.shape[0], item_emb.shape[0]
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _param_args(user_emb, item_emb, keys, memory):
+    return (
+        user_emb, user_emb.stride(0), user_emb.stride(1),
+        item_emb, item_emb.stride(0), item_emb.stride(1),
+        keys, keys.stride(0), keys.stride(1),
+        memory, memory.stride(0), memory.stride(1),
+    )  # fmt: skip
+
+
+def bound_constants(N: int, d: int, screen: int) -> tuple[float, float]:
+    """``(c_z, c_r)`` of SPEC.md "Exact top-k from a screen".
+
+    ``g = (d + N + 32)·2⁻²³`` bounds every fp32 sum, product chain and exp of the screen and of the
+    re-score relative to the magnitudes involved; ``c_z = 2.25·u + 4g`` bounds a logit's error
+    relative to ``Σ_j |p_j K_nj q_j|`` (operands rounded to u, fp32 accumulation, and the
+    re-score's own logits); ``c_r = c_z + 4g`` bounds the rest relative to ``R²`` (or ``R₁``).
+    """
+    g = (d + N + 32) * 2.0**-23
+    c_z = 2.25 * SCREEN_UNIT[screen] + 4 * g
+    return c_z * BOUND_SCALE, (c_z + 4 * g) * BOUND_SCALE
+
+
+def round_to_screen(x: torch.Tensor, screen: int, cast_bf16: bool) -> torch.Tensor:
+    """``x`` rounded as :func:`_round_operand` does (bf16 storage when the GPU casts anyway)."""
+    x = x.float()
+    if screen == SCREEN_BF16:
+        return x.to(torch.bfloat16) if cast_bf16 else x.to(torch.bfloat16).float()
+    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded up (for norms used as bounds)."""
+    return (x * (1 + 2.0**-22)).float()
+
+
+def _exclusion_bitmask(exclude, start, n, I, dev):
+    """``[n, ⌈I/8⌉]`` uint8: bit ``i % 8`` of byte ``i // 8`` of row b set when b excludes i."""
+    indptr, indices = exclude
+    lo, hi = indptr[start].item(), indptr[start + n].item()
+    width = (I + 7) // 8
+    mask = torch.zeros(n * width, dtype=torch.int32, device=dev)
+    if hi > lo:
+        counts = indptr[start + 1 : start + n + 1] - indptr[start : start + n]
+        rows = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=hi - lo)
+        cols = indices[lo:hi]
+        ok = (cols >= 0) & (cols < I)
+        pair = torch.unique(rows[ok] * I + cols[ok])  # an index listed twice sets one bit
+        item = pair % I
+        bit = torch.ones_like(item, dtype=torch.int32) << (item % 8).to(torch.int32)
+        mask.scatter_add_(0, (pair // I) * width + item // 8, bit)
+    return mask.to(torch.uint8).view(n, width)
+
+
+def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, eps):
+    """Candidates of every user: ``(keys [B, KC] int64, drop [B] int64)`` (see the kernel)."""
+    B, I = users.shape[0], item_emb.shape[0]
+    N, d = keys.shape
+    dev = user_emb.device
+    cfg = screen_config(N, d, k, distance, user_emb.dtype, dev)
+    bn = cfg["BLOCK_N"]
+    Pd = user_emb[users.clamp(0, user_emb.shape[0] - 1)].double()
+    Qd, Kd, Md = item_emb.double(), keys.double(), memory.double()
+    pad = (0, bn - N)
+    MP = torch.nn.functional.pad(Pd @ Md.T, pad).float().contiguous()
+    MQ = torch.nn.functional.pad(Qd @ Md.T, pad).float().contiguous()
+    G = torch.nn.functional.pad(Md @ Md.T, (0, bn - N, 0, bn - N)).float().contiguous()
+    KT = torch.zeros(cfg["BLOCK_D"], bn, dtype=torch.float32, device=dev)
+    KT[:d, :N] = keys.T.float()
+    KT[:, N] = 1.0
+    kappa = ((Pd * Pd) @ (Kd * Kd).T).amax(dim=1).sqrt()
+    unorm = _up(torch.stack([Pd.norm(dim=1), Pd.abs().sum(1), kappa], dim=1)).contiguous()
+    inorm = _up(torch.stack([Qd.norm(dim=1), Qd.abs().sum(1)], dim=1)).contiguous()
+    Mc = Md - Md.mean(dim=0)  # Σ Δa = 0: a softmax change moves r by Σ Δa_n (M_n − c), any c
+    mu, muc = (float(x.norm(dim=1).max()) * (1 + 2.0**-22) for x in (Md, Mc))
+    mu1, mu1c = (float(x.abs().sum(1).max()) * (1 + 2.0**-22) for x in (Md, Mc))
+    c_z, c_r = bound_constants(N, d, cfg["SCREEN"])
+    out_keys = torch.empty(B, cfg["KC"], dtype=torch.int64, device=dev)
+    out_drop = torch.empty(B, dtype=torch.int64, device=dev)
+    ex = excl if excl is not None else out_keys
+    QS = round_to_screen(item_emb, cfg["SCREEN"], cfg["CAST_BF16"])
+    grid = (triton.cdiv(B, cfg["BLOCK_U"]),)
+    with _device_guard(user_emb):
+        _screen_kernel[grid](
+            *_param_args(user_emb, item_emb, keys, memory),
+            QS, QS.stride(0), QS.stride(1),
+            users, MP, MQ, G, KT, unorm, inorm,
+            ex, ex.stride(0),
+            out_keys, out_drop,
+            B, user_emb.shape[0], I, N, d,
+            float(eps), mu, muc, mu1, mu1c, c_z, c_r,
+            DISTANCE=DISTANCE_CODES[distance], HAS_EXCL=excl is not None,
+            IS_FP64=user_emb.dtype == torch.float64,
+            **cfg,
+        )  # fmt: skip
+    return out_keys, out_drop
+
+
+def rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps):
+    """The direct SPEC distance of each candidate ``ids [B, KC]`` (compute dtype)."""
+    B, kc = ids.shape
     N, d = keys.shape
     dtype = user_emb.dtype
-    ct = _dist._compute_dtype(dtype)
-    out = torch.empty(n, I, dtype=ct, device=user_emb.device)
-    cfg = _block_config(n, I, N, d, user_emb)
-    grid = (triton.cdiv(n, cfg["BLOCK_U"]), triton.cdiv(I, cfg["BLOCK_I"]))
-    with _dist._device_guard(user_emb):
-        _lrml_topk_kernel[grid](
-            *_dist._param_args(user_emb, item_emb, keys, memory),
-            users, users.stride(0),
-            out, out.stride(0), out.stride(1),
-            n, user_emb.shape[0], I, N, d,
+    out = torch.empty(B, kc, dtype=_compute_dtype(dtype), device=user_emb.device)
+    cfg = rescore_config(N, d, dtype, user_emb.device)
+    with _device_guard(user_emb):
+        _rescore_kernel[(triton.cdiv(B * kc, cfg["BLOCK_R"]),)](
+            *_param_args(user_emb, item_emb, keys, memory),
+            users, ids, out,
+            B * kc, user_emb.shape[0], item_emb.shape[0], N, d,
             float(eps),
-            DISTANCE=_dist.DISTANCE_CODES[distance], IS_FP64=dtype == torch.float64,
-            DOT_PREC=_dist._dot_precision(dtype),
+            DISTANCE=DISTANCE_CODES[distance], IS_FP64=dtype == torch.float64, KC=kc,
             **cfg,
         )  # fmt: skip
     return out
 
 
-def _select_keys(dist, rows, cols, kk):
-    """float32 path: exact (distance, id) order through int64 keys and one torch.topk."""
-    I = dist.shape[1]
-    dist = dist + 0.0  # -0.0 -> +0.0, so bit patterns order like the values
-    ids = torch.arange(I, device=dist.device, dtype=torch.int64)
-    key = (dist.view(torch.int32).to(torch.int64) << 32) | ids
-    if rows is not None:
-        key[rows, cols] = _EXCLUDED
-    key = torch.topk(key, kk, dim=1, largest=False, sorted=True).values
-    excluded = key == _EXCLUDED
-    out_i = torch.where(excluded, -1, key & 0xFFFFFFFF)
-    out_d = (key >> 32).to(torch.int32).view(torch.float32)
-    out_d = out_d.masked_fill(excluded, float("inf"))
-    return out_d, out_i
+def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> torch.Tensor:
+    """Direct distances of ``users`` (a chunk) to every item: ``[n, I]`` in the compute dtype."""
+    n, I = users.shape[0], item_emb.shape[0]
+    N, d = keys.shape
+    dtype = user_emb.dtype
+    out = torch.empty(n, I, dtype=_compute_dtype(dtype), device=user_emb.device)
+    cfg = direct_config(n, I, N, d, user_emb.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_U"]), triton.cdiv(I, cfg["BLOCK_I"]))
+    with _device_guard(user_emb):
+        _direct_kernel[grid](
+            *_param_args(user_emb, item_emb, keys, memory),
+            users, users.stride(0),
+            out, out.stride(0), out.stride(1),
+            n, user_emb.shape[0], I, N, d,
+            float(eps),
+            DISTANCE=DISTANCE_CODES[distance], IS_FP64=dtype == torch.float64,
+            **cfg,
+        )  # fmt: skip
+    return out
 
 
-def _select_sort(dist, rows, cols, kk):
-    """float64 path: a stable sort keeps ties in ascending id order."""
-    excluded = None
-    if rows is not None:
-        excluded = torch.zeros(dist.shape, dtype=torch.bool, device=dist.device)
-        excluded[rows, cols] = True
-        dist = dist.masked_fill(excluded, float("nan"))  # NaN sorts after +inf
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _rank_values(dist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values ranked: the returned ones (fp16/bf16 rounded), fp32 or fp64 otherwise."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dist.to(dtype).float()
+    return dist
+
+
+def _select(dist, ids, kk):
+    """The kk smallest ``(dist, id)`` per row; ``ids`` -1 marks an empty slot (never selected).
+
+    float32: exact order through int64 keys ``bits(D) << 32 | id`` and one ``torch.topk``; float64:
+    a sort by id, then a stable sort by distance.
+    """
+    empty = ids < 0
+    if dist.dtype == torch.float32:
+        dist = dist + 0.0  # -0.0 -> +0.0, so bit patterns order like the values
+        key = (dist.view(torch.int32).to(torch.int64) << 32) | ids.clamp(min=0)
+        key = torch.topk(key.masked_fill(empty, _MAXKEY), kk, dim=1, largest=False).values
+        gone = key == _MAXKEY
+        out_i = torch.where(gone, -1, key & 0xFFFFFFFF)
+        out_d = (key >> 32).to(torch.int32).view(torch.float32).masked_fill(gone, float("inf"))
+        return out_d, out_i
+    by_id = torch.argsort(ids.masked_fill(empty, _MAXKEY), dim=1)
+    dist, ids, empty = dist.gather(1, by_id), ids.gather(1, by_id), empty.gather(1, by_id)
+    dist = dist.masked_fill(empty, float("nan"))  # NaN sorts after +inf
     out_d, order = torch.sort(dist, dim=1, stable=True)
-    out_d, order = out_d[:, :kk], order[:, :kk]
-    if excluded is None:
-        return out_d, order
-    ex = excluded.gather(1, order)
-    back = torch.argsort(ex.to(torch.int8), dim=1, stable=True)  # excluded last, order kept
-    ex, out_d, order = ex.gather(1, back), out_d.gather(1, back), order.gather(1, back)
-    return out_d.masked_fill(ex, float("inf")), order.masked_fill(ex, -1)
+    out_d, out_i, gone = out_d[:, :kk], ids.gather(1, order)[:, :kk], empty.gather(1, order)[:, :kk]
+    return out_d.masked_fill(gone, float("inf")), out_i.masked_fill(gone, -1)
 
 
-@torch.no_grad()
-def topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
-    """``(distances [B, k], ids int64 [B, k])``: the k nearest items per user (SPEC.md)."""
-    _dist._check_dtype(user_emb)
+def _select_dense(dist, rows, cols, kk):
+    """Direct path: the kk smallest of a ``[n, I]`` distance block with exclusions scattered in."""
+    n, I = dist.shape
+    ids = torch.arange(I, device=dist.device, dtype=torch.int64).expand(n, I).clone()
+    if rows is not None:
+        ids[rows, cols] = -1
+    return _select(dist, ids, kk)
+
+
+def _sub_csr(exclude, rows):
+    """The CSR rows ``rows`` of ``exclude`` (same order)."""
+    indptr, indices = exclude
+    counts = indptr[rows + 1] - indptr[rows]
+    sub_ptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=indptr.device)
+    sub_ptr[1:] = counts.cumsum(0)
+    total = int(sub_ptr[-1])
+    within = torch.arange(total, device=indptr.device) - torch.repeat_interleave(
+        sub_ptr[:-1], counts, output_size=total
+    )
+    src = torch.repeat_interleave(indptr[rows], counts, output_size=total) + within
+    return sub_ptr, indices[src]
+
+
+def _topk_direct(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
+    """Every distance by the direct formula, then selection (the fallback and the large-k path)."""
     B, I = users.shape[0], item_emb.shape[0]
     dtype, dev = user_emb.dtype, user_emb.device
     kk = min(k, I)
@@ -178,16 +664,69 @@ def topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
         dist = chunk_distances(
             user_emb, item_emb, keys, memory, users[start : start + n], distance, eps
         )
-        if dtype in (torch.float16, torch.bfloat16):
-            dist = dist.to(dtype).float()  # rank the values that are returned (ties by id)
         rows = cols = None
         if exclude is not None and bounds[j + 1] > bounds[j]:
             lo, hi = bounds[j], bounds[j + 1]
             counts = indptr[start + 1 : start + n + 1] - indptr[start : start + n]
             rows = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=hi - lo)
             cols = indices[lo:hi]
-        select = _select_sort if dist.dtype == torch.float64 else _select_keys
-        dd, ii = select(dist, rows, cols, kk)
+        dd, ii = _select_dense(_rank_values(dist, dtype), rows, cols, kk)
         out_d[start : start + n, :kk] = dd.to(dtype)
         out_i[start : start + n, :kk] = ii
     return out_d, out_i
+
+
+def _topk_screened(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
+    """Screen, re-score, select, certify; uncertified users go through the direct path."""
+    B, I = users.shape[0], item_emb.shape[0]
+    dtype, dev = user_emb.dtype, user_emb.device
+    kk = min(k, I)
+    kc = candidates_for(k)
+    out_d = torch.full((B, k), float("inf"), dtype=dtype, device=dev)
+    out_i = torch.full((B, k), -1, dtype=torch.int64, device=dev)
+    # Bitmask (built in int32, kept in uint8), fp64 user rows, candidate keys, ids and distances.
+    per_user = 5 * ((I + 7) // 8) + 8 * user_emb.shape[1] + 40 * kc
+    chunk = max(1, SCREEN_CHUNK_BYTES // per_user)
+    failed = []
+    for start in range(0, B, chunk):
+        n = min(chunk, B - start)
+        u = users[start : start + n]
+        excl = None if exclude is None else _exclusion_bitmask(exclude, start, n, I, dev)
+        cand, drop = screen_launch(user_emb, item_emb, keys, memory, u, k, excl, distance, eps)
+        ids = torch.where(cand == _MAXKEY, -1, cand & 0xFFFFFFFF)
+        dist = rescore_launch(user_emb, item_emb, keys, memory, u, ids, distance, eps)
+        dd, ii = _select(_rank_values(dist, dtype), ids, kk)
+        # Certified: nothing dropped, or the k-th exact value is below every dropped lower bound.
+        lo = (drop >> 32).to(torch.int32).view(torch.float32)
+        lo = _rank_values(lo, dtype).to(dd.dtype)
+        good = (drop == _MAXKEY) | ((ii[:, kk - 1] >= 0) & (dd[:, kk - 1] < lo)) | (not CERTIFY)
+        out_d[start : start + n, :kk] = dd.to(dtype)
+        out_i[start : start + n, :kk] = ii
+        failed.append(start + torch.nonzero(~good)[:, 0])
+    failed = torch.cat(failed)
+    last_stats["screened"] = B - failed.shape[0]
+    last_stats["fallback"] = failed.shape[0]
+    if failed.shape[0]:
+        sub = None if exclude is None else _sub_csr(exclude, failed)
+        fd, fi = _topk_direct(
+            user_emb, item_emb, keys, memory, users[failed], k, sub, distance, eps
+        )
+        out_d[failed], out_i[failed] = fd, fi
+    return out_d, out_i
+
+
+@torch.no_grad()
+def topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
+    """``(distances [B, k], ids int64 [B, k])``: the k nearest items per user (SPEC.md)."""
+    if user_emb.dtype == torch.bfloat16 and _interpreted(user_emb):
+        raise TypeError(
+            "triton backend: bfloat16 parameters need a CUDA GPU (the Triton interpreter "
+            "cannot compute in bfloat16); use float16/float32/float64 on the CPU"
+        )
+    B, I = users.shape[0], item_emb.shape[0]
+    N, d = keys.shape
+    screen = N * d > 0 and candidates_for(k) <= MAX_CANDIDATES and screen_fits(N, d, distance)
+    if B == 0 or I == 0 or not screen:
+        last_stats["screened"], last_stats["fallback"] = 0, B
+        return _topk_direct(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps)
+    return _topk_screened(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps)
