@@ -1,4 +1,4 @@
-"""``lrml train | evaluate | info``: the command line (also ``python -m lrml_kernels``)."""
+"""``lrml train | evaluate | convert-checkpoint | info`` (also ``python -m lrml_kernels``)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,15 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from lrml_kernels import checkpoints
+
+    names = checkpoints.convert(args.old, args.new)
+    held = f"it held {', '.join(names)}" if names else "it held plain values only already"
+    print(f"wrote {args.new} as plain values ({held})", file=sys.stderr)
+    return 0
+
+
 def _info(args) -> int:
     import platform
 
@@ -178,6 +187,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="rewrite a checkpoint that holds more than plain values (from an earlier version) "
+        "so that it loads without running code; this loads OLD in full: only for files you trust",
+    )
+    p.add_argument("old", help="the checkpoint to convert (its code runs: trusted files only)")
+    p.add_argument("new", help="where to write the converted checkpoint (may be OLD)")
+    p.set_defaults(func=_convert)
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
