@@ -79,7 +79,9 @@ def _train(args) -> int:
 
     from lrml_kernels.training import fit
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         data=args.data,
@@ -114,6 +116,7 @@ def _train(args) -> int:
 
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            cfg.validate()  # this rank's device exists (fit checks every option again)
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     try:
@@ -128,17 +131,32 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from lrml_kernels import data
+    from lrml_kernels import backends, data
     from lrml_kernels.metrics import evaluate
     from lrml_kernels.training import load_checkpoint
 
-    model, ckpt = load_checkpoint(args.checkpoint, args.device)
-    spec = args.data or ckpt["config"]["data"]
-    split = data.load(spec, seed=ckpt["config"]["seed"])
-    if split.fingerprint() != ckpt["data_fingerprint"]:
-        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
+    # The options, then the checkpoint, are checked before any data is loaded.
+    device = backends.check_device(args.device)
+    if args.k < 1:
+        raise ValueError(f"--k must be a positive integer, got {args.k}")
+    if args.backend:
+        backends.resolve(args.backend, device)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
     if args.backend:
         model.backend = args.backend
+    else:
+        try:
+            backends.resolve(model.backend, device)
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(
+                f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
+            ) from None
+    spec = args.data or ckpt["config"].get("data")
+    if not isinstance(spec, str):
+        raise ValueError(f"{args.checkpoint} names no data set: give one with --data")
+    split = data.load(spec, seed=ckpt["config"].get("seed", 0))
+    if split.fingerprint() != ckpt.get("data_fingerprint"):
+        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     for protocol in args.eval:
         print(json.dumps(evaluate(model, split, protocol, args.k)))
     return 0

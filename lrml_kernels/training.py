@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lrml_kernels import checkpoints
+from lrml_kernels import backends, checkpoints
 from lrml_kernels import data as lkdata
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
@@ -111,6 +111,7 @@ class TrainConfig:
             raise ValueError("rowwise_adagrad exists only as a fused optimizer (--fused-optimizer)")
         if not self.fused_optimizer and self.on_nonfinite == "skip":
             raise ValueError("on_nonfinite='skip' needs the fused optimizer (--fused-optimizer)")
+        backends.check_device(self.device)  # one that exists here (touches no device)
 
 
 class _UnfusedStep:
@@ -248,6 +249,8 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     from tqdm.auto import tqdm
 
     cfg.validate()
+    # A backend that cannot run on the device is refused now, not after the data is loaded.
+    backends.resolve(cfg.backend, torch.device(cfg.device))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

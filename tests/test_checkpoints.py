@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrml_kernels import checkpoints, data
+from lrml_kernels import checkpoints
 from lrml_kernels.checkpoints import CheckpointError
 from lrml_kernels.cli import main
 from lrml_kernels.training import CHECKPOINT, TrainConfig, fit, load_checkpoint
@@ -62,23 +62,6 @@ def train_args(out, *extra) -> list[str]:
     return args + list(extra)
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    """Loading a data set fails the test: a refusal must come before the data is loaded."""
-
-    def load(*args, **kwargs):
-        raise AssertionError("the data was loaded")
-
-    monkeypatch.setattr(data, "load", load)
-
-
-def one_error_line(err: str, command: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith(f"lrml {command}: error: "), err
-    return lines[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # A malicious pickle
 # ----------------------------------------------------------------------------------------------
@@ -111,13 +94,13 @@ def test_a_malicious_checkpoint_does_not_run_its_code(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
-def test_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path, capsys, no_data, fmt):
+def test_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path, error_line, no_data, fmt):
     marker = tmp_path / "marker"
     malicious(tmp_path / CHECKPOINT, marker, fmt)
     assert main(["evaluate", str(tmp_path / CHECKPOINT)]) == 2
-    one_error_line(capsys.readouterr().err, "evaluate")
+    error_line("evaluate")
     assert main(train_args(tmp_path, "--resume")) == 2  # refused before any data is loaded
-    one_error_line(capsys.readouterr().err, "train")
+    error_line("train")
     assert not marker.exists()
 
 
@@ -163,30 +146,32 @@ FOREIGN = [
 
 
 @pytest.mark.parametrize("kind, words", FOREIGN)
-def test_foreign_or_damaged_files_get_a_clear_error(tmp_path, good, capsys, no_data, kind, words):
+def test_foreign_or_damaged_files_get_a_clear_error(
+    tmp_path, good, error_line, no_data, kind, words
+):
     path = tmp_path / "file.pt"
     write_foreign(path, kind, good)
     with pytest.raises(CheckpointError, match=words):
         load_checkpoint(path)
     assert main(["evaluate", str(path)]) == 2
-    assert words in one_error_line(capsys.readouterr().err, "evaluate")
+    assert words in error_line("evaluate")
 
 
-def test_resume_refuses_a_checkpoint_that_cannot_be_resumed(tmp_path, good, capsys, no_data):
+def test_resume_refuses_a_checkpoint_that_cannot_be_resumed(tmp_path, good, error_line, no_data):
     ckpt = plain_dict(good)
     del ckpt["gen_states"]  # e.g. the first version's single "gen_state"
     torch.save(ckpt, tmp_path / CHECKPOINT)
     assert main(train_args(tmp_path, "--resume")) == 2
-    line = one_error_line(capsys.readouterr().err, "train")
+    line = error_line("train")
     assert "not a checkpoint to resume from" in line and "'gen_states'" in line
 
 
-def test_resume_refuses_a_damaged_model_without_a_traceback(tmp_path, good, capsys):
+def test_resume_refuses_a_damaged_model_without_a_traceback(tmp_path, good, error_line):
     ckpt = plain_dict(good)
     ckpt["model"]["memory"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / CHECKPOINT)
     assert main(train_args(tmp_path, "--resume")) == 2
-    assert "does not fit the model" in one_error_line(capsys.readouterr().err, "train")
+    assert "does not fit the model" in error_line("train")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,11 +215,11 @@ def earlier_version(good, path) -> dict:
     return ckpt
 
 
-def test_an_earlier_checkpoint_is_refused_with_how_to_convert_it(tmp_path, good, capsys):
+def test_an_earlier_checkpoint_is_refused_with_how_to_convert_it(tmp_path, good, error_line):
     old = tmp_path / "old.pt"
     earlier_version(good, old)
     assert main(["evaluate", str(old)]) == 2
-    line = one_error_line(capsys.readouterr().err, "evaluate")
+    line = error_line("evaluate")
     assert "lrml convert-checkpoint OLD NEW" in line and "only for files you trust" in line
     assert "lrml_kernels.training.TrainConfig" in line and "numpy" in line
 
@@ -258,11 +243,13 @@ def test_convert_checkpoint_makes_it_load_safely_and_resume(tmp_path, good, caps
     assert plain_dict(new)["global_step"] == 6
 
 
-def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(tmp_path, good, capsys):
+def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(
+    tmp_path, good, capsys, error_line
+):
     new = tmp_path / "new.pt"
     assert main(["convert-checkpoint", str(good), str(new)]) == 0
     assert "plain values only already" in capsys.readouterr().err
     a, b = plain_dict(good), plain_dict(new)
     assert a.keys() == b.keys() and a["config"] == b["config"]
     assert main(["convert-checkpoint", str(tmp_path / "none.pt"), str(new)]) == 2
-    one_error_line(capsys.readouterr().err, "convert-checkpoint")
+    error_line("convert-checkpoint")
