@@ -215,10 +215,11 @@ def _draw_distinct(rng, model: _Model, a: int, n_u: np.ndarray, num_items: int):
         items = model.draw(rng, local + a)
         # (local * I + item) * R must fit in int64: split huge rounds (not at the sizes we use).
         keep, pairs, pos = _first_of_each_pair(local, items, num_items)
-        if taken.size:
-            k = local * num_items + items
-            at = np.minimum(np.searchsorted(taken, k), taken.size - 1)
-            keep &= taken[at] != k
+        if taken.size:  # drop the first draws of pairs kept in earlier rounds: one look-up per
+            # distinct pair, in ascending order (a fraction of the draws, and cache-friendly)
+            at = np.searchsorted(taken, pairs)
+            np.minimum(at, taken.size - 1, out=at)
+            keep[pos[taken[at] == pairs]] = False
         keep = _first_per_user(local, keep, need)
         got_local.append(local[keep])
         got_items.append(items[keep])
