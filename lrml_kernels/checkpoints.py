@@ -162,7 +162,8 @@ def check(ckpt, path, *, resume: bool = False) -> None:
         )
     for k, t in need.items():
         v = ckpt[k]
-        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+        allowed = (int, float) if t is float else t  # a float may have been stored as an int
+        if isinstance(v, bool) or not isinstance(v, allowed):
             raise CheckpointError(
                 f"{path}: {k!r} should be a {t.__name__}, not a {type(v).__name__}"
             )
