@@ -178,6 +178,55 @@ def why_unavailable(name: str, device_type: str | None = None) -> str | None:
     return None
 
 
+def devices_here() -> list[str]:
+    """The devices this process can use, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    other = _other_accelerator()
+    if other is not None:
+        found += [f"{other}:{i}" for i in range(torch.accelerator.device_count())]
+    return found
+
+
+def check_device(spec) -> torch.device:
+    """``spec`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...) as a device that exists here.
+
+    Raises ``ValueError`` saying which devices there are otherwise; it touches no device, so
+    options are checked in a moment, before any data is loaded.
+    """
+    here = ", ".join(devices_here())
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r} is not a device name; devices here: {here}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device"
+            raise ValueError(
+                f"--device {spec!r}: {why} (torch {torch.__version__}); devices here: {here}"
+            )
+        count = torch.cuda.device_count()
+    elif device.type == _other_accelerator():
+        count = torch.accelerator.device_count()
+    else:
+        raise ValueError(f"--device {spec!r}: no such device here; devices here: {here}")
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {spec!r}: there {'is' if count == 1 else 'are'} {count} {device.type} "
+            f"device{'' if count == 1 else 's'}; devices here: {here}"
+        )
+    return device
+
+
+def _other_accelerator() -> str | None:
+    """The accelerator other than CUDA that torch can use here (``"mps"``, ``"xpu"``), if any."""
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return acc.type if acc is not None and acc.type != "cuda" else None
+
+
 def available_backends() -> list[str]:
     """The backends that can run on this machine, e.g. ``["torch", "cpu"]``."""
     return [name for name in BACKENDS if why_unavailable(name) is None]

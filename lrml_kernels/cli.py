@@ -1,4 +1,4 @@
-"""``lrml train | evaluate | info``: the command line (also ``python -m lrml_kernels``)."""
+"""``lrml train | evaluate | convert-checkpoint | info`` (also ``python -m lrml_kernels``)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def _train(args) -> int:
 
     from lrml_kernels.training import fit
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         data=args.data,
@@ -114,6 +116,7 @@ def _train(args) -> int:
 
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            cfg.validate()  # this rank's device exists (fit checks every option again)
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     try:
@@ -128,19 +131,43 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from lrml_kernels import data
+    from lrml_kernels import backends, data
     from lrml_kernels.metrics import evaluate
     from lrml_kernels.training import load_checkpoint
 
-    model, ckpt = load_checkpoint(args.checkpoint, args.device)
-    spec = args.data or ckpt["config"]["data"]
-    split = data.load(spec, seed=ckpt["config"]["seed"])
-    if split.fingerprint() != ckpt["data_fingerprint"]:
-        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
+    # The options, then the checkpoint, are checked before any data is loaded.
+    device = backends.check_device(args.device)
+    if args.k < 1:
+        raise ValueError(f"--k must be a positive integer, got {args.k}")
+    if args.backend:
+        backends.resolve(args.backend, device)
+    model, ckpt = load_checkpoint(args.checkpoint, device)
     if args.backend:
         model.backend = args.backend
+    else:
+        try:
+            backends.resolve(model.backend, device)
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(
+                f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
+            ) from None
+    spec = args.data or ckpt["config"].get("data")
+    if not isinstance(spec, str):
+        raise ValueError(f"{args.checkpoint} names no data set: give one with --data")
+    split = data.load(spec, seed=ckpt["config"].get("seed", 0))
+    if split.fingerprint() != ckpt.get("data_fingerprint"):
+        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     for protocol in args.eval:
         print(json.dumps(evaluate(model, split, protocol, args.k)))
+    return 0
+
+
+def _convert(args) -> int:
+    from lrml_kernels import checkpoints
+
+    names = checkpoints.convert(args.old, args.new)
+    held = f"it held {', '.join(names)}" if names else "it held plain values only already"
+    print(f"wrote {args.new} as plain values ({held})", file=sys.stderr)
     return 0
 
 
@@ -178,6 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="rewrite a checkpoint that holds more than plain values (from an earlier version) "
+        "so that it loads without running code; this loads OLD in full: only for files you trust",
+    )
+    p.add_argument("old", help="the checkpoint to convert (its code runs: trusted files only)")
+    p.add_argument("new", help="where to write the converted checkpoint (may be OLD)")
+    p.set_defaults(func=_convert)
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

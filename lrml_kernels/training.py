@@ -7,7 +7,8 @@ reaches the same result as an uninterrupted run (bitwise on the CPU).
 
 Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
-leaves a broken checkpoint), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
+leaves a broken checkpoint; plain values only, loaded without running code: see
+:mod:`lrml_kernels.checkpoints`), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from lrml_kernels import backends, checkpoints
 from lrml_kernels import data as lkdata
+from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML
 from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer
@@ -108,21 +111,7 @@ class TrainConfig:
             raise ValueError("rowwise_adagrad exists only as a fused optimizer (--fused-optimizer)")
         if not self.fused_optimizer and self.on_nonfinite == "skip":
             raise ValueError("on_nonfinite='skip' needs the fused optimizer (--fused-optimizer)")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary file, fsync it, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        backends.check_device(self.device)  # one that exists here (touches no device)
 
 
 class _UnfusedStep:
@@ -193,25 +182,32 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_compatible(ckpt: dict, cfg: TrainConfig, fingerprint: str, world: int) -> None:
+def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
+    """Refuse to resume ``ckpt`` with other options or another number of processes."""
     if ckpt.get("world_size", 1) != world:
         raise ValueError(
             f"refusing to resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
             f"processes and this run has {world}"
         )
-    if ckpt.get("data_fingerprint") != fingerprint:
-        raise ValueError(
-            "refusing to resume: the checkpoint was trained on different data "
-            f"(checkpoint data {ckpt['config'].get('data')!r}, fingerprint "
-            f"{ckpt.get('data_fingerprint', '?')[:12]}; now {cfg.data!r}, {fingerprint[:12]})"
-        )
     old, new = ckpt["config"], asdict(cfg)
     diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        what = "options differ from the checkpoint's"
+        if {"data", "seed"} & set(diff):  # the seed draws the synthetic data and the split
+            what = "the checkpoint was trained on different data"
         raise ValueError(
-            f"refusing to resume: options differ from the checkpoint's ({changes}); "
+            f"refusing to resume: {what} ({changes}); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def _check_same_data(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
+    if ckpt["data_fingerprint"] != fingerprint:
+        raise ValueError(
+            "refusing to resume: the checkpoint was trained on different data "
+            f"(checkpoint data {ckpt['config'].get('data')!r}, fingerprint "
+            f"{ckpt['data_fingerprint'][:12]}; now {cfg.data!r}, {fingerprint[:12]})"
         )
 
 
@@ -253,11 +249,18 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     from tqdm.auto import tqdm
 
     cfg.validate()
+    # A backend that cannot run on the device is refused now, not after the data is loaded.
+    backends.resolve(cfg.backend, torch.device(cfg.device))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume and (out is None or not (out / CHECKPOINT).exists()):
         raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
+    rank, world = _rank_world()
+    ckpt = None
+    if resume:  # a foreign file or other options are refused before the data is loaded
+        ckpt = checkpoints.read(out / CHECKPOINT, resume=True)
+        _check_compatible(ckpt, cfg, world)
     if split is None:
         split = lkdata.load(cfg.data, seed=cfg.seed)
     device = torch.device(cfg.device)
@@ -278,7 +281,6 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             torch.as_tensor(indptr, device=device),
             torch.as_tensor(indices, device=device),
         )
-    rank, world = _rank_world()
     n_local = n // world  # every rank runs the same number of equal-sized steps
     steps_per_epoch = math.ceil(n_local / cfg.batch_size)
     gen = torch.Generator(device=device)  # negatives: one stream per rank
@@ -288,15 +290,20 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     epoch, step_in_epoch, global_step = 0, 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     elapsed = 0.0
-    if resume:
-        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-        _check_compatible(ckpt, cfg, fingerprint, world)
-        model.load_state_dict(ckpt["model"])
-        stepper.load_state_dict(ckpt["trainer"])
+    if ckpt is not None:
+        _check_same_data(ckpt, cfg, fingerprint)
+        try:
+            model.load_state_dict(ckpt["model"])
+            stepper.load_state_dict(ckpt["trainer"])
+            gen.set_state(ckpt["gen_states"][rank])
+        except (RuntimeError, KeyError, IndexError, TypeError) as exc:
+            raise checkpoints.CheckpointError(
+                f"{out / CHECKPOINT} does not fit the model it was written for (damaged?): "
+                + checkpoints.one_line(exc)
+            ) from None
         history = ckpt["history"]
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         global_step = ckpt["global_step"]
-        gen.set_state(ckpt["gen_states"][rank])
         loss_sum = ckpt["loss_sum"].to(device)
         elapsed = ckpt["epoch_seconds"]
     writer = out if rank == 0 else None
@@ -334,7 +341,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             "epoch_seconds": elapsed,
             "history": history,
         }
-        _atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
+        checkpoints.save(state, out / CHECKPOINT)
 
     def write_metrics(records: list[dict], final: bool = True):
         if writer is None:
@@ -350,7 +357,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         if final:
             doc["final"] = records[-1] if records else {}
         text = json.dumps(doc, indent=2).encode()
-        _atomic_write(out / METRICS, lambda f: f.write(text))
+        checkpoints.atomic_write(out / METRICS, lambda f: f.write(text))
         if records:
             _plot_curve(records, out / CURVE)
 
@@ -492,11 +499,22 @@ def _version() -> str:
 
 
 def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
-    """The model stored in a training checkpoint, and the checkpoint's metadata."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    """The model stored in a training checkpoint, and the checkpoint's metadata.
+
+    The file is loaded without running code (:func:`lrml_kernels.checkpoints.read`); one that is
+    not a checkpoint of this package raises :class:`~lrml_kernels.checkpoints.CheckpointError`.
+    """
+    ckpt = checkpoints.read(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    cfg.device = str(device)
-    model, _ = build(cfg, ckpt["num_users"], ckpt["num_items"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+        cfg.device = str(device)
+        cfg.validate()
+        model, _ = build(cfg, ckpt["num_users"], ckpt["num_items"])
+        model.load_state_dict(ckpt["model"])
+    except BackendUnavailable:
+        raise
+    except (RuntimeError, TypeError, ValueError) as exc:
+        why = checkpoints.one_line(exc)
+        raise checkpoints.CheckpointError(f"{path}: not a usable LRML checkpoint ({why})") from None
     return model, ckpt

@@ -41,3 +41,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading a data set fails the test: a refusal must come before the data is loaded."""
+    from lrml_kernels import data
+
+    def load(*args, **kwargs):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(data, "load", load)
+
+
+@pytest.fixture
+def error_line(capsys):
+    """``error_line(command)``: what the CLI printed on stderr since the last read, which must
+    be the one line ``lrml COMMAND: error: ...`` (no traceback); returns that line."""
+
+    def read(command: str) -> str:
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"lrml {command}: error: "), err
+        return lines[0]
+
+    return read

@@ -71,7 +71,7 @@ def reference_run(tmp_path_factory):
 
 
 def load(out: Path) -> dict:
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
 
 
 def without_timing(epochs: list[dict]) -> list[dict]:
@@ -142,10 +142,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference
 # of its bytes in the temporary file, fsyncs, and SIGKILLs its own process before the rename.
 KILL_DURING_WRITE = r"""
 import io, os, signal, sys
+import lrml_kernels.checkpoints as C
 import lrml_kernels.training as T
 from lrml_kernels.cli import main
 
-kill_at, real, count = int(os.environ["KILL_AT"]), T._atomic_write, [0]
+kill_at, real, count = int(os.environ["KILL_AT"]), C.atomic_write, [0]
 
 def atomic_write(path, write):
     if path.name == T.CHECKPOINT:
@@ -164,7 +165,7 @@ def atomic_write(path, write):
             return real(path, half)
     return real(path, write)
 
-T._atomic_write = atomic_write
+C.atomic_write = atomic_write
 sys.exit(main(sys.argv[1:]))
 """
 

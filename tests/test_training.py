@@ -41,7 +41,7 @@ def cfg(**kw):
 
 
 def params_of(out):
-    return torch.load(out / CHECKPOINT, weights_only=False)["model"]
+    return torch.load(out / CHECKPOINT, weights_only=True)["model"]
 
 
 def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
@@ -116,7 +116,7 @@ def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, small, optimizer):
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, small):
     full = fit(cfg(epochs=2), tmp_path / "a", split=small)
     fit(cfg(epochs=2, max_steps=3, checkpoint_every=1), tmp_path / "b", split=small)
-    ckpt = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] == 3
     resumed = fit(cfg(epochs=2), tmp_path / "b", split=small, resume=True)
     assert resumed["final"]["loss"] == full["final"]["loss"]

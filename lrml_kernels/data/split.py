@@ -182,12 +182,18 @@ def sample_eval_negatives(
             sub.sort(axis=1)
             bad = np.zeros(sub.shape, dtype=bool)
             bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
-            # the key look-ups a few rows at a time: their temporaries stay small
+            # the key look-ups a few rows at a time: their temporaries stay small, and each
+            # search spans only the keys of those rows' users (a few MB, not the whole log)
             for c in range(0, rows.size, check):
                 d = min(c + check, rows.size)
-                q = (users[rows[c:d]] * np.int64(num_items))[:, None] + sub[c:d]  # rows ascend
-                pos = np.searchsorted(keys, q.ravel()).reshape(q.shape)
-                bad[c:d] |= keys[np.minimum(pos, keys.size - 1)] == q
+                u = users[rows[c:d]]
+                span = keys[indptr[u.min()] : indptr[u.max() + 1]]
+                if span.size == 0:
+                    continue
+                q = (u * np.int64(num_items))[:, None] + sub[c:d]
+                pos = np.searchsorted(span, q.ravel()).reshape(q.shape)
+                np.minimum(pos, span.size - 1, out=pos)
+                bad[c:d] |= span[pos] == q
             nbad = int(bad.sum())
             if nbad:
                 sub[bad] = rng.integers(0, num_items, size=nbad, dtype=np.int64)

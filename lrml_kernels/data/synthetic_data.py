@@ -48,16 +48,18 @@ class _Model:
     offsets: np.ndarray  # [C + 1] start of each segment (segment C: the whole catalogue)
     sizes: np.ndarray  # [C + 1]
     zipf_top: np.ndarray  # [C + 1] (size + 1) ** (1 - a) - 1: the continuous Zipf inverse CDF
-    likes: list[np.ndarray]  # 3 x [U] liked clusters
+    segments: np.ndarray  # [U * 4] each user's 3 liked clusters, then C (the catalogue)
     cum: list[np.ndarray]  # 3 x [U] float32 cumulative probability of drawing from each of them
 
     def draw(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
         """One item for each entry of ``users`` (global user indices)."""
         r = rng.random(users.size, dtype=np.float32)
-        seg = np.full(users.size, self.sizes.size - 1, dtype=np.int64)
-        for k in range(_TASTES - 1, -1, -1):  # the first liked cluster whose threshold r is under
-            hit = np.flatnonzero(r < self.cum[k][users])
-            seg[hit] = self.likes[k][users[hit]]
+        # The first liked cluster whose threshold r is under (the catalogue if none): the
+        # thresholds ascend, so its position is how many of them r is not under.
+        k = users * (_TASTES + 1)
+        for threshold in self.cum:
+            k += r >= threshold[users]
+        seg = self.segments[k]
         # x = (1 + u * top) ** (1 / (1 - a)), and 1 / (1 - a) = 10: four products, not a pow
         y = rng.random(users.size)
         y *= self.zipf_top[seg]
@@ -123,7 +125,9 @@ def synthetic(
         offsets=np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64),
         sizes=sizes,
         zipf_top=(sizes + 1.0) ** (1.0 - _ZIPF) - 1.0,
-        likes=list(rng.integers(0, C, size=(_TASTES, U), dtype=np.int64)),
+        segments=np.concatenate(
+            (rng.integers(0, C, size=(_TASTES, U), dtype=np.int64), np.full((1, U), C)), axis=0
+        ).T.ravel(),
         cum=list(np.cumsum(taste * (1.0 - noise)[:, None], axis=1).T.astype(np.float32)),
     )
     span = rng.uniform(30 * 86400, 5 * _YEAR, U)
@@ -215,10 +219,11 @@ def _draw_distinct(rng, model: _Model, a: int, n_u: np.ndarray, num_items: int):
         items = model.draw(rng, local + a)
         # (local * I + item) * R must fit in int64: split huge rounds (not at the sizes we use).
         keep, pairs, pos = _first_of_each_pair(local, items, num_items)
-        if taken.size:
-            k = local * num_items + items
-            at = np.minimum(np.searchsorted(taken, k), taken.size - 1)
-            keep &= taken[at] != k
+        if taken.size:  # drop the first draws of pairs kept in earlier rounds: one look-up per
+            # distinct pair, in ascending order (a fraction of the draws, and cache-friendly)
+            at = np.searchsorted(taken, pairs)
+            np.minimum(at, taken.size - 1, out=at)
+            keep[pos[taken[at] == pairs]] = False
         keep = _first_per_user(local, keep, need)
         got_local.append(local[keep])
         got_items.append(items[keep])

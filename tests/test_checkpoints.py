@@ -1,0 +1,255 @@
+"""Checkpoints cannot run code (issue 19): a malicious pickle is refused without executing it,
+foreign and damaged files get one clear error line, and a checkpoint holding more than plain
+values (an earlier version's) is refused with the way to convert it, which then works."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lrml_kernels import checkpoints
+from lrml_kernels.checkpoints import CheckpointError
+from lrml_kernels.cli import main
+from lrml_kernels.training import CHECKPOINT, TrainConfig, fit, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OPTS = dict(
+    data="synthetic-small",
+    epochs=1,
+    dim=8,
+    memory_slots=4,
+    negatives=2,
+    batch_size=256,
+    backend="torch",
+    eval="none",
+    max_steps=4,
+    checkpoint_every=2,
+)
+
+
+class RunsCode:
+    """Unpickling this object runs ``touch MARKER`` (``os.system``)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A checkpoint written by ``fit`` (mid-epoch: it can be resumed) and its directory."""
+    out = tmp_path_factory.mktemp("good")
+    fit(TrainConfig(**OPTS, progress=False), out)
+    return out / CHECKPOINT
+
+
+def plain_dict(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_args(out, *extra) -> list[str]:
+    args = ["train", "--out", str(out), "--no-progress", "--threads", "1"]
+    for k, v in OPTS.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args + list(extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# A malicious pickle
+# ----------------------------------------------------------------------------------------------
+
+
+def malicious(path, marker, fmt: str) -> None:
+    """A checkpoint-looking file whose unpickling would create ``marker``."""
+    ckpt = {"config": {}, "model": {}, "num_users": 1, "num_items": 1, "evil": RunsCode(marker)}
+    if fmt == "torch.save":
+        torch.save(ckpt, path)
+    else:  # a bare pickle, as a foreign tool might write
+        with open(path, "wb") as f:
+            pickle.dump(ckpt, f)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_a_malicious_checkpoint_does_not_run_its_code(tmp_path, fmt):
+    marker = tmp_path / "marker"
+    path = tmp_path / CHECKPOINT
+    malicious(path, marker, fmt)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.read(path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+    if fmt == "torch.save":  # the refusal names what the file would have run
+        assert "posix.system" in str(info.value) and "convert-checkpoint" in str(info.value)
+    else:
+        assert "not a whole torch.save zip archive" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path, error_line, no_data, fmt):
+    marker = tmp_path / "marker"
+    malicious(tmp_path / CHECKPOINT, marker, fmt)
+    assert main(["evaluate", str(tmp_path / CHECKPOINT)]) == 2
+    error_line("evaluate")
+    assert main(train_args(tmp_path, "--resume")) == 2  # refused before any data is loaded
+    error_line("train")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Foreign and damaged files
+# ----------------------------------------------------------------------------------------------
+
+
+def write_foreign(path, kind: str, good_path) -> None:
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "json":
+        path.write_text('{"model": {}}')
+    elif kind == "truncated":
+        blob = good_path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "a list":
+        torch.save([1, 2, 3], path)
+    elif kind == "a bare state_dict":
+        torch.save(plain_dict(good_path)["model"], path)
+    elif kind == "wrong types":
+        ckpt = plain_dict(good_path)
+        ckpt["num_users"] = "many"
+        torch.save(ckpt, path)
+    elif kind == "wrong shapes":
+        ckpt = plain_dict(good_path)
+        ckpt["model"]["keys"] = torch.zeros(3, 3)
+        torch.save(ckpt, path)
+
+
+FOREIGN = [
+    ("random bytes", "not a whole torch.save zip archive"),
+    ("empty", "not a whole torch.save zip archive"),
+    ("json", "not a whole torch.save zip archive"),
+    ("truncated", "not a whole torch.save zip archive"),
+    ("a list", "holds a list, not a dict"),
+    ("a bare state_dict", "it lacks 'config'"),
+    ("wrong types", "'num_users' should be a int"),
+    ("wrong shapes", "not a usable LRML checkpoint"),
+]
+
+
+@pytest.mark.parametrize("kind, words", FOREIGN)
+def test_foreign_or_damaged_files_get_a_clear_error(
+    tmp_path, good, error_line, no_data, kind, words
+):
+    path = tmp_path / "file.pt"
+    write_foreign(path, kind, good)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(path)
+    assert main(["evaluate", str(path)]) == 2
+    assert words in error_line("evaluate")
+
+
+def test_resume_refuses_a_checkpoint_that_cannot_be_resumed(tmp_path, good, error_line, no_data):
+    ckpt = plain_dict(good)
+    del ckpt["gen_states"]  # e.g. the first version's single "gen_state"
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    assert main(train_args(tmp_path, "--resume")) == 2
+    line = error_line("train")
+    assert "not a checkpoint to resume from" in line and "'gen_states'" in line
+
+
+def test_resume_refuses_a_damaged_model_without_a_traceback(tmp_path, good, error_line):
+    ckpt = plain_dict(good)
+    ckpt["model"]["memory"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    assert main(train_args(tmp_path, "--resume")) == 2
+    assert "does not fit the model" in error_line("train")
+
+
+# ----------------------------------------------------------------------------------------------
+# What is written, and checkpoints that hold more than plain values
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fit_writes_plain_values_even_from_numpy_options(tmp_path):
+    # A sweep started from Python with numpy numbers (np.float64 passes for a float).
+    lr, margin = np.logspace(-2, 0, 2)
+    cfg = TrainConfig(**{**OPTS, "max_steps": 2}, lr=lr, margin=margin, progress=False)
+    fit(cfg, tmp_path)
+    ckpt = plain_dict(tmp_path / CHECKPOINT)
+    assert type(ckpt["config"]["lr"]) is float and type(ckpt["config"]["margin"]) is float
+    assert (ckpt["config"]["lr"], ckpt["config"]["margin"]) == (0.01, 1.0)
+
+
+def test_to_plain_refuses_what_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\]\[1\]: a builtins.object"):
+        checkpoints.to_plain({"x": [1, object()]})
+    rng = np.random.default_rng(3)
+    state = {"np": np.random.RandomState(1), "gen": rng, "a": np.arange(3)}
+    checkpoints.save(state, tmp_path / "x.pt")
+    plain = plain_dict(tmp_path / "x.pt")
+    assert torch.equal(plain["a"], torch.arange(3))
+    restored = np.random.default_rng()
+    restored.bit_generator.state = plain["gen"]  # numpy RNG state survives as plain values
+    assert restored.integers(1 << 30) == rng.integers(1 << 30)
+
+
+def earlier_version(good, path) -> dict:
+    """``good`` as a checkpoint holding numpy numbers, a pickled TrainConfig and numpy RNG state,
+    as a version that stored such objects would have written it; returns the plain original."""
+    ckpt = plain_dict(good)
+    old = dict(ckpt)
+    old["config"] = TrainConfig(**ckpt["config"])
+    old["num_users"] = np.int64(ckpt["num_users"])
+    old["epoch_seconds"] = np.float64(ckpt["epoch_seconds"])
+    old["numpy_rng"] = np.random.RandomState(0)
+    torch.save(old, path)
+    return ckpt
+
+
+def test_an_earlier_checkpoint_is_refused_with_how_to_convert_it(tmp_path, good, error_line):
+    old = tmp_path / "old.pt"
+    earlier_version(good, old)
+    assert main(["evaluate", str(old)]) == 2
+    line = error_line("evaluate")
+    assert "lrml convert-checkpoint OLD NEW" in line and "only for files you trust" in line
+    assert "lrml_kernels.training.TrainConfig" in line and "numpy" in line
+
+
+def test_convert_checkpoint_makes_it_load_safely_and_resume(tmp_path, good, capsys):
+    old, new = tmp_path / "old.pt", tmp_path / "run" / CHECKPOINT
+    new.parent.mkdir()
+    want = earlier_version(good, old)
+    assert main(["convert-checkpoint", str(old), str(new)]) == 0
+    assert "TrainConfig" in capsys.readouterr().err
+    got = plain_dict(new)  # weights_only: plain values only
+    assert got["config"] == dataclasses.asdict(TrainConfig(**want["config"]))
+    assert type(got["num_users"]) is int and got["num_users"] == want["num_users"]
+    assert torch.is_tensor(got["numpy_rng"]["state"]["key"])
+    for name, t in want["model"].items():
+        assert torch.equal(got["model"][name], t), name
+    model, _ = load_checkpoint(new)
+    assert torch.equal(model.keys.detach(), want["model"]["keys"])
+    # the converted checkpoint resumes: the run finishes its epoch
+    assert main(train_args(new.parent, "--resume", "--max-steps", "6")) == 0, capsys.readouterr()
+    assert plain_dict(new)["global_step"] == 6
+
+
+def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(
+    tmp_path, good, capsys, error_line
+):
+    new = tmp_path / "new.pt"
+    assert main(["convert-checkpoint", str(good), str(new)]) == 0
+    assert "plain values only already" in capsys.readouterr().err
+    a, b = plain_dict(good), plain_dict(new)
+    assert a.keys() == b.keys() and a["config"] == b["config"]
+    assert main(["convert-checkpoint", str(tmp_path / "none.pt"), str(new)]) == 2
+    error_line("convert-checkpoint")

@@ -1,0 +1,88 @@
+"""Options are checked before any data is loaded (issue 19): a device or backend that does not
+exist here gets one ``lrml <command>: error:`` line naming what does, in a moment, and the data
+loader is never called. CUDA is simulated (``torch.cuda.is_available`` / ``device_count``), so
+these run the same on machines with and without GPUs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lrml_kernels.backends import check_device
+from lrml_kernels.cli import main
+from lrml_kernels.training import TrainConfig, fit
+
+
+@pytest.fixture
+def cuda_devices(monkeypatch):
+    """``cuda_devices(n)``: torch sees ``n`` CUDA devices (0: none)."""
+
+    def see(n: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return see
+
+
+TRAIN = ["train", "--data", "synthetic-netflix", "--no-progress", "--backend", "torch"]
+EVALUATE = ["evaluate", "no-such-checkpoint.pt", "--backend", "torch"]
+
+REFUSED = [  # (CUDA devices, --device, what the error says)
+    (0, "cuda", "devices here: cpu"),
+    (0, "cuda:0", "devices here: cpu"),
+    (0, "tpu", "'tpu' is not a device name; devices here: cpu"),
+    (0, "meta", "no such device here; devices here: cpu"),
+    (2, "cuda:2", "there are 2 cuda devices; devices here: cpu, cuda:0, cuda:1"),
+    (1, "cuda:1", "there is 1 cuda device; devices here: cpu, cuda:0"),
+    (2, "tpu:1", "'tpu:1' is not a device name; devices here: cpu, cuda:0, cuda:1"),
+]
+
+
+@pytest.mark.parametrize("cuda, device, words", REFUSED)
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_device_that_is_not_here_is_refused_before_the_data(
+    cuda_devices, no_data, error_line, command, cuda, device, words
+):
+    cuda_devices(cuda)
+    args = (TRAIN if command == "train" else EVALUATE) + ["--device", device]
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - t0 < 2.0  # no data, no checkpoint read, no device touched
+    assert words in error_line(command)
+
+
+def test_a_device_that_is_here_passes_the_checks(cuda_devices, no_data, tmp_path):
+    cuda_devices(2)
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    assert check_device("cuda") == torch.device("cuda")
+    assert check_device("cpu") == torch.device("cpu")
+    # every option passes; what comes next is the data set (here: the no_data sentinel)
+    with pytest.raises(AssertionError, match="the data was loaded"):
+        main(TRAIN + ["--device", "cuda:1", "--out", str(tmp_path)])
+
+
+def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data, error_line):
+    with pytest.raises(ValueError, match="devices here"):
+        fit(TrainConfig(device="tpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton: CUDA tensors only
+    cpu = ["--device", "cpu", "--backend", "triton"]
+    assert main(TRAIN[:-2] + cpu) == 2
+    assert "triton backend runs on CUDA tensors" in error_line("train")
+    assert main(EVALUATE[:-2] + cpu) == 2
+    assert "triton backend runs on CUDA tensors" in error_line("evaluate")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (TRAIN + ["--threads", "-1"], "--threads must be a positive integer"),
+        (TRAIN + ["--batch-size", "0"], "batch_size must be a positive integer"),
+        (EVALUATE + ["--k", "0"], "--k must be a positive integer"),
+        (EVALUATE[:-1] + ["nosuch"], "backend must be 'auto' or one of"),
+    ],
+)
+def test_other_bad_options_are_refused_before_the_data(no_data, error_line, args, words):
+    assert main(args) == 2
+    assert words in error_line(args[0])
