@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import lrml_kernels as lk
+
 SAFETY = 2.0  # the bound is first order; second-order terms and libm's exp/sqrt ulps fit in 2x
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -41,7 +43,6 @@ UNIT_ROUNDOFF = {
     torch.bfloat16: 2.0**-8,
 }
 TF32_ROUNDOFF = 2.0**-11
-PARAM_NAMES = ("user_emb", "item_emb", "keys", "memory")
 
 # Totals over the session, for the terminal summary (conftest.py).
 STATS = {"comparisons": 0, "excluded": 0}
@@ -253,7 +254,8 @@ def reference_with_bounds(
             if grad_out is not None:
                 w = grad_out.detach().double().reshape(B)
         else:
-            w = torch.full((B,), 1.0 / B if reduction == "mean" and B else 1.0).to(D.v)
+            w = torch.full((B,), 1.0 / B if reduction == "mean" and B else 1.0, dtype=D.v.dtype)
+            w = w.to(D.v.device)
         u_hinge = pr.u_out if stored_d else pr.u_acc
         L, g, excluded = _hinge(D.rounded(u_hinge), margin, pr, w, kinks, u_hinge)
         if reduction == "none":
@@ -297,8 +299,6 @@ def reference_with_bounds(
 
 
 def _violations(what: str, actual: torch.Tensor, want: E) -> str | None:
-    if actual is None:
-        return f"{what}: no gradient"
     actual = actual.to_dense() if actual.is_sparse else actual
     a = actual.detach().double().to(want.v.device)
     if a.shape != want.v.shape:
@@ -317,18 +317,19 @@ def _violations(what: str, actual: torch.Tensor, want: E) -> str | None:
     )
 
 
-def assert_matches(what: str, ref: Reference, out=None, grads=(), rows=()) -> int:
-    """Assert a backend's output, table gradients and/or per-pair gradient rows against
+def assert_matches(what: str, ref: Reference, out=None, grads=None, rows=None) -> int:
+    """Assert a backend's output, gradients of the four parameters (None entries are not
+    compared) and/or per-pair gradient rows ``(user rows [B, d], item rows [B, C, d])`` against
     ``ref``; returns the number of excluded kink terms (in the message on failure)."""
     STATS["comparisons"] += 1
     STATS["excluded"] += ref.excluded
     problems = []
     if out is not None:
         problems.append(_violations(f"{what} output", out, ref.out))
-    names = PARAM_NAMES[: len(grads)]
-    for name, g, want in zip(names, grads, ref.tables, strict=False):
-        problems.append(_violations(f"{what} grad {name}", g, want))
-    for name, g, want in zip(("user rows", "item rows"), rows, ref.rows, strict=False):
+    for name, g, want in zip(lk.ops.PARAM_NAMES, grads or (), ref.tables, strict=False):
+        if g is not None:
+            problems.append(_violations(f"{what} grad {name}", g, want))
+    for name, g, want in zip(("user rows", "item rows"), rows or (), ref.rows, strict=False):
         problems.append(_violations(f"{what} grad {name}", g, want))
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems) + (
@@ -341,3 +342,45 @@ def check(what: str, out, grads, params, users, items, **kw) -> int:
     """:func:`reference_with_bounds` then :func:`assert_matches`; returns the excluded count."""
     ref = reference_with_bounds(params, users, items, **kw)
     return assert_matches(what, ref, out, grads)
+
+
+def run_op(op: str, backend: str, params, users, items, grad_out=None, **kw):
+    """A backend's ``lrml_distances`` (op="distances") or ``lrml_hinge_loss`` (op="hinge") on
+    fresh leaves, backward with ``grad_out`` (None: ones); returns ``(out, grads)``."""
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    fn = lk.lrml_distances if op == "distances" else lk.lrml_hinge_loss
+    out = fn(*leaves, users, items, backend=backend, **kw)
+    out.backward(torch.ones_like(out) if grad_out is None else grad_out)
+    grads = [None if p.grad is None else p.grad.to_dense() for p in leaves]
+    return out.detach(), grads
+
+
+def upstream(items, dtype, seed: int = 1) -> torch.Tensor:
+    """Weights of both signs for the backward of the distances, in the parameter dtype."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(items.shape, generator=g, dtype=torch.float64).mul(2).sub(0.7)
+    return w.to(dtype).to(items.device)
+
+
+def check_backend(backend: str, params, users, items, *, ops=("hinge", "distances"), **kw) -> int:
+    """The backend's hinge loss and/or distances and their four gradients against the float64
+    reference (``kw``: distance, relation, eps, margin, reduction, sparse_grad, tf32, kinks).
+    Returns the number of excluded kink terms."""
+    tf32 = kw.pop("tf32", False)
+    kinks = kw.pop("kinks", True)
+    hinge_only = ("margin", "reduction")
+    excluded = 0
+    for op in ops:
+        opkw = {k: v for k, v in kw.items() if op == "hinge" or k not in hinge_only}
+        w = upstream(items, params[0].dtype) if op == "distances" else None
+        out, grads = run_op(op, backend, params, users, items, w, **opkw)
+        refkw = {k: v for k, v in opkw.items() if k != "sparse_grad"}
+        ref = reference_with_bounds(
+            params, users, items, op=op, grad_out=w, tf32=tf32, kinks=kinks,
+            stored_d=backend == "torch", **refkw,
+        )  # fmt: skip
+        assert out.dtype == params[0].dtype
+        for g, p in zip(grads, params, strict=True):
+            assert g is not None and g.dtype == p.dtype and g.shape == p.shape
+        excluded += assert_matches(f"{backend} {op}", ref, out, grads)
+    return excluded
