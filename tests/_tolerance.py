@@ -74,9 +74,10 @@ class E:
     def scale(self, c: float) -> E:
         return E(self.v * c, self.err * abs(c))
 
-    def rounded(self, u: float) -> E:
-        """The value rounded once with unit roundoff u (an op's result, or a store)."""
-        return E(self.v, self.err + u * self.v.abs())
+    def rounded(self, u: float, floor: float = 0.0) -> E:
+        """The value rounded once with unit roundoff u (an op's result, or a store); ``floor``:
+        the absolute rounding of the dtype's subnormal range."""
+        return E(self.v, self.err + u * self.v.abs() + floor)
 
     def index(self, *idx) -> E:
         if len(idx) == 2 and idx[1] is None:  # rows, then a new axis
@@ -89,12 +90,20 @@ class Precision:
     u_out: float  # the parameter dtype: stored D, gradient rows, outputs
     u_acc: float  # the compute dtype: sums, elementwise ops
     u_dot: float  # dot-product operands (tf32 rounds them)
+    tiny_out: float  # the subnormal spacing of the parameter dtype (stores below it flush)
+    tiny_acc: float  # the smallest normal of the compute dtype (exp underflows below it)
 
     @staticmethod
     def of(dtype: torch.dtype, tf32: bool = False) -> Precision:
-        acc = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+        ct = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = UNIT_ROUNDOFF[ct]
         dot = TF32_ROUNDOFF if tf32 and dtype == torch.float32 else acc
-        return Precision(UNIT_ROUNDOFF[dtype], acc, dot)
+        fo = torch.finfo(dtype)
+        return Precision(UNIT_ROUNDOFF[dtype], acc, dot, fo.tiny * fo.eps, torch.finfo(ct).tiny)
+
+    def store(self, x: E) -> E:
+        """x stored in the parameter dtype."""
+        return x.rounded(self.u_out, self.tiny_out)
 
     def gamma(self, n: int) -> float:
         return n * self.u_acc + 2 * self.u_dot
@@ -119,7 +128,7 @@ def _sum(x: E, pr: Precision, dim: int = -1, keepdim: bool = False) -> E:
 def _softmax(z: E, pr: Precision) -> E:
     a = torch.softmax(z.v, dim=-1)
     spread = z.err + (a * z.err).sum(-1, keepdim=True)
-    return E(a, a * spread + (z.v.shape[-1] + 3) * pr.u_acc * a)
+    return E(a, a * spread + (z.v.shape[-1] + 3) * pr.u_acc * a + pr.tiny_acc)
 
 
 def _attention(p: E, q: E, K: E, M: E, pr: Precision):
@@ -194,7 +203,7 @@ def _table(rows: E, index: torch.Tensor, num: int, pr: Precision) -> E:
     """Scatter-sum of rows stored in the parameter dtype: each row and each partial sum may be
     rounded to it (torch's embedding backward sums half rows in half), n rows per table row."""
     d = rows.v.shape[-1]
-    rows = rows.rounded(pr.u_out)
+    rows = pr.store(rows)
     idx = index.reshape(-1).long()
     rv, re = rows.v.reshape(-1, d), rows.err.reshape(-1, d)
     v = rv.new_zeros(num, d).index_add_(0, idx, rv)
@@ -245,7 +254,7 @@ def reference_with_bounds(
     D = _distance(e, distance, eps, pr)  # [B, C]
     excluded = 0
     if op == "distances":
-        out = D.rounded(pr.u_out)
+        out = pr.store(D)
         gD = torch.ones_like(D.v) if grad_out is None else grad_out.detach().double()
         g = E.exact(gD.reshape(B, C))
     elif op == "hinge":
@@ -265,7 +274,7 @@ def reference_with_bounds(
             out = E(out.v[0], out.err[0])
             if reduction == "mean" and B:
                 out = out.scale(1.0 / B).rounded(pr.u_acc)
-        out = out.rounded(pr.u_out)
+        out = pr.store(out)
     else:
         raise ValueError(op)
     ge, n_l1 = _residual_grad(e, D, g, distance, pr, kinks)  # [B, C, d]
@@ -291,10 +300,10 @@ def reference_with_bounds(
     tables = [
         _table(gp, users, P.v.shape[0], pr),
         _table(gq, items, Q.v.shape[0], pr),
-        gK.rounded(pr.u_out),
-        gM.rounded(pr.u_out),
+        pr.store(gK),
+        pr.store(gM),
     ]
-    rows = [gp.rounded(pr.u_out), gq.rounded(pr.u_out)]
+    rows = [pr.store(gp), pr.store(gq)]
     return Reference(out, tables, rows, excluded)
 
 
