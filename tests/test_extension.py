@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tolerance import assert_matches, reference_with_bounds
 
 import lrml_kernels as lk
 from lrml_kernels import extension, reference
@@ -593,22 +594,22 @@ def test_every_cu_file_compiles_with_nvcc():
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_cuda_matches_reference(distance, relation, dtype):
+    # The first H200 run compared with the reference in the parameter dtype and a fixed
+    # tolerance: fp32 failed at 1 of 51100 elements (1.4e-3 on a sum of terms of ~1e2), bf16 where
+    # per-pair gradient rows, rounded to bf16 by the reference and by this backend, cancel. Now
+    # against the float64 reference of the same rounded inputs (tests/_tolerance.py).
     cuda = extension.backend("cuda")
-    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     for shape in SHAPES:
         P, Q, K, M, users, items = make(*shape, dtype, device="cuda")
         params = (P, Q, K, M)
+        kw = dict(distance=distance, relation=relation)
         D = cuda.distances(*params, users, items, distance, relation, 1e-3, False)
-        Dr = reference.lrml_distances(*params, users, items, distance=distance, relation=relation)
-        torch.testing.assert_close(D, Dr, **tol)
+        gD = torch.randn(D.shape, generator=torch.Generator().manual_seed(3)).to(D)
+        ref = reference_with_bounds(params, users, items, op="distances", grad_out=gD, **kw)
+        assert_matches(f"cuda distances {shape}", ref, D, grads(D, params, gD))
         L = cuda.hinge_loss(*params, users, items, 0.5, distance, relation, 1e-3, "mean", False)
-        Lr = reference.lrml_hinge_loss(
-            *params, users, items, distance=distance, relation=relation, reduction="mean"
-        )
-        torch.testing.assert_close(L, Lr, **tol)
-        gD = torch.randn_like(Dr)
-        for a, b in zip(grads(D, params, gD), grads(Dr, params, gD), strict=True):
-            torch.testing.assert_close(a.float(), b.float(), **tol)
+        ref = reference_with_bounds(params, users, items, op="hinge", reduction="mean", **kw)
+        assert_matches(f"cuda hinge {shape}", ref, L, grads(L, params))
 
 
 @pytest.mark.gpu
