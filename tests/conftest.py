@@ -17,12 +17,34 @@ SHARED_DATA = Path(os.environ.get("LRML_SHARED_DATA", REPO.parent / "shared" / "
 
 
 def pytest_collection_modifyitems(config, items):
+    config._lrml_gpu_items = [item.nodeid for item in items if "gpu" in item.keywords]
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Which GPU subset ran (the GPU check's log says it), and the reference comparisons."""
+    gpu = getattr(config, "_lrml_gpu_items", [])
+    if gpu:
+        where = "ran on " + torch.cuda.get_device_name() if torch.cuda.is_available() else "skipped"
+        per_file: dict = {}
+        for nodeid in gpu:
+            path, _, name = nodeid.partition("::")
+            per_file.setdefault(path, []).append(name)
+        terminalreporter.section(f"GPU subset: {len(gpu)} tests ({where})")
+        for path, names in per_file.items():
+            terminalreporter.write_line(f"{path} ({len(names)}): {' '.join(names)}")
+    from _tolerance import STATS
+
+    if STATS["comparisons"]:
+        terminalreporter.write_line(
+            f"reference comparisons (tests/_tolerance.py): {STATS['comparisons']}, kink terms "
+            f"excluded from the gradient comparison: {STATS['excluded']}"
+        )
 
 
 @pytest.fixture
