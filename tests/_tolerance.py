@@ -12,7 +12,8 @@ of Numerical Algorithms, ch. 3): every value is a pair (v, err) and
   (n = d, N, or for keys/memory/embedding rows the number of pairs accumulated), and propagates
   the errors of its operands (``Σ err(x)|y| + |x| err(y)``);
 - an elementwise op adds ``u_acc·|result|`` and propagates first order (softmax:
-  ``δa_n ≤ a_n (|δz_n| + Σ_m a_m |δz_m|)``, so saturated logits widen the bound as they should);
+  ``|δa_n| ≤ a_n Σ_{m≠n} a_m (|δz_n| + |δz_m|)``: large logits widen the bound, a common shift
+  of all of them does not);
 - a value stored in the parameter dtype (D, per-pair gradient rows, the outputs) adds
   ``u_out·|value|``;
 
@@ -69,7 +70,10 @@ class E:
         return E(-self.v, self.err)
 
     def __mul__(self, o: E) -> E:
-        return E(self.v * o.v, self.err * o.v.abs() + self.v.abs() * o.err)
+        # (with the product of the errors: an excluded sign times an excluded hinge weight is
+        # 0 ± 1 times 0 ± 1)
+        err = self.err * o.v.abs() + self.v.abs() * o.err + self.err * o.err
+        return E(self.v * o.v, err)
 
     def scale(self, c: float) -> E:
         return E(self.v * c, self.err * abs(c))
@@ -127,7 +131,8 @@ def _sum(x: E, pr: Precision, dim: int = -1, keepdim: bool = False) -> E:
 
 def _softmax(z: E, pr: Precision) -> E:
     a = torch.softmax(z.v, dim=-1)
-    spread = z.err + (a * z.err).sum(-1, keepdim=True)
+    # δa_n = a_n Σ_m a_m (δz_n − δz_m): a shift of every logit changes nothing (N = 1: exact)
+    spread = (1 - a) * z.err + (a * z.err).sum(-1, keepdim=True) - a * z.err
     return E(a, a * spread + (z.v.shape[-1] + 3) * pr.u_acc * a + pr.tiny_acc)
 
 
