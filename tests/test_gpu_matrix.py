@@ -9,6 +9,8 @@ shared; pair cases run the hinge loss (forward with the fused hinge, backward wi
 shared cases the distances (forward storing D, backward from ∂L/∂D): every variant has both
 directions. The cuda backend (compiled ahead) runs both ops in every case. Comparisons: the
 float64 reference of the same rounded inputs with the error bounds of tests/_tolerance.py.
+The fused trainer (hinge_loss_grads + the sparse row update) runs a few steps per backend and
+relation against autograd + torch.optim.SGD.
 The CPU (interpreter) runs of the same variants are in test_triton.py / test_extension.py.
 
 The session prints the subset that ran (conftest.py, terminal summary).
@@ -21,6 +23,7 @@ import torch
 from _tolerance import check_backend, reference_with_bounds
 
 import lrml_kernels as lk
+from lrml_kernels.trainer import LRMLTrainer
 
 pytestmark = pytest.mark.gpu
 
@@ -121,3 +124,31 @@ def test_topk_variant_gpu(backend, distance, dtype):
     # every returned item is among the k nearest up to rounding, sorted ascending
     assert (got <= kth + err.gather(1, ids) + err.max()).all()
     assert (dist[:, 1:] >= dist[:, :-1]).all()
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_trainer_gpu(backend, relation):
+    # 5 SGD steps (linear in the gradients: fp32 rounding stays at fp32 size) of the fused trainer
+    # against autograd + torch.optim.SGD + project_() on the torch backend, d = 37, N = 7.
+    require(backend)
+    torch.manual_seed(0)
+    kw = dict(dim=37, memory_slots=7, relation=relation, sparse=True)
+    fused = lk.LRML(300, 250, backend=backend, **kw).cuda()
+    ref = lk.LRML(300, 250, backend="torch", **kw).cuda()
+    ref.load_state_dict(fused.state_dict())
+    trainer = LRMLTrainer(fused, "sgd", lr=0.05)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        users = torch.randint(0, 100, (1023,), generator=g).cuda()  # repeats
+        items = torch.randint(0, 80, (1023, 13), generator=g).cuda()
+        loss = trainer.step(users, items)
+        opt.zero_grad()
+        want = ref(users, items)
+        want.backward()
+        opt.step()
+        ref.project_(users, items)
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
