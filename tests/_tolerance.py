@@ -30,6 +30,7 @@ counted; the count is in every assertion message and in the session's terminal s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,25 +47,31 @@ UNIT_ROUNDOFF = {
 TF32_ROUNDOFF = 2.0**-11
 
 # Totals over the session, for the terminal summary (conftest.py).
-STATS = {"comparisons": 0, "excluded": 0}
+STATS = {"comparisons": 0, "excluded": 0, "seconds": 0.0}
+
+
+def _plus(*terms):
+    """The sum of the terms that are not None (None: an exact value's zero error)."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 @dataclass
 class E:
-    """A float64 value and a first-order bound on its rounding error (same shape)."""
+    """A float64 value and a bound on its rounding error (same shape; None: exact)."""
 
     v: torch.Tensor
-    err: torch.Tensor
+    err: torch.Tensor | None
 
     @staticmethod
     def exact(v: torch.Tensor) -> E:
-        return E(v, torch.zeros_like(v))
+        return E(v, None)
 
     def __add__(self, o: E) -> E:
-        return E(self.v + o.v, self.err + o.err)
+        return E(self.v + o.v, _plus(self.err, o.err))
 
     def __sub__(self, o: E) -> E:
-        return E(self.v - o.v, self.err + o.err)
+        return E(self.v - o.v, _plus(self.err, o.err))
 
     def __neg__(self) -> E:
         return E(-self.v, self.err)
@@ -72,21 +79,38 @@ class E:
     def __mul__(self, o: E) -> E:
         # (with the product of the errors: an excluded sign times an excluded hinge weight is
         # 0 ± 1 times 0 ± 1)
-        err = self.err * o.v.abs() + self.v.abs() * o.err + self.err * o.err
+        a, b = self.err, o.err
+        err = _plus(
+            None if a is None else a * o.v.abs(),
+            None if b is None else self.v.abs() * b,
+            None if a is None or b is None else a * b,
+        )
         return E(self.v * o.v, err)
 
     def scale(self, c: float) -> E:
-        return E(self.v * c, self.err * abs(c))
+        return E(self.v * c, None if self.err is None else self.err * abs(c))
 
     def rounded(self, u: float, floor: float = 0.0) -> E:
         """The value rounded once with unit roundoff u (an op's result, or a store); ``floor``:
         the absolute rounding of the dtype's subnormal range."""
-        return E(self.v, self.err + u * self.v.abs() + floor)
+        base = self.v.abs().mul_(u)
+        if floor:
+            base.add_(floor)
+        return E(self.v, base if self.err is None else base.add_(self.err))
 
     def index(self, *idx) -> E:
         if len(idx) == 2 and idx[1] is None:  # rows, then a new axis
-            return E(self.v[idx[0]][:, None], self.err[idx[0]][:, None])
-        return E(self.v[idx], self.err[idx])
+            return E(
+                self.v[idx[0]][:, None], None if self.err is None else self.err[idx[0]][:, None]
+            )
+        return E(self.v[idx], None if self.err is None else self.err[idx])
+
+    def col(self) -> E:
+        """A trailing axis of size 1 (to broadcast a per-pair value over d)."""
+        return E(self.v[..., None], None if self.err is None else self.err[..., None])
+
+    def error(self) -> torch.Tensor:
+        return torch.zeros_like(self.v) if self.err is None else self.err
 
 
 @dataclass
@@ -113,35 +137,48 @@ class Precision:
         return n * self.u_acc + 2 * self.u_dot
 
 
-def _dot(x: E, y: E, pr: Precision, n: int, equation: str) -> E:
-    """``einsum(equation, x, y)`` summing n terms, with its error bound."""
-    ein = torch.einsum
-    v = ein(equation, x.v, y.v)
-    mag = ein(equation, x.v.abs(), y.v.abs())
-    err = ein(equation, x.err, y.v.abs()) + ein(equation, x.v.abs(), y.err) + pr.gamma(n) * mag
-    return E(v, err)
+_PRODUCTS = {
+    "x yT": lambda x, y: x @ y.T,  # [..., d] x [n, d] -> [..., n]
+    "x y": lambda x, y: x @ y,  # [..., n] x [n, d] -> [..., d]
+    # sum over pairs: [B, C, n] x [B, C, d] -> [n, d]
+    "xT y": lambda x, y: x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1]),
+}
+
+
+def _dot(x: E, y: E, pr: Precision, n: int, form: str) -> E:
+    """The product ``form`` (see _PRODUCTS) summing n terms, with its error bound
+    ``err(x)|y| + |x|err(y) + err(x)err(y) + γ_n |x||y|``."""
+    f = _PRODUCTS[form]
+    xa, ya = x.v.abs(), y.v.abs()
+    err = f(xa * pr.gamma(n) if x.err is None else x.err + pr.gamma(n) * xa, ya)
+    if y.err is not None:
+        err = err + f(xa if x.err is None else xa + x.err, y.err)
+    return E(f(x.v, y.v), err)
 
 
 def _sum(x: E, pr: Precision, dim: int = -1, keepdim: bool = False) -> E:
     n = x.v.shape[dim]
     v = x.v.sum(dim, keepdim=keepdim)
-    err = x.err.sum(dim, keepdim=keepdim) + n * pr.u_acc * x.v.abs().sum(dim, keepdim=keepdim)
-    return E(v, err)
+    err = n * pr.u_acc * x.v.abs().sum(dim, keepdim=keepdim)
+    return E(v, err if x.err is None else err + x.err.sum(dim, keepdim=keepdim))
 
 
 def _softmax(z: E, pr: Precision) -> E:
     a = torch.softmax(z.v, dim=-1)
     # δa_n = a_n Σ_m a_m (δz_n − δz_m): a shift of every logit changes nothing (N = 1: exact)
-    spread = (1 - a) * z.err + (a * z.err).sum(-1, keepdim=True) - a * z.err
-    return E(a, a * spread + (z.v.shape[-1] + 3) * pr.u_acc * a + pr.tiny_acc)
+    err = (z.v.shape[-1] + 3) * pr.u_acc * a + pr.tiny_acc
+    if z.err is not None:
+        az = a * z.err
+        err = err + a * ((1 - a) * z.err + az.sum(-1, keepdim=True) - az)
+    return E(a, err)
 
 
 def _attention(p: E, q: E, K: E, M: E, pr: Precision):
     """s = p ⊙ q, a = softmax(K s), r = Mᵀ a for p, q ``[..., d]``."""
     d, N = K.v.shape[1], K.v.shape[0]
     s = (p * q).rounded(pr.u_acc)
-    a = _softmax(_dot(s, K, pr, d, "...d,nd->...n"), pr)
-    r = _dot(a, M, pr, N, "...n,nd->...d")
+    a = _softmax(_dot(s, K, pr, d, "x yT"), pr)
+    r = _dot(a, M, pr, N, "x y")
     return s, a, r
 
 
@@ -158,7 +195,7 @@ def _distance(e: E, distance: str, eps: float, pr: Precision) -> E:
 def _residual_grad(e: E, D: E, g: E, distance: str, pr: Precision, kinks: bool):
     """``ge = g ∂D/∂e`` per pair and the number of l1 coordinates excluded at sign(0)."""
     if distance == "l2":
-        De = E(D.v[..., None], D.err[..., None])
+        De = D.col()
         de = E(e.v / De.v, e.err / De.v + e.v.abs() * De.err / De.v**2).rounded(pr.u_acc)
     elif distance == "squared_l2":
         de = e.scale(2.0)
@@ -166,10 +203,10 @@ def _residual_grad(e: E, D: E, g: E, distance: str, pr: Precision, kinks: bool):
         sign = E.exact(torch.sign(e.v))
         amb = (e.v.abs() <= SAFETY * e.err) & (e.err > 0) if kinks else torch.zeros_like(e.v) > 0
         sign = E(sign.v.masked_fill(amb, 0.0), amb.to(e.v.dtype))  # either side: error 1
-        ge = sign * E(g.v[..., None], g.err[..., None])
+        ge = sign * g.col()
         # an excluded coordinate of a pair with g = 0 changes nothing: not counted
         return ge, int((amb & (g.v[..., None] != 0)).sum())
-    return de * E(g.v[..., None], g.err[..., None]), 0
+    return de * g.col(), 0
 
 
 def _hinge(D: E, margin: float, pr: Precision, row_weight: torch.Tensor, kinks: bool, u: float):
@@ -179,7 +216,7 @@ def _hinge(D: E, margin: float, pr: Precision, row_weight: torch.Tensor, kinks: 
     B, C = D.v.shape
     if C < 2:
         zero = torch.zeros(B, dtype=D.v.dtype, device=D.v.device)
-        return E.exact(zero), E.exact(torch.zeros_like(D.v)), 0
+        return E(zero, zero.clone()), E.exact(torch.zeros_like(D.v)), 0
     h = D.index(slice(None), slice(0, 1)) + E.exact(torch.full_like(D.v[:, :1], margin))
     h = (h.rounded(u) - D.index(slice(None), slice(1, None))).rounded(u)
     amb = (h.v.abs() <= SAFETY * h.err) if kinks else torch.zeros_like(h.v) > 0
@@ -210,15 +247,28 @@ def _table(rows: E, index: torch.Tensor, num: int, pr: Precision) -> E:
     d = rows.v.shape[-1]
     rows = pr.store(rows)
     idx = index.reshape(-1).long()
-    rv, re = rows.v.reshape(-1, d), rows.err.reshape(-1, d)
-    v = rv.new_zeros(num, d).index_add_(0, idx, rv)
-    mag = rv.new_zeros(num, d).index_add_(0, idx, rv.abs())
-    err = rv.new_zeros(num, d).index_add_(0, idx, re)
-    count = torch.bincount(idx, minlength=num).to(rv.dtype)[:, None]
+    # value, magnitude and error in one scatter_add_ (index_add_ loops over repeated indices)
+    src = torch.cat([t.reshape(-1, d) for t in (rows.v, rows.v.abs(), rows.err)], 1)
+    out = src.new_zeros(num, 3 * d).scatter_add_(0, idx[:, None].expand(-1, 3 * d), src)
+    v, mag, err = out.split(d, 1)
+    count = torch.bincount(idx, minlength=num).to(src.dtype)[:, None]
     return E(v, err + count * pr.u_out * mag)
 
 
-def reference_with_bounds(
+def reference_with_bounds(*args, **kw) -> Reference:
+    """:func:`_reference_with_bounds` on one intra-op thread (many mid-sized ops: on a busy
+    machine OpenMP threads waiting for a descheduled sibling make them several times slower),
+    timed into STATS."""
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_with_bounds(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+        STATS["seconds"] += time.perf_counter() - start
+
+
+def _reference_with_bounds(
     params,
     users,
     items,
@@ -287,12 +337,12 @@ def reference_with_bounds(
     # Backward of SPEC.md, pair by pair, then the sums over pairs.
     gr = ge if relation == "pair" else _sum(ge, pr, dim=1, keepdim=True)  # [B, C or 1, d]
     n_rel = gr.v.shape[0] * gr.v.shape[1]
-    gM = _dot(a, gr, pr, n_rel, "bcn,bcd->nd")
-    ga = _dot(gr, M, pr, d, "bcd,nd->bcn")
+    gM = _dot(a, gr, pr, n_rel, "xT y")
+    ga = _dot(gr, M, pr, d, "x yT")
     t = _sum((a * ga).rounded(pr.u_acc), pr, keepdim=True)
     gz = (a * (ga - t).rounded(pr.u_acc)).rounded(pr.u_acc)
-    gK = _dot(gz, s, pr, n_rel, "bcn,bcd->nd")
-    gs = _dot(gz, K, pr, N, "bcn,nd->bcd")
+    gK = _dot(gz, s, pr, n_rel, "xT y")
+    gs = _dot(gz, K, pr, N, "x y")
     p_att = (gs * q.index(slice(None), slice(0, gs.v.shape[1]))).rounded(pr.u_acc)
     gp = _sum(ge, pr, dim=1) + _sum(p_att, pr, dim=1)  # [B, d]
     gq = -ge

@@ -42,8 +42,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     if STATS["comparisons"]:
         terminalreporter.write_line(
-            f"reference comparisons (tests/_tolerance.py): {STATS['comparisons']}, kink terms "
-            f"excluded from the gradient comparison: {STATS['excluded']}"
+            f"reference comparisons (tests/_tolerance.py): {STATS['comparisons']} "
+            f"({STATS['seconds']:.1f} s), kink terms excluded from the gradient comparison: "
+            f"{STATS['excluded']}"
         )
 
 
