@@ -30,7 +30,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Which GPU subset ran (the GPU check's log says it), and the reference comparisons."""
     gpu = getattr(config, "_lrml_gpu_items", [])
     if gpu:
-        where = "ran on " + torch.cuda.get_device_name() if torch.cuda.is_available() else "skipped"
+        if config.option.collectonly:
+            where = "collected only"
+        elif torch.cuda.is_available():
+            where = "ran on " + torch.cuda.get_device_name()
+        else:
+            where = "skipped: no CUDA GPU"
         per_file: dict = {}
         for nodeid in gpu:
             path, _, name = nodeid.partition("::")
