@@ -17,13 +17,17 @@ SHARED_DATA = Path(os.environ.get("LRML_SHARED_DATA", REPO.parent / "shared" / "
 
 
 def pytest_collection_modifyitems(config, items):
-    config._lrml_gpu_items = [item.nodeid for item in items if "gpu" in item.keywords]
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_collection_finish(session):
+    # after -k / -m deselection: the GPU tests of this session
+    session.config._lrml_gpu_items = [i.nodeid for i in session.items if "gpu" in i.keywords]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
