@@ -25,6 +25,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_collection_finish(session):
+    # after -k / -m deselection: the GPU tests of this session
+    session.config._lrml_gpu_items = [i.nodeid for i in session.items if "gpu" in i.keywords]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Which GPU subset ran (the GPU check's log says it), and the reference comparisons."""
+    gpu = getattr(config, "_lrml_gpu_items", [])
+    if gpu:
+        if config.option.collectonly:
+            where = "collected only"
+        elif torch.cuda.is_available():
+            where = "ran on " + torch.cuda.get_device_name()
+        else:
+            where = "skipped: no CUDA GPU"
+        per_file: dict = {}
+        for nodeid in gpu:
+            path, _, name = nodeid.partition("::")
+            per_file.setdefault(path, []).append(name)
+        terminalreporter.section(f"GPU subset: {len(gpu)} tests ({where})")
+        for path, names in per_file.items():
+            terminalreporter.write_line(f"{path} ({len(names)}): {' '.join(names)}")
+    from _tolerance import STATS
+
+    if STATS["comparisons"]:
+        terminalreporter.write_line(
+            f"reference comparisons (tests/_tolerance.py): {STATS['comparisons']} "
+            f"({STATS['seconds']:.1f} s), kink terms excluded from the gradient comparison: "
+            f"{STATS['excluded']}"
+        )
+
+
 @pytest.fixture
 def one_thread():
     """Small torch ops: one intra-op thread (on a shared, busy machine OpenMP threads that wait for

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tolerance import assert_matches, reference_with_bounds
 
 import lrml_kernels as lk
 from lrml_kernels import extension, reference
@@ -91,12 +92,11 @@ def test_distances_forward_backward(ext, shape, distance, relation, dtype):
     P, Q, K, M, users, items = make(*shape, dtype)
     params = (P, Q, K, M)
     D = ext.distances(*params, users, items, distance, relation, 1e-3, False)
-    Dr = reference.lrml_distances(*params, users, items, distance=distance, relation=relation)
-    assert D.dtype == dtype and D.shape == Dr.shape
-    assert_close(D, Dr, dtype)
-    gD = torch.randn_like(Dr)
-    for a, b in zip(grads(D, params, gD), grads(Dr, params, gD), strict=True):
-        assert_close(a, b, dtype)
+    assert D.dtype == dtype and D.shape == items.shape
+    gD = torch.randn_like(D)
+    kw = dict(distance=distance, relation=relation)
+    ref = reference_with_bounds(params, users, items, op="distances", grad_out=gD, **kw)
+    assert_matches("cpu distances", ref, D, grads(D, params, gD))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -109,12 +109,10 @@ def test_hinge_loss_forward_backward(ext, distance, relation, reduction, dtype):
     params = (P, Q, K, M)
     kw = dict(margin=0.5, distance=distance, relation=relation, eps=1e-3, reduction=reduction)
     L = ext.hinge_loss(*params, users, items, 0.5, distance, relation, 1e-3, reduction, False)
-    Lr = reference.lrml_hinge_loss(*params, users, items, **kw)
-    assert L.shape == Lr.shape and L.dtype == dtype
-    assert_close(L, Lr, dtype)
-    g = torch.rand_like(Lr) if reduction == "none" else None
-    for a, b in zip(grads(L, params, g), grads(Lr, params, g), strict=True):
-        assert_close(a, b, dtype)
+    g = torch.rand_like(L) if reduction == "none" else None
+    ref = reference_with_bounds(params, users, items, op="hinge", grad_out=g, **kw)
+    assert L.shape == ref.out.v.shape and L.dtype == dtype
+    assert_matches("cpu hinge", ref, L, grads(L, params, g))
 
 
 @pytest.mark.parametrize("relation", RELATIONS)
@@ -123,12 +121,8 @@ def test_large_logits_do_not_overflow(ext, relation):
     P, Q, K, M, users, items = make(100, 20, 37, 13, torch.float32, scale=300.0, seed=2)
     params = (P, Q, K, M)
     D = ext.distances(*params, users, items, "l2", relation, 1e-3, False)
-    Dr = reference.lrml_distances(*params, users, items, relation=relation)
-    assert torch.isfinite(D).all()
-    torch.testing.assert_close(D, Dr, atol=1e-3, rtol=1e-3)
-    for a, b in zip(grads(D.sum(), params), grads(Dr.sum(), params), strict=True):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-3)
+    ref = reference_with_bounds(params, users, items, op="distances", relation=relation)
+    assert_matches("cpu distances, |z| ~ 1e4", ref, D, grads(D.sum(), params))  # NaN/inf fail
 
 
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
@@ -139,14 +133,12 @@ def test_hinge_loss_grads_matches_autograd(ext, relation, reduction):
     loss, gp, gq, gK, gM = ext.hinge_loss_grads(
         *params, users, items, 0.5, "l2", relation, 1e-3, reduction
     )
-    Lr = reference.lrml_hinge_loss(*params, users, items, relation=relation, reduction=reduction)
-    assert_close(loss, Lr.detach(), torch.float64)
-    rP, rQ, rK, rM = grads(Lr, params, torch.ones_like(Lr))
+    kw = dict(relation=relation, reduction=reduction)
+    ref = reference_with_bounds(params, users, items, op="hinge", **kw)
     assert gp.shape == (37, 37) and gq.shape == (37, 5, 37)
-    assert_close(table_grad(gp, users, P.shape[0], P.dtype, False), rP, torch.float64)
-    assert_close(table_grad(gq, items, Q.shape[0], Q.dtype, False), rQ, torch.float64)
-    assert_close(gK, rK, torch.float64)
-    assert_close(gM, rM, torch.float64)
+    tables = [table_grad(gp, users, P.shape[0], P.dtype, False),
+              table_grad(gq, items, Q.shape[0], Q.dtype, False), gK, gM]  # fmt: skip
+    assert_matches("cpu hinge_loss_grads", ref, loss, tables, (gp, gq))
 
 
 @pytest.mark.parametrize("relation", RELATIONS)
@@ -593,22 +585,22 @@ def test_every_cu_file_compiles_with_nvcc():
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_cuda_matches_reference(distance, relation, dtype):
+    # The first H200 run compared with the reference in the parameter dtype and a fixed
+    # tolerance: fp32 failed at 1 of 51100 elements (1.4e-3 on a sum of terms of ~1e2), bf16 where
+    # per-pair gradient rows, rounded to bf16 by the reference and by this backend, cancel. Now
+    # against the float64 reference of the same rounded inputs (tests/_tolerance.py).
     cuda = extension.backend("cuda")
-    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     for shape in SHAPES:
         P, Q, K, M, users, items = make(*shape, dtype, device="cuda")
         params = (P, Q, K, M)
+        kw = dict(distance=distance, relation=relation)
         D = cuda.distances(*params, users, items, distance, relation, 1e-3, False)
-        Dr = reference.lrml_distances(*params, users, items, distance=distance, relation=relation)
-        torch.testing.assert_close(D, Dr, **tol)
+        gD = torch.randn(D.shape, generator=torch.Generator().manual_seed(3)).to(D)
+        ref = reference_with_bounds(params, users, items, op="distances", grad_out=gD, **kw)
+        assert_matches(f"cuda distances {shape}", ref, D, grads(D, params, gD))
         L = cuda.hinge_loss(*params, users, items, 0.5, distance, relation, 1e-3, "mean", False)
-        Lr = reference.lrml_hinge_loss(
-            *params, users, items, distance=distance, relation=relation, reduction="mean"
-        )
-        torch.testing.assert_close(L, Lr, **tol)
-        gD = torch.randn_like(Dr)
-        for a, b in zip(grads(D, params, gD), grads(Dr, params, gD), strict=True):
-            torch.testing.assert_close(a.float(), b.float(), **tol)
+        ref = reference_with_bounds(params, users, items, op="hinge", reduction="mean", **kw)
+        assert_matches(f"cuda hinge {shape}", ref, L, grads(L, params))
 
 
 @pytest.mark.gpu
