@@ -47,6 +47,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -622,14 +623,14 @@ def ast_source(fn, signature, constexprs, attrs):
 
 def _ptxas_flags(options) -> list[str]:
     """The flags Triton passes ptxas (its ``make_cubin``), so the numbers match its cubin."""
-    import triton
+    from triton.backends.nvidia.compiler import CUDABackend
 
     flags = ["-lineinfo", "-v"]
     if not getattr(options, "enable_fp_fusion", True):
         flags.append("--fmad=false")
-    version = tuple(int(x) for x in _INT_RE.findall(triton.__version__)[:2])
-    if version >= (3, 7):
-        flags.append("--regAllocOptLevel=2")
+    with contextlib.suppress(OSError, TypeError):  # 3.9 adds a ptxas 13 work-around
+        if "--regAllocOptLevel=2" in inspect.getsource(CUDABackend.make_cubin):
+            flags.append("--regAllocOptLevel=2")
     extra = getattr(options, "ptx_options", None)
     if extra:
         flags += extra.split(" ")
@@ -646,7 +647,9 @@ def compile_one(job: dict) -> dict:
         fn = fn.fn
     t0 = time.perf_counter()
     src = ast_source(fn, job["signature"], job["constexprs"], job["attrs"])
-    kernel = triton.compile(src, target=_target(), options=job["options"])
+    log = io.StringIO()  # Triton's own ptxas -v log, printed when it compiles (not when cached)
+    with _env("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=_target(), options=job["options"])
     compile_s = time.perf_counter() - t0
     ptx = kernel.asm["ptx"]
     md = kernel.metadata
@@ -655,7 +658,7 @@ def compile_one(job: dict) -> dict:
     if cached.exists():
         usage = json.loads(cached.read_text())
     else:
-        usage = _usage(kernel, ptx, md, job["ptxas_flags"])
+        usage = _usage(kernel, ptx, md, job["ptxas_flags"], log.getvalue())
         cached.write_text(json.dumps(usage))
     return {
         **usage,
@@ -667,16 +670,36 @@ def compile_one(job: dict) -> dict:
     }
 
 
-def _usage(kernel, ptx: str, md, flags: list[str]) -> dict:
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _usage(kernel, ptx: str, md, flags: list[str], log: str = "") -> dict:
+    """Resource usage of a compiled kernel: ptxas -v (Triton's log of this compile, or a rerun
+    of its ptxas with its flags), cuobjdump on its cubin (registers, stack, SASS)."""
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1).split(",")[0]
     with tempfile.TemporaryDirectory() as tmp:
         src, obj, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.o"), Path(tmp, "k.cubin")
         src.write_text(ptx)
         cubin.write_bytes(kernel.asm["cubin"])
-        res = _run([triton_ptxas(), *flags, f"--gpu-name={arch}", str(src), "-o", str(obj)])
-        if res.returncode != 0:
-            raise RuntimeError(f"ptxas failed on {md.name}:\n{res.stderr[-2000:]}")
-        ptxas = parse_ptxas(res.stdout + res.stderr).get(md.name, _empty_usage())
+        ptxas = parse_ptxas(log).get(md.name)
+        source = "triton's ptxas log"
+        if ptxas is None:
+            source = "ptxas rerun"
+            cmd = [triton_ptxas(), *flags, f"--gpu-name={arch}", str(src), "-o", str(obj)]
+            res = _run(cmd)
+            if res.returncode != 0:
+                raise RuntimeError(f"ptxas failed on {md.name}:\n{res.stderr[-2000:]}")
+            ptxas = parse_ptxas(res.stdout + res.stderr).get(md.name, _empty_usage())
         ru = _run([triton_bin("cuobjdump"), "--dump-resource-usage", str(cubin)])
         binary = parse_resource_usage(ru.stdout).get(md.name, {})
         sass = _run([triton_bin("cuobjdump"), "--dump-sass", str(cubin)])
@@ -690,6 +713,7 @@ def _usage(kernel, ptx: str, md, flags: list[str]) -> dict:
         "spill_loads": ptxas["spill_loads"],
         "smem_static": ptxas["smem"],
         "tensor_cores": tc,
+        "ptxas_source": source,
     }
 
 
