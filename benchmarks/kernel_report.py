@@ -1016,9 +1016,33 @@ def _pow2(n: int) -> str:
     return f"2^{n.bit_length() - 1}" if n > 4096 and n & (n - 1) == 0 else f"{n:,}"
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One line per kernel (and source file): how many rows spill, the worst of each column."""
+    lines = [
+        "| kernel | rows | rows that spill | registers | stack B (max) | spill stores B (max) "
+        "| blocks/SM (min) | TC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r["kernel"] if r["source"] == "triton" else r["kernel"].split("<")[0]
+        groups.setdefault(name, []).append(r)
+    for name, rs in groups.items():
+        regs = sorted({r["registers"] for r in rs})
+        tc = sorted({op for r in rs for op in r["tensor_cores"]})
+        lines.append(
+            f"| {name} | {len(rs)} | {sum(r['spills'] for r in rs)} | "
+            f"{regs[0]}-{regs[-1]} | {max(r['stack'] for r in rs):,} | "
+            f"{max(r['spill_stores'] for r in rs):,} | {min(r['blocks_per_sm'] for r in rs)} | "
+            f"{','.join(tc) or 'no'} |"
+        )
+    return lines
+
+
 def markdown(rows: list[dict], title: str = "") -> str:
     """The table (one row per launch of each case; CUDA kernels last) and its legend."""
     lines = [f"## {title}", ""] if title else []
+    lines += [*summary(rows), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     spilling = sorted({(r["source"], r["kernel"]) for r in rows if r["spills"]})

@@ -156,6 +156,7 @@ def test_fail_on_spills_and_outputs(tmp_path, monkeypatch, capsys):
     assert "spills in triton:_lrml_forward_kernel" in capsys.readouterr().err
     assert json.loads(js.read_text())["rows"][0]["blocks_per_sm"] == 2
     assert "**11,684 / 22,284**" in md.read_text()
+    assert "| _lrml_forward_kernel | 1 | 1 | 32-32 | 5,496 | 11,684 | 2 | no |" in md.read_text()
     rows[0] = kr._finish({**row, "spill_stores": 0, "spill_loads": 0, "stack": 0})
     assert kr.main(argv) == 0
 
