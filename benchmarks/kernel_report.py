@@ -93,8 +93,6 @@ OPS = {
 }
 SUBSETS = ("full", "headline", "ci", "smoke")
 
-_INT_RE = re.compile(r"\d+")
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
