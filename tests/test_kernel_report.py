@@ -1,0 +1,196 @@
+"""benchmarks/kernel_report.py: the static GPU report (sm_90 resource usage without a GPU).
+
+The parsers and the occupancy arithmetic run on known tool output; one Triton case and the CUDA
+kernels are compiled for real (the whole report runs in CI as ``.ci/run`` shows).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc")
+
+
+def _load():
+    path = REPO / "benchmarks" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("lrml_bench_kernel_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+kr = _load()
+
+PTXAS_13 = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_lrml_forward_kernel' for 'sm_90a'
+ptxas info    : Function properties for _lrml_forward_kernel
+    5496 bytes stack frame, 11684 bytes spill stores, 22284 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 5496 bytes cumulative stack size, \
+400 bytes cmem[0]
+"""
+# nvcc -Xptxas -v (CUDA 11/12 style): a device function's properties come before the kernel's,
+# and smem is on the registers line.
+PTXAS_NVCC = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Function properties for _Z6helperv
+    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z7kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z7kernelPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 56 registers, 384 bytes cmem[0], 4096 bytes smem
+ptxas info    : Compiling entry function '_Z8kernel2Pf' for 'sm_90'
+ptxas info    : Function properties for _Z8kernel2Pf
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 8 bytes cumulative stack size
+"""
+
+
+def test_parse_ptxas_reads_registers_stack_and_spills():
+    u = kr.parse_ptxas(PTXAS_13)["_lrml_forward_kernel"]
+    assert u == {
+        "registers": 32,
+        "stack": 5496,
+        "spill_stores": 11684,
+        "spill_loads": 22284,
+        "smem": 0,
+        "barriers": 1,
+    }
+
+
+def test_parse_ptxas_keeps_entry_functions_only_and_reads_smem():
+    out = kr.parse_ptxas(PTXAS_NVCC)
+    assert set(out) == {"_Z7kernelPf", "_Z8kernel2Pf"}
+    assert out["_Z7kernelPf"]["registers"] == 56
+    assert out["_Z7kernelPf"]["smem"] == 4096
+    assert out["_Z8kernel2Pf"]["spill_stores"] == 4
+    assert out["_Z8kernel2Pf"]["spill_loads"] == 12
+    assert out["_Z8kernel2Pf"]["stack"] == 8
+
+
+def test_parse_resource_usage_and_sass():
+    ru = """
+Fatbin elf code:
+================
+arch = sm_90a
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _lrml_topk_kernel:
+  REG:189 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:536 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert kr.parse_resource_usage(ru)["_lrml_topk_kernel"] == {
+        "registers": 189,
+        "stack": 0,
+        "shared": 0,
+        "local": 0,
+    }
+    sass = """
+        Function : screen
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x8.F32.TF32 R24, gdesc[UR4], RZ, !UPT ;
+        /*0020*/              @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        Function : plain
+        /*0000*/                   FFMA R1, R2, R3, R4 ;
+"""
+    assert kr.sass_tensor_cores(sass) == {"screen": ["HGMMA", "HMMA"], "plain": []}
+
+
+def test_occupancy_arithmetic_of_an_sm90_sm():
+    # 32 regs × 256 threads: registers allow 8 blocks, the 64-warp limit too.
+    assert kr.resident_blocks(32, 256, 0) == (8, "regs")
+    # 255 regs -> 8,192 per warp (units of 256): 8 warps per SM, one 8-warp block.
+    assert kr.resident_blocks(255, 256, 0) == (1, "regs")
+    # 80.5 KB of shared memory (+1 KB reserved) in 228 KB: 2 blocks.
+    assert kr.resident_blocks(32, 256, 82_432) == (2, "smem")
+    assert kr.resident_blocks(16, 32, 0) == (32, "blocks")
+    assert kr.resident_blocks(32, 256, 300 * 1024)[0] == 0  # does not fit at all
+
+
+def test_full_matrix_covers_the_benchmark_sizes():
+    cs = kr.cases("full")
+    batch = [c for c in cs if c.op != "topk"]
+    assert {(c.B, c.C) for c in batch} == {(4096, 5), (1 << 20, 2)}
+    assert {c.d for c in cs} == {64, 100, 128} and {c.N for c in cs} == {10, 20}
+    assert {c.dtype for c in cs} == {"fp32", "bf16"}
+    assert {c.relation for c in batch} == {"pair", "shared"}
+    assert {c.op for c in cs} == {"distances", "hinge", "train", "topk"}
+    assert {c.distance for c in cs} == {"l2", "squared_l2", "l1"}
+    assert all(c.B == 480_189 for c in cs if c.op == "topk")
+    ci = kr.cases("ci")
+    assert kr.cases("smoke")[0] == ci[0]  # the unit test warms CI's cache
+    assert {c.relation for c in ci} == {"pair", "shared"} and {c.dtype for c in ci} == {
+        "fp32",
+        "bf16",
+    }
+    assert any(c.op == "topk" for c in ci)
+
+
+def test_fail_on_spills_and_outputs(tmp_path, monkeypatch, capsys):
+    row = {
+        "source": "triton", "op": "hinge", "B": 4096, "C": 5, "d": 100, "N": 20,
+        "dtype": "fp32", "relation": "pair", "distance": "l2", "kernel": "_lrml_forward_kernel",
+        "blocks": "B=64", "flags": "HINGE", "num_warps": 8, "num_stages": 3, "registers": 32,
+        "ptxas_registers": 32, "stack": 5496, "spill_stores": 11684, "spill_loads": 22284,
+        "smem_static": 0, "shared_dynamic": 82432, "grid": [64], "programs": 64,
+        "tensor_cores": [],
+    }  # fmt: skip
+    rows = [kr._finish(dict(row))]
+    monkeypatch.setattr(kr, "collect", lambda *a, **k: rows)
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--subset", "smoke", "--json", str(js), "--markdown", str(md), "--fail-on-spills"]
+    assert kr.main(argv) == 1
+    assert "spills in triton:_lrml_forward_kernel" in capsys.readouterr().err
+    assert json.loads(js.read_text())["rows"][0]["blocks_per_sm"] == 2
+    assert "**11,684 / 22,284**" in md.read_text()
+    assert "| _lrml_forward_kernel | 1 | 1 | 32-32 | 5,496 | 11,684 | 2 | no |" in md.read_text()
+    rows[0] = kr._finish({**row, "spill_stores": 0, "spill_loads": 0, "stack": 0})
+    assert kr.main(argv) == 0
+
+
+def test_one_triton_case_compiles_for_sm90_without_a_gpu():
+    """Under the interpreter (conftest sets TRITON_INTERPRET), collect() compiles in a child."""
+    pytest.importorskip("triton")
+    try:
+        kr.triton_ptxas()
+    except FileNotFoundError:
+        pytest.skip("no ptxas in the triton wheel")
+    rows = kr.collect("smoke", jobs=1, cuda=False)
+    assert len(rows) >= 2  # the hinge forward and its backward
+    for r in rows:
+        assert r["source"] == "triton" and r["arch"].startswith("sm_90")
+        assert 0 < r["registers"] <= 255
+        assert r["ptxas_registers"] == r["registers"], "ptxas rerun disagrees with the cubin"
+        assert r["num_warps"] >= 1 and r["programs"] >= 1
+        assert r["stack"] >= 0 and r["spill_stores"] >= 0 and r["spill_loads"] >= 0
+        assert r["shared"] >= r["shared_dynamic"] >= 0
+        assert 0 <= r["blocks_per_sm"] <= 32
+        assert r["blocks"] and "BLOCK" not in r["blocks"]
+        assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 5, 100, 20)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_every_cuda_kernel_gets_a_row():
+    try:
+        kr.triton_bin("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("no cuobjdump")
+    rows = kr.cuda_rows(NVCC)
+    src = "\n".join(p.read_text() for p in (REPO / "csrc" / "cuda").glob("*.cu"))
+    kernels = set(re.findall(r"__global__\s+void\s+(\w+)", src))
+    assert kernels and kernels <= {r["kernel"].split("<")[0] for r in rows}
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["blocks_per_sm"] >= 1
