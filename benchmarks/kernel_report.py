@@ -421,6 +421,23 @@ def _fake_cuda_indexing():
         yield
 
 
+@contextlib.contextmanager
+def _fake_floats():
+    """``float(t)`` of a fake CUDA tensor reads 1.0 (a launcher's scalar bound: its value does not
+    change the kernel's types or constexprs)."""
+    from unittest import mock
+
+    import torch
+
+    to_float = torch.Tensor.__float__
+
+    def fake_float(self):
+        return 1.0 if self.device.type == "cuda" else to_float(self)
+
+    with mock.patch.object(torch.Tensor, "__float__", fake_float):
+        yield
+
+
 class _Ctx:
     """What a custom op's ``setup_context``/``backward`` use of autograd's ``ctx``."""
 
@@ -525,8 +542,13 @@ def record_launches(case: Case) -> list[tuple]:
     ):
         P, Q, K, M = _tables(case)
         if case.op == "topk":
+            # The screened path's two launchers, for all users at once (backend.topk reads
+            # bounds and the uncertified users on the host, which fake tensors cannot).
+            tk = importlib.import_module("lrml_kernels.triton.topk_kernels")
             users = torch.empty(case.B, dtype=torch.int64, device="cuda")
-            backend.topk(P, Q, K, M, users, TOPK_K, None, case.distance, eps)
+            with _fake_floats():
+                cand, _ = tk.screen_launch(P, Q, K, M, users, TOPK_K, None, case.distance, eps)
+            tk.rescore_launch(P, Q, K, M, users, cand, case.distance, eps)
         else:
             users = torch.empty(case.B, dtype=torch.int64, device="cuda")
             items = torch.empty(case.B, case.C, dtype=torch.int64, device="cuda")
