@@ -218,20 +218,30 @@ def test_determinism_bitwise():
         assert torch.equal(a, b)
 
 
-def test_atomic_path_matches_partials():
-    params, users, items = make_inputs(10, 12, 7, 37, 100, 4, scale=0.5)
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_gpu_tiling_matches_one_block(relation):
+    # The GPU configuration's structure through the interpreter: d in several chunks, 16-row
+    # blocks, fewer backward programs than row blocks (each sums several into its keys/memory
+    # partials), against the interpreter's one-chunk, one-block configuration.
+    params, users, items = make_inputs(10, 12, 7, 37, 50, 3, scale=0.5)
     P, Q, K, M = params
-    _, _, G = TD.forward_launch(
-        P, Q, K, M, users, items, distance="l2", relation="pair", eps=1e-3, hinge=True
-    )
-    det = TD.backward_launch(
-        P, Q, K, M, users, items, G, distance="l2", relation="pair", eps=1e-3, atomic=False
-    )
-    atom = TD.backward_launch(
-        P, Q, K, M, users, items, G, distance="l2", relation="pair", eps=1e-3, atomic=True
-    )
-    for a, b in zip(det, atom, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    tiled = {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_DC": 16, "programs": 2}
+    W = torch.rand(50, dtype=torch.float64, device=DEVICE)
+    for distance in DISTANCES:
+        kw = {"distance": distance, "relation": relation, "eps": 1e-3}
+        got, want = (
+            TD.forward_launch(P, Q, K, M, users, items, margin=0.7, hinge=True, config=cfg, **kw)
+            for cfg in (tiled, None)
+        )
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        G = want[2]
+        got, want = (
+            TD.backward_launch(P, Q, K, M, users, items, G, W, 0.5, config=cfg, **kw)
+            for cfg in (tiled, None)
+        )
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_out_of_range_indices_are_masked_not_read():

@@ -1,14 +1,45 @@
 """Fused LRML distances and hinge loss (SPEC.md): forward and backward Triton kernels.
 
-One program owns ``BLOCK_B`` rows of the batch. It gathers ``P[users]`` once, keeps ``K`` and ``M``
-on-chip, and for every column ``c`` gathers ``Q[items[:, c]]``, forms ``s = p ⊙ q``, the logits
-``s Kᵀ`` (``tl.dot``), a max-subtracted softmax, ``r = a M`` (``tl.dot``), ``e = p + r − q`` and the
-distance. The forward writes ``D [B, C]`` (or, fused with the hinge, the per-row losses ``[B]`` and
-``∂L_b/∂D [B, C]``) and nothing of size ``[B, C, d]`` or ``[B, C, N]``. The backward
-recomputes ``s, a, r, e`` (all on chip; cheaper than reloading) and writes the per-row embedding
-gradients (``[B, d]`` and ``[B, C, d]``, coalesced) and per-program fp32 partial gradients of
-``K`` and ``M``, summed afterwards in a fixed order (deterministic); with deterministic algorithms
-disabled and many programs, an atomic-add path is used instead.
+Kernels (K and M, N × d, are tiny and re-read per chunk from L1/L2; the gathered rows stream):
+
+- ``_lrml_pair_forward_kernel`` (relation="pair"): program ``rb · C + c`` owns column ``c`` of
+  a block of ``BLOCK_B`` rows (C programs per row block, so B = 4096 × 5 gives 1280 programs
+  on 132 SMs; the C programs of a block are adjacent, so ``P[users]`` is read from HBM once).
+  It walks d in chunks of ``BLOCK_DC``: pass 1 accumulates the logits ``z = (p ⊙ q) Kᵀ``
+  (``tl.dot``), then a max-subtracted softmax, pass 2 ``r = a M`` (``tl.dot``),
+  ``e = p + r − q`` and the distance.
+- ``_lrml_shared_forward_kernel`` (relation="shared"): program ``rb`` owns every column of its
+  block: one attention (column 0), then per chunk ``p + r₀`` and every column's ``q``.
+- ``_hinge_kernel``: the per-row hinge losses and ``∂L_b/∂D`` from the fp32 distances.
+- ``_lrml_backward_kernel``: program ``pid`` of G (as many as are resident: 1 per SM) takes row
+  blocks ``pid, pid + G, …``; it recomputes ``s, a, r, e`` chunk by chunk (cheaper than storing
+  them), writes the row gradients (``[B, d]`` compute dtype, ``[B, C, d]``) and adds its
+  keys/memory contributions into its own ``[N, d]`` partial slots; the ``[G, N, d]`` partials
+  are then summed over G in a fixed order. No atomics anywhere: same inputs, same bits.
+
+Why chunks: a ``tl.dot`` in IEEE fp32 runs on CUDA cores, and its lowering holds the whole
+reduction dimension of both operands in registers; with full-d tiles every configuration spilled
+kilobytes per thread on sm_90 (forward at BLOCK_B 64: 5.2 KB stack). 16-row blocks, chunks of
+16-32 columns walked by a rolled loop, ``num_stages=1`` (pipelining the gathers doubled the
+live registers) and the warps/register caps of :func:`block_config` keep every production
+configuration spill-free (ptxas -v, sm_90a, Triton 3.9; d = 64/100/128, N = 10/20, fp32/bf16,
+both relations, every distance): forward 16 × 32 tiles, 4 warps, ≤ 128 registers (4 programs
+per SM); backward 16 × 16 tiles, 16 warps, ≤ 128 registers (1 program per SM).
+
+Roofline (H200: ~4.2 TB/s measured copy bandwidth, ~67 TFLOP/s fp32 FMA, d = 100, N = 20,
+fp32, 8-byte indices, every gathered row counted as an HBM read):
+
+- forward + hinge, per row: p 400 B + C × (q 400 + index 8 + D/G 12) + 12 ≈ 0.4 + 0.42 C KB;
+  backward, per row: p, q again + G, W + GP 400 + GQ 400 C ≈ 0.8 + 0.81 C KB. Per pair at
+  C = 5: ~0.5 KB forward, ~1.0 KB backward.
+- FLOPs per pair: forward 4Nd = 8 K useful (logits, r), 16 K as executed (N padded to 32,
+  d to 128); backward 12Nd = 24 K useful (logits, r, ga, gM, gs, gK), ~57 K executed (r is
+  recomputed in each of its passes; d = 100 padded to 112).
+- relation="pair", B = 4096 × 5, fwd + bwd: 30 MB → 7 µs at copy bandwidth; 1.5 GFLOP →
+  22 µs at FMA peak. B = 2^20 × 2: 3.9 GB → 0.92 ms; 154 GFLOP → 2.3 ms. IEEE fp32 dots
+  make these kernels FMA-bound (~22 FLOP/B useful, ~50 executed, against a ridge of ~16
+  FLOP/B); TF32 dots (``torch.set_float32_matmul_precision("high")``) move them to the tensor
+  cores and under the memory roof.
 
 Precision: fp16/bf16/fp32 parameters are computed in fp32 (results cast back to the parameter
 dtype); float64 parameters are computed in float64 (``tl.dot`` in fp64). fp32 ``tl.dot`` runs in
@@ -32,10 +63,12 @@ from lrml_kernels.gradients import table_grad
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 REDUCTIONS = ("sum", "mean", "none")
 
-# The atomic-add path for the keys/memory gradients is taken only on CUDA, only when
-# torch.are_deterministic_algorithms_enabled() is False, and only with at least this many programs
-# (below it, the [programs, N, d] partial buffer is small and its fixed-order sum is as fast).
-ATOMIC_MIN_PROGRAMS = 256
+# Off a GPU (static reports) the launch rules assume an H200's SM count.
+H200_SMS = 132
+# 32-bit registers per SM on sm_90: with the backward's register cap, how many of its programs
+# are resident at once (each takes row blocks pid, pid + programs, ... and keeps its own
+# keys/memory partial sums).
+REGISTERS_PER_SM = 65536
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,134 +103,405 @@ def _load_rows(base, rows, row_ok, offs_d, d_mask, stride_r, stride_d, IS_FP64: 
 
 @triton.jit
 def _attention(s, K, M, n_mask, DOT_PREC: tl.constexpr):
-    """``a = softmax(s Kᵀ)`` (max-subtracted, masked to N) and ``r = a M``.
+    """``a = softmax(s Kᵀ)`` and ``r = a M`` for full-d tiles (the top-k kernel's; the
+    distance kernels walk d in chunks, see :func:`_logits`)."""
+    a = _softmax(tl.dot(s, tl.trans(K), input_precision=DOT_PREC), n_mask)  # [rows, BLOCK_N]
+    r = tl.dot(a, M, input_precision=DOT_PREC)  # [rows, BLOCK_D]
+    return a, r
+
+
+@triton.jit
+def _distance(e, eps, DISTANCE: tl.constexpr):
+    """Row distances of full-d residuals ``e [rows, BLOCK_D]`` (padded entries are zero)."""
+    return _finish_distance(_row_term(e, DISTANCE), eps, DISTANCE)
+
+
+@triton.jit
+def _softmax(z, n_mask):
+    """Masked, max-subtracted softmax of logits ``z [rows, BLOCK_N]`` along the memory slots.
 
     The backward recomputes this rather than reloading saved statistics: re-normalising
     ``exp(z − max)`` keeps ``Σ a = 1`` to rounding even when the logits are huge and the softmax
     saturates, where ``exp(z − lse)`` would leave an O(ulp(lse)) error that the softmax backward
     ``a (ga − ⟨a, ga⟩)`` amplifies.
     """
-    z = tl.dot(s, tl.trans(K), input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_N]
     z = tl.where(n_mask[None, :], z, float("-inf"))
-    m = tl.max(z, axis=1)
-    ex = tl.exp(z - m[:, None])
-    den = tl.sum(ex, axis=1)
-    a = ex / den[:, None]
-    r = tl.dot(a, M, input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_D]
-    return a, r
+    ex = tl.exp(z - tl.max(z, axis=1)[:, None])
+    return ex / tl.sum(ex, axis=1)[:, None]
 
 
 @triton.jit
-def _attention_backward(gr, a, s, K, M, gK, gM, DOT_PREC: tl.constexpr):
-    """Softmax-attention backward for a row block: returns ``gs`` and the updated gK, gM."""
-    gM = tl.dot(tl.trans(a), gr, acc=gM, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_D]
-    ga = tl.dot(gr, tl.trans(M), input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_N]
-    gz = a * (ga - tl.sum(a * ga, axis=1)[:, None])
-    gK = tl.dot(tl.trans(gz), s, acc=gK, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_D]
-    gs = tl.dot(gz, K, input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_D]
-    return gs, gK, gM
-
-
-@triton.jit
-def _distance(e, eps, DISTANCE: tl.constexpr):
-    """Row distances of residuals ``e [BLOCK_B, BLOCK_D]`` (padded entries are zero)."""
-    if DISTANCE == 0:
-        dist = tl.sqrt(tl.sum(e * e, axis=1) + eps)
-    elif DISTANCE == 1:
-        dist = tl.sum(e * e, axis=1)
+def _row_term(e, DISTANCE: tl.constexpr):
+    """Per-row partial sums of one d-chunk of residuals: ``Σ e²`` (l2, squared_l2) or ``Σ |e|``."""
+    if DISTANCE == 2:
+        t = tl.sum(tl.abs(e), axis=1)
     else:
-        dist = tl.sum(tl.abs(e), axis=1)
+        t = tl.sum(e * e, axis=1)
+    return t
+
+
+@triton.jit
+def _finish_distance(acc, eps, DISTANCE: tl.constexpr):
+    """Distances from the summed row terms of :func:`_row_term`."""
+    if DISTANCE == 0:
+        dist = tl.sqrt(acc + eps)
+    else:
+        dist = acc
     return dist
 
 
 @triton.jit
-def _distance_grad(e, dist, DISTANCE: tl.constexpr):
-    """``∂D/∂e``: ``e / D`` (l2), ``2e`` (squared_l2), ``sign(e)`` with sign(0) = 0 (l1)."""
-    if DISTANCE == 0:
-        de = e / dist[:, None]
-    elif DISTANCE == 1:
-        de = 2.0 * e
-    else:
+def _residual_grad_chunk(e, coef, DISTANCE: tl.constexpr):
+    """``ge = g ∂D/∂e`` for one chunk: ``coef e`` (l2: coef = g / D; squared_l2: 2g) or
+    ``coef sign(e)`` (l1: coef = g, sign(0) = 0)."""
+    if DISTANCE == 2:
         de = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)).to(e.dtype)
-    return de
+    else:
+        de = e
+    return coef[:, None] * de
 
 
 @triton.jit
-def _residual_grad(e, g, mask, eps, DISTANCE: tl.constexpr):
-    """``ge = g ∂D/∂e`` for a row block, zero on padded rows/columns (no NaN from 0/0 there)."""
-    de = _distance_grad(e, _distance(e, eps, DISTANCE), DISTANCE)
-    return tl.where(mask, g[:, None] * de, 0.0)
+def _grad_coef(g, acc, eps, DISTANCE: tl.constexpr):
+    """The per-pair factor of :func:`_residual_grad_chunk` from ``g = ∂L/∂D`` and the row terms."""
+    if DISTANCE == 0:
+        coef = g / tl.sqrt(acc + eps)
+    elif DISTANCE == 1:
+        coef = 2.0 * g
+    else:
+        coef = g
+    return coef
 
 
 @triton.jit
-def _lrml_forward_kernel(
+def _logits(
+    P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+    u, u_ok, it, it_ok, offs_n, n_mask, d,
+    IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+):  # fmt: skip
+    """``z = (p ⊙ q) Kᵀ [BLOCK_B, BLOCK_N]``, accumulated over d in chunks of ``BLOCK_DC``."""
+    z = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + tl.arange(0, BLOCK_DC)
+        dm = od < d
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+        Kc = _load_rows(K, offs_n, n_mask, od, dm, stride_kn, stride_kd, IS_FP64)
+        z = tl.dot(p * q, tl.trans(Kc), acc=z, input_precision=DOT_PREC)
+    return z
+
+
+@triton.jit
+def _accumulate(ptrs, x, mask, add):
+    """``*ptrs = x (+ *ptrs where add)`` at locations this program owns alone (no atomics). The
+    barrier orders this program's earlier stores there before the load, whatever thread made
+    them."""
+    tl.debug_barrier()
+    x += tl.load(ptrs, mask=tl.where(add, mask, False), other=0.0).to(x.dtype)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lrml_pair_forward_kernel(
     P, stride_pu, stride_pd,  # [U, d] user_emb
     Q, stride_qi, stride_qd,  # [I, d] item_emb
     K, stride_kn, stride_kd,  # [N, d] keys
     M, stride_mn, stride_md,  # [N, d] memory
     users, stride_ub,  # [B] int32/int64
     items, stride_ib, stride_ic,  # [B, C] int32/int64
-    D_out, stride_db, stride_dc,  # [B, C] parameter dtype (STORE_D)
-    L_out, stride_Lb,  # [B] parameter dtype (HINGE): per-row hinge losses
-    G_out, stride_gb, stride_gc,  # [B, C] fp32/fp64 (HINGE): ∂L_b/∂D[b, c]
+    D_out, stride_db, stride_dc,  # [B, C] out: distances
     B, C, U, I, N, d,
-    margin, eps,
-    DISTANCE: tl.constexpr, SHARED: tl.constexpr, HINGE: tl.constexpr,
-    STORE_D: tl.constexpr, IS_FP64: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    eps,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):  # fmt: skip
+    """relation="pair": program ``rb · C + c`` owns column ``c`` of row block ``rb``."""
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid % C
+    offs_b = (pid // C) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    b_mask = offs_b < B
+    n_mask = offs_n < N
+    u, u_ok = _load_indices(users + offs_b * stride_ub, offs_b, b_mask, U)
+    it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
+
+    z = _logits(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        u, u_ok, it, it_ok, offs_n, n_mask, d,
+        IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+    )  # fmt: skip
+    a = _softmax(z, n_mask)
+    acc = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64)
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + tl.arange(0, BLOCK_DC)
+        dm = od < d
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+        Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+        r = tl.dot(a, Mc, input_precision=DOT_PREC)
+        acc += _row_term(p + r - q, DISTANCE)
+    dist = _finish_distance(acc, eps, DISTANCE)
+    tl.store(
+        D_out + offs_b * stride_db + c * stride_dc, dist.to(D_out.dtype.element_ty), mask=b_mask
+    )
+
+
+@triton.jit
+def _lrml_shared_forward_kernel(
+    P, stride_pu, stride_pd,  # [U, d] user_emb
+    Q, stride_qi, stride_qd,  # [I, d] item_emb
+    K, stride_kn, stride_kd,  # [N, d] keys
+    M, stride_mn, stride_md,  # [N, d] memory
+    users, stride_ub,  # [B] int32/int64
+    items, stride_ib, stride_ic,  # [B, C] int32/int64
+    D_out, stride_db, stride_dc,  # [B, C] out: distances
+    B, C, U, I, N, d,
+    eps,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """relation="shared": program ``rb`` owns every column of row block ``rb``; one attention
+    (column 0) per row, then ``e = p + r₀ − q_c`` for every column, chunk by chunk."""
     pid = tl.program_id(0).to(tl.int64)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     b_mask = offs_b < B
     n_mask = offs_n < N
-    d_mask = offs_d < d
-
-    Kt = _load_rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
-    Mt = _load_rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
     u, u_ok = _load_indices(users + offs_b * stride_ub, offs_b, b_mask, U)
-    p = _load_rows(P, u, u_ok, offs_d, d_mask, stride_pu, stride_pd, IS_FP64)
+    it0, it0_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
 
-    # Column 0 (the positive): its relation is reused by every column when SHARED.
-    it, it_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
-    q = _load_rows(Q, it, it_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-    a0, r0 = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
-    d0 = _distance(p + r0 - q, eps, DISTANCE)
-    if STORE_D:
-        tl.store(D_out + offs_b * stride_db, d0.to(D_out.dtype.element_ty), mask=b_mask)
-    if HINGE:
-        loss = tl.zeros_like(d0)
-        g0 = tl.zeros_like(d0)
+    z = _logits(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        u, u_ok, it0, it0_ok, offs_n, n_mask, d,
+        IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+    )  # fmt: skip
+    a0 = _softmax(z, n_mask)
+    acc = _upcast(tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32), IS_FP64)
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + tl.arange(0, BLOCK_DC)
+        dm = od < d
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+        pr = p + tl.dot(a0, Mc, input_precision=DOT_PREC)
+        for c in range(C):
+            it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
+            q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+            acc += tl.where(offs_c[None, :] == c, _row_term(pr - q, DISTANCE)[:, None], 0.0)
+    dist = _finish_distance(acc, eps, DISTANCE)
+    tl.store(
+        D_out + offs_b[:, None] * stride_db + offs_c[None, :] * stride_dc,
+        dist.to(D_out.dtype.element_ty),
+        mask=b_mask[:, None] & (offs_c[None, :] < C),
+    )
 
-    for c in range(1, C):
-        it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
-        q = _load_rows(Q, it, it_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-        if SHARED:
-            r = r0
-        else:
-            a, r = _attention(p * q, Kt, Mt, n_mask, DOT_PREC)
-        dc = _distance(p + r - q, eps, DISTANCE)
-        if STORE_D:
+
+@triton.jit
+def _hinge_kernel(
+    D, stride_db, stride_dc,  # [B, C] compute dtype: distances
+    L_out, stride_Lb,  # [B] parameter dtype: per-row hinge losses
+    G_out, stride_gb, stride_gc,  # [B, C] compute dtype: ∂L_b/∂D[b, c]
+    B, C,
+    margin,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``L_b = Σ_{c≥1} relu(margin + D[b, 0] − D[b, c])`` and its gradient w.r.t. ``D``."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_b = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    b_mask = offs_b < B
+    mask = b_mask[:, None] & (offs_c[None, :] < C)
+    dist = tl.load(D + offs_b[:, None] * stride_db + offs_c[None, :] * stride_dc, mask=mask)
+    d0 = tl.load(D + offs_b * stride_db, mask=b_mask)
+    h = margin + d0[:, None] - dist
+    neg = mask & (offs_c[None, :] > 0)
+    active = neg & (h > 0)
+    loss = tl.sum(tl.where(active | (neg & (h != h)), h, 0.0), axis=1)  # NaN propagates
+    g = tl.where(active, -1.0, 0.0)
+    g = tl.where(offs_c[None, :] == 0, -tl.sum(g, axis=1)[:, None], g)
+    tl.store(
+        G_out + offs_b[:, None] * stride_gb + offs_c[None, :] * stride_gc,
+        g.to(G_out.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(L_out + offs_b * stride_Lb, loss.to(L_out.dtype.element_ty), mask=b_mask)
+
+
+@triton.jit
+def _keys_pass(
+    P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+    M, stride_mn, stride_md, GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+    gk_base, stride_gkd, offs_b, b_mask, u, u_ok, it, it_ok, c, offs_n, n_mask, offs_k, d,
+    a, gz, coef, add_k, add_p,
+    GP_HAS_GE: tl.constexpr, DISTANCE: tl.constexpr, IS_FP64: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_DC: tl.constexpr,
+):  # fmt: skip
+    """The last backward pass over d for the pairs (users, items[:, c]) of a row block, given
+    the attention ``a``, the logit gradient ``gz`` and the factor ``coef`` of ``ge``:
+    ``gs = gz K``, ``gK += gzᵀ (p ⊙ q)``, ``GQ[:, c] = gs ⊙ p − ge`` and
+    ``GP += gs ⊙ q (+ ge if GP_HAS_GE)``."""
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + offs_k
+        dm = od < d
+        bd_mask = b_mask[:, None] & dm[None, :]
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+        Kc = _load_rows(K, offs_n, n_mask, od, dm, stride_kn, stride_kd, IS_FP64)
+        Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+        ge = _residual_grad_chunk(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, coef, DISTANCE)
+        gs = tl.dot(gz, Kc, input_precision=DOT_PREC)  # [BLOCK_B, BLOCK_DC]
+        gKc = tl.dot(tl.trans(gz), p * q, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DC]
+        _accumulate(gk_base + od[None, :] * stride_gkd, gKc, n_mask[:, None] & dm[None, :], add_k)
+        tl.store(
+            GQ + offs_b[:, None] * stride_gqb + c * stride_gqc + od[None, :] * stride_gqd,
+            (gs * p - ge).to(GQ.dtype.element_ty),
+            mask=bd_mask,
+        )
+        gp = gs * q
+        if GP_HAS_GE:
+            gp += ge
+        _accumulate(
+            GP + offs_b[:, None] * stride_gpb + od[None, :] * stride_gpd, gp, bd_mask, add_p
+        )
+
+
+@triton.jit
+def _pair_backward_column(
+    P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+    M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+    GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+    gk_base, stride_gkd, gm_base, stride_gmd,
+    offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, c, add, I, d, eps,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+):  # fmt: skip
+    """relation="pair", column ``c`` of one row block, in four passes over d (each recomputes
+    what it needs rather than keeping [BLOCK_B, d] tiles live): logits; distance (l2 only);
+    ``ga = ge Mᵀ`` and ``gM += aᵀ ge``; ``gs = gz K``, ``gK += gzᵀ s`` and the row gradients."""
+    it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
+    g = _upcast(tl.load(G + offs_b * stride_gb + c * stride_gc, mask=b_mask, other=0.0), IS_FP64)
+    g = g * rw
+    z = _logits(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        u, u_ok, it, it_ok, offs_n, n_mask, d,
+        IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+    )  # fmt: skip
+    a = _softmax(z, n_mask)
+    acc = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64)
+    if DISTANCE == 0:
+        for d0 in range(0, d, BLOCK_DC):
+            od = d0 + offs_k
+            dm = od < d
+            p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+            q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+            Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+            acc += _row_term(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, DISTANCE)
+    coef = tl.where(b_mask, _grad_coef(g, acc, eps, DISTANCE), 0.0)  # no 0/0 on padded rows
+
+    ga = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + offs_k
+        dm = od < d
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+        Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+        ge = _residual_grad_chunk(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, coef, DISTANCE)
+        ga = tl.dot(ge, tl.trans(Mc), acc=ga, input_precision=DOT_PREC)
+        gMc = tl.dot(tl.trans(a), ge, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DC]
+        _accumulate(gm_base + od[None, :] * stride_gmd, gMc, n_mask[:, None] & dm[None, :], add)
+    gz = a * (ga - tl.sum(a * ga, axis=1)[:, None])
+
+    _keys_pass(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        M, stride_mn, stride_md, GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+        gk_base, stride_gkd, offs_b, b_mask, u, u_ok, it, it_ok, c, offs_n, n_mask, offs_k, d,
+        a, gz, coef, add, c > 0,
+        True, DISTANCE, IS_FP64, DOT_PREC, BLOCK_DC,
+    )  # fmt: skip
+
+
+@triton.jit
+def _shared_backward_tile(
+    P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+    M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+    GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+    gk_base, stride_gkd, gm_base, stride_gmd,
+    offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, add, C, I, d, eps,
+    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """relation="shared", one row block, every column, in three passes over d (plus one for the
+    l2 distances): the relation of column 0 collects ``gr₀ = Σ_c ge_c``."""
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    it0, it0_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
+    g = tl.load(
+        G + offs_b[:, None] * stride_gb + offs_c[None, :] * stride_gc,
+        mask=b_mask[:, None] & c_mask[None, :],
+        other=0.0,
+    )
+    g = _upcast(g, IS_FP64) * rw[:, None]  # [BLOCK_B, BLOCK_C]
+    z = _logits(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        u, u_ok, it0, it0_ok, offs_n, n_mask, d,
+        IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+    )  # fmt: skip
+    a0 = _softmax(z, n_mask)
+    acc = _upcast(tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32), IS_FP64)
+    if DISTANCE == 0:
+        for d0 in range(0, d, BLOCK_DC):
+            od = d0 + offs_k
+            dm = od < d
+            p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+            Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+            pr = p + tl.dot(a0, Mc, input_precision=DOT_PREC)
+            for c in range(C):
+                it, it_ok = _load_indices(
+                    items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I
+                )
+                q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+                acc += tl.where(offs_c[None, :] == c, _row_term(pr - q, DISTANCE)[:, None], 0.0)
+    coef = _grad_coef(g, acc, eps, DISTANCE)  # [BLOCK_B, BLOCK_C]
+    coef = tl.where(b_mask[:, None] & c_mask[None, :], coef, 0.0)  # no 0/0 on padding
+    coef0 = tl.sum(tl.where(offs_c[None, :] == 0, coef, 0.0), axis=1)
+
+    ga = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
+    for d0 in range(0, d, BLOCK_DC):
+        od = d0 + offs_k
+        dm = od < d
+        bd_mask = b_mask[:, None] & dm[None, :]
+        p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+        q = _load_rows(Q, it0, it0_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+        Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+        pr = p + tl.dot(a0, Mc, input_precision=DOT_PREC)
+        gr = _residual_grad_chunk(pr - q, coef0, DISTANCE)
+        for c in range(1, C):
+            it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
+            q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+            coef_c = tl.sum(tl.where(offs_c[None, :] == c, coef, 0.0), axis=1)
+            ge = _residual_grad_chunk(pr - q, coef_c, DISTANCE)
+            gr += ge
             tl.store(
-                D_out + offs_b * stride_db + c * stride_dc,
-                dc.to(D_out.dtype.element_ty),
-                mask=b_mask,
+                GQ + offs_b[:, None] * stride_gqb + c * stride_gqc + od[None, :] * stride_gqd,
+                (-ge).to(GQ.dtype.element_ty),
+                mask=bd_mask,
             )
-        if HINGE:
-            h = margin + d0 - dc
-            active = h > 0
-            loss += tl.where(active | (h != h), h, 0.0)  # NaN propagates, as relu(NaN) does
-            g0 += tl.where(active, 1.0, 0.0)
-            tl.store(
-                G_out + offs_b * stride_gb + c * stride_gc,
-                tl.where(active, -1.0, 0.0).to(G_out.dtype.element_ty),
-                mask=b_mask,
-            )
-    if HINGE:
-        tl.store(G_out + offs_b * stride_gb, g0.to(G_out.dtype.element_ty), mask=b_mask)
-        tl.store(L_out + offs_b * stride_Lb, loss.to(L_out.dtype.element_ty), mask=b_mask)
+        ga = tl.dot(gr, tl.trans(Mc), acc=ga, input_precision=DOT_PREC)
+        gMc = tl.dot(tl.trans(a0), gr, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DC]
+        _accumulate(gm_base + od[None, :] * stride_gmd, gMc, n_mask[:, None] & dm[None, :], add)
+        tl.store(GP + offs_b[:, None] * stride_gpb + od[None, :] * stride_gpd, gr, mask=bd_mask)
+    gz = a0 * (ga - tl.sum(a0 * ga, axis=1)[:, None])
+
+    _keys_pass(
+        P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+        M, stride_mn, stride_md, GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+        gk_base, stride_gkd, offs_b, b_mask, u, u_ok, it0, it0_ok, 0, offs_n, n_mask, offs_k, d,
+        a0, gz, coef0, add, True,
+        False, DISTANCE, IS_FP64, DOT_PREC, BLOCK_DC,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -210,119 +514,55 @@ def _lrml_backward_kernel(
     items, stride_ib, stride_ic,  # [B, C]
     G, stride_gb, stride_gc,  # [B, C] ∂L/∂D (any float dtype, any strides)
     W, stride_wb,  # [B] per-row factor on G (HAS_W), e.g. the upstream grad of per-row losses
-    GP, stride_gpb, stride_gpd,  # [B, d] out: gradient of each gathered user row
+    GP, stride_gpb, stride_gpd,  # [B, d] out (compute dtype): gradient of each gathered user row
     GQ, stride_gqb, stride_gqc, stride_gqd,  # [B, C, d] out: gradient of each gathered item row
-    GK, stride_gkp, stride_gkn, stride_gkd,  # [programs, N, d] partials ([1, N, d] if ATOMIC)
-    GM, stride_gmp, stride_gmn, stride_gmd,  # [programs, N, d] idem for memory
+    GK, stride_gkp, stride_gkn, stride_gkd,  # [programs, N, d] out: per-program partials
+    GM, stride_gmp, stride_gmn, stride_gmd,  # [programs, N, d] out: idem for memory
     B, C, U, I, N, d,
     scale, eps,
-    DISTANCE: tl.constexpr, SHARED: tl.constexpr, HAS_W: tl.constexpr, ATOMIC: tl.constexpr,
+    DISTANCE: tl.constexpr, SHARED: tl.constexpr, HAS_W: tl.constexpr,
     IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    """Program ``pid`` of ``G`` owns row blocks ``pid, pid + G, …`` (all their columns), in that
+    order, and sums its keys/memory contributions into its own ``[N, d]`` slots: no atomics,
+    and a fixed order of additions (the slots are summed afterwards, also in a fixed order)."""
+    pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    b_mask = offs_b < B
+    offs_k = tl.arange(0, BLOCK_DC)
     n_mask = offs_n < N
-    d_mask = offs_d < d
-    bd_mask = b_mask[:, None] & d_mask[None, :]
-
-    Kt = _load_rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
-    Mt = _load_rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
-    u, u_ok = _load_indices(users + offs_b * stride_ub, offs_b, b_mask, U)
-    p = _load_rows(P, u, u_ok, offs_d, d_mask, stride_pu, stride_pd, IS_FP64)
-    gK = tl.zeros((BLOCK_N, BLOCK_D), dtype=p.dtype)
-    gM = tl.zeros((BLOCK_N, BLOCK_D), dtype=p.dtype)
-
-    if HAS_W:
-        rw = _upcast(tl.load(W + offs_b * stride_wb, mask=b_mask, other=0.0), IS_FP64) * scale
-    else:
-        rw = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64) + scale
-    g0 = _upcast(tl.load(G + offs_b * stride_gb, mask=b_mask, other=0.0), IS_FP64) * rw
-
-    # Column 0.
-    it0, it0_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
-    q0 = _load_rows(Q, it0, it0_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-    s0 = p * q0
-    a0, r0 = _attention(s0, Kt, Mt, n_mask, DOT_PREC)
-    e0 = p + r0 - q0
-    ge0 = _residual_grad(e0, g0, bd_mask, eps, DISTANCE)
-    gp = ge0
-    if SHARED:
-        gr0 = ge0  # the shared relation collects gr of every column
-    else:
-        gs0, gK, gM = _attention_backward(ge0, a0, s0, Kt, Mt, gK, gM, DOT_PREC)
-        gp += gs0 * q0
-        gq0 = gs0 * p - ge0
-        tl.store(
-            GQ + offs_b[:, None] * stride_gqb + offs_d[None, :] * stride_gqd,
-            gq0.to(GQ.dtype.element_ty),
-            mask=bd_mask,
-        )
-
-    for c in range(1, C):
-        it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
-        q = _load_rows(Q, it, it_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-        g = _upcast(
-            tl.load(G + offs_b * stride_gb + c * stride_gc, mask=b_mask, other=0.0), IS_FP64
-        )
-        g = g * rw
-        if SHARED:
-            e = p + r0 - q
-            ge = _residual_grad(e, g, bd_mask, eps, DISTANCE)
-            gr0 += ge
-            gp += ge
-            gq = -ge
+    gk_base = GK + pid.to(tl.int64) * stride_gkp + offs_n[:, None] * stride_gkn
+    gm_base = GM + pid.to(tl.int64) * stride_gmp + offs_n[:, None] * stride_gmn
+    for tile in range(pid, tl.cdiv(B, BLOCK_B), tl.num_programs(0)):
+        offs_b = (tile * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # < B + BLOCK_B: int32
+        b_mask = offs_b < B
+        u, u_ok = _load_indices(users + offs_b * stride_ub, offs_b, b_mask, U)
+        if HAS_W:
+            rw = tl.load(W + offs_b * stride_wb, mask=b_mask, other=0.0)
+            rw = _upcast(rw, IS_FP64) * scale
         else:
-            s = p * q
-            a, r = _attention(s, Kt, Mt, n_mask, DOT_PREC)
-            e = p + r - q
-            ge = _residual_grad(e, g, bd_mask, eps, DISTANCE)
-            gs, gK, gM = _attention_backward(ge, a, s, Kt, Mt, gK, gM, DOT_PREC)
-            gp += ge + gs * q
-            gq = gs * p - ge
-        tl.store(
-            GQ + offs_b[:, None] * stride_gqb + c * stride_gqc + offs_d[None, :] * stride_gqd,
-            gq.to(GQ.dtype.element_ty),
-            mask=bd_mask,
-        )
-
-    if SHARED:
-        gs0, gK, gM = _attention_backward(gr0, a0, s0, Kt, Mt, gK, gM, DOT_PREC)
-        gp += gs0 * q0
-        gq0 = gs0 * p - ge0
-        tl.store(
-            GQ + offs_b[:, None] * stride_gqb + offs_d[None, :] * stride_gqd,
-            gq0.to(GQ.dtype.element_ty),
-            mask=bd_mask,
-        )
-    tl.store(
-        GP + offs_b[:, None] * stride_gpb + offs_d[None, :] * stride_gpd,
-        gp.to(GP.dtype.element_ty),
-        mask=bd_mask,
-    )
-
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(
-            GK + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd, gK, mask=nd_mask
-        )
-        tl.atomic_add(
-            GM + offs_n[:, None] * stride_gmn + offs_d[None, :] * stride_gmd, gM, mask=nd_mask
-        )
-    else:
-        tl.store(
-            GK + pid * stride_gkp + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
-            gK,
-            mask=nd_mask,
-        )
-        tl.store(
-            GM + pid * stride_gmp + offs_n[:, None] * stride_gmn + offs_d[None, :] * stride_gmd,
-            gM,
-            mask=nd_mask,
-        )
+            rw = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64) + scale
+        if SHARED:
+            _shared_backward_tile(
+                P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+                M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+                GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+                gk_base, stride_gkd, gm_base, stride_gmd,
+                offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, tile > pid, C, I, d, eps,
+                DISTANCE, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC, BLOCK_C,
+            )  # fmt: skip
+        else:
+            for c in range(C):
+                add = (tile > pid) | (c > 0)  # this program already wrote its K/M slots
+                _pair_backward_column(
+                    P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
+                    M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+                    GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
+                    gk_base, stride_gkd, gm_base, stride_gmd,
+                    offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, c, add, I, d, eps,
+                    DISTANCE, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+                )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,31 +589,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False) -> dict:
-    """Block sizes and warps (a heuristic keyed on d and N; no autotuning).
+def _sm_count(t: torch.Tensor) -> int:
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return H200_SMS
 
-    Every tile is at least 16 wide (tl.dot). On a GPU, ``BLOCK_B × BLOCK_D`` is bounded so the
-    ``[BLOCK_B, BLOCK_D]`` fp32 tiles (p, q, s, e, gradients) stay in registers; the backward
-    holds more of them and gets half the rows. Under the interpreter, big blocks mean fewer
-    programs and less Python overhead.
+
+def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False) -> dict:
+    """Tile shapes, warps and register caps (from the sm_90 register reports, module docstring).
+
+    A program works on 16-row blocks (tl.dot needs 16) and walks d in chunks of ``BLOCK_DC``
+    columns (a runtime trip count: ptxas keeps the loop rolled), so only a few
+    ``[16, BLOCK_DC]`` tiles are live: 16 × 32 over 4 warps in the forward (``maxnreg`` 128:
+    4 programs per SM; left to itself ptxas sometimes settled lower and spilled a few words),
+    16 × 16 over 16 warps in the backward, which keeps more tiles live (at most 128 registers
+    for 512 threads: 1 program per SM; at 8 warps it spilled under any cap up to 232). Under
+    the interpreter, one chunk and large row blocks: fewer, bigger numpy operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
     if _interpreted(t):
-        return {
-            "BLOCK_B": min(512, max(16, triton.next_power_of_2(B))),
-            "BLOCK_N": block_n,
-            "BLOCK_D": block_d,
-        }
-    budget = 4096 if backward else 8192
-    if t.dtype == torch.float64:
-        budget //= 2
-    block_b = max(16, min(64, budget // block_d))
-    # The backward keeps ~10 [BLOCK_B, BLOCK_D] fp32 tiles live (p, q, s, e, gp, gs, gq, K, M, gK,
-    # gM): 8 warps from 2048 elements per tile keep that near 256 registers per thread.
-    limit = 2048 if backward else 4096
-    num_warps = 4 if block_b * max(block_d, block_n) < limit else 8
-    return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+        block_b = min(512, max(16, triton.next_power_of_2(B)))
+        return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
+    block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
+    cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
+    cfg["num_stages"] = 1
+    if maxnreg is not None:
+        cfg["maxnreg"] = maxnreg
+    return cfg
+
+
+def _backward_programs(B: int, cfg: dict, t: torch.Tensor) -> int:
+    """One program per row block up to as many as the SMs hold at once (from the register cap);
+    beyond that each program takes several row blocks (and the [programs, N, d] partial
+    buffers stay small)."""
+    tiles = triton.cdiv(B, cfg["BLOCK_B"])
+    if _interpreted(t):
+        return tiles
+    regs = cfg.get("maxnreg") or REGISTERS_PER_SM // (32 * cfg["num_warps"])
+    per_sm = max(1, REGISTERS_PER_SM // (regs * 32 * cfg["num_warps"]))
+    return min(tiles, per_sm * _sm_count(t))
 
 
 def _param_args(user_emb, item_emb, keys, memory):
@@ -385,14 +640,19 @@ def _param_args(user_emb, item_emb, keys, memory):
     )  # fmt: skip
 
 
+def _launch_options(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "programs"}
+
+
 def forward_launch(
     user_emb, item_emb, keys, memory, users, items, *, distance, relation, eps, margin=0.0,
-    hinge=False, store_d=True,
+    hinge=False, store_d=True, config=None,
 ):  # fmt: skip
-    """Run the forward kernel. Returns ``(D or None, L or None, G or None)``.
+    """Run the forward kernels. Returns ``(D or None, L or None, G or None)``.
 
-    ``D [B, C]`` and ``L [B]`` in the parameter dtype and
-    ``G = ∂L_b/∂D [B, C]`` in the compute dtype.
+    ``D [B, C]`` and ``L [B]`` in the parameter dtype and ``G = ∂L_b/∂D [B, C]`` in the compute
+    dtype. The distance kernel writes ``D`` (in the compute dtype when the hinge follows); the
+    hinge kernel reads it and writes ``L`` and ``G``. ``config`` overrides :func:`block_config`.
     """
     B, C = items.shape
     N, d = keys.shape
@@ -400,48 +660,58 @@ def forward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     shared = relation == "shared"
-    D = torch.empty(B, C, dtype=dtype, device=dev) if store_d else None
-    L = torch.empty(B, dtype=dtype, device=dev) if hinge else None
-    G = torch.empty(B, C, dtype=ct, device=dev) if hinge else None
-    dummy = torch.empty(1, 1, dtype=ct, device=dev)
-    Dt, Lt, Gt = (x if x is not None else dummy for x in (D, L, G))
-    cfg = block_config(B, N, d, user_emb)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+    D = torch.empty(B, C, dtype=ct if hinge else dtype, device=dev)
+    cfg = config or block_config(B, N, d, user_emb)
+    blocks = triton.cdiv(B, cfg["BLOCK_B"])
+    args = (
+        *_param_args(user_emb, item_emb, keys, memory),
+        users, users.stride(0),
+        items, items.stride(0), items.stride(1),
+        D, D.stride(0), D.stride(1),
+        B, C, user_emb.shape[0], item_emb.shape[0], N, d,
+        float(eps),
+    )  # fmt: skip
+    consts = {
+        "DISTANCE": DISTANCE_CODES[distance],
+        "IS_FP64": dtype == torch.float64,
+        "DOT_PREC": _dot_precision(dtype),
+        **_launch_options(cfg),
+    }
+    L = G = None
     with _device_guard(user_emb):
-        _lrml_forward_kernel[grid](
-            *_param_args(user_emb, item_emb, keys, memory),
-            users, users.stride(0),
-            items, items.stride(0), items.stride(1),
-            Dt, Dt.stride(0), Dt.stride(1),
-            Lt, Lt.stride(0),
-            Gt, Gt.stride(0), Gt.stride(1),
-            B, C, user_emb.shape[0], item_emb.shape[0], N, d,
-            float(margin), float(eps),
-            DISTANCE=DISTANCE_CODES[distance], SHARED=shared, HINGE=hinge,
-            STORE_D=store_d, IS_FP64=dtype == torch.float64,
-            DOT_PREC=_dot_precision(dtype),
-            **cfg,
-        )  # fmt: skip
-    return D, L, G
-
-
-def _use_atomics(t: torch.Tensor, programs: int) -> bool:
-    return (
-        t.device.type == "cuda"
-        and not torch.are_deterministic_algorithms_enabled()
-        and programs >= ATOMIC_MIN_PROGRAMS
-    )
+        if B:
+            if shared:
+                bc = triton.next_power_of_2(C)
+                _lrml_shared_forward_kernel[(blocks,)](*args, **consts, BLOCK_C=bc)
+            else:
+                _lrml_pair_forward_kernel[(blocks * C,)](*args, **consts)
+        if hinge:
+            L = torch.empty(B, dtype=dtype, device=dev)
+            G = torch.empty(B, C, dtype=ct, device=dev)
+            block_c = triton.next_power_of_2(C)
+            block_r = max(16, min(128, 1024 // block_c))
+            if B:
+                _hinge_kernel[(triton.cdiv(B, block_r),)](
+                    D, D.stride(0), D.stride(1),
+                    L, L.stride(0),
+                    G, G.stride(0), G.stride(1),
+                    B, C, float(margin),
+                    BLOCK_R=block_r, BLOCK_C=block_c,
+                )  # fmt: skip
+    return (D if store_d else None), L, G
 
 
 def backward_launch(
     user_emb, item_emb, keys, memory, users, items, G, W=None, scale=1.0, *, distance,
-    relation, eps, row_dtype=None, atomic=None,
+    relation, eps, row_dtype=None, config=None,
 ):  # fmt: skip
     """Run the backward kernel. ``g[b, c] = G[b, c] · W[b] · scale`` is ``∂L/∂D``.
 
     Returns ``(grad_user_rows [B, d], grad_item_rows [B, C, d], grad_keys [N, d],
     grad_memory [N, d])``: rows in ``row_dtype`` (default the parameter dtype), keys/memory
-    reduced in the compute dtype and cast to the parameter dtype.
+    summed in the compute dtype (per-program partials, then a fixed-order sum over programs)
+    and cast to the parameter dtype. ``config`` overrides :func:`block_config` (with
+    ``programs``: how many programs share the row blocks).
     """
     B, C = items.shape
     N, d = keys.shape
@@ -449,18 +719,15 @@ def backward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     row_dtype = dtype if row_dtype is None else row_dtype
-    cfg = block_config(B, N, d, user_emb, backward=True)
-    programs = triton.cdiv(B, cfg["BLOCK_B"])
-    if atomic is None:
-        atomic = _use_atomics(user_emb, programs)
-    GP = torch.empty(B, d, dtype=row_dtype, device=dev)
+    cfg = config or block_config(B, N, d, user_emb, backward=True)
+    programs = cfg.get("programs") or _backward_programs(B, cfg, user_emb)
+    programs = max(1, min(programs, triton.cdiv(B, cfg["BLOCK_B"])))
+    GP = torch.empty(B, d, dtype=ct, device=dev)
     GQ = torch.empty(B, C, d, dtype=row_dtype, device=dev)
-    if atomic:
-        GK = torch.zeros(1, N, d, dtype=ct, device=dev)
-        GM = torch.zeros(1, N, d, dtype=ct, device=dev)
-    else:
-        GK = torch.empty(programs, N, d, dtype=ct, device=dev)
-        GM = torch.empty(programs, N, d, dtype=ct, device=dev)
+    GK = torch.empty(programs, N, d, dtype=ct, device=dev)
+    GM = torch.empty(programs, N, d, dtype=ct, device=dev)
+    if B == 0:
+        return GP.to(row_dtype), GQ, keys.new_zeros(N, d), memory.new_zeros(N, d)
     Wt = W if W is not None else G
     with _device_guard(user_emb):
         _lrml_backward_kernel[(programs,)](
@@ -476,14 +743,12 @@ def backward_launch(
             B, C, user_emb.shape[0], item_emb.shape[0], N, d,
             float(scale), float(eps),
             DISTANCE=DISTANCE_CODES[distance], SHARED=relation == "shared",
-            HAS_W=W is not None, ATOMIC=atomic, IS_FP64=dtype == torch.float64,
-            DOT_PREC=_dot_precision(dtype),
-            **cfg,
+            HAS_W=W is not None, IS_FP64=dtype == torch.float64,
+            DOT_PREC=_dot_precision(dtype), BLOCK_C=triton.next_power_of_2(C),
+            **_launch_options(cfg),
         )  # fmt: skip
     # Fixed-order reduction of the per-program partials: same inputs, same bits.
-    gK = GK.sum(0).to(dtype)
-    gM = GM.sum(0).to(dtype)
-    return GP, GQ, gK, gM
+    return GP.to(row_dtype), GQ, GK.sum(0).to(dtype), GM.sum(0).to(dtype)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
