@@ -68,6 +68,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["stop", "skip"],
         help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step",
     )
+    a(
+        "--select-on",
+        default=d.select_on,
+        choices=["last", "valid"],
+        help="last: report the last epoch on the test split; valid: carve a validation split "
+        "out of the training data, keep the epoch with the best validation nDCG@k and report "
+        "the test metrics of that epoch only (default: %(default)s)",
+    )
+    a(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="with --select-on valid: stop after this many evaluations without a better "
+        "validation nDCG@k (default: no early stopping)",
+    )
     a("--out", default="runs/latest", help="output folder (default: %(default)s)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--no-progress", action="store_true", help="no progress bars")
@@ -107,6 +122,8 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         on_nonfinite=args.on_nonfinite,
         progress=not args.no_progress,
+        select_on=args.select_on,
+        patience=args.patience,
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
@@ -123,7 +140,11 @@ def _train(args) -> int:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result["final"], indent=2))
-        print(f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt", file=sys.stderr)
+        best = ", best.pt" if cfg.select_on == "valid" else ""
+        print(
+            f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt{best}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -134,7 +155,9 @@ def _evaluate(args) -> int:
 
     model, ckpt = load_checkpoint(args.checkpoint, args.device)
     spec = args.data or ckpt["config"]["data"]
-    split = data.load(spec, seed=ckpt["config"]["seed"])
+    # a model selected on validation trained without the validation items: the same split again
+    validation = ckpt["config"].get("select_on") == "valid"
+    split = data.load(spec, seed=ckpt["config"]["seed"], validation=validation)
     if split.fingerprint() != ckpt["data_fingerprint"]:
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     if args.backend:

@@ -166,6 +166,10 @@ def test_unfused_training_runs(tmp_path, small):
         {"batch_size": -1},
         {"lr": 0.0},
         {"lr_schedule": "step"},
+        {"select_on": "test"},
+        {"select_on": "valid", "eval": "none"},
+        {"select_on": "valid", "patience": 0},
+        {"patience": 2},
     ],
 )
 def test_bad_config(bad):
@@ -222,3 +226,125 @@ def test_shared_relation_training_reports_per_pair_metrics(tmp_path, small):
     assert reported["hr"] == pytest.approx(hr, abs=0.01)
     assert reported["ndcg"] == pytest.approx(ndcg, abs=0.01)
     assert r["final"]["hr"] == reported["hr"]
+
+
+@pytest.fixture(scope="module")
+def small_valid():
+    return data.load("synthetic-small", validation=True)
+
+
+class ReadTestItems(AssertionError):
+    """A test array was read before selection had finished."""
+
+
+class Poisoned:
+    """Stands in for a test array: any use of it raises."""
+
+    def __getattr__(self, name):
+        raise ReadTestItems(f"test array read ({name})")
+
+    def __array__(self, *a, **k):
+        raise ReadTestItems("test array read (__array__)")
+
+    def __getitem__(self, key):
+        raise ReadTestItems("test array read ([])")
+
+    def __len__(self):
+        raise ReadTestItems("test array read (len)")
+
+
+def poison_test_arrays(split):
+    """``split``'s test arrays replaced by :class:`Poisoned`; returns a function that restores
+    them. (The fingerprint, a hash of everything, is taken first: it chooses nothing.)"""
+    fp = split.fingerprint()
+    saved = (split.test_users, split.test_items, split.test_negatives)
+    split.test_users = split.test_items = split.test_negatives = Poisoned()
+    split.fingerprint = lambda: fp
+
+    def restore():
+        split.test_users, split.test_items, split.test_negatives = saved
+
+    return restore
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol):
+    """Every epoch's evaluation and the choice of the epoch read the validation split only: the
+    test arrays raise until the single test evaluation at the end, which sees the chosen model."""
+    from lrml_kernels import training
+
+    split = data.load("synthetic-small", validation=True)
+    restore = poison_test_arrays(split)
+    real = training.evaluate_test
+    calls = []
+
+    def the_end(model, s, c):
+        calls.append(json.loads((tmp_path / "metrics.json").read_text())["epochs"])
+        restore()
+        return real(model, s, c)
+
+    monkeypatch.setattr(training, "evaluate_test", the_end)
+    r = fit(cfg(epochs=3, select_on="valid", eval=protocol), tmp_path, split=split)
+    assert len(calls) == 1 and len(calls[0]) == 3  # after all three epochs
+    valid = [e["valid_ndcg"] for e in r["epochs"]]
+    assert all("hr" not in e for e in r["epochs"])
+    assert r["final"]["selected_epoch"] == 1 + valid.index(max(valid))
+    # the model returned (and best.pt) is the selected epoch's; its test metrics are reported
+    assert r["final"]["test"] == evaluate(r["model"], split, protocol)
+    best, _ = load_checkpoint(tmp_path / "best.pt")
+    assert evaluate(best, split, protocol) == r["final"]["test"]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["final"] == r["final"] and [e["valid_ndcg"] for e in doc["epochs"]] == valid
+
+
+def test_select_on_valid_without_test_reads_nothing_of_it(small_valid):
+    split = data.load("synthetic-small", validation=True)
+    poison_test_arrays(split)
+    r = fit(cfg(epochs=2, select_on="valid"), None, split=split, test=False)
+    assert "hr" not in r["final"] and r["final"]["selected_epoch"] in (1, 2)
+
+
+def test_early_stopping_stops(tmp_path, small_valid):
+    # A learning rate too small to move anything: validation nDCG never improves on epoch 1.
+    r = fit(
+        cfg(epochs=6, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
+        tmp_path,
+        split=small_valid,
+    )
+    f = r["final"]
+    assert (f["selected_epoch"], f["epochs_run"], f["stopped_early"]) == (1, 3, True)
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2, 3] and r["epochs"][-1]["early_stop"]
+    # resuming a run that stopped early does not train on
+    again = fit(
+        cfg(epochs=6, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
+        tmp_path,
+        split=small_valid,
+        resume=True,
+    )
+    assert again["final"] == f
+
+
+def test_selection_survives_resume(tmp_path, small_valid):
+    kw = {"select_on": "valid", "lr_schedule": "constant", "lr": 0.05}
+    full = fit(cfg(epochs=4, **kw), tmp_path / "a", split=small_valid)
+    fit(cfg(epochs=2, **kw), tmp_path / "b", split=small_valid)
+    resumed = fit(cfg(epochs=4, **kw), tmp_path / "b", split=small_valid, resume=True)
+    assert resumed["final"] == full["final"]
+    a = torch.load(tmp_path / "a" / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "best.pt", weights_only=False)["model"]
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_cli_select_on_valid(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "2", "--dim", "8"]
+    argv += ["--select-on", "valid", "--patience", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["selected_epoch"] in (1, 2) and 0 <= final["hr"] <= 1
+    assert main(["evaluate", str(out / "best.pt"), "--eval", "sampled"]) == 0
+    captured = capsys.readouterr()
+    assert "not the data" not in captured.err
+    assert json.loads(captured.out)["hr"] == final["hr"]
+    assert main(["train", "--patience", "2", "--out", str(tmp_path / "x")]) == 2
