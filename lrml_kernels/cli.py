@@ -1,4 +1,4 @@
-"""``lrml train | evaluate | info``: the command line (also ``python -m lrml_kernels``)."""
+"""``lrml train | baseline | evaluate | info``: the CLI (also ``python -m lrml_kernels``)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,38 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _baseline(args) -> int:
+    """A baseline ranker evaluated by the same ``evaluate`` as LRML, both protocols."""
+    from pathlib import Path
+
+    from lrml_kernels import data
+    from lrml_kernels.metrics import PopularityRanker, evaluate
+    from lrml_kernels.training import METRICS, _atomic_write
+
+    validation = args.select_on == "valid"
+    split = data.load(args.data, seed=args.seed, validation=validation)
+    ranker = PopularityRanker(split)  # counts the training interactions only
+    doc = {
+        "baseline": args.model,
+        "data": split.name,
+        "seed": args.seed,
+        "select_on": args.select_on,
+        "num_users": split.num_users,
+        "num_items": split.num_items,
+        "train_interactions": len(split.train),
+    }
+    if validation:  # nothing to select: reported for comparison with LRML's validation curves
+        doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in args.eval}
+    doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in args.eval}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=2).encode()
+    _atomic_write(out / METRICS, lambda f: f.write(text))
+    print(json.dumps(doc["test"], indent=2))
+    print(f"wrote {out / METRICS}", file=sys.stderr)
+    return 0
+
+
 def _info(args) -> int:
     import platform
 
@@ -201,6 +233,23 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser(
+        "baseline", help="evaluate a baseline with the same evaluation as LRML (metrics.json)"
+    )
+    p.add_argument("model", choices=["popularity"], help="popularity: rank by training count")
+    p.add_argument("--data", default=TrainConfig().data, help="data set, as for train")
+    p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")
+    p.add_argument(
+        "--select-on",
+        default="last",
+        choices=["last", "valid"],
+        help="valid: carve the validation split first, as lrml train --select-on valid does "
+        "(the counts then leave the validation items out; both splits are reported)",
+    )
+    p.add_argument("--out", default="runs/popularity", help="output folder (default: %(default)s)")
+    p.set_defaults(func=_baseline)
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

@@ -268,7 +268,7 @@ def poison_test_arrays(split):
 
 
 @pytest.mark.parametrize("protocol", ["sampled", "full"])
-def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol):
+def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol, one_thread):
     """Every epoch's evaluation and the choice of the epoch read the validation split only: the
     test arrays raise until the single test evaluation at the end, which sees the chosen model."""
     from lrml_kernels import training
@@ -297,14 +297,14 @@ def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol):
     assert doc["final"] == r["final"] and [e["valid_ndcg"] for e in doc["epochs"]] == valid
 
 
-def test_select_on_valid_without_test_reads_nothing_of_it(small_valid):
+def test_select_on_valid_without_test_reads_nothing_of_it(small_valid, one_thread):
     split = data.load("synthetic-small", validation=True)
     poison_test_arrays(split)
     r = fit(cfg(epochs=2, select_on="valid"), None, split=split, test=False)
     assert "hr" not in r["final"] and r["final"]["selected_epoch"] in (1, 2)
 
 
-def test_early_stopping_stops(tmp_path, small_valid):
+def test_early_stopping_stops(tmp_path, small_valid, one_thread):
     # A learning rate too small to move anything: validation nDCG never improves on epoch 1.
     r = fit(
         cfg(epochs=6, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
@@ -324,7 +324,7 @@ def test_early_stopping_stops(tmp_path, small_valid):
     assert again["final"] == f
 
 
-def test_selection_survives_resume(tmp_path, small_valid):
+def test_selection_survives_resume(tmp_path, small_valid, one_thread):
     kw = {"select_on": "valid", "lr_schedule": "constant", "lr": 0.05}
     full = fit(cfg(epochs=4, **kw), tmp_path / "a", split=small_valid)
     fit(cfg(epochs=2, **kw), tmp_path / "b", split=small_valid)
@@ -336,7 +336,7 @@ def test_selection_survives_resume(tmp_path, small_valid):
         assert torch.equal(v, b[k]), k
 
 
-def test_cli_select_on_valid(tmp_path, capsys):
+def test_cli_select_on_valid(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     argv = ["train", "--data", "synthetic-small", "--epochs", "2", "--dim", "8"]
     argv += ["--select-on", "valid", "--patience", "3", "--out", str(out), "--no-progress"]
@@ -348,3 +348,22 @@ def test_cli_select_on_valid(tmp_path, capsys):
     assert "not the data" not in captured.err
     assert json.loads(captured.out)["hr"] == final["hr"]
     assert main(["train", "--patience", "2", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_thread):
+    out = tmp_path / "pop"
+    argv = ["baseline", "popularity", "--data", "synthetic-small", "--out", str(out)]
+    assert main([*argv, "--select-on", "valid"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["test"] == printed and set(doc["valid"]) == {"sampled", "full"}
+    split = data.load("synthetic-small", validation=True)
+    ranker = PopularityRanker(split)
+    for protocol in ("sampled", "full"):
+        assert doc["test"][protocol] == evaluate(ranker, split, protocol)
+        assert doc["valid"][protocol] == evaluate(ranker, split.validation(), protocol)
+    assert main(argv) == 0  # without a validation split: counts over all training items
+    plain = data.load("synthetic-small")
+    doc = json.loads((out / "metrics.json").read_text())
+    assert "valid" not in doc and doc["train_interactions"] == len(plain.train)
+    assert doc["test"]["sampled"] == evaluate(PopularityRanker(plain), plain, "sampled")
