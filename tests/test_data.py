@@ -503,13 +503,19 @@ def test_validation_split_rules():
     v = s.validation()
     assert v.test_items.tolist() == [3, 4, 2] and not v.has_validation
     assert v.train is s.train and v.known_csr() is v.train_csr()
-    # seeded, on a stream of its own; without timestamps the last training row is held out
+    # seeded, on a stream of its own
     again = D.carve_validation(D.leave_one_out(x, num_negatives=4), seed=3)
     assert np.array_equal(again.valid_negatives, s.valid_negatives)
-    s2 = D.carve_validation(
-        D.leave_one_out(interactions([0, 0, 0, 1], [3, 1, 2, 0]), num_negatives=0)
+    # without timestamps file order is not time: a seeded random training row per user
+    plain = D.leave_one_out(interactions([0, 0, 0, 0, 1], [3, 1, 2, 4, 0]), num_negatives=0)
+    assert plain.test_items.tolist() == [4]
+    picks = {D.carve_validation(plain, seed=k).valid_items[0] for k in range(12)}
+    assert picks == {1, 2, 3}
+    assert (
+        D.carve_validation(plain, seed=5).valid_items
+        == D.carve_validation(plain, seed=5).valid_items
     )
-    assert s2.valid_items.tolist() == [1] and s2.valid_negatives is None
+    assert D.carve_validation(plain).valid_negatives is None
     with pytest.raises(ValueError, match="already has a validation"):
         D.carve_validation(s)
 

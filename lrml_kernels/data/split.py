@@ -247,19 +247,26 @@ def leave_one_out(
 
 
 def _leave_one_out(
-    x: Interactions, num_negatives: int | None, seed: int, *, consume: bool
+    x: Interactions,
+    num_negatives: int | None,
+    seed: int,
+    *,
+    consume: bool,
+    order: np.ndarray | None = None,
 ) -> Split:
     """:func:`leave_one_out`. ``consume``: the caller gives ``x`` away (nothing else holds its
     arrays, and it is not used afterwards): the training rows are then compacted inside ``x``'s own
     arrays (the split's training arrays are leading views of them) instead of copied, which
-    saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way."""
+    saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way.
+    ``order``: int64 ``[n]`` keys that pick each user's held-out row in place of the timestamps
+    (the largest wins)."""
     U, I = x.num_users, x.num_items
     # The sorted, unique keys of every (user, item) pair: their per-user offsets give the degrees
     # and the negatives' exclusions, and, less the test pairs, they become the training CSR.
     keys = _sorted_unique_keys(x.users, x.items, I)
     indptr = np.searchsorted(keys, np.arange(U + 1, dtype=np.int64) * I).astype(np.int64)
     deg = np.diff(indptr)
-    held = _latest_rows(x.users, x.timestamps, U)
+    held = _latest_rows(x.users, x.timestamps if order is None else order, U)
     test_users = np.flatnonzero(deg >= 2).astype(np.int64)
     test_items = x.items[held[test_users]]
     del held, deg
@@ -333,7 +340,10 @@ def carve_validation(
     """``split`` with a validation split carved out of its training data by the test split's own
     leave-one-out rule (module docstring): per user the latest training interaction (by
     timestamp; without timestamps the last row in file order), for users with at least two
-    distinct training items. Those pairs leave the training data; each validation user gets
+    distinct training items. A log without timestamps has no "latest": its validation item is
+    drawn uniformly among the user's training rows (seeded), since file order need not be time
+    order (the NCF training file is sorted by user and item id; its last row per user is the
+    largest item id). Those pairs leave the training data; each validation user gets
     ``num_negatives`` sampled items (default: as many as the test split has, none if it has none)
     that the user never interacted with in the whole log (training, validation or test), seeded
     by ``seed`` on a stream of its own (not the test negatives' stream). The test rows are kept as
@@ -358,7 +368,12 @@ def carve_validation(
     all_keys = row_of * np.int64(I) + all_idx
     del row_of, all_idx
 
-    inner = _leave_one_out(split.train, None, seed, consume=consume)
+    order = None
+    if split.train.timestamps is None:  # a random row per user (see above), seeded
+        rng = np.random.default_rng([seed, 0x7A11D, 1])
+        order = rng.integers(0, 1 << 62, size=len(split.train), dtype=np.int64)
+    inner = _leave_one_out(split.train, None, seed, consume=consume, order=order)
+    del order
     negatives = None
     if num_negatives:
         rng = np.random.default_rng([seed, 0x7A11D])  # the validation stream: not the test's
