@@ -1,4 +1,4 @@
-"""``lrml train | baseline | evaluate | info``: the CLI (also ``python -m lrml_kernels``)."""
+"""``lrml train | tune | baseline | evaluate | info``: the CLI (``python -m lrml_kernels``)."""
 
 from __future__ import annotations
 
@@ -83,20 +83,40 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="with --select-on valid: stop after this many evaluations without a better "
         "validation nDCG@k (default: no early stopping)",
     )
+    a(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="JSON file of these options (names with underscores, e.g. lrml tune's "
+        "best_config.json); options given on the command line override it",
+    )
     a("--out", default="runs/latest", help="output folder (default: %(default)s)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _train(args) -> int:
-    import torch
+def _read_config(path) -> dict:
+    """The options of a ``--config`` file as argparse destinations (``_``-keys are notes)."""
+    import dataclasses
 
-    from lrml_kernels.training import fit
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a JSON object of train options expected")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in doc.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    if "progress" in values:
+        values["no_progress"] = not values.pop("progress")
+    return values
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
+
+def _config(args) -> TrainConfig:
+    """The TrainConfig of ``lrml train`` / ``lrml tune``'s options."""
+    return TrainConfig(
         data=args.data,
         epochs=args.epochs,
         dim=args.dim,
@@ -125,6 +145,16 @@ def _train(args) -> int:
         select_on=args.select_on,
         patience=args.patience,
     )
+
+
+def _train(args) -> int:
+    import torch
+
+    from lrml_kernels.training import fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
         import torch.distributed as dist
@@ -145,6 +175,32 @@ def _train(args) -> int:
             f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt{best}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _tune(args) -> int:
+    import torch
+
+    from lrml_kernels.tuning import SPACE, tune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    search = tuple(SPACE) if args.search is None else tuple(args.search.split(","))
+    if args.trials < 1:
+        raise ValueError(f"--trials must be positive, got {args.trials}")
+    cfg = _config(args)
+    r = tune(
+        cfg,
+        args.out,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        search=search,
+        progress=cfg.progress,
+    )
+    print(json.dumps(r["best"], indent=2))
+    print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
     return 0
 
 
@@ -225,6 +281,26 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
     _add_train_args(p)
     p.set_defaults(func=_train)
+    with_config = [p]
+    p = sub.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split (Optuna); never reads the test items",
+    )
+    _add_train_args(p)
+    a = p.add_argument
+    a("--trials", type=int, default=50, help="the study's total trials (default: %(default)s)")
+    a("--timeout", type=float, default=None, help="stop starting trials after SECONDS")
+    a("--storage", default=None, help="Optuna storage, e.g. sqlite:///tune.db (default: memory)")
+    a("--study-name", default="lrml", help="the study's name in the storage (default: %(default)s)")
+    a(
+        "--search",
+        default=None,
+        help="comma-separated parameters to search (default: all of "
+        "optimizer,lr,lr_schedule,dim,memory_slots,negatives,margin,distance,relation,max_norm,"
+        "batch_size); the others keep the options given",
+    )
+    p.set_defaults(func=_tune, out="runs/tune")
+    with_config.append(p)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
@@ -254,6 +330,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):  # the file's options, then the command line's again
+            values = _read_config(args.config)
+            for p in with_config:
+                p.set_defaults(**values)
+            args = parser.parse_args(argv)
         return args.func(args)
     except (
         ValueError,

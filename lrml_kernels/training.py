@@ -318,7 +318,9 @@ def fit(
         split = lkdata.carve_validation(split, seed=cfg.seed)
     eval_split = split.validation() if select else split  # what every epoch's evaluation reads
     device = torch.device(cfg.device)
-    fingerprint = split.fingerprint()
+    # (a hash of the whole split, test items included: taken only where a checkpoint needs it,
+    # so that a run writing nothing, like a tuning trial, never reads the test arrays)
+    fingerprint = split.fingerprint() if out is not None else None
     model, stepper = build(cfg, split.num_users, split.num_items)
 
     # int32 or int64 as the split holds them (int32: half the memory, and on the CPU no copy at

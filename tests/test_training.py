@@ -233,48 +233,16 @@ def small_valid():
     return data.load("synthetic-small", validation=True)
 
 
-class ReadTestItems(AssertionError):
-    """A test array was read before selection had finished."""
-
-
-class Poisoned:
-    """Stands in for a test array: any use of it raises."""
-
-    def __getattr__(self, name):
-        raise ReadTestItems(f"test array read ({name})")
-
-    def __array__(self, *a, **k):
-        raise ReadTestItems("test array read (__array__)")
-
-    def __getitem__(self, key):
-        raise ReadTestItems("test array read ([])")
-
-    def __len__(self):
-        raise ReadTestItems("test array read (len)")
-
-
-def poison_test_arrays(split):
-    """``split``'s test arrays replaced by :class:`Poisoned`; returns a function that restores
-    them. (The fingerprint, a hash of everything, is taken first: it chooses nothing.)"""
-    fp = split.fingerprint()
-    saved = (split.test_users, split.test_items, split.test_negatives)
-    split.test_users = split.test_items = split.test_negatives = Poisoned()
-    split.fingerprint = lambda: fp
-
-    def restore():
-        split.test_users, split.test_items, split.test_negatives = saved
-
-    return restore
-
-
 @pytest.mark.parametrize("protocol", ["sampled", "full"])
-def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol, one_thread):
+def test_selection_never_reads_the_test_items(
+    tmp_path, monkeypatch, protocol, one_thread, poison_test_items
+):
     """Every epoch's evaluation and the choice of the epoch read the validation split only: the
     test arrays raise until the single test evaluation at the end, which sees the chosen model."""
     from lrml_kernels import training
 
     split = data.load("synthetic-small", validation=True)
-    restore = poison_test_arrays(split)
+    restore = poison_test_items(split)
     real = training.evaluate_test
     calls = []
 
@@ -297,9 +265,9 @@ def test_selection_never_reads_the_test_items(tmp_path, monkeypatch, protocol, o
     assert doc["final"] == r["final"] and [e["valid_ndcg"] for e in doc["epochs"]] == valid
 
 
-def test_select_on_valid_without_test_reads_nothing_of_it(small_valid, one_thread):
+def test_select_on_valid_without_test_reads_nothing_of_it(one_thread, poison_test_items):
     split = data.load("synthetic-small", validation=True)
-    poison_test_arrays(split)
+    poison_test_items(split, strict=True)  # (writes nothing: no fingerprint either)
     r = fit(cfg(epochs=2, select_on="valid"), None, split=split, test=False)
     assert "hr" not in r["final"] and r["final"]["selected_epoch"] in (1, 2)
 
