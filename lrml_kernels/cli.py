@@ -35,7 +35,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     a("--optimizer", default=d.optimizer, choices=["adam", "adagrad", "rowwise_adagrad", "sgd"])
     a("--distance", default=d.distance, choices=["l2", "squared_l2", "l1"])
-    a("--relation", default=d.relation, choices=["pair", "shared"])
+    a(
+        "--relation",
+        default=d.relation,
+        choices=["pair", "shared", "none"],
+        help="pair, shared (the loss reuses the positive's relation), none: CML, r = 0 "
+        "(default: %(default)s)",
+    )
     a("--batch-size", type=int, default=d.batch_size, help="rows per step (default: %(default)s)")
     a("--max-norm", type=float, default=d.max_norm, help="unit-ball radius; 0 disables")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
