@@ -160,6 +160,9 @@ def tune(
 
     done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     finished = len(study.get_trials(deepcopy=False, states=done))
+    # A resumed study must not replay the random start-up draws of its first run: the sampler's
+    # seed moves on with the number of trials already stored.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
     t0 = time.perf_counter()
     if trials > finished:
         study.optimize(

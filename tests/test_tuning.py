@@ -39,6 +39,8 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     again = tune(tiny(), tmp_path / "out", trials=3, **kw)
     assert [t["number"] for t in again["trials"]] == [0, 1, 2]
     assert [t["value"] for t in again["trials"][:2]] == values
+    # (not a replay of trial 0's random draw)
+    assert again["trials"][2]["params"] != again["trials"][0]["params"]
 
 
 def test_suggest_scales_lr_per_optimizer_and_rejects_unknown_names():
