@@ -1,4 +1,4 @@
-"""``lrml train | evaluate | convert-checkpoint | info`` (also ``python -m lrml_kernels``)."""
+"""``lrml train | tune | baseline | evaluate | convert-checkpoint | info``: the command line."""
 
 from __future__ import annotations
 
@@ -35,7 +35,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     a("--optimizer", default=d.optimizer, choices=["adam", "adagrad", "rowwise_adagrad", "sgd"])
     a("--distance", default=d.distance, choices=["l2", "squared_l2", "l1"])
-    a("--relation", default=d.relation, choices=["pair", "shared"])
+    a(
+        "--relation",
+        default=d.relation,
+        choices=["pair", "shared", "none"],
+        help="pair, shared (the loss reuses the positive's relation), none: CML, r = 0 "
+        "(default: %(default)s)",
+    )
     a("--batch-size", type=int, default=d.batch_size, help="rows per step (default: %(default)s)")
     a("--max-norm", type=float, default=d.max_norm, help="unit-ball radius; 0 disables")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
@@ -68,22 +74,55 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["stop", "skip"],
         help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step",
     )
+    a(
+        "--select-on",
+        default=d.select_on,
+        choices=["last", "valid"],
+        help="last: report the last epoch on the test split; valid: carve a validation split "
+        "out of the training data, keep the epoch with the best validation nDCG@k and report "
+        "the test metrics of that epoch only (default: %(default)s)",
+    )
+    a(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="with --select-on valid: stop after this many evaluations without a better "
+        "validation nDCG@k (default: no early stopping)",
+    )
+    a(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="JSON file of these options (names with underscores, e.g. lrml tune's "
+        "best_config.json); options given on the command line override it",
+    )
     a("--out", default="runs/latest", help="output folder (default: %(default)s)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _train(args) -> int:
-    import torch
+def _read_config(path) -> dict:
+    """The options of a ``--config`` file as argparse destinations (``_``-keys are notes)."""
+    import dataclasses
 
-    from lrml_kernels.training import fit
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a JSON object of train options expected")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in doc.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    if "progress" in values:
+        values["no_progress"] = not values.pop("progress")
+    return values
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
+
+def _config(args) -> TrainConfig:
+    """The TrainConfig of ``lrml train`` / ``lrml tune``'s options."""
+    return TrainConfig(
         data=args.data,
         epochs=args.epochs,
         dim=args.dim,
@@ -109,7 +148,21 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         on_nonfinite=args.on_nonfinite,
         progress=not args.no_progress,
+        select_on=args.select_on,
+        patience=args.patience,
     )
+
+
+def _train(args) -> int:
+    import torch
+
+    from lrml_kernels.training import fit
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
         import torch.distributed as dist
@@ -126,7 +179,37 @@ def _train(args) -> int:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result["final"], indent=2))
-        print(f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt", file=sys.stderr)
+        best = ", best.pt" if cfg.select_on == "valid" else ""
+        print(
+            f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt{best}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _tune(args) -> int:
+    import torch
+
+    from lrml_kernels.tuning import SPACE, tune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    search = tuple(SPACE) if args.search is None else tuple(args.search.split(","))
+    if args.trials < 1:
+        raise ValueError(f"--trials must be positive, got {args.trials}")
+    cfg = _config(args)
+    r = tune(
+        cfg,
+        args.out,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        search=search,
+        progress=cfg.progress,
+    )
+    print(json.dumps(r["best"], indent=2))
+    print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
     return 0
 
 
@@ -154,7 +237,9 @@ def _evaluate(args) -> int:
     spec = args.data or ckpt["config"].get("data")
     if not isinstance(spec, str):
         raise ValueError(f"{args.checkpoint} names no data set: give one with --data")
-    split = data.load(spec, seed=ckpt["config"].get("seed", 0))
+    # a model selected on validation trained without the validation items: the same split again
+    validation = ckpt["config"].get("select_on") == "valid"
+    split = data.load(spec, seed=ckpt["config"].get("seed", 0), validation=validation)
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     for protocol in args.eval:
@@ -168,6 +253,39 @@ def _convert(args) -> int:
     names = checkpoints.convert(args.old, args.new)
     held = f"it held {', '.join(names)}" if names else "it held plain values only already"
     print(f"wrote {args.new} as plain values ({held})", file=sys.stderr)
+    return 0
+
+
+def _baseline(args) -> int:
+    """A baseline ranker evaluated by the same ``evaluate`` as LRML, both protocols."""
+    from pathlib import Path
+
+    from lrml_kernels import data
+    from lrml_kernels.checkpoints import atomic_write
+    from lrml_kernels.metrics import PopularityRanker, evaluate
+    from lrml_kernels.training import METRICS
+
+    validation = args.select_on == "valid"
+    split = data.load(args.data, seed=args.seed, validation=validation)
+    ranker = PopularityRanker(split)  # counts the training interactions only
+    doc = {
+        "baseline": args.model,
+        "data": split.name,
+        "seed": args.seed,
+        "select_on": args.select_on,
+        "num_users": split.num_users,
+        "num_items": split.num_items,
+        "train_interactions": len(split.train),
+    }
+    if validation:  # nothing to select: reported for comparison with LRML's validation curves
+        doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in args.eval}
+    doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in args.eval}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=2).encode()
+    atomic_write(out / METRICS, lambda f: f.write(text))
+    print(json.dumps(doc["test"], indent=2))
+    print(f"wrote {out / METRICS}", file=sys.stderr)
     return 0
 
 
@@ -197,6 +315,26 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
     _add_train_args(p)
     p.set_defaults(func=_train)
+    with_config = [p]
+    p = sub.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split (Optuna); never reads the test items",
+    )
+    _add_train_args(p)
+    a = p.add_argument
+    a("--trials", type=int, default=50, help="the study's total trials (default: %(default)s)")
+    a("--timeout", type=float, default=None, help="stop starting trials after SECONDS")
+    a("--storage", default=None, help="Optuna storage, e.g. sqlite:///tune.db (default: memory)")
+    a("--study-name", default="lrml", help="the study's name in the storage (default: %(default)s)")
+    a(
+        "--search",
+        default=None,
+        help="comma-separated parameters to search (default: all of "
+        "optimizer,lr,lr_schedule,dim,memory_slots,negatives,margin,distance,relation,max_norm,"
+        "batch_size); the others keep the options given",
+    )
+    p.set_defaults(func=_tune, out="runs/tune")
+    with_config.append(p)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
@@ -213,10 +351,32 @@ def main(argv=None) -> int:
     p.add_argument("old", help="the checkpoint to convert (its code runs: trusted files only)")
     p.add_argument("new", help="where to write the converted checkpoint (may be OLD)")
     p.set_defaults(func=_convert)
+    p = sub.add_parser(
+        "baseline", help="evaluate a baseline with the same evaluation as LRML (metrics.json)"
+    )
+    p.add_argument("model", choices=["popularity"], help="popularity: rank by training count")
+    p.add_argument("--data", default=TrainConfig().data, help="data set, as for train")
+    p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")
+    p.add_argument(
+        "--select-on",
+        default="last",
+        choices=["last", "valid"],
+        help="valid: carve the validation split first, as lrml train --select-on valid does "
+        "(the counts then leave the validation items out; both splits are reported)",
+    )
+    p.add_argument("--out", default="runs/popularity", help="output folder (default: %(default)s)")
+    p.set_defaults(func=_baseline)
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):  # the file's options, then the command line's again
+            values = _read_config(args.config)
+            for p in with_config:
+                p.set_defaults(**values)
+            args = parser.parse_args(argv)
         return args.func(args)
     except (
         ValueError,

@@ -61,10 +61,12 @@ def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=Non
     """Rank of each held-out item among all items the user did not train on, capped at ``k``.
 
     Uses top-(k+1) with the training items excluded: the held-out item's rank is the number of
-    other returned items at a distance ≤ its own; ``k`` means "not in the top k".
+    other returned items at a distance ≤ its own; ``k`` means "not in the top k". A split with a
+    validation split also excludes each user's validation item (``split.known_csr()``): it is a
+    known positive, not a rival of the test item.
     """
     device = torch.device(device) if device is not None else _device_of(ranker)
-    indptr, indices = split.train_csr()
+    indptr, indices = getattr(split, "known_csr", split.train_csr)()
     indptr = torch.as_tensor(indptr, dtype=torch.int64)
     indices = torch.as_tensor(indices, dtype=torch.int64)
     users = torch.as_tensor(split.test_users, dtype=torch.int64)
@@ -128,6 +130,7 @@ def _test_rows(split, rows: slice):
     return SimpleNamespace(
         train=split.train,
         train_csr=split.train_csr,
+        known_csr=getattr(split, "known_csr", split.train_csr),
         num_users=split.num_users,
         num_items=split.num_items,
         test_users=split.test_users[rows],

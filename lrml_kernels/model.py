@@ -10,6 +10,12 @@ from torch import nn
 from lrml_kernels import ops
 from lrml_kernels.reference import compute_dtype
 
+#: ``relation`` of the model: the ops' relations, and "none": CML (Hsieh et al., WWW 2017), LRML's
+#: special case r = 0. It runs as LRML with ``memory`` ≡ 0 (r = Mᵀa = 0 exactly, in every backend)
+#: and ``keys`` / ``memory`` frozen; the kernels still compute the attention (skipping it is
+#: kernel work not done yet), so CML costs what LRML costs.
+MODEL_RELATIONS = (*ops.RELATIONS, "none")
+
 
 class LRML(nn.Module):
     """Latent Relational Metric Learning (Tay et al., WWW 2018), SPEC.md semantics.
@@ -20,6 +26,8 @@ class LRML(nn.Module):
     ``torch.optim.SparseAdam``, ``Adagrad`` and ``SGD``); ``max_norm`` is the radius of the
     unit-ball projection applied by :meth:`project_` (None disables it). ``relation`` is the
     training loss's choice (SPEC.md); :meth:`distances` and :meth:`recommend` rank per pair.
+    ``relation="none"`` is CML (see :data:`MODEL_RELATIONS`): ``memory`` is zero and ``keys`` and
+    ``memory`` do not train.
     """
 
     def __init__(
@@ -50,7 +58,7 @@ class LRML(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         ops._check_option("distance", distance, ops.DISTANCES)
-        ops._check_option("relation", relation, ops.RELATIONS)
+        ops._check_option("relation", relation, MODEL_RELATIONS)
         if max_norm is not None and max_norm <= 0:
             raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
         std = 1.0 / math.sqrt(dim)
@@ -59,9 +67,19 @@ class LRML(nn.Module):
         self.item_emb = nn.Parameter(torch.randn(num_items, dim, **kw) * std)
         self.keys = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
         self.memory = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
+        if relation == "none":  # CML: r = Mᵀa = 0 whatever the attention
+            self.keys.requires_grad_(False)
+            self.memory.requires_grad_(False)
+            with torch.no_grad():
+                self.memory.zero_()
         self.distance, self.relation, self.margin = distance, relation, float(margin)
         self.max_norm, self.sparse, self.backend = max_norm, sparse, backend
         self.eps, self.validate = float(eps), validate
+
+    @property
+    def kernel_relation(self) -> str:
+        """The relation the ops compute the loss with ("pair" for CML: r is zero either way)."""
+        return "pair" if self.relation == "none" else self.relation
 
     @property
     def num_users(self) -> int:
@@ -82,7 +100,7 @@ class LRML(nn.Module):
             items,
             margin=self.margin,
             distance=self.distance,
-            relation=self.relation,
+            relation=self.kernel_relation,
             eps=self.eps,
             reduction=reduction,
             backend=self.backend,

@@ -118,7 +118,7 @@ class LRMLTrainer:
             users,
             items,
             m.distance,
-            m.relation,
+            m.kernel_relation,
             m.eps,
             validate,
             False,
@@ -126,7 +126,7 @@ class LRMLTrainer:
         impl = backends.get(m.backend, params[0].device, users.shape[0])
         self._impl = impl
         loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
-            *params, users, items, m.margin, m.distance, m.relation, m.eps, self.reduction
+            *params, users, items, m.margin, m.distance, m.kernel_relation, m.eps, self.reduction
         )
         if self._world() > 1:
             loss, users, items, g_users, g_items, g_keys, g_memory = self._all_gather(
@@ -140,8 +140,9 @@ class LRMLTrainer:
         self.steps += 1
         self._update_rows("user_emb", m.user_emb, users, g_users, m.max_norm)
         self._update_rows("item_emb", m.item_emb, items, g_items, m.max_norm)
-        self._update_dense("keys", m.keys, g_keys)
-        self._update_dense("memory", m.memory, g_memory)
+        if m.relation != "none":  # CML: keys and memory stay as they are (memory ≡ 0)
+            self._update_dense("keys", m.keys, g_keys)
+            self._update_dense("memory", m.memory, g_memory)
         return loss
 
     def set_lr(self, lr: float) -> None:

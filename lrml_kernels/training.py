@@ -9,6 +9,12 @@ Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
 leaves a broken checkpoint; plain values only, loaded without running code: see
 :mod:`lrml_kernels.checkpoints`), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
+
+Model selection (``select_on="valid"``): a validation split is carved out of the training data
+(:func:`lrml_kernels.data.carve_validation`), every evaluation reads it (never the test items),
+the best epoch by validation nDCG@k is kept (in the checkpoint too, so resume keeps it), training
+stops after ``patience`` evaluations without improvement, and only then is the test split read,
+once, for the selected epoch (``best.pt`` holds that model).
 """
 
 from __future__ import annotations
@@ -34,12 +40,17 @@ from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 CURVE = "learning_curve.png"
+BEST = "best.pt"
+SELECT_ON = ("last", "valid")
 
 # "cosine": lr · (0.05 + 0.95 · (1 + cos(π t)) / 2) at the fraction t of all steps done.
 LR_SCHEDULES = ("constant", "cosine")
 # Learning rates when TrainConfig.lr is None: Adam's was tuned with the cosine schedule on the NCF
-# ML-1M files (README, "Tuning the defaults"); the others are the usual Adagrad/SGD values.
-TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2}
+# ML-1M files (README, "Tuning the defaults"); Adagrad's are the usual 0.1. SGD's is measured on the
+# built-in data (``lrml train --optimizer sgd --lr LR``, defaults otherwise, 2026-12-04): with the
+# summed loss 0.1 went non-finite at step 11-15 and 0.03 within the first epoch, 0.02 at step 47;
+# 0.015 trained; 0.01 reached HR@10 0.681 / nDCG@10 0.415 in 3 epochs (Adagrad 0.1: 0.692 / 0.421).
+TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 
 # Options that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every")
@@ -78,6 +89,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     on_nonfinite: str = "stop"
     progress: bool = True
+    # "last": report the last epoch's test metrics (every evaluation reads the test split).
+    # "valid": evaluate on a validation split, keep the epoch with the best validation nDCG@k and
+    # report the test metrics of that epoch only.
+    select_on: str = "last"
+    patience: int | None = None  # select_on="valid": stop after this many evaluations w/o gain
 
     def validate(self) -> None:
         def positive(name):
@@ -112,6 +128,17 @@ class TrainConfig:
         if not self.fused_optimizer and self.on_nonfinite == "skip":
             raise ValueError("on_nonfinite='skip' needs the fused optimizer (--fused-optimizer)")
         backends.check_device(self.device)  # one that exists here (touches no device)
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
+        if self.select_on == "valid" and self.eval == "none":
+            raise ValueError("select_on='valid' needs an evaluation protocol (eval='none' given)")
+        if self.patience is not None:
+            if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+                raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
+            if self.patience < 1:
+                raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
+            if self.select_on != "valid":
+                raise ValueError("patience (early stopping) needs select_on='valid'")
 
 
 class _UnfusedStep:
@@ -224,11 +251,14 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("mean loss per row", color="tab:red")
-    evals = [h for h in history if "hr" in h]
+    pre = "valid_" if any("valid_hr" in h for h in history) else ""
+    evals = [h for h in history if pre + "hr" in h]
     if evals:
         ax2 = ax1.twinx()
-        ax2.plot([h["epoch"] for h in evals], [h["hr"] for h in evals], "s-", label="HR@k")
-        ax2.plot([h["epoch"] for h in evals], [h["ndcg"] for h in evals], "^-", label="nDCG@k")
+        what = "valid " if pre else ""
+        x = [h["epoch"] for h in evals]
+        ax2.plot(x, [h[pre + "hr"] for h in evals], "s-", label=f"{what}HR@k")
+        ax2.plot(x, [h[pre + "ndcg"] for h in evals], "^-", label=f"{what}nDCG@k")
         ax2.set_ylabel("metric")
         ax2.legend(loc="center right")
     fig.tight_layout()
@@ -238,13 +268,39 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> dict:
+def evaluate_test(model, split, cfg: TrainConfig) -> dict:
+    """The test metrics of ``model`` (with ``select_on="valid"``: the one read of the test split,
+    after selection)."""
+    return evaluate(model, split, cfg.eval, cfg.eval_k, shard=_rank_world())
+
+
+def _stale(history: list[dict], best: dict | None) -> int:
+    """Evaluations since the best one."""
+    if best is None:
+        return 0
+    return sum(1 for h in history if "valid_ndcg" in h and h["epoch"] > best["epoch"])
+
+
+def fit(
+    cfg: TrainConfig,
+    out_dir=None,
+    *,
+    resume: bool = False,
+    split=None,
+    on_epoch=None,
+    test: bool = True,
+) -> dict:
     """Train LRML as configured; return the metrics dict also written to ``metrics.json``.
 
     Args:
         cfg: the options. out_dir: where checkpoints and metrics go (None: nothing is written).
         resume: continue from ``out_dir/checkpoint.pt`` (refused if data or options differ).
-        split: a ready :class:`lrml_kernels.data.Split` (otherwise ``cfg.data`` is loaded).
+        split: a ready :class:`lrml_kernels.data.Split` (otherwise ``cfg.data`` is loaded); with
+            ``select_on="valid"`` one without a validation split gets one carved out.
+        on_epoch: called with each finished epoch's record (``lrml tune`` reports and prunes
+            there; an exception it raises ends training).
+        test: with ``select_on="valid"``, evaluate the selected epoch on the test split at the
+            end (False: the test split is never read).
     """
     from tqdm.auto import tqdm
 
@@ -261,10 +317,16 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     if resume:  # a foreign file or other options are refused before the data is loaded
         ckpt = checkpoints.read(out / CHECKPOINT, resume=True)
         _check_compatible(ckpt, cfg, world)
+    select = cfg.select_on == "valid"
     if split is None:
-        split = lkdata.load(cfg.data, seed=cfg.seed)
+        split = lkdata.load(cfg.data, seed=cfg.seed, validation=select)
+    elif select and not split.has_validation:
+        split = lkdata.carve_validation(split, seed=cfg.seed)
+    eval_split = split.validation() if select else split  # what every epoch's evaluation reads
     device = torch.device(cfg.device)
-    fingerprint = split.fingerprint()
+    # (a hash of the whole split, test items included: taken only where a checkpoint needs it,
+    # so that a run writing nothing, like a tuning trial, never reads the test arrays)
+    fingerprint = split.fingerprint() if out is not None else None
     model, stepper = build(cfg, split.num_users, split.num_items)
 
     # int32 or int64 as the split holds them (int32: half the memory, and on the CPU no copy at
@@ -287,6 +349,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     gen.manual_seed(cfg.seed + 1_000_003 * rank)
 
     history: list[dict] = []
+    best = None  # select_on="valid": {"epoch", "valid_hr", "valid_ndcg", "model"}
     epoch, step_in_epoch, global_step = 0, 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     elapsed = 0.0
@@ -306,6 +369,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         global_step = ckpt["global_step"]
         loss_sum = ckpt["loss_sum"].to(device)
         elapsed = ckpt["epoch_seconds"]
+        best = ckpt.get("best")
     writer = out if rank == 0 else None
     if writer is not None:  # temporary files of writes that a crash interrupted
         for stale in writer.glob(f".{CHECKPOINT}.tmp*"):
@@ -340,10 +404,11 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
             "loss_sum": loss_sum,
             "epoch_seconds": elapsed,
             "history": history,
+            "best": best,
         }
         checkpoints.save(state, out / CHECKPOINT)
 
-    def write_metrics(records: list[dict], final: bool = True):
+    def write_metrics(records: list[dict], final: bool = True, extra=None):
         if writer is None:
             return
         doc = {
@@ -356,6 +421,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         }
         if final:
             doc["final"] = records[-1] if records else {}
+        doc.update(extra or {})
         text = json.dumps(doc, indent=2).encode()
         checkpoints.atomic_write(out / METRICS, lambda f: f.write(text))
         if records:
@@ -365,7 +431,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
     base_lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
     total_steps = cfg.epochs * steps_per_epoch  # the schedule spans --epochs, not --max-steps
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    stop = False
+    stop = cfg.patience is not None and _stale(history, best) >= cfg.patience  # (on resume)
     while epoch < cfg.epochs and not stop:
         # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
         order_gen = torch.Generator(device=device)
@@ -452,11 +518,15 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
         last = epoch + 1 == cfg.epochs or stop
         if cfg.eval != "none" and ((epoch + 1) % cfg.eval_every == 0 or last):
             t1 = time.perf_counter()
-            m = evaluate(model, split, cfg.eval, cfg.eval_k, shard=(rank, world))
-            record.update(hr=m["hr"], ndcg=m["ndcg"], eval_seconds=time.perf_counter() - t1)
+            m = evaluate(model, eval_split, cfg.eval, cfg.eval_k, shard=(rank, world))
+            pre = "valid_" if select else ""
+            record.update(
+                {pre + "hr": m["hr"], pre + "ndcg": m["ndcg"]},
+                eval_seconds=time.perf_counter() - t1,
+            )
             if cfg.progress and rank == 0:
                 print(
-                    f"epoch {epoch + 1}: loss {record['loss']:.4f}  HR@{cfg.eval_k} "
+                    f"epoch {epoch + 1}: loss {record['loss']:.4f}  {pre[:-1]} HR@{cfg.eval_k} "
                     f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
                     file=sys.stderr,
                 )
@@ -472,16 +542,52 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False, split=None) -> 
                 "model": model,
             }
         history.append(record)
+        if "valid_ndcg" in record and (best is None or record["valid_ndcg"] > best["valid_ndcg"]):
+            best = {
+                "epoch": record["epoch"],
+                "valid_hr": record["valid_hr"],
+                "valid_ndcg": record["valid_ndcg"],
+                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            }
+        if cfg.patience is not None and _stale(history, best) >= cfg.patience:
+            stop = True
+            record["early_stop"] = True
         epoch += 1
         step_in_epoch, elapsed = 0, 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         checkpoint()
         write_metrics(history, final=False)
-    write_metrics(history)
+        if on_epoch is not None:
+            on_epoch(record)
+    final = history[-1] if history else {}
+    if select and best is not None:
+        model.load_state_dict(best["model"])
+        final = {
+            "selected_epoch": best["epoch"],
+            "valid_hr": best["valid_hr"],
+            "valid_ndcg": best["valid_ndcg"],
+            "epochs_run": len(history),
+            "stopped_early": bool(history and history[-1].get("early_stop")),
+        }
+        if test:  # the one read of the test split: after selection, for the selected epoch
+            t = evaluate_test(model, split, cfg)
+            final.update(hr=t["hr"], ndcg=t["ndcg"], test=t)
+        if writer is not None:
+            doc = {
+                "version": _version(),
+                "config": asdict(cfg),
+                "data_fingerprint": fingerprint,
+                "num_users": split.num_users,
+                "num_items": split.num_items,
+                "epoch": best["epoch"],
+                "model": best["model"],
+            }
+            checkpoints.save(doc, out / BEST)
+    write_metrics(history, final=False, extra={"final": final})
     return {
         "config": asdict(cfg),
         "epochs": history,
-        "final": history[-1] if history else {},
+        "final": final,
         "model": model,
     }
 

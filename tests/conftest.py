@@ -99,3 +99,45 @@ def error_line(capsys):
         return lines[0]
 
     return read
+
+
+class ReadTestItems(AssertionError):
+    """A test array was read where nothing may read it."""
+
+
+class _Poisoned:
+    """Stands in for a test array: any use of it raises :class:`ReadTestItems`."""
+
+    def __getattr__(self, name):
+        raise ReadTestItems(f"the test items were read ({name})")
+
+    def __array__(self, *a, **k):
+        raise ReadTestItems("the test items were read (__array__)")
+
+    def __getitem__(self, key):
+        raise ReadTestItems("the test items were read ([])")
+
+    def __len__(self):
+        raise ReadTestItems("the test items were read (len)")
+
+
+@pytest.fixture
+def poison_test_items():
+    """``poison(split)`` replaces ``split``'s test arrays by stand-ins that raise on any use and
+    returns a function that puts them back. ``strict=False``: the fingerprint (a hash of the
+    whole split for checkpoints, which chooses nothing) is taken first and answered from then on;
+    strict, hashing the split raises as well."""
+
+    def poison(split, *, strict: bool = False):
+        if not strict:
+            fp = split.fingerprint()
+            split.fingerprint = lambda: fp
+        saved = (split.test_users, split.test_items, split.test_negatives)
+        split.test_users = split.test_items = split.test_negatives = _Poisoned()
+
+        def restore():
+            split.test_users, split.test_items, split.test_negatives = saved
+
+        return restore
+
+    return poison

@@ -470,6 +470,77 @@ def test_leave_one_out_rules():
     assert s.test_items.tolist() == [2, 0]
 
 
+def keyset(users, items, num_items) -> set[int]:
+    return set((np.asarray(users, dtype=np.int64) * num_items + np.asarray(items)).tolist())
+
+
+def test_validation_split_rules():
+    """The validation split is the test split's rule applied to the training data: the latest
+    training item (timestamps; ties and missing times as for the test), users with two or more
+    distinct training items only, negatives never interacted with (not even the test item)."""
+    M = MISSING_TIMESTAMP
+    x = interactions(
+        users=[0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3],
+        items=[1, 2, 3, 4, 4, 5, 6, 7, 8, 1, 2, 3, 1],
+        timestamps=[5, 9, 7, 1, 3, 3, 1, 4, 5, M, 2, M, 8],
+        num_items=12,
+    )
+    s = D.carve_validation(D.leave_one_out(x, num_negatives=4), seed=3)
+    # test: 0 -> 2 (t 9), 1 -> 5 (tie at 3: later row), 2 -> 8, 3 -> 1 (t 8, row 12; row 9 too)
+    assert s.test_items.tolist() == [2, 5, 8, 1]
+    # validation, from what is left: 0 -> 3 (t 7), 1 -> 4 (t 3), 2 has one item left: none,
+    # 3 -> 2 (the only known time)
+    assert s.valid_users.tolist() == [0, 1, 3] and s.valid_items.tolist() == [3, 4, 2]
+    train = sorted(zip(s.train.users.tolist(), s.train.items.tolist(), strict=True))
+    assert train == [(0, 1), (0, 4), (1, 6), (2, 7), (3, 3)]
+    assert s.valid_negatives.shape == (3, 4)
+    seen = keyset(x.users, x.items, 12)
+    for u, row in zip(s.valid_users, s.valid_negatives, strict=True):
+        assert not seen & keyset([u] * 4, row, 12) and len(set(row.tolist())) == 4
+    # the CSR of training and the "known" CSR (training + validation) of the full protocol
+    assert [a.tolist() for a in s.train_csr()] == [[0, 2, 3, 4, 5], [1, 4, 6, 7, 3]]
+    assert [a.tolist() for a in s.known_csr()] == [[0, 3, 5, 6, 8], [1, 3, 4, 4, 6, 7, 2, 3]]
+    v = s.validation()
+    assert v.test_items.tolist() == [3, 4, 2] and not v.has_validation
+    assert v.train is s.train and v.known_csr() is v.train_csr()
+    # seeded, on a stream of its own
+    again = D.carve_validation(D.leave_one_out(x, num_negatives=4), seed=3)
+    assert np.array_equal(again.valid_negatives, s.valid_negatives)
+    # without timestamps file order is not time: a seeded random training row per user
+    plain = D.leave_one_out(interactions([0, 0, 0, 0, 1], [3, 1, 2, 4, 0]), num_negatives=0)
+    assert plain.test_items.tolist() == [4]
+    picks = {D.carve_validation(plain, seed=k).valid_items[0] for k in range(12)}
+    assert picks == {1, 2, 3}
+    assert (
+        D.carve_validation(plain, seed=5).valid_items
+        == D.carve_validation(plain, seed=5).valid_items
+    )
+    assert D.carve_validation(plain).valid_negatives is None
+    with pytest.raises(ValueError, match="already has a validation"):
+        D.carve_validation(s)
+
+
+def test_validation_is_disjoint_from_training_and_test():
+    plain = D.load("synthetic-small", seed=5)
+    s = D.load("synthetic-small", seed=5, validation=True)
+    I = s.num_items
+    train = keyset(s.train.users, s.train.items, I)
+    valid = keyset(s.valid_users, s.valid_items, I)
+    test = keyset(s.test_users, s.test_items, I)
+    assert len(valid) == len(s.valid_users) > 250
+    assert not train & valid and not valid & test and not train & test
+    # nothing lost, the test split unchanged, and the validation negatives are unseen items
+    assert train | valid == keyset(plain.train.users, plain.train.items, I)
+    assert np.array_equal(s.test_items, plain.test_items)
+    assert np.array_equal(s.test_negatives, plain.test_negatives)
+    assert s.valid_negatives.shape == (len(s.valid_users), plain.num_negatives)
+    rows = np.repeat(s.valid_users.astype(np.int64), s.valid_negatives.shape[1])
+    assert not keyset(rows, s.valid_negatives.ravel(), I) & (train | valid | test)
+    assert not np.array_equal(s.valid_negatives, plain.test_negatives[: len(s.valid_users)])
+    assert s.fingerprint() != plain.fingerprint()
+    assert [a.tolist() for a in s.known_csr()] == [a.tolist() for a in plain.train_csr()]
+
+
 def test_evaluation_negatives():
     rng = np.random.default_rng(1)
     n, U, I = 20_000, 400, 300

@@ -147,3 +147,37 @@ def test_recommend_on_a_trainable_model_uses_worker_threads_safely():
         torch.set_num_threads(old)
     torch.testing.assert_close(dist, want_d)
     assert torch.equal(ids, want_i)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in lk.available_backends()])
+@pytest.mark.parametrize("distance", ["l2", "squared_l2"])
+def test_cml_is_lrml_with_relation_zero(backend, distance, one_thread):
+    """relation="none" is CML: D = dist(p − q), the loss its hinge, the top-k its nearest items;
+    training (fused or through autograd) moves the embeddings and leaves keys and memory alone."""
+    torch.manual_seed(0)
+    U, I = 20, 15
+    m = lk.LRML(U, I, dim=6, memory_slots=3, relation="none", distance=distance, backend=backend)
+    assert not m.memory.any() and not m.keys.requires_grad and m.kernel_relation == "pair"
+    u, i = batch(U, I)
+
+    def cml(users, items):
+        e = m.user_emb.detach()[users][:, None] - m.item_emb.detach()[items]
+        sq = (e * e).sum(-1)
+        return torch.sqrt(sq + m.eps) if distance == "l2" else sq
+
+    D = cml(u, i)
+    torch.testing.assert_close(m.distances(u, i), D)
+    torch.testing.assert_close(m(u, i), torch.relu(m.margin + D[:, :1] - D[:, 1:]).sum())
+    every = cml(u, torch.arange(I).expand(len(u), I))
+    dist, ids = m.recommend(u, 4)
+    torch.testing.assert_close(dist, every.sort(dim=1).values[:, :4])
+    keys = m.keys.detach().clone()
+    users_before = m.user_emb.detach().clone()
+    trainer = lk.LRMLTrainer(m, "adam", lr=0.05)
+    trainer.step(u, i)
+    assert not torch.equal(m.user_emb, users_before)
+    assert torch.equal(m.keys, keys) and not m.memory.any()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    m(u, i).backward()
+    opt.step()
+    assert m.keys.grad is None and torch.equal(m.keys, keys) and not m.memory.any()

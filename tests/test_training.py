@@ -1,6 +1,7 @@
 """The training loop and CLI: outputs, exact resume, refusals, non-finite guard, convergence."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -166,6 +167,10 @@ def test_unfused_training_runs(tmp_path, small):
         {"batch_size": -1},
         {"lr": 0.0},
         {"lr_schedule": "step"},
+        {"select_on": "test"},
+        {"select_on": "valid", "eval": "none"},
+        {"select_on": "valid", "patience": 0},
+        {"patience": 2},
     ],
 )
 def test_bad_config(bad):
@@ -222,3 +227,133 @@ def test_shared_relation_training_reports_per_pair_metrics(tmp_path, small):
     assert reported["hr"] == pytest.approx(hr, abs=0.01)
     assert reported["ndcg"] == pytest.approx(ndcg, abs=0.01)
     assert r["final"]["hr"] == reported["hr"]
+
+
+@pytest.fixture(scope="module")
+def small_valid():
+    return data.load("synthetic-small", validation=True)
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_selection_never_reads_the_test_items(
+    tmp_path, monkeypatch, protocol, one_thread, poison_test_items
+):
+    """Every epoch's evaluation and the choice of the epoch read the validation split only: the
+    test arrays raise until the single test evaluation at the end, which sees the chosen model."""
+    from lrml_kernels import training
+
+    split = data.load("synthetic-small", validation=True)
+    restore = poison_test_items(split)
+    real = training.evaluate_test
+    calls = []
+
+    def the_end(model, s, c):
+        calls.append(json.loads((tmp_path / "metrics.json").read_text())["epochs"])
+        restore()
+        return real(model, s, c)
+
+    monkeypatch.setattr(training, "evaluate_test", the_end)
+    r = fit(cfg(epochs=3, select_on="valid", eval=protocol), tmp_path, split=split)
+    assert len(calls) == 1 and len(calls[0]) == 3  # after all three epochs
+    valid = [e["valid_ndcg"] for e in r["epochs"]]
+    assert all("hr" not in e for e in r["epochs"])
+    assert r["final"]["selected_epoch"] == 1 + valid.index(max(valid))
+    # the model returned (and best.pt) is the selected epoch's; its test metrics are reported
+    assert r["final"]["test"] == evaluate(r["model"], split, protocol)
+    best, _ = load_checkpoint(tmp_path / "best.pt")
+    assert evaluate(best, split, protocol) == r["final"]["test"]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["final"] == r["final"] and [e["valid_ndcg"] for e in doc["epochs"]] == valid
+
+
+def test_select_on_valid_without_test_reads_nothing_of_it(one_thread, poison_test_items):
+    split = data.load("synthetic-small", validation=True)
+    poison_test_items(split, strict=True)  # (writes nothing: no fingerprint either)
+    r = fit(cfg(epochs=2, select_on="valid"), None, split=split, test=False)
+    assert "hr" not in r["final"] and r["final"]["selected_epoch"] in (1, 2)
+
+
+def test_early_stopping_stops(tmp_path, small_valid, one_thread):
+    # A learning rate too small to move anything: validation nDCG never improves on epoch 1.
+    r = fit(
+        cfg(epochs=6, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
+        tmp_path,
+        split=small_valid,
+    )
+    f = r["final"]
+    assert (f["selected_epoch"], f["epochs_run"], f["stopped_early"]) == (1, 3, True)
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2, 3] and r["epochs"][-1]["early_stop"]
+    # resuming a run that stopped early does not train on
+    again = fit(
+        cfg(epochs=6, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
+        tmp_path,
+        split=small_valid,
+        resume=True,
+    )
+    assert again["final"] == f
+
+
+def test_selection_survives_resume(tmp_path, small_valid, one_thread):
+    kw = {"select_on": "valid", "lr_schedule": "constant", "lr": 0.05}
+    full = fit(cfg(epochs=4, **kw), tmp_path / "a", split=small_valid)
+    fit(cfg(epochs=2, **kw), tmp_path / "b", split=small_valid)
+    resumed = fit(cfg(epochs=4, **kw), tmp_path / "b", split=small_valid, resume=True)
+    assert resumed["final"] == full["final"]
+    a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_cli_select_on_valid(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "2", "--dim", "8"]
+    argv += ["--select-on", "valid", "--patience", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["selected_epoch"] in (1, 2) and 0 <= final["hr"] <= 1
+    assert main(["evaluate", str(out / "best.pt"), "--eval", "sampled"]) == 0
+    captured = capsys.readouterr()
+    assert "not the data" not in captured.err
+    assert json.loads(captured.out)["hr"] == final["hr"]
+    assert main(["train", "--patience", "2", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_thread):
+    out = tmp_path / "pop"
+    argv = ["baseline", "popularity", "--data", "synthetic-small", "--out", str(out)]
+    assert main([*argv, "--select-on", "valid"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["test"] == printed and set(doc["valid"]) == {"sampled", "full"}
+    split = data.load("synthetic-small", validation=True)
+    ranker = PopularityRanker(split)
+    for protocol in ("sampled", "full"):
+        assert doc["test"][protocol] == evaluate(ranker, split, protocol)
+        assert doc["valid"][protocol] == evaluate(ranker, split.validation(), protocol)
+    assert main(argv) == 0  # without a validation split: counts over all training items
+    plain = data.load("synthetic-small")
+    doc = json.loads((out / "metrics.json").read_text())
+    assert "valid" not in doc and doc["train_interactions"] == len(plain.train)
+    assert doc["test"]["sampled"] == evaluate(PopularityRanker(plain), plain, "sampled")
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return data.load(TrainConfig().data)
+
+
+@pytest.mark.parametrize(
+    "optimizer, lr",
+    [("adam", None), ("adagrad", None), ("rowwise_adagrad", None), ("sgd", None), ("sgd", 0.1)],
+)
+def test_default_learning_rates_train_the_built_in_data(builtin, one_thread, optimizer, lr):
+    """Every optimizer's default learning rate trains the default data set without diverging
+    (SGD's old default, 0.1, stopped with a non-finite loss at step 11-15; 0.02 at step 47)."""
+    run = TrainConfig(optimizer=optimizer, lr=lr, max_steps=60, eval="none", progress=False)
+    if lr is not None:
+        with pytest.raises(NonFiniteLossError):
+            fit(run, None, split=builtin)
+        return
+    r = fit(run, None, split=builtin)
+    assert math.isfinite(r["final"]["loss"]) and r["final"]["steps"] == 60

@@ -14,7 +14,12 @@ from lrml_kernels.data.readers import (
 )
 from lrml_kernels.data.sampling import csr_membership, sample_negatives
 from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
-from lrml_kernels.data.split import build_csr, leave_one_out, sample_eval_negatives
+from lrml_kernels.data.split import (
+    build_csr,
+    carve_validation,
+    leave_one_out,
+    sample_eval_negatives,
+)
 from lrml_kernels.data.synthetic_data import synthetic, write_netflix_format
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "Split",
     "build_csr",
     "cache_dir",
+    "carve_validation",
     "csr_membership",
     "leave_one_out",
     "load",

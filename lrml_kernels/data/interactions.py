@@ -155,6 +155,10 @@ class Split:
             ascending).
         test_negatives: int64 ``[T, n_neg]`` candidates of the sampled protocol, or ``None``.
         num_users, num_items, name: as in ``train``.
+        valid_users, valid_items, valid_negatives: the validation split carved out of the
+            training data by the same rule (:func:`lrml_kernels.data.carve_validation`), or
+            ``None``. ``train`` then excludes the validation pairs; :meth:`validation` is the
+            split to select on, :meth:`known_csr` what the full protocol of the test excludes.
     """
 
     train: Interactions
@@ -165,29 +169,80 @@ class Split:
     num_items: int
     name: str = ""
     _csr: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    valid_users: np.ndarray | None = None
+    valid_items: np.ndarray | None = None
+    valid_negatives: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.test_users = _as_index_array("test_users", self.test_users)
-        self.test_items = _as_index_array("test_items", self.test_items)
-        if self.test_users.shape != self.test_items.shape:
-            raise ValueError("test_users and test_items differ in length")
         self.num_users = int(self.num_users)
         self.num_items = int(self.num_items)
         if (self.train.num_users, self.train.num_items) != (self.num_users, self.num_items):
             raise ValueError("train's num_users/num_items differ from the split's")
-        _check_range("test_users", self.test_users, self.num_users)
-        _check_range("test_items", self.test_items, self.num_items)
-        if self.test_negatives is not None:
-            neg = np.asarray(self.test_negatives)
+        self.test_users, self.test_items, self.test_negatives = self._held_out(
+            "test", self.test_users, self.test_items, self.test_negatives
+        )
+        if (self.valid_users is None) != (self.valid_items is None):
+            raise ValueError("valid_users and valid_items go together")
+        if self.valid_users is not None:
+            self.valid_users, self.valid_items, self.valid_negatives = self._held_out(
+                "valid", self.valid_users, self.valid_items, self.valid_negatives
+            )
+        elif self.valid_negatives is not None:
+            raise ValueError("valid_negatives without valid_users")
+
+    def _held_out(self, kind: str, users, items, negatives):
+        """Checked (users, items, negatives) of the test or validation rows."""
+        users = _as_index_array(f"{kind}_users", users)
+        items = _as_index_array(f"{kind}_items", items)
+        if users.shape != items.shape:
+            raise ValueError(f"{kind}_users and {kind}_items differ in length")
+        _check_range(f"{kind}_users", users, self.num_users)
+        _check_range(f"{kind}_items", items, self.num_items)
+        if negatives is not None:
+            neg = np.asarray(negatives)
             if neg.dtype != np.int64:
                 neg = neg.astype(np.int64)
-            if neg.ndim != 2 or neg.shape[0] != self.test_users.shape[0]:
+            if neg.ndim != 2 or neg.shape[0] != users.shape[0]:
                 raise ValueError(
-                    f"test_negatives must have shape [{self.test_users.shape[0]}, n_neg], "
-                    f"got {neg.shape}"
+                    f"{kind}_negatives must have shape [{users.shape[0]}, n_neg], got {neg.shape}"
                 )
-            _check_range("test_negatives", neg, self.num_items)
-            self.test_negatives = neg
+            _check_range(f"{kind}_negatives", neg, self.num_items)
+            negatives = neg
+        return users, items, negatives
+
+    @property
+    def has_validation(self) -> bool:
+        return self.valid_users is not None
+
+    def validation(self) -> Split:
+        """The validation split as a :class:`Split` whose held-out rows are the validation rows
+        (same training data and CSR): what ``evaluate`` reads to select epochs and
+        configurations. Built without touching this split's test arrays."""
+        if not self.has_validation:
+            raise ValueError(
+                f"{self.name or 'this split'} has no validation split: load it with "
+                "validation=True or use lrml_kernels.data.carve_validation"
+            )
+        return Split(
+            train=self.train,
+            test_users=self.valid_users,
+            test_items=self.valid_items,
+            test_negatives=self.valid_negatives,
+            num_users=self.num_users,
+            num_items=self.num_items,
+            name=f"{self.name} (validation)",
+            _csr=self.train_csr(),
+        )
+
+    def known_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, indices)`` like :meth:`train_csr`, plus each user's validation item: every
+        item the user is known to like except the test item (what the full-ranking protocol of
+        the test split leaves out). Equal to :meth:`train_csr` without a validation split."""
+        if not self.has_validation or self.valid_users.size == 0:
+            return self.train_csr()
+        from lrml_kernels.data.split import csr_insert
+
+        return csr_insert(*self.train_csr(), self.valid_users, self.valid_items, self.num_items)
 
     @property
     def num_negatives(self) -> int:
@@ -211,11 +266,16 @@ class Split:
         h.update(self.train.fingerprint().encode())
         h.update(f"{self.num_users},{self.num_items}".encode())
         _hash_arrays(h, self.test_users, self.test_items, self.test_negatives, as_int64=True)
+        if self.has_validation:  # (splits without one keep the fingerprints they always had)
+            h.update(b"valid")
+            _hash_arrays(h, self.valid_users, self.valid_items, self.valid_negatives, as_int64=True)
         return h.hexdigest()
 
     def __repr__(self) -> str:
         return (
             f"Split({self.name!r}: {self.num_users:,} users, {self.num_items:,} items, "
             f"{len(self.train):,} train rows, {len(self.test_users):,} test users, "
-            f"{self.num_negatives} negatives each)"
+            f"{self.num_negatives} negatives each"
+            + ("" if not self.has_validation else f", {len(self.valid_users):,} valid users")
+            + ")"
         )

@@ -12,7 +12,7 @@ from lrml_kernels.data.readers import (
     read_ncf,
     read_netflix,
 )
-from lrml_kernels.data.split import _leave_one_out
+from lrml_kernels.data.split import _leave_one_out, carve_validation
 from lrml_kernels.data.synthetic_data import synthetic
 
 __all__ = ["SYNTHETIC", "load"]
@@ -57,6 +57,7 @@ def load(
     num_negatives: int | None = 100,
     seed: int = 0,
     cache: bool = True,
+    validation: bool = False,
 ) -> Split:
     """Load the data set named by ``spec`` (forms in :data:`FORMS`) as a leave-one-out split.
 
@@ -67,7 +68,18 @@ def load(
         seed: seeds the negatives (the synthetic sets use seed 0 for the data itself, so that
             every seed sees the same data and only the negatives change).
         cache: read and write the parsed-file cache (see :mod:`lrml_kernels.data.readers`).
+        validation: also carve a validation split out of the training data
+            (:func:`lrml_kernels.data.carve_validation`, seeded by ``seed``): the training data
+            then excludes the validation pairs. The test split is the same either way.
     """
+    split = _load(spec, min_rating, num_negatives, seed, cache)
+    if validation:
+        # the split is ours alone: its training arrays may be compacted in place
+        split = carve_validation(split, seed=seed, consume=not spec.startswith("ncf:"))
+    return split
+
+
+def _load(spec, min_rating, num_negatives, seed, cache) -> Split:
     if not isinstance(spec, str) or not spec:
         raise _usage(f"data set must be a non-empty string, got {spec!r}")
     if spec in SYNTHETIC:

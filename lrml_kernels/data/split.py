@@ -20,7 +20,14 @@ import numpy as np
 
 from lrml_kernels.data.interactions import MISSING_TIMESTAMP, Interactions, Split
 
-__all__ = ["build_csr", "csr_contains", "leave_one_out", "sample_eval_negatives"]
+__all__ = [
+    "build_csr",
+    "carve_validation",
+    "csr_contains",
+    "csr_insert",
+    "leave_one_out",
+    "sample_eval_negatives",
+]
 
 _CHUNK = 1 << 22  # rows per vectorised step where temporaries would otherwise reach GBs
 _CHECK = 1 << 19  # negatives checked against the keys at a time (draws do not depend on it)
@@ -113,6 +120,28 @@ def csr_contains(
         lo = np.where(active & right, mid + 1, lo)
         hi = np.where(active & ~right, mid, hi)
     return (lo < end) & (indices[np.minimum(lo, last)] == values)
+
+
+def csr_insert(
+    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, values: np.ndarray, num_cols: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A new CSR with ``values[j]`` added to row ``rows[j]`` (each row's slice stays ascending).
+    The pairs must be absent from the CSR and distinct."""
+    rows = np.asarray(rows, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    num_rows = indptr.size - 1
+    new_keys = rows * np.int64(num_cols) + values
+    order = np.argsort(new_keys, kind="stable")
+    new_keys, values = new_keys[order], values[order]
+    row_of = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(indptr))
+    keys = row_of * np.int64(num_cols) + indices
+    del row_of
+    at = np.searchsorted(keys, new_keys)
+    del keys
+    out_indices = np.insert(indices, at, values.astype(indices.dtype))
+    added = np.bincount(rows, minlength=num_rows)
+    out_indptr = indptr + np.concatenate([[0], np.cumsum(added)]).astype(np.int64)
+    return out_indptr, out_indices
 
 
 def _latest_rows(users: np.ndarray, timestamps: np.ndarray | None, num_users: int) -> np.ndarray:
@@ -224,19 +253,26 @@ def leave_one_out(
 
 
 def _leave_one_out(
-    x: Interactions, num_negatives: int | None, seed: int, *, consume: bool
+    x: Interactions,
+    num_negatives: int | None,
+    seed: int,
+    *,
+    consume: bool,
+    order: np.ndarray | None = None,
 ) -> Split:
     """:func:`leave_one_out`. ``consume``: the caller gives ``x`` away (nothing else holds its
     arrays, and it is not used afterwards): the training rows are then compacted inside ``x``'s own
     arrays (the split's training arrays are leading views of them) instead of copied, which
-    saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way."""
+    saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way.
+    ``order``: int64 ``[n]`` keys that pick each user's held-out row in place of the timestamps
+    (the largest wins)."""
     U, I = x.num_users, x.num_items
     # The sorted, unique keys of every (user, item) pair: their per-user offsets give the degrees
     # and the negatives' exclusions, and, less the test pairs, they become the training CSR.
     keys = _sorted_unique_keys(x.users, x.items, I)
     indptr = np.searchsorted(keys, np.arange(U + 1, dtype=np.int64) * I).astype(np.int64)
     deg = np.diff(indptr)
-    held = _latest_rows(x.users, x.timestamps, U)
+    held = _latest_rows(x.users, x.timestamps if order is None else order, U)
     test_users = np.flatnonzero(deg >= 2).astype(np.int64)
     test_items = x.items[held[test_users]]
     del held, deg
@@ -302,3 +338,65 @@ def _leave_one_out(
     )
     split._csr = _csr_from_keys(train_keys, U, I, inplace=True)
     return split
+
+
+def carve_validation(
+    split: Split, *, num_negatives: int | None = None, seed: int = 0, consume: bool = False
+) -> Split:
+    """``split`` with a validation split carved out of its training data by the test split's own
+    leave-one-out rule (module docstring): per user the latest training interaction (by
+    timestamp; without timestamps the last row in file order), for users with at least two
+    distinct training items. A log without timestamps has no "latest": its validation item is
+    drawn uniformly among the user's training rows (seeded), since file order need not be time
+    order (the NCF training file is sorted by user and item id; its last row per user is the
+    largest item id). Those pairs leave the training data; each validation user gets
+    ``num_negatives`` sampled items (default: as many as the test split has, none if it has none)
+    that the user never interacted with in the whole log (training, validation or test), seeded
+    by ``seed`` on a stream of its own (not the test negatives' stream). The test rows are kept as
+    they are; only the sampling reads them, to exclude the test items from the negatives.
+
+    ``consume``: the caller gives ``split`` away (its training arrays may be compacted in place).
+    """
+    if split.has_validation:
+        raise ValueError(f"{split.name or 'this split'} already has a validation split")
+    U, I = split.num_users, split.num_items
+    if num_negatives is None:
+        num_negatives = split.num_negatives
+    # Every pair of the log, training and test: what the validation negatives must avoid.
+    indptr, indices = split.train_csr()
+    test_users = np.asarray(split.test_users, dtype=np.int64)
+    test_items = np.asarray(split.test_items, dtype=np.int64)
+    all_ptr, all_idx = indptr, indices
+    if test_users.size:
+        known = csr_contains(indptr, indices, test_users, test_items)
+        all_ptr, all_idx = csr_insert(indptr, indices, test_users[~known], test_items[~known], I)
+    row_of = np.repeat(np.arange(U, dtype=np.int64), np.diff(all_ptr))
+    all_keys = row_of * np.int64(I) + all_idx
+    del row_of, all_idx
+
+    order = None
+    if split.train.timestamps is None:  # a random row per user (see above), seeded
+        rng = np.random.default_rng([seed, 0x7A11D, 1])
+        order = rng.integers(0, 1 << 62, size=len(split.train), dtype=np.int64)
+    inner = _leave_one_out(split.train, None, seed, consume=consume, order=order)
+    del order
+    negatives = None
+    if num_negatives:
+        rng = np.random.default_rng([seed, 0x7A11D])  # the validation stream: not the test's
+        negatives = sample_eval_negatives(
+            all_keys, all_ptr, inner.test_users, I, int(num_negatives), rng
+        )
+    del all_keys, all_ptr
+    return Split(
+        train=inner.train,
+        test_users=split.test_users,
+        test_items=split.test_items,
+        test_negatives=split.test_negatives,
+        num_users=U,
+        num_items=I,
+        name=split.name,
+        _csr=inner._csr,
+        valid_users=inner.test_users,
+        valid_items=inner.test_items,
+        valid_negatives=negatives,
+    )

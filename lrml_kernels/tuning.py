@@ -1,0 +1,263 @@
+"""``lrml tune``: hyperparameter search on the validation split with Optuna.
+
+Every trial is ``fit(..., select_on="valid", test=False)``: it trains on the training data less
+the validation items, reports its validation nDCG@k after every epoch (the median pruner stops
+trials that fall behind), and its value is the best validation nDCG@k of its epochs. The test
+split is never read: not by a trial, not to choose the best, not for the plots. ``lrml train
+--config OUT/best_config.json`` then trains the chosen configuration and reports its test
+metrics once.
+
+The study lives in an Optuna storage (``sqlite:///FILE``): running the same command again
+resumes it; ``trials`` is the study's total, so a resumed study runs only the trials it lacks.
+Outputs in ``out_dir``: ``best_config.json`` (options of ``lrml train``; keys starting with ``_``
+are notes that ``--config`` ignores), ``trials.json`` and the study's plots (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from lrml_kernels import data as lkdata
+from lrml_kernels.checkpoints import atomic_write
+from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, fit
+
+BEST_CONFIG = "best_config.json"
+TRIALS = "trials.json"
+
+#: The search space: parameter -> ("categorical", choices) or ("float"/"int", low, high, log).
+#: ``lr`` is searched as a factor of the optimizer's default learning rate (TRAIN_LR), so that
+#: one range fits every optimizer; the configuration written holds the learning rate itself.
+SPACE: dict[str, tuple] = {
+    "optimizer": ("categorical", ["adam", "adagrad", "rowwise_adagrad", "sgd"]),
+    "lr": ("float", 0.1, 10.0, True),
+    "lr_schedule": ("categorical", ["constant", "cosine"]),
+    "dim": ("categorical", [32, 64, 100, 128]),
+    "memory_slots": ("categorical", [5, 10, 20, 50]),
+    "negatives": ("int", 1, 20, True),
+    "margin": ("float", 0.1, 2.0, True),
+    "distance": ("categorical", ["l2", "squared_l2", "l1"]),
+    "relation": ("categorical", ["pair", "shared"]),
+    "max_norm": ("categorical", [0.5, 1.0, 2.0, None]),
+    "batch_size": ("categorical", [256, 512, 1024, 2048]),
+}
+
+#: Options that do not describe the model or its training (left out of ``best_config.json``).
+_RUN_OPTIONS = ("device", "backend", "progress", "checkpoint_every", "max_steps")
+
+
+def suggest(trial, base: TrainConfig, search=tuple(SPACE)) -> TrainConfig:
+    """``base`` with the parameters named in ``search`` drawn by ``trial``."""
+    _check_search(search)
+    chosen = {}
+    for name in search:
+        kind, *spec = SPACE[name]
+        key = "lr_factor" if name == "lr" else name
+        if kind == "categorical":
+            chosen[name] = trial.suggest_categorical(key, spec[0])
+        elif kind == "float":
+            chosen[name] = trial.suggest_float(key, spec[0], spec[1], log=spec[2])
+        else:
+            chosen[name] = trial.suggest_int(key, spec[0], spec[1], log=spec[2])
+    if "lr" in chosen:
+        optimizer = chosen.get("optimizer", base.optimizer)
+        chosen["lr"] = TRAIN_LR[optimizer] * chosen["lr"]
+    if chosen.get("optimizer") == "rowwise_adagrad" and not base.fused_optimizer:
+        chosen["fused_optimizer"] = True  # rowwise_adagrad exists only fused
+    return replace(base, **chosen, select_on="valid", progress=False)
+
+
+def _check_search(search) -> None:
+    unknown = sorted(set(search) - set(SPACE))
+    if unknown:
+        raise ValueError(f"cannot search {unknown}: the search space has {sorted(SPACE)}")
+
+
+def tune(
+    base: TrainConfig,
+    out_dir,
+    *,
+    trials: int = 50,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str = "lrml",
+    search=tuple(SPACE),
+    split=None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) the study; write its outputs; return ``{"best": ..., "trials": ...}``.
+
+    Args:
+        base: the options not searched (data, epochs per trial, patience, eval protocol, seed...).
+        out_dir: where the best configuration, the trial list and the plots go.
+        trials: the study's total number of finished trials (a resumed study runs the rest).
+        timeout: stop starting trials after this many seconds (None: no limit).
+        storage: an Optuna storage URL, e.g. ``sqlite:///study.db`` (None: in memory).
+        study_name: the study's name in the storage.
+        search: the parameters of :data:`SPACE` to search (the others come from ``base``).
+        split: a ready split (a validation split is carved if it has none); its test arrays
+            are never read.
+    """
+    import optuna
+
+    search = tuple(search)
+    _check_search(search)
+    base = replace(base, select_on="valid")
+    base.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if split is None:
+        split = lkdata.load(base.data, seed=base.seed, validation=True)
+    elif not split.has_validation:
+        split = lkdata.carve_validation(split, seed=base.seed)
+    if not progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=base.seed),
+        # a trial is pruned once its epoch-e validation nDCG is below the median of the
+        # earlier trials' at epoch e (after 5 finished trials, from epoch 2 on)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+    )
+
+    def objective(trial):
+        cfg = suggest(trial, base, search)
+        trial.set_user_attr("config", _config_doc(cfg))
+
+        def report(record):
+            if "valid_ndcg" in record:
+                trial.report(record["valid_ndcg"], record["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+
+        t0 = time.perf_counter()
+        try:
+            r = fit(cfg, None, split=split, on_epoch=report, test=False)
+        except (NonFiniteLossError, RuntimeError) as exc:
+            # A diverging configuration is as bad as it gets, not the end of the study. (The C++
+            # CPU kernel reports a loss beyond the float range as a RuntimeError "... without
+            # overflow" rather than as inf; other RuntimeErrors are bugs and propagate.)
+            if isinstance(exc, RuntimeError) and "overflow" not in str(exc):
+                raise
+            trial.set_user_attr("diverged", str(exc))
+            return 0.0
+        final = r["final"]
+        trial.set_user_attr("selected_epoch", final["selected_epoch"])
+        trial.set_user_attr("valid_hr", final["valid_hr"])
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        return final["valid_ndcg"]
+
+    done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    finished = len(study.get_trials(deepcopy=False, states=done))
+    # A resumed study must not replay the random start-up draws of its first run: the sampler's
+    # seed moves on with the number of trials already stored.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    t0 = time.perf_counter()
+    if trials > finished:
+        study.optimize(
+            objective,
+            n_trials=trials - finished,
+            timeout=timeout,
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    seconds = time.perf_counter() - t0
+    return _write_outputs(study, base, out, seconds)
+
+
+def _config_doc(cfg: TrainConfig) -> dict:
+    doc = asdict(cfg)
+    for k in _RUN_OPTIONS:
+        doc.pop(k)
+    return doc
+
+
+def _write_outputs(study, base: TrainConfig, out: Path, seconds: float) -> dict:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                "user_attrs": t.user_attrs,
+                "seconds": t.duration.total_seconds() if t.duration else None,
+            }
+        )
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    result = {"study": study.study_name, "trials": rows, "seconds_this_run": seconds}
+    _write_json(out / TRIALS, result)
+    if not complete:
+        return {"best": None, **result}
+    best = study.best_trial
+    config = dict(best.user_attrs["config"])
+    config["_tuned"] = {
+        "study": study.study_name,
+        "trial": best.number,
+        "valid_ndcg": best.value,
+        "valid_hr": best.user_attrs.get("valid_hr"),
+        "selected_epoch": best.user_attrs.get("selected_epoch"),
+        "finished_trials": len([r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]),
+        "note": "chosen on the validation split only; the test split was never read",
+    }
+    _write_json(out / BEST_CONFIG, config)
+    _plot_study(study, out)
+    return {"best": config, **result}
+
+
+def _write_json(path: Path, doc) -> None:
+    text = json.dumps(doc, indent=2, default=_jsonable).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+def _plot_study(study, out: Path) -> list[Path]:
+    """Optuna's matplotlib plots of the study, as PNG (a plot that cannot be drawn yet, e.g.
+    importances with one trial, is left out)."""
+    import warnings
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+    except ImportError:
+        return []
+    written = []
+    plots = {
+        "optimization_history.png": ovm.plot_optimization_history,
+        "intermediate_values.png": ovm.plot_intermediate_values,
+        "param_importances.png": ovm.plot_param_importances,
+    }
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna's "experimental" warnings
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                plt.close("all")
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(7, 4.5)
+        fig.tight_layout()
+        path = out / name
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written

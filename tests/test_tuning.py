@@ -1,0 +1,87 @@
+"""``lrml tune``: a tiny study that never reads the test items, resumes from SQLite, and writes a
+configuration that ``lrml train --config`` reads."""
+
+import json
+
+import pytest
+
+from lrml_kernels import data
+from lrml_kernels.cli import main
+from lrml_kernels.training import TrainConfig
+
+optuna = pytest.importorskip("optuna")
+
+from lrml_kernels.tuning import SPACE, suggest, tune  # noqa: E402
+
+
+def tiny(**kw):
+    """A configuration that trains synthetic-small in a second."""
+    small = {"data": "synthetic-small", "dim": 8, "memory_slots": 4, "negatives": 2}
+    return TrainConfig(**small, epochs=2, batch_size=256, progress=False, backend="torch", **kw)
+
+
+def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poison_test_items):
+    split = data.load("synthetic-small", validation=True)
+    poison_test_items(split, strict=True)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    search = ("optimizer", "lr", "negatives", "relation", "distance")
+    kw = dict(storage=storage, study_name="t", search=search, split=split, progress=False)
+    r = tune(tiny(), tmp_path / "out", trials=2, **kw)
+    assert [t["state"] for t in r["trials"]] == ["COMPLETE", "COMPLETE"]
+    # every trial reported its validation nDCG per epoch (what the median pruner reads)
+    assert all(set(t["intermediate"]) == {"1", "2"} for t in r["trials"])
+    best = json.loads((tmp_path / "out" / "best_config.json").read_text())
+    values = [t["value"] for t in r["trials"]]
+    assert best["_tuned"]["valid_ndcg"] == max(values) and best["select_on"] == "valid"
+    assert best["optimizer"] in SPACE["optimizer"][1] and best["dim"] == 8
+    assert (tmp_path / "out" / "optimization_history.png").stat().st_size > 0
+    # the same study again: it has its two trials and runs the third only
+    again = tune(tiny(), tmp_path / "out", trials=3, **kw)
+    assert [t["number"] for t in again["trials"]] == [0, 1, 2]
+    assert [t["value"] for t in again["trials"][:2]] == values
+    # (not a replay of trial 0's random draw)
+    assert again["trials"][2]["params"] != again["trials"][0]["params"]
+
+
+def test_suggest_scales_lr_per_optimizer_and_rejects_unknown_names():
+    trial = optuna.trial.FixedTrial({"optimizer": "sgd", "lr_factor": 0.5, "max_norm": None})
+    cfg = suggest(trial, tiny(), ("optimizer", "lr", "max_norm"))
+    from lrml_kernels.training import TRAIN_LR
+
+    assert cfg.lr == pytest.approx(TRAIN_LR["sgd"] * 0.5) and cfg.max_norm is None
+    assert cfg.select_on == "valid"
+    with pytest.raises(ValueError, match="cannot search"):
+        suggest(trial, tiny(), ("weight_decay",))
+
+
+def test_train_config_file_and_command_line_override(tmp_path, capsys, one_thread):
+    conf = tmp_path / "best.json"
+    doc = {"data": "synthetic-small", "epochs": 1, "dim": 8, "memory_slots": 3, "negatives": 2}
+    doc.update(optimizer="adagrad", select_on="valid", _tuned={"trial": 4})
+    conf.write_text(json.dumps(doc))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(conf), "--dim", "6", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    used = json.loads((out / "metrics.json").read_text())["config"]
+    assert (used["dim"], used["memory_slots"], used["optimizer"]) == (6, 3, "adagrad")
+    assert used["select_on"] == "valid" and used["epochs"] == 1
+    capsys.readouterr()
+    conf.write_text(json.dumps({"dims": 8}))
+    assert main(["train", "--config", str(conf), "--out", str(out)]) == 2
+    assert "unknown option(s) dims" in capsys.readouterr().err
+
+
+def test_cli_tune_then_train_with_its_configuration(tmp_path, capsys, one_thread):
+    out = tmp_path / "tune"
+    argv = ["tune", "--data", "synthetic-small", "--epochs", "1", "--dim", "8", "--trials", "1"]
+    argv += ["--search", "lr,negatives", "--storage", f"sqlite:///{tmp_path / 's.db'}"]
+    argv += ["--backend", "torch", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert best == json.loads((out / "best_config.json").read_text())
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(out / "best_config.json"), "--out", str(run)]) == 0
+    used = json.loads((run / "metrics.json").read_text())
+    assert used["config"]["negatives"] == best["negatives"] and used["config"]["lr"] == best["lr"]
+    assert used["final"]["selected_epoch"] == 1 and "test" in used["final"]
+    assert main([*argv[:-2], "--search", "weight_decay", "--out", str(out)]) == 2
