@@ -612,6 +612,8 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
         block_b = min(512, max(16, triton.next_power_of_2(B)))
         return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
     block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
+    if backward and _dot_precision(t.dtype) == "tf32":
+        warps = 8  # tensor-core dots: 16 warps spilled ~150 bytes, 8 warps use ~230 registers
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
     cfg["num_stages"] = 1
     if maxnreg is not None:
