@@ -1,7 +1,8 @@
 """benchmarks/kernel_report.py: the static GPU report (sm_90 resource usage without a GPU).
 
-The parsers and the occupancy arithmetic run on known tool output; one Triton case and the CUDA
-kernels are compiled for real (the whole report runs in CI as ``.ci/run`` shows).
+The parsers and the occupancy arithmetic run on known tool output; the ``ci`` subset and the CUDA
+kernels are compiled for real, and none of them may spill (issue 15's gate; ``.ci/run`` then
+prints the same report, from the caches, with ``--fail-on-spills``).
 """
 
 from __future__ import annotations
@@ -161,17 +162,27 @@ def test_fail_on_spills_and_outputs(tmp_path, monkeypatch, capsys):
     assert kr.main(argv) == 0
 
 
-def test_one_triton_case_compiles_for_sm90_without_a_gpu():
-    """Under the interpreter (conftest sets TRITON_INTERPRET), collect() compiles in a child."""
+@pytest.fixture(scope="module")
+def ci_rows():
+    """The ``ci`` subset compiled once (its Triton kernels, and the CUDA ones where nvcc is):
+    cached by Triton and the report, so ``.ci/run``'s report line that follows only records.
+    Under the interpreter (conftest sets TRITON_INTERPRET), collect() compiles in a child."""
     pytest.importorskip("triton")
     try:
         kr.triton_ptxas()
+        kr.triton_bin("cuobjdump")
     except FileNotFoundError:
-        pytest.skip("no ptxas in the triton wheel")
-    rows = kr.collect("smoke", jobs=1, cuda=False)
-    assert len(rows) >= 2  # the hinge forward and its backward
+        pytest.skip("no ptxas/cuobjdump in the triton wheel")
+    return kr.collect("ci", jobs=2, cuda=NVCC is not None)
+
+
+def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
+    rows = [r for r in ci_rows if r["source"] == "triton"]
+    assert {(r["op"], r["relation"], r["dtype"]) for r in rows} == {
+        (c.op, c.relation, c.dtype) for c in kr.cases("ci")
+    }
     for r in rows:
-        assert r["source"] == "triton" and r["arch"].startswith("sm_90")
+        assert r["arch"].startswith("sm_90")
         assert 0 < r["registers"] <= 255
         assert r["ptxas_registers"] == r["registers"], "ptxas rerun disagrees with the cubin"
         assert r["num_warps"] >= 1 and r["programs"] >= 1
@@ -179,7 +190,24 @@ def test_one_triton_case_compiles_for_sm90_without_a_gpu():
         assert r["shared"] >= r["shared_dynamic"] >= 0
         assert 0 <= r["blocks_per_sm"] <= 32
         assert r["blocks"] and "BLOCK" not in r["blocks"]
-        assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 5, 100, 20)
+        if r["op"] != "topk":
+            assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 5, 100, 20)
+
+
+def test_ci_subset_has_no_spills(ci_rows):
+    """Issue 15's gate: no spill stores or loads in any Triton or CUDA kernel of the ``ci`` subset
+    (the forward and backward kernels, both relations, fp32 and bf16, the top-k screen and
+    re-score; every ``csrc/cuda`` kernel)."""
+    kernels = {r["kernel"] for r in ci_rows}
+    assert {"_screen_kernel", "_lrml_pair_forward_kernel", "_lrml_backward_kernel"} <= kernels
+    assert NVCC is None or any(r["source"] == "cuda" for r in ci_rows)
+    spilling = [
+        f"{r['source']}:{r['kernel']} {r.get('op')} {r.get('dtype', '')} {r.get('relation', '')}: "
+        f"{r['spill_stores']} / {r['spill_loads']} B"
+        for r in ci_rows
+        if r["spill_stores"] or r["spill_loads"]
+    ]
+    assert not spilling, spilling
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

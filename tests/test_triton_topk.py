@@ -265,6 +265,38 @@ def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen, s
     assert ((exact - lo) / (1 + exact)).max() > unit / 64  # and it is the screen that is rounded
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_rescore_is_the_direct_distance_in_the_compute_dtype(monkeypatch, dtype):
+    # The re-score (the distance kernels' pair forward) gives fp32 for fp16/fp32 and fp64 for
+    # fp64, with IEEE dots whatever torch's fp32 matmul precision (the interpreter ignores the
+    # dot precision, so the launch is checked); an empty slot (-1) is finite.
+    TD = importlib.import_module("lrml_kernels.triton.distance_kernels")
+    kernel, precisions = TD._lrml_pair_forward_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                precisions.append(kwargs["DOT_PREC"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(TD, "_lrml_pair_forward_kernel", Spy())
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    params, users = make(9, 40, 7, 37, 5, dtype, seed=17)
+    full = brute_distances(params, users, "l2")
+    ids = torch.randint(0, 40, (5, 32), generator=torch.Generator().manual_seed(18))
+    ids[:, -3:] = -1
+    got = TK.rescore_launch(*params, users, ids.to(DEVICE), "l2", 1e-3)
+    assert precisions == ["ieee"]
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(got).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    ok = ids >= 0
+    expect = full.gather(1, ids.clamp(min=0))[ok]
+    torch.testing.assert_close(got.double().cpu()[ok], expect, rtol=tol, atol=tol)
+
+
 def planted_near_ties(dtype, copies, spread, seed=21, k=10):
     """One user; ``copies`` items near its k-th nearest item q, invisible to the screen.
 

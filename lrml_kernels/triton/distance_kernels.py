@@ -648,13 +648,15 @@ def _launch_options(cfg: dict) -> dict:
 
 def forward_launch(
     user_emb, item_emb, keys, memory, users, items, *, distance, relation, eps, margin=0.0,
-    hinge=False, store_d=True, config=None,
+    hinge=False, store_d=True, config=None, exact=False,
 ):  # fmt: skip
     """Run the forward kernels. Returns ``(D or None, L or None, G or None)``.
 
     ``D [B, C]`` and ``L [B]`` in the parameter dtype and ``G = ∂L_b/∂D [B, C]`` in the compute
     dtype. The distance kernel writes ``D`` (in the compute dtype when the hinge follows); the
     hinge kernel reads it and writes ``L`` and ``G``. ``config`` overrides :func:`block_config`.
+    ``exact`` (the top-k re-score): ``D`` in the compute dtype and IEEE dots whatever torch's
+    fp32 matmul precision. An item index outside ``[0, I)`` (-1) gives the distance to q = 0.
     """
     B, C = items.shape
     N, d = keys.shape
@@ -662,7 +664,7 @@ def forward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     shared = relation == "shared"
-    D = torch.empty(B, C, dtype=ct if hinge else dtype, device=dev)
+    D = torch.empty(B, C, dtype=ct if hinge or exact else dtype, device=dev)
     cfg = config or block_config(B, N, d, user_emb)
     blocks = triton.cdiv(B, cfg["BLOCK_B"])
     args = (
@@ -676,7 +678,7 @@ def forward_launch(
     consts = {
         "DISTANCE": DISTANCE_CODES[distance],
         "IS_FP64": dtype == torch.float64,
-        "DOT_PREC": _dot_precision(dtype),
+        "DOT_PREC": "ieee" if exact else _dot_precision(dtype),
         **_launch_options(cfg),
     }
     L = G = None

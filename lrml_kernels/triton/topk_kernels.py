@@ -16,8 +16,9 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
    ``KC`` smallest ``(lo, id)`` keys per user lives in registers and is merged with each tile by
    ``KC`` rounds of min-extraction (skipped when no key of the tile beats the list), with the
    smallest key that was dropped.
-2. **Re-score** (:func:`_rescore_kernel`): the ``KC`` candidates of every user by the direct SPEC
-   formula (``e = p + r − q``; IEEE fp32 dots, fp64 for fp64 parameters).
+2. **Re-score** (:func:`rescore_launch`): the ``KC`` candidates of every user by the direct SPEC
+   formula (``e = p + r − q``; IEEE fp32 dots, fp64 for fp64 parameters). Users × candidates is
+   the pair distances op: this is the distance kernels' pair forward (d in chunks, spill-free).
 3. **Select and verify** (torch): the k smallest exact distances among the candidates, ties to the
    smaller id. A user's answer is certified when nothing was dropped or its k-th exact distance
    is below the smallest dropped lower bound; an uncertified user (the list was too short for its
@@ -48,6 +49,8 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+
+from lrml_kernels.triton import distance_kernels as TD
 
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 SCREEN_TF32, SCREEN_BF16 = 0, 1
@@ -267,37 +270,6 @@ def _direct_distance(p, q, K, M, n_mask, eps, DISTANCE: tl.constexpr):
 
 
 @triton.jit
-def _rescore_kernel(
-    P, stride_pu, stride_pd,  # [U, d] user_emb
-    Q, stride_qi, stride_qd,  # [I, d] item_emb
-    K, stride_kn, stride_kd,  # [N, d] keys
-    M, stride_mn, stride_md,  # [N, d] memory
-    users,  # [B]
-    IDS,  # [B, KC] int64 candidate items, -1 = none
-    D_out,  # [B, KC] compute dtype: the SPEC distance of every candidate
-    pairs, U, I, N, d,
-    eps,
-    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KC: tl.constexpr,
-):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = offs < pairs
-    item = tl.load(IDS + offs, mask=ok, other=-1)
-    i_ok = ok & (item >= 0) & (item < I)
-    u = tl.load(users + offs // KC, mask=ok, other=0).to(tl.int64)
-    u_ok = ok & (u >= 0) & (u < U)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < N
-    d_mask = offs_d < d
-    p = _rows(P, tl.where(u_ok, u, 0), u_ok, offs_d, d_mask, stride_pu, stride_pd, IS_FP64)
-    q = _rows(Q, tl.where(i_ok, item, 0), i_ok, offs_d, d_mask, stride_qi, stride_qd, IS_FP64)
-    Kr = _rows(K, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd, IS_FP64)
-    Mr = _rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, IS_FP64)
-    tl.store(D_out + offs, _direct_distance(p, q, Kr, Mr, n_mask, eps, DISTANCE), mask=ok)
-
-
-@triton.jit
 def _direct_kernel(
     P, stride_pu, stride_pd,  # [U, d] user_emb
     Q, stride_qi, stride_qd,  # [I, d] item_emb
@@ -414,15 +386,6 @@ def screen_fits(N: int, d: int, distance: str) -> bool:
     bn = max(16, triton.next_power_of_2(N + 1))
     words = 64 * bd + bd * bn + bn * bn + (bn * bd if distance == "l1" else 0)
     return 4 * words <= 176 * 1024
-
-
-def rescore_config(N: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    block_d = max(16, triton.next_power_of_2(d))
-    cfg = {"BLOCK_N": max(16, triton.next_power_of_2(N)), "BLOCK_D": block_d}
-    if device.type != "cuda":
-        return {**cfg, "BLOCK_R": 512}
-    block_r = max(16, min(64, (4096 if dtype == torch.float64 else 8192) // block_d))
-    return {**cfg, "BLOCK_R": block_r, "num_warps": 4}
 
 
 def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
@@ -548,22 +511,18 @@ def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, ep
 
 
 def rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps):
-    """The direct SPEC distance of each candidate ``ids [B, KC]`` (compute dtype)."""
-    B, kc = ids.shape
-    N, d = keys.shape
-    dtype = user_emb.dtype
-    out = torch.empty(B, kc, dtype=_compute_dtype(dtype), device=user_emb.device)
-    cfg = rescore_config(N, d, dtype, user_emb.device)
-    with _device_guard(user_emb):
-        _rescore_kernel[(triton.cdiv(B * kc, cfg["BLOCK_R"]),)](
-            *_param_args(user_emb, item_emb, keys, memory),
-            users, ids, out,
-            B * kc, user_emb.shape[0], item_emb.shape[0], N, d,
-            float(eps),
-            DISTANCE=DISTANCE_CODES[distance], IS_FP64=dtype == torch.float64, KC=kc,
-            **cfg,
-        )  # fmt: skip
-    return out
+    """The direct SPEC distance of each candidate ``ids [B, KC]`` (compute dtype; an id of -1
+    gets some finite value, ignored by :func:`_select`).
+
+    Users × candidates is the pair distances op, so this is the distance kernels' pair forward
+    (:func:`lrml_kernels.triton.distance_kernels.forward_launch` with ``exact``: IEEE dots, D in
+    the compute dtype), with its spill-free chunked tiles.
+    """
+    D, _, _ = TD.forward_launch(
+        user_emb, item_emb, keys, memory, users, ids, distance=distance, relation="pair",
+        eps=eps, exact=True,
+    )  # fmt: skip
+    return D
 
 
 def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> torch.Tensor:
