@@ -52,6 +52,8 @@ import triton.language as tl
 
 from lrml_kernels.triton import distance_kernels as TD
 
+_rows = TD._load_rows  # base[rows, :d] as a compute-dtype tile (a jit function)
+
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 SCREEN_TF32, SCREEN_BF16 = 0, 1
 # Unit roundoff of the screening GEMM inputs: tf32 keeps 10 mantissa bits, bf16 7.
@@ -77,21 +79,6 @@ _MAXKEY = torch.iinfo(torch.int64).max
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rows(base, rows, row_ok, offs_d, d_mask, stride_r, stride_d, IS_FP64: tl.constexpr):
-    """``base[rows, :d]`` as a ``[BLOCK, BLOCK_D]`` compute-dtype tile (zero where masked)."""
-    x = tl.load(
-        base + rows[:, None] * stride_r + offs_d[None, :] * stride_d,
-        mask=row_ok[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    if IS_FP64:
-        y = x.to(tl.float64)
-    else:
-        y = x.to(tl.float32)
-    return y
 
 
 @triton.jit
