@@ -30,6 +30,12 @@ from lrml_kernels.reference import compute_dtype
 
 OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 0.1, "rowwise_adagrad": 0.1, "sgd": 0.1}
+_STATE_KEYS = {  # the per-row state tensors, in the order of the Triton row update
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adagrad": ("sum",),
+    "rowwise_adagrad": ("sum",),
+    "sgd": (),
+}
 
 
 class LRMLTrainer:
@@ -191,6 +197,15 @@ class LRMLTrainer:
                 self.adam_eps, step_size, max_norm,
             ):  # fmt: skip
                 return
+        fused_gpu = self._gpu_row_update(table)
+        if fused_gpu is not None:  # GPU backends: sort, then one Triton kernel; no host sync
+            adam = self.optimizer == "adam"
+            fused_gpu(
+                table.data, idx, grad_rows, self.optimizer, step_size if adam else self.lr,
+                tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas,
+                eps=self.adam_eps if adam else self.adagrad_eps, max_norm=max_norm,
+            )  # fmt: skip
+            return
         rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
         d = table.shape[1]
         ct = compute_dtype(table.dtype)
@@ -209,6 +224,17 @@ class LRMLTrainer:
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
             x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
         table.index_copy_(0, rows, x.to(table.dtype))
+
+    def _gpu_row_update(self, table):
+        """The Triton row update for CUDA tables (and CPU tables of the interpreted triton
+        backend, for tests), or None where it does not apply or Triton cannot be imported."""
+        if table.device.type != "cuda" and getattr(self._impl, "name", None) != "triton":
+            return None
+        try:
+            from lrml_kernels.triton.row_update import row_update_
+        except ImportError:
+            return None
+        return row_update_
 
     def _update_dense(self, name, param, grad):
         state = self.state[name]

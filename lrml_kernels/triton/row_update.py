@@ -1,0 +1,154 @@
+"""The fused sparse row update on the GPU: de-duplicate, sum, optimize, project, write once.
+
+One step of :class:`~lrml_kernels.trainer.LRMLTrainer` on an embedding table, FBGEMM-style, with no
+host synchronisation and static sizes:
+
+1. ``torch.sort(idx, stable=True)``: the touched row ids in order, equal ids in batch order (a sort
+   is a few device kernels and never asks the host how many distinct rows there are, unlike
+   ``torch.unique``);
+2. one Triton kernel with one program per sorted slot. A slot whose id differs from the previous
+   slot's starts a segment; its program owns that row, sums the segment's gradient rows in sorted
+   (= batch) order, a fixed order, so the result is deterministic, then applies the optimizer and
+   the projection into the ``max_norm`` ball and writes the row and its optimizer state once. The
+   other programs return at once.
+
+The math and the state layout are those of the trainer's other paths (and of the CPU's
+``row_adam_``): lazy Adam as ``torch.optim.SparseAdam`` (``lr`` is then the bias-corrected step
+size), Adagrad as sparse ``torch.optim.Adagrad``, row-wise Adagrad with one accumulator per row
+(the mean of g² over the row), SGD. fp16/bf16 tables are computed in fp32, fp64 in fp64; the state
+is in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+OPTIMIZER_CODES = {"adam": 0, "adagrad": 1, "rowwise_adagrad": 2, "sgd": 3}
+STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
+
+
+@triton.jit
+def _row_update_kernel(
+    table_ptr, stride_tr, stride_td,  # [R, d], updated in place
+    s1_ptr, s2_ptr, stride_sr,  # optimizer state: [R, d] or [R] (row-wise), in the compute dtype
+    sorted_ptr,  # [n] row ids, sorted
+    perm_ptr,  # [n] int64: slot -> position in grad
+    grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order
+    n, d,
+    lr, beta1, beta2, eps, max_norm,
+    OPT: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(sorted_ptr + pid).to(tl.int64)
+    prev = tl.load(sorted_ptr + pid - 1, mask=pid > 0, other=-1).to(tl.int64)
+    if (pid == 0) | (row != prev):  # this program owns the segment that starts here
+        ACC = tl.float64 if IS_FP64 else tl.float32
+        cols = tl.arange(0, BLOCK_D).to(tl.int64)
+        cmask = cols < d
+        # the segment's gradient rows, summed in sorted (batch) order
+        g = tl.zeros([BLOCK_D], dtype=ACC)
+        j = pid
+        nxt = row
+        while nxt == row:
+            src = tl.load(perm_ptr + j).to(tl.int64)
+            g += tl.load(grad_ptr + src * stride_gr + cols, mask=cmask, other=0.0).to(ACC)
+            j += 1
+            nxt = tl.load(sorted_ptr + j, mask=j < n, other=-1).to(tl.int64)
+        x_ptrs = table_ptr + row * stride_tr + cols * stride_td
+        x = tl.load(x_ptrs, mask=cmask, other=0.0).to(ACC)
+        if OPT == 0:  # lazy Adam (torch.optim.SparseAdam); lr is the bias-corrected step size
+            m_ptrs = s1_ptr + row * stride_sr + cols
+            v_ptrs = s2_ptr + row * stride_sr + cols
+            m = tl.load(m_ptrs, mask=cmask, other=0.0).to(ACC)
+            v = tl.load(v_ptrs, mask=cmask, other=0.0).to(ACC)
+            m = m + (1.0 - beta1) * (g - m)
+            v = v + (g * g - v) * (1.0 - beta2)
+            tl.store(m_ptrs, m.to(s1_ptr.dtype.element_ty), mask=cmask)
+            tl.store(v_ptrs, v.to(s2_ptr.dtype.element_ty), mask=cmask)
+            x = x - lr * (m / (tl.sqrt(v) + eps))
+        elif OPT == 1:  # Adagrad: one accumulator per element
+            a_ptrs = s1_ptr + row * stride_sr + cols
+            acc = tl.load(a_ptrs, mask=cmask, other=0.0).to(ACC) + g * g
+            tl.store(a_ptrs, acc.to(s1_ptr.dtype.element_ty), mask=cmask)
+            x = x - lr * g / (tl.sqrt(acc) + eps)
+        elif OPT == 2:  # row-wise Adagrad: one accumulator per row, the mean of g² over the row
+            acc = tl.load(s1_ptr + row * stride_sr).to(ACC) + tl.sum(g * g, axis=0) / d
+            tl.store(s1_ptr + row * stride_sr, acc.to(s1_ptr.dtype.element_ty))
+            x = x - lr * g / (tl.sqrt(acc) + eps)
+        else:  # SGD
+            x = x - lr * g
+        if HAS_MAX_NORM:  # x / max(1, |x| / max_norm), as LRML.project_()
+            x = tl.where(cmask, x, 0.0)
+            scale = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)) / max_norm, 1.0)
+            x = x / scale
+        tl.store(x_ptrs, x.to(table_ptr.dtype.element_ty), mask=cmask)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def row_update_(
+    table: torch.Tensor,
+    idx: torch.Tensor,
+    grad_rows: torch.Tensor,
+    optimizer: str,
+    lr: float,
+    state: tuple[torch.Tensor, ...] = (),
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    max_norm: float | None = None,
+) -> None:
+    """Update the rows ``idx`` of ``table`` in place with their summed gradients ``grad_rows``.
+
+    Args:
+        table: ``[R, d]``, contiguous rows. idx: row ids (int32 or int64, any shape, in range).
+        grad_rows: ``idx.shape + (d,)``, one gradient row per id (repeated ids are summed).
+        optimizer: a key of ``OPTIMIZER_CODES``. lr: the learning rate; for "adam" the
+            bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``.
+        state: ``(exp_avg, exp_avg_sq)`` for adam, ``(sum,)`` for adagrad (``[R, d]``) and
+            rowwise_adagrad (``[R]``), ``()`` for sgd; contiguous, updated in place.
+        betas: Adam's. eps: Adam's or Adagrad's epsilon. max_norm: the projection radius, or None.
+
+    No host synchronisation: a sort and one kernel launch, whatever the number of distinct rows.
+    """
+    if optimizer not in OPTIMIZER_CODES:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZER_CODES)}, got {optimizer!r}")
+    if len(state) != STATE_TENSORS[optimizer]:
+        raise ValueError(f"{optimizer} takes {STATE_TENSORS[optimizer]} state tensors")
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D, got shape {tuple(table.shape)}")
+    d = table.shape[1]
+    ids = idx.reshape(-1)
+    n = ids.shape[0]
+    if n == 0:
+        return
+    grad = grad_rows.reshape(n, d)
+    if grad.stride(1) != 1:
+        grad = grad.contiguous()
+    for s in state:
+        if not s.is_contiguous() or s.shape[0] != table.shape[0]:
+            raise ValueError("optimizer state must be contiguous with one row per table row")
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    s1 = state[0] if state else table
+    s2 = state[1] if len(state) > 1 else s1
+    block_d = triton.next_power_of_2(d)
+    with _device_guard(table):
+        _row_update_kernel[(n,)](
+            table, table.stride(0), table.stride(1),
+            s1, s2, s1.stride(0),
+            sorted_ids, perm,
+            grad, grad.stride(0),
+            n, d,
+            float(lr), float(betas[0]), float(betas[1]), float(eps),
+            float(max_norm) if max_norm is not None else 1.0,
+            OPT=OPTIMIZER_CODES[optimizer], HAS_MAX_NORM=max_norm is not None,
+            IS_FP64=table.dtype == torch.float64, BLOCK_D=block_d,
+            num_warps=1 if block_d <= 256 else min(8, block_d // 256),
+        )  # fmt: skip

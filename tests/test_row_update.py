@@ -1,0 +1,189 @@
+"""The Triton fused row update (lrml_kernels/triton/row_update.py): the same steps as the trainer's
+torch-ops path, with no host synchronisation. (Against the torch optimizers + project_():
+tests/test_trainer.py, backend "triton".)
+
+On the CPU the kernel runs through the Triton interpreter (conftest sets TRITON_INTERPRET=1).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lrml_kernels as lk
+from lrml_kernels import backends
+from lrml_kernels.trainer import OPTIMIZERS, LRMLTrainer
+
+pytestmark = pytest.mark.skipif(
+    backends.why_unavailable("triton") is not None, reason="triton backend unavailable here"
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {  # (atol, rtol) per table dtype
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def _triton():
+    from lrml_kernels import triton as triton_backend
+
+    return triton_backend
+
+
+@torch.no_grad()
+def _update(tr, name, idx, grad, max_norm):
+    """One row update of table ``name`` (what step() does after the backward)."""
+    tr._update_rows(name, getattr(tr.model, name), idx, grad, max_norm)
+
+
+def _two_trainers(optimizer, dtype, max_norm):
+    """Two trainers on copies of one model: the Triton row update and the torch-ops path."""
+    torch.manual_seed(0)
+    m = lk.LRML(40, 30, dim=13, memory_slots=3, max_norm=max_norm).to(DEVICE, dtype)
+    fused = LRMLTrainer(m, optimizer, lr=0.05)
+    ref = LRMLTrainer(copy.deepcopy(m), optimizer, lr=0.05)
+    fused._impl = _triton()  # what step() sets on the triton backend
+    ref._impl = backends.TORCH_BACKEND
+    if DEVICE == "cuda":  # the torch-ops path is the one without the Triton kernel
+        ref._gpu_row_update = lambda table: None
+    return fused, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("max_norm", [1.0, None])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_row_update_matches_the_torch_ops_path_step_for_step(optimizer, max_norm, dtype):
+    fused, ref = _two_trainers(optimizer, dtype, max_norm)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for name in ("user_emb", "item_emb"):
+            idx = torch.randint(0, 6, (9, 3), generator=g).to(DEVICE)  # many repeats
+            grad = torch.randn(9, 3, 13, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+            for tr in (fused, ref):
+                _update(tr, name, idx, grad, max_norm)
+    atol, rtol = TOL[dtype]
+    for name in ("user_emb", "item_emb"):
+        got, want = getattr(fused.model, name), getattr(ref.model, name)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        for key, value in fused.state[name].items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(value, ref.state[name][key], atol=atol, rtol=rtol)
+            else:
+                assert value == ref.state[name][key]
+
+
+def test_row_update_touches_only_the_indexed_rows():
+    fused, _ = _two_trainers("adam", torch.float64, 1.0)
+    table = fused.model.user_emb
+    before = table.detach().clone()
+    idx = torch.tensor([5, 2, 5, 5], device=DEVICE, dtype=torch.int32)
+    grad = torch.randn(4, 13, dtype=torch.float64, device=DEVICE)
+    _update(fused, "user_emb", idx, grad, 1.0)
+    changed = (table != before).any(1).cpu()
+    assert changed.nonzero().flatten().tolist() == [2, 5]
+    untouched = fused.state["user_emb"]["exp_avg"].abs().sum(1).cpu() == 0
+    assert untouched.nonzero().flatten().tolist() == [i for i in range(40) if i not in (2, 5)]
+
+
+METADATA_OPS = ("aten.view", "aten.detach", "aten._reshape_alias")  # no kernel, no data
+SYNCING = ("aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.unique")
+
+
+class _NoSyncOps(TorchDispatchMode):
+    """Fails on the aten ops that synchronise with the host; counts the others.
+
+    Ops issued by the Triton interpreter inside a launch (its host copies) are not the program's:
+    they are left out, and each launch counts as one op.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.in_kernel = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(SYNCING):
+            raise AssertionError(f"{name} synchronises with the host")
+        if not self.in_kernel:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_sync(monkeypatch):
+    mode = _NoSyncOps()
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        run = InterpretedFunction.run
+
+        def counted(self, *args, **kwargs):
+            mode.ops.append(f"triton.{self.fn.__name__}")
+            mode.in_kernel = True
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.in_kernel = False
+
+        monkeypatch.setattr(InterpretedFunction, "run", counted)
+    return mode
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_row_update_has_no_host_sync_and_few_ops(optimizer, no_sync):
+    fused, _ = _two_trainers(optimizer, torch.float32, 1.0)
+    idx = torch.randint(0, 6, (9, 3), device=DEVICE)
+    grad = torch.randn(9, 3, 13, device=DEVICE)
+    with no_sync:
+        _update(fused, "item_emb", idx, grad, 1.0)
+    if DEVICE == "cpu":
+        # metadata ops (``table.data``, the reshapes), then one sort and one kernel launch
+        work = [op for op in no_sync.ops if not op.startswith(METADATA_OPS)]
+        assert work == ["aten.sort.stable", "triton._row_update_kernel"], no_sync.ops
+
+
+def test_triton_training_step_has_no_host_sync(no_sync):
+    """A whole step (validate=False) of the triton backend: no op that synchronises."""
+    torch.manual_seed(0)
+    m = lk.LRML(30, 25, dim=8, memory_slots=3, backend="triton").to(DEVICE)
+    trainer = LRMLTrainer(m, "adam")
+    users = torch.randint(0, 10, (16,), device=DEVICE)
+    items = torch.randint(0, 8, (16, 4), device=DEVICE)
+    trainer.step(users, items)  # warm-up: compilation, first allocations
+    no_sync.ops.clear()
+    with no_sync:
+        trainer.step(users, items)
+    work = [op for op in no_sync.ops if not op.startswith(METADATA_OPS)]
+    assert work.count("aten.sort.stable") == 2, work  # user and item tables
+    if DEVICE == "cpu":  # interpreted launches are seen (CUDA launches bypass the dispatcher)
+        assert work.count("triton._row_update_kernel") == 2, work
+    print(f"ops of one triton adam step on {DEVICE}: {len(work)}: {work}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_gpu_step_runs_under_sync_debug_mode_error(backend, optimizer):
+    if backends.why_unavailable(backend, "cuda") is not None:
+        pytest.skip(backends.why_unavailable(backend, "cuda"))
+    torch.manual_seed(0)
+    m = lk.LRML(300, 250, dim=100, memory_slots=20, backend=backend).cuda()
+    trainer = LRMLTrainer(m, optimizer)
+    users = torch.randint(0, 100, (512,), device="cuda")
+    items = torch.randint(0, 250, (512, 5), device="cuda")
+    trainer.step(users, items)  # warm-up: compilation, first allocations
+    torch.cuda.synchronize()
+    table, state = m.item_emb, trainer.state["item_emb"]
+    grad = torch.randn(512, 5, 100, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _update(trainer, "item_emb", items, grad, 1.0)  # the row update alone
+        trainer.step(users, items, validate=False)  # the whole step
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert state["step"] == 3
+    assert torch.isfinite(table).all()
