@@ -89,6 +89,7 @@ OPS = {
     "distances": "distances fwd (D [B, C])",
     "hinge": "hinge fwd + autograd bwd (hinge fwd+bwd benchmark)",
     "train": "hinge_loss_grads: fwd + bwd in one call (fused train step)",
+    "rowupdate": "the train step's fused Adam row update of the item table (B·C ids)",
     "topk": "all-user top-10 at Netflix size",
 }
 SUBSETS = ("full", "headline", "ci", "smoke")
@@ -117,12 +118,13 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
     - ``full``: B 4096 × 5 and 2^20 × 2; d 64, 100, 128; N 10, 20; fp32 and bf16; both
       relations; the three workloads of a batch (distances fwd, hinge fwd+bwd, the train step's
       fwd+bwd); distance l2, plus squared_l2 and l1 at d = 100, N = 20 (the distance changes only
-      the elementwise epilogue; ``all_distances`` takes every distance everywhere). Top-k of all
+      the elementwise epilogue; ``all_distances`` takes every distance everywhere); the trainer's
+      row update (Adam, item table) per batch shape, d and dtype. Top-k of all
       Netflix users for each d, N, dtype (and the same distances).
     - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, and top-k.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
-      fp32, pair in bf16; top-k fp32.
+      fp32, pair in bf16; the Adam row update at 4096 × 5 fp32; top-k fp32.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -135,6 +137,7 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             Case("hinge", 4096, 5, 100, 20, dt, rel, "l2")
             for dt, rel in (("fp32", "pair"), ("fp32", "shared"), ("bf16", "pair"))
         ]
+        out.append(Case("rowupdate", 4096, 5, 100, 20, "fp32", "pair", "l2"))
         return out + [Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2")]
     dims = DIMS if subset == "full" else (100,)
     slots = SLOTS if subset == "full" else (20,)
@@ -145,6 +148,9 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             dists = ("l2",)
         for (B, C), dt, rel, dist in itertools.product(BATCHES, DTYPES, RELATIONS, dists):
             out += [Case(op, B, C, d, N, dt, rel, dist) for op in batch_ops]
+        if N == slots[-1]:  # the trainer's row update: one per batch shape, d and dtype
+            for (B, C), dt in itertools.product(BATCHES, DTYPES):
+                out.append(Case("rowupdate", B, C, d, N, dt, "pair", "l2"))
         for dt, dist in itertools.product(DTYPES, dists):
             out.append(Case("topk", NETFLIX_U, 0, d, N, dt, "pair", dist))
     return out
@@ -560,6 +566,12 @@ def record_launches(case: Case) -> list[tuple]:
                 _run_backwards(backwards)
             elif case.op == "train":
                 backend.hinge_loss_grads(*common, 0.5, case.distance, case.relation, eps, "mean")
+            elif case.op == "rowupdate":  # the trainer's Adam row update of the item table
+                ru = importlib.import_module("lrml_kernels.triton.row_update")
+                f32 = {"dtype": torch.float32, "device": "cuda"}
+                state = (torch.empty(Q.shape, **f32), torch.empty(Q.shape, **f32))
+                grad = torch.empty(case.B, case.C, case.d, dtype=Q.dtype, device="cuda")
+                ru.row_update_(Q, items, grad, "adam", 1e-3, state, max_norm=1.0)
             else:
                 raise ValueError(f"unknown op {case.op!r}")
         return [(fn, [_describe(a) for a in args], kw, grid) for fn, args, kw, grid in launches]
