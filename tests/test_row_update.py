@@ -75,6 +75,21 @@ def test_row_update_matches_the_torch_ops_path_step_for_step(optimizer, max_norm
                 assert value == ref.state[name][key]
 
 
+@pytest.mark.parametrize("d", [1, 13, 200])
+def test_long_segments_sum_every_gradient_row(d):
+    """A row repeated more often than one read of BLOCK_S slots, and runs cut by the batch's end."""
+    torch.manual_seed(0)
+    table = torch.randn(7, d, dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([3] * 37 + [0, 6, 6] + [5] * 17, device=DEVICE)[torch.randperm(57)]
+    grad = torch.randn(57, d, dtype=torch.float64, device=DEVICE)
+    want = table.clone().index_add_(0, idx, grad, alpha=-0.1)
+    _triton()  # the backend registered
+    from lrml_kernels.triton.row_update import row_update_
+
+    row_update_(table, idx, grad, "sgd", 0.1)
+    torch.testing.assert_close(table, want, atol=1e-12, rtol=1e-12)
+
+
 def test_row_update_touches_only_the_indexed_rows():
     fused, _ = _two_trainers("adam", torch.float64, 1.0)
     table = fused.model.user_emb

@@ -7,8 +7,9 @@ host synchronisation and static sizes:
    is a few device kernels and never asks the host how many distinct rows there are, unlike
    ``torch.unique``);
 2. one Triton kernel with one program per sorted slot. A slot whose id differs from the previous
-   slot's starts a segment; its program owns that row, sums the segment's gradient rows in sorted
-   (= batch) order, a fixed order, so the result is deterministic, then applies the optimizer and
+   slot's starts a segment; its program owns that row, sums the segment's gradient rows (read
+   ``BLOCK_S`` sorted slots at a time, in a fixed order, so the result is deterministic and does
+   not depend on the launch or the run), then applies the optimizer and
    the projection into the ``max_norm`` ball and writes the row and its optimizer state once. The
    other programs return at once.
 
@@ -41,7 +42,7 @@ def _row_update_kernel(
     n, d,
     lr, beta1, beta2, eps, max_norm,
     OPT: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(sorted_ptr + pid).to(tl.int64)
@@ -50,14 +51,20 @@ def _row_update_kernel(
         ACC = tl.float64 if IS_FP64 else tl.float32
         cols = tl.arange(0, BLOCK_D).to(tl.int64)
         cmask = cols < d
-        # the segment's gradient rows, summed in sorted (batch) order
+        # the segment's gradient rows, BLOCK_S slots at a time (a popular row repeated thousands
+        # of times costs thousands / BLOCK_S dependent steps), summed in a fixed order
+        offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
         g = tl.zeros([BLOCK_D], dtype=ACC)
         j = pid
         nxt = row
         while nxt == row:
-            src = tl.load(perm_ptr + j).to(tl.int64)
-            g += tl.load(grad_ptr + src * stride_gr + cols, mask=cmask, other=0.0).to(ACC)
-            j += 1
+            slot = j + offs_s
+            same = tl.load(sorted_ptr + slot, mask=slot < n, other=-1).to(tl.int64) == row
+            src = tl.load(perm_ptr + slot, mask=same, other=0).to(tl.int64)
+            ptrs = grad_ptr + src[:, None] * stride_gr + cols[None, :]
+            tile = tl.load(ptrs, mask=same[:, None] & cmask[None, :], other=0.0)
+            g += tl.sum(tile.to(ACC), axis=0)
+            j += BLOCK_S
             nxt = tl.load(sorted_ptr + j, mask=j < n, other=-1).to(tl.int64)
         x_ptrs = table_ptr + row * stride_tr + cols * stride_td
         x = tl.load(x_ptrs, mask=cmask, other=0.0).to(ACC)
@@ -149,6 +156,7 @@ def row_update_(
             float(lr), float(betas[0]), float(betas[1]), float(eps),
             float(max_norm) if max_norm is not None else 1.0,
             OPT=OPTIMIZER_CODES[optimizer], HAS_MAX_NORM=max_norm is not None,
-            IS_FP64=table.dtype == torch.float64, BLOCK_D=block_d,
+            IS_FP64=table.dtype == torch.float64,
+            BLOCK_S=max(1, min(16, 1024 // block_d)), BLOCK_D=block_d,
             num_warps=1 if block_d <= 256 else min(8, block_d // 256),
         )  # fmt: skip
