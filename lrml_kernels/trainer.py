@@ -239,6 +239,19 @@ class LRMLTrainer:
     def _update_dense(self, name, param, grad):
         state = self.state[name]
         state["step"] += 1
+        if self._gpu_row_update(param) is not None:  # GPU backends: one Triton launch
+            from lrml_kernels.triton.row_update import dense_update_
+
+            lr, eps = self.lr, self.adagrad_eps
+            if self.optimizer == "adam":  # Adam = SparseAdam's update with eps·sqrt(bc2)
+                b1, b2 = self.betas
+                bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+                lr, eps = self.lr * math.sqrt(bc2) / bc1, self.adam_eps * math.sqrt(bc2)
+            dense_update_(
+                param.data, grad, self.optimizer, lr,
+                tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas, eps=eps,
+            )  # fmt: skip
+            return
         ct = compute_dtype(param.dtype)
         grad, x = grad.to(ct), param.to(ct)
         if self.optimizer == "adam":  # torch.optim.Adam

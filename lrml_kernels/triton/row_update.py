@@ -13,6 +13,9 @@ host synchronisation and static sizes:
    the projection into the ``max_norm`` ball and writes the row and its optimizer state once. The
    other programs return at once.
 
+:func:`dense_update_` is the same kernel with every row owned by its own program and no sort: the
+trainer's keys and memory, one launch each.
+
 The math and the state layout are those of the trainer's other paths (and of the CPU's
 ``row_adam_``): lazy Adam as ``torch.optim.SparseAdam`` (``lr`` is then the bias-corrected step
 size), Adagrad as sparse ``torch.optim.Adagrad``, row-wise Adagrad with one accumulator per row
@@ -36,36 +39,43 @@ STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
 def _row_update_kernel(
     table_ptr, stride_tr, stride_td,  # [R, d], updated in place
     s1_ptr, s2_ptr, stride_sr,  # optimizer state: [R, d] or [R] (row-wise), in the compute dtype
-    sorted_ptr,  # [n] row ids, sorted
-    perm_ptr,  # [n] int64: slot -> position in grad
-    grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order
+    sorted_ptr,  # [n] row ids, sorted (unused if DENSE)
+    perm_ptr,  # [n] int64: slot -> position in grad (unused if DENSE)
+    grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order ([R, d] if DENSE)
     n, d,
     lr, beta1, beta2, eps, max_norm,
-    OPT: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
+    OPT: tl.constexpr, DENSE: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(sorted_ptr + pid).to(tl.int64)
-    prev = tl.load(sorted_ptr + pid - 1, mask=pid > 0, other=-1).to(tl.int64)
+    if DENSE:  # every row once, in order: program r owns row r, whose gradient is grad[r]
+        row = pid
+        prev = pid - 1
+    else:
+        row = tl.load(sorted_ptr + pid).to(tl.int64)
+        prev = tl.load(sorted_ptr + pid - 1, mask=pid > 0, other=-1).to(tl.int64)
     if (pid == 0) | (row != prev):  # this program owns the segment that starts here
         ACC = tl.float64 if IS_FP64 else tl.float32
         cols = tl.arange(0, BLOCK_D).to(tl.int64)
         cmask = cols < d
-        # the segment's gradient rows, BLOCK_S slots at a time (a popular row repeated thousands
-        # of times costs thousands / BLOCK_S dependent steps), summed in a fixed order
-        offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
-        g = tl.zeros([BLOCK_D], dtype=ACC)
-        j = pid
-        nxt = row
-        while nxt == row:
-            slot = j + offs_s
-            same = tl.load(sorted_ptr + slot, mask=slot < n, other=-1).to(tl.int64) == row
-            src = tl.load(perm_ptr + slot, mask=same, other=0).to(tl.int64)
-            ptrs = grad_ptr + src[:, None] * stride_gr + cols[None, :]
-            tile = tl.load(ptrs, mask=same[:, None] & cmask[None, :], other=0.0)
-            g += tl.sum(tile.to(ACC), axis=0)
-            j += BLOCK_S
-            nxt = tl.load(sorted_ptr + j, mask=j < n, other=-1).to(tl.int64)
+        if DENSE:
+            g = tl.load(grad_ptr + row * stride_gr + cols, mask=cmask, other=0.0).to(ACC)
+        else:
+            # the segment's gradient rows, BLOCK_S slots at a time (a popular row repeated
+            # thousands of times costs thousands / BLOCK_S dependent steps), in a fixed order
+            offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
+            g = tl.zeros([BLOCK_D], dtype=ACC)
+            j = pid
+            nxt = row
+            while nxt == row:
+                slot = j + offs_s
+                same = tl.load(sorted_ptr + slot, mask=slot < n, other=-1).to(tl.int64) == row
+                src = tl.load(perm_ptr + slot, mask=same, other=0).to(tl.int64)
+                ptrs = grad_ptr + src[:, None] * stride_gr + cols[None, :]
+                tile = tl.load(ptrs, mask=same[:, None] & cmask[None, :], other=0.0)
+                g += tl.sum(tile.to(ACC), axis=0)
+                j += BLOCK_S
+                nxt = tl.load(sorted_ptr + j, mask=j < n, other=-1).to(tl.int64)
         x_ptrs = table_ptr + row * stride_tr + cols * stride_td
         x = tl.load(x_ptrs, mask=cmask, other=0.0).to(ACC)
         if OPT == 0:  # lazy Adam (torch.optim.SparseAdam); lr is the bias-corrected step size
@@ -125,37 +135,68 @@ def row_update_(
 
     No host synchronisation: a sort and one kernel launch, whatever the number of distinct rows.
     """
+    _check(table, optimizer, state)
+    d = table.shape[1]
+    ids = idx.reshape(-1)
+    n = ids.shape[0]
+    if n == 0:
+        return
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    grad = grad_rows.reshape(n, d)
+    _launch(table, state, sorted_ids, perm, grad, n, optimizer, lr, betas, eps, max_norm, False)
+
+
+def dense_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    optimizer: str,
+    lr: float,
+    state: tuple[torch.Tensor, ...] = (),
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Every row of ``param`` ``[R, d]`` updated in place with ``grad`` ``[R, d]``: one launch.
+
+    The same update as :func:`row_update_` (``torch.optim.Adam``'s is SparseAdam's with
+    ``eps·sqrt(1 - β2^t)``; the caller passes that), no projection.
+    """
+    _check(param, optimizer, state)
+    if param.shape[0] == 0:
+        return
+    _launch(param, state, grad, grad, grad, param.shape[0], optimizer, lr, betas, eps, None, True)
+
+
+def _check(table, optimizer, state):
     if optimizer not in OPTIMIZER_CODES:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZER_CODES)}, got {optimizer!r}")
     if len(state) != STATE_TENSORS[optimizer]:
         raise ValueError(f"{optimizer} takes {STATE_TENSORS[optimizer]} state tensors")
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D, got shape {tuple(table.shape)}")
-    d = table.shape[1]
-    ids = idx.reshape(-1)
-    n = ids.shape[0]
-    if n == 0:
-        return
-    grad = grad_rows.reshape(n, d)
-    if grad.stride(1) != 1:
-        grad = grad.contiguous()
     for s in state:
         if not s.is_contiguous() or s.shape[0] != table.shape[0]:
             raise ValueError("optimizer state must be contiguous with one row per table row")
-    sorted_ids, perm = torch.sort(ids, stable=True)
+
+
+def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, lr, betas, eps, max_norm,
+            dense):  # fmt: skip
+    if grad.stride(1) != 1:
+        grad = grad.contiguous()
+    d = table.shape[1]
     s1 = state[0] if state else table
     s2 = state[1] if len(state) > 1 else s1
     block_d = triton.next_power_of_2(d)
     with _device_guard(table):
-        _row_update_kernel[(n,)](
+        _row_update_kernel[(programs,)](
             table, table.stride(0), table.stride(1),
             s1, s2, s1.stride(0),
             sorted_ids, perm,
             grad, grad.stride(0),
-            n, d,
+            programs, d,
             float(lr), float(betas[0]), float(betas[1]), float(eps),
             float(max_norm) if max_norm is not None else 1.0,
-            OPT=OPTIMIZER_CODES[optimizer], HAS_MAX_NORM=max_norm is not None,
+            OPT=OPTIMIZER_CODES[optimizer], DENSE=dense, HAS_MAX_NORM=max_norm is not None,
             IS_FP64=table.dtype == torch.float64,
             BLOCK_S=max(1, min(16, 1024 // block_d)), BLOCK_D=block_d,
             num_warps=1 if block_d <= 256 else min(8, block_d // 256),
