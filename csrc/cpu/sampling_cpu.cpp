@@ -3,8 +3,8 @@
 // without the extension; this op only finds, by a binary search inside each user's sorted CSR
 // slice, the entries that must be redrawn. Given the candidates of the previous round it checks
 // only those (the redrawn entries), not the whole batch. Entries are independent: at::parallel_for
-// over them, the slice of the entry kAhead positions ahead prefetched, and the result (a sorted
-// list of positions) does not depend on the number of threads.
+// over them, kGroup searches advanced in lockstep with each next probe prefetched, and the result
+// (a sorted list of positions) does not depend on the number of threads.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,7 +17,7 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kAhead = 8;  // entries prefetched ahead (random CSR rows beyond cache)
+constexpr int kGroup = 16;  // binary searches interleaved (random CSR rows beyond cache)
 
 }  // namespace
 
@@ -65,19 +65,44 @@ Tensor csr_members(const Tensor& indptr, const Tensor& indices, const Tensor& us
                         " is out of range for values of ", B * k, " entries");
   }
   std::vector<uint8_t> hit(n);
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + kAhead < end) {  // the first probe of an entry further on
-        const int64_t e = c ? c[i + kAhead] : i + kAhead;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    const int64_t* base[kGroup];
+    const int64_t* last[kGroup];
+    int64_t len[kGroup], val[kGroup];
+    for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+      const int m = static_cast<int>(std::min<int64_t>(kGroup, end - g0));
+      for (int j = 0; j < m; ++j) {
+        const int64_t e = c ? c[g0 + j] : g0 + j;
         const int64_t r = u[e / k];
-        __builtin_prefetch(x + ((p[r] + p[r + 1]) >> 1));
+        base[j] = x + p[r];
+        len[j] = p[r + 1] - p[r];
+        last[j] = base[j] + len[j];
+        val[j] = v[e];
+        __builtin_prefetch(base[j] + len[j] / 2);
       }
-      const int64_t e = c ? c[i] : i;
-      const int64_t r = u[e / k];
-      const int64_t* lo = x + p[r];
-      const int64_t* hi = x + p[r + 1];
-      const int64_t* at = std::lower_bound(lo, hi, v[e]);
-      hit[i] = at != hi && *at == v[e];
+      // Branchless lower_bound, one probe of every entry per pass: the group's cache misses
+      // overlap instead of each search waiting on its own chain of them.
+      for (bool more = true; more;) {
+        more = false;
+        for (int j = 0; j < m; ++j) {
+          if (len[j] <= 1) continue;
+          const int64_t half = len[j] / 2;
+          base[j] = base[j][half] < val[j] ? base[j] + half : base[j];
+          len[j] -= half;
+          if (len[j] > 1) {
+            __builtin_prefetch(base[j] + len[j] / 2);
+            more = true;
+          }
+        }
+      }
+      for (int j = 0; j < m; ++j) {
+        if (len[j] == 0) {
+          hit[g0 + j] = 0;
+          continue;
+        }
+        const int64_t* lb = base[j] + (*base[j] < val[j]);
+        hit[g0 + j] = lb != last[j] && *lb == val[j];
+      }
     }
   });
   int64_t m = 0;
