@@ -43,6 +43,8 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
         " -> ()");
+  m.def("csr_members(Tensor indptr, Tensor indices, Tensor users, Tensor values,"
+        " Tensor? candidates) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
@@ -53,4 +55,5 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("hinge_loss_grads", &lrml::cpu::hinge_loss_grads);
   m.impl("topk", &lrml::cpu::topk);
   m.impl("row_adam_", &lrml::cpu::row_adam_);
+  m.impl("csr_members", &lrml::cpu::csr_members);
 }

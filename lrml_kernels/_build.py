@@ -15,6 +15,7 @@ CPU_SOURCES = (
     "cpu/lrml_cpu.cpp",
     "cpu/topk_cpu.cpp",
     "cpu/row_update_cpu.cpp",
+    "cpu/sampling_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")  # relative to csrc/, as above
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")

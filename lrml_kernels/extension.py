@@ -247,6 +247,10 @@ def _register_python_side() -> None:
         B = users.shape[0]
         return P.new_empty(B, k), users.new_empty(B, k, dtype=torch.int64)
 
+    @torch.library.register_fake(lib + "csr_members")
+    def _(indptr, indices, users, values, candidates):
+        return indptr.new_empty(torch.library.get_ctx().new_dynamic_size())
+
     def _setup(ctx, inputs, output):
         P, Q, K, M, users, items, *opts = inputs
         ctx.save_for_backward(P, Q, K, M, users, items)

@@ -866,3 +866,78 @@ def test_synthetic_netflix_size(request):
     assert (x.num_users, x.num_items) == (480_189, 17_770)
     assert len(x) > 0.97 * 100_000_000
     assert elapsed < 120, elapsed
+
+
+# --- negative sampling with the C++ extension ---
+
+
+@pytest.fixture
+def csr_members():
+    from lrml_kernels.data.sampling import _extension_members
+
+    op = _extension_members()
+    if op is None:
+        pytest.skip("the C++ extension is unavailable")
+    return op
+
+
+def test_sample_negatives_extension_matches_fallback(one_thread, csr_members):
+    s = D.load("synthetic-small")
+    csr = tuple(torch.from_numpy(a) for a in s.train_csr())
+    users = torch.arange(s.num_users).repeat(4)
+    for k in (0, 1, 16):
+        got, want = (
+            D.sample_negatives(
+                users,
+                s.num_items,
+                k,
+                generator=torch.Generator().manual_seed(3),
+                exclude_csr=csr,
+                use_extension=ext,
+            )
+            for ext in (True, False)
+        )
+        assert torch.equal(got, want)
+        assert not D.csr_membership(*csr, users, got).any()
+    empty = D.sample_negatives(users[:0], s.num_items, 4, exclude_csr=csr, use_extension=True)
+    assert empty.shape == (0, 4)
+    torch.library.opcheck(
+        torch.ops.lrml_ext.csr_members.default,
+        (*csr, users[:8], torch.randint(0, s.num_items, (8, 3)), None),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_csr_members_checks_only_candidates(csr_members):
+    ip, ix = (torch.tensor(a) for a in ([0, 2, 3], [1, 4, 0]))
+    users = torch.tensor([0, 1, 0])
+    vals = torch.tensor([[1, 2], [0, 0], [4, 3]])
+    assert csr_members(ip, ix, users, vals, None).tolist() == [0, 2, 3, 4]
+    assert csr_members(ip, ix, users, vals, torch.tensor([1, 3, 5])).tolist() == [3]
+    with pytest.raises(IndexError):
+        csr_members(ip, ix, torch.tensor([0, 2, 0]), vals, None)
+
+
+def test_sample_negatives_extension_edge_cases_and_uniformity(one_thread, csr_members):
+    # user 0 has trained on all items but 7: every draw is 7; user 1 on none, user 2 on the evens
+    n = 10
+    heavy = interactions(
+        [0] * (n - 1) + [2] * (n // 2),
+        [i for i in range(n) if i != 7] + list(range(0, n, 2)),
+        num_items=n,
+    )
+    csr = tuple(torch.from_numpy(a) for a in D.build_csr(heavy.users, heavy.items, 3, n))
+    users = torch.tensor([0] * 50 + [1] * 4000 + [2] * 4000)
+    neg = D.sample_negatives(
+        users, n, 5, generator=torch.Generator().manual_seed(1), exclude_csr=csr,
+        max_tries=400, use_extension=True,
+    )  # fmt: skip
+    assert (neg[:50] == 7).all()
+    assert (neg[4050:] % 2 == 1).all()
+    # chi-square against uniform (df = 9 and 4; 0.999 quantiles 27.9 and 18.5)
+    for part, support in ((neg[50:4050], range(n)), (neg[4050:], range(1, n, 2))):
+        counts = torch.bincount(part.reshape(-1), minlength=n)[list(support)].double()
+        expected = part.numel() / len(support)
+        assert float(((counts - expected) ** 2 / expected).sum()) < (
+            27.9 if len(support) == n else 18.5
+        )

@@ -52,5 +52,11 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
                const Tensor& idx, const Tensor& grad, double beta1, double beta2, double eps,
                double step_size, double max_norm);
 
+// The flat positions e (ascending; e = b * k + j) of values [B, k] with values[b, j] in row
+// users[b] of the CSR (indptr, indices), each row sorted. With candidates (positions,
+// ascending), only those are checked and the result is the subset of them that hit.
+Tensor csr_members(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+                   const Tensor& values, const std::optional<Tensor>& candidates);
+
 }  // namespace cpu
 }  // namespace lrml

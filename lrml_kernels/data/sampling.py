@@ -48,6 +48,7 @@ def sample_negatives(
     generator: torch.Generator | None = None,
     exclude_csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_tries: int = 32,
+    use_extension: bool | None = None,
 ) -> torch.Tensor:
     """``[B, k]`` int64 items drawn uniformly from ``0..num_items-1`` for each of ``users [B]``,
     on the device of ``users`` (with replacement within a row).
@@ -60,6 +61,11 @@ def sample_negatives(
         max_tries: redraw rounds at most. A user with a fraction f of the catalogue keeps a
             positive with probability about ``f ** (max_tries + 1)`` per entry (1e-10 at f = 0.5);
             rounds stop early once nothing is left to redraw (one device sync per round).
+        use_extension: test membership with the C++ extension's ``csr_members`` (CPU tensors
+            only): a binary search per entry in parallel threads, re-checking only the redrawn
+            entries. ``None`` (default): where it is available. The draws are the same torch
+            ``randint`` calls on ``generator`` either way (one ``[B, k]`` draw per round, the bad
+            entries taking theirs), so the result is bit-identical with and without it.
     """
     if k < 0 or num_items < 1:
         raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")
@@ -70,6 +76,15 @@ def sample_negatives(
         return neg
     indptr, indices = exclude_csr
     users = users.to(torch.int64)
+    members = None
+    if use_extension is not False and device.type == "cpu" and indptr.device.type == "cpu":
+        members = _extension_members()
+        if members is None and use_extension:
+            raise RuntimeError("use_extension=True but the C++ extension is unavailable")
+    if members is not None:
+        return _sample_rejecting(
+            members, users, neg, num_items, generator, indptr, indices, max_tries
+        )
     # A row (de-duplicated) holds at most num_items entries: that bounds the search, no sync.
     bad = csr_membership(indptr, indices, users, neg, max_row_length=num_items)
     for _ in range(max_tries):
@@ -78,4 +93,31 @@ def sample_negatives(
         redraw = torch.randint(0, num_items, shape, generator=generator, device=device)
         neg = torch.where(bad, redraw, neg)
         bad &= csr_membership(indptr, indices, users, neg, max_row_length=num_items)
+    return neg
+
+
+def _extension_members():
+    """The extension's ``csr_members`` op, or None where the extension cannot be loaded."""
+    from lrml_kernels.errors import BackendUnavailable
+    from lrml_kernels.extension import backend
+
+    try:
+        backend("cpu")
+    except BackendUnavailable:
+        return None
+    return torch.ops.lrml_ext.csr_members
+
+
+def _sample_rejecting(members, users, neg, num_items, generator, indptr, indices, max_tries):
+    """The rejection rounds of :func:`sample_negatives` with the extension: the same draws, but
+    only the positions still bad (a short list) are written and re-checked each round."""
+    indptr, indices = indptr.to(torch.int64), indices.to(torch.int64)
+    bad = members(indptr, indices, users, neg, None)
+    flat = neg.view(-1)
+    for _ in range(max_tries):
+        if bad.numel() == 0:
+            break
+        redraw = torch.randint(0, num_items, neg.shape, generator=generator)
+        flat[bad] = redraw.view(-1)[bad]
+        bad = members(indptr, indices, users, neg, bad)
     return neg
