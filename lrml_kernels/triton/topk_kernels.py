@@ -44,8 +44,6 @@ to the direct path (~30 µs each). These are estimates owed to a GPU run (benchm
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -53,8 +51,10 @@ import triton.language as tl
 from lrml_kernels.triton import distance_kernels as TD
 
 _rows = TD._load_rows  # base[rows, :d] as a compute-dtype tile (a jit function)
+_interpreted, _device_guard, _compute_dtype = TD._interpreted, TD._device_guard, TD._compute_dtype
+_param_args = TD._param_args
 
-DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
+DISTANCE_CODES = TD.DISTANCE_CODES
 SCREEN_TF32, SCREEN_BF16 = 0, 1
 # Unit roundoff of the screening GEMM inputs: tf32 keeps 10 mantissa bits, bf16 7.
 SCREEN_UNIT = {SCREEN_TF32: 2.0**-11, SCREEN_BF16: 2.0**-8}
@@ -308,18 +308,6 @@ def _direct_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def candidates_for(k: int) -> int:
     """Candidate-list length ``KC`` for top-k: room for k plus at least 16 near-ties."""
     return max(16, triton.next_power_of_2(max(2 * k, k + 16)))
@@ -398,15 +386,6 @@ def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _param_args(user_emb, item_emb, keys, memory):
-    return (
-        user_emb, user_emb.stride(0), user_emb.stride(1),
-        item_emb, item_emb.stride(0), item_emb.stride(1),
-        keys, keys.stride(0), keys.stride(1),
-        memory, memory.stride(0), memory.stride(1),
-    )  # fmt: skip
 
 
 def bound_constants(N: int, d: int, screen: int) -> tuple[float, float]:
