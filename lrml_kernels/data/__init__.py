@@ -9,10 +9,12 @@ from lrml_kernels.data.readers import (
     read_citeulike,
     read_csv,
     read_movielens,
+    read_movielens_ratings,
     read_ncf,
     read_netflix,
 )
 from lrml_kernels.data.sampling import csr_membership, sample_negatives
+from lrml_kernels.data.side_info import MovieLensSideInfo, read_movielens_side_info
 from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
 from lrml_kernels.data.split import (
     build_csr,
@@ -28,6 +30,7 @@ __all__ = [
     "SYNTHETIC",
     "DataFormatError",
     "Interactions",
+    "MovieLensSideInfo",
     "Split",
     "build_csr",
     "cache_dir",
@@ -38,6 +41,8 @@ __all__ = [
     "read_citeulike",
     "read_csv",
     "read_movielens",
+    "read_movielens_ratings",
+    "read_movielens_side_info",
     "read_ncf",
     "read_netflix",
     "sample_eval_negatives",

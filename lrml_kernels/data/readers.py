@@ -38,6 +38,7 @@ __all__ = [
     "read_citeulike",
     "read_csv",
     "read_movielens",
+    "read_movielens_ratings",
     "read_ncf",
     "read_netflix",
 ]
@@ -531,11 +532,9 @@ def _read_rating_table(
 _MOVIELENS_FILES = ("ratings.dat", "ratings.csv", "u.data", "ratings_reconstructed.tsv")
 
 
-def read_movielens(path, *, min_rating: float | None = None, cache: bool = True) -> Interactions:
-    """MovieLens ratings: a folder holding one of ``ratings.dat`` (1M/10M, ``::``),
-    ``ratings.csv`` (20M/25M/latest, with header), ``u.data`` (100K, tab) or
-    ``ratings_reconstructed.tsv`` (this project's ML-1M rebuild, header, empty timestamps), or one
-    such file (``u1.base`` etc. too). Columns: user, item, rating, timestamp (seconds)."""
+def _movielens_file(path) -> tuple[Path, str, bool | None]:
+    """The ratings file of a MovieLens folder (or the file itself), its delimiter and whether it
+    has a header (``None``: detect it)."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in _MOVIELENS_FILES if (path / n).is_file()]
@@ -547,13 +546,20 @@ def read_movielens(path, *, min_rating: float | None = None, cache: bool = True)
     path = _require_file(path)
     suffix = path.suffix.lower()
     if suffix == ".dat":
-        delim, header = "::", False
-    elif suffix == ".csv":
-        delim, header = ",", None
-    elif suffix == ".tsv":
-        delim, header = "\t", None
-    else:  # u.data, u1.base, ua.test, ...
-        delim, header = "\t", False
+        return path, "::", False
+    if suffix == ".csv":
+        return path, ",", None
+    if suffix == ".tsv":
+        return path, "\t", None
+    return path, "\t", False  # u.data, u1.base, ua.test, ...
+
+
+def read_movielens(path, *, min_rating: float | None = None, cache: bool = True) -> Interactions:
+    """MovieLens ratings: a folder holding one of ``ratings.dat`` (1M/10M, ``::``),
+    ``ratings.csv`` (20M/25M/latest, with header), ``u.data`` (100K, tab) or
+    ``ratings_reconstructed.tsv`` (this project's ML-1M rebuild, header, empty timestamps), or one
+    such file (``u1.base`` etc. too). Columns: user, item, rating, timestamp (seconds)."""
+    path, delim, header = _movielens_file(path)
     return _read_rating_table(
         path,
         source="movielens",
@@ -564,6 +570,29 @@ def read_movielens(path, *, min_rating: float | None = None, cache: bool = True)
         min_rating=min_rating,
         cache=cache,
     )
+
+
+def read_movielens_ratings(path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Every row of the MovieLens ratings file that :func:`read_movielens` reads, as it stands:
+    ``user_id``, ``item_id`` (original ids, int64), ``rating`` (float64) and ``timestamp`` (int64,
+    :data:`MISSING_TIMESTAMP` where empty), in file order; no re-indexing, de-duplication or
+    cache. Returns ``(the file read, columns)``."""
+    path, delim, header = _movielens_file(path)
+    if header is None:
+        lines = _text.head_lines(path, max_lines=1)
+        if not lines:
+            raise DataFormatError(path, 1, "empty file (no data rows)")
+        header = _looks_like_header([f.strip() for f in _text.split_fields(lines[0], delim)])
+    fields = [
+        Field("user_id", 0, "int"),
+        Field("item_id", 1, "int"),
+        Field("rating", 2, "float"),
+        Field("timestamp", 3, "int"),
+    ]
+    columns = _text.read_table(
+        path, fields, delimiter=delim, header=header, ncols=4, missing_ok=frozenset({"timestamp"})
+    )
+    return path, columns
 
 
 def read_csv(
