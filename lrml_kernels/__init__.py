@@ -8,10 +8,11 @@ Public API::
     LRMLTrainer                                  # fused sparse optimizer step (trainer.py)
     evaluate                                     # HR@k / nDCG@k, sampled or full (metrics.py)
     data                                         # readers, splits, synthetic data, sampling
+    explain                                      # what the memory slots learn (lrml explain)
     reference                                    # SPEC.md in plain PyTorch
 """
 
-from lrml_kernels import data, reference
+from lrml_kernels import data, explain, reference
 from lrml_kernels.backends import BackendUnavailable, available_backends
 from lrml_kernels.metrics import evaluate
 from lrml_kernels.model import LRML
@@ -26,6 +27,7 @@ __all__ = [
     "BackendUnavailable",
     "data",
     "evaluate",
+    "explain",
     "available_backends",
     "lrml_distances",
     "lrml_hinge_loss",

@@ -1,4 +1,5 @@
-"""``lrml train | tune | baseline | evaluate | convert-checkpoint | info``: the command line."""
+"""``lrml train | tune | baseline | evaluate | explain | convert-checkpoint | info``: the command
+line."""
 
 from __future__ import annotations
 
@@ -247,6 +248,36 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    import torch
+
+    from lrml_kernels import explain
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        summary = explain.run(
+            args.checkpoint,
+            args.out,
+            data=args.data,
+            max_pairs=args.max_pairs,
+            seeds=args.seeds,
+            folds=args.folds,
+            cml=args.cml,
+            device=args.device,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+    except ImportError as exc:  # scikit-learn (the explain extra) is not installed
+        print(f"lrml explain: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary["claims"], indent=2))
+    print(f"wrote {args.out}/report.md, probes.json and the plots (PNG)", file=sys.stderr)
+    return 0
+
+
 def _convert(args) -> int:
     from lrml_kernels import checkpoints
 
@@ -343,6 +374,38 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser(
+        "explain",
+        help="what the memory slots learn: probes of the attention and relation vectors for the "
+        "rating, time and item and user attributes, against controls; plots and report.md",
+    )
+    p.add_argument("checkpoint", help="checkpoint.pt of lrml train --data movielens:PATH")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="movielens:PATH, with movies.dat + users.dat (ML-1M) or u.item + u.user (ML-100K) "
+        "next to the ratings (default: the checkpoint's data)",
+    )
+    p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--max-pairs",
+        type=int,
+        default=50_000,
+        help="pairs drawn per seed for the probes (default: %(default)s)",
+    )
+    p.add_argument("--seeds", type=int, default=5, help="seeds of draws and folds (default: 5)")
+    p.add_argument("--folds", type=int, default=2, help="cross-validation folds (default: 2)")
+    p.add_argument(
+        "--cml",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a CML model (lrml train --relation none) on the same data: its p - q is a control",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_explain)
     p = sub.add_parser(
         "convert-checkpoint",
         help="rewrite a checkpoint that holds more than plain values (from an earlier version) "
