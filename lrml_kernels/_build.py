@@ -14,6 +14,7 @@ CPU_SOURCES = (
     "fused_hinge_autograd.cpp",
     "cpu/lrml_cpu.cpp",
     "cpu/topk_cpu.cpp",
+    "cpu/relations_cpu.cpp",
     "cpu/row_update_cpu.cpp",
     "cpu/sampling_cpu.cpp",
 )

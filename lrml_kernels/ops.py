@@ -267,9 +267,7 @@ def lrml_relations(
         )
     impl = backends.get(backend, device, users.shape[0])
     with torch.no_grad():
-        # TODO(relations): the cpu/triton/cuda kernels land next; until then the reference.
-        relations = getattr(impl, "relations", backends.TORCH_BACKEND.relations)
-        return relations(*(t.detach() for t in params), users, items)
+        return impl.relations(*(t.detach() for t in params), users, items)
 
 
 def check_exclude(exclude, num_rows: int, num_items: int, device: torch.device, validate: bool):
