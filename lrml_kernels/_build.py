@@ -18,7 +18,11 @@ CPU_SOURCES = (
     "cpu/row_update_cpu.cpp",
     "cpu/sampling_cpu.cpp",
 )
-CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")  # relative to csrc/, as above
+CUDA_SOURCES = (
+    "cuda/lrml_cuda.cpp",
+    "cuda/lrml_kernels.cu",
+    "cuda/relations_kernels.cu",
+)  # relative to csrc/, as above
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
 

@@ -41,12 +41,7 @@ std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_
                                      const Tensor& users, const Tensor& items) {
   Params pr = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CPU,
                            {at::kFloat, at::kDouble}, "cpu");
-  Tensor u = check_index("users", users, 1, pr.P.device());
-  Tensor i = check_index("items", items, 1, pr.P.device());
-  TORCH_CHECK_VALUE(i.size(0) == u.size(0), "items has ", i.size(0), " entries but users has ",
-                    u.size(0), ": one item per user");
-  check_index_range("users", u, pr.U);
-  check_index_range("items", i, pr.I);
+  const auto [u, i] = check_pairs(pr, users, items);
   const int64_t B = u.size(0);
   Tensor a = at::empty({B, pr.N}, pr.P.options());
   Tensor r = at::empty({B, pr.d}, pr.P.options());
