@@ -15,7 +15,7 @@ Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
 """
 
 from lrml_kernels.triton.distance_kernels import distances, hinge_loss, hinge_loss_grads
-from lrml_kernels.triton.relations import relations
+from lrml_kernels.triton.relations_kernels import relations
 from lrml_kernels.triton.topk_kernels import topk
 
 name = "triton"
