@@ -1,35 +1,58 @@
 // CPU kernel of lrml_relations (SPEC.md): the attention a = softmax(K (p ⊙ q)) and the relation
-// r = Mᵀ a of each (users[b], items[b]) pair, forward only. Rows are independent: OpenMP threads
-// (at::parallel_for) take blocks of rows and run kernels.h's attend() on each, writing a and r in
-// place; no reduction across rows, so the result does not depend on the thread count.
+// r = Mᵀ a of each (users[b], items[b]) pair, forward only.
+//
+// The attention of the fused distance kernels (lrml_cpu.cpp), without the distance: the pairs are
+// cut into fixed tiles of kTilePairs; OpenMP threads (at::parallel_for) take tiles, and each tile
+// runs S = P ⊙ Q, Z = S Kᵀ, A = softmax(Z), R = A M as register-blocked GEMMs against K and M
+// padded once per call (tile_gemm.h, memory_operands.h), then copies A and R to the outputs. No
+// reduction across pairs and a summation order fixed per element: the result does not depend on
+// the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
-#include "kernels.h"
+#include "memory_operands.h"
 #include "ops_cpu.h"
+#include "tile_gemm.h"
 
 namespace lrml {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRowsPerTask = 64;  // rows per parallel_for grain
+constexpr int64_t kTilePairs = 64;
 
 template <typename T>
 void relations_kernel(const Params& pr, const int64_t* users, const int64_t* items, int64_t B,
                       T* a_out, T* r_out) {
   const T* P = pr.P.data_ptr<T>();
   const T* Q = pr.Q.data_ptr<T>();
-  const T* K = pr.K.data_ptr<T>();
-  const T* M = pr.M.data_ptr<T>();
   const int64_t N = pr.N, d = pr.d;
-  at::parallel_for(0, B, kRowsPerTask, [&](int64_t lo, int64_t hi) {
-    std::vector<T> s(d);  // the joint embedding p ⊙ q of the current row
-    for (int64_t b = lo; b < hi; ++b) {
-      attend(P + users[b] * d, Q + items[b] * d, K, M, N, d, s.data(), a_out + b * N,
-             r_out + b * d);
+  const Memory<T> mem(pr.K.data_ptr<T>(), pr.M.data_ptr<T>(), N, d, pr.P.options());
+  const int64_t dp = mem.dp, Np = mem.Np;
+  const int64_t tiles = (B + kTilePairs - 1) / kTilePairs;
+  at::parallel_for(0, tiles, 1, [&](int64_t lo, int64_t hi) {
+    // The tile's S [pairs, dp], A [pairs, Np] and R [pairs, dp]; padding columns stay zero.
+    std::vector<T> S(kTilePairs * dp), A(kTilePairs * Np), R(kTilePairs * dp);
+    for (int64_t tile = lo; tile < hi; ++tile) {
+      const int64_t b0 = tile * kTilePairs;
+      const int64_t nt = std::min(kTilePairs, B - b0);
+      for (int64_t t = 0; t < nt; ++t) {
+        const T* __restrict p = P + users[b0 + t] * d;
+        const T* __restrict q = Q + items[b0 + t] * d;
+        T* __restrict s = S.data() + t * dp;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) s[j] = p[j] * q[j];
+      }
+      gemm<T, false>(nt, Np, d, S.data(), dp, 1, mem.Kt, Np, A.data(), Np);  // Z = S Kᵀ
+      softmax_rows(A.data(), nt, N, Np);
+      gemm<T, false>(nt, dp, N, A.data(), Np, 1, mem.Mp, dp, R.data(), dp);  // R = A M
+      for (int64_t t = 0; t < nt; ++t) {
+        std::copy_n(A.data() + t * Np, N, a_out + (b0 + t) * N);
+        std::copy_n(R.data() + t * dp, d, r_out + (b0 + t) * d);
+      }
     }
   });
 }
@@ -45,6 +68,7 @@ std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_
   const int64_t B = u.size(0);
   Tensor a = at::empty({B, pr.N}, pr.P.options());
   Tensor r = at::empty({B, pr.d}, pr.P.options());
+  if (B == 0) return {a, r};
   AT_DISPATCH_FLOATING_TYPES(pr.P.scalar_type(), "lrml_relations_cpu", [&] {
     relations_kernel<scalar_t>(pr, u.data_ptr<int64_t>(), i.data_ptr<int64_t>(), B,
                                a.data_ptr<scalar_t>(), r.data_ptr<scalar_t>());
