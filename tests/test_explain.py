@@ -1,0 +1,236 @@
+"""``lrml explain``: the fused relations against the reference, the MovieLens side information in
+the model's ids, probes that find a planted label and nothing where none is planted, and the
+command's report and plots."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+import lrml_kernels as lk
+from lrml_kernels import cli, explain, reference
+from lrml_kernels import data as lkdata
+from lrml_kernels.training import TrainConfig, fit, load_checkpoint
+
+pytest.importorskip("sklearn")
+
+GENRE_CYCLE = ("Action", "Comedy|Romance", "Drama", "Horror|Thriller", "Children's|Animation")
+
+
+def user_id(u: int) -> int:  # original ids with gaps: the model's indices are not the ids
+    return 3 * u + 7
+
+
+def item_id(i: int) -> int:
+    return 5 * i + 2
+
+
+def write_movielens(folder, *, planted: bool, users=300, items=300, clusters=10, seed=0):
+    """An ML-1M-format folder (ratings.dat, movies.dat, users.dat). Every user rates 12 items of
+    its own taste cluster (``user % clusters``) and 6 items of other clusters. ``planted``: the
+    own-cluster items get 5 stars and the others 1, so the rating is a relation between user and
+    item that the implicit data carries (the co-occurrence of a cluster's items); else every
+    rating is 1 or 5 at random, whatever the pair. Returns ``in_cluster`` per rated (original
+    user id, original item id) pair: the planted structure, in the data either way."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    cluster = np.arange(items) % clusters
+    lines, in_cluster = [], {}
+    for u in range(users):
+        own = rng.choice(np.flatnonzero(cluster == u % clusters), 12, replace=False)
+        other = rng.choice(np.flatnonzero(cluster != u % clusters), 6, replace=False)
+        for t, i in enumerate(rng.permutation(np.concatenate((own, other)))):
+            mine = bool(cluster[i] == u % clusters)
+            stars = (5 if mine else 1) if planted else int(rng.choice([1, 5]))
+            lines.append(f"{user_id(u)}::{item_id(i)}::{stars}::{978_300_000 + 3600 * u + 60 * t}")
+            in_cluster[(user_id(u), item_id(i))] = mine
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+    movies = "".join(
+        f"{item_id(i)}::Movie {i} ({1950 + i % 50})::{GENRE_CYCLE[i % len(GENRE_CYCLE)]}\n"
+        for i in range(items)
+    )
+    (folder / "movies.dat").write_text(movies, encoding="latin-1")
+    people = "".join(
+        f"{user_id(u)}::{'FM'[u % 2]}::{(1, 18, 25, 35)[u % 4]}::{u % 21}::55455\n"
+        for u in range(users)
+    )
+    (folder / "users.dat").write_text(people)
+    return in_cluster
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny trainings and probes run on one thread (the 2-core CI runs other jobs too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(folder, out, epochs=10):
+    cfg = TrainConfig(
+        data=f"movielens:{folder}",
+        epochs=epochs,
+        dim=16,
+        memory_slots=4,
+        batch_size=64,
+        lr=0.05,
+        eval="none",
+        progress=False,
+    )
+    fit(cfg, out)
+    return out / "checkpoint.pt"
+
+
+def probe_auc(model, side, target, seeds=3) -> tuple[float, float]:
+    """(mean AUC of r, mean AUC of r on shuffled labels) over ``seeds`` seeds."""
+    (result,) = explain.probe_targets(
+        model, side, [target], max_pairs=10_000, seeds=seeds, folds=2, progress=False
+    )
+    return result.mean("r"), result.mean("shuffled")
+
+
+def load_side(folder):
+    split = lkdata.load(f"movielens:{folder}")
+    return lkdata.read_movielens_side_info(folder, split), split
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in lk.available_backends()])
+def test_relations_match_the_reference(backend):
+    torch.manual_seed(0)
+    model = lk.LRML(50, 70, dim=37, memory_slots=11, backend=backend)
+    with torch.no_grad():
+        for t in (model.user_emb, model.item_emb, model.keys):
+            t.mul_(4.0)  # peaked attention: the softmax is exercised, not only its average
+    users = torch.randint(0, 50, (1000,))
+    items = torch.randint(0, 70, (1000,))
+    a, r = explain.relations(model, users, items, batch_size=256)  # 4 batches, the last short
+    p, q = model.user_emb.detach()[users], model.item_emb.detach()[items]
+    want_a = reference.attention(p, q, model.keys.detach())
+    want_r = reference.relation_vectors(p, q, model.keys.detach(), model.memory.detach())
+    assert a.shape == (1000, 11) and r.shape == (1000, 37)
+    assert float(a.max()) > 0.5  # the attention really is peaked somewhere
+    torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r, want_r, atol=1e-5, rtol=1e-4)
+    empty_a, empty_r = explain.relations(model, users[:0], items[:0])
+    assert empty_a.shape == (0, 11) and empty_r.shape == (0, 37)
+
+
+def test_side_info_follows_the_training_ids(tmp_path):
+    in_cluster = write_movielens(tmp_path, planted=True, users=40, items=150)
+    side, split = load_side(tmp_path)
+    lines = (tmp_path / "ratings.dat").read_text().split()
+    raw = np.array([line.split("::") for line in lines], dtype=np.int64)
+    # every rated pair once, in file order, through the split's own id mapping
+    assert len(side) == raw.shape[0] == len(split.train) + split.test_users.size
+    np.testing.assert_array_equal(split.train.user_ids[side.users], raw[:, 0])
+    np.testing.assert_array_equal(split.train.item_ids[side.items], raw[:, 1])
+    np.testing.assert_array_equal(side.ratings, raw[:, 2])
+    stars = np.array([5 if in_cluster[(u, i)] else 1 for u, i in raw[:, :2]])
+    np.testing.assert_array_equal(side.ratings, stars)
+    # the held-out pairs are the split's test pairs, each user's latest
+    held = set(zip(split.test_users.tolist(), split.test_items.tolist(), strict=True))
+    assert {(int(u), int(i)) for u, i in zip(side.users, side.items, strict=True)} >= held
+    assert side.held_out.sum() == len(held)
+    assert np.all(side.history_position[side.held_out] == 1.0)
+    # items and users: title, year, genres, gender, age group, occupation of the original id
+    i = int(np.searchsorted(split.train.item_ids, item_id(8)))
+    assert side.titles[i] == "Movie 8 (1958)" and side.release_years[i] == 1958
+    genres = [g for g, on in zip(lkdata.side_info.GENRES, side.genres[i], strict=True) if on]
+    assert genres == ["Horror", "Thriller"]
+    u = int(np.searchsorted(split.train.user_ids, user_id(5)))
+    assert (side.genders[u], side.age_groups[u], side.occupations[u]) == (1, 1, 5)
+
+
+def test_side_info_errors(tmp_path):
+    write_movielens(tmp_path / "a", planted=True, users=20, items=150)
+    split = lkdata.load(f"movielens:{tmp_path / 'a'}")
+    write_movielens(tmp_path / "b", planted=True, users=25, items=150)
+    with pytest.raises(ValueError, match="not the data this model was trained on"):
+        lkdata.read_movielens_side_info(tmp_path / "b", split)
+    (tmp_path / "a" / "users.dat").unlink()
+    with pytest.raises(FileNotFoundError, match="movies.dat \\+ users.dat"):
+        lkdata.read_movielens_side_info(tmp_path / "a", split)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").is_dir(), reason="no ../shared/data")
+def test_side_info_of_movielens_100k():
+    side, split = load_side(SHARED_DATA / "movielens-100k")
+    assert len(side) == 100_000 and side.release == "ML-100K"
+    # u.data's first row: user 196 rated item 242 (Kolya, 1996, Comedy) 3 stars
+    assert split.train.user_ids[side.users[0]] == 196
+    assert split.train.item_ids[side.items[0]] == 242 and side.ratings[0] == 3
+    i = side.items[0]
+    assert side.titles[i] == "Kolya (1996)" and side.release_years[i] == 1996
+    assert [g for g, on in zip(lkdata.side_info.GENRES, side.genres[i], strict=True) if on] == [
+        "Comedy"
+    ]
+    u = int(np.searchsorted(split.train.user_ids, 1))  # 1|24|M|technician|85711
+    assert side.genders[u] == 1 and side.age_groups[u] == 1
+    assert side.occupation_names[side.occupations[u]] == "technician"
+    assert np.isfinite(side.history_position).all()
+
+
+def test_planted_rating_is_recovered_from_the_relations(tmp_path, one_thread):
+    """The rating is planted as a relation (own taste cluster: 5, elsewhere: 1): the trained
+    model's relation vectors give it away. The same probe of the untrained model (the same
+    initialisation) stays at chance, so it is the training that put it there."""
+    write_movielens(tmp_path, planted=True)
+    model, _ = load_checkpoint(train(tmp_path, tmp_path / "run"))
+    side, _ = load_side(tmp_path)
+    target = explain.targets(side)[0]
+    assert target.name == "rating ≥ 4 vs ≤ 2"
+    auc, chance = probe_auc(model, side, target)
+    assert auc > 0.7, auc
+    assert abs(chance - 0.5) < 0.05, chance
+    torch.manual_seed(0)
+    untrained = lk.LRML(model.num_users, model.num_items, 16, 4)
+    assert probe_auc(untrained, side, target)[0] < 0.6
+
+
+def test_probe_stays_at_chance_without_planted_structure(tmp_path, one_thread):
+    """Same interactions, ratings at random: the probe of the rating stays at chance, while on
+    the same model it recovers the structure the interactions do carry (own cluster or not), so
+    a probe that could find something finds nothing in the rating."""
+    in_cluster = write_movielens(tmp_path, planted=False)
+    model, _ = load_checkpoint(train(tmp_path, tmp_path / "run"))
+    side, split = load_side(tmp_path)
+    auc, _ = probe_auc(model, side, explain.targets(side)[0])
+    assert abs(auc - 0.5) < 0.04, auc
+    raw = zip(split.train.user_ids[side.users], split.train.item_ids[side.items], strict=True)
+    labels = np.array([in_cluster[(int(u), int(i))] for u, i in raw], dtype=np.int64)
+    structure = explain.Target("own cluster", "rating", labels, ("other", "own"))
+    assert probe_auc(model, side, structure)[0] > 0.7
+
+
+def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
+    data = tmp_path / "ml"
+    write_movielens(data, planted=True, users=120, items=150)
+    ckpt = train(data, tmp_path / "run", epochs=2)
+    out = tmp_path / "explain"
+    argv = ["explain", str(ckpt), "--out", str(out), "--seeds", "2", "--max-pairs", "1500"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    claims = json.loads(capsys.readouterr().out)
+    assert set(claims) == set(explain.CLAIMS)
+    assert all(v in (*explain.VERDICTS, "not tested") for v in claims.values())
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Verdicts", "## Probe results", "## Plots", "characteristic items"):
+        assert heading in report
+    assert "| rating ≥ 4 vs ≤ 2 |" in report and "| genre: Comedy |" in report
+    for name in explain.PLOTS.values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+    doc = json.loads((out / "probes.json").read_text(encoding="utf-8"))
+    assert len(doc["targets"]["user gender"]["auc"]["r"]) == 2  # one AUC per seed
+    # clear errors, before any work: other data, missing side files, a CML model that is not one
+    other = tmp_path / "other"
+    write_movielens(other, planted=True, users=100, items=150)
+    assert cli.main([*argv, "--data", f"movielens:{other}"]) == 2
+    assert "not the data this model was trained on" in capsys.readouterr().err
+    assert cli.main([*argv, "--cml", str(ckpt)]) == 2
+    assert "a CML model (lrml train --relation none) expected" in capsys.readouterr().err
+    (data / "movies.dat").unlink()
+    assert cli.main(argv) == 2
+    assert "no MovieLens side information" in capsys.readouterr().err
