@@ -85,8 +85,7 @@ def relations(model, users, items, *, batch_size: int = 1 << 16):
     """Attention ``a [B, N]`` and relation ``r [B, d]`` of each pair ``(users[b], items[b])``
     from the model's fused backend (:meth:`lrml_kernels.LRML.relations`), ``batch_size`` pairs
     at a time; returned on the CPU. users, items: ``[B]`` integer tensors or arrays."""
-    users = torch.as_tensor(np.asarray(users) if not torch.is_tensor(users) else users)
-    items = torch.as_tensor(np.asarray(items) if not torch.is_tensor(items) else items)
+    users, items = torch.as_tensor(users), torch.as_tensor(items)
     if users.shape != items.shape or users.dim() != 1:
         raise ValueError(f"users {tuple(users.shape)} and items {tuple(items.shape)}: two [B]")
     device = model.user_emb.device
@@ -130,7 +129,10 @@ class Target:
 
 
 def targets(side: MovieLensSideInfo) -> list[Target]:
-    """The probes' targets on MovieLens pairs (see the report's "Targets" section)."""
+    """The probes' targets on MovieLens pairs: the rating (>= 4 against <= 2; all 5 levels),
+    early against late in the user's history (liked pairs only, see below), each genre and the
+    release year (folds grouped by item), the user's gender, age group and occupation (grouped by
+    user)."""
     r = side.ratings.astype(np.int64)
     undefined = np.full(len(side), -1, dtype=np.int64)
     out = [
@@ -514,7 +516,15 @@ def plots(model, side: MovieLensSideInfo, out: Path) -> dict:
                 "items": [f"{side.titles[i]} ({item_lift[i, n]:.1f}×)" for i in top],
             }
         )
-    return {"slots": slots, "pca_variance": share, "mean_rating": float(side.ratings.mean())}
+    entropy = -(a * np.log(np.maximum(a, np.finfo(np.float32).tiny))).sum(axis=1)
+    return {
+        "slots": slots,
+        "pca_variance": share,
+        "mean_rating": float(side.ratings.mean()),
+        "attention_entropy": float(entropy.mean()),
+        "attention_max": float(a.max(axis=1).mean()),
+        "slots_n": N,
+    }
 
 
 # --- the run and its report -----------------------------------------------------------------------
@@ -645,6 +655,11 @@ def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) ->
         "all pairs (log2 scale; red: the slot attends more to these pairs). Map: the first two "
         f"principal components of `r` ({figures['pca_variance']:.0%} of its variance).",
         "",
+        f"How peaked the attention is: mean entropy {figures['attention_entropy']:.3f} nats "
+        f"(uniform over the {figures['slots_n']} slots: {math.log(figures['slots_n']):.3f}); "
+        f"mean largest weight {figures['attention_max']:.3f} (uniform: "
+        f"{1 / figures['slots_n']:.3f}).",
+        "",
         "## The slots and their most characteristic items",
         "",
         f"Items: the {TOP_ITEMS} with the highest lift of the slot's mean attention among items "
@@ -757,6 +772,11 @@ def run(
         "targets": {
             r.target: {"claim": r.claim, "verdict": r.verdict, "pairs": r.pairs, "auc": r.scores}
             for r in results
+        },
+        "attention": {
+            "mean_entropy": figures["attention_entropy"],
+            "uniform_entropy": math.log(figures["slots_n"]),
+            "mean_max": figures["attention_max"],
         },
         "seconds": seconds,
     }
