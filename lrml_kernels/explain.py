@@ -574,6 +574,15 @@ def _load_cml(path, ckpt, device):
     return cml
 
 
+def _date_range(timestamps: np.ndarray) -> str:
+    """``"rated 2000-04-25 to 2003-02-28, 66% with a time"`` (UTC dates)."""
+    known = timestamps[timestamps != lkdata.MISSING_TIMESTAMP]
+    if not known.size:
+        return "no rating has a time"
+    first, last = (np.datetime64(int(t), "s").astype("M8[D]") for t in (known.min(), known.max()))
+    return f"rated {first} to {last}, {known.size / timestamps.size:.0%} with a time"
+
+
 def _fmt(r: ProbeResult, f: str) -> str:
     return f"{r.mean(f):.3f} ± {r.half_width(f):.3f}" if f in r.scores else "–"
 
@@ -587,7 +596,8 @@ def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) ->
         "",
         f"Model `{info['checkpoint']}` ({info['model']}), data `{info['data']}` "
         f"({info['release']}: "
-        f"{info['pairs']:,} rated pairs, {info['held_out']:,} of them held out in training). "
+        f"{info['pairs']:,} rated pairs, {info['held_out']:,} of them held out in training; "
+        f"{info['dates']}). "
         f"Probes: {info['seeds']} seeds x {info['folds']}-fold stratified cross-validation, up to "
         f"{info['max_pairs']:,} pairs drawn per seed. Time: {info['seconds']['total']:.0f} s "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in info['seconds'].items() if k != 'total')}).",
@@ -754,6 +764,7 @@ def run(
         "release": side.release,
         "pairs": len(side),
         "held_out": int(side.held_out.sum()),
+        "dates": _date_range(side.timestamps),
         "seeds": seeds,
         "folds": folds,
         "max_pairs": max_pairs,
