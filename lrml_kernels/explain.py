@@ -31,12 +31,18 @@ from lrml_kernels import data as lkdata
 from lrml_kernels.data.side_info import AGE_GROUPS, GENRES, MovieLensSideInfo
 
 __all__ = [
+    "CLAIMS",
     "FEATURES",
+    "PLOTS",
     "RULE",
+    "VERDICTS",
     "ProbeResult",
     "Target",
+    "claim_verdict",
     "pair_features",
+    "plots",
     "probe",
+    "probe_targets",
     "relations",
     "run",
     "targets",
@@ -59,9 +65,9 @@ RULE = (
     "when given, CML's `p − q`) and with shuffled labels. **holds**: the 95% CI of the paired "
     "difference to the best control lies above 0. **weak**: it does not, but the 95% CI of the "
     "paired difference to shuffled labels lies above 0 (above chance, no better than the "
-    "embeddings). **does not hold**: not even above chance. A claim with several targets (item "
-    "attributes: every genre and the release year) takes the verdict that at least half of its "
-    "targets reach."
+    "embeddings). **does not hold**: not even above chance. A claim with several targets (the "
+    "rating: two; item attributes: every genre and the release year) takes the verdict that at "
+    "least half of its targets reach."
 )
 VERDICTS = ("holds", "weak", "does not hold")
 CLAIMS = {
