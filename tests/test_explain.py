@@ -234,3 +234,23 @@ def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
     (data / "movies.dat").unlink()
     assert cli.main(argv) == 2
     assert "no MovieLens side information" in capsys.readouterr().err
+
+
+def test_verdicts_follow_the_stated_rule():
+    noise = np.array([0.004, -0.003, 0.001, -0.002, 0.0])
+
+    def result(model, control, claim="item"):
+        scores = {"a": model + noise, "r": model - noise, "shuffled": 0.5 - noise}
+        scores |= {"pq": control + noise[::-1], "pmq": control - 0.05 + noise}
+        return explain.ProbeResult("t", claim, 100.0, {k: list(v) for k, v in scores.items()})
+
+    assert result(0.70, 0.65).verdict == "holds"  # beats the best control by more than noise
+    assert result(0.70, 0.70).verdict == "weak"  # above chance, no better than the control
+    assert result(0.60, 0.80).verdict == "weak"
+    assert result(0.501, 0.80).verdict == "does not hold"  # within the noise of chance
+    mixed = [result(0.70, 0.65), result(0.70, 0.70), result(0.501, 0.8), result(0.5, 0.8)]
+    assert explain.claim_verdict(mixed, "item") == "weak"  # half of them at least weak
+    assert explain.claim_verdict(mixed[:3], "item") == "weak"
+    assert explain.claim_verdict(mixed[:1] + mixed[2:], "item") == "does not hold"
+    assert explain.claim_verdict(mixed[:2], "item") == "holds"
+    assert explain.claim_verdict(mixed, "time") == "not tested"
