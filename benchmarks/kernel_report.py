@@ -91,7 +91,9 @@ OPS = {
     "train": "hinge_loss_grads: fwd + bwd in one call (fused train step)",
     "rowupdate": "the train step's fused Adam row update of the item table (B·C ids)",
     "topk": "all-user top-10 at Netflix size",
+    "relations": "lrml_relations: attention and relation vectors of B pairs (C = 1)",
 }
+RELATIONS_BATCHES = (4096, 1 << 20)  # pairs per lrml_relations call
 SUBSETS = ("full", "headline", "ci", "smoke")
 
 
@@ -120,11 +122,14 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       fwd+bwd); distance l2, plus squared_l2 and l1 at d = 100, N = 20 (the distance changes only
       the elementwise epilogue; ``all_distances`` takes every distance everywhere); the trainer's
       row update (Adam, item table) per batch shape, d and dtype. Top-k of all
-      Netflix users for each d, N, dtype (and the same distances).
-    - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, and top-k.
+      Netflix users for each d, N, dtype (and the same distances). ``lrml_relations`` of 4096 and
+      2^20 pairs for each d, N and dtype.
+    - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k and
+      ``lrml_relations``.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
-      fp32, pair in bf16; the Adam row update at 4096 × 5 fp32; top-k fp32.
+      fp32, pair in bf16; the Adam row update at 4096 × 5 fp32; top-k fp32; ``lrml_relations``
+      of 4096 pairs in fp32 and bf16.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -138,6 +143,7 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             for dt, rel in (("fp32", "pair"), ("fp32", "shared"), ("bf16", "pair"))
         ]
         out.append(Case("rowupdate", 4096, 5, 100, 20, "fp32", "pair", "l2"))
+        out += [Case("relations", 4096, 1, 100, 20, dt, "pair", "l2") for dt in DTYPES]
         return out + [Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2")]
     dims = DIMS if subset == "full" else (100,)
     slots = SLOTS if subset == "full" else (20,)
@@ -153,6 +159,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
                 out.append(Case("rowupdate", B, C, d, N, dt, "pair", "l2"))
         for dt, dist in itertools.product(DTYPES, dists):
             out.append(Case("topk", NETFLIX_U, 0, d, N, dt, "pair", dist))
+        for B, dt in itertools.product(RELATIONS_BATCHES, DTYPES):
+            out.append(Case("relations", B, 1, d, N, dt, "pair", "l2"))
     return out
 
 
@@ -555,6 +563,9 @@ def record_launches(case: Case) -> list[tuple]:
             with _fake_floats():
                 cand, _ = tk.screen_launch(P, Q, K, M, users, TOPK_K, None, case.distance, eps)
             tk.rescore_launch(P, Q, K, M, users, cand, case.distance, eps)
+        elif case.op == "relations":
+            pairs = [torch.empty(case.B, dtype=torch.int64, device="cuda") for _ in range(2)]
+            backend.relations(P, Q, K, M, *pairs)
         else:
             users = torch.empty(case.B, dtype=torch.int64, device="cuda")
             items = torch.empty(case.B, case.C, dtype=torch.int64, device="cuda")
@@ -887,7 +898,7 @@ def cuda_rows(nvcc: str | None = None) -> list[dict]:
     if not nvcc:
         return []
     rows = []
-    headers = sorted((REPO / "csrc").rglob("*.h"))
+    headers = sorted([*(REPO / "csrc").rglob("*.h"), *(REPO / "csrc").rglob("*.cuh")])
     version = _run([nvcc, "--version"]).stdout
     for cu in sorted((REPO / "csrc" / "cuda").glob("*.cu")):
         cmd = [nvcc, "-std=c++17", "-O3", f"-I{REPO / 'csrc'}", "-arch=sm_90", "-Xptxas", "-v",
@@ -1038,7 +1049,8 @@ def _cells(r: dict) -> list[str]:
     if r.get("launches", 1) > 1:
         programs += f", {r['launches']} launches"
     return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, str(r["d"]), str(r["N"]),
-            r["dtype"], r["relation"] if r["op"] != "topk" else "—", r["distance"], r["blocks"],
+            r["dtype"], r["relation"] if r["op"] not in ("topk", "relations") else "—",
+            r["distance"] if r["op"] != "relations" else "—", r["blocks"],
             r["flags"] or "—", str(r["num_warps"]), str(r["num_stages"]), regs,
             _fmt_int(r["stack"]), spills, _kb(r["shared"]), occ, programs,
             f"{r['waves']:.2f}", tc]  # fmt: skip

@@ -40,6 +40,7 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("topk(" LRML_PARAMS
         ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
         " float eps) -> (Tensor, Tensor)");
+  m.def("relations(" LRML_PARAMS ", Tensor users, Tensor items) -> (Tensor, Tensor)");
   m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
         " -> ()");
@@ -54,6 +55,7 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("hinge_loss_backward", &lrml::cpu::hinge_loss_backward);
   m.impl("hinge_loss_grads", &lrml::cpu::hinge_loss_grads);
   m.impl("topk", &lrml::cpu::topk);
+  m.impl("relations", &lrml::cpu::relations);
   m.impl("row_adam_", &lrml::cpu::row_adam_);
   m.impl("csr_members", &lrml::cpu::csr_members);
 }

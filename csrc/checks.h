@@ -7,6 +7,7 @@
 
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "lrml.h"
 
@@ -150,6 +151,19 @@ inline Batch check_batch(const Params& p, const at::Tensor& users, const at::Ten
   b.B = b.users.size(0);
   b.C = b.items.size(1);
   return b;
+}
+
+// The pairs (users[b], items[b]) of lrml_relations: two 1-D index tensors of one length, in
+// range. Returned as contiguous int64.
+inline std::pair<at::Tensor, at::Tensor> check_pairs(const Params& p, const at::Tensor& users,
+                                                     const at::Tensor& items) {
+  at::Tensor u = check_index("users", users, 1, p.P.device());
+  at::Tensor i = check_index("items", items, 1, p.P.device());
+  TORCH_CHECK_VALUE(i.size(0) == u.size(0), "items has ", i.size(0), " entries but users has ",
+                    u.size(0), ": one item per user");
+  check_index_range("users", u, p.U);
+  check_index_range("items", i, p.I);
+  return {u, i};
 }
 
 inline void check_eps(double eps) {

@@ -40,6 +40,12 @@ const char* launch_distances_backward(DType dtype, const void* user_emb, const v
                                       float* grad_user_rows, float* grad_item_rows,
                                       float* partials, int64_t grid, void* stream);
 
+// The attention a [B, N] and relation r [B, d] (fp32) of the pairs (users[b], items[b]).
+const char* launch_relations(DType dtype, const void* user_emb, const void* item_emb,
+                             const float* keys_f, const float* memory_f, const int64_t* users,
+                             const int64_t* items, int64_t B, int64_t N, int64_t d, float* a_out,
+                             float* r_out, void* stream);
+
 // Number of thread blocks launch_distances_backward uses (size of the partials buffer), or -1 and
 // an error message in *error when d/N are too large for shared memory.
 int64_t backward_grid(int64_t B, int64_t N, int64_t d, const char** error);

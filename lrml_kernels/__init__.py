@@ -3,6 +3,7 @@
 Public API::
 
     lrml_distances, lrml_hinge_loss, lrml_topk   # the fused ops (ops.py)
+    lrml_relations                               # attention and relation of pairs (ops.py)
     available_backends                           # which backends run here (backends.py)
     LRML                                         # the nn.Module (model.py)
     LRMLTrainer                                  # fused sparse optimizer step (trainer.py)
@@ -15,7 +16,7 @@ from lrml_kernels import data, reference
 from lrml_kernels.backends import BackendUnavailable, available_backends
 from lrml_kernels.metrics import evaluate
 from lrml_kernels.model import LRML
-from lrml_kernels.ops import lrml_distances, lrml_hinge_loss, lrml_topk
+from lrml_kernels.ops import lrml_distances, lrml_hinge_loss, lrml_relations, lrml_topk
 from lrml_kernels.trainer import LRMLTrainer
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "available_backends",
     "lrml_distances",
     "lrml_hinge_loss",
+    "lrml_relations",
     "lrml_topk",
     "reference",
     "__version__",

@@ -14,10 +14,15 @@ CPU_SOURCES = (
     "fused_hinge_autograd.cpp",
     "cpu/lrml_cpu.cpp",
     "cpu/topk_cpu.cpp",
+    "cpu/relations_cpu.cpp",
     "cpu/row_update_cpu.cpp",
     "cpu/sampling_cpu.cpp",
 )
-CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")  # relative to csrc/, as above
+CUDA_SOURCES = (
+    "cuda/lrml_cuda.cpp",
+    "cuda/lrml_kernels.cu",
+    "cuda/relations_kernels.cu",
+)  # relative to csrc/, as above
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 STAMP = ".stamp.json"  # next to each library: lrml_kernels/_C_cpu.stamp.json
 

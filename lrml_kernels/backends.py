@@ -13,6 +13,8 @@ device (indices int32 or int64, parameters of one floating dtype):
   eps, reduction) -> (loss, g_user_rows [B, d], g_item_rows [B, C, d], g_keys, g_memory)``:
   forward and backward in one call, embedding gradients per gathered row (not scattered), for the
   fused sparse optimizer of :mod:`lrml_kernels.trainer`;
+- ``relations(user_emb, item_emb, keys, memory, users, items) -> (a [B, N], r [B, d])``: the
+  attention and relation vector of each pair (``users``, ``items``: ``[B]``), forward only;
 
 plus ``devices``: the device types it runs on. Backends:
 
@@ -90,6 +92,10 @@ def _torch_hinge_grads(
     return (loss.detach(), *grads)
 
 
+def _torch_relations(user_emb, item_emb, keys, memory, users, items):
+    return reference.lrml_relations(user_emb, item_emb, keys, memory, users, items)
+
+
 TORCH_BACKEND = SimpleNamespace(
     name="torch",
     devices=None,  # any
@@ -97,6 +103,7 @@ TORCH_BACKEND = SimpleNamespace(
     hinge_loss=_torch_hinge,
     topk=_torch_topk,
     hinge_loss_grads=_torch_hinge_grads,
+    relations=_torch_relations,
 )
 
 

@@ -247,6 +247,10 @@ def _register_python_side() -> None:
         B = users.shape[0]
         return P.new_empty(B, k), users.new_empty(B, k, dtype=torch.int64)
 
+    @torch.library.register_fake(lib + "relations")
+    def _(P, Q, K, M, users, items):
+        return P.new_empty(users.shape[0], K.shape[0]), P.new_empty(users.shape[0], P.shape[1])
+
     @torch.library.register_fake(lib + "csr_members")
     def _(indptr, indices, users, values, candidates):
         return indptr.new_empty(torch.library.get_ctx().new_dynamic_size())
@@ -390,6 +394,12 @@ class ExtensionBackend:
             *params, users, items, float(margin), distance, relation, float(eps), reduction
         )
         return out if cast is None else tuple(t.to(cast) for t in out)
+
+    def relations(self, user_emb, item_emb, keys, memory, users, items):
+        """``(a [B, N], r [B, d])`` of the pairs (users[b], items[b]); forward only."""
+        params, cast = self._compute((user_emb, item_emb, keys, memory))
+        a, r = _ops().relations(*params, users, items)
+        return (a, r) if cast is None else (a.to(cast), r.to(cast))
 
     def row_adam_(self, table, exp_avg, exp_avg_sq, idx, grad, betas, eps, step_size, max_norm):
         """The fused trainer's lazy-Adam + projection update, in place: the rows ``idx [n]`` of

@@ -132,6 +132,15 @@ class LRML(nn.Module):
         )
 
     @torch.no_grad()
+    def relations(self, users: torch.Tensor, items: torch.Tensor):
+        """Attention ``a [B, N]`` and relation vector ``r [B, d]`` of the pairs
+        ``(users[b], items[b])`` (users, items: ``[B]``), by the model's backend (forward only).
+        """
+        return ops.lrml_relations(
+            *self._params(), users, items, backend=self.backend, validate=self.validate
+        )
+
+    @torch.no_grad()
     def recommend(self, users: torch.Tensor, k: int = 10, exclude=None):
         """Top-k items per user over the whole catalogue: ``(distances [B, k], ids [B, k])``.
 

@@ -228,6 +228,48 @@ def lrml_hinge_loss(
     )
 
 
+def lrml_relations(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    keys: torch.Tensor,
+    memory: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the memory says about each pair: ``s = p ⊙ q``, ``a = softmax(K s)``, ``r = Mᵀ a``
+    (SPEC.md) for the pairs ``(users[b], items[b])``.
+
+    Args:
+        user_emb: P ``[U, d]``; item_emb: Q ``[I, d]``; keys: K ``[N, d]``; memory: M ``[N, d]``
+            (one floating dtype, one device).
+        users, items: ``[B]`` integer indices (int32 or int64 run as they are).
+        backend: "auto", "torch", "triton", "cpu" or "cuda" (see :mod:`lrml_kernels.backends`).
+        validate: check index ranges (one host sync).
+
+    Returns:
+        ``(attention a [B, N], relation r [B, d])`` in the parameter dtype; each row of ``a``
+        sums to 1. Forward only: the outputs carry no autograd graph.
+    """
+    params = check_params(user_emb, item_emb, keys, memory)
+    device = params[0].device
+    users = check_index_tensor("users", users, 1, device)
+    items = check_index_tensor("items", items, 1, device)
+    if items.shape[0] != users.shape[0]:
+        raise ValueError(
+            f"items has {items.shape[0]} entries but users has {users.shape[0]}: one item per user"
+        )
+    if validate:
+        check_index_ranges(
+            [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
+        )
+    impl = backends.get(backend, device, users.shape[0])
+    with torch.no_grad():
+        return impl.relations(*(t.detach() for t in params), users, items)
+
+
 def check_exclude(exclude, num_rows: int, num_items: int, device: torch.device, validate: bool):
     """Validate a CSR ``(indptr [B+1], indices)`` exclusion list; return it as int64 tensors."""
     if exclude is None:
@@ -304,4 +346,4 @@ def lrml_topk(
         return impl.topk(*params, users, k, exclude, distance, float(eps))
 
 
-__all__ = ["lrml_distances", "lrml_hinge_loss", "lrml_topk", "reference"]
+__all__ = ["lrml_distances", "lrml_hinge_loss", "lrml_relations", "lrml_topk", "reference"]

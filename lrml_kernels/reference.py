@@ -26,14 +26,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def attention(p: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Memory-key attention ``a = softmax(K s)`` of ``s = p ⊙ q``.
+
+    p, q: ``[..., d]`` (broadcastable); keys: ``[N, d]``. Returns ``a [..., N]``.
+    """
+    return torch.softmax((p * q) @ keys.T, dim=-1)
+
+
 def relation_vectors(p: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor):
     """Memory-key attention: ``s = p ⊙ q``, ``a = softmax(K s)``, ``r = Mᵀ a``.
 
     p, q: ``[..., d]`` (broadcastable); keys, memory: ``[N, d]``. Returns ``r [..., d]``.
     """
-    s = p * q
-    a = torch.softmax(s @ keys.T, dim=-1)
-    return a @ memory
+    return attention(p, q, keys) @ memory
 
 
 def distance_from_residual(e: torch.Tensor, distance: str, eps: float) -> torch.Tensor:
@@ -106,6 +112,19 @@ def lrml_distances(
     """``D [B, C]`` for every (users[b], items[b, c]) pair."""
     p, q = gather_rows(user_emb, item_emb, users, items, sparse_grad=sparse_grad)
     return distances_from_rows(p, q, keys, memory, distance=distance, relation=relation, eps=eps)
+
+
+@torch.no_grad()
+def lrml_relations(user_emb, item_emb, keys, memory, users, items):
+    """Attention ``a [B, N]`` and relation ``r = Mᵀ a [B, d]`` of each (users[b], items[b]) pair.
+
+    users, items: ``[B]``. Computed in :func:`compute_dtype`, returned in the parameter dtype.
+    """
+    out_dtype = user_emb.dtype
+    ct = compute_dtype(out_dtype)
+    p, q = user_emb[users].to(ct), item_emb[items].to(ct)
+    a = attention(p, q, keys.to(ct))
+    return a.to(out_dtype), (a @ memory.to(ct)).to(out_dtype)
 
 
 def lrml_hinge_loss(

@@ -362,6 +362,29 @@ def _reference_with_bounds(
     return Reference(out, tables, rows, excluded)
 
 
+def relations_with_bounds(params, users, items, *, tf32: bool = False) -> tuple[E, E]:
+    """The float64 attention ``a [B, N]`` and relation ``r [B, d]`` of the pairs
+    ``(users[b], items[b])`` (``lrml_relations``), with the bounds of a backend that computes
+    them in the compute dtype and stores them in the parameter dtype."""
+    pr = Precision.of(params[0].dtype, tf32)
+    P, Q, K, M = (E.exact(t.detach().double()) for t in params)
+    _, a, r = _attention(P.index(users.long()), Q.index(items.long()), K, M, pr)
+    return pr.store(a), pr.store(r)
+
+
+def assert_relations_match(what: str, params, users, items, a, r, *, tf32: bool = False) -> None:
+    """A backend's ``(a, r)`` against :func:`relations_with_bounds`, elementwise."""
+    STATS["comparisons"] += 1
+    want_a, want_r = relations_with_bounds(params, users, items, tf32=tf32)
+    assert a.dtype == r.dtype == params[0].dtype
+    problems = [
+        _violations(f"{what} attention", a, want_a),
+        _violations(f"{what} relation", r, want_r),
+    ]
+    problems = [p for p in problems if p]
+    assert not problems, "\n".join(problems)
+
+
 def _violations(what: str, actual: torch.Tensor, want: E) -> str | None:
     actual = actual.to_dense() if actual.is_sparse else actual
     a = actual.detach().double().to(want.v.device)

@@ -286,6 +286,7 @@ def test_opcheck(ext):
     indptr = torch.tensor([0, 1, 1, 3, 3, 3, 4, 4, 4, 5])
     indices = torch.tensor([2, 0, 5, 1, 3])
     torch.library.opcheck(ops.topk.default, (Pd, Qd, Kd, Md, users, 4, indptr, indices, "l2", 1e-3))
+    torch.library.opcheck(ops.relations.default, (Pd, Qd, Kd, Md, users, items[:, 0]))
 
 
 def test_determinism_and_thread_independence(ext):

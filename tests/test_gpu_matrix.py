@@ -10,7 +10,8 @@ shared cases the distances (forward storing D, backward from ∂L/∂D): every v
 directions. The cuda backend (compiled ahead) runs both ops in every case. Comparisons: the
 float64 reference of the same rounded inputs with the error bounds of tests/_tolerance.py.
 The fused trainer (hinge_loss_grads + the sparse row update) runs a few steps per backend and
-relation against autograd + torch.optim.SGD.
+relation against autograd + torch.optim.SGD. ``lrml_relations`` runs per backend and precision
+(d = 37, N = 7, B = 1 and 1023).
 The CPU (interpreter) runs of the same variants are in test_triton.py / test_extension.py.
 
 The session prints the subset that ran (conftest.py, terminal summary).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tolerance import check_backend, reference_with_bounds
+from _tolerance import assert_relations_match, check_backend, reference_with_bounds
 
 import lrml_kernels as lk
 from lrml_kernels.trainer import LRMLTrainer
@@ -152,3 +153,23 @@ def test_fused_trainer_gpu(backend, relation):
         torch.testing.assert_close(loss, want.detach(), rtol=1e-4, atol=1e-4)
     for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_relations_gpu(backend, prec):
+    # a [B, N] and r [B, d] of B pairs against the float64 reference, B = 1 and 1023.
+    if backend == "cuda" and prec == "tf32":
+        pytest.skip("the CUDA kernels have no TF32 path")
+    require(backend)
+    dtype, tf32, _, scale = PRECISIONS[prec]
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        for B in (1, 1023):
+            params, users, items = make(37, 7, B, 1, dtype, scale, seed=B)
+            items = items[:, 0]
+            a, r = lk.lrml_relations(*params, users, items, backend=backend)
+            assert_relations_match(f"{backend} {prec} B={B}", params, users, items, a, r, tf32=tf32)
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -33,6 +33,7 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "memory_operands.h"
 #include "ops_cpu.h"
 #include "tile_gemm.h"
 
@@ -71,36 +72,6 @@ struct Job {
   T* gq_rows = nullptr;  // [B, C, d]
   bool grads = false;    // backward wanted (the row buffers are null when B = 0)
   bool stream = false;   // write the rows with non-temporal stores (outputs larger than cache)
-};
-
-// K, M padded to dp = round_up(d, W) columns and Kᵀ, Mᵀ to Np = round_up(N, W): the B operands.
-template <typename T>
-struct Memory {
-  int64_t N, d, dp, Np;
-  Tensor buf;
-  const T *Kp, *Mp, *Kt, *Mt;
-  Memory(const T* K, const T* M, int64_t N_, int64_t d_, const at::TensorOptions& opts)
-      : N(N_), d(d_) {
-    dp = round_up(d, Simd<T>::W);
-    Np = round_up(N, Simd<T>::W);
-    buf = at::zeros({2 * N * dp + 2 * d * Np}, opts);
-    T* x = buf.data_ptr<T>();
-    T* kp = x;
-    T* mp = kp + N * dp;
-    T* kt = mp + N * dp;
-    T* mt = kt + d * Np;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < d; ++j) {
-        kp[n * dp + j] = K[n * d + j];
-        mp[n * dp + j] = M[n * d + j];
-        kt[j * Np + n] = K[n * d + j];
-        mt[j * Np + n] = M[n * d + j];
-      }
-    Kp = kp;
-    Mp = mp;
-    Kt = kt;
-    Mt = mt;
-  }
 };
 
 // dst[0:n] = src[0:n] with non-temporal stores where the CPU has them: the gradient rows are

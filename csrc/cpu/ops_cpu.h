@@ -44,6 +44,11 @@ std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
                                 const std::optional<Tensor>& exclude_indices,
                                 c10::string_view distance, double eps);
 
+// The attention a [B, N] and relation r [B, d] of the pairs (users[b], items[b]), forward only.
+std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_emb,
+                                     const Tensor& keys, const Tensor& memory,
+                                     const Tensor& users, const Tensor& items);
+
 // In place, for each distinct row r of idx: lazy Adam with the gradient g = the sum of grad[i]
 // over the i with idx[i] = r, in increasing i (SparseAdam's update of a coalesced gradient;
 // step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)), then x /= max(1, |x| / max_norm) when

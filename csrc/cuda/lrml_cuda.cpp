@@ -182,6 +182,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
   return {loss, std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g)};
 }
 
+// The attention a [B, N] and relation r [B, d] of the pairs (users[b], items[b]), forward only.
+std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_emb,
+                                     const Tensor& keys, const Tensor& memory,
+                                     const Tensor& users, const Tensor& items) {
+  const c10::cuda::CUDAGuard guard(user_emb.device());
+  Params p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
+                          {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
+  const auto [u, i] = check_pairs(p, users, items);
+  const int64_t B = u.size(0);
+  const auto f32 = p.P.options().dtype(at::kFloat);
+  Tensor a = at::empty({B, p.N}, f32);
+  Tensor r = at::empty({B, p.d}, f32);
+  Tensor Kf = p.K.to(at::kFloat).contiguous(), Mf = p.M.to(at::kFloat).contiguous();
+  check_launch(launch_relations(dtype_of(p.P), p.P.data_ptr(), p.Q.data_ptr(),
+                                Kf.data_ptr<float>(), Mf.data_ptr<float>(),
+                                u.data_ptr<int64_t>(), i.data_ptr<int64_t>(), B, p.N, p.d,
+                                a.data_ptr<float>(), r.data_ptr<float>(), stream()),
+               "relations");
+  const auto dt = p.P.scalar_type();
+  return {a.to(dt), r.to(dt)};
+}
+
 // Exact top-k: the direct formula for every (user, item) of a chunk of users (fp32 [chunk, I]),
 // exclusions masked, a stable sort (ties: smaller id first), the k first kept.
 std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
@@ -272,4 +294,5 @@ TORCH_LIBRARY_IMPL(lrml_ext, CUDA, m) {
   m.impl("hinge_loss_backward", &lrml::cuda::hinge_loss_backward);
   m.impl("hinge_loss_grads", &lrml::cuda::hinge_loss_grads);
   m.impl("topk", &lrml::cuda::topk);
+  m.impl("relations", &lrml::cuda::relations);
 }

@@ -3,7 +3,8 @@
 // Free of torch headers: compiles with a plain nvcc (csrc/check_nvcc.sh); the thin binding layer
 // (lrml_cuda.cpp) allocates, casts and reduces with ATen. Parameters are fp32/fp16/bf16, the math
 // runs in fp32. K and M (fp32 copies) sit in shared memory when they fit. One warp handles one
-// unit (a pair, or a row with relation="shared"); lanes split d, warp shuffles reduce over d.
+// unit (a pair, or a row with relation="shared"); lanes split d, warp shuffles reduce over d
+// (the shared pieces: warp_attention.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -11,97 +12,11 @@
 #include <cstdint>
 
 #include "../lrml.h"
+#include "warp_attention.cuh"
 
 namespace lrml {
 namespace cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr unsigned kFull = 0xffffffffu;
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
-// out[n] = ⟨X[n, :], v⟩ for the N rows of X [N, d] (row-major): the warp's lanes split d.
-__device__ __forceinline__ void warp_rows_dot(const float* X, const float* v, int N, int d,
-                                              float* out, int lane) {
-  for (int n = 0; n < N; ++n) {
-    float part = 0.f;
-    const float* Xn = X + static_cast<int64_t>(n) * d;
-    for (int j = lane; j < d; j += kWarp) part = fmaf(Xn[j], v[j], part);
-    part = warp_sum(part);
-    if (lane == 0) out[n] = part;
-  }
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-
-// Loads K and M into shared memory (when kmsmem) and returns the pointers to use.
-__device__ __forceinline__ void stage_km(const float* Kg, const float* Mg, int64_t nd, bool kmsmem,
-                                         float* smem, const float** K, const float** M) {
-  if (kmsmem) {
-    for (int64_t i = threadIdx.x; i < nd; i += blockDim.x) {
-      smem[i] = Kg[i];
-      smem[nd + i] = Mg[i];
-    }
-    *K = smem;
-    *M = smem + nd;
-  } else {
-    *K = Kg;
-    *M = Mg;
-  }
-  __syncthreads();
-}
-
-// Warp-cooperative attention of one pair: s = p ⊙ q (into s), a = softmax(K s) (into a),
-// r = Mᵀ a (into r, when r != nullptr). p, q: row pointers (global, type T).
-template <typename T>
-__device__ void warp_attend(const T* p, const T* q, const float* K, const float* M, int N, int d,
-                            float* s, float* a, float* r, int lane) {
-  for (int j = lane; j < d; j += kWarp) s[j] = to_f(p[j]) * to_f(q[j]);
-  __syncwarp();
-  warp_rows_dot(K, s, N, d, a, lane);
-  __syncwarp();
-  float m = -INFINITY;
-  for (int n = lane; n < N; n += kWarp) m = fmaxf(m, a[n]);
-  m = warp_max(m);
-  float sum = 0.f;
-  for (int n = lane; n < N; n += kWarp) {
-    const float v = expf(a[n] - m);
-    a[n] = v;
-    sum += v;
-  }
-  sum = warp_sum(sum);
-  __syncwarp();
-  for (int n = lane; n < N; n += kWarp) a[n] = a[n] / sum;
-  __syncwarp();
-  if (r != nullptr) {
-    for (int j = lane; j < d; j += kWarp) {
-      float acc = 0.f;
-      for (int n = 0; n < N; ++n) acc = fmaf(a[n], M[static_cast<int64_t>(n) * d + j], acc);
-      r[j] = acc;
-    }
-    __syncwarp();
-  }
-}
 
 // D of e = p + r − q (all lanes get the value).
 template <typename T>
@@ -297,61 +212,6 @@ __global__ void distances_backward_kernel(
     }
     __syncwarp();
   }
-}
-
-struct Config {
-  int warps = 8;
-  bool kmsmem = true;
-  size_t smem = 0;
-  int max_smem = 48 * 1024;
-  int sms = 1;
-  const char* error = nullptr;
-};
-
-// Warps per block and whether K/M go to shared memory, for per-warp scratch of `per_warp` floats.
-Config configure(int64_t N, int64_t d, int64_t per_warp) {
-  Config cfg;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cfg.error = "cudaGetDevice failed";
-    return cfg;
-  }
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  cudaDeviceGetAttribute(&cfg.sms, cudaDevAttrMultiProcessorCount, dev);
-  cfg.max_smem = optin > 0 ? optin : 48 * 1024;
-  const size_t km = 2 * static_cast<size_t>(N) * d * sizeof(float);
-  for (int warps = 8; warps >= 1; warps /= 2) {
-    const size_t scratch = static_cast<size_t>(warps) * per_warp * sizeof(float);
-    if (km + scratch <= static_cast<size_t>(cfg.max_smem)) {
-      cfg.warps = warps;
-      cfg.kmsmem = true;
-      cfg.smem = km + scratch;
-      return cfg;
-    }
-  }
-  for (int warps = 8; warps >= 1; warps /= 2) {
-    const size_t scratch = static_cast<size_t>(warps) * per_warp * sizeof(float);
-    if (scratch <= static_cast<size_t>(cfg.max_smem)) {
-      cfg.warps = warps;
-      cfg.kmsmem = false;
-      cfg.smem = scratch;
-      return cfg;
-    }
-  }
-  cfg.error = "the embedding dimension d is too large for the cuda backend's shared memory";
-  return cfg;
-}
-
-template <typename Kernel>
-const char* prepare_kernel(Kernel kernel, const Config& cfg) {
-  if (cfg.error) return cfg.error;
-  if (cfg.smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(cfg.smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  return nullptr;
 }
 
 template <typename T>

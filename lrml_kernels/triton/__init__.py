@@ -10,13 +10,15 @@ Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
   custom ops (``torch.compile(fullgraph=True)`` sees them as opaque ops with fake shapes);
 - :func:`hinge_loss_grads`: forward and backward in one call without autograd, per-row embedding
   gradients (for a fused sparse optimizer);
-- :func:`topk`: exact full-catalogue top-k.
+- :func:`topk`: exact full-catalogue top-k;
+- :func:`relations`: the attention and relation vectors of pairs (forward only).
 """
 
 from lrml_kernels.triton.distance_kernels import distances, hinge_loss, hinge_loss_grads
+from lrml_kernels.triton.relations_kernels import relations
 from lrml_kernels.triton.topk_kernels import topk
 
 name = "triton"
 devices = ("cuda", "cpu")
 
-__all__ = ["devices", "distances", "hinge_loss", "hinge_loss_grads", "name", "topk"]
+__all__ = ["devices", "distances", "hinge_loss", "hinge_loss_grads", "name", "relations", "topk"]
