@@ -1,6 +1,6 @@
 """Training negatives on the GPU: one Triton launch draws, checks and redraws every entry.
 
-``_sample_negatives_kernel``: program ``pid`` owns ``BLOCK`` consecutive entries of the
+``_sample_negatives_kernel``: program ``pid`` owns ``BLOCK_E`` consecutive entries of the
 ``[B, k]`` output (entry ``e`` belongs to row ``e // k``). Each entry
 
 1. draws an item uniformly from ``0..num_items-1``: a 32-bit Philox word ``r``
@@ -76,16 +76,16 @@ def _sample_negatives_kernel(
     indptr_ptr, indices_ptr,  # the CSR: [num_users + 1], [nnz]; int32 or int64, rows sorted
     seed_ptr,  # [1] int64
     total, k, num_users, num_items, reject_below, max_tries,
-    BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_range = offs < total
     user = tl.load(users_ptr + offs // k, mask=in_range, other=0).to(tl.int64)
     valid = in_range & (user >= 0) & (user < num_users)
     start = tl.load(indptr_ptr + user, mask=valid, other=0).to(tl.int64)
     end = tl.load(indptr_ptr + user + 1, mask=valid, other=0).to(tl.int64)
     seed = tl.load(seed_ptr)
-    item = tl.full([BLOCK], -1, tl.int64)
+    item = tl.full([BLOCK_E], -1, tl.int64)
     todo = valid
     counter = offs
     tries = 0
@@ -135,6 +135,6 @@ def sample_negatives_launch(
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             out, users, indptr, indices, seed,
             total, k, indptr.shape[0] - 1, num_items, (1 << 32) % num_items, max_tries,
-            BLOCK=block, num_warps=1,
+            BLOCK_E=block, num_warps=1,
         )  # fmt: skip
     return out
