@@ -111,17 +111,18 @@ def _call(piece: Piece, device: str, dtype: torch.dtype):
 
 
 def training_csr(num_users: int, num_items: int, device: str, seed: int = 5):
-    """``(indptr, indices)`` int64: per-user counts log-normal with Netflix's median and mean
-    (at most ``num_items``; ~100 M entries at Netflix size), random items sorted per row
-    (repeats allowed: only membership is asked)."""
+    """``(indptr, indices)`` int64, each row strictly ascending (as ``Split.train_csr()``):
+    per-user counts log-normal with Netflix's median and mean (~100 M entries at Netflix size),
+    random items, repeats dropped."""
     g = torch.Generator(device).manual_seed(seed)
     sigma = math.sqrt(2 * math.log(RATINGS_MEAN / RATINGS_MEDIAN))
     z = torch.randn(num_users, generator=g, device=device, dtype=torch.float64)
     counts = (math.log(RATINGS_MEDIAN) + sigma * z).exp().clamp(1, num_items).long()
-    indptr = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
     rows = torch.repeat_interleave(torch.arange(num_users, device=device), counts)
-    items = torch.randint(0, num_items, rows.shape, generator=g, device=device)
-    return indptr, (rows * num_items + items).sort().values % num_items
+    keys = rows * num_items + torch.randint(0, num_items, rows.shape, generator=g, device=device)
+    keys = keys.sort().values.unique_consecutive()
+    counts = torch.bincount(keys // num_items, minlength=num_users)
+    return torch.nn.functional.pad(counts.cumsum(0), (1, 0)), keys % num_items
 
 
 def _device_events(prof) -> list:

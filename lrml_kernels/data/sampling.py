@@ -68,16 +68,20 @@ def sample_negatives(
             entries. ``None`` (default): where it is available. The draws are the same torch
             ``randint`` calls on ``generator`` either way (one ``[B, k]`` draw per round, the bad
             entries taking theirs), so the result is bit-identical with and without it.
-        use_triton: draw, check and redraw in one Triton kernel launch
-            (:mod:`lrml_kernels.triton.sampling_kernels`; with ``exclude_csr`` only). ``None``
-            (default): on CUDA tensors where Triton imports; ``True`` on CPU tensors needs
-            ``TRITON_INTERPRET=1`` (tests). No host synchronisation: the kernel's Philox seed is
-            a one-element tensor drawn from ``generator`` on the device. The same distribution
-            (uniform over the user's non-training items; an entry still bad after ``max_tries``
-            redraws keeps its last draw), reproducible for a given generator state, but not the
-            same numbers as the torch path: the draws come from Philox counters, not from
-            ``torch.randint``. A user id outside the CSR's rows gets -1 (not checked on CUDA
-            tensors: the check would synchronise).
+        use_triton: draw in one Triton kernel launch
+            (:mod:`lrml_kernels.triton.sampling_kernels`; with ``exclude_csr`` only): each entry
+            is drawn directly among the items its user has not trained on (a uniform rank, then
+            one binary search in the row), so no positive is ever drawn or redrawn and
+            ``max_tries`` only bounds the rare redraws that keep the rank exactly uniform. The
+            rows must then be strictly ascending (``Split.train_csr()`` is); with repeated
+            entries a training item can be drawn. ``None`` (default): on CUDA tensors where
+            Triton imports; ``True`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests). No host
+            synchronisation: the kernel's Philox seed is a one-element tensor drawn from
+            ``generator`` on the device. The same distribution as the torch path (exactly, where
+            that keeps a positive with probability ``f ** (max_tries + 1)``), reproducible for a
+            given generator state, but not the same numbers: the draws come from Philox counters,
+            not from ``torch.randint``. A user id outside the CSR's rows gets -1 (not checked on
+            CUDA tensors: the check would synchronise).
     """
     if k < 0 or num_items < 1:
         raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")

@@ -1,17 +1,27 @@
-"""Training negatives on the GPU: one Triton launch draws, checks and redraws every entry.
+"""Training negatives on the GPU: one Triton launch draws every entry among its user's non-items.
 
 ``_sample_negatives_kernel``: program ``pid`` owns ``BLOCK_E`` consecutive entries of the
-``[B, k]`` output (entry ``e`` belongs to row ``e // k``). Each entry
+``[B, k]`` output (entry ``e`` belongs to row ``e // k``). Each entry draws directly from the
+complement of its user's training items, with no rejection of positives:
 
-1. draws an item uniformly from ``0..num_items-1``: a 32-bit Philox word ``r``
-   (``tl.randint(seed, counter)``) mapped by Lemire's multiply-shift, ``item = (r · n) >> 32``,
-   with the draws whose low word ``(r · n) mod 2³²`` falls below ``2³² mod n`` rejected, so every
-   item has exactly ``⌊2³²/n⌋`` accepted words: exactly uniform, no modulo bias;
-2. looks the item up in its user's sorted CSR slice ``indices[indptr[u]:indptr[u + 1]]`` by a
-   branchless binary search (all lanes of the program in lockstep, until the longest slice among
-   the lanes still searching is exhausted: about log2(slice) dependent reads);
-3. redraws while the item is one of the user's or its draw was rejected, up to ``max_tries``
-   redraws; the rounds stop as soon as no lane of the program has anything left to redraw.
+1. ``j`` uniform in ``[0, n - c)`` (``n`` items, ``c`` the user's row length): a 32-bit Philox
+   word ``r`` (``tl.randint(seed, counter)``) mapped by Lemire's multiply-shift,
+   ``j = (r · (n - c)) >> 32``, the words whose low half falls below ``2³² mod (n - c)`` redrawn
+   (probability below ``(n - c) / 2³²``; at most ``max_tries`` redraws), so every ``j`` is
+   exactly equally likely: no modulo bias;
+2. the ``j``-th item not in the row, by one binary search in the user's ascending CSR slice
+   (``indices[p] - p`` non-members lie below its p-th item): ``log2(c)`` dependent reads, all the
+   lanes of a program in lockstep.
+
+Redrawing positives instead (the torch path) costs ``1 / (1 - c/n)`` searches per entry: Netflix
+has users who rated nearly all of its 17,770 films, and with per-user counts log-normal at
+Netflix's median (96) and mean (209), a batch of 4,096 users drawn by ratings holds ~160 of its
+16,384 entries from users with over half the catalogue. Their rejection chains (tens to hundreds
+of searches, each ~12 dependent reads) would set the kernel's time; here every entry costs one.
+
+The rows must be strictly ascending (de-duplicated, as ``Split.train_csr()``): with repeats the
+count of non-members is off and an entry can land on a training item. A user who owns every item
+gets a uniform item (necessarily a positive, as the torch path's after ``max_tries``).
 
 The counter of entry ``e`` in round ``t`` is ``e + t · B·k``: every (entry, round) has its own
 Philox stream, so the result depends on the seed and the shapes only, not on the block size, the
@@ -19,10 +29,13 @@ launch or the device (the interpreter gives the GPU's bits). The seed is a one-e
 tensor on the device, drawn from the caller's ``torch.Generator`` by the caller and loaded by the
 kernel: no host synchronisation anywhere.
 
-Cost (Netflix: 100 M training pairs, 480 K users, 17,770 items; B = 4096, k = 4): 16,384 lanes,
-all resident at once; a lane's time is dominated by dependent random reads (users → indptr → ~11-14
-binary-search probes per round, ~1.1-1.5 rounds per entry, ~2-3 per 32-lane program), each an
-HBM/L2 latency of ~0.5-1 µs: about 30-50 µs per call, against a ≤ 470 µs train step.
+Cost (Netflix: 100 M training pairs, 480 K users, 17,770 items; B = 4096, k = 4): 16,384 lanes
+in 512 one-warp programs, all resident at once (52 registers, no spills on sm_90); a warp's
+time is its chain of dependent random reads: users, indptr, then the search, as many steps as
+the longest row among its lanes has bits (in that model, rows drawn by ratings: 9.3 bits on
+average, 12 for the longest of a warp's 8 users, 15 at most): at most ~18 reads of ~0.5-1 µs
+(HBM or L2 latency), about 10-20 µs per call with the launch, against the ≤ 470 µs train step
+of issue 15 (estimated, not measured: no GPU yet).
 """
 
 from __future__ import annotations
@@ -46,36 +59,41 @@ INTERPRETER_BLOCK = 4096
 
 
 @triton.jit
-def _uniform_item(seed, counter, num_items, reject_below):
-    """``(item, fair)``: an item in ``[0, num_items)`` from the Philox word at ``counter`` and
-    whether the draw is kept (Lemire: low word ``>= 2³² mod num_items``)."""
+def _uniform_below(seed, counter, span):
+    """``(j, fair)``: ``j`` in ``[0, span)`` (per lane) from the Philox word at ``counter`` by
+    Lemire's multiply-shift, and whether the draw is kept: its low word is ``>= 2³² mod span``,
+    so each value keeps exactly ``⌊2³²/span⌋`` of the 2³² words."""
     r = tl.randint(seed, counter).to(tl.uint32, bitcast=True).to(tl.int64)
-    m = r * num_items
-    return m >> 32, (m & 0xFFFFFFFF) >= reject_below
+    m = r * span
+    return m >> 32, (m & 0xFFFFFFFF) >= (4294967296 % span)
 
 
 @triton.jit
-def _in_slice(indices_ptr, start, end, items, todo):
-    """Whether ``items`` is in ``indices[start:end]`` (sorted), for the lanes ``todo``."""
-    lo = start
-    hi = tl.where(todo, end, start)
+def _skip_members(indices_ptr, start, count, j):
+    """The ``j``-th (0-based) item not in the strictly ascending row
+    ``indices[start:start + count]``: ``j + m``, ``m`` the number of members ``p`` with
+    ``indices[start + p] - p <= j`` (``indices[start + p] - p`` non-members lie below the p-th
+    member, non-decreasing in p): a binary search, every lane in lockstep until the longest
+    search among them ends."""
+    lo = tl.zeros_like(count)
+    hi = count
     while tl.max(hi - lo, axis=0) > 0:
         active = lo < hi
         mid = (lo + hi) >> 1
-        right = tl.load(indices_ptr + mid, mask=active, other=0).to(tl.int64) < items
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    found = todo & (lo < end)
-    return found & (tl.load(indices_ptr + lo, mask=found, other=-1).to(tl.int64) == items)
+        member = tl.load(indices_ptr + start + mid, mask=active, other=0).to(tl.int64)
+        below = member - mid <= j
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    return j + lo
 
 
 @triton.jit
 def _sample_negatives_kernel(
     out_ptr,  # [B * k] int64
     users_ptr,  # [B] int32 or int64
-    indptr_ptr, indices_ptr,  # the CSR: [num_users + 1], [nnz]; int32 or int64, rows sorted
+    indptr_ptr, indices_ptr,  # the CSR: [num_users + 1], [nnz]; int32 or int64, rows ascending
     seed_ptr,  # [1] int64
-    total, k, num_users, num_items, reject_below, max_tries,
+    total, k, num_users, num_items, max_tries,
     BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -83,19 +101,23 @@ def _sample_negatives_kernel(
     user = tl.load(users_ptr + offs // k, mask=in_range, other=0).to(tl.int64)
     valid = in_range & (user >= 0) & (user < num_users)
     start = tl.load(indptr_ptr + user, mask=valid, other=0).to(tl.int64)
-    end = tl.load(indptr_ptr + user + 1, mask=valid, other=0).to(tl.int64)
+    count = tl.load(indptr_ptr + user + 1, mask=valid, other=0).to(tl.int64) - start
+    # a user who owns every item (or a row longer than the catalogue): any item, a positive
+    leaves_some = valid & (count < num_items)
+    span = tl.where(leaves_some, num_items - count, num_items)
     seed = tl.load(seed_ptr)
-    item = tl.full([BLOCK_E], -1, tl.int64)
+    j = tl.zeros([BLOCK_E], tl.int64)
     todo = valid
     counter = offs
     tries = 0
     while (tries <= max_tries) & (tl.max(todo.to(tl.int32), axis=0) > 0):
-        cand, fair = _uniform_item(seed, counter, num_items, reject_below)
-        item = tl.where(todo, cand, item)
-        todo = todo & ~(fair & ~_in_slice(indices_ptr, start, end, cand, todo))
+        draw, fair = _uniform_below(seed, counter, span)
+        j = tl.where(todo, draw, j)
+        todo = todo & ~fair
         counter += total
         tries += 1
-    tl.store(out_ptr + offs, item, mask=in_range)
+    item = _skip_members(indices_ptr, start, tl.where(leaves_some, count, 0), j)
+    tl.store(out_ptr + offs, tl.where(valid, item, -1), mask=in_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,9 +139,10 @@ def sample_negatives_launch(
     Args:
         users: ``[B]`` int32/int64 user ids; a user outside ``[0, num_users)`` reads nothing and
             gets -1 in every column (not checked on the host: that would synchronise).
-        indptr, indices: ``[num_users + 1]`` and ``[nnz]`` int32/int64, each row sorted, on the
-            device of ``users``. seed: ``[1]`` int64 on that device.
-        max_tries: redraws at most; an entry whose last draw is still rejected keeps it.
+        indptr, indices: ``[num_users + 1]`` and ``[nnz]`` int32/int64, each row strictly
+            ascending, on the device of ``users``. seed: ``[1]`` int64 on that device.
+        max_tries: Lemire redraws at most (each has probability below ``num_items / 2³²``);
+            whatever the draw, the entry is never one of the user's items.
     Inputs are checked by :func:`lrml_kernels.data.sample_negatives`; contiguous here.
     """
     B = users.shape[0]
@@ -134,7 +157,7 @@ def sample_negatives_launch(
     with _device_guard(users):
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             out, users, indptr, indices, seed,
-            total, k, indptr.shape[0] - 1, num_items, (1 << 32) % num_items, max_tries,
+            total, k, indptr.shape[0] - 1, num_items, max_tries,
             BLOCK_E=block, num_warps=1,
         )  # fmt: skip
     return out
