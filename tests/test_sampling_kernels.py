@@ -131,6 +131,8 @@ def test_cuda_sampler_has_no_host_sync():
     exclude = tuple(torch.from_numpy(a).cuda() for a in s.train_csr())
     users = torch.arange(s.num_users, device="cuda").repeat(3)
     gen = torch.Generator("cuda")
+    D.sample_negatives(users, s.num_items, 8, generator=gen, exclude_csr=exclude)  # compiles
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         runs = []
