@@ -123,6 +123,8 @@ def test_empty_shapes_and_bad_inputs():
         sample(users[:, None], 5, 3, exclude)
     with pytest.raises(ValueError, match="below 2\\*\\*31"):
         sample(users, 2**31, 3, exclude)
+    with pytest.raises(ValueError, match="max_tries >= 0"):
+        sample(users, 5, 3, exclude, max_tries=-1)
 
 
 @pytest.mark.gpu

@@ -85,6 +85,8 @@ def sample_negatives(
     """
     if k < 0 or num_items < 1:
         raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")
+    if max_tries < 0:
+        raise ValueError(f"need max_tries >= 0, got {max_tries}")
     device = users.device
     shape = (users.shape[0], k)
     if exclude_csr is not None:
