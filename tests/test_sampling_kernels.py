@@ -129,11 +129,13 @@ def test_empty_shapes_and_bad_inputs():
 
 @pytest.mark.gpu
 def test_cuda_sampler_has_no_host_sync():
+    """CUDA tensors go to the kernel by default (the same draws as ``use_triton=True``, which
+    fails loudly where Triton is missing), with no host synchronisation."""
     s = D.load("synthetic-small")
     exclude = tuple(torch.from_numpy(a).cuda() for a in s.train_csr())
     users = torch.arange(s.num_users, device="cuda").repeat(3)
     gen = torch.Generator("cuda")
-    D.sample_negatives(users, s.num_items, 8, generator=gen, exclude_csr=exclude)  # compiles
+    forced = sample(users, s.num_items, 8, exclude)  # compiles the kernel, seed 0
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -150,3 +152,4 @@ def test_cuda_sampler_has_no_host_sync():
     assert 0 <= int(neg.min()) and int(neg.max()) < s.num_items
     assert not D.csr_membership(*exclude, users, neg).any()
     assert torch.equal(runs[0], runs[1]) and not torch.equal(neg, again)
+    assert torch.equal(neg, forced)
