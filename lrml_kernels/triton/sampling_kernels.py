@@ -46,8 +46,8 @@ import triton.language as tl
 
 from lrml_kernels.triton.distance_kernels import _device_guard, _interpreted
 
-# Entries per program on a GPU: one warp, so each warp leaves the rejection and search loops as
-# soon as its own 32 lanes are done (the loops' conditions are warp-local reductions).
+# Entries per program on a GPU: one warp, so each warp leaves the redraw and search loops as soon
+# as its own 32 lanes are done (the loops' conditions are warp-local reductions).
 GPU_BLOCK = 32
 # Under the interpreter: large blocks, fewer and bigger numpy operations.
 INTERPRETER_BLOCK = 4096
@@ -142,7 +142,7 @@ def sample_negatives_launch(
         indptr, indices: ``[num_users + 1]`` and ``[nnz]`` int32/int64, each row strictly
             ascending, on the device of ``users``. seed: ``[1]`` int64 on that device.
         max_tries: Lemire redraws at most (each has probability below ``num_items / 2³²``);
-            whatever the draw, the entry is never one of the user's items.
+            whatever the draw, the entry is none of the user's items (if any are left).
     Inputs are checked by :func:`lrml_kernels.data.sample_negatives`; contiguous here.
     """
     B = users.shape[0]
