@@ -77,6 +77,7 @@ SM_MAX_WARPS = 64
 CUDA_ASSUMED_WARPS = 8  # the CUDA kernels pick warps at run time; 8 is configure()'s first choice
 
 NETFLIX_U, NETFLIX_I = 480_189, 17_770
+NETFLIX_NNZ = 100_480_507  # ratings: about the training CSR the negatives are checked against
 BATCHES = ((4096, 5), (1 << 20, 2))  # (B, C): the train step batch and the epoch batch
 DIMS = (64, 100, 128)
 SLOTS = (10, 20)
@@ -92,6 +93,7 @@ OPS = {
     "rowupdate": "the train step's fused Adam row update of the item table (B·C ids)",
     "topk": "all-user top-10 at Netflix size",
     "relations": "lrml_relations: attention and relation vectors of B pairs (C = 1)",
+    "negatives": "the train step's negatives: B users × (C - 1), checked in a Netflix-size CSR",
 }
 RELATIONS_BATCHES = (4096, 1 << 20)  # pairs per lrml_relations call
 SUBSETS = ("full", "headline", "ci", "smoke")
@@ -123,13 +125,14 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       the elementwise epilogue; ``all_distances`` takes every distance everywhere); the trainer's
       row update (Adam, item table) per batch shape, d and dtype. Top-k of all
       Netflix users for each d, N, dtype (and the same distances). ``lrml_relations`` of 4096 and
-      2^20 pairs for each d, N and dtype.
-    - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k and
-      ``lrml_relations``.
+      2^20 pairs for each d, N and dtype. The negatives of each batch shape (the sampler reads no
+      table: d, N and dtype do not apply).
+    - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k,
+      ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
       fp32, pair in bf16; the Adam row update at 4096 × 5 fp32; top-k fp32; ``lrml_relations``
-      of 4096 pairs in fp32 and bf16.
+      of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -144,7 +147,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
         ]
         out.append(Case("rowupdate", 4096, 5, 100, 20, "fp32", "pair", "l2"))
         out += [Case("relations", 4096, 1, 100, 20, dt, "pair", "l2") for dt in DTYPES]
-        return out + [Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2")]
+        out.append(Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2"))
+        return out + [Case("negatives", 4096, 5, 100, 20, "fp32", "pair", "l2")]
     dims = DIMS if subset == "full" else (100,)
     slots = SLOTS if subset == "full" else (20,)
     out: list[Case] = []
@@ -161,7 +165,7 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             out.append(Case("topk", NETFLIX_U, 0, d, N, dt, "pair", dist))
         for B, dt in itertools.product(RELATIONS_BATCHES, DTYPES):
             out.append(Case("relations", B, 1, d, N, dt, "pair", "l2"))
-    return out
+    return out + [Case("negatives", B, C, 100, 20, "fp32", "pair", "l2") for B, C in BATCHES]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +587,13 @@ def record_launches(case: Case) -> list[tuple]:
                 state = (torch.empty(Q.shape, **f32), torch.empty(Q.shape, **f32))
                 grad = torch.empty(case.B, case.C, case.d, dtype=Q.dtype, device="cuda")
                 ru.row_update_(Q, items, grad, "adam", 1e-3, state, max_norm=1.0)
+            elif case.op == "negatives":  # sample_negatives' dispatch on CUDA tensors
+                sampling = importlib.import_module("lrml_kernels.data.sampling")
+                indptr = torch.empty(NETFLIX_U + 1, dtype=torch.int64, device="cuda")
+                indices = torch.empty(NETFLIX_NNZ, dtype=torch.int64, device="cuda")
+                sampling.sample_negatives(
+                    users, NETFLIX_I, case.C - 1, exclude_csr=(indptr, indices)
+                )
             else:
                 raise ValueError(f"unknown op {case.op!r}")
         return [(fn, [_describe(a) for a in args], kw, grid) for fn, args, kw, grid in launches]
@@ -1048,9 +1059,14 @@ def _cells(r: dict) -> list[str]:
         programs = "×".join(map(str, r["grid"])) + " = " + programs
     if r.get("launches", 1) > 1:
         programs += f", {r['launches']} launches"
-    return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, str(r["d"]), str(r["N"]),
-            r["dtype"], r["relation"] if r["op"] not in ("topk", "relations") else "—",
-            r["distance"] if r["op"] != "relations" else "—", r["blocks"],
+    model = [str(r["d"]), str(r["N"]), r["dtype"], r["relation"], r["distance"]]
+    if r["op"] == "topk":
+        model[3] = "—"
+    elif r["op"] == "relations":
+        model[3:] = ["—", "—"]
+    elif r["op"] == "negatives":  # the sampler reads ids and the CSR, no table
+        model = ["—"] * 5
+    return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, *model, r["blocks"],
             r["flags"] or "—", str(r["num_warps"]), str(r["num_stages"]), regs,
             _fmt_int(r["stack"]), spills, _kb(r["shared"]), occ, programs,
             f"{r['waves']:.2f}", tc]  # fmt: skip

@@ -10,6 +10,10 @@ on generated tables of the size (netflix: 480,189 x 17,770, d = 100, N = 20; no 
                   at B = 4096 x 5 and at the epoch's batch B = 2^20 x 2 (the sizes netflix and
                   netflix-epoch of benchlib; tiny: 256 x 5 and 4096 x 2)
   train step      ``LRMLTrainer(model, optimizer="adam")`` on a model of that backend, B = 4096 x 5
+  negatives       the train step's ``sample_negatives`` (B = 4096 users x 4) checked in a CSR of
+                  training items of Netflix's shape (:func:`training_csr`): "triton" is the
+                  Triton sampler, "torch" the torch ops (a host sync per round), "cpu" the C++
+                  extension's membership test; the cuda backend has no sampler of its own
 
 each called twice to warm up (compilation, autotuning, allocator), then:
 
@@ -20,7 +24,8 @@ each called twice to warm up (compilation, autotuning, allocator), then:
   over one more call (only synchronisations through torch's API: a raw ``cudaMemcpy`` in an
   extension is not seen); the wall time of that call.
 
-The work runs in the order hinge B = 4096, train step, hinge B = 2^20 (each for every backend) and
+The work runs in the order hinge B = 4096, train step, negatives, hinge B = 2^20 (each for every
+backend that has it) and
 OUT.md is rewritten after each piece, so a run cut short keeps what was done. A piece that would
 start after ``--time-limit`` (or with less time left than twice the longest piece so far) is
 listed as "not profiled: out of time", never dropped silently. Exit status 0 when every piece of
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -45,6 +51,8 @@ import lrml_kernels as lk
 from lrml_kernels import backends
 
 CALLS = 3  # profiled calls per piece
+# Netflix's ratings per user: median about 96, mean 209 (100.5 M / 480,189): a log-normal with both
+RATINGS_MEDIAN, RATINGS_MEAN = 96, 209
 WARMUP = 2
 TOP = 12  # rows of each kernel table
 DEFAULT_BACKENDS = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "cpu")}
@@ -54,7 +62,7 @@ DEFAULT_BACKENDS = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "cpu")
 class Piece:
     """One (workload, batch, backend) to profile, and what came of it."""
 
-    workload: str  # "hinge fwd+bwd" or "train step"
+    workload: str  # "hinge fwd+bwd", "train step" or "negatives"
     size: bl.Size  # the batch (B, C) and the tables
     backend: str
     result: dict | None = None
@@ -62,7 +70,8 @@ class Piece:
 
     @property
     def batch(self) -> str:
-        return f"B={self.size.B:,}×{self.size.C}"
+        cols = self.size.C - 1 if self.workload == "negatives" else self.size.C
+        return f"B={self.size.B:,}×{cols}"
 
 
 def _call(piece: Piece, device: str, dtype: torch.dtype):
@@ -74,6 +83,21 @@ def _call(piece: Piece, device: str, dtype: torch.dtype):
         model = lk.LRML(s.U, s.I, s.d, s.N, backend=piece.backend, device=device, dtype=dtype,
                         validate=False)  # fmt: skip
         return lk.LRMLTrainer(model, optimizer="adam", lr=bl.LR).step, (users, items)
+    if piece.workload == "negatives":
+        s = case.size
+        csr = training_csr(s.U, s.I, device)
+        gen = torch.Generator(device).manual_seed(0)
+        paths = {
+            "triton": {"use_triton": True},
+            "torch": {"use_triton": False, "use_extension": False},
+            "cpu": {"use_triton": False, "use_extension": True},
+        }
+
+        def negatives(users):
+            return lk.data.sample_negatives(users, s.I, s.C - 1, generator=gen, exclude_csr=csr,
+                                            **paths[piece.backend])  # fmt: skip
+
+        return negatives, (users,)
     params = bl.tables(case)
 
     def hinge(users, items):
@@ -84,6 +108,21 @@ def _call(piece: Piece, device: str, dtype: torch.dtype):
         return loss
 
     return hinge, (users, items)
+
+
+def training_csr(num_users: int, num_items: int, device: str, seed: int = 5):
+    """``(indptr, indices)`` int64, each row strictly ascending (as ``Split.train_csr()``):
+    per-user counts log-normal with Netflix's median and mean (~100 M entries at Netflix size),
+    random items, repeats dropped."""
+    g = torch.Generator(device).manual_seed(seed)
+    sigma = math.sqrt(2 * math.log(RATINGS_MEAN / RATINGS_MEDIAN))
+    z = torch.randn(num_users, generator=g, device=device, dtype=torch.float64)
+    counts = (math.log(RATINGS_MEDIAN) + sigma * z).exp().clamp(1, num_items).long()
+    rows = torch.repeat_interleave(torch.arange(num_users, device=device), counts)
+    keys = rows * num_items + torch.randint(0, num_items, rows.shape, generator=g, device=device)
+    keys = keys.sort().values.unique_consecutive()
+    counts = torch.bincount(keys // num_items, minlength=num_users)
+    return torch.nn.functional.pad(counts.cumsum(0), (1, 0)), keys % num_items
 
 
 def _device_events(prof) -> list:
@@ -248,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     small, big = bl.SIZES[args.size], bl.SIZES[f"{args.size}-epoch"]
     dtype = bl.DTYPES[args.dtype]
     pieces = [Piece(w, s, b) for w, s in (("hinge fwd+bwd", small), ("train step", small),
-                                          ("hinge fwd+bwd", big)) for b in usable]  # fmt: skip
+                                          ("negatives", small), ("hinge fwd+bwd", big))
+              for b in usable if w != "negatives" or b != "cuda"]  # fmt: skip
     header = _header(args.device, small, dtype)
     out = Path(args.out)
     longest = 1.0

@@ -268,7 +268,8 @@ def test_gpu_check_dry_run(tmp_path, budget):
     assert proc.stdout.rstrip().endswith(table.rstrip())  # the table is printed last
     profile = (out / "profile.md").read_text()
     for piece in ("| torch | hinge fwd+bwd | B=256×5 |", "| cpu | train step | B=256×5 |",
-                  "| cpu | hinge fwd+bwd | B=4,096×2 |", "### torch · train step"):  # fmt: skip
+                  "| cpu | hinge fwd+bwd | B=4,096×2 |", "### torch · train step",
+                  "| torch | negatives | B=256×4 |", "| cpu | negatives | B=256×4 |"):  # fmt: skip
         assert piece in profile
     assert "not profiled" not in profile
     bench = json.loads((out / "bench.json").read_text())

@@ -128,7 +128,8 @@ def test_full_matrix_covers_the_benchmark_sizes():
     assert {c.d for c in cs} == {64, 100, 128} and {c.N for c in cs} == {10, 20}
     assert {c.dtype for c in cs} == {"fp32", "bf16"}
     assert {c.relation for c in batch} == {"pair", "shared"}
-    assert {c.op for c in cs} == {"distances", "hinge", "train", "rowupdate", "topk", "relations"}
+    ops = {"distances", "hinge", "train", "rowupdate", "topk", "relations", "negatives"}
+    assert {c.op for c in cs} == ops
     assert {(c.B, c.C) for c in cs if c.op == "relations"} == {(4096, 1), (1 << 20, 1)}
     assert {c.distance for c in cs} == {"l2", "squared_l2", "l1"}
     assert all(c.B == 480_189 for c in cs if c.op == "topk")
@@ -138,7 +139,7 @@ def test_full_matrix_covers_the_benchmark_sizes():
         "fp32",
         "bf16",
     }
-    assert any(c.op == "topk" for c in ci)
+    assert any(c.op == "topk" for c in ci) and any(c.op == "negatives" for c in ci)
     assert {c.dtype for c in ci if c.op == "relations"} == {"fp32", "bf16"}
 
 
@@ -201,10 +202,11 @@ def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
 def test_ci_subset_has_no_spills(ci_rows):
     """Issue 15's gate: no spill stores or loads in any Triton or CUDA kernel of the ``ci`` subset
     (the forward and backward kernels, both relations, fp32 and bf16, the Adam row update, the
-    top-k screen and re-score, lrml_relations; every ``csrc/cuda`` kernel)."""
+    top-k screen and re-score, lrml_relations, the negative sampler; every ``csrc/cuda``
+    kernel)."""
     kernels = {r["kernel"] for r in ci_rows}
     want = {"_screen_kernel", "_lrml_pair_forward_kernel", "_lrml_backward_kernel"}
-    want |= {"_lrml_relations_kernel"}
+    want |= {"_lrml_relations_kernel", "_sample_negatives_kernel"}
     assert want | {"_row_update_kernel"} <= kernels
     assert NVCC is None or any(r["source"] == "cuda" for r in ci_rows)
     spilling = [

@@ -98,6 +98,20 @@ def test_empty_batch_returns_empty_results():
     assert lk.lrml_hinge_loss(*P, u, i, reduction="none").shape == (0,)
 
 
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_a_sum_beyond_the_dtype_range_is_inf_as_in_the_reference(backend):
+    # 64 finite losses of about 1e37 each: their float32 sum (6.4e38) is beyond the range.
+    ue, ie = torch.zeros(4, 5), torch.zeros(4, 5)
+    ie[1, 0] = 1e37
+    keys, memory = torch.randn(3, 5), torch.randn(3, 5) * 1e-3
+    users, items = torch.zeros(64, dtype=torch.int64), torch.tensor([[1, 0]] * 64)
+    args = (ue, ie, keys, memory, users, items)
+    rows = lk.lrml_hinge_loss(*args, distance="l1", reduction="none", backend=backend)
+    assert torch.isfinite(rows).all()
+    loss = lk.lrml_hinge_loss(*args, distance="l1", reduction="sum", backend=backend)
+    assert loss.dtype == torch.float32 and loss.item() == float("inf")
+
+
 def test_int32_indices_and_noncontiguous_inputs_work():
     P, (u, i) = params(d=8), batch()
     want = lk.lrml_distances(*P, u, i)

@@ -668,7 +668,9 @@ Tensor reduce_loss(const Tensor& L, Reduction reduction) {
     for (int64_t b = 0; b < B; ++b) acc += static_cast<double>(l[b]);
   });
   if (reduction == Reduction::Mean && B > 0) acc /= static_cast<double>(B);
-  return at::scalar_tensor(acc, L.options());
+  // Built in double, then cast: a finite sum beyond the dtype's range becomes inf, as the
+  // reference's sum does (at::scalar_tensor(acc, float) would throw an overflow error instead).
+  return at::scalar_tensor(acc, L.options().dtype(at::kDouble)).to(L.scalar_type());
 }
 
 // Shared by hinge_loss_backward and hinge_loss_grads.

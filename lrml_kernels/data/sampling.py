@@ -1,4 +1,5 @@
-"""Training negatives on the device of the batch: torch ops only, no Python loop per row."""
+"""Training negatives on the device of the batch: torch ops (or one Triton kernel on CUDA
+tensors), no Python loop per row."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def sample_negatives(
     exclude_csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_tries: int = 32,
     use_extension: bool | None = None,
+    use_triton: bool | None = None,
 ) -> torch.Tensor:
     """``[B, k]`` int64 items drawn uniformly from ``0..num_items-1`` for each of ``users [B]``,
     on the device of ``users`` (with replacement within a row).
@@ -66,11 +68,33 @@ def sample_negatives(
             entries. ``None`` (default): where it is available. The draws are the same torch
             ``randint`` calls on ``generator`` either way (one ``[B, k]`` draw per round, the bad
             entries taking theirs), so the result is bit-identical with and without it.
+        use_triton: draw in one Triton kernel launch
+            (:mod:`lrml_kernels.triton.sampling_kernels`; with ``exclude_csr`` only): each entry
+            is drawn directly among the items its user has not trained on (a uniform rank, then
+            one binary search in the row), so no positive is ever drawn or redrawn and
+            ``max_tries`` only bounds the rare redraws that keep the rank exactly uniform. The
+            rows must then be strictly ascending (``Split.train_csr()`` is); with repeated
+            entries a training item can be drawn. ``None`` (default): on CUDA tensors where
+            Triton imports; ``True`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests). No host
+            synchronisation: the kernel's Philox seed is a one-element tensor drawn from
+            ``generator`` on the device. The same distribution as the torch path (exactly, where
+            that keeps a positive with probability ``f ** (max_tries + 1)``), reproducible for a
+            given generator state, but not the same numbers: the draws come from Philox counters,
+            not from ``torch.randint``. A user id outside the CSR's rows gets -1 (not checked on
+            CUDA tensors: the check would synchronise).
     """
     if k < 0 or num_items < 1:
         raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")
+    if max_tries < 0:
+        raise ValueError(f"need max_tries >= 0, got {max_tries}")
     device = users.device
     shape = (users.shape[0], k)
+    if exclude_csr is not None:
+        launch = _triton_sampler(device, use_triton)
+        if launch is not None:
+            indptr, indices = _check_csr(users, exclude_csr, num_items)
+            seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+            return launch(users, num_items, k, indptr, indices, seed, max_tries)
     neg = torch.randint(0, num_items, shape, generator=generator, device=device)
     if exclude_csr is None or neg.numel() == 0:
         return neg
@@ -94,6 +118,44 @@ def sample_negatives(
         neg = torch.where(bad, redraw, neg)
         bad &= csr_membership(indptr, indices, users, neg, max_row_length=num_items)
     return neg
+
+
+def _triton_sampler(device: torch.device, use_triton: bool | None):
+    """The Triton sampler's launcher where ``use_triton`` asks for it (``None``: on CUDA
+    tensors, if Triton imports), else None."""
+    if use_triton is False or (use_triton is None and device.type != "cuda"):
+        return None
+    from lrml_kernels.backends import triton_interpreted
+
+    if device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f"use_triton=True on {device.type} tensors needs TRITON_INTERPRET=1 (or CUDA tensors)"
+        )
+    try:
+        from lrml_kernels.triton.sampling_kernels import sample_negatives_launch
+    except ImportError as exc:
+        if use_triton:
+            raise RuntimeError(f"use_triton=True but Triton cannot be imported ({exc})") from exc
+        return None
+    return sample_negatives_launch
+
+
+def _check_csr(users, exclude_csr, num_items):
+    """``exclude_csr`` for the kernel, or a ValueError (shapes, dtypes and devices only: the
+    values stay on the device)."""
+    indptr, indices = exclude_csr
+    if users.dim() != 1 or users.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"users must be 1-D int32/int64, got {users.dtype} {tuple(users.shape)}")
+    for name, t in (("indptr", indptr), ("indices", indices)):
+        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be 1-D int32/int64, got {t.dtype} {tuple(t.shape)}")
+        if t.device != users.device:
+            raise ValueError(f"{name} is on {t.device}, users on {users.device}")
+    if indptr.shape[0] < 1:
+        raise ValueError("indptr needs num_users + 1 >= 1 entries")
+    if num_items >= 2**31:
+        raise ValueError(f"the Triton sampler draws items below 2**31, got num_items={num_items}")
+    return indptr, indices
 
 
 def _extension_members():
