@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lrml_kernels import data as lkdata
-from lrml_kernels.batches import Batch, BatchPipeline
+from lrml_kernels.batches import Batch, BatchPipeline, EpochOrder
 from lrml_kernels.training import TrainConfig, build, fit
 
 PROVIDERS = ("torch", "cpu", "triton", "cuda")
@@ -71,7 +71,6 @@ def _batches(case: bl.Case, cfg: TrainConfig, split, steps: int) -> list[Batch]:
     csr = (torch.as_tensor(indptr, device=dev), torch.as_tensor(indices, device=dev))
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
-    rows = torch.randint(0, users.shape[0], (steps * cfg.batch_size,), device=dev, generator=gen)
     pipeline = BatchPipeline(
         users,
         torch.as_tensor(split.train.items, device=dev),
@@ -82,7 +81,8 @@ def _batches(case: bl.Case, cfg: TrainConfig, split, steps: int) -> list[Batch]:
         csr,
     )
     try:
-        return list(pipeline.epoch(rows, 0, steps))
+        order = EpochOrder(users.shape[0], seed=0, epoch=0, device=dev)
+        return list(pipeline.epoch(order, 0, min(steps, -(-len(order) // cfg.batch_size))))
     finally:
         pipeline.close()
 

@@ -32,7 +32,7 @@ import torch
 
 from lrml_kernels import backends, checkpoints
 from lrml_kernels import data as lkdata
-from lrml_kernels.batches import BatchPipeline
+from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML
@@ -466,10 +466,7 @@ class _Run:
         if cfg.max_steps is not None:
             stop_at = min(stop_at, self.step_in_epoch + max(0, cfg.max_steps - self.global_step))
         # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
-        order_gen = torch.Generator(device=self.device)
-        order_gen.manual_seed(cfg.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, device=self.device, generator=order_gen)
-        perm = perm[self.rank : self.n_local * world : world]
+        order = EpochOrder(self.n, cfg.seed, self.epoch, self.device, self.rank, world)
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
@@ -483,7 +480,7 @@ class _Run:
         total_steps = cfg.epochs * self.steps_per_epoch  # the schedule spans --epochs
         rows_per_step = cfg.batch_size * world
         t0 = time.perf_counter() - self.elapsed
-        for batch in self.batches.epoch(perm, self.step_in_epoch, stop_at):
+        for batch in self.batches.epoch(order, self.step_in_epoch, stop_at):
             if cfg.lr_schedule == "cosine":
                 t = min(1.0, self.global_step / max(1, total_steps))
                 self.stepper.set_lr(base_lr * (0.05 + 0.475 * (1 + math.cos(math.pi * t))))
