@@ -7,8 +7,14 @@ reaches the same result as an uninterrupted run (bitwise on the CPU).
 
 Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
-leaves a broken checkpoint; plain values only, loaded without running code: see
-:mod:`lrml_kernels.checkpoints`), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
+leaves a broken checkpoint; in a background thread while training goes on, from a copy of the
+tensors; plain values only, loaded without running code: see :mod:`lrml_kernels.checkpoints`),
+``metrics.json`` (same atomic write) and ``learning_curve.png``.
+
+Per step the loop runs the step and nothing else: the next batch is prepared while it runs
+(:class:`lrml_kernels.batches.BatchPipeline`), and the loss is read back (a host sync on a GPU)
+every ``READ_LOSS_EVERY`` steps, at the end of the epoch and before every checkpoint; a NaN/Inf
+loss is then reported with the first bad step, and no checkpoint is written after it.
 
 Model selection (``select_on="valid"``): a validation split is carved out of the training data
 (:func:`lrml_kernels.data.carve_validation`), every evaluation reads it (never the test items),
