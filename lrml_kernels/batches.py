@@ -34,6 +34,7 @@ from lrml_kernels import data as lkdata
 
 _MASK32 = (1 << 32) - 1
 _FEISTEL_ROUNDS = 4
+_CHUNK = 1 << 14  # entries of the CPU order computed at once (temporaries stay in L2)
 
 
 class EpochOrder:
@@ -64,17 +65,23 @@ class EpochOrder:
             self._keys = keys.tolist()
             self._a = math.isqrt(n - 1) + 1  # ceil(sqrt(n)) for n >= 1
             self._b = -(-n // self._a)
+            self._chunk_start, self._chunk = 0, torch.empty(0, dtype=torch.int64)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         """Entries ``lo .. hi - 1`` of this rank's order: row ids, int64 ``[hi - lo]``."""
         if self._perm is not None:
             return self._perm[lo:hi]
-        x = self._permute(torch.arange(lo, hi) * self.world + self.rank)
-        out = x >= self.n
-        while bool(out.any()):  # cycle walking (on the CPU: no device to wait for)
-            x = torch.where(out, self._permute(x), x)
+        start = self._chunk_start
+        if not (start <= lo and hi <= start + self._chunk.numel()):
+            # computed _CHUNK entries at a time: a few dozen small ops per chunk, not per batch
+            start, end = lo, min(self.size, max(hi, lo + _CHUNK))
+            x = self._permute(torch.arange(start, end) * self.world + self.rank)
             out = x >= self.n
-        return x
+            while bool(out.any()):  # cycle walking (on the CPU: no device to wait for)
+                x = torch.where(out, self._permute(x), x)
+                out = x >= self.n
+            self._chunk_start, self._chunk = start, x
+        return self._chunk[lo - start : hi - start]
 
     def _permute(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._a, self._b
