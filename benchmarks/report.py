@@ -28,7 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 
 PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
-WORKLOADS = ("distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "epoch", "topk")
+WORKLOADS = (
+    "distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "train loop", "epoch", "topk",
+)  # fmt: skip
 SIZES = ("tiny", "tiny-epoch", "small", "netflix", "netflix-epoch")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
@@ -242,6 +244,8 @@ def cell(rec: dict | None) -> str:
         parts.append(bw)
     if rec["workload"] == "topk" and rec.get("peak_extra_mb") is not None:
         parts.append(f"+{rec['peak_extra_mb']:.0f} MB")
+    if rec.get("loop_vs_step"):  # train loop: its pairs/s over the step's, measured beside it
+        parts.append(f"{rec['loop_vs_step']:.0%} of the step")
     return " ".join(parts[:1]) + (" · " + " · ".join(parts[1:]) if parts[1:] else "")
 
 

@@ -11,6 +11,9 @@ written with other objects in it (numpy numbers in the options of a run started 
 pickled ``TrainConfig``, numpy RNG state) is refused with the way out: ``lrml convert-checkpoint
 OLD NEW`` (:func:`convert`) unpickles it fully, which runs whatever code the file names, so it is
 for files one trusts, and rewrites it as plain values.
+
+:class:`BackgroundWriter` writes checkpoints while training goes on: it copies the tensors (a
+memcpy; from a GPU, a copy to host memory) and writes the copy in a thread, one write at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import io
 import os
 import pickle
+import threading
 import zipfile
 from collections import OrderedDict
 from pathlib import Path, PurePath
@@ -107,6 +111,56 @@ def save(state: dict, path: Path) -> None:
     """Write ``state`` as plain values to ``path`` (atomically: see :func:`atomic_write`)."""
     plain = to_plain(state)
     atomic_write(Path(path), lambda f: torch.save(plain, f))
+
+
+class BackgroundWriter:
+    """Writes checkpoints with :func:`save` in a background thread, one write at a time.
+
+    :meth:`save` waits for the write before it (never two at once, and in order), copies every
+    tensor of the state to host memory (the caller may change its tensors as soon as it returns),
+    then starts the write; :meth:`wait` joins it. A write is atomic (:func:`atomic_write`): a crash
+    in the middle leaves the file of the write before. An error of a write is raised by the next
+    :meth:`save` or :meth:`wait`.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: Path) -> None:
+        self.wait()
+        snapshot = _host_copy(to_plain(state))
+        self._thread = threading.Thread(
+            target=self._write, args=(snapshot, Path(path)), name="lrml-checkpoint"
+        )
+        self._thread.start()
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Join the write under way; raise its error (``raise_error=False``: drop it, for a caller
+        that is already handling another one)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+    def _write(self, state: dict, path: Path) -> None:
+        try:
+            save(state, path)
+        except BaseException as exc:  # raised in the training thread by wait()
+            self._error = exc
+
+
+def _host_copy(obj):
+    """``obj`` (plain values) with every tensor replaced by a copy in host memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
 
 
 def read(path, *, resume: bool = False) -> dict:

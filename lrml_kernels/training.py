@@ -7,8 +7,14 @@ reaches the same result as an uninterrupted run (bitwise on the CPU).
 
 Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
-leaves a broken checkpoint; plain values only, loaded without running code: see
-:mod:`lrml_kernels.checkpoints`), ``metrics.json`` (same atomic write) and ``learning_curve.png``.
+leaves a broken checkpoint; in a background thread while training goes on, from a copy of the
+tensors; plain values only, loaded without running code: see :mod:`lrml_kernels.checkpoints`),
+``metrics.json`` (same atomic write) and ``learning_curve.png``.
+
+Per step the loop runs the step and nothing else: the next batch is prepared while it runs
+(:class:`lrml_kernels.batches.BatchPipeline`), and the loss is read back (a host sync on a GPU)
+every ``READ_LOSS_EVERY`` steps, at the end of the epoch and before every checkpoint; a NaN/Inf
+loss is then reported with the first bad step, and no checkpoint is written after it.
 
 Model selection (``select_on="valid"``): a validation split is carved out of the training data
 (:func:`lrml_kernels.data.carve_validation`), every evaluation reads it (never the test items),
@@ -32,6 +38,7 @@ import torch
 
 from lrml_kernels import backends, checkpoints
 from lrml_kernels import data as lkdata
+from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML
@@ -51,6 +58,10 @@ LR_SCHEDULES = ("constant", "cosine")
 # summed loss 0.1 went non-finite at step 11-15 and 0.03 within the first epoch, 0.02 at step 47;
 # 0.015 trained; 0.01 reached HR@10 0.681 / nDCG@10 0.415 in 3 epochs (Adagrad 0.1: 0.692 / 0.421).
 TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
+
+# Steps between two reads of the loss (a host sync on a GPU): the progress bar is updated and a
+# non-finite loss found then, naming its step. Every checkpoint reads it first.
+READ_LOSS_EVERY = 50
 
 # Options that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every")
@@ -302,294 +313,369 @@ def fit(
         test: with ``select_on="valid"``, evaluate the selected epoch on the test split at the
             end (False: the test split is never read).
     """
-    from tqdm.auto import tqdm
-
     cfg.validate()
     # A backend that cannot run on the device is refused now, not after the data is loaded.
     backends.resolve(cfg.backend, torch.device(cfg.device))
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    if resume and (out is None or not (out / CHECKPOINT).exists()):
-        raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
-    rank, world = _rank_world()
-    ckpt = None
-    if resume:  # a foreign file or other options are refused before the data is loaded
-        ckpt = checkpoints.read(out / CHECKPOINT, resume=True)
-        _check_compatible(ckpt, cfg, world)
-    select = cfg.select_on == "valid"
-    if split is None:
-        split = lkdata.load(cfg.data, seed=cfg.seed, validation=select)
-    elif select and not split.has_validation:
-        split = lkdata.carve_validation(split, seed=cfg.seed)
-    eval_split = split.validation() if select else split  # what every epoch's evaluation reads
-    device = torch.device(cfg.device)
-    # (a hash of the whole split, test items included: taken only where a checkpoint needs it,
-    # so that a run writing nothing, like a tuning trial, never reads the test arrays)
-    fingerprint = split.fingerprint() if out is not None else None
-    model, stepper = build(cfg, split.num_users, split.num_items)
+    run = _Run(cfg, out_dir, resume, split)
+    try:
+        return run.train(on_epoch, test)
+    finally:
+        run.close()
 
-    # int32 or int64 as the split holds them (int32: half the memory, and on the CPU no copy at
-    # all); each batch is widened to the int64 indices the model takes.
-    train_u = _index_tensor(split.train.users, device)
-    train_i = _index_tensor(split.train.items, device)
-    n = train_u.shape[0]
-    if n == 0:
-        raise ValueError(f"data set {cfg.data!r} has no training interactions")
-    exclude_csr = None
-    if cfg.reject_positives:
-        indptr, indices = split.train_csr()
-        exclude_csr = (
-            torch.as_tensor(indptr, device=device),
-            torch.as_tensor(indices, device=device),
+
+class _Run:
+    """One call of :func:`fit`: its data, model and progress, and the pieces of the loop.
+
+    ``__init__`` is the set-up (options, checkpoint, data, model, resumed state); :meth:`train`
+    runs the epochs (:meth:`_train_epoch` the steps, :meth:`_evaluate`, :meth:`_checkpoint`,
+    :meth:`_write_metrics`) and then the selection (:meth:`_finish`).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir, resume: bool, split):
+        self.cfg = cfg
+        out = self.out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        if resume and (out is None or not (out / CHECKPOINT).exists()):
+            raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
+        self.rank, self.world = rank, world = _rank_world()
+        ckpt = None
+        if resume:  # a foreign file or other options are refused before the data is loaded
+            ckpt = checkpoints.read(out / CHECKPOINT, resume=True)
+            _check_compatible(ckpt, cfg, world)
+        self.select = cfg.select_on == "valid"
+        if split is None:
+            split = lkdata.load(cfg.data, seed=cfg.seed, validation=self.select)
+        elif self.select and not split.has_validation:
+            split = lkdata.carve_validation(split, seed=cfg.seed)
+        self.split = split
+        self.eval_split = split.validation() if self.select else split  # what epochs evaluate
+        device = self.device = torch.device(cfg.device)
+        # (a hash of the whole split, test items included: taken only where a checkpoint needs
+        # it, so that a run writing nothing, like a tuning trial, never reads the test arrays)
+        self.fingerprint = split.fingerprint() if out is not None else None
+        self.model, self.stepper = build(cfg, split.num_users, split.num_items)
+
+        # int32 or int64 as the split holds them (int32: half the memory, and on the CPU no copy
+        # at all), moved to the device once; each batch is widened to int64 indices.
+        train_u = _index_tensor(split.train.users, device)
+        train_i = _index_tensor(split.train.items, device)
+        self.n = train_u.shape[0]
+        if self.n == 0:
+            raise ValueError(f"data set {cfg.data!r} has no training interactions")
+        exclude_csr = None
+        if cfg.reject_positives:
+            indptr, indices = split.train_csr()
+            exclude_csr = (
+                torch.as_tensor(indptr, device=device),
+                torch.as_tensor(indices, device=device),
+            )
+        self.n_local = self.n // world  # every rank runs the same number of equal-sized steps
+        self.steps_per_epoch = math.ceil(self.n_local / cfg.batch_size)
+        gen = torch.Generator(device=device)  # negatives: one stream per rank
+        gen.manual_seed(cfg.seed + 1_000_003 * rank)
+
+        self.history: list[dict] = []
+        self.best = None  # select_on="valid": {"epoch", "valid_hr", "valid_ndcg", "model"}
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.loss_sum, self.elapsed = 0.0, 0.0  # of the epoch so far
+        if ckpt is not None:
+            self._restore(ckpt, gen)
+        self.gen_state = gen.get_state()  # after the last batch stepped on
+        self.losses = _LossWindow(device)
+        self.batches = BatchPipeline(
+            train_u, train_i, cfg.batch_size, split.num_items, cfg.negatives, gen, exclude_csr
         )
-    n_local = n // world  # every rank runs the same number of equal-sized steps
-    steps_per_epoch = math.ceil(n_local / cfg.batch_size)
-    gen = torch.Generator(device=device)  # negatives: one stream per rank
-    gen.manual_seed(cfg.seed + 1_000_003 * rank)
+        self.writer = checkpoints.BackgroundWriter() if out is not None and rank == 0 else None
+        if self.writer is not None:  # temporary files of writes that a crash interrupted
+            for stale in out.glob(f".{CHECKPOINT}.tmp*"):
+                stale.unlink()
 
-    history: list[dict] = []
-    best = None  # select_on="valid": {"epoch", "valid_hr", "valid_ndcg", "model"}
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    elapsed = 0.0
-    if ckpt is not None:
-        _check_same_data(ckpt, cfg, fingerprint)
+    def _restore(self, ckpt: dict, gen: torch.Generator) -> None:
+        _check_same_data(ckpt, self.cfg, self.fingerprint)
         try:
-            model.load_state_dict(ckpt["model"])
-            stepper.load_state_dict(ckpt["trainer"])
-            gen.set_state(ckpt["gen_states"][rank])
+            self.model.load_state_dict(ckpt["model"])
+            self.stepper.load_state_dict(ckpt["trainer"])
+            gen.set_state(ckpt["gen_states"][self.rank])
         except (RuntimeError, KeyError, IndexError, TypeError) as exc:
             raise checkpoints.CheckpointError(
-                f"{out / CHECKPOINT} does not fit the model it was written for (damaged?): "
+                f"{self.out / CHECKPOINT} does not fit the model it was written for (damaged?): "
                 + checkpoints.one_line(exc)
             ) from None
-        history = ckpt["history"]
-        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        global_step = ckpt["global_step"]
-        loss_sum = ckpt["loss_sum"].to(device)
-        elapsed = ckpt["epoch_seconds"]
-        best = ckpt.get("best")
-    writer = out if rank == 0 else None
-    if writer is not None:  # temporary files of writes that a crash interrupted
-        for stale in writer.glob(f".{CHECKPOINT}.tmp*"):
-            stale.unlink()
+        self.history = ckpt["history"]
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step = ckpt["global_step"]
+        self.loss_sum = float(ckpt["loss_sum"])
+        self.elapsed = ckpt["epoch_seconds"]
+        self.best = ckpt.get("best")
 
-    def checkpoint():
-        gen_states = [gen.get_state()]
-        if world > 1:
-            gen_states = [None] * world
-            torch.distributed.all_gather_object(gen_states, gen.get_state())
-        if writer is None:
+    def close(self) -> None:
+        """Wait for the batch and the checkpoint write under way (after an error too)."""
+        self.batches.close()
+        if self.writer is not None:
+            self.writer.wait(raise_error=False)
+
+    # ------------------------------------------------------------------------------------------
+
+    def train(self, on_epoch, test: bool) -> dict:
+        cfg = self.cfg
+        stop = cfg.patience is not None and _stale(self.history, self.best) >= cfg.patience
+        while self.epoch < cfg.epochs and not stop:
+            t0 = self._train_epoch()
+            partial = self.step_in_epoch < self.steps_per_epoch  # stopped by max_steps
+            if partial and self.step_in_epoch == 0:
+                break
+            stop = partial
+            record = self._epoch_record(time.perf_counter() - t0)
+            if cfg.eval != "none" and (
+                (self.epoch + 1) % cfg.eval_every == 0 or self.epoch + 1 == cfg.epochs or stop
+            ):
+                self._evaluate(record)
+            if partial:  # keep the mid-epoch state: --resume finishes this epoch
+                record["partial"] = True
+                self.elapsed = record["seconds"]
+                self._checkpoint()
+                self._write_metrics(self.history + [record])
+                self._wait_for_writes()
+                return self._result(self.history + [record], record)
+            self.history.append(record)
+            if "valid_ndcg" in record and (
+                self.best is None or record["valid_ndcg"] > self.best["valid_ndcg"]
+            ):
+                self.best = {
+                    "epoch": record["epoch"],
+                    "valid_hr": record["valid_hr"],
+                    "valid_ndcg": record["valid_ndcg"],
+                    "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                }
+            if cfg.patience is not None and _stale(self.history, self.best) >= cfg.patience:
+                stop = True
+                record["early_stop"] = True
+            self.epoch += 1
+            self.step_in_epoch, self.elapsed, self.loss_sum = 0, 0.0, 0.0
+            self._checkpoint()
+            self._write_metrics(self.history, final=False)
+            if on_epoch is not None:
+                on_epoch(record)
+        final = self._finish(test)
+        self._write_metrics(self.history, final=False, extra={"final": final})
+        self._wait_for_writes()
+        return self._result(self.history, final)
+
+    def _train_epoch(self) -> float:
+        """The steps of the current epoch from ``step_in_epoch`` to its end or to ``max_steps``;
+        returns the epoch's start on the ``time.perf_counter()`` clock."""
+        from tqdm.auto import tqdm
+
+        cfg, world = self.cfg, self.world
+        stop_at = self.steps_per_epoch
+        if cfg.max_steps is not None:
+            stop_at = min(stop_at, self.step_in_epoch + max(0, cfg.max_steps - self.global_step))
+        # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
+        order = EpochOrder(self.n, cfg.seed, self.epoch, self.device, self.rank, world)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or self.rank != 0,
+            unit="batch",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        base_lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
+        total_steps = cfg.epochs * self.steps_per_epoch  # the schedule spans --epochs
+        rows_per_step = cfg.batch_size * world
+        t0 = time.perf_counter() - self.elapsed
+        for batch in self.batches.epoch(order, self.step_in_epoch, stop_at):
+            if cfg.lr_schedule == "cosine":
+                t = min(1.0, self.global_step / max(1, total_steps))
+                self.stepper.set_lr(base_lr * (0.05 + 0.475 * (1 + math.cos(math.pi * t))))
+            self.losses.add(self.stepper.step(batch.users, batch.items))
+            self.gen_state = batch.gen_state
+            self.step_in_epoch += 1
+            self.global_step += 1
+            due = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+            # The loss is read back (a host sync on a GPU) every READ_LOSS_EVERY steps, at the
+            # end and before every checkpoint, which is therefore never written after a bad step.
+            if due or self.step_in_epoch % READ_LOSS_EVERY == 0 or self.step_in_epoch == stop_at:
+                self._read_loss()
+                rate = (
+                    self.step_in_epoch * rows_per_step * (1 + cfg.negatives)
+                    / (time.perf_counter() - t0)
+                )  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{self.loss_sum / (self.step_in_epoch * rows_per_step):.4f}",
+                    pairs_s=f"{rate:,.0f}",
+                )
+                bar.update(self.step_in_epoch - bar.n)
+            if due:
+                self.elapsed = time.perf_counter() - t0
+                self._checkpoint()
+        bar.close()
+        return t0
+
+    def _read_loss(self) -> None:
+        """Add the steps' losses since the last read to ``loss_sum``; stop at a non-finite one
+        (``on_nonfinite="skip"``: those steps were not applied and count as 0)."""
+        skip = self.cfg.on_nonfinite == "skip"
+        self.loss_sum, bad = self.losses.read(self.loss_sum, skip_nonfinite=skip)
+        if bad is not None:
+            step = self.global_step - bad
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {self.epoch + 1}, batch "
+                f"{step - (self.global_step - self.step_in_epoch)}); the last good checkpoint "
+                "is left as it was"
+            )
+
+    def _epoch_record(self, seconds: float) -> dict:
+        rows = min(self.step_in_epoch * self.cfg.batch_size, self.n_local) * self.world
+        record = {
+            "epoch": self.epoch + 1,
+            "steps": self.step_in_epoch,
+            "loss": self.loss_sum / max(rows, 1),
+            "seconds": seconds,
+            "pairs_per_s": rows * (1 + self.cfg.negatives) / max(seconds, 1e-9),
+        }
+        if not math.isfinite(record["loss"]):
+            raise NonFiniteLossError(f"non-finite loss in epoch {self.epoch + 1}")
+        return record
+
+    def _evaluate(self, record: dict) -> None:
+        """This epoch's metrics on the evaluation split, added to ``record``."""
+        cfg = self.cfg
+        t1 = time.perf_counter()
+        m = evaluate(
+            self.model, self.eval_split, cfg.eval, cfg.eval_k, shard=(self.rank, self.world)
+        )
+        pre = "valid_" if self.select else ""
+        record.update(
+            {pre + "hr": m["hr"], pre + "ndcg": m["ndcg"]}, eval_seconds=time.perf_counter() - t1
+        )
+        if cfg.progress and self.rank == 0:
+            print(
+                f"epoch {self.epoch + 1}: loss {record['loss']:.4f}  {pre[:-1]} HR@{cfg.eval_k} "
+                f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
+                file=sys.stderr,
+            )
+
+    def _checkpoint(self) -> None:
+        """Start writing ``checkpoint.pt`` in the background (rank 0; every rank takes part in
+        gathering the generators' states)."""
+        gen_states = [self.gen_state]
+        if self.world > 1:
+            gen_states = [None] * self.world
+            torch.distributed.all_gather_object(gen_states, self.gen_state)
+        if self.writer is None:
             return
         # A finite loss can hide a non-finite gradient for one step: never save such a model.
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteLossError(
-                f"non-finite parameters after step {global_step}; the last good checkpoint is "
-                "left as it was"
+                f"non-finite parameters after step {self.global_step}; the last good checkpoint "
+                "is left as it was"
             )
         state = {
+            **self._header(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "trainer": self.stepper.state_dict(),
+            "gen_states": gen_states,
+            "world_size": self.world,
+            "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64),
+            "epoch_seconds": self.elapsed,
+            "history": self.history,
+            "best": self.best,
+        }
+        self.writer.save(state, self.out / CHECKPOINT)
+
+    def _header(self) -> dict:
+        split = self.split
+        return {
             "version": _version(),
-            "config": asdict(cfg),
-            "data_fingerprint": fingerprint,
+            "config": asdict(self.cfg),
+            "data_fingerprint": self.fingerprint,
             "num_users": split.num_users,
             "num_items": split.num_items,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "model": model.state_dict(),
-            "trainer": stepper.state_dict(),
-            "gen_states": gen_states,
-            "world_size": world,
-            "loss_sum": loss_sum,
-            "epoch_seconds": elapsed,
-            "history": history,
-            "best": best,
         }
-        checkpoints.save(state, out / CHECKPOINT)
 
-    def write_metrics(records: list[dict], final: bool = True, extra=None):
-        if writer is None:
+    def _write_metrics(self, records: list[dict], final: bool = True, extra=None) -> None:
+        if self.writer is None:
             return
+        split = self.split
         doc = {
-            "config": asdict(cfg),
+            "config": asdict(self.cfg),
             "data": split.name,
             "num_users": split.num_users,
             "num_items": split.num_items,
-            "train_interactions": n,
+            "train_interactions": self.n,
             "epochs": records,
         }
         if final:
             doc["final"] = records[-1] if records else {}
         doc.update(extra or {})
         text = json.dumps(doc, indent=2).encode()
-        checkpoints.atomic_write(out / METRICS, lambda f: f.write(text))
+        checkpoints.atomic_write(self.out / METRICS, lambda f: f.write(text))
         if records:
-            _plot_curve(records, out / CURVE)
+            _plot_curve(records, self.out / CURVE)
 
-    pairs_per_row = 1 + cfg.negatives
-    base_lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
-    total_steps = cfg.epochs * steps_per_epoch  # the schedule spans --epochs, not --max-steps
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    stop = cfg.patience is not None and _stale(history, best) >= cfg.patience  # (on resume)
-    while epoch < cfg.epochs and not stop:
-        # The epoch's order depends only on (seed, epoch): the same on every rank and on resume.
-        order_gen = torch.Generator(device=device)
-        order_gen.manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, device=device, generator=order_gen)
-        perm = perm[rank : n_local * world : world]
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=step_in_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress or rank != 0,
-            unit="batch",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        t0 = time.perf_counter() - elapsed
-        while step_in_epoch < steps_per_epoch:
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                stop = True
-                break
-            idx = perm[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
-            users, pos = train_u[idx].long(), train_i[idx].long()
-            neg = lkdata.sample_negatives(
-                users, split.num_items, cfg.negatives, generator=gen, exclude_csr=exclude_csr
-            )
-            items = torch.cat([pos[:, None], neg], dim=1)
-            if cfg.lr_schedule == "cosine":
-                t = min(1.0, global_step / max(1, total_steps))
-                stepper.set_lr(base_lr * (0.05 + 0.475 * (1 + math.cos(math.pi * t))))
-            loss = stepper.step(users, items)
-            if cfg.on_nonfinite == "skip":  # the step was not applied: leave it out of the sum
-                loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-            else:  # remember the first bad step on the device (no host sync per step)
-                first_bad = torch.where(
-                    (first_bad < 0) & ~torch.isfinite(loss), global_step + 1, first_bad
-                )
-            loss_sum += loss.double()
-            step_in_epoch += 1
-            global_step += 1
-            due = cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
-            report = due or step_in_epoch % 50 == 0 or step_in_epoch == steps_per_epoch
-            # The loss is checked before any checkpoint is written: every step where reading it
-            # costs nothing (CPU), every 50 steps on a GPU (a host sync).
-            if report or loss_sum.device.type == "cpu":
-                seen = loss_sum.item()
-                if not math.isfinite(seen):
-                    bad = int(first_bad)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {bad} (epoch {epoch + 1}, batch "
-                        f"{bad - (global_step - step_in_epoch)}); the last good checkpoint "
-                        "is left as it was"
-                    )
-            if report:
-                rate = (
-                    step_in_epoch
-                    * cfg.batch_size
-                    * world
-                    * pairs_per_row
-                    / (time.perf_counter() - t0)
-                )
-                bar.set_postfix(
-                    loss=f"{seen / (step_in_epoch * cfg.batch_size * world):.4f}",
-                    pairs_s=f"{rate:,.0f}",
-                )
-                bar.update(step_in_epoch - bar.n)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                elapsed = time.perf_counter() - t0
-                checkpoint()
-        bar.close()
-        partial = step_in_epoch < steps_per_epoch  # stopped by max_steps inside the epoch
-        if partial and step_in_epoch == 0:
-            break
-        seconds = time.perf_counter() - t0
-        rows = min(step_in_epoch * cfg.batch_size, n_local) * world
-        record = {
-            "epoch": epoch + 1,
-            "steps": step_in_epoch,
-            "loss": loss_sum.item() / max(rows, 1),
-            "seconds": seconds,
-            "pairs_per_s": rows * pairs_per_row / max(seconds, 1e-9),
-        }
-        if not math.isfinite(record["loss"]):
-            raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1}")
-        last = epoch + 1 == cfg.epochs or stop
-        if cfg.eval != "none" and ((epoch + 1) % cfg.eval_every == 0 or last):
-            t1 = time.perf_counter()
-            m = evaluate(model, eval_split, cfg.eval, cfg.eval_k, shard=(rank, world))
-            pre = "valid_" if select else ""
-            record.update(
-                {pre + "hr": m["hr"], pre + "ndcg": m["ndcg"]},
-                eval_seconds=time.perf_counter() - t1,
-            )
-            if cfg.progress and rank == 0:
-                print(
-                    f"epoch {epoch + 1}: loss {record['loss']:.4f}  {pre[:-1]} HR@{cfg.eval_k} "
-                    f"{m['hr']:.4f}  nDCG@{cfg.eval_k} {m['ndcg']:.4f}  ({cfg.eval})",
-                    file=sys.stderr,
-                )
-        if partial:  # keep the mid-epoch state: --resume finishes this epoch
-            record["partial"] = True
-            elapsed = seconds
-            checkpoint()
-            write_metrics(history + [record])
-            return {
-                "config": asdict(cfg),
-                "epochs": history + [record],
-                "final": record,
-                "model": model,
-            }
-        history.append(record)
-        if "valid_ndcg" in record and (best is None or record["valid_ndcg"] > best["valid_ndcg"]):
-            best = {
-                "epoch": record["epoch"],
-                "valid_hr": record["valid_hr"],
-                "valid_ndcg": record["valid_ndcg"],
-                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            }
-        if cfg.patience is not None and _stale(history, best) >= cfg.patience:
-            stop = True
-            record["early_stop"] = True
-        epoch += 1
-        step_in_epoch, elapsed = 0, 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        checkpoint()
-        write_metrics(history, final=False)
-        if on_epoch is not None:
-            on_epoch(record)
-    final = history[-1] if history else {}
-    if select and best is not None:
-        model.load_state_dict(best["model"])
+    def _wait_for_writes(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
+
+    def _finish(self, test: bool) -> dict:
+        """The final metrics: the last epoch's, or (``select_on="valid"``) the selected epoch's,
+        whose model is loaded, evaluated on the test split and written to ``best.pt``."""
+        best = self.best
+        if not (self.select and best is not None):
+            return self.history[-1] if self.history else {}
+        self.model.load_state_dict(best["model"])
         final = {
             "selected_epoch": best["epoch"],
             "valid_hr": best["valid_hr"],
             "valid_ndcg": best["valid_ndcg"],
-            "epochs_run": len(history),
-            "stopped_early": bool(history and history[-1].get("early_stop")),
+            "epochs_run": len(self.history),
+            "stopped_early": bool(self.history and self.history[-1].get("early_stop")),
         }
         if test:  # the one read of the test split: after selection, for the selected epoch
-            t = evaluate_test(model, split, cfg)
+            t = evaluate_test(self.model, self.split, self.cfg)
             final.update(hr=t["hr"], ndcg=t["ndcg"], test=t)
-        if writer is not None:
-            doc = {
-                "version": _version(),
-                "config": asdict(cfg),
-                "data_fingerprint": fingerprint,
-                "num_users": split.num_users,
-                "num_items": split.num_items,
-                "epoch": best["epoch"],
-                "model": best["model"],
-            }
-            checkpoints.save(doc, out / BEST)
-    write_metrics(history, final=False, extra={"final": final})
-    return {
-        "config": asdict(cfg),
-        "epochs": history,
-        "final": final,
-        "model": model,
-    }
+        if self.writer is not None:
+            doc = {**self._header(), "epoch": best["epoch"], "model": best["model"]}
+            self.writer.save(doc, self.out / BEST)
+        return final
+
+    def _result(self, epochs: list[dict], final: dict) -> dict:
+        return {"config": asdict(self.cfg), "epochs": epochs, "final": final, "model": self.model}
+
+
+class _LossWindow:
+    """The steps' losses, kept on the device until they are read back (one host sync).
+
+    :meth:`add` copies a step's loss into the window (one device op, no sync); :meth:`read` adds
+    the window to a running sum in step order, in float64 as the steps would one by one (the same
+    sum however the steps were grouped into reads: a resumed run adds up as an uninterrupted one).
+    """
+
+    def __init__(self, device: torch.device):
+        self._window = torch.zeros(READ_LOSS_EVERY, dtype=torch.float64, device=device)
+        self._count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._window[self._count] = loss
+        self._count += 1
+
+    def read(self, total: float, *, skip_nonfinite: bool) -> tuple[float, int | None]:
+        """``(total + the window's losses, None)``, or where a loss is non-finite (and not
+        skipped) ``(total, k)``: the k-th step before the last one read is the first bad one."""
+        values, self._count = self._window[: self._count].tolist(), 0
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                if not skip_nonfinite:
+                    return total, len(values) - 1 - i
+                v = 0.0  # a skipped step (on_nonfinite="skip") adds nothing
+            total += v
+        return total, None
 
 
 def _index_tensor(a, device: torch.device) -> torch.Tensor:

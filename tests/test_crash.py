@@ -279,13 +279,15 @@ def test_nonfinite_stop_names_the_step_and_never_checkpoints_it(tmp_path, poison
     assert re.search(r"step 5\b", str(info.value)), str(info.value)
 
 
-def test_nonfinite_stop_on_the_cpu_runs_no_step_after_the_bad_one(tmp_path, poison_step):
-    # Reading the loss costs nothing on the CPU, so it is checked every step: no step runs on the
-    # poisoned model (on a GPU the check comes every 50 steps, to avoid a host sync per step).
-    calls = poison_step(3)
-    with pytest.raises(NonFiniteLossError, match=r"step 3\b"):
-        fit(small_cfg(), tmp_path)
-    assert calls[0] == 3
+def test_nonfinite_stop_names_the_first_bad_step_at_the_next_loss_read(tmp_path, poison_step):
+    # The loss is read back every READ_LOSS_EVERY steps and before every checkpoint (no host sync
+    # per step): the steps after the bad one run until that read, which names the bad step and
+    # comes before the checkpoint that would have saved the poisoned model.
+    calls = poison_step(13)
+    with pytest.raises(NonFiniteLossError, match=r"step 13\b"):
+        fit(small_cfg(checkpoint_every=10), tmp_path)
+    assert calls[0] == 20  # the read before the checkpoint of step 20
+    assert load(tmp_path)["global_step"] == 10
 
 
 def test_cli_reports_nonfinite_loss_as_an_error(tmp_path, poison_step, capsys):

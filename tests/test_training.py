@@ -357,3 +357,72 @@ def test_default_learning_rates_train_the_built_in_data(builtin, one_thread, opt
         return
     r = fit(run, None, split=builtin)
     assert math.isfinite(r["final"]["loss"]) and r["final"]["steps"] == 60
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's pieces: the epoch's order, batches prepared ahead, checkpoints written in the
+# background
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1001, 65537])
+@pytest.mark.parametrize("world", [1, 3])
+def test_epoch_order_is_a_seeded_permutation_shared_out_between_ranks(n, world):
+    from lrml_kernels.batches import EpochOrder
+
+    orders = [EpochOrder(n, 5, 2, "cpu", rank, world) for rank in range(world)]
+    rows = torch.cat([o.rows(0, len(o)) for o in orders])
+    assert rows.dtype == torch.int64 and rows.numel() == n // world * world
+    assert rows.unique().numel() == rows.numel() and bool(((rows >= 0) & (rows < n)).all())
+    o, half = orders[0], len(orders[0]) // 2
+    assert torch.equal(torch.cat([o.rows(0, half), o.rows(half, len(o))]), o.rows(0, len(o)))
+    assert torch.equal(EpochOrder(n, 5, 2, "cpu", 0, world).rows(0, len(o)), o.rows(0, len(o)))
+    if n > 1000:  # another epoch, another order
+        other = EpochOrder(n, 5, 3, "cpu", 0, world).rows(0, len(o))
+        assert not torch.equal(other, o.rows(0, len(o)))
+
+
+def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(small):
+    from lrml_kernels.batches import BatchPipeline, EpochOrder
+
+    users = torch.as_tensor(small.train.users)
+    items = torch.as_tensor(small.train.items)
+    csr = tuple(torch.as_tensor(a) for a in small.train_csr())
+    order = EpochOrder(users.shape[0], 0, 0, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    pipeline = BatchPipeline(users, items, 64, small.num_items, 3, gen, csr)
+    try:
+        got = list(pipeline.epoch(order, 2, 9))
+    finally:
+        pipeline.close()
+    gen = torch.Generator().manual_seed(7)
+    assert len(got) == 7
+    for k, batch in zip(range(2, 9), got, strict=True):
+        idx = order.rows(64 * k, 64 * (k + 1))
+        u = users[idx].long()
+        neg = data.sample_negatives(u, small.num_items, 3, generator=gen, exclude_csr=csr)
+        assert torch.equal(batch.users, u)
+        assert torch.equal(batch.items, torch.cat([items[idx].long()[:, None], neg], dim=1))
+        assert torch.equal(batch.gen_state, gen.get_state())  # what a checkpoint after it saves
+
+
+def test_background_checkpoint_writes_a_snapshot_in_order_and_reports_errors(tmp_path, monkeypatch):
+    from lrml_kernels import checkpoints
+
+    writer = checkpoints.BackgroundWriter()
+    t = torch.zeros(1000)
+    writer.save({"step": 1, "t": t}, tmp_path / "a.pt")
+    t.fill_(1.0)  # the caller changes its tensors at once: the file holds the state at save()
+    writer.save({"step": 2, "t": t}, tmp_path / "b.pt")
+    writer.wait()
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert (a["step"], float(a["t"].sum()), b["step"], float(b["t"].sum())) == (1, 0.0, 2, 1000.0)
+
+    def disk_full(path, write):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoints, "atomic_write", disk_full)
+    writer.save({"step": 3}, tmp_path / "a.pt")
+    with pytest.raises(OSError, match="No space"):
+        writer.wait()
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 1  # the last good file
