@@ -16,6 +16,8 @@ CPU_SOURCES = (
     "cpu/topk_cpu.cpp",
     "cpu/row_update_cpu.cpp",
     "cpu/sampling_cpu.cpp",
+    "cpu/split_cpu.cpp",
+    "cpu/synthetic_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/lrml_cuda.cpp", "cuda/lrml_kernels.cu")  # relative to csrc/, as above
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
