@@ -49,8 +49,9 @@ TORCH_LIBRARY(lrml_ext, m) {
         " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
   m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"
         " Tensor who, Tensor draws, Tensor items, int num_items) -> ()");
-  m.def("synthetic_timestamps(Tensor exponential, Tensor users, Tensor mean_gap, Tensor start)"
-        " -> Tensor");
+  m.def("synthetic_rows_(Tensor(a!) users, Tensor(b!) items, Tensor(c!) timestamps, Tensor buffer,"
+        " Tensor offsets, Tensor got, int first_user, Tensor exponential, Tensor mean_gap,"
+        " Tensor start) -> ()");
   m.def("sorted_unique_keys(Tensor users, Tensor items, int num_users, int num_items)"
         " -> (Tensor, Tensor)");
   m.def("latest_rows(Tensor users, Tensor? timestamps, int num_users) -> Tensor");
@@ -71,7 +72,7 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("csr_members", &lrml::cpu::csr_members);
   m.impl("synthetic_items", &lrml::cpu::synthetic_items);
   m.impl("keep_distinct_", &lrml::cpu::keep_distinct_);
-  m.impl("synthetic_timestamps", &lrml::cpu::synthetic_timestamps);
+  m.impl("synthetic_rows_", &lrml::cpu::synthetic_rows_);
   m.impl("sorted_unique_keys", &lrml::cpu::sorted_unique_keys);
   m.impl("latest_rows", &lrml::cpu::latest_rows);
   m.impl("eval_negatives_bad", &lrml::cpu::eval_negatives_bad);

@@ -259,9 +259,9 @@ def _register_python_side() -> None:
     def _(buffer, got, offsets, quota, who, draws, items, num_items):
         return None
 
-    @torch.library.register_fake(lib + "synthetic_timestamps")
-    def _(exponential, users, mean_gap, start):
-        return users.new_empty(users.shape)
+    @torch.library.register_fake(lib + "synthetic_rows_")
+    def _(users, items, timestamps, buffer, offsets, got, first_user, exponential, mean_gap, start):
+        return None
 
     @torch.library.register_fake(lib + "sorted_unique_keys")
     def _(users, items, num_users, num_items):

@@ -1069,7 +1069,27 @@ def test_setup_ops_check_their_inputs():
     for op, args in [
         (ops.sorted_unique_keys.default, (u, i, 3, 2)),
         (ops.latest_rows.default, (u, None, 3)),
-        (ops.synthetic_timestamps.default, (torch.rand(3, dtype=torch.float64), u.sort()[0],
-                                            torch.ones(3, dtype=torch.float64), u)),
     ]:  # fmt: skip
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fingerprint_in_background_and_page_population():
+    from lrml_kernels.data._compiled import populate_in_background
+
+    x = D.synthetic(300, 200, 6_000, seed=1)
+    want = x.fingerprint()
+    x.fingerprint_in_background()
+    assert x.fingerprint() == want and x._pending_fingerprint is None
+    # load hashes its training data ahead (no validation split): the same fingerprint
+    s = D.load("synthetic-small", seed=3)
+    assert s.train._pending_fingerprint is not None
+    assert s.fingerprint() == D.leave_one_out(D.synthetic(300, 200, 6_000), seed=3).fingerprint()
+    assert D.load("synthetic-small", validation=True).train._pending_fingerprint is None
+    # populating pages leaves the contents alone, also while they are written
+    a = np.arange(3 << 20, dtype=np.int64)
+    thread = populate_in_background(a, np.empty(0), a[5:7])
+    a[: 1 << 20] += 1
+    if thread is not None:
+        thread.join()
+    assert np.array_equal(a[: 1 << 20], np.arange(1 << 20) + 1)
+    assert np.array_equal(a[1 << 20 :], np.arange(1 << 20, 3 << 20))

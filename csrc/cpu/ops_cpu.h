@@ -68,10 +68,13 @@ Tensor synthetic_items(const Tensor& r, const Tensor& y, const Tensor& users, co
 void keep_distinct_(const Tensor& buffer, const Tensor& got, const Tensor& offsets,
                     const Tensor& quota, const Tensor& who, const Tensor& draws,
                     const Tensor& items, int64_t num_items);
-// t[j] = start[u] + the sum over the user's rows up to j of 1 + int64(exponential * mean_gap[u]),
-// u = users[j] (each user's rows adjacent).
-Tensor synthetic_timestamps(const Tensor& exponential, const Tensor& users,
-                            const Tensor& mean_gap, const Tensor& start);
+// Writes the rows of users first_user + l (l = 0 .. got.numel() - 1, in order): got[l] rows each,
+// item buffer[offsets[l] + j], time start[u] + the sum over the user's rows up to this one of
+// 1 + int64(exponential[row] * mean_gap[u]).
+void synthetic_rows_(const Tensor& users, const Tensor& items, const Tensor& timestamps,
+                     const Tensor& buffer, const Tensor& offsets, const Tensor& got,
+                     int64_t first_user, const Tensor& exponential, const Tensor& mean_gap,
+                     const Tensor& start);
 
 // split_cpu.cpp: the leave-one-out split's passes over the log.
 // (keys, indptr): the sorted distinct users * num_items + items and each user's offsets.

@@ -194,9 +194,11 @@ Tensor eval_negatives_bad(const Tensor& negatives, const Tensor& users, const Te
       const int64_t base = up[i] * num_items;
       const int64_t* lo = kp + pp[up[i]];
       const int64_t* hi = kp + pp[up[i] + 1];
+      // Both ascend: one merge of the row with the user's keys, read in order (rows of
+      // consecutive users read consecutive keys), no binary searches through cold memory.
       for (int64_t j = 0; j < k; ++j) {
         const int64_t q = base + v[j];
-        lo = std::lower_bound(lo, hi, q);  // the row ascends: search on from the last place
+        while (lo != hi && *lo < q) ++lo;
         b[j] = (j > 0 && v[j] == v[j - 1]) || (lo != hi && *lo == q);
       }
     }

@@ -4,7 +4,8 @@
 // dozen array-wide steps, and give bit-identical results:
 //   synthetic_items: each draw's item from its two uniforms (taste cluster, then Zipf rank);
 //   keep_distinct_: per user, the drawn items not drawn before, in draw order, up to a quota;
-//   synthetic_timestamps: per user, the start time plus the running sum of the integer gaps.
+//   synthetic_rows_: the chunk's rows written into the log's arrays: the users, their items and
+//     times (per user, the start plus the running sum of the integer gaps).
 // They run on one thread: each call is a chunk of about 2**19 rows (a few ms), called hundreds of
 // times between numpy's draws, and on a busy 2-core machine waiting for a descheduled OpenMP
 // sibling at the end of every call costs more than the second core gains.
@@ -161,31 +162,74 @@ void keep_distinct_(const Tensor& buffer, const Tensor& got, const Tensor& offse
   }
 }
 
-Tensor synthetic_timestamps(const Tensor& exponential, const Tensor& users,
-                            const Tensor& mean_gap, const Tensor& start) {
+namespace {
+
+template <typename IT>
+void rows_impl(IT* out_u, IT* out_i, int64_t* out_t, const int64_t* buf, const int64_t* off,
+               const int64_t* got, int64_t L, int64_t first_user, const double* e,
+               const double* gap, const int64_t* st) {
+  int64_t row = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t u = first_user + l;
+    int64_t t = st[u];
+    for (int64_t j = 0; j < got[l]; ++j, ++row) {
+      t += 1 + static_cast<int64_t>(e[row] * gap[u]);  // integer gaps of at least a second
+      out_u[row] = static_cast<IT>(u);
+      out_i[row] = static_cast<IT>(buf[off[l] + j]);
+      out_t[row] = t;
+    }
+  }
+}
+
+}  // namespace
+
+void synthetic_rows_(const Tensor& users, const Tensor& items, const Tensor& timestamps,
+                     const Tensor& buffer, const Tensor& offsets, const Tensor& got,
+                     int64_t first_user, const Tensor& exponential, const Tensor& mean_gap,
+                     const Tensor& start) {
+  TORCH_CHECK_TYPE(users.scalar_type() == items.scalar_type() &&
+                       (users.scalar_type() == at::kInt || users.scalar_type() == at::kLong),
+                   "users and items must both be int32 or both int64, got ", users.scalar_type(),
+                   " and ", items.scalar_type());
+  check_1d(users, "users", users.scalar_type());
+  check_1d(items, "items", items.scalar_type());
+  check_1d(timestamps, "timestamps", at::kLong);
+  check_1d(buffer, "buffer", at::kLong);
+  check_1d(offsets, "offsets", at::kLong);
+  check_1d(got, "got", at::kLong);
   check_1d(exponential, "exponential", at::kDouble);
-  check_1d(users, "users", at::kLong);
   check_1d(mean_gap, "mean_gap", at::kDouble);
   check_1d(start, "start", at::kLong);
-  const int64_t n = users.numel(), U = mean_gap.numel();
-  TORCH_CHECK_VALUE(exponential.numel() == n, "exponential must have users.numel() = ", n,
-                    " entries, got ", exponential.numel());
+  const int64_t L = got.numel(), U = mean_gap.numel(), n = exponential.numel();
+  TORCH_CHECK_VALUE(offsets.numel() == L, "offsets and got must have the same length");
   TORCH_CHECK_VALUE(start.numel() == U, "start and mean_gap must have the same length");
+  TORCH_CHECK_INDEX(first_user >= 0 && first_user + L <= U, "users ", first_user, " .. ",
+                    first_user + L - 1, " are out of range [0, ", U, ")");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* g = got.data_ptr<int64_t>();
+  int64_t rows = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(g[l] >= 0 && off[l] >= 0 && off[l] + g[l] <= buffer.numel(), "user ", l,
+                      ": offset ", off[l], " and got ", g[l], " overrun the buffer of ",
+                      buffer.numel());
+    rows += g[l];
+  }
+  TORCH_CHECK_VALUE(n == rows && users.numel() == rows && items.numel() == rows &&
+                        timestamps.numel() == rows,
+                    "exponential, users, items and timestamps must have sum(got) = ", rows,
+                    " entries, got ", n, ", ", users.numel(), ", ", items.numel(), ", ",
+                    timestamps.numel());
+  const int64_t* buf = buffer.data_ptr<int64_t>();
   const double* e = exponential.data_ptr<double>();
-  const int64_t* up = users.data_ptr<int64_t>();
   const double* gap = mean_gap.data_ptr<double>();
   const int64_t* st = start.data_ptr<int64_t>();
-  Tensor out = at::empty({n}, users.options());
-  int64_t* t = out.data_ptr<int64_t>();
-  int64_t acc = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t u = up[j];
-    TORCH_CHECK_INDEX(u >= 0 && u < U, "users[", j, "] = ", u, " is out of range [0, ", U, ")");
-    if (j == 0 || u != up[j - 1]) acc = st[u];
-    acc += 1 + static_cast<int64_t>(e[j] * gap[u]);
-    t[j] = acc;
-  }
-  return out;
+  int64_t* t = timestamps.data_ptr<int64_t>();
+  if (users.scalar_type() == at::kInt)
+    rows_impl(users.data_ptr<int32_t>(), items.data_ptr<int32_t>(), t, buf, off, g, L,
+              first_user, e, gap, st);
+  else
+    rows_impl(users.data_ptr<int64_t>(), items.data_ptr<int64_t>(), t, buf, off, g, L,
+              first_user, e, gap, st);
 }
 
 }  // namespace cpu

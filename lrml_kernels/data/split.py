@@ -12,6 +12,10 @@ Sampled-protocol negatives: ``num_negatives`` items per test user, drawn uniform
 replacement from the items the user never interacted with (train or test), seeded by ``seed``,
 each row sorted ascending. A user with fewer than ``num_negatives`` such items is an error
 (``ValueError``): padding would make the candidate lists ragged and the metrics ambiguous.
+
+Where the C++ extension loads, the passes over the whole log (the sorted unique keys, the latest
+rows, the look-ups of the negatives, the compaction of the training rows) run as its ops
+(``csrc/cpu/split_cpu.cpp``), with the same results bit for bit; the random draws stay numpy's.
 """
 
 from __future__ import annotations
@@ -234,11 +238,10 @@ def sample_eval_negatives(
             in_place = rows[-1] - rows[0] + 1 == rows.size  # a slice: a view, not a copy
             sub = neg[rows[0] : rows[-1] + 1] if in_place else neg[rows]
             sub.sort(axis=1)
-            bad = np.zeros(sub.shape, dtype=bool)
             if op is not None:  # the same entries as the look-ups below, found in C++
-                found = op(tensor(sub), tensor(users[rows]), *key_tensors, num_items)
-                bad.ravel()[found.numpy()] = True
+                found = op(tensor(sub), tensor(users[rows]), *key_tensors, num_items).numpy()
             else:
+                bad = np.zeros(sub.shape, dtype=bool)
                 bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
                 # the key look-ups a few rows at a time: their temporaries stay small, and each
                 # search spans only the keys of those rows' users (a few MB, not the whole log)
@@ -252,10 +255,11 @@ def sample_eval_negatives(
                     pos = np.searchsorted(span, q.ravel()).reshape(q.shape)
                     np.minimum(pos, span.size - 1, out=pos)
                     bad[c:d] |= span[pos] == q
-            nbad = int(bad.sum())
-            if nbad:
-                sub[bad] = rng.integers(0, num_items, size=nbad, dtype=np.int64)
-                unfinished.append(rows[bad.any(axis=1)])
+                found = np.flatnonzero(bad)
+            if found.size:  # redrawn in row-major order
+                at, col = np.divmod(found, k)
+                sub[at, col] = rng.integers(0, num_items, size=found.size, dtype=np.int64)
+                unfinished.append(rows[np.unique(at)])
             if not in_place:
                 neg[rows] = sub
         todo = np.concatenate(unfinished) if unfinished else todo[:0]
@@ -289,13 +293,16 @@ def _leave_one_out(
     *,
     consume: bool,
     order: np.ndarray | None = None,
+    hash_ahead: bool = False,
 ) -> Split:
     """:func:`leave_one_out`. ``consume``: the caller gives ``x`` away (nothing else holds its
     arrays, and it is not used afterwards): the training rows are then compacted inside ``x``'s own
     arrays (the split's training arrays are leading views of them) instead of copied, which
     saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way.
     ``order``: int64 ``[n]`` keys that pick each user's held-out row in place of the timestamps
-    (the largest wins)."""
+    (the largest wins). ``hash_ahead``: the training data's fingerprint is hashed on another
+    thread from the moment it is final (:meth:`Interactions.fingerprint_in_background`), while
+    the training CSR is built and the caller goes on: for a split nobody changes afterwards."""
     U, I = x.num_users, x.num_items
     # The sorted, unique keys of every (user, item) pair: their per-user offsets give the degrees
     # and the negatives' exclusions, and, less the test pairs, they become the training CSR.
@@ -352,6 +359,8 @@ def _leave_one_out(
         name=x.name,
     )
     del train_columns
+    if hash_ahead:
+        train.fingerprint_in_background()
 
     # The training CSR is the full one minus each test pair: no second sort of the log, and no
     # second key array (the test pairs are removed from ``keys`` in place).
