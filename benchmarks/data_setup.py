@@ -54,7 +54,7 @@ def run(name: str) -> tuple[list[tuple[str, float, float]], str, int]:
         x = SD.synthetic(u, i, n, seed=0, name=name)
         rows = len(x)
         stage("synthetic")
-        split = S._leave_one_out(x, 100, 0, consume=True)  # what data.load does
+        split = S._leave_one_out(x, 100, 0, consume=True, hash_ahead=True)  # as data.load
         del x
         stage("split + negatives")
         stages += inner

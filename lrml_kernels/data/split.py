@@ -302,7 +302,8 @@ def _leave_one_out(
     ``order``: int64 ``[n]`` keys that pick each user's held-out row in place of the timestamps
     (the largest wins). ``hash_ahead``: the training data's fingerprint is hashed on another
     thread from the moment it is final (:meth:`Interactions.fingerprint_in_background`), while
-    the training CSR is built and the caller goes on: for a split nobody changes afterwards."""
+    the negatives are drawn, the training CSR is built and the caller goes on: for a split
+    nobody changes afterwards."""
     U, I = x.num_users, x.num_items
     # The sorted, unique keys of every (user, item) pair: their per-user offsets give the degrees
     # and the negatives' exclusions, and, less the test pairs, they become the training CSR.
@@ -312,14 +313,6 @@ def _leave_one_out(
     test_users = np.flatnonzero(deg >= 2).astype(np.int64)
     test_items = x.items[held[test_users]]
     del held, deg
-
-    # The negatives first, while nothing but the log and the keys is held (they depend on the
-    # keys, the test users and the seed only).
-    negatives = None
-    if num_negatives:
-        rng = np.random.default_rng(seed)
-        negatives = sample_eval_negatives(keys, indptr, test_users, I, int(num_negatives), rng)
-    del indptr
 
     test_item_of = np.full(U, -1, dtype=np.int64)
     test_item_of[test_users] = test_items
@@ -361,6 +354,14 @@ def _leave_one_out(
     del train_columns
     if hash_ahead:
         train.fingerprint_in_background()
+
+    # The negatives (they depend on the keys of every pair, the test users and the seed only)
+    # while the training data is being hashed.
+    negatives = None
+    if num_negatives:
+        rng = np.random.default_rng(seed)
+        negatives = sample_eval_negatives(keys, indptr, test_users, I, int(num_negatives), rng)
+    del indptr
 
     # The training CSR is the full one minus each test pair: no second sort of the log, and no
     # second key array (the test pairs are removed from ``keys`` in place).
