@@ -1,9 +1,10 @@
 """The C++ extension's data ops, where the extension loads: each caller keeps its numpy code as
-the fallback, and the two give the same results bit for bit (tests compare them). Also the
-page population of large fresh arrays on a second thread."""
+the fallback, and the two give the same results bit for bit (tests compare them). Also how the
+set-up's large fresh arrays get their memory (plain pages, populated on a second thread)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import sys
@@ -12,7 +13,7 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["data_op", "populate_in_background", "tensor"]
+__all__ = ["data_op", "plain_pages", "populate_in_background", "tensor"]
 
 
 def data_op(name: str):
@@ -69,3 +70,24 @@ def populate_in_background(*arrays: np.ndarray) -> threading.Thread | None:
     thread = threading.Thread(target=populate, name="lrml-populate", daemon=True)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def plain_pages():
+    """numpy asks the kernel for transparent huge pages for every array of 4 MB or more
+    (``madvise(MADV_HUGEPAGE)``). In a VM whose memory the host backs lazily (as here: a
+    Firecracker guest) a fresh huge page can cost ten times the time of the plain pages a
+    process has just freed, erratically (384 MB of evaluation negatives: 0.1 to 1 s; plain
+    pages: 0.22 s every time). The set-up writes each array once, in order, so inside this
+    block numpy allocates plain pages; the setting is restored after (it is process-wide)."""
+    from numpy._core import multiarray
+
+    set_hugepage = getattr(multiarray, "_set_madvise_hugepage", None)
+    if set_hugepage is None:
+        yield
+        return
+    before = set_hugepage(False)
+    try:
+        yield
+    finally:
+        set_hugepage(before)

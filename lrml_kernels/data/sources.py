@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lrml_kernels.data._compiled import plain_pages
 from lrml_kernels.data.interactions import Split
 from lrml_kernels.data.readers import (
     read_citeulike,
@@ -74,10 +75,11 @@ def load(
     """
     # (without a validation split the split is final as built: its training data is hashed
     # for the fingerprint on another thread meanwhile)
-    split = _load(spec, min_rating, num_negatives, seed, cache, hash_ahead=not validation)
-    if validation:
-        # the split is ours alone: its training arrays may be compacted in place
-        split = carve_validation(split, seed=seed, consume=not spec.startswith("ncf:"))
+    with plain_pages():
+        split = _load(spec, min_rating, num_negatives, seed, cache, hash_ahead=not validation)
+        if validation:
+            # the split is ours alone: its training arrays may be compacted in place
+            split = carve_validation(split, seed=seed, consume=not spec.startswith("ncf:"))
     return split
 
 
