@@ -1,6 +1,7 @@
 """Time the data set-up that ``lrml train --data NAME`` does before its first step.
 
     PYTHONPATH=. python benchmarks/data_setup.py [synthetic-netflix] [--compiled-only]
+    PYTHONPATH=. python benchmarks/data_setup.py --first-step [lrml train options]
 
 Runs the set-up twice in one process, side by side: on the numpy code alone (what runs where the
 C++ extension cannot load, and what ran before its set-up ops existed) and with the extension's
@@ -9,19 +10,27 @@ each stage: generating the synthetic log, the leave-one-out split (the evaluatio
 of it, also on their own), and the split's fingerprint; then the fingerprints (equal: the same
 data, bit for bit) and the peak memory. CPU time is the figure to compare on a shared machine,
 where wall time depends on the other processes. ``--compiled-only`` skips the numpy run.
+
+``--first-step``: the whole start-up instead, in this process (start it fresh): the seconds
+from the start of the process to the end of the first training step of ``lrml train`` with
+the options given (e.g. ``--data synthetic-netflix --max-steps 1 --eval none --no-progress``),
+imports included.
 """
 
 from __future__ import annotations
 
-import gc
-import resource
-import sys
 import time
 
-from lrml_kernels.data import split as S
-from lrml_kernels.data import synthetic_data as SD
-from lrml_kernels.data._compiled import plain_pages
-from lrml_kernels.data.sources import SYNTHETIC
+STARTED = time.perf_counter()  # (before the imports: --first-step counts them)
+
+import gc  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+
+from lrml_kernels.data import split as S  # noqa: E402
+from lrml_kernels.data import synthetic_data as SD  # noqa: E402
+from lrml_kernels.data._compiled import plain_pages  # noqa: E402
+from lrml_kernels.data.sources import SYNTHETIC  # noqa: E402
 
 
 def cpu() -> float:
@@ -95,5 +104,35 @@ def main(name: str = "synthetic-netflix", *flags: str) -> None:
     print(f"peak RSS {peak:.2f} GiB")
 
 
+def first_step(argv: list[str]) -> int:
+    """``lrml train ARGV``, printing when its first step has run (seconds since start-up)."""
+    from lrml_kernels import cli, training
+
+    build = training.build
+
+    def timed_build(*args, **kwargs):
+        model, stepper = build(*args, **kwargs)
+        step = stepper.step
+
+        def first(*a, **k):
+            out = step(*a, **k)
+            stepper.step = step
+            print(
+                f"first step done {time.perf_counter() - STARTED:.2f} s after start-up "
+                f"({cpu():.2f} s CPU)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return out
+
+        stepper.step = first
+        return model, stepper
+
+    training.build = timed_build
+    return cli.main(["train", *argv])
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--first-step"]:
+        sys.exit(first_step(sys.argv[2:]))
     main(*sys.argv[1:])
