@@ -1066,9 +1066,30 @@ def test_setup_ops_check_their_inputs():
             buf, got, torch.tensor([0, 2]), torch.tensor([3, 2]), torch.tensor([0]),
             torch.tensor([1]), torch.tensor([10]), 10,
         )  # fmt: skip
+    r, y = torch.rand(2), torch.rand(2, dtype=torch.float64)
+    model = (
+        torch.rand(3, 2),
+        torch.tensor([0, 0, 0, 1] * 2),
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor([2, 3]),
+        torch.tensor([0, 2]),
+        torch.tensor([4, 1, 0, 2, 3]),
+    )
+    assert set(ops.synthetic_items(r, y, torch.tensor([0, 1]), *model).tolist()) <= {0, 1, 2, 3, 4}
+    with pytest.raises(IndexError, match="users"):
+        ops.synthetic_items(r, y, torch.tensor([0, 2]), *model)
+    with pytest.raises(ValueError, match="sum\\(got\\)"):
+        ops.synthetic_rows_(
+            torch.empty(3, dtype=torch.int32), torch.empty(3, dtype=torch.int32),
+            torch.empty(3, dtype=torch.int64), buf, torch.tensor([0, 2]), got, 0,
+            torch.rand(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.int64),
+        )  # fmt: skip
     for op, args in [
         (ops.sorted_unique_keys.default, (u, i, 3, 2)),
         (ops.latest_rows.default, (u, None, 3)),
+        (ops.eval_negatives_bad.default, (neg, torch.tensor([0, 1]), keys, indptr, 2)),
+        (ops.synthetic_items.default, (r, y, torch.tensor([0, 1]), *model)),
     ]:  # fmt: skip
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
