@@ -79,24 +79,24 @@ Tensor synthetic_items(const Tensor& r, const Tensor& y, const Tensor& users, co
   int64_t* o = out.data_ptr<int64_t>();
   int64_t bad_segment = -1;
   for (int64_t j = 0; j < n; ++j) {
-      const int64_t u = up[j];
-      // the first liked cluster whose cumulative threshold r is under (the catalogue if none)
-      int64_t k = u * (T + 1);
-      for (int64_t t = 0; t < T; ++t) k += rp[j] >= cp[t * U + u];
-      const int64_t seg = sp[k];
-      if (seg < 0 || seg >= S) {  // checked where used: the table is U * (T + 1) long
-        bad_segment = k;
-        break;
-      }
-      // x = (1 + y * top) ** 10 as four products (numpy's order), the continuous Zipf rank
-      const double v = unfused(yp[j] * top[seg]) + 1.0;
-      double x = v * v;
-      x *= x;
-      x *= v;
-      x *= x;
-      int64_t rank = std::min(static_cast<int64_t>(x), size[seg]) - 1;
-      rank = std::max<int64_t>(rank, 0);
-      o[j] = tab[off[seg] + rank];
+    const int64_t u = up[j];
+    // the first liked cluster whose cumulative threshold r is under (the catalogue if none)
+    int64_t k = u * (T + 1);
+    for (int64_t t = 0; t < T; ++t) k += rp[j] >= cp[t * U + u];
+    const int64_t seg = sp[k];
+    if (seg < 0 || seg >= S) {  // checked where used: the table is U * (T + 1) long
+      bad_segment = k;
+      break;
+    }
+    // x = (1 + y * top) ** 10 as four products (numpy's order), the continuous Zipf rank
+    const double v = unfused(yp[j] * top[seg]) + 1.0;
+    double x = v * v;
+    x *= x;
+    x *= v;
+    x *= x;
+    int64_t rank = std::min(static_cast<int64_t>(x), size[seg]) - 1;
+    rank = std::max<int64_t>(rank, 0);
+    o[j] = tab[off[seg] + rank];
   }
   TORCH_CHECK_INDEX(bad_segment < 0, "segments[", bad_segment, "] = ",
                     bad_segment < 0 ? 0 : sp[bad_segment], " is out of range [0, ", S, ")");
