@@ -46,6 +46,20 @@ TORCH_LIBRARY(lrml_ext, m) {
         " -> ()");
   m.def("csr_members(Tensor indptr, Tensor indices, Tensor users, Tensor values,"
         " Tensor? candidates) -> Tensor");
+  m.def("synthetic_items(Tensor r, Tensor y, Tensor users, Tensor cum, Tensor segments,"
+        " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
+  m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"
+        " Tensor who, Tensor draws, Tensor items, int num_items) -> ()");
+  m.def("synthetic_rows_(Tensor(a!) users, Tensor(b!) items, Tensor(c!) timestamps, Tensor buffer,"
+        " Tensor offsets, Tensor got, int first_user, Tensor exponential, Tensor mean_gap,"
+        " Tensor start) -> ()");
+  m.def("sorted_unique_keys(Tensor users, Tensor items, int num_users, int num_items)"
+        " -> (Tensor, Tensor)");
+  m.def("latest_rows(Tensor users, Tensor? timestamps, int num_users) -> Tensor");
+  m.def("eval_negatives_bad(Tensor negatives, Tensor users, Tensor keys, Tensor indptr,"
+        " int num_items) -> Tensor");
+  m.def("drop_held_out_(Tensor(a!) users, Tensor(b!) items, Tensor(c!)? timestamps,"
+        " Tensor held_out_item) -> int");
 }
 
 TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
@@ -58,4 +72,11 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("relations", &lrml::cpu::relations);
   m.impl("row_adam_", &lrml::cpu::row_adam_);
   m.impl("csr_members", &lrml::cpu::csr_members);
+  m.impl("synthetic_items", &lrml::cpu::synthetic_items);
+  m.impl("keep_distinct_", &lrml::cpu::keep_distinct_);
+  m.impl("synthetic_rows_", &lrml::cpu::synthetic_rows_);
+  m.impl("sorted_unique_keys", &lrml::cpu::sorted_unique_keys);
+  m.impl("latest_rows", &lrml::cpu::latest_rows);
+  m.impl("eval_negatives_bad", &lrml::cpu::eval_negatives_bad);
+  m.impl("drop_held_out_", &lrml::cpu::drop_held_out_);
 }

@@ -17,6 +17,8 @@ CPU_SOURCES = (
     "cpu/relations_cpu.cpp",
     "cpu/row_update_cpu.cpp",
     "cpu/sampling_cpu.cpp",
+    "cpu/split_cpu.cpp",
+    "cpu/synthetic_cpu.cpp",
 )
 CUDA_SOURCES = (
     "cuda/lrml_cuda.cpp",

@@ -255,6 +255,37 @@ def _register_python_side() -> None:
     def _(indptr, indices, users, values, candidates):
         return indptr.new_empty(torch.library.get_ctx().new_dynamic_size())
 
+    @torch.library.register_fake(lib + "synthetic_items")
+    def _(r, y, users, cum, segments, zipf_top, sizes, seg_offsets, table):
+        return users.new_empty(users.shape)
+
+    @torch.library.register_fake(lib + "keep_distinct_")
+    def _(buffer, got, offsets, quota, who, draws, items, num_items):
+        return None
+
+    @torch.library.register_fake(lib + "synthetic_rows_")
+    def _(users, items, timestamps, buffer, offsets, got, first_user, exponential, mean_gap, start):
+        return None
+
+    @torch.library.register_fake(lib + "sorted_unique_keys")
+    def _(users, items, num_users, num_items):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return users.new_empty(n, dtype=torch.int64), users.new_empty(
+            num_users + 1, dtype=torch.int64
+        )
+
+    @torch.library.register_fake(lib + "latest_rows")
+    def _(users, timestamps, num_users):
+        return users.new_empty(num_users, dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "eval_negatives_bad")
+    def _(negatives, users, keys, indptr, num_items):
+        return users.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+    @torch.library.register_fake(lib + "drop_held_out_")
+    def _(users, items, timestamps, held_out_item):
+        return torch.library.get_ctx().new_dynamic_size()
+
     def _setup(ctx, inputs, output):
         P, Q, K, M, users, items, *opts = inputs
         ctx.save_for_backward(P, Q, K, M, users, items)

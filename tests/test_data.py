@@ -941,3 +941,176 @@ def test_sample_negatives_extension_edge_cases_and_uniformity(one_thread, csr_me
         assert float(((counts - expected) ** 2 / expected).sum()) < (
             27.9 if len(support) == n else 18.5
         )
+
+
+# --- the extension's set-up ops (synthetic data, split, evaluation negatives) ---
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    """Runs the code under test on its numpy fallback, as where the extension cannot load."""
+    from lrml_kernels.data import _compiled
+    from lrml_kernels.data import split as S
+    from lrml_kernels.data import synthetic_data as SD
+
+    if _compiled.data_op("latest_rows") is None:
+        pytest.skip("the C++ extension is unavailable: nothing to compare the fallback with")
+
+    def fallback():
+        for module in (S, SD):
+            monkeypatch.setattr(module, "data_op", lambda name: None)
+
+    return fallback
+
+
+def same_arrays(a, b) -> bool:
+    return (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (300, 200, 6_000),
+        (50, 60, 2_000),  # heavy users run out of reachable items: fewer rows than asked
+        (2_000, 40, 30_000),  # one cluster
+        (4_000, 3_000, 400_000),  # several chunks of users
+    ],
+)
+def test_synthetic_extension_matches_fallback(numpy_only, sizes):
+    compiled = D.synthetic(*sizes, seed=4)
+    numpy_only()
+    plain = D.synthetic(*sizes, seed=4)
+    for a, b in [
+        (compiled.users, plain.users),
+        (compiled.items, plain.items),
+        (compiled.timestamps, plain.timestamps),
+    ]:
+        assert same_arrays(a, b)
+    assert compiled.fingerprint() == plain.fingerprint()
+
+
+@pytest.mark.parametrize("timestamps", ["known", "some missing", "none"])
+@pytest.mark.parametrize("index", [np.int32, np.int64])
+def test_split_extension_matches_fallback(numpy_only, timestamps, index):
+    rng = np.random.default_rng(11)
+    n, U, I = 20_000, 300, 400
+    users = rng.integers(0, U, n)
+    users[:5] = np.arange(U, U + 5)  # users of one row: no test row
+    items = rng.integers(0, I, n)
+    ts = None
+    if timestamps != "none":
+        ts = rng.integers(0, 50, n) * 86_400  # many ties
+        if timestamps == "some missing":
+            ts[rng.random(n) < 0.3] = MISSING_TIMESTAMP
+
+    def log():
+        return interactions(
+            users.astype(index), items.astype(index), None if ts is None else ts.copy(), I
+        )
+
+    def run():
+        s = D.leave_one_out(log(), num_negatives=40, seed=2)
+        return (
+            s,
+            D.carve_validation(s, seed=2),
+            D.build_csr(users, items, U + 5, 10**7),
+        )  # sorts, no bitmap
+
+    compiled = run()
+    numpy_only()
+    plain = run()
+    for c, p in zip(compiled[:2], plain[:2], strict=True):
+        assert c.fingerprint() == p.fingerprint()
+        for a, b in [
+            (c.train.users, p.train.users),
+            (c.test_items, p.test_items),
+            (c.test_negatives, p.test_negatives),
+            (c.valid_negatives, p.valid_negatives),
+            *zip(c.train_csr(), p.train_csr(), strict=True),
+        ]:
+            assert same_arrays(a, b)
+    assert all(same_arrays(a, b) for a, b in zip(compiled[2], plain[2], strict=True))
+
+
+def test_setup_ops_check_their_inputs():
+    from lrml_kernels.data._compiled import data_op
+
+    if data_op("latest_rows") is None:
+        pytest.skip("the C++ extension is unavailable")
+    ops = torch.ops.lrml_ext
+    u, i = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 1], dtype=torch.int32)
+    keys, indptr = ops.sorted_unique_keys(u, i, 3, 2)
+    assert keys.tolist() == [1, 3, 4] and indptr.tolist() == [0, 1, 2, 3]
+    with pytest.raises(IndexError, match="users"):
+        ops.sorted_unique_keys(u, i, 2, 2)
+    with pytest.raises(IndexError, match="items"):
+        ops.sorted_unique_keys(u, i, 3, 1)
+    with pytest.raises(TypeError, match="users"):
+        ops.latest_rows(u.float(), None, 3)
+    assert ops.latest_rows(u, torch.tensor([5, 5, 5]), 4).tolist() == [0, 2, 1, -1]
+    neg = torch.tensor([[1, 1, 3], [0, 1, 4]])  # user 0 has item 1, user 1 key 3 = item 1
+    assert ops.eval_negatives_bad(neg, torch.tensor([0, 1]), keys, indptr, 2).tolist() == [0, 1, 4]
+    with pytest.raises(IndexError, match="users"):
+        ops.eval_negatives_bad(neg, torch.tensor([0, 3]), keys, indptr, 2)
+    cols = [torch.tensor([0, 1, 1, 0], dtype=torch.int32), torch.tensor([3, 1, 2, 4])]
+    assert ops.drop_held_out_(*cols, torch.tensor([7, 8, 9, 6]), torch.tensor([4, 2])) == 2
+    assert [c[:2].tolist() for c in cols] == [[0, 1], [3, 1]]
+    buf, got = torch.zeros(4, dtype=torch.int64), torch.tensor([0, 1])
+    ops.keep_distinct_(
+        buf, got, torch.tensor([0, 2]), torch.tensor([2, 2]), torch.tensor([0, 1]),
+        torch.tensor([3, 2]), torch.tensor([5, 5, 7, 0, 9]), 10,
+    )  # fmt: skip
+    assert buf.tolist() == [5, 7, 0, 9] and got.tolist() == [2, 2]
+    with pytest.raises(IndexError, match="items"):
+        ops.keep_distinct_(
+            buf, got, torch.tensor([0, 2]), torch.tensor([3, 2]), torch.tensor([0]),
+            torch.tensor([1]), torch.tensor([10]), 10,
+        )  # fmt: skip
+    r, y = torch.rand(2), torch.rand(2, dtype=torch.float64)
+    model = (
+        torch.rand(3, 2),
+        torch.tensor([0, 0, 0, 1] * 2),
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor([2, 3]),
+        torch.tensor([0, 2]),
+        torch.tensor([4, 1, 0, 2, 3]),
+    )
+    assert set(ops.synthetic_items(r, y, torch.tensor([0, 1]), *model).tolist()) <= {0, 1, 2, 3, 4}
+    with pytest.raises(IndexError, match="users"):
+        ops.synthetic_items(r, y, torch.tensor([0, 2]), *model)
+    with pytest.raises(ValueError, match="sum\\(got\\)"):
+        ops.synthetic_rows_(
+            torch.empty(3, dtype=torch.int32), torch.empty(3, dtype=torch.int32),
+            torch.empty(3, dtype=torch.int64), buf, torch.tensor([0, 2]), got, 0,
+            torch.rand(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.int64),
+        )  # fmt: skip
+    for op, args in [
+        (ops.sorted_unique_keys.default, (u, i, 3, 2)),
+        (ops.latest_rows.default, (u, None, 3)),
+        (ops.eval_negatives_bad.default, (neg, torch.tensor([0, 1]), keys, indptr, 2)),
+        (ops.synthetic_items.default, (r, y, torch.tensor([0, 1]), *model)),
+    ]:  # fmt: skip
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fingerprint_in_background_and_page_population():
+    from lrml_kernels.data._compiled import populate_in_background
+
+    x = D.synthetic(300, 200, 6_000, seed=1)
+    want = x.fingerprint()
+    x.fingerprint_in_background()
+    assert x.fingerprint() == want and x._pending_fingerprint is None
+    # load hashes its training data ahead (no validation split): the same fingerprint
+    s = D.load("synthetic-small", seed=3)
+    assert s.train._pending_fingerprint is not None
+    assert s.fingerprint() == D.leave_one_out(D.synthetic(300, 200, 6_000), seed=3).fingerprint()
+    assert D.load("synthetic-small", validation=True).train._pending_fingerprint is None
+    # populating pages leaves the contents alone, also while they are written
+    a = np.arange(3 << 20, dtype=np.int64)
+    thread = populate_in_background(a, np.empty(0), a[5:7])
+    a[: 1 << 20] += 1
+    if thread is not None:
+        thread.join()
+    assert np.array_equal(a[: 1 << 20], np.arange(1 << 20) + 1)
+    assert np.array_equal(a[1 << 20 :], np.arange(1 << 20, 3 << 20))

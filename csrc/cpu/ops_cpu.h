@@ -63,5 +63,39 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
 Tensor csr_members(const Tensor& indptr, const Tensor& indices, const Tensor& users,
                    const Tensor& values, const std::optional<Tensor>& candidates);
 
+// synthetic_cpu.cpp: the synthetic generator's arithmetic on numpy's random numbers.
+// items[j]: the item of draw j of user users[j] from its uniforms r[j] (taste) and y[j] (rank).
+Tensor synthetic_items(const Tensor& r, const Tensor& y, const Tensor& users, const Tensor& cum,
+                       const Tensor& segments, const Tensor& zipf_top, const Tensor& sizes,
+                       const Tensor& seg_offsets, const Tensor& table);
+// For each i, user l = who[i] appends to buffer[offsets[l] + got[l]...] its draws
+// items[sum(draws[:i]) : sum(draws[:i + 1])] not already there, in order, until got[l] = quota[l].
+void keep_distinct_(const Tensor& buffer, const Tensor& got, const Tensor& offsets,
+                    const Tensor& quota, const Tensor& who, const Tensor& draws,
+                    const Tensor& items, int64_t num_items);
+// Writes the rows of users first_user + l (l = 0 .. got.numel() - 1, in order): got[l] rows each,
+// item buffer[offsets[l] + j], time start[u] + the sum over the user's rows up to this one of
+// 1 + int64(exponential[row] * mean_gap[u]).
+void synthetic_rows_(const Tensor& users, const Tensor& items, const Tensor& timestamps,
+                     const Tensor& buffer, const Tensor& offsets, const Tensor& got,
+                     int64_t first_user, const Tensor& exponential, const Tensor& mean_gap,
+                     const Tensor& start);
+
+// split_cpu.cpp: the leave-one-out split's passes over the log.
+// (keys, indptr): the sorted distinct users * num_items + items and each user's offsets.
+std::tuple<Tensor, Tensor> sorted_unique_keys(const Tensor& users, const Tensor& items,
+                                              int64_t num_users, int64_t num_items);
+// held[u]: the row of user u's latest timestamp (ties and no timestamps: its last row), or -1.
+Tensor latest_rows(const Tensor& users, const std::optional<Tensor>& timestamps,
+                   int64_t num_users);
+// The flat positions e = i * k + j (ascending) of the entries of negatives [R, k] (rows sorted)
+// that repeat the one before or are keys (sorted, per-user offsets indptr) of user users[i].
+Tensor eval_negatives_bad(const Tensor& negatives, const Tensor& users, const Tensor& keys,
+                          const Tensor& indptr, int64_t num_items);
+// Moves the rows j with items[j] != held_out_item[users[j]] to the front of users, items and
+// timestamps, in order; returns how many.
+int64_t drop_held_out_(const Tensor& users, const Tensor& items,
+                       const std::optional<Tensor>& timestamps, const Tensor& held_out_item);
+
 }  // namespace cpu
 }  // namespace lrml

@@ -15,6 +15,7 @@ fingerprint, int32 or int64 (and the same fingerprints as when every array was i
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,7 @@ class Interactions:
     user_ids: np.ndarray
     item_ids: np.ndarray
     name: str = ""
+    _pending_fingerprint: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.users = _as_index_array("users", self.users)
@@ -129,7 +131,30 @@ class Interactions:
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the arrays and sizes (not the name): equal data, equal fingerprint
-        (``users`` / ``items`` hashed as int64 values, whether they are held as int32 or int64)."""
+        (``users`` / ``items`` hashed as int64 values, whether they are held as int32 or int64).
+        After :meth:`fingerprint_in_background`, the first call waits for that result."""
+        pending, self._pending_fingerprint = self._pending_fingerprint, None
+        if pending is not None:
+            thread, result = pending
+            thread.join()
+            if result:  # (else the thread failed: hashing again raises the error here)
+                return result[0]
+        return self._hash()
+
+    def fingerprint_in_background(self) -> None:
+        """Start hashing :meth:`fingerprint` on another thread (hashlib and numpy's casts release
+        the GIL, so other set-up work runs meanwhile); the next :meth:`fingerprint` returns its
+        result. Only for a log whose arrays nothing changes until then
+        (:func:`lrml_kernels.data.load` does it for the training data of the split it builds:
+        100M rows take over a second to hash)."""
+        result: list[str] = []
+        thread = threading.Thread(
+            target=lambda: result.append(self._hash()), name="lrml-fingerprint", daemon=True
+        )
+        thread.start()
+        self._pending_fingerprint = (thread, result)
+
+    def _hash(self) -> str:
         h = hashlib.sha256(b"lrml-interactions-v1")
         h.update(f"{self.num_users},{self.num_items}".encode())
         _hash_arrays(h, self.users, self.items, self.timestamps, as_int64=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lrml_kernels.data._compiled import plain_pages
 from lrml_kernels.data.interactions import Split
 from lrml_kernels.data.readers import (
     read_citeulike,
@@ -72,14 +73,17 @@ def load(
             (:func:`lrml_kernels.data.carve_validation`, seeded by ``seed``): the training data
             then excludes the validation pairs. The test split is the same either way.
     """
-    split = _load(spec, min_rating, num_negatives, seed, cache)
-    if validation:
-        # the split is ours alone: its training arrays may be compacted in place
-        split = carve_validation(split, seed=seed, consume=not spec.startswith("ncf:"))
+    # (without a validation split the split is final as built: its training data is hashed
+    # for the fingerprint on another thread meanwhile)
+    with plain_pages():
+        split = _load(spec, min_rating, num_negatives, seed, cache, hash_ahead=not validation)
+        if validation:
+            # the split is ours alone: its training arrays may be compacted in place
+            split = carve_validation(split, seed=seed, consume=not spec.startswith("ncf:"))
     return split
 
 
-def _load(spec, min_rating, num_negatives, seed, cache) -> Split:
+def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Split:
     if not isinstance(spec, str) or not spec:
         raise _usage(f"data set must be a non-empty string, got {spec!r}")
     if spec in SYNTHETIC:
@@ -88,7 +92,7 @@ def _load(spec, min_rating, num_negatives, seed, cache) -> Split:
         u, i, n = SYNTHETIC[spec]
         x = synthetic(u, i, n, seed=0, name=spec)
         # ``x`` is ours alone: the split compacts the training rows inside its arrays
-        return _leave_one_out(x, num_negatives, seed, consume=True)
+        return _leave_one_out(x, num_negatives, seed, consume=True, hash_ahead=hash_ahead)
     kind, sep, path = spec.partition(":")
     if not sep or not path or (kind not in _READERS and kind != "ncf"):
         raise _usage(f"unknown data set {spec!r}")
@@ -118,4 +122,4 @@ def _load(spec, min_rating, num_negatives, seed, cache) -> Split:
     x.name = spec if min_rating is None else f"{spec} (rating >= {min_rating:g})"
     # ``x`` is ours alone (the readers build fresh arrays, also from a cache): the split compacts
     # the training rows inside its arrays instead of copying the log (100M rows: 1.6 GB less)
-    return _leave_one_out(x, num_negatives, seed, consume=True)
+    return _leave_one_out(x, num_negatives, seed, consume=True, hash_ahead=hash_ahead)

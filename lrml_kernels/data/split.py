@@ -12,12 +12,17 @@ Sampled-protocol negatives: ``num_negatives`` items per test user, drawn uniform
 replacement from the items the user never interacted with (train or test), seeded by ``seed``,
 each row sorted ascending. A user with fewer than ``num_negatives`` such items is an error
 (``ValueError``): padding would make the candidate lists ragged and the metrics ambiguous.
+
+Where the C++ extension loads, the passes over the whole log (the sorted unique keys, the latest
+rows, the look-ups of the negatives, the compaction of the training rows) run as its ops
+(``csrc/cpu/split_cpu.cpp``), with the same results bit for bit; the random draws stay numpy's.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lrml_kernels.data._compiled import data_op, tensor
 from lrml_kernels.data.interactions import MISSING_TIMESTAMP, Interactions, Split
 
 __all__ = [
@@ -55,9 +60,18 @@ def _compress_inplace(arrays: tuple[np.ndarray, ...], keep_chunk) -> int:
     return w
 
 
-def _sorted_unique_keys(users: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
-    """``users * num_items + items`` (int64 whatever the inputs' integer dtypes), sorted,
-    duplicates removed (in place: the result may be a leading view of a longer buffer)."""
+def _sorted_unique_keys(
+    users: np.ndarray, items: np.ndarray, num_users: int, num_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, indptr)``: ``users * num_items + items`` (int64 whatever the inputs' integer
+    dtypes), sorted, duplicates removed, and each user's offsets into them (int64
+    ``[num_users + 1]``). The extension's counting sort (``csrc/cpu/split_cpu.cpp``) where it
+    loads, else one sort of the whole log, de-duplicated in place (the keys may then be a leading
+    view of a longer buffer)."""
+    op = data_op("sorted_unique_keys")
+    if op is not None:
+        keys, indptr = op(tensor(users), tensor(items), num_users, num_items)
+        return keys.numpy(), indptr.numpy()
     keys = users.astype(np.int64)
     keys *= num_items
     keys += items
@@ -76,14 +90,20 @@ def _sorted_unique_keys(users: np.ndarray, items: np.ndarray, num_items: int) ->
         n = _compress_inplace((keys,), first_of_run)
         if n < keys.size:
             keys = keys[:n]
-    return keys
+    return keys, _user_offsets(keys, num_users, num_items)
 
 
-def _csr_from_keys(keys: np.ndarray, num_users: int, num_items: int, *, inplace: bool = False):
-    indptr = np.searchsorted(keys, np.arange(num_users + 1, dtype=np.int64) * num_items)
+def _user_offsets(keys: np.ndarray, num_users: int, num_items: int) -> np.ndarray:
+    """int64 ``[num_users + 1]``: where each user's keys start in the sorted ``keys``."""
+    return np.searchsorted(keys, np.arange(num_users + 1, dtype=np.int64) * num_items).astype(
+        np.int64
+    )
+
+
+def _csr_from_keys(keys: np.ndarray, indptr: np.ndarray, num_items: int, *, inplace: bool = False):
     indices = keys if inplace else keys.copy()
     np.remainder(indices, num_items, out=indices)
-    return indptr.astype(np.int64), indices
+    return indptr, indices
 
 
 def build_csr(
@@ -96,8 +116,8 @@ def build_csr(
         users = users.astype(np.int64)
     if items.dtype not in (np.int32, np.int64):
         items = items.astype(np.int64)
-    keys = _sorted_unique_keys(users, items, num_items)
-    return _csr_from_keys(keys, num_users, num_items, inplace=True)
+    keys, indptr = _sorted_unique_keys(users, items, num_users, num_items)
+    return _csr_from_keys(keys, indptr, num_items, inplace=True)
 
 
 def csr_contains(
@@ -146,6 +166,11 @@ def csr_insert(
 
 def _latest_rows(users: np.ndarray, timestamps: np.ndarray | None, num_users: int) -> np.ndarray:
     """Per user, the row index of its latest interaction (ties: the later row); -1 if none."""
+    op = data_op("latest_rows")
+    if op is not None:
+        return op(
+            tensor(users), None if timestamps is None else tensor(timestamps), num_users
+        ).numpy()
     held = np.full(num_users, -1, dtype=np.int64)
     if timestamps is None:
         for s in range(0, users.size, _CHUNK):
@@ -201,33 +226,42 @@ def sample_eval_negatives(
     todo = np.flatnonzero(~dense)
     block = max(1, _CHUNK // k)
     check = max(1, _CHECK // k)
+    op = data_op("eval_negatives_bad")
+    if op is not None:
+        key_tensors = (tensor(keys), tensor(indptr))
     for _ in range(max_rounds):
         if todo.size == 0:
             break
         unfinished = []
         for s in range(0, todo.size, block):
-            rows = todo[s : s + block]
-            sub = neg[rows]
+            rows = todo[s : s + block]  # ascending
+            in_place = rows[-1] - rows[0] + 1 == rows.size  # a slice: a view, not a copy
+            sub = neg[rows[0] : rows[-1] + 1] if in_place else neg[rows]
             sub.sort(axis=1)
-            bad = np.zeros(sub.shape, dtype=bool)
-            bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
-            # the key look-ups a few rows at a time: their temporaries stay small, and each
-            # search spans only the keys of those rows' users (a few MB, not the whole log)
-            for c in range(0, rows.size, check):
-                d = min(c + check, rows.size)
-                u = users[rows[c:d]]
-                span = keys[indptr[u.min()] : indptr[u.max() + 1]]
-                if span.size == 0:
-                    continue
-                q = (u * np.int64(num_items))[:, None] + sub[c:d]
-                pos = np.searchsorted(span, q.ravel()).reshape(q.shape)
-                np.minimum(pos, span.size - 1, out=pos)
-                bad[c:d] |= span[pos] == q
-            nbad = int(bad.sum())
-            if nbad:
-                sub[bad] = rng.integers(0, num_items, size=nbad, dtype=np.int64)
-                unfinished.append(rows[bad.any(axis=1)])
-            neg[rows] = sub
+            if op is not None:  # the same entries as the look-ups below, found in C++
+                found = op(tensor(sub), tensor(users[rows]), *key_tensors, num_items).numpy()
+            else:
+                bad = np.zeros(sub.shape, dtype=bool)
+                bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
+                # the key look-ups a few rows at a time: their temporaries stay small, and each
+                # search spans only the keys of those rows' users (a few MB, not the whole log)
+                for c in range(0, rows.size, check):
+                    d = min(c + check, rows.size)
+                    u = users[rows[c:d]]
+                    span = keys[indptr[u.min()] : indptr[u.max() + 1]]
+                    if span.size == 0:
+                        continue
+                    q = (u * np.int64(num_items))[:, None] + sub[c:d]
+                    pos = np.searchsorted(span, q.ravel()).reshape(q.shape)
+                    np.minimum(pos, span.size - 1, out=pos)
+                    bad[c:d] |= span[pos] == q
+                found = np.flatnonzero(bad)
+            if found.size:  # redrawn in row-major order
+                at, col = np.divmod(found, k)
+                sub[at, col] = rng.integers(0, num_items, size=found.size, dtype=np.int64)
+                unfinished.append(rows[np.unique(at)])
+            if not in_place:
+                neg[rows] = sub
         todo = np.concatenate(unfinished) if unfinished else todo[:0]
     exact = np.union1d(np.flatnonzero(dense), todo)
     all_items = np.arange(num_items, dtype=np.int64)
@@ -259,31 +293,26 @@ def _leave_one_out(
     *,
     consume: bool,
     order: np.ndarray | None = None,
+    hash_ahead: bool = False,
 ) -> Split:
     """:func:`leave_one_out`. ``consume``: the caller gives ``x`` away (nothing else holds its
     arrays, and it is not used afterwards): the training rows are then compacted inside ``x``'s own
     arrays (the split's training arrays are leading views of them) instead of copied, which
     saves a copy of the whole log at the peak (100M rows: 1.6 GB). Same split either way.
     ``order``: int64 ``[n]`` keys that pick each user's held-out row in place of the timestamps
-    (the largest wins)."""
+    (the largest wins). ``hash_ahead``: the training data's fingerprint is hashed on another
+    thread from the moment it is final (:meth:`Interactions.fingerprint_in_background`), while
+    the negatives are drawn, the training CSR is built and the caller goes on: for a split
+    nobody changes afterwards."""
     U, I = x.num_users, x.num_items
     # The sorted, unique keys of every (user, item) pair: their per-user offsets give the degrees
     # and the negatives' exclusions, and, less the test pairs, they become the training CSR.
-    keys = _sorted_unique_keys(x.users, x.items, I)
-    indptr = np.searchsorted(keys, np.arange(U + 1, dtype=np.int64) * I).astype(np.int64)
+    keys, indptr = _sorted_unique_keys(x.users, x.items, U, I)
     deg = np.diff(indptr)
     held = _latest_rows(x.users, x.timestamps if order is None else order, U)
     test_users = np.flatnonzero(deg >= 2).astype(np.int64)
     test_items = x.items[held[test_users]]
     del held, deg
-
-    # The negatives first, while nothing but the log and the keys is held (they depend on the
-    # keys, the test users and the seed only).
-    negatives = None
-    if num_negatives:
-        rng = np.random.default_rng(seed)
-        negatives = sample_eval_negatives(keys, indptr, test_users, I, int(num_negatives), rng)
-    del indptr
 
     test_item_of = np.full(U, -1, dtype=np.int64)
     test_item_of[test_users] = test_items
@@ -292,8 +321,17 @@ def _leave_one_out(
     def not_held_out(s: int, e: int) -> np.ndarray:
         return np.not_equal(x.items[s:e], test_item_of[x.users[s:e]])
 
+    drop = None
+    if consume and all(c.flags.c_contiguous and c.flags.writeable for c in columns):
+        drop = data_op("drop_held_out_")  # the same compaction, one pass in C++
     if consume:
-        n = _compress_inplace(columns, not_held_out)
+        if drop is not None:
+            shared = [tensor(c) for c in columns]  # (contiguous: the arrays' own memory)
+            n = drop(
+                shared[0], shared[1], shared[2] if len(shared) > 2 else None, tensor(test_item_of)
+            )
+        else:
+            n = _compress_inplace(columns, not_held_out)
         train_columns = [c[:n] if n < c.size else c for c in columns]
     else:
         keep = np.empty(len(x), dtype=bool)
@@ -314,6 +352,16 @@ def _leave_one_out(
         name=x.name,
     )
     del train_columns
+    if hash_ahead:
+        train.fingerprint_in_background()
+
+    # The negatives (they depend on the keys of every pair, the test users and the seed only)
+    # while the training data is being hashed.
+    negatives = None
+    if num_negatives:
+        rng = np.random.default_rng(seed)
+        negatives = sample_eval_negatives(keys, indptr, test_users, I, int(num_negatives), rng)
+    del indptr
 
     # The training CSR is the full one minus each test pair: no second sort of the log, and no
     # second key array (the test pairs are removed from ``keys`` in place).
@@ -336,7 +384,7 @@ def _leave_one_out(
         num_items=I,
         name=x.name,
     )
-    split._csr = _csr_from_keys(train_keys, U, I, inplace=True)
+    split._csr = _csr_from_keys(train_keys, _user_offsets(train_keys, U, I), I, inplace=True)
     return split
 
 
