@@ -873,9 +873,9 @@ def test_synthetic_netflix_size(request):
 
 @pytest.fixture
 def csr_members():
-    from lrml_kernels.data.sampling import _extension_members
+    from lrml_kernels.data._compiled import data_op
 
-    op = _extension_members()
+    op = data_op("csr_members")
     if op is None:
         pytest.skip("the C++ extension is unavailable")
     return op

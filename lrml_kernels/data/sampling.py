@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from lrml_kernels.data._compiled import data_op
+
 __all__ = ["csr_membership", "sample_negatives"]
 
 
@@ -102,7 +104,7 @@ def sample_negatives(
     users = users.to(torch.int64)
     members = None
     if use_extension is not False and device.type == "cpu" and indptr.device.type == "cpu":
-        members = _extension_members()
+        members = data_op("csr_members")
         if members is None and use_extension:
             raise RuntimeError("use_extension=True but the C++ extension is unavailable")
     if members is not None:
@@ -156,18 +158,6 @@ def _check_csr(users, exclude_csr, num_items):
     if num_items >= 2**31:
         raise ValueError(f"the Triton sampler draws items below 2**31, got num_items={num_items}")
     return indptr, indices
-
-
-def _extension_members():
-    """The extension's ``csr_members`` op, or None where the extension cannot be loaded."""
-    from lrml_kernels.errors import BackendUnavailable
-    from lrml_kernels.extension import backend
-
-    try:
-        backend("cpu")
-    except BackendUnavailable:
-        return None
-    return torch.ops.lrml_ext.csr_members
 
 
 def _sample_rejecting(members, users, neg, num_items, generator, indptr, indices, max_tries):
