@@ -5,8 +5,13 @@ items gathered from the training arrays, ``negatives`` items per row drawn by
 :func:`lrml_kernels.data.sample_negatives`, and the ``[B, 1 + negatives]`` items (the positive
 first). :class:`BatchPipeline` prepares batch k + 1 while step k runs:
 
-- on the CPU in one background thread: the gathers, the draws and the C++ sampler release the GIL,
-  so the thread works while the main thread is inside the C++ step;
+- on the CPU in one background thread where a core is left over by the step's threads
+  (``torch.get_num_threads()`` below the cores this process may use): the gathers, the draws and
+  the C++ sampler release the GIL, so the thread works while the main thread is inside the C++
+  step. Where the step's threads take every core, the thread would only preempt them (each
+  OpenMP region of the step waits for its slowest thread), so the batch is prepared in line
+  instead: on 2 cores with 2 threads, Netflix size, in line gave 66-69 % of the step alone
+  against 60-63 % with the thread (2026-12-04, ``benchmarks/bench_train_loop.py``'s set-up);
 - on a GPU on a side stream: the batch's kernels are queued on it and the main stream waits for an
   event recorded after them (no host sync); the batch's tensors are marked as used by the main
   stream (``record_stream``), so the caching allocator does not hand their memory to the side
@@ -24,6 +29,7 @@ must save (the generator itself is already past the next batch).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,6 +100,13 @@ class EpochOrder:
         return self.size
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash of int64 values in ``[0, 2^32)`` (products stay below 2^63)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
@@ -139,7 +152,7 @@ class BatchPipeline:
         self.device = users.device
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = None
-        if self._stream is None:
+        if self._stream is None and torch.get_num_threads() < _usable_cores():
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lrml-batches")
 
     def epoch(self, order: EpochOrder, start: int, stop: int) -> Iterator[Batch]:
@@ -174,6 +187,8 @@ class BatchPipeline:
     def _submit(self, order, k):
         if self._pool is not None:
             return self._pool.submit(self._prepare, order, k)
+        if self._stream is None:  # no core to spare: prepared in line
+            return self._prepare(order, k)
         with torch.cuda.stream(self._stream):
             batch = self._prepare(order, k)
             ready = torch.cuda.Event()
@@ -183,6 +198,8 @@ class BatchPipeline:
     def _take(self, pending) -> Batch:
         if self._pool is not None:
             return pending.result()
+        if self._stream is None:
+            return pending
         batch, ready = pending
         main = torch.cuda.current_stream(self.device)
         main.wait_event(ready)

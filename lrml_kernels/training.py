@@ -12,6 +12,7 @@ tensors; plain values only, loaded without running code: see :mod:`lrml_kernels.
 ``metrics.json`` (same atomic write) and ``learning_curve.png``.
 
 Per step the loop runs the step and nothing else: the next batch is prepared while it runs
+where a core or a side stream is free, else just before it
 (:class:`lrml_kernels.batches.BatchPipeline`), and the loss is read back (a host sync on a GPU)
 every ``READ_LOSS_EVERY`` steps, at the end of the epoch and before every checkpoint; a NaN/Inf
 loss is then reported with the first bad step, and no checkpoint is written after it.
