@@ -154,15 +154,23 @@ def _config(args) -> TrainConfig:
     )
 
 
+def _set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _train(args) -> int:
     import torch
 
     from lrml_kernels.training import fit
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     cfg = _config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
@@ -189,12 +197,10 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    import torch
 
     from lrml_kernels.tuning import SPACE, tune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     search = tuple(SPACE) if args.search is None else tuple(args.search.split(","))
     if args.trials < 1:
         raise ValueError(f"--trials must be positive, got {args.trials}")
@@ -249,14 +255,11 @@ def _evaluate(args) -> int:
 
 
 def _explain(args) -> int:
-    import torch
 
-    from lrml_kernels import explain
+    from lrml_kernels import backends, explain
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    backends.check_device(args.device)  # before the checkpoint and the data are read
     try:
         summary = explain.run(
             args.checkpoint,

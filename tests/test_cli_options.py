@@ -28,6 +28,8 @@ def cuda_devices(monkeypatch):
 
 TRAIN = ["train", "--data", "synthetic-netflix", "--no-progress", "--backend", "torch"]
 EVALUATE = ["evaluate", "no-such-checkpoint.pt", "--backend", "torch"]
+EXPLAIN = ["explain", "no-such-checkpoint.pt", "--backend", "torch"]
+COMMANDS = {"train": TRAIN, "evaluate": EVALUATE, "explain": EXPLAIN}
 
 REFUSED = [  # (CUDA devices, --device, what the error says)
     (0, "cuda", "devices here: cpu"),
@@ -41,12 +43,12 @@ REFUSED = [  # (CUDA devices, --device, what the error says)
 
 
 @pytest.mark.parametrize("cuda, device, words", REFUSED)
-@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_device_that_is_not_here_is_refused_before_the_data(
     cuda_devices, no_data, error_line, command, cuda, device, words
 ):
     cuda_devices(cuda)
-    args = (TRAIN if command == "train" else EVALUATE) + ["--device", device]
+    args = COMMANDS[command] + ["--device", device]
     t0 = time.perf_counter()
     assert main(args) == 2
     assert time.perf_counter() - t0 < 2.0  # no data, no checkpoint read, no device touched
@@ -78,6 +80,7 @@ def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data,
     "args, words",
     [
         (TRAIN + ["--threads", "-1"], "--threads must be a positive integer"),
+        (EXPLAIN + ["--threads", "0"], "--threads must be a positive integer"),
         (TRAIN + ["--batch-size", "0"], "batch_size must be a positive integer"),
         (EVALUATE + ["--k", "0"], "--k must be a positive integer"),
         (EVALUATE[:-1] + ["nosuch"], "backend must be 'auto' or one of"),
