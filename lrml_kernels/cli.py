@@ -221,9 +221,9 @@ def _tune(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from lrml_kernels import backends, data
+    from lrml_kernels import backends
     from lrml_kernels.metrics import evaluate
-    from lrml_kernels.training import load_checkpoint
+    from lrml_kernels.training import load_checkpoint, load_checkpoint_data
 
     # The options, then the checkpoint, are checked before any data is loaded.
     device = backends.check_device(args.device)
@@ -241,12 +241,7 @@ def _evaluate(args) -> int:
             raise BackendUnavailable(
                 f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
             ) from None
-    spec = args.data or ckpt["config"].get("data")
-    if not isinstance(spec, str):
-        raise ValueError(f"{args.checkpoint} names no data set: give one with --data")
-    # a model selected on validation trained without the validation items: the same split again
-    validation = ckpt["config"].get("select_on") == "valid"
-    split = data.load(spec, seed=ckpt["config"].get("seed", 0), validation=validation)
+    spec, split = load_checkpoint_data(ckpt, args.data)
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     for protocol in args.eval:

@@ -538,7 +538,7 @@ def plots(model, side: MovieLensSideInfo, out: Path) -> dict:
 
 def _load(checkpoint, data_spec, device, backend):
     """(model, checkpoint, split, side info), every mismatch a clear error before any work."""
-    from lrml_kernels.training import load_checkpoint
+    from lrml_kernels.training import load_checkpoint, load_checkpoint_data
 
     model, ckpt = load_checkpoint(checkpoint, device)
     if backend:
@@ -549,8 +549,7 @@ def _load(checkpoint, data_spec, device, backend):
             f"lrml explain reads MovieLens side information: --data must be movielens:PATH "
             f"(the data the checkpoint was trained on), got {spec!r}"
         )
-    validation = ckpt["config"].get("select_on") == "valid"
-    split = lkdata.load(spec, seed=ckpt["config"].get("seed", 0), validation=validation)
+    spec, split = load_checkpoint_data(ckpt, spec)
     if (split.num_users, split.num_items) != (model.num_users, model.num_items):
         raise ValueError(
             f"{checkpoint} has {model.num_users:,} users x {model.num_items:,} items, {spec} "

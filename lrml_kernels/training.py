@@ -711,3 +711,15 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
         why = checkpoints.one_line(exc)
         raise checkpoints.CheckpointError(f"{path}: not a usable LRML checkpoint ({why})") from None
     return model, ckpt
+
+
+def load_checkpoint_data(ckpt: dict, data: str | None = None):
+    """``(spec, split)``: the data set ``data`` (default: the one the checkpoint was trained on)
+    split as training split it, with the checkpoint's seed and, for a model selected on
+    validation, the validation items carved out again (they were not trained on). Whether it is
+    the same data is the caller's to check (``split.fingerprint()`` against the checkpoint's)."""
+    spec = data or ckpt["config"].get("data")
+    if not isinstance(spec, str):
+        raise ValueError("the checkpoint names no data set: give one with --data")
+    validation = ckpt["config"].get("select_on") == "valid"
+    return spec, lkdata.load(spec, seed=ckpt["config"].get("seed", 0), validation=validation)
