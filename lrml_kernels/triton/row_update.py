@@ -25,11 +25,11 @@ is in the compute dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from lrml_kernels.triton.distance_kernels import _device_guard
 
 OPTIMIZER_CODES = {"adam": 0, "adagrad": 1, "rowwise_adagrad": 2, "sgd": 3}
 STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
@@ -104,10 +104,6 @@ def _row_update_kernel(
             scale = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)) / max_norm, 1.0)
             x = x / scale
         tl.store(x_ptrs, x.to(table_ptr.dtype.element_ty), mask=cmask)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def row_update_(
