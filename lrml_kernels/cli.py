@@ -19,7 +19,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--data",
         default=d.data,
         help="data set: synthetic | synthetic-small | synthetic-netflix | ncf:PREFIX | "
-        "movielens:PATH | netflix:PATH | csv:FILE | citeulike:FILE (default: %(default)s)",
+        "movielens:PATH | netflix:PATH | netflix-mat:PATH | csv:FILE | citeulike:FILE "
+        "(default: %(default)s)",
     )
     a("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     a("--max-steps", type=int, default=None, help="stop after this many steps in all")

@@ -311,6 +311,49 @@ def test_citeulike(tmp_path):
     expect_error(lambda: D.read_citeulike(bad), bad, 2)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_netflix_mat(tmp_path, compress):
+    sio = pytest.importorskip("scipy.io")
+    x = np.array([[1, 5001], [2, 5001], [1, 5003], [3, 5002]], dtype=np.uint16)
+    y = np.array([[4], [1], [5], [3]], dtype=np.uint8)
+    sio.savemat(tmp_path / "train.mat", {"train_X": x, "train_Y": y}, do_compression=compress)
+    sio.savemat(
+        tmp_path / "test.mat",
+        {"test_X": np.array([[2, 5003.0], [1, 5002.0]]), "test_Y": np.array([[2.0], [4.0]])},
+        do_compression=compress,
+    )
+    got = D.readers.read_mat(tmp_path / "train.mat")
+    assert got["train_X"].shape == (4, 2) and got["train_X"].dtype == np.uint16
+    assert np.array_equal(got["train_X"], x) and np.array_equal(got["train_Y"], y)
+    only = D.read_netflix_mat(tmp_path / "train.mat")
+    assert pairs(only) == [(1, 5001), (2, 5001), (1, 5003), (3, 5002)]
+    both = D.read_netflix_mat(tmp_path)  # the union, the test file last
+    assert pairs(both)[4:] == [(2, 5003), (1, 5002)]
+    assert both.timestamps is None and both.item_ids.tolist() == [5001, 5002, 5003]
+    assert len(D.read_netflix_mat(tmp_path, min_rating=4)) == 3
+    s = D.load(f"netflix-mat:{tmp_path}", num_negatives=0)
+    # no times: each user's last row is held out, here a rating of the test file
+    held = dict(zip(s.test_users.tolist(), s.test_items.tolist(), strict=True))
+    assert {u: s.train.item_ids[i] for u, i in held.items()} == {0: 5002, 1: 5003}
+
+
+def test_mat_rejects_what_it_does_not_read(tmp_path):
+    sio = pytest.importorskip("scipy.io")
+    hdf5 = write(tmp_path / "v73.mat", b"MATLAB 7.3 MAT-file".ljust(512) + b"\x89HDF\r\n\x1a\n")
+    assert "v7.3" in str(expect_error(lambda: D.readers.read_mat(hdf5), hdf5, None))
+    text = write(tmp_path / "text.mat", "user,item\n1,2\n")
+    expect_error(lambda: D.readers.read_mat(text), text, None)
+    sio.savemat(tmp_path / "cell.mat", {"c": np.array([[1, "a"]], dtype=object)})
+    cell = tmp_path / "cell.mat"
+    assert "dense real numeric" in str(expect_error(lambda: D.readers.read_mat(cell), cell, None))
+    sio.savemat(tmp_path / "nox.mat", {"ratings": np.ones((3, 1))})
+    nox = tmp_path / "nox.mat"
+    expect_error(lambda: D.read_netflix_mat(nox), nox, None)
+    sio.savemat(tmp_path / "noy.mat", {"a_X": np.ones((3, 2))})
+    noy = tmp_path / "noy.mat"
+    assert "a_Y" in str(expect_error(lambda: D.read_netflix_mat(noy), noy, None))
+
+
 def test_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.delenv("LRML_KERNELS_CACHE_DIR")
     f = write(
@@ -837,6 +880,7 @@ def test_real_leave_one_out_agrees_with_ncf():
         ("csv:netflix-prize-subsets/netflix_subset.csv", (2949, 2429, 102_650)),
         ("netflix:netflix-prize-subsets/netflix-user-ratings-10k.csv", (9687, 3451, 10_000)),
         ("citeulike:citeulike-a/users.dat", (5551, 16_980, 204_986)),
+        ("netflix-mat:netflix-prize-subsets", (4953, 4591, 305_725)),
     ],
 )
 def test_real_other_sets(spec, counts):
@@ -846,6 +890,7 @@ def test_real_other_sets(spec, counts):
         "csv": D.read_csv,
         "netflix": D.read_netflix,
         "citeulike": D.read_citeulike,
+        "netflix-mat": D.read_netflix_mat,
     }[kind]
     x = reader(shared(*rel.split("/")))
     assert (x.num_users, x.num_items, len(x)) == counts

@@ -12,6 +12,7 @@ from lrml_kernels.data.readers import (
     read_movielens_ratings,
     read_ncf,
     read_netflix,
+    read_netflix_mat,
 )
 from lrml_kernels.data.sampling import csr_membership, sample_negatives
 from lrml_kernels.data.side_info import MovieLensSideInfo, read_movielens_side_info
@@ -45,6 +46,7 @@ __all__ = [
     "read_movielens_side_info",
     "read_ncf",
     "read_netflix",
+    "read_netflix_mat",
     "sample_eval_negatives",
     "sample_negatives",
     "synthetic",

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +43,7 @@ __all__ = [
     "read_movielens_ratings",
     "read_ncf",
     "read_netflix",
+    "read_netflix_mat",
 ]
 
 CACHE_VERSION = 1
@@ -762,6 +765,153 @@ def read_netflix(
     options = {"min_rating": min_rating}
     arrays = _cached("netflix", files, path, options, build, cache)
     return _to_interactions(arrays, f"netflix:{path}")
+
+
+# --- MATLAB v5 files (the Netflix 5K x 5K subset) ---
+
+# MAT v5 data types -> numpy (the format's "miINT8" ... "miUINT64" numbering)
+_MAT_TYPES = {
+    1: "i1",
+    2: "u1",
+    3: "i2",
+    4: "u2",
+    5: "i4",
+    6: "u4",
+    7: "f4",
+    9: "f8",
+    12: "i8",
+    13: "u8",
+}
+_MAT_MATRIX, _MAT_COMPRESSED = 14, 15
+_MAT_NUMERIC_CLASSES = range(6, 16)  # mxDOUBLE_CLASS ... mxUINT64_CLASS
+_MAT_COMPLEX = 0x0800
+
+
+def _mat_elements(path: Path, buf: bytes, order: str) -> Iterator[tuple[int, bytes]]:
+    """``(type, payload)`` of each data element in ``buf`` (8-byte tags; "small" elements pack
+    a payload of up to 4 bytes into the tag; others are padded to 8 bytes)."""
+    pos = 0
+    while pos + 8 <= len(buf):
+        kind, size = np.frombuffer(buf, order + "u4", 2, pos).tolist()
+        if kind >> 16:  # small element: size in the upper half, payload in the tag's 2nd word
+            kind, size = kind & 0xFFFF, kind >> 16
+            yield kind, buf[pos + 4 : pos + 4 + size]
+            pos += 8
+            continue
+        if pos + 8 + size > len(buf):
+            raise DataFormatError(path, None, f"MAT element at byte {pos} runs past the end")
+        yield kind, buf[pos + 8 : pos + 8 + size]
+        pos += 8 + size if kind == _MAT_COMPRESSED else 8 + (size + 7) // 8 * 8
+
+
+def _mat_matrix(path: Path, payload: bytes, order: str) -> tuple[str, np.ndarray]:
+    """``(name, array)`` of a dense real numeric miMATRIX element (MATLAB's column-major
+    order kept: the array has the matrix's shape)."""
+    parts = list(_mat_elements(path, payload, order))
+    if len(parts) < 4:
+        raise DataFormatError(path, None, "MAT matrix with fewer than 4 sub-elements")
+    flags = int(np.frombuffer(parts[0][1], order + "u4")[0])
+    dims = tuple(np.frombuffer(parts[1][1], order + "i4").tolist())
+    name = parts[2][1].decode("ascii")
+    mx_class = flags & 0xFF
+    if mx_class not in _MAT_NUMERIC_CLASSES or flags & _MAT_COMPLEX:
+        raise DataFormatError(
+            path, None, f"MAT variable {name!r}: only dense real numeric matrices are read "
+            f"(class {mx_class}{', complex' if flags & _MAT_COMPLEX else ''})",
+        )  # fmt: skip
+    kind, data = parts[3]
+    if kind not in _MAT_TYPES:
+        raise DataFormatError(path, None, f"MAT variable {name!r}: data type {kind} not read")
+    values = np.frombuffer(data, order + _MAT_TYPES[kind])
+    if values.size != math.prod(dims):
+        raise DataFormatError(path, None, f"MAT variable {name!r}: {values.size} values for {dims}")
+    return name, values.reshape(dims, order="F")
+
+
+def read_mat(path) -> dict[str, np.ndarray]:
+    """The dense real numeric matrices of a MATLAB v5 ``.mat`` file (compressed or not), by
+    variable name, with their shapes (``m x n``) and stored dtypes. Other variable classes
+    (sparse, cell, struct, char, complex) and v7.3 (HDF5) files are a :class:`DataFormatError`."""
+    path = _require_file(Path(path))
+    raw = path.read_bytes()
+    if raw[:8] == b"\x89HDF\r\n\x1a\n" or raw[512:520] == b"\x89HDF\r\n\x1a\n":
+        raise DataFormatError(path, None, "a MAT v7.3 (HDF5) file: only MAT v5 is read")
+    if (
+        len(raw) < 128
+        or not raw.startswith(b"MATLAB 5.0 MAT-file")
+        or raw[126:128]
+        not in (
+            b"IM",
+            b"MI",
+        )
+    ):
+        raise DataFormatError(path, None, "not a MATLAB 5.0 MAT-file (no v5 header)")
+    order = "<" if raw[126:128] == b"IM" else ">"
+    out = {}
+    for kind, payload in _mat_elements(path, raw[128:], order):
+        if kind == _MAT_COMPRESSED:
+            try:
+                payload = zlib.decompress(payload)
+            except zlib.error as e:
+                raise DataFormatError(path, None, f"damaged compressed MAT element: {e}") from None
+            inner = list(_mat_elements(path, payload, order))
+            if len(inner) != 1:
+                raise DataFormatError(path, None, "a compressed MAT element must hold one element")
+            ((kind, payload),) = inner
+        if kind != _MAT_MATRIX:
+            raise DataFormatError(path, None, f"unexpected top-level MAT element type {kind}")
+        name, values = _mat_matrix(path, payload, order)
+        out[name] = values
+    return out
+
+
+def _netflix_mat_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    files = sorted(path.glob("*.mat"), key=lambda p: ("test" in p.name, p.name))
+    if not files:
+        raise FileNotFoundError(f"no .mat files in {path}")
+    return files
+
+
+def read_netflix_mat(path, *, min_rating: float | None = None, cache: bool = True) -> Interactions:
+    """The Netflix 5K x 5K subset's MATLAB v5 files (``training_data5K5K.mat``,
+    ``test_data5K5K.mat``): each holds ``<name>_X`` (``n x 2``: user, item) and ``<name>_Y``
+    (``n x 1``: rating). ``path`` is one such file or a folder: then the union of its ``.mat``
+    files, test files last, each in file order (no timestamps: leave-one-out then holds out each
+    user's last row, a rating of the test file where the user has one). The ids are the files'
+    (items ``5001..10000`` in the subset); ``item_ids`` map back to them."""
+    path = Path(path)
+    files = _netflix_mat_files(path)
+
+    def build() -> dict:
+        users, items, ratings = [], [], []
+        for f in files:
+            mats = read_mat(f)
+            pairs = sorted(k for k in mats if k.endswith("_X"))
+            if not pairs:
+                raise DataFormatError(f, None, f"no <name>_X variable (has {sorted(mats)})")
+            for k in pairs:
+                x, y = mats[k], mats.get(k[:-2] + "_Y")
+                if x.ndim != 2 or x.shape[1] != 2 or y is None or y.size != x.shape[0]:
+                    shape = None if y is None else y.shape
+                    raise DataFormatError(
+                        f, None, f"expected {k} (n x 2) and {k[:-2]}_Y (n x 1), got {x.shape} "
+                        f"and {shape}",
+                    )  # fmt: skip
+                users.append(x[:, 0].astype(np.int64))
+                items.append(x[:, 1].astype(np.int64))
+                ratings.append(y.reshape(-1).astype(np.float64))
+        cols = {"users": np.concatenate(users), "items": np.concatenate(items)}
+        cols["ratings"] = np.concatenate(ratings)
+        if not cols["users"].size:
+            raise DataFormatError(files[0], None, "no ratings")
+        return _finalize(path, cols, min_rating)
+
+    arrays = _cached("netflix-mat", files, path, {"min_rating": min_rating}, build, cache)
+    return _to_interactions(arrays, f"netflix-mat:{path}")
 
 
 # --- CiteULike ------------------------------------------------------------------------------------

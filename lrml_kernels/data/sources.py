@@ -12,6 +12,7 @@ from lrml_kernels.data.readers import (
     read_movielens,
     read_ncf,
     read_netflix,
+    read_netflix_mat,
 )
 from lrml_kernels.data.split import _leave_one_out, carve_validation
 from lrml_kernels.data.synthetic_data import synthetic
@@ -31,6 +32,8 @@ FORMS = (
     "movielens:PATH (folder or file: u.data, ratings.dat, ratings.csv, ratings_reconstructed.tsv)",
     "netflix:PATH (folder with combined_data_*.txt or training_set/mv_*.txt, one such file, "
     "or a .csv subset)",
+    "netflix-mat:PATH (MATLAB v5 <name>_X/<name>_Y files, e.g. the Netflix 5K x 5K subset: "
+    "one .mat file, or a folder: the union of its .mat files)",
     "csv:FILE (delimited user,item[,rating[,timestamp]]; delimiter and header detected)",
     "citeulike:FILE (CiteULike users.dat)",
     *(
@@ -42,6 +45,7 @@ FORMS = (
 _READERS = {
     "movielens": read_movielens,
     "netflix": read_netflix,
+    "netflix-mat": read_netflix_mat,
     "csv": read_csv,
     "citeulike": read_citeulike,
 }
