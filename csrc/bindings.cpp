@@ -46,6 +46,8 @@ TORCH_LIBRARY(lrml_ext, m) {
         " -> ()");
   m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor users, int num_items, int k,"
         " int seed, int max_tries) -> Tensor");
+  m.def("training_batch(Tensor rows, Tensor train_users, Tensor train_items, Tensor indptr,"
+        " Tensor indices, int num_items, int k, int seed, int max_tries) -> (Tensor, Tensor)");
   m.def("synthetic_items(Tensor r, Tensor y, Tensor users, Tensor cum, Tensor segments,"
         " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
   m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"
@@ -72,6 +74,7 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("relations", &lrml::cpu::relations);
   m.impl("row_adam_", &lrml::cpu::row_adam_);
   m.impl("sample_negatives", &lrml::cpu::sample_negatives);
+  m.impl("training_batch", &lrml::cpu::training_batch);
   m.impl("synthetic_items", &lrml::cpu::synthetic_items);
   m.impl("keep_distinct_", &lrml::cpu::keep_distinct_);
   m.impl("synthetic_rows_", &lrml::cpu::synthetic_rows_);

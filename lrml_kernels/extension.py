@@ -255,6 +255,10 @@ def _register_python_side() -> None:
     def _(indptr, indices, users, num_items, k, seed, max_tries):
         return users.new_empty(users.shape[0], k)
 
+    @torch.library.register_fake(lib + "training_batch")
+    def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, max_tries):
+        return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], 1 + k)
+
     @torch.library.register_fake(lib + "synthetic_items")
     def _(r, y, users, cum, segments, zipf_top, sizes, seg_offsets, table):
         return users.new_empty(users.shape)

@@ -951,6 +951,33 @@ def test_sample_negatives_checks_its_inputs(sample_op):
         sample_op(ip, ix, torch.tensor([1]), 2**31, 2, 0, 32)
 
 
+def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
+    s = D.load("synthetic-small")
+    csr = tuple(torch.from_numpy(a) for a in s.train_csr())
+    rows = torch.randint(0, len(s.train), (300,), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.int32, torch.int64):
+        train_u = torch.as_tensor(s.train.users).to(dtype)
+        train_i = torch.as_tensor(s.train.items).to(dtype)
+        users, items = torch.ops.lrml_ext.training_batch(
+            rows, train_u, train_i, *csr, s.num_items, 4, 99, 32
+        )
+        want_u = train_u[rows].long()
+        assert torch.equal(users, want_u) and items.shape == (300, 5)
+        assert torch.equal(items[:, 0], train_i[rows].long())
+        assert torch.equal(items[:, 1:], sample_op(*csr, want_u, s.num_items, 4, 99, 32))
+    with pytest.raises(IndexError, match="rows"):
+        torch.ops.lrml_ext.training_batch(
+            torch.tensor([len(s.train)]), train_u, train_i, *csr, s.num_items, 4, 0, 32
+        )
+    with pytest.raises(TypeError, match="both int32 or both int64"):
+        torch.ops.lrml_ext.training_batch(rows, train_u, train_i.int(), *csr, s.num_items, 4, 0, 32)
+    torch.library.opcheck(
+        torch.ops.lrml_ext.training_batch.default,
+        (rows[:8], train_u, train_i, *csr, s.num_items, 3, 12345, 32),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 @pytest.mark.parametrize("use_extension", [True, False])
 def test_sample_negatives_edge_cases_and_uniformity(one_thread, sample_op, use_extension):
     # user 0 has trained on all items but 7: every draw is 7; user 1 on none, user 2 on the

@@ -25,7 +25,7 @@ namespace cpu {
 
 namespace {
 
-constexpr int kGroup = 16;  // searches interleaved (random CSR rows beyond cache)
+constexpr int kGroup = 64;  // searches interleaved (random CSR rows beyond cache)
 
 inline uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
@@ -52,23 +52,25 @@ inline uint32_t philox_word(uint64_t seed, uint64_t counter) {
 }
 
 // j uniform in [0, span) for entry e from the Philox word at counter e + t·total, t the first
-// try whose word is fair (word·span's low half >= 2^32 mod span), or max_tries.
+// try whose word is fair (word·span's low half >= 2^32 mod span), or max_tries. The low half is
+// below span whenever it is below 2^32 mod span (< span), so the division is almost never made.
 inline int64_t uniform_rank(uint32_t first_word, uint64_t seed, uint64_t e, uint64_t total,
                             uint64_t span, int64_t max_tries) {
-  const uint64_t threshold = (uint64_t{1} << 32) % span;
   uint64_t m = static_cast<uint64_t>(first_word) * span;
-  for (int64_t t = 1; t <= max_tries && (m & 0xFFFFFFFFu) < threshold; ++t)
-    m = static_cast<uint64_t>(philox_word(seed, e + static_cast<uint64_t>(t) * total)) * span;
+  if ((m & 0xFFFFFFFFu) < span) {
+    const uint64_t threshold = (uint64_t{1} << 32) % span;
+    for (int64_t t = 1; t <= max_tries && (m & 0xFFFFFFFFu) < threshold; ++t)
+      m = static_cast<uint64_t>(philox_word(seed, e + static_cast<uint64_t>(t) * total)) * span;
+  }
   return static_cast<int64_t>(m >> 32);
 }
 
-}  // namespace
-
-Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
-                        int64_t num_items, int64_t k, int64_t seed, int64_t max_tries) {
-  const Tensor* ts[3] = {&indptr, &indices, &users};
-  const char* names[3] = {"indptr", "indices", "users"};
-  for (int i = 0; i < 3; ++i) {
+// The checks both ops share: num_items, k, max_tries and seed in range, indptr's form.
+void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, int64_t k,
+                int64_t seed, int64_t max_tries) {
+  const Tensor* ts[2] = {&indptr, &indices};
+  const char* names[2] = {"indptr", "indices"};
+  for (int i = 0; i < 2; ++i) {
     TORCH_CHECK_TYPE(ts[i]->scalar_type() == at::kLong, names[i],
                      " must be an int64 tensor, got dtype ", ts[i]->scalar_type());
     TORCH_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU, got ",
@@ -81,11 +83,13 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
   TORCH_CHECK_VALUE(k >= 0 && max_tries >= 0, "need k >= 0 and max_tries >= 0, got k=", k,
                     ", max_tries=", max_tries);
   TORCH_CHECK_VALUE(seed >= 0, "seed must be non-negative, got ", seed);
-  const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous();
-  const int64_t* p = ip.data_ptr<int64_t>();
-  const int64_t* x = ix.data_ptr<int64_t>();
-  const int64_t* u = us.data_ptr<int64_t>();
-  const int64_t rows = ip.numel() - 1, B = us.numel(), nnz = ix.numel();
+}
+
+// out[b * stride + j] for j < k: the negatives of users u[0..B) (every user's row checked
+// first: in range, inside indices, not decreasing).
+void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nnz,
+                    const int64_t* u, int64_t B, int64_t num_items, int64_t k, uint64_t key,
+                    int64_t max_tries, int64_t* out, int64_t stride) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = u[b];
     TORCH_CHECK_INDEX(r >= 0 && r < rows, "users[", b, "] = ", r,
@@ -94,21 +98,20 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
                       " of the CSR spans indptr [", p[r], ", ", p[r + 1],
                       "), outside [0, indices.numel() = ", nnz, "] or decreasing");
   }
-
-  Tensor out = at::empty({B, k}, us.options());
-  int64_t* o = out.data_ptr<int64_t>();
   const uint64_t total = static_cast<uint64_t>(B * k);
-  const uint64_t key = static_cast<uint64_t>(seed);
   at::parallel_for(0, B * k, 256, [&](int64_t begin, int64_t end) {
     const int64_t* row[kGroup];
-    int64_t base[kGroup], len[kGroup], rank[kGroup];
+    int64_t base[kGroup], len[kGroup], rank[kGroup], dst[kGroup];
     uint32_t word[kGroup];
     for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
       const int m = static_cast<int>(std::min<int64_t>(kGroup, end - g0));
       for (int j = 0; j < kGroup; ++j)  // first words of the whole group: a vectorised loop
         word[j] = philox_word(key, static_cast<uint64_t>(g0 + j));
-      for (int j = 0; j < m; ++j) {
-        const int64_t e = g0 + j, r = u[e / k];
+      int64_t b = g0 / k, c = g0 % k;  // entry g0 + j is column c of row b (no division per entry)
+      for (int j = 0; j < m; ++j, ++c) {
+        if (c == k) c = 0, ++b;
+        const int64_t e = g0 + j, r = u[b];
+        dst[j] = b * stride + c;
         int64_t count = p[r + 1] - p[r];
         if (count >= num_items) count = 0;  // every item (or more): any item will do
         row[j] = x + p[r];
@@ -136,11 +139,78 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
       }
       for (int j = 0; j < m; ++j) {
         const int64_t below = len[j] == 0 ? 0 : base[j] + (row[j][base[j]] - base[j] <= rank[j]);
-        o[g0 + j] = rank[j] + below;
+        out[dst[j]] = rank[j] + below;
       }
     }
   });
+}
+
+}  // namespace
+
+Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+                        int64_t num_items, int64_t k, int64_t seed, int64_t max_tries) {
+  check_draw(indptr, indices, num_items, k, seed, max_tries);
+  TORCH_CHECK_TYPE(users.scalar_type() == at::kLong, "users must be an int64 tensor, got dtype ",
+                   users.scalar_type());
+  TORCH_CHECK_VALUE(users.device().is_cpu() && users.dim() == 1,
+                    "users must be a 1-D CPU tensor, got ", users.device(), " shape ",
+                    users.sizes());
+  const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous();
+  Tensor out = at::empty({us.numel(), k}, us.options());
+  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
+                 us.data_ptr<int64_t>(), us.numel(), num_items, k, static_cast<uint64_t>(seed),
+                 max_tries, out.data_ptr<int64_t>(), k);
   return out;
+}
+
+std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
+                                          const Tensor& train_items, const Tensor& indptr,
+                                          const Tensor& indices, int64_t num_items, int64_t k,
+                                          int64_t seed, int64_t max_tries) {
+  check_draw(indptr, indices, num_items, k, seed, max_tries);
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be an int64 tensor, got dtype ",
+                   rows.scalar_type());
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.dim() == 1, "rows must be a 1-D CPU tensor");
+  TORCH_CHECK_TYPE(train_users.scalar_type() == train_items.scalar_type() &&
+                       (train_users.scalar_type() == at::kInt ||
+                        train_users.scalar_type() == at::kLong),
+                   "train_users and train_items must be both int32 or both int64, got ",
+                   train_users.scalar_type(), " and ", train_items.scalar_type());
+  TORCH_CHECK_VALUE(train_users.device().is_cpu() && train_items.device().is_cpu() &&
+                        train_users.dim() == 1 && train_users.sizes() == train_items.sizes(),
+                    "train_users and train_items must be 1-D CPU tensors of one length, got ",
+                    train_users.sizes(), " and ", train_items.sizes());
+  const Tensor rs = rows.contiguous(), tu = train_users.contiguous(),
+               ti = train_items.contiguous(), ip = indptr.contiguous(), ix = indices.contiguous();
+  const int64_t B = rs.numel(), n = tu.numel();
+  const int64_t* r = rs.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_INDEX(r[b] >= 0 && r[b] < n, "rows[", b, "] = ", r[b],
+                      " is out of range for ", n, " training interactions");
+  Tensor users = at::empty({B}, rs.options()), items = at::empty({B, 1 + k}, rs.options());
+  int64_t* uo = users.data_ptr<int64_t>();
+  int64_t* io = items.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(tu.scalar_type(), "training_batch", [&] {
+    const index_t* tus = tu.data_ptr<index_t>();
+    const index_t* tis = ti.data_ptr<index_t>();
+    // random rows of the training arrays: a group's reads are prefetched together
+    at::parallel_for(0, B, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+        const int64_t g1 = std::min<int64_t>(g0 + kGroup, end);
+        for (int64_t b = g0; b < g1; ++b) {
+          __builtin_prefetch(tus + r[b]);
+          __builtin_prefetch(tis + r[b]);
+        }
+        for (int64_t b = g0; b < g1; ++b) {
+          uo[b] = tus[r[b]];
+          io[b * (1 + k)] = tis[r[b]];
+        }
+      }
+    });
+  });
+  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(), uo,
+                 B, num_items, k, static_cast<uint64_t>(seed), max_tries, io + 1, 1 + k);
+  return {users, items};
 }
 
 }  // namespace cpu

@@ -10,6 +10,8 @@ from lrml_kernels.data._compiled import data_op
 
 __all__ = ["csr_membership", "sample_negatives"]
 
+MAX_TRIES = 32  # Lemire redraws at most (sample_negatives' default)
+
 
 def csr_membership(
     indptr: torch.Tensor,
@@ -51,7 +53,7 @@ def sample_negatives(
     *,
     generator: torch.Generator | None = None,
     exclude_csr: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_tries: int = 32,
+    max_tries: int = MAX_TRIES,
     use_extension: bool | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
