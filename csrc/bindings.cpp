@@ -47,7 +47,8 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor users, int num_items, int k,"
         " int seed, int max_tries) -> Tensor");
   m.def("training_batch(Tensor rows, Tensor train_users, Tensor train_items, Tensor indptr,"
-        " Tensor indices, int num_items, int k, int seed, int max_tries) -> (Tensor, Tensor)");
+        " Tensor indices, int num_items, int k, int seed, int max_tries, bool parallel)"
+        " -> (Tensor, Tensor)");
   m.def("synthetic_items(Tensor r, Tensor y, Tensor users, Tensor cum, Tensor segments,"
         " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
   m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"

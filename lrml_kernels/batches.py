@@ -188,7 +188,7 @@ class BatchPipeline:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             users, items = self._batch_op(
                 idx, self.users, self.items, *self._csr, self.num_items, self.negatives, seed,
-                MAX_TRIES,
+                MAX_TRIES, self._pool is None,  # on the background thread: that thread alone
             )  # fmt: skip
             return Batch(users, items, self.generator.get_state())
         users, pos = self.users[idx].long(), self.items[idx].long()

@@ -256,7 +256,7 @@ def _register_python_side() -> None:
         return users.new_empty(users.shape[0], k)
 
     @torch.library.register_fake(lib + "training_batch")
-    def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, max_tries):
+    def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, tries, parallel):
         return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], 1 + k)
 
     @torch.library.register_fake(lib + "synthetic_items")

@@ -959,7 +959,7 @@ def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
         train_u = torch.as_tensor(s.train.users).to(dtype)
         train_i = torch.as_tensor(s.train.items).to(dtype)
         users, items = torch.ops.lrml_ext.training_batch(
-            rows, train_u, train_i, *csr, s.num_items, 4, 99, 32
+            rows, train_u, train_i, *csr, s.num_items, 4, 99, 32, dtype == torch.int32
         )
         want_u = train_u[rows].long()
         assert torch.equal(users, want_u) and items.shape == (300, 5)
@@ -967,13 +967,15 @@ def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
         assert torch.equal(items[:, 1:], sample_op(*csr, want_u, s.num_items, 4, 99, 32))
     with pytest.raises(IndexError, match="rows"):
         torch.ops.lrml_ext.training_batch(
-            torch.tensor([len(s.train)]), train_u, train_i, *csr, s.num_items, 4, 0, 32
+            torch.tensor([len(s.train)]), train_u, train_i, *csr, s.num_items, 4, 0, 32, True
         )
     with pytest.raises(TypeError, match="both int32 or both int64"):
-        torch.ops.lrml_ext.training_batch(rows, train_u, train_i.int(), *csr, s.num_items, 4, 0, 32)
+        torch.ops.lrml_ext.training_batch(
+            rows, train_u, train_i.int(), *csr, s.num_items, 4, 0, 32, True
+        )
     torch.library.opcheck(
         torch.ops.lrml_ext.training_batch.default,
-        (rows[:8], train_u, train_i, *csr, s.num_items, 3, 12345, 32),
+        (rows[:8], train_u, train_i, *csr, s.num_items, 3, 12345, 32, True),
         test_utils=("test_schema", "test_faketensor"),
     )
 

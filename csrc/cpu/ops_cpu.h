@@ -63,11 +63,12 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
 Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
                         int64_t num_items, int64_t k, int64_t seed, int64_t max_tries);
 // A training batch: users [B] = train_users[rows], items [B, 1 + k] int64 with column 0
-// train_items[rows] and columns 1..k sample_negatives(indptr, indices, users, ...) for seed.
+// train_items[rows] and columns 1..k sample_negatives(indptr, indices, users, ...) for seed;
+// in at::parallel_for's threads, or (parallel false) on the calling thread alone.
 std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
                                           const Tensor& train_items, const Tensor& indptr,
                                           const Tensor& indices, int64_t num_items, int64_t k,
-                                          int64_t seed, int64_t max_tries);
+                                          int64_t seed, int64_t max_tries, bool parallel);
 
 // synthetic_cpu.cpp: the synthetic generator's arithmetic on numpy's random numbers.
 // items[j]: the item of draw j of user users[j] from its uniforms r[j] (taste) and y[j] (rank).

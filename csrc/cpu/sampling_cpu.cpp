@@ -65,6 +65,16 @@ inline int64_t uniform_rank(uint32_t first_word, uint64_t seed, uint64_t e, uint
   return static_cast<int64_t>(m >> 32);
 }
 
+// body(begin, end) over [0, n): in at::parallel_for's threads, or on this thread alone (a
+// batch prepared on a background thread beside the step must not start a team of its own).
+template <typename F>
+void for_range(bool parallel, int64_t n, int64_t grain, const F& body) {
+  if (parallel)
+    at::parallel_for(0, n, grain, body);
+  else if (n > 0)
+    body(0, n);
+}
+
 // The checks both ops share: num_items, k, max_tries and seed in range, indptr's form.
 void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, int64_t k,
                 int64_t seed, int64_t max_tries) {
@@ -89,7 +99,7 @@ void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, 
 // first: in range, inside indices, not decreasing).
 void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nnz,
                     const int64_t* u, int64_t B, int64_t num_items, int64_t k, uint64_t key,
-                    int64_t max_tries, int64_t* out, int64_t stride) {
+                    int64_t max_tries, int64_t* out, int64_t stride, bool parallel) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = u[b];
     TORCH_CHECK_INDEX(r >= 0 && r < rows, "users[", b, "] = ", r,
@@ -99,7 +109,7 @@ void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nn
                       "), outside [0, indices.numel() = ", nnz, "] or decreasing");
   }
   const uint64_t total = static_cast<uint64_t>(B * k);
-  at::parallel_for(0, B * k, 256, [&](int64_t begin, int64_t end) {
+  for_range(parallel, B * k, 256, [&](int64_t begin, int64_t end) {
     const int64_t* row[kGroup];
     int64_t base[kGroup], len[kGroup], rank[kGroup], dst[kGroup];
     uint32_t word[kGroup];
@@ -159,14 +169,14 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
   Tensor out = at::empty({us.numel(), k}, us.options());
   draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
                  us.data_ptr<int64_t>(), us.numel(), num_items, k, static_cast<uint64_t>(seed),
-                 max_tries, out.data_ptr<int64_t>(), k);
+                 max_tries, out.data_ptr<int64_t>(), k, /*parallel=*/true);
   return out;
 }
 
 std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
                                           const Tensor& train_items, const Tensor& indptr,
                                           const Tensor& indices, int64_t num_items, int64_t k,
-                                          int64_t seed, int64_t max_tries) {
+                                          int64_t seed, int64_t max_tries, bool parallel) {
   check_draw(indptr, indices, num_items, k, seed, max_tries);
   TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be an int64 tensor, got dtype ",
                    rows.scalar_type());
@@ -194,7 +204,7 @@ std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& trai
     const index_t* tus = tu.data_ptr<index_t>();
     const index_t* tis = ti.data_ptr<index_t>();
     // random rows of the training arrays: a group's reads are prefetched together
-    at::parallel_for(0, B, 1024, [&](int64_t begin, int64_t end) {
+    for_range(parallel, B, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
         const int64_t g1 = std::min<int64_t>(g0 + kGroup, end);
         for (int64_t b = g0; b < g1; ++b) {
@@ -209,7 +219,7 @@ std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& trai
     });
   });
   draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(), uo,
-                 B, num_items, k, static_cast<uint64_t>(seed), max_tries, io + 1, 1 + k);
+                 B, num_items, k, static_cast<uint64_t>(seed), max_tries, io + 1, 1 + k, parallel);
   return {users, items};
 }
 
