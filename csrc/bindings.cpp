@@ -44,8 +44,13 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
         " -> ()");
-  m.def("csr_members(Tensor indptr, Tensor indices, Tensor users, Tensor values,"
-        " Tensor? candidates) -> Tensor");
+  m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor users, int num_items, int k,"
+        " int seed, int max_tries) -> Tensor");
+  m.def("epoch_order(Tensor round_keys, int start, int count, int n, int world, int rank, int a,"
+        " int b) -> Tensor");
+  m.def("training_batch(Tensor rows, Tensor train_users, Tensor train_items, Tensor indptr,"
+        " Tensor indices, int num_items, int k, int seed, int max_tries, bool parallel)"
+        " -> (Tensor, Tensor)");
   m.def("synthetic_items(Tensor r, Tensor y, Tensor users, Tensor cum, Tensor segments,"
         " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
   m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"
@@ -71,7 +76,9 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("topk", &lrml::cpu::topk);
   m.impl("relations", &lrml::cpu::relations);
   m.impl("row_adam_", &lrml::cpu::row_adam_);
-  m.impl("csr_members", &lrml::cpu::csr_members);
+  m.impl("sample_negatives", &lrml::cpu::sample_negatives);
+  m.impl("training_batch", &lrml::cpu::training_batch);
+  m.impl("epoch_order", &lrml::cpu::epoch_order);
   m.impl("synthetic_items", &lrml::cpu::synthetic_items);
   m.impl("keep_distinct_", &lrml::cpu::keep_distinct_);
   m.impl("synthetic_rows_", &lrml::cpu::synthetic_rows_);

@@ -62,7 +62,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--reject-positives",
         action=argparse.BooleanOptionalAction,
         default=d.reject_positives,
-        help="resample negatives that are the user's training items (default: on)",
+        help="draw negatives only among the items the user has not trained on (default: on)",
     )
     a(
         "--checkpoint-every",

@@ -251,9 +251,17 @@ def _register_python_side() -> None:
     def _(P, Q, K, M, users, items):
         return P.new_empty(users.shape[0], K.shape[0]), P.new_empty(users.shape[0], P.shape[1])
 
-    @torch.library.register_fake(lib + "csr_members")
-    def _(indptr, indices, users, values, candidates):
-        return indptr.new_empty(torch.library.get_ctx().new_dynamic_size())
+    @torch.library.register_fake(lib + "sample_negatives")
+    def _(indptr, indices, users, num_items, k, seed, max_tries):
+        return users.new_empty(users.shape[0], k)
+
+    @torch.library.register_fake(lib + "epoch_order")
+    def _(round_keys, start, count, n, world, rank, a, b):
+        return round_keys.new_empty(count)
+
+    @torch.library.register_fake(lib + "training_batch")
+    def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, tries, parallel):
+        return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], 1 + k)
 
     @torch.library.register_fake(lib + "synthetic_items")
     def _(r, y, users, cum, segments, zipf_top, sizes, seg_offsets, table):

@@ -722,7 +722,7 @@ def test_sample_negatives_rejects_positives(one_thread):
     )
     assert torch.equal(neg, again)
     plain = D.sample_negatives(users, s.num_items, 16, generator=torch.Generator().manual_seed(0))
-    assert D.csr_membership(indptr, indices, users, plain).any()  # the rejection did something
+    assert D.csr_membership(indptr, indices, users, plain).any()  # there was something to exclude
     # a user who owns 90% of the catalogue still gets only items outside it
     heavy = interactions([0] * 180 + [1], list(range(180)) + [0], num_items=200)
     ip, ix = (torch.from_numpy(a) for a in D.build_csr(heavy.users, heavy.items, 2, 200))
@@ -917,70 +917,135 @@ def test_synthetic_netflix_size(request):
 
 
 @pytest.fixture
-def csr_members():
+def sample_op():
     from lrml_kernels.data._compiled import data_op
 
-    op = data_op("csr_members")
+    op = data_op("sample_negatives")
     if op is None:
         pytest.skip("the C++ extension is unavailable")
     return op
 
 
-def test_sample_negatives_extension_matches_fallback(one_thread, csr_members):
+def test_sample_negatives_extension_matches_fallback(sample_op):
     s = D.load("synthetic-small")
     csr = tuple(torch.from_numpy(a) for a in s.train_csr())
     users = torch.arange(s.num_users).repeat(4)
+    threads = torch.get_num_threads()
     for k in (0, 1, 16):
-        got, want = (
-            D.sample_negatives(
-                users,
-                s.num_items,
-                k,
-                generator=torch.Generator().manual_seed(3),
-                exclude_csr=csr,
-                use_extension=ext,
-            )
-            for ext in (True, False)
-        )
-        assert torch.equal(got, want)
-        assert not D.csr_membership(*csr, users, got).any()
+        runs = []
+        try:  # the draws depend on neither the path nor the number of threads
+            for ext, n in ((True, 1), (True, 2), (False, 1)):
+                torch.set_num_threads(n)
+                runs.append(
+                    D.sample_negatives(
+                        users,
+                        s.num_items,
+                        k,
+                        generator=torch.Generator().manual_seed(3),
+                        exclude_csr=csr,
+                        use_extension=ext,
+                    )  # fmt: skip
+                )
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(runs[0], other) for other in runs[1:])
+        assert not D.csr_membership(*csr, users, runs[0]).any()
     empty = D.sample_negatives(users[:0], s.num_items, 4, exclude_csr=csr, use_extension=True)
     assert empty.shape == (0, 4)
     torch.library.opcheck(
-        torch.ops.lrml_ext.csr_members.default,
-        (*csr, users[:8], torch.randint(0, s.num_items, (8, 3)), None),
+        torch.ops.lrml_ext.sample_negatives.default,
+        (*csr, users[:8], s.num_items, 3, 12345, 32),
         test_utils=("test_schema", "test_faketensor"),
     )
 
 
-def test_csr_members_checks_only_candidates(csr_members):
-    ip, ix = (torch.tensor(a) for a in ([0, 2, 3], [1, 4, 0]))
-    users = torch.tensor([0, 1, 0])
-    vals = torch.tensor([[1, 2], [0, 0], [4, 3]])
-    assert csr_members(ip, ix, users, vals, None).tolist() == [0, 2, 3, 4]
-    assert csr_members(ip, ix, users, vals, torch.tensor([1, 3, 5])).tolist() == [3]
-    with pytest.raises(IndexError):
-        csr_members(ip, ix, torch.tensor([0, 2, 0]), vals, None)
+def test_sample_negatives_redraws_alike(sample_op):
+    # span 1.5 * 2**30: 2**32 mod span = 2**30, so a quarter of the Philox words are unfair and
+    # redrawn; both paths must redraw the same entries with the same counters
+    n = 3 * 2**29
+    csr = (torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    users = torch.tensor([0, 1] * 2048)
+    draws = {}
+    for ext in (True, False):
+        for tries in (0, 32):
+            g = torch.Generator().manual_seed(5)
+            draws[ext, tries] = D.sample_negatives(
+                users, n, 4, generator=g, exclude_csr=csr, max_tries=tries, use_extension=ext
+            )
+    assert torch.equal(draws[True, 0], draws[False, 0])
+    assert torch.equal(draws[True, 32], draws[False, 32])
+    redrawn = (draws[True, 0] != draws[True, 32]).float().mean()
+    assert 0.2 < float(redrawn) < 0.3  # about a quarter of the entries took a second word
+    assert int(draws[True, 32].min()) >= 0 and int(draws[True, 32].max()) < n
 
 
-def test_sample_negatives_extension_edge_cases_and_uniformity(one_thread, csr_members):
-    # user 0 has trained on all items but 7: every draw is 7; user 1 on none, user 2 on the evens
+def test_sample_negatives_checks_its_inputs(sample_op):
+    ip, ix = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 0])
+    for ext in (True, False):
+        with pytest.raises(IndexError, match="out"):
+            D.sample_negatives(
+                torch.tensor([0, 2, 0]), 5, 2, exclude_csr=(ip, ix), use_extension=ext
+            )
+    with pytest.raises(ValueError, match="decreasing"):
+        sample_op(torch.tensor([0, 2, 1]), ix, torch.tensor([1]), 5, 2, 0, 32)
+    with pytest.raises(ValueError, match="indices.numel"):
+        sample_op(torch.tensor([0, 2, 9]), ix, torch.tensor([1]), 5, 2, 0, 32)
+    with pytest.raises(TypeError, match="int64"):
+        sample_op(ip.int(), ix, torch.tensor([1]), 5, 2, 0, 32)
+    with pytest.raises(ValueError, match="num_items"):
+        sample_op(ip, ix, torch.tensor([1]), 2**31, 2, 0, 32)
+
+
+def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
+    s = D.load("synthetic-small")
+    csr = tuple(torch.from_numpy(a) for a in s.train_csr())
+    rows = torch.randint(0, len(s.train), (300,), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.int32, torch.int64):
+        train_u = torch.as_tensor(s.train.users).to(dtype)
+        train_i = torch.as_tensor(s.train.items).to(dtype)
+        users, items = torch.ops.lrml_ext.training_batch(
+            rows, train_u, train_i, *csr, s.num_items, 4, 99, 32, dtype == torch.int32
+        )
+        want_u = train_u[rows].long()
+        assert torch.equal(users, want_u) and items.shape == (300, 5)
+        assert torch.equal(items[:, 0], train_i[rows].long())
+        assert torch.equal(items[:, 1:], sample_op(*csr, want_u, s.num_items, 4, 99, 32))
+    with pytest.raises(IndexError, match="rows"):
+        torch.ops.lrml_ext.training_batch(
+            torch.tensor([len(s.train)]), train_u, train_i, *csr, s.num_items, 4, 0, 32, True
+        )
+    with pytest.raises(TypeError, match="both int32 or both int64"):
+        torch.ops.lrml_ext.training_batch(
+            rows, train_u, train_i.int(), *csr, s.num_items, 4, 0, 32, True
+        )
+    torch.library.opcheck(
+        torch.ops.lrml_ext.training_batch.default,
+        (rows[:8], train_u, train_i, *csr, s.num_items, 3, 12345, 32, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("use_extension", [True, False])
+def test_sample_negatives_edge_cases_and_uniformity(one_thread, sample_op, use_extension):
+    # user 0 has trained on all items but 7: every draw is 7; user 1 on none, user 2 on the
+    # evens, user 3 on all of them (any item)
     n = 10
     heavy = interactions(
-        [0] * (n - 1) + [2] * (n // 2),
-        [i for i in range(n) if i != 7] + list(range(0, n, 2)),
+        [0] * (n - 1) + [2] * (n // 2) + [3] * n,
+        [i for i in range(n) if i != 7] + list(range(0, n, 2)) + list(range(n)),
         num_items=n,
     )
-    csr = tuple(torch.from_numpy(a) for a in D.build_csr(heavy.users, heavy.items, 3, n))
-    users = torch.tensor([0] * 50 + [1] * 4000 + [2] * 4000)
+    csr = tuple(torch.from_numpy(a) for a in D.build_csr(heavy.users, heavy.items, 4, n))
+    users = torch.tensor([0] * 50 + [1] * 4000 + [2] * 4000 + [3] * 400)
     neg = D.sample_negatives(
         users, n, 5, generator=torch.Generator().manual_seed(1), exclude_csr=csr,
-        max_tries=400, use_extension=True,
+        use_extension=use_extension,
     )  # fmt: skip
     assert (neg[:50] == 7).all()
-    assert (neg[4050:] % 2 == 1).all()
+    assert (neg[4050:8050] % 2 == 1).all()
+    assert set(neg[8050:].unique().tolist()) == set(range(n))
     # chi-square against uniform (df = 9 and 4; 0.999 quantiles 27.9 and 18.5)
-    for part, support in ((neg[50:4050], range(n)), (neg[4050:], range(1, n, 2))):
+    for part, support in ((neg[50:4050], range(n)), (neg[4050:8050], range(1, n, 2))):
         counts = torch.bincount(part.reshape(-1), minlength=n)[list(support)].double()
         expected = part.numel() / len(support)
         assert float(((counts - expected) ** 2 / expected).sum()) < (

@@ -62,13 +62,29 @@ def test_excludes_training_items_and_is_reproducible(one_thread):
     # int32 ids and CSR: the same draws (the kernel reads either width)
     narrow = tuple(t.to(torch.int32) for t in exclude)
     assert torch.equal(neg, sample(users.to(torch.int32), s.num_items, 8, narrow))
-    # the CPU default is still the torch path, bit-identical with use_triton=False
-    g = [torch.Generator().manual_seed(2) for _ in range(2)]
-    cpu = D.sample_negatives(users, s.num_items, 8, generator=g[0], exclude_csr=exclude)
-    torch_path = D.sample_negatives(
-        users, s.num_items, 8, generator=g[1], exclude_csr=exclude, use_triton=False
-    )
-    assert torch.equal(cpu, torch_path) and not torch.equal(cpu, neg)
+    # the CPU paths (the C++ op where the extension loads, the torch ops) draw the same numbers
+    for use_extension in (None, False):
+        cpu = D.sample_negatives(
+            users, s.num_items, 8, generator=torch.Generator().manual_seed(0),
+            exclude_csr=exclude, use_triton=False, use_extension=use_extension,
+        )  # fmt: skip
+        assert torch.equal(cpu, neg)
+
+
+def test_lemire_redraws_match_the_cpu_paths():
+    # span 1.5 * 2**30: a quarter of the Philox words are unfair and redrawn (max_tries > 0)
+    n = 3 * 2**29
+    exclude = csr([[], [5, 2**30]], n)
+    users = torch.tensor([0, 1] * 512)
+    for tries in (0, 32):
+        neg = sample(users, n, 4, exclude, max_tries=tries)
+        for use_extension in (None, False):
+            cpu = D.sample_negatives(
+                users, n, 4, generator=torch.Generator().manual_seed(0), exclude_csr=exclude,
+                max_tries=tries, use_triton=False, use_extension=use_extension,
+            )  # fmt: skip
+            assert torch.equal(cpu, neg)
+    assert not ((neg[1::2] == 5) | (neg[1::2] == 2**30)).any()
 
 
 def test_edge_rows_and_uniformity(one_thread):

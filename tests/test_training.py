@@ -381,13 +381,38 @@ def test_epoch_order_is_a_seeded_permutation_shared_out_between_ranks(n, world):
         assert not torch.equal(other, o.rows(0, len(o)))
 
 
+@pytest.mark.parametrize("n", [1, 7, 1001, 65537, 99_470_232])
+@pytest.mark.parametrize("world", [1, 3])
+def test_epoch_order_op_gives_the_torch_ops_order(n, world):
+    from lrml_kernels.batches import EpochOrder
+    from lrml_kernels.data._compiled import data_op
+
+    if data_op("epoch_order") is None:
+        pytest.skip("the C++ extension is unavailable")
+    for rank in range(world):
+        fast, plain = (EpochOrder(n, 3, 1, "cpu", rank, world) for _ in range(2))
+        plain._op = None
+        size = len(fast)
+        for lo, hi in ((0, min(size, 20_000)), (max(0, size - 20_000), size)):
+            assert torch.equal(fast.rows(lo, hi), plain.rows(lo, hi))
+    with pytest.raises(ValueError, match="outside an order"):
+        data_op("epoch_order")(torch.zeros(4, dtype=torch.int64), 0, n + 1, n, 1, 0, n, 1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["training_batch", "torch-ops"])
 @pytest.mark.parametrize("cores", [1, 64], ids=["in-line", "thread"])
-def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(small, cores, monkeypatch):
+def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(
+    small, cores, fused, monkeypatch
+):
     from lrml_kernels import batches
     from lrml_kernels.batches import BatchPipeline, EpochOrder
 
     # a background thread only where the step's threads leave a core over
     monkeypatch.setattr(batches, "_usable_cores", lambda: cores)
+    if not fused:  # the batch made of torch ops, as where the extension cannot load
+        monkeypatch.setattr(batches, "data_op", lambda name: None)
+    elif batches.data_op("training_batch") is None:
+        pytest.skip("the C++ extension is unavailable")
     users = torch.as_tensor(small.train.users)
     items = torch.as_tensor(small.train.items)
     csr = tuple(torch.as_tensor(a) for a in small.train_csr())
@@ -395,6 +420,7 @@ def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(small, cores
     gen = torch.Generator().manual_seed(7)
     pipeline = BatchPipeline(users, items, 64, small.num_items, 3, gen, csr)
     assert (pipeline._pool is not None) == (torch.get_num_threads() < cores)
+    assert (pipeline._batch_op is not None) == fused
     try:
         got = list(pipeline.epoch(order, 2, 9))
     finally:

@@ -57,11 +57,23 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
                const Tensor& idx, const Tensor& grad, double beta1, double beta2, double eps,
                double step_size, double max_norm);
 
-// The flat positions e (ascending; e = b * k + j) of values [B, k] with values[b, j] in row
-// users[b] of the CSR (indptr, indices), each row sorted. With candidates (positions,
-// ascending), only those are checked and the result is the subset of them that hit.
-Tensor csr_members(const Tensor& indptr, const Tensor& indices, const Tensor& users,
-                   const Tensor& values, const std::optional<Tensor>& candidates);
+// sampling_cpu.cpp: out [B, k] int64, negatives for users [B], each drawn uniformly among the
+// items its user has not trained on (row users[b] of the CSR (indptr, indices), strictly
+// ascending rows), from Philox counters under seed: the Triton sampler's numbers, bit for bit.
+Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+                        int64_t num_items, int64_t k, int64_t seed, int64_t max_tries);
+// A training batch: users [B] = train_users[rows], items [B, 1 + k] int64 with column 0
+// train_items[rows] and columns 1..k sample_negatives(indptr, indices, users, ...) for seed;
+// in at::parallel_for's threads, or (parallel false) on the calling thread alone.
+// Entries [start, start + count) of rank `rank` of `world` in the CPU epoch order of n rows
+// (lrml_kernels.batches.EpochOrder): its Feistel bijection of [0, a·b) with round_keys [R]
+// (R even), values >= n walked through it again. The same numbers as EpochOrder's torch ops.
+Tensor epoch_order(const Tensor& round_keys, int64_t start, int64_t count, int64_t n,
+                   int64_t world, int64_t rank, int64_t a, int64_t b);
+std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
+                                          const Tensor& train_items, const Tensor& indptr,
+                                          const Tensor& indices, int64_t num_items, int64_t k,
+                                          int64_t seed, int64_t max_tries, bool parallel);
 
 // synthetic_cpu.cpp: the synthetic generator's arithmetic on numpy's random numbers.
 // items[j]: the item of draw j of user users[j] from its uniforms r[j] (taste) and y[j] (rank).

@@ -1,14 +1,22 @@
-// The membership test of negative sampling on the CPU: which drawn items a user has trained on.
-// The draws themselves stay in torch (the caller's generator), so results are the same with and
-// without the extension; this op only finds, by a binary search inside each user's sorted CSR
-// slice, the entries that must be redrawn. Given the candidates of the previous round it checks
-// only those (the redrawn entries), not the whole batch. Entries are independent: at::parallel_for
-// over them, kGroup searches advanced in lockstep with each next probe prefetched, and the result
-// (a sorted list of positions) does not depend on the number of threads.
+// Training negatives on the CPU: every entry drawn directly among the items its user has not
+// trained on, by the algorithm of the Triton sampler (lrml_kernels/triton/sampling_kernels.py),
+// bit for bit: the same Philox words, the same Lemire map and redraws, the same rank-to-item
+// search. A seed therefore gives the same negatives here, in the Triton kernel and in the torch
+// fallback (lrml_kernels/data/sampling.py), whatever the number of threads.
+//
+// Entry e (row e / k of the [B, k] output) of user u, whose strictly ascending CSR row holds
+// c < n items:
+//   1. j uniform in [0, n - c): the 32-bit Philox-4x32-10 word at counter e + t·B·k (Triton's
+//      tl.randint(seed, counter)), j = (r · (n - c)) >> 32, redrawn (t + 1) while the low word
+//      falls below 2^32 mod (n - c), at most max_tries times: exactly uniform, no modulo bias;
+//   2. the j-th item not in the row: j + m, m the number of members p with x[p] - p <= j (a
+//      binary search: x[p] - p non-members lie below the p-th member, non-decreasing in p).
+// A user who owns every item (c >= n) gets a uniform item. One search per entry: no rejection
+// of positives, whose chains cost 1 / (1 - c/n) searches for heavy users.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstdint>
 
 #include "ops_cpu.h"
 
@@ -17,100 +25,253 @@ namespace cpu {
 
 namespace {
 
-constexpr int kGroup = 16;  // binary searches interleaved (random CSR rows beyond cache)
+constexpr int kGroup = 64;  // searches interleaved (random CSR rows beyond cache)
 
-}  // namespace
+inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
 
-Tensor csr_members(const Tensor& indptr, const Tensor& indices, const Tensor& users,
-                   const Tensor& values, const std::optional<Tensor>& candidates) {
-  const Tensor* ts[4] = {&indptr, &indices, &users, &values};
-  const char* names[4] = {"indptr", "indices", "users", "values"};
-  for (int i = 0; i < 4; ++i) {
+// The first word of Philox-4x32 with 10 rounds at counter (lo, hi, 0, 0) and key (seed's low,
+// high word): triton.language.randint(seed, counter) for an int64 counter.
+inline uint32_t philox_word(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(kRoundB, a2) ^ c1 ^ k0;
+    c2 = mulhi32(kRoundA, a0) ^ c3 ^ k1;
+    c1 = kRoundB * a2;
+    c3 = kRoundA * a0;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  return c0;
+}
+
+// j uniform in [0, span) for entry e from the Philox word at counter e + t·total, t the first
+// try whose word is fair (word·span's low half >= 2^32 mod span), or max_tries. The low half is
+// below span whenever it is below 2^32 mod span (< span), so the division is almost never made.
+inline int64_t uniform_rank(uint32_t first_word, uint64_t seed, uint64_t e, uint64_t total,
+                            uint64_t span, int64_t max_tries) {
+  uint64_t m = static_cast<uint64_t>(first_word) * span;
+  if ((m & 0xFFFFFFFFu) < span) {
+    const uint64_t threshold = (uint64_t{1} << 32) % span;
+    for (int64_t t = 1; t <= max_tries && (m & 0xFFFFFFFFu) < threshold; ++t)
+      m = static_cast<uint64_t>(philox_word(seed, e + static_cast<uint64_t>(t) * total)) * span;
+  }
+  return static_cast<int64_t>(m >> 32);
+}
+
+// body(begin, end) over [0, n): in at::parallel_for's threads, or on this thread alone (a
+// batch prepared on a background thread beside the step must not start a team of its own).
+template <typename F>
+void for_range(bool parallel, int64_t n, int64_t grain, const F& body) {
+  if (parallel)
+    at::parallel_for(0, n, grain, body);
+  else if (n > 0)
+    body(0, n);
+}
+
+// The checks both ops share: num_items, k, max_tries and seed in range, indptr's form.
+void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, int64_t k,
+                int64_t seed, int64_t max_tries) {
+  const Tensor* ts[2] = {&indptr, &indices};
+  const char* names[2] = {"indptr", "indices"};
+  for (int i = 0; i < 2; ++i) {
     TORCH_CHECK_TYPE(ts[i]->scalar_type() == at::kLong, names[i],
                      " must be an int64 tensor, got dtype ", ts[i]->scalar_type());
     TORCH_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU, got ",
                       ts[i]->device());
+    TORCH_CHECK_VALUE(ts[i]->dim() == 1, names[i], " must be 1-D, got shape ", ts[i]->sizes());
   }
-  TORCH_CHECK_VALUE(indptr.dim() == 1 && indptr.numel() >= 1,
-                    "indptr must be 1-D with at least one entry, got shape ", indptr.sizes());
-  TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
-  TORCH_CHECK_VALUE(users.dim() == 1, "users must be 1-D, got shape ", users.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == users.size(0),
-                    "values must be [B, k] with B = users.size(0) = ", users.size(0),
-                    ", got shape ", values.sizes());
-  const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous(),
-               vs = values.contiguous();
-  const int64_t* p = ip.data_ptr<int64_t>();
-  const int64_t* x = ix.data_ptr<int64_t>();
-  const int64_t* u = us.data_ptr<int64_t>();
-  const int64_t* v = vs.data_ptr<int64_t>();
-  const int64_t rows = ip.numel() - 1, k = vs.size(1), B = us.numel(), nnz = ix.numel();
-  TORCH_CHECK_VALUE(p[rows] <= nnz, "indptr[-1] = ", p[rows], " exceeds indices.numel() = ", nnz);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_INDEX(u[b] >= 0 && u[b] < rows, "users[", b, "] = ", u[b],
-                      " is out of range for a CSR of ", rows, " rows");
+  TORCH_CHECK_VALUE(indptr.numel() >= 1, "indptr needs num_users + 1 >= 1 entries");
+  TORCH_CHECK_VALUE(num_items >= 1 && num_items < (int64_t{1} << 31),
+                    "need 1 <= num_items < 2**31, got ", num_items);
+  TORCH_CHECK_VALUE(k >= 0 && max_tries >= 0, "need k >= 0 and max_tries >= 0, got k=", k,
+                    ", max_tries=", max_tries);
+  TORCH_CHECK_VALUE(seed >= 0, "seed must be non-negative, got ", seed);
+}
 
-  Tensor cand;
-  const int64_t* c = nullptr;
-  int64_t n = B * k;
-  if (candidates.has_value()) {
-    cand = candidates->contiguous();
-    TORCH_CHECK_TYPE(cand.scalar_type() == at::kLong, "candidates must be an int64 tensor, got ",
-                     cand.scalar_type());
-    TORCH_CHECK_VALUE(cand.dim() == 1, "candidates must be 1-D, got shape ", cand.sizes());
-    c = cand.data_ptr<int64_t>();
-    n = cand.numel();
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK_INDEX(c[i] >= 0 && c[i] < B * k, "candidates[", i, "] = ", c[i],
-                        " is out of range for values of ", B * k, " entries");
+// out[b * stride + j] for j < k: the negatives of users u[0..B) (every user's row checked
+// first: in range, inside indices, not decreasing).
+void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nnz,
+                    const int64_t* u, int64_t B, int64_t num_items, int64_t k, uint64_t key,
+                    int64_t max_tries, int64_t* out, int64_t stride, bool parallel) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = u[b];
+    TORCH_CHECK_INDEX(r >= 0 && r < rows, "users[", b, "] = ", r,
+                      " is out of range for a CSR of ", rows, " rows");
+    TORCH_CHECK_VALUE(0 <= p[r] && p[r] <= p[r + 1] && p[r + 1] <= nnz, "row ", r,
+                      " of the CSR spans indptr [", p[r], ", ", p[r + 1],
+                      "), outside [0, indices.numel() = ", nnz, "] or decreasing");
   }
-  std::vector<uint8_t> hit(n);
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    const int64_t* base[kGroup];
-    const int64_t* last[kGroup];
-    int64_t len[kGroup], val[kGroup];
+  const uint64_t total = static_cast<uint64_t>(B * k);
+  for_range(parallel, B * k, 256, [&](int64_t begin, int64_t end) {
+    const int64_t* row[kGroup];
+    int64_t base[kGroup], len[kGroup], rank[kGroup], dst[kGroup];
+    uint32_t word[kGroup];
     for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
       const int m = static_cast<int>(std::min<int64_t>(kGroup, end - g0));
-      for (int j = 0; j < m; ++j) {
-        const int64_t e = c ? c[g0 + j] : g0 + j;
-        const int64_t r = u[e / k];
-        base[j] = x + p[r];
-        len[j] = p[r + 1] - p[r];
-        last[j] = base[j] + len[j];
-        val[j] = v[e];
-        __builtin_prefetch(base[j] + len[j] / 2);
+      for (int j = 0; j < kGroup; ++j)  // first words of the whole group: a vectorised loop
+        word[j] = philox_word(key, static_cast<uint64_t>(g0 + j));
+      int64_t b = g0 / k, c = g0 % k;  // entry g0 + j is column c of row b (no division per entry)
+      for (int j = 0; j < m; ++j, ++c) {
+        if (c == k) c = 0, ++b;
+        const int64_t e = g0 + j, r = u[b];
+        dst[j] = b * stride + c;
+        int64_t count = p[r + 1] - p[r];
+        if (count >= num_items) count = 0;  // every item (or more): any item will do
+        row[j] = x + p[r];
+        base[j] = 0;
+        len[j] = count;
+        if (count > 0) __builtin_prefetch(row[j] + count / 2);
+        rank[j] = uniform_rank(word[j], key, static_cast<uint64_t>(e), total,
+                               static_cast<uint64_t>(num_items - count), max_tries);
       }
-      // Branchless lower_bound, one probe of every entry per pass: the group's cache misses
-      // overlap instead of each search waiting on its own chain of them.
+      // Branchless search, one probe of every entry per pass: the group's cache misses
+      // overlap instead of each search waiting on its own chain of them. Invariant: the
+      // number of members p with x[p] - p <= rank lies in [base, base + len].
       for (bool more = true; more;) {
         more = false;
         for (int j = 0; j < m; ++j) {
           if (len[j] <= 1) continue;
-          const int64_t half = len[j] / 2;
-          base[j] = base[j][half] < val[j] ? base[j] + half : base[j];
+          const int64_t half = len[j] / 2, q = base[j] + half;
+          base[j] = row[j][q] - q <= rank[j] ? q : base[j];
           len[j] -= half;
           if (len[j] > 1) {
-            __builtin_prefetch(base[j] + len[j] / 2);
+            __builtin_prefetch(row[j] + base[j] + len[j] / 2);
             more = true;
           }
         }
       }
       for (int j = 0; j < m; ++j) {
-        if (len[j] == 0) {
-          hit[g0 + j] = 0;
-          continue;
-        }
-        const int64_t* lb = base[j] + (*base[j] < val[j]);
-        hit[g0 + j] = lb != last[j] && *lb == val[j];
+        const int64_t below = len[j] == 0 ? 0 : base[j] + (row[j][base[j]] - base[j] <= rank[j]);
+        out[dst[j]] = rank[j] + below;
       }
     }
   });
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) m += hit[i];
-  Tensor out = at::empty({m}, ip.options());
+}
+
+}  // namespace
+
+Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+                        int64_t num_items, int64_t k, int64_t seed, int64_t max_tries) {
+  check_draw(indptr, indices, num_items, k, seed, max_tries);
+  TORCH_CHECK_TYPE(users.scalar_type() == at::kLong, "users must be an int64 tensor, got dtype ",
+                   users.scalar_type());
+  TORCH_CHECK_VALUE(users.device().is_cpu() && users.dim() == 1,
+                    "users must be a 1-D CPU tensor, got ", users.device(), " shape ",
+                    users.sizes());
+  const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous();
+  Tensor out = at::empty({us.numel(), k}, us.options());
+  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
+                 us.data_ptr<int64_t>(), us.numel(), num_items, k, static_cast<uint64_t>(seed),
+                 max_tries, out.data_ptr<int64_t>(), k, /*parallel=*/true);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
+                                          const Tensor& train_items, const Tensor& indptr,
+                                          const Tensor& indices, int64_t num_items, int64_t k,
+                                          int64_t seed, int64_t max_tries, bool parallel) {
+  check_draw(indptr, indices, num_items, k, seed, max_tries);
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be an int64 tensor, got dtype ",
+                   rows.scalar_type());
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.dim() == 1, "rows must be a 1-D CPU tensor");
+  TORCH_CHECK_TYPE(train_users.scalar_type() == train_items.scalar_type() &&
+                       (train_users.scalar_type() == at::kInt ||
+                        train_users.scalar_type() == at::kLong),
+                   "train_users and train_items must be both int32 or both int64, got ",
+                   train_users.scalar_type(), " and ", train_items.scalar_type());
+  TORCH_CHECK_VALUE(train_users.device().is_cpu() && train_items.device().is_cpu() &&
+                        train_users.dim() == 1 && train_users.sizes() == train_items.sizes(),
+                    "train_users and train_items must be 1-D CPU tensors of one length, got ",
+                    train_users.sizes(), " and ", train_items.sizes());
+  const Tensor rs = rows.contiguous(), tu = train_users.contiguous(),
+               ti = train_items.contiguous(), ip = indptr.contiguous(), ix = indices.contiguous();
+  const int64_t B = rs.numel(), n = tu.numel();
+  const int64_t* r = rs.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_INDEX(r[b] >= 0 && r[b] < n, "rows[", b, "] = ", r[b],
+                      " is out of range for ", n, " training interactions");
+  Tensor users = at::empty({B}, rs.options()), items = at::empty({B, 1 + k}, rs.options());
+  int64_t* uo = users.data_ptr<int64_t>();
+  int64_t* io = items.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(tu.scalar_type(), "training_batch", [&] {
+    const index_t* tus = tu.data_ptr<index_t>();
+    const index_t* tis = ti.data_ptr<index_t>();
+    // random rows of the training arrays: a group's reads are prefetched together
+    for_range(parallel, B, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+        const int64_t g1 = std::min<int64_t>(g0 + kGroup, end);
+        for (int64_t b = g0; b < g1; ++b) {
+          __builtin_prefetch(tus + r[b]);
+          __builtin_prefetch(tis + r[b]);
+        }
+        for (int64_t b = g0; b < g1; ++b) {
+          uo[b] = tus[r[b]];
+          io[b * (1 + k)] = tis[r[b]];
+        }
+      }
+    });
+  });
+  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(), uo,
+                 B, num_items, k, static_cast<uint64_t>(seed), max_tries, io + 1, 1 + k, parallel);
+  return {users, items};
+}
+
+namespace {
+
+// lrml_kernels.batches._hash32: a 32-bit integer hash of x < 2^32.
+inline uint64_t hash32(uint64_t x) {
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu & 0xFFFFFFFFu;
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu & 0xFFFFFFFFu;
+  return (x >> 16) ^ x;
+}
+
+}  // namespace
+
+Tensor epoch_order(const Tensor& round_keys, int64_t start, int64_t count, int64_t n,
+                   int64_t world, int64_t rank, int64_t a, int64_t b) {
+  TORCH_CHECK_VALUE(round_keys.scalar_type() == at::kLong && round_keys.dim() == 1 &&
+                        round_keys.device().is_cpu(),
+                    "round_keys must be a 1-D int64 CPU tensor");
+  const Tensor kt = round_keys.contiguous();
+  const at::IntArrayRef keys(kt.data_ptr<int64_t>(), kt.numel());
+  TORCH_CHECK_VALUE(n >= 1 && a >= 1 && b >= 1 && a * b >= n && a < (int64_t{1} << 32) &&
+                        b < (int64_t{1} << 32),
+                    "need 1 <= n <= a * b and a, b below 2**32; got n=", n, ", a=", a, ", b=", b);
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world && start >= 0 && count >= 0 &&
+                        (start + count) * world <= n,
+                    "entries [", start, ", ", start + count, ") of rank ", rank, " of ", world,
+                    " are outside an order of ", n, " rows");
+  TORCH_CHECK_VALUE(keys.size() % 2 == 0, "need an even number of round keys, got ", keys.size());
+  for (const int64_t key : keys)
+    TORCH_CHECK_VALUE(key >= 0 && key < (int64_t{1} << 32), "round keys must lie in [0, 2**32)");
+  Tensor out = at::empty({count}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t i = 0, j = 0; i < n; ++i)
-    if (hit[i]) o[j++] = c ? c[i] : i;
+  const uint64_t ua = static_cast<uint64_t>(a), ub = static_cast<uint64_t>(b);
+  const size_t rounds = keys.size();
+  auto permute = [&](uint64_t x) {
+    uint64_t left = x / ub, right = x % ub;  // left in [0, a), right in [0, b)
+    for (size_t i = 0; i < rounds; ++i) {
+      const uint64_t next = (left + hash32(right ^ static_cast<uint64_t>(keys[i]))) %
+                            (i % 2 == 0 ? ua : ub);
+      left = right;
+      right = next;
+    }
+    return left * ub + right;  // after an even number of rounds: left in [0, a) again
+  };
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint64_t x = permute(static_cast<uint64_t>((start + i) * world + rank));
+      while (x >= static_cast<uint64_t>(n)) x = permute(x);  // cycle walking
+      o[i] = static_cast<int64_t>(x);
+    }
+  });
   return out;
 }
 

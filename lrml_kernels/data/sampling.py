@@ -1,5 +1,6 @@
-"""Training negatives on the device of the batch: torch ops (or one Triton kernel on CUDA
-tensors), no Python loop per row."""
+"""Training negatives on the device of the batch, each drawn directly among the items its user has
+not trained on: one C++ op on CPU tensors, one Triton kernel on CUDA tensors, torch ops where
+neither is available; the same numbers from each. No Python loop per row."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from lrml_kernels.data._compiled import data_op
 
 __all__ = ["csr_membership", "sample_negatives"]
+
+MAX_TRIES = 32  # Lemire redraws at most (sample_negatives' default)
 
 
 def csr_membership(
@@ -50,76 +53,69 @@ def sample_negatives(
     *,
     generator: torch.Generator | None = None,
     exclude_csr: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_tries: int = 32,
+    max_tries: int = MAX_TRIES,
     use_extension: bool | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """``[B, k]`` int64 items drawn uniformly from ``0..num_items-1`` for each of ``users [B]``,
-    on the device of ``users`` (with replacement within a row).
+    """``[B, k]`` int64 items drawn uniformly for each of ``users [B]``, on the device of
+    ``users`` (with replacement within a row).
+
+    Without ``exclude_csr``: ``torch.randint(0, num_items)`` on ``generator``. With it, each entry
+    is drawn directly among the items its user has not trained on, one binary search per entry
+    and no positive ever drawn:
+
+    1. a rank ``j`` uniform in ``[0, num_items - c)`` (``c``: the user's row length), from the
+       32-bit Philox-4x32-10 word of the entry's counter (Triton's ``tl.randint``) by Lemire's
+       multiply-shift, the rare words that would bias it redrawn (at most ``max_tries`` times);
+    2. the ``j``-th item not in the user's row (a binary search in its CSR slice).
+
+    The seed is one ``torch.randint(0, 2**62)`` draw from ``generator`` on the device (the
+    Triton kernel loads it: no host synchronisation on a GPU), so the negatives depend on the
+    generator's state and the shapes only: the C++ op, the Triton kernel and the torch ops below
+    give the same numbers, bit for bit (:mod:`lrml_kernels.triton.sampling_kernels` has the
+    arithmetic).
 
     Args:
         generator: a ``torch.Generator`` on that device (``None``: the global one).
-        exclude_csr: ``(indptr [num_users+1], indices)`` int64 on the same device, each row sorted
-            (``Split.train_csr()``): entries that hit the user's own items are redrawn, checked by
-            a binary search inside the user's slice (:func:`csr_membership`).
-        max_tries: redraw rounds at most. A user with a fraction f of the catalogue keeps a
-            positive with probability about ``f ** (max_tries + 1)`` per entry (1e-10 at f = 0.5);
-            rounds stop early once nothing is left to redraw (one device sync per round).
-        use_extension: test membership with the C++ extension's ``csr_members`` (CPU tensors
-            only): a binary search per entry in parallel threads, re-checking only the redrawn
-            entries. ``None`` (default): where it is available. The draws are the same torch
-            ``randint`` calls on ``generator`` either way (one ``[B, k]`` draw per round, the bad
-            entries taking theirs), so the result is bit-identical with and without it.
-        use_triton: draw in one Triton kernel launch
-            (:mod:`lrml_kernels.triton.sampling_kernels`; with ``exclude_csr`` only): each entry
-            is drawn directly among the items its user has not trained on (a uniform rank, then
-            one binary search in the row), so no positive is ever drawn or redrawn and
-            ``max_tries`` only bounds the rare redraws that keep the rank exactly uniform. The
-            rows must then be strictly ascending (``Split.train_csr()`` is); with repeated
-            entries a training item can be drawn. ``None`` (default): on CUDA tensors where
-            Triton imports; ``True`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests). No host
-            synchronisation: the kernel's Philox seed is a one-element tensor drawn from
-            ``generator`` on the device. The same distribution as the torch path (exactly, where
-            that keeps a positive with probability ``f ** (max_tries + 1)``), reproducible for a
-            given generator state, but not the same numbers: the draws come from Philox counters,
-            not from ``torch.randint``. A user id outside the CSR's rows gets -1 (not checked on
-            CUDA tensors: the check would synchronise).
+        exclude_csr: ``(indptr [num_users + 1], indices)``, int32/int64 on the same device, each
+            row strictly ascending (``Split.train_csr()``; with repeated entries a training item
+            can be drawn). A user who owns every item gets a uniform item.
+        max_tries: Lemire redraws at most (each needed with probability below
+            ``num_items / 2**32``); after them the last draw is kept, still not a training item.
+        use_extension: on CPU tensors, draw with the C++ extension's ``sample_negatives`` (a
+            parallel loop, searches interleaved). ``None`` (default): where it is available;
+            ``False``: the torch ops (the same numbers, slower).
+        use_triton: draw in one Triton launch. ``None`` (default): on CUDA tensors where Triton
+            imports; ``True`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
+
+    On CPU tensors a user id outside the CSR's rows raises an ``IndexError``; on CUDA tensors it
+    gets -1 in every column (the check would synchronise).
     """
     if k < 0 or num_items < 1:
         raise ValueError(f"need k >= 0 and num_items >= 1, got k={k}, num_items={num_items}")
     if max_tries < 0:
         raise ValueError(f"need max_tries >= 0, got {max_tries}")
     device = users.device
-    shape = (users.shape[0], k)
-    if exclude_csr is not None:
-        launch = _triton_sampler(device, use_triton)
-        if launch is not None:
-            indptr, indices = _check_csr(users, exclude_csr, num_items)
-            seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
-            return launch(users, num_items, k, indptr, indices, seed, max_tries)
-    neg = torch.randint(0, num_items, shape, generator=generator, device=device)
-    if exclude_csr is None or neg.numel() == 0:
-        return neg
-    indptr, indices = exclude_csr
-    users = users.to(torch.int64)
-    members = None
-    if use_extension is not False and device.type == "cpu" and indptr.device.type == "cpu":
-        members = data_op("csr_members")
-        if members is None and use_extension:
-            raise RuntimeError("use_extension=True but the C++ extension is unavailable")
-    if members is not None:
-        return _sample_rejecting(
-            members, users, neg, num_items, generator, indptr, indices, max_tries
-        )
-    # A row (de-duplicated) holds at most num_items entries: that bounds the search, no sync.
-    bad = csr_membership(indptr, indices, users, neg, max_row_length=num_items)
-    for _ in range(max_tries):
-        if not bool(bad.any()):
-            break
-        redraw = torch.randint(0, num_items, shape, generator=generator, device=device)
-        neg = torch.where(bad, redraw, neg)
-        bad &= csr_membership(indptr, indices, users, neg, max_row_length=num_items)
-    return neg
+    if exclude_csr is None:
+        return torch.randint(0, num_items, (users.shape[0], k), generator=generator, device=device)
+    indptr, indices = _check_csr(users, exclude_csr, num_items)
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    launch = _triton_sampler(device, use_triton)
+    if launch is not None:
+        return launch(users, num_items, k, indptr, indices, seed, max_tries)
+    users, indptr, indices = users.long(), indptr.long(), indices.long()
+    on_cpu = device.type == "cpu"
+    op = data_op("sample_negatives") if on_cpu and use_extension is not False else None
+    if op is None and use_extension:
+        raise RuntimeError("use_extension=True but the C++ extension is unavailable")
+    if op is not None:  # checks the users itself
+        return op(indptr, indices, users, num_items, k, int(seed), max_tries)
+    if on_cpu and users.numel() > 0:
+        low, high = int(users.min()), int(users.max())
+        if low < 0 or high >= indptr.shape[0] - 1:
+            bad = low if low < 0 else high
+            raise IndexError(f"user {bad} is outside the CSR's {indptr.shape[0] - 1} rows")
+    return _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries)
 
 
 def _triton_sampler(device: torch.device, use_triton: bool | None):
@@ -160,16 +156,63 @@ def _check_csr(users, exclude_csr, num_items):
     return indptr, indices
 
 
-def _sample_rejecting(members, users, neg, num_items, generator, indptr, indices, max_tries):
-    """The rejection rounds of :func:`sample_negatives` with the extension: the same draws, but
-    only the positions still bad (a short list) are written and re-checked each round."""
-    indptr, indices = indptr.to(torch.int64), indices.to(torch.int64)
-    bad = members(indptr, indices, users, neg, None)
-    flat = neg.view(-1)
-    for _ in range(max_tries):
-        if bad.numel() == 0:
+_MASK32 = (1 << 32) - 1
+# Philox-4x32's multipliers and key increments (as in triton.language.random)
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of ``const · x`` for 32-bit ``const`` and ``x`` (int64 in
+    ``[0, 2**32)``), in 16-bit halves of ``const`` so that no product leaves int64."""
+    high, low = x * (const >> 16), x * (const & 0xFFFF)
+    return (high + (low >> 16)) >> 16, (((high & 0xFFFF) << 16) + low) & _MASK32
+
+
+def _philox_word(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, counter)`` as int64 in ``[0, 2**32)``: the first word of
+    Philox-4x32-10 at counter ``(low, high word of counter, 0, 0)`` with key ``(low, high word
+    of seed)``; ``seed [1]``, ``counter [E]`` non-negative int64."""
+    c0, c1 = counter & _MASK32, counter >> 32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(10):
+        high_b, low_b = _mul32(_PHILOX_ROUND_B, c2)
+        high_a, low_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries):
+    """:func:`sample_negatives` in torch ops (int64 inputs, any device): the Triton kernel's
+    numbers. A user outside the CSR's rows gets -1."""
+    B, nnz = users.shape[0], indices.shape[0]
+    total = B * k
+    valid = (users >= 0) & (users < indptr.shape[0] - 1)
+    row = torch.where(valid, users, 0)
+    start, count = indptr[row], indptr[row + 1] - indptr[row]
+    count = torch.where(count < num_items, count, 0).repeat_interleave(k)
+    start = start.repeat_interleave(k)
+    span = num_items - count
+    threshold = torch.full_like(span, 1 << 32) % span
+    entry = torch.arange(total, device=users.device)
+    m = _philox_word(seed, entry) * span  # below 2**63: span < 2**31
+    rank, todo = m >> 32, (m & _MASK32) < threshold
+    for t in range(1, max_tries + 1):
+        redo = todo.nonzero().squeeze(1)
+        if redo.numel() == 0:
             break
-        redraw = torch.randint(0, num_items, neg.shape, generator=generator)
-        flat[bad] = redraw.view(-1)[bad]
-        bad = members(indptr, indices, users, neg, bad)
-    return neg
+        m = _philox_word(seed, redo + t * total) * span[redo]
+        rank[redo] = m >> 32
+        todo[redo] = (m & _MASK32) < threshold[redo]
+    # the number of members p with indices[start + p] - p <= rank (non-decreasing in p)
+    lo, hi = torch.zeros_like(count), count
+    for _ in range(int(num_items).bit_length() if nnz else 0):
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        below = indices[(start + mid).clamp(max=nnz - 1)] - mid <= rank
+        lo = torch.where(active & below, mid + 1, lo)
+        hi = torch.where(active & ~below, mid, hi)
+    items = (rank + lo).view(B, k)
+    return torch.where(valid[:, None], items, -1)

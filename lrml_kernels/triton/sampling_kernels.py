@@ -13,21 +13,24 @@ complement of its user's training items, with no rejection of positives:
    (``indices[p] - p`` non-members lie below its p-th item): ``log2(c)`` dependent reads, all the
    lanes of a program in lockstep.
 
-Redrawing positives instead (the torch path) costs ``1 / (1 - c/n)`` searches per entry: Netflix
-has users who rated nearly all of its 17,770 films, and with per-user counts log-normal at
-Netflix's median (96) and mean (209), a batch of 4,096 users drawn by ratings holds ~160 of its
-16,384 entries from users with over half the catalogue. Their rejection chains (tens to hundreds
-of searches, each ~12 dependent reads) would set the kernel's time; here every entry costs one.
+Redrawing positives instead (rejection sampling) would cost ``1 / (1 - c/n)`` searches per
+entry: Netflix has users who rated nearly all of its 17,770 films, and with per-user counts
+log-normal at Netflix's median (96) and mean (209), a batch of 4,096 users drawn by ratings holds
+~160 of its 16,384 entries from users with over half the catalogue. Their rejection chains (tens
+to hundreds of searches, each ~12 dependent reads) would set the kernel's time; here every entry
+costs one.
 
 The rows must be strictly ascending (de-duplicated, as ``Split.train_csr()``): with repeats the
 count of non-members is off and an entry can land on a training item. A user who owns every item
-gets a uniform item (necessarily a positive, as the torch path's after ``max_tries``).
+gets a uniform item (necessarily a positive).
 
 The counter of entry ``e`` in round ``t`` is ``e + t · B·k``: every (entry, round) has its own
 Philox stream, so the result depends on the seed and the shapes only, not on the block size, the
-launch or the device (the interpreter gives the GPU's bits). The seed is a one-element int64
-tensor on the device, drawn from the caller's ``torch.Generator`` by the caller and loaded by the
-kernel: no host synchronisation anywhere.
+launch or the device (the interpreter gives the GPU's bits). The CPU's C++ op
+(``csrc/cpu/sampling_cpu.cpp``) and the torch ops of :mod:`lrml_kernels.data.sampling` compute
+the same arithmetic, so a seed gives the same negatives on every path. The seed is a one-element
+int64 tensor on the device, drawn from the caller's ``torch.Generator`` by the caller and loaded
+by the kernel: no host synchronisation anywhere.
 
 Cost (Netflix: 100 M training pairs, 480 K users, 17,770 items; B = 4096, k = 4): 16,384 lanes
 in 512 one-warp programs, all resident at once (52 registers, no spills on sm_90); a warp's
