@@ -39,6 +39,7 @@ __all__ = [
     "cache_dir",
     "read_citeulike",
     "read_csv",
+    "read_mat",
     "read_movielens",
     "read_movielens_ratings",
     "read_ncf",
