@@ -42,7 +42,7 @@ import torch
 
 from lrml_kernels import data as lkdata
 from lrml_kernels.data._compiled import data_op
-from lrml_kernels.data.sampling import MAX_TRIES
+from lrml_kernels.data.sampling import MAX_TRIES, sampler_seed
 
 _MASK32 = (1 << 32) - 1
 _FEISTEL_ROUNDS = 4
@@ -75,8 +75,7 @@ class EpochOrder:
             perm = torch.randperm(n, device=device, generator=gen)
             self._perm = perm[rank : self.size * world : world]
         else:
-            self._key_tensor = torch.randint(0, 1 << 32, (_FEISTEL_ROUNDS,), generator=gen)
-            self._keys = self._key_tensor.tolist()
+            self._keys = torch.randint(0, 1 << 32, (_FEISTEL_ROUNDS,), generator=gen)
             self._a = math.isqrt(n - 1) + 1  # ceil(sqrt(n)) for n >= 1
             self._b = -(-n // self._a)
             self._chunk_start, self._chunk = 0, torch.empty(0, dtype=torch.int64)
@@ -92,7 +91,7 @@ class EpochOrder:
             start, end = lo, min(self.size, max(hi, lo + _CHUNK))
             if self._op is not None:
                 x = self._op(
-                    self._key_tensor, start, end - start, self.n, self.world, self.rank,
+                    self._keys, start, end - start, self.n, self.world, self.rank,
                     self._a, self._b,
                 )  # fmt: skip
             else:
@@ -107,7 +106,7 @@ class EpochOrder:
     def _permute(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._a, self._b
         left, right = x // b, x % b  # left in [0, a), right in [0, b)
-        for i, key in enumerate(self._keys):
+        for i, key in enumerate(self._keys.tolist()):
             left, right = right, (left + _hash32(right ^ key)) % (a if i % 2 == 0 else b)
         return left * b + right  # after an even number of rounds: left in [0, a) again
 
@@ -193,8 +192,8 @@ class BatchPipeline:
 
     def _prepare(self, order: EpochOrder, k: int) -> Batch:
         idx = order.rows(k * self.batch_size, min((k + 1) * self.batch_size, len(order)))
-        if self._batch_op is not None:  # the seed drawn as sample_negatives draws it
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        if self._batch_op is not None:
+            seed = int(sampler_seed(self.generator, self.device))
             users, items = self._batch_op(
                 idx, self.users, self.items, *self._csr, self.num_items, self.negatives, seed,
                 MAX_TRIES, self._pool is None,  # on the background thread: that thread alone

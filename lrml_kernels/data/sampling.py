@@ -99,7 +99,7 @@ def sample_negatives(
     if exclude_csr is None:
         return torch.randint(0, num_items, (users.shape[0], k), generator=generator, device=device)
     indptr, indices = _check_csr(users, exclude_csr, num_items)
-    seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    seed = sampler_seed(generator, device)
     launch = _triton_sampler(device, use_triton)
     if launch is not None:
         return launch(users, num_items, k, indptr, indices, seed, max_tries)
@@ -116,6 +116,12 @@ def sample_negatives(
             bad = low if low < 0 else high
             raise IndexError(f"user {bad} is outside the CSR's {indptr.shape[0] - 1} rows")
     return _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries)
+
+
+def sampler_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    """The ``[1]`` int64 seed of one :func:`sample_negatives` call, drawn from ``generator`` on
+    ``device`` (every path draws it so, and a caller that draws for itself must too)."""
+    return torch.randint(0, 2**62, (1,), generator=generator, device=device)
 
 
 def _triton_sampler(device: torch.device, use_triton: bool | None):
@@ -152,7 +158,7 @@ def _check_csr(users, exclude_csr, num_items):
     if indptr.shape[0] < 1:
         raise ValueError("indptr needs num_users + 1 >= 1 entries")
     if num_items >= 2**31:
-        raise ValueError(f"the Triton sampler draws items below 2**31, got num_items={num_items}")
+        raise ValueError(f"the samplers draw items below 2**31, got num_items={num_items}")
     return indptr, indices
 
 
