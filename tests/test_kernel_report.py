@@ -218,6 +218,16 @@ def test_ci_subset_has_no_spills(ci_rows):
     assert not spilling, spilling
 
 
+def test_ci_training_kernels_give_every_sm_a_program(ci_rows):
+    """Issue 15: at B = 4096 × 5 every Triton launch of the hinge fwd+bwd (forward, hinge,
+    backward) gives each of the 132 SMs at least one program."""
+    rows = [r for r in ci_rows if r["source"] == "triton" and r["op"] == "hinge"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"_lrml_pair_forward_kernel", "_hinge_kernel", "_lrml_backward_kernel"} <= kernels
+    idle = [f"{r['kernel']} {r['relation']} {r['dtype']}: {r['programs']}" for r in rows]
+    assert all(r["sms_busy"] == kr.SMS for r in rows), idle
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_every_cuda_kernel_gets_a_row():
     try:

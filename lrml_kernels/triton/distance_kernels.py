@@ -621,6 +621,17 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
     return cfg
 
 
+def _hinge_block_rows(B: int, block_c: int, t: torch.Tensor) -> int:
+    """Rows per program of ``_hinge_kernel``: tiles of up to 1,024 elements, halved (down to
+    16 rows) while the launch would leave SMs without a program (B = 4096 × 5: 16 rows, 256
+    programs on 132 SMs, instead of 32 programs of 128 rows)."""
+    rows = max(16, min(128, 1024 // block_c))
+    if not _interpreted(t):
+        while rows > 16 and triton.cdiv(B, rows) < _sm_count(t):
+            rows //= 2
+    return rows
+
+
 def _backward_programs(B: int, cfg: dict, t: torch.Tensor) -> int:
     """One program per row block up to as many as the SMs hold at once (from the register cap);
     beyond that each program takes several row blocks (and the [programs, N, d] partial
@@ -693,7 +704,7 @@ def forward_launch(
             L = torch.empty(B, dtype=dtype, device=dev)
             G = torch.empty(B, C, dtype=ct, device=dev)
             block_c = triton.next_power_of_2(C)
-            block_r = max(16, min(128, 1024 // block_c))
+            block_r = _hinge_block_rows(B, block_c, D)
             if B:
                 _hinge_kernel[(triton.cdiv(B, block_r),)](
                     D, D.stride(0), D.stride(1),
