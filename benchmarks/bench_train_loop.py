@@ -34,7 +34,8 @@ INTERACTIONS = {
     "small": 1_000_209,
     "netflix": lkdata.SYNTHETIC["synthetic-netflix"][2],
 }
-LOOP_STEPS = 200  # steps per timed fit (smoke mode: SMOKE_STEPS, untimed)
+LOOP_STEPS = 200  # steps per timed fit at --lrml-budget 1, scaled with it (smoke: SMOKE_STEPS)
+MIN_LOOP_STEPS = 20
 SMOKE_STEPS = 3
 ROUNDS = 3  # rounds of (the step alone, then one fit); the record keeps the fastest of each
 
@@ -109,24 +110,25 @@ def test_train_loop(benchmark, case, provider):
         assert all(math.isfinite(e["loss"]) for e in epochs["epochs"])
         return
     fit(_config(case, provider, 2), None, split=split)  # warm-up: JIT, kernels, allocator
-    cfg = _config(case, provider, LOOP_STEPS)
-    batches = _batches(case, cfg, split, LOOP_STEPS)
+    steps = max(MIN_LOOP_STEPS, min(LOOP_STEPS, round(LOOP_STEPS * bl.SETTINGS["budget_s"])))
+    cfg = _config(case, provider, steps)
+    batches = _batches(case, cfg, split, steps)
     loop_s, step_s = [], []
 
     def one_round():  # the step alone, then the loop: side by side in every round
         step_s.append(_step_seconds(case, cfg, split, batches))
         epochs = fit(cfg, None, split=split)["epochs"]
-        assert sum(e["steps"] for e in epochs) == LOOP_STEPS
+        assert sum(e["steps"] for e in epochs) == steps
         assert all(math.isfinite(e["loss"]) for e in epochs)
         loop_s.append(sum(e["seconds"] for e in epochs))  # fit's own clock: steps, not set-up
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    pairs = LOOP_STEPS * s.B * s.C
+    pairs = steps * s.B * s.C
     bl.record_time(
         benchmark, case, provider, min(loop_s), workload="train loop", variant="adam", pairs=pairs,
         extra={
-            "steps": LOOP_STEPS, "interactions": len(split.train.users),
+            "steps": steps, "interactions": len(split.train.users),
             "step_pairs_per_s": pairs / min(step_s), "loop_vs_step": min(step_s) / min(loop_s),
-            "timer": f"fit's epoch clocks, fastest of {ROUNDS} fits of {LOOP_STEPS} steps",
+            "timer": f"fit's epoch clocks, fastest of {ROUNDS} fits of {steps} steps",
         },
     )  # fmt: skip

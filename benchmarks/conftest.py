@@ -150,7 +150,8 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(session, config, items):
     """Run each case's benchmarks together (inputs are built once per case), cases in the order
     of --lrml-size (the GPU check puts the Netflix size first), eager before its peers, the
-    compile peers last in each size; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
+    train loop (which first synthesises and splits its data) and then the compile peers last in
+    each size; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
     sizes = [s.name for s in config._lrml_sizes]
     rank = {p: i for i, p in enumerate(benchlib.PROVIDERS)}
     headline = config.getoption("--lrml-workloads") == "headline"
@@ -172,6 +173,7 @@ def pytest_collection_modifyitems(session, config, items):
             cs.params.get("provider") == "compile",
             case.device,
             list(benchlib.DTYPES).index(case.dtype_name),
+            item.originalname == "test_train_loop",  # last: it builds Netflix-size data first
             item.fspath.basename,
             item.originalname,
             tuple(str(v) for k, v in sorted(cs.params.items()) if k not in ("case", "provider")),

@@ -9,7 +9,8 @@
 #                subset ran); LRML_GPU_TESTS_BUDGET_S tells it the step's time limit
 #   4 bench      the headline workloads at Netflix size (benchlib.HEADLINE): hinge fwd+bwd in
 #                both relations at B = 4096 x 5 and at B = 2^20 x 2 (fp32, bf16), the train step,
-#                the epoch, the all-user top-10 (fp32); compile peers in fp32, after the rest
+#                the epoch, the all-user top-10 (fp32), then the train loop (fit on synthetic
+#                Netflix data beside its step: issue 19's GPU target); compile peers in fp32 last
 #   5 profile    benchmarks/profile_gpu.py: torch.profiler over a train step and a hinge fwd+bwd
 #                (B = 4096 x 5, B = 2^20 x 2) for the torch, triton and cuda backends
 #   6 report     benchmarks/report.py: the Markdown table of step 4, always written
