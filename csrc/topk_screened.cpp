@@ -195,10 +195,11 @@ Tensor screen_lower_bounds(const Call& c, const Screen& s, const Tensor& us) {
   Tensor pK = round_operand((Pf.unsqueeze(1) * s.Kf.unsqueeze(0)).reshape({n * N, d}), s.bf16);
   Tensor a = at::softmax(at::mm(pK, s.QrT).view({n, N, I}), 1);  // [n, N, I]
   Tensor pq = at::mm(round_operand(Pf, s.bf16), s.QrT);         // [n, I]
-  // a_n ((MMᵀ a)_n + 2 (M p)_n − 2 (M q)_n), summed over n: 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a.
-  Tensor t = at::matmul(s.Gr, round_operand(a, s.bf16));  // [n, N, I]
-  Tensor Mp = at::mm(Pd, s.Md.t()).to(at::kFloat);         // [n, N]
-  t.add_(Mp.unsqueeze(2), 2.0).sub_(s.MQ, 2.0).mul_(a);
+  // Σ_n a_n t_n with t = 2(Mp − Mq) + (MMᵀ) a (a batched GEMM accumulating into t):
+  // 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a.
+  Tensor Mp = at::mm(Pd, s.Md.t()).to(at::kFloat);  // [n, N]
+  Tensor t = (Mp.unsqueeze(2) - s.MQ).mul_(2.0);     // [n, N, I]
+  t.baddbmm_(s.Gr.expand({n, N, N}), round_operand(a, s.bf16)).mul_(a);
   Tensor pp = (Pd * Pd).sum(1).to(at::kFloat);
   Tensor x = t.sum(1).add_(pp.unsqueeze(1)).add_(s.qq.unsqueeze(0)).sub_(pq, 2.0);  // ‖e‖²
   // δ = 2 √(max(x, 0) + c_r R²) ρ + ρ² + c_r R², ρ = μ_c (c_z κ ‖q‖ + c_r), R = ‖p‖ + ‖q‖ + μ.
