@@ -60,7 +60,7 @@ struct Call {
   Distance dist = Distance::L2;
   c10::string_view distance;
   double eps = 0;
-  int64_t B = 0, k = 0, kk = 0;
+  int64_t B = 0, kk = 0;  // kk = min(k, I)
 };
 
 // The pair distances op through the dispatcher: D [B, C] in the parameter dtype.
@@ -320,7 +320,6 @@ std::tuple<Tensor, Tensor, Tensor> topk_screened(
   Tensor out_i = at::full({B, k}, -1, c.users.options());
   Tensor fallback = at::zeros({B}, c.users.options().dtype(at::kBool));
   if (B == 0 || I == 0) return {out_d, out_i, fallback};
-  c.k = k;
   c.kk = std::min(k, I);
   const int64_t kc = candidates > 0 ? candidates : candidates_for(k);
   const auto rank_dtype = dt == at::kDouble ? at::kDouble : at::kFloat;

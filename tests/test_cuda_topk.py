@@ -71,6 +71,16 @@ def test_k_beyond_the_catalogue_equals_the_cpu_backend(ops, distance):
     assert torch.equal(ids, i2)
 
 
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize(("d", "N", "I", "B"), [(1, 1, 1, 3), (1, 1, 40, 5), (2, 3, 17, 0)])
+def test_tiny_shapes(ops, d, N, I, B, distance):
+    (P, Q, K, M), users = tables(d, N, B, torch.float64, U=4, I=I, seed=10)
+    dist, ids, fallback = ops.topk_screened(P, Q, K, M, users, 3, None, None, distance, 1e-3, 0)
+    assert dist.shape == ids.shape == (B, 3) and fallback.shape == (B,)
+    if B:
+        check_topk(dist, ids, P, Q, K, M, users, 3, None, distance, 1e-9)
+
+
 def test_certificate_failure_takes_the_direct_path(ops):
     # User 0's nearest item copied into 20 more slots: 21 exact ties. With a candidate list of
     # k = 5 the k-th exact distance equals the smallest dropped lower bound's item's, so the
@@ -135,9 +145,7 @@ def test_planted_near_ties_at_the_boundary(ops, dtype, spread, tol, copies, prec
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        dist, ids, fallback = ops.topk_screened(
-            *params, users, 10, indptr, indices, "l2", 1e-3, 0
-        )
+        dist, ids, fallback = ops.topk_screened(*params, users, 10, indptr, indices, "l2", 1e-3, 0)
     finally:
         torch.set_float32_matmul_precision(before)
     check_topk(dist, ids, *params, users, 10, (indptr, indices), "l2", tol)
@@ -157,9 +165,7 @@ def test_user_chunks_on_the_netflix_catalogue(ops):
     # answer is the cpu backend's (a different exact algorithm).
     (P, Q, K, M), users = tables(16, 20, 350, torch.float32, U=400, I=17770, seed=6)
     indptr, indices = make_exclude(350, 17770, seed=7)
-    dist, ids, fallback = ops.topk_screened(
-        P, Q, K, M, users, 10, indptr, indices, "l2", 1e-3, 0
-    )
+    dist, ids, fallback = ops.topk_screened(P, Q, K, M, users, 10, indptr, indices, "l2", 1e-3, 0)
     d2, i2 = ops.topk(P, Q, K, M, users, 10, indptr, indices, "l2", 1e-3)
     assert torch.equal(ids, i2)
     torch.testing.assert_close(dist, d2, rtol=1e-6, atol=1e-6)
