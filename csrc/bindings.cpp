@@ -40,6 +40,12 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("topk(" LRML_PARAMS
         ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
         " float eps) -> (Tensor, Tensor)");
+  // Device-generic (ATen ops, CompositeExplicitAutograd, topk_screened.cpp): the cuda backend's
+  // topk; returns (distances, ids, fallback [B] bool) for a candidate list of `candidates` (0:
+  // default).
+  m.def("topk_screened(" LRML_PARAMS
+        ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
+        " float eps, int candidates) -> (Tensor, Tensor, Tensor)");
   m.def("relations(" LRML_PARAMS ", Tensor users, Tensor items) -> (Tensor, Tensor)");
   m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"

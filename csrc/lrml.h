@@ -20,13 +20,13 @@ namespace cuda {
 // keys_f/memory_f are fp32 copies of K and M ([N, d], row-major). Every launcher returns nullptr on
 // success, else a static string describing the CUDA error (the launch-error check).
 
-// D [B, C] (fp32) of every (users[b], items[b, c]) pair. With all_items != 0, `items` is ignored
-// and column c is item c (C = number of items): the per-user scoring of top-k.
+// D [B, C] (fp32) of every (users[b], items[b, c]) pair (also top-k's re-score and direct path,
+// through the distances op: csrc/topk_screened.cpp).
 const char* launch_distances(DType dtype, const void* user_emb, const void* item_emb,
                              const float* keys_f, const float* memory_f, const int64_t* users,
                              const int64_t* items, int64_t B, int64_t C, int64_t N, int64_t d,
-                             Distance distance, Relation relation, float eps, int all_items,
-                             float* D_out, void* stream);
+                             Distance distance, Relation relation, float eps, float* D_out,
+                             void* stream);
 
 // Backward of the distances for a given upstream gradient gD [B, C] (fp32): per-row gradients
 // grad_user_rows [B, d], grad_item_rows [B, C, d] (fp32) and block partials of the keys/memory

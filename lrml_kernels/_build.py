@@ -12,6 +12,7 @@ from pathlib import Path
 CPU_SOURCES = (
     "bindings.cpp",
     "fused_hinge_autograd.cpp",
+    "topk_screened.cpp",
     "cpu/lrml_cpu.cpp",
     "cpu/topk_cpu.cpp",
     "cpu/relations_cpu.cpp",

@@ -247,6 +247,15 @@ def _register_python_side() -> None:
         B = users.shape[0]
         return P.new_empty(B, k), users.new_empty(B, k, dtype=torch.int64)
 
+    @torch.library.register_fake(lib + "topk_screened")
+    def _(P, Q, K, M, users, k, exclude_indptr, exclude_indices, distance, eps, candidates):
+        B = users.shape[0]
+        return (
+            P.new_empty(B, k),
+            users.new_empty(B, k, dtype=torch.int64),
+            users.new_empty(B, dtype=torch.bool),
+        )
+
     @torch.library.register_fake(lib + "relations")
     def _(P, Q, K, M, users, items):
         return P.new_empty(users.shape[0], K.shape[0]), P.new_empty(users.shape[0], P.shape[1])

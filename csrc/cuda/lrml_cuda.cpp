@@ -3,6 +3,7 @@
 // the CUDA dispatch key of the lrml_ext ops (the schema is defined by the CPU library).
 #include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -67,7 +68,7 @@ Tensor distances_f32(const CudaPrepared& pr, double eps) {
                                 pr.Kf.data_ptr<float>(), pr.Mf.data_ptr<float>(),
                                 pr.b.users.data_ptr<int64_t>(), pr.b.items.data_ptr<int64_t>(),
                                 pr.b.B, pr.b.C, pr.p.N, pr.p.d, pr.distance, pr.relation,
-                                static_cast<float>(eps), 0, D.data_ptr<float>(), stream()),
+                                static_cast<float>(eps), D.data_ptr<float>(), stream()),
                "distances");
   return D;
 }
@@ -204,83 +205,30 @@ std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_
   return {a.to(dt), r.to(dt)};
 }
 
-// Exact top-k: the direct formula for every (user, item) of a chunk of users (fp32 [chunk, I]),
-// exclusions masked, a stable sort (ties: smaller id first), the k first kept.
+// Exact top-k: lrml_ext::topk_screened on these CUDA tensors (csrc/topk_screened.cpp: cuBLAS
+// screen, candidates re-scored by launch_distances, certificate, direct fallback), after the
+// checks of this backend (device, dtypes), so its errors name the cuda backend.
 std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
                                 const Tensor& keys, const Tensor& memory, const Tensor& users,
                                 int64_t k, const std::optional<Tensor>& exclude_indptr,
                                 const std::optional<Tensor>& exclude_indices,
                                 c10::string_view distance, double eps) {
   const c10::cuda::CUDAGuard guard(user_emb.device());
-  const Distance dist = parse_distance(str(distance));
+  parse_distance(str(distance));
   check_eps(eps);
   TORCH_CHECK_VALUE(k >= 1, "k must be at least 1, got ", k);
-  Params p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
-                          {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
-  Tensor u = check_index("users", users, 1, p.P.device());
-  check_index_range("users", u, p.U);
-  const int64_t B = u.size(0), I = p.I;
-  TORCH_CHECK_VALUE(exclude_indptr.has_value() == exclude_indices.has_value(),
-                    "exclude must be None or a CSR pair (indptr [B+1], indices)");
-  Tensor indptr, indices;
-  if (exclude_indptr.has_value()) {
-    indptr = check_index("exclude indptr", *exclude_indptr, 1, p.P.device());
-    indices = check_index("exclude indices", *exclude_indices, 1, p.P.device());
-    TORCH_CHECK_VALUE(indptr.size(0) == B + 1, "exclude indptr has ", indptr.size(0),
-                      " entries but users has ", B, " rows: it must have B + 1 = ", B + 1);
-    Tensor ends = at::stack({indptr[0], indptr[B]}).cpu();
-    TORCH_CHECK_VALUE(ends[0].item<int64_t>() == 0 && ends[1].item<int64_t>() == indices.size(0),
-                      "exclude indptr must start at 0 and end at len(indices) = ",
-                      indices.size(0));
-    if (B > 0) {
-      TORCH_CHECK_VALUE(!(indptr.narrow(0, 1, B) < indptr.narrow(0, 0, B)).any().item<bool>(),
-                        "exclude indptr must be non-decreasing");
-    }
-    check_index_range("exclude indices", indices, I);
-  }
-  const auto dt = p.P.scalar_type();
-  Tensor out_d = at::full({B, k}, INFINITY, p.P.options().dtype(at::kFloat));
-  Tensor out_i = at::full({B, k}, -1, p.P.options().dtype(at::kLong));
-  if (B == 0 || I == 0) return {out_d.to(dt), out_i};
-  Tensor Kf = p.K.to(at::kFloat).contiguous(), Mf = p.M.to(at::kFloat).contiguous();
-  const int64_t kk = std::min(k, I);
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 25) / I);
-  Tensor item_ids = at::arange(I, u.options());
-  for (int64_t s = 0; s < B; s += chunk) {
-    const int64_t nb = std::min(chunk, B - s);
-    Tensor us = u.narrow(0, s, nb).contiguous();
-    Tensor D = at::empty({nb, I}, p.P.options().dtype(at::kFloat));
-    check_launch(launch_distances(dtype_of(p.P), p.P.data_ptr(), p.Q.data_ptr(),
-                                  Kf.data_ptr<float>(), Mf.data_ptr<float>(),
-                                  us.data_ptr<int64_t>(), nullptr, nb, I, p.N, p.d, dist,
-                                  Relation::Pair, static_cast<float>(eps), 1,
-                                  D.data_ptr<float>(), stream()),
-                 "topk");
-    Tensor excluded;
-    if (indptr.defined()) {
-      Tensor ip = indptr.narrow(0, s, nb + 1);
-      Tensor counts = ip.narrow(0, 1, nb) - ip.narrow(0, 0, nb);
-      Tensor rows = at::repeat_interleave(at::arange(nb, u.options()), counts);
-      Tensor lo = ip[0], hi = ip[nb];
-      const int64_t a = lo.item<int64_t>(), bnd = hi.item<int64_t>();
-      Tensor cols = indices.narrow(0, a, bnd - a);
-      excluded = at::zeros({nb, I}, p.P.options().dtype(at::kBool));
-      excluded.index_put_({rows, cols}, true);
-      D.masked_fill_(excluded, NAN);  // sorts after +inf: excluded items come last
-    }
-    auto sorted = at::sort(D, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    Tensor dd = std::get<0>(sorted).narrow(1, 0, kk);
-    Tensor ii = std::get<1>(sorted).narrow(1, 0, kk);
-    if (excluded.defined()) {
-      Tensor ex = excluded.gather(1, ii);
-      ii = ii.masked_fill(ex, -1);
-      dd = dd.masked_fill(ex, INFINITY);
-    }
-    out_d.narrow(0, s, nb).narrow(1, 0, kk).copy_(dd);
-    out_i.narrow(0, s, nb).narrow(1, 0, kk).copy_(ii);
-  }
-  (void)item_ids;
-  return {out_d.to(dt), out_i};
+  check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
+               {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrml_ext::topk_screened", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(
+              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+              const std::optional<Tensor>&, const std::optional<Tensor>&, c10::string_view,
+              double, int64_t)>();
+  auto out = op.call(user_emb, item_emb, keys, memory, users, k, exclude_indptr, exclude_indices,
+                     distance, eps, 0);
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 }  // namespace

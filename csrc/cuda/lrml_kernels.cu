@@ -45,7 +45,7 @@ __global__ void distances_kernel(const T* __restrict__ P, const T* __restrict__ 
                                  const int64_t* __restrict__ users,
                                  const int64_t* __restrict__ items, int64_t B, int64_t C, int N,
                                  int d, Distance distance, Relation relation, float eps,
-                                 int all_items, bool kmsmem, float* __restrict__ D_out) {
+                                 bool kmsmem, float* __restrict__ D_out) {
   extern __shared__ float smem[];
   const int64_t nd = static_cast<int64_t>(N) * d;
   const float *K, *M;
@@ -64,8 +64,7 @@ __global__ void distances_kernel(const T* __restrict__ P, const T* __restrict__ 
     const T* p = P + users[b] * d;
     if (pair) {
       const int64_t c = unit % C;
-      const int64_t item = all_items ? c : items[b * C + c];
-      const T* q = Q + item * d;
+      const T* q = Q + items[b * C + c] * d;
       warp_attend(p, q, K, M, N, d, s, a, r, lane);
       const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
       if (lane == 0) D_out[b * C + c] = Dv;
@@ -218,7 +217,7 @@ template <typename T>
 const char* distances_typed(const void* P, const void* Q, const float* K, const float* M,
                             const int64_t* users, const int64_t* items, int64_t B, int64_t C,
                             int64_t N, int64_t d, Distance distance, Relation relation, float eps,
-                            int all_items, float* D_out, cudaStream_t stream) {
+                            float* D_out, cudaStream_t stream) {
   const Config cfg = configure(N, d, 2 * d + N);
   if (const char* e = prepare_kernel(distances_kernel<T>, cfg)) return e;
   const int64_t units = relation == Relation::Pair ? B * C : B;
@@ -228,7 +227,7 @@ const char* distances_typed(const void* P, const void* Q, const float* K, const 
   grid = grid < max_grid ? grid : max_grid;
   distances_kernel<T><<<static_cast<unsigned>(grid), cfg.warps * kWarp, cfg.smem, stream>>>(
       static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, B, C,
-      static_cast<int>(N), static_cast<int>(d), distance, relation, eps, all_items, cfg.kmsmem,
+      static_cast<int>(N), static_cast<int>(d), distance, relation, eps, cfg.kmsmem,
       D_out);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -270,20 +269,19 @@ int64_t backward_grid(int64_t B, int64_t N, int64_t d, const char** error) {
 const char* launch_distances(DType dtype, const void* user_emb, const void* item_emb,
                              const float* keys_f, const float* memory_f, const int64_t* users,
                              const int64_t* items, int64_t B, int64_t C, int64_t N, int64_t d,
-                             Distance distance, Relation relation, float eps, int all_items,
-                             float* D_out, void* stream) {
+                             Distance distance, Relation relation, float eps, float* D_out,
+                             void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32:
       return distances_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
-                                    d, distance, relation, eps, all_items, D_out, st);
+                                    d, distance, relation, eps, D_out, st);
     case DType::Float16:
       return distances_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
-                                     d, distance, relation, eps, all_items, D_out, st);
+                                     d, distance, relation, eps, D_out, st);
     case DType::BFloat16:
       return distances_typed<__nv_bfloat16>(user_emb, item_emb, keys_f, memory_f, users, items,
-                                            B, C, N, d, distance, relation, eps, all_items, D_out,
-                                            st);
+                                            B, C, N, d, distance, relation, eps, D_out, st);
   }
   return "unsupported dtype";
 }
