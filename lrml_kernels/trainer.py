@@ -254,6 +254,10 @@ class LRMLTrainer:
                 f"the {backend!r} backend cannot be captured; use one of {GRAPH_BACKENDS} "
                 "(their steps are free of host syncs)"
             )
+        try:
+            import lrml_kernels.triton.row_update  # noqa: F401
+        except ImportError as exc:
+            return f"the captured updates are Triton kernels, and Triton cannot be imported ({exc})"
         if self.skip_nonfinite:
             return "skip_nonfinite=True reads every step's loss on the host, which a graph cannot"
         if self._world() > 1:
@@ -264,28 +268,30 @@ class LRMLTrainer:
         """One step through the CUDA graph of this batch's shape (captured on its first step)."""
         m = self.model
         key = (
-            tuple(items.shape), users.dtype, items.dtype, self._impl.name, m.distance,
-            m.relation, m.margin, m.eps, m.max_norm, torch.get_float32_matmul_precision(),
+            tuple(items.shape), users.dtype, items.dtype, users.device, self._impl.name,
+            m.distance, m.relation, m.margin, m.eps, m.max_norm,
+            torch.get_float32_matmul_precision(),
         )  # fmt: skip
+        graph = self._graphs.get(key)
+        if graph is None:
+            why = self._graph_refusal(users.device, self._impl.name)
+            if why:
+                raise ValueError(f"cuda_graph=True: {why}")
         self._advance()
         ptrs = self._graph_storage()
         if ptrs != self._graph_ptrs:  # tables or state reallocated: every graph is stale
             self._graphs.clear()
-            self._graph_ptrs = ptrs
-        graph = self._graphs.get(key)
+            self._graph_ptrs, graph = ptrs, None
         if graph is not None:
             graph.users.copy_(users)
             graph.items.copy_(items)
             graph.graph.replay()
             return graph.loss.clone()
-        if len(self._graphs) >= MAX_GRAPHS:
-            loss, *grads = self._gradients(users, items)
-            self._update(users, items, *grads)
+        if len(self._graphs) < MAX_GRAPHS:
+            loss, self._graphs[key] = self._capture(users, items)
             return loss
-        why = self._graph_refusal(users.device, self._impl.name)
-        if why:
-            raise ValueError(f"cuda_graph=True: {why}")
-        loss, self._graphs[key] = self._capture(users, items)
+        loss, *grads = self._gradients(users, items)
+        self._update(users, items, *grads)
         return loss
 
     def _capture(self, users, items):
@@ -301,6 +307,7 @@ class LRMLTrainer:
             self._update(static.users, static.items, *grads)
         current.wait_stream(side)
         loss.record_stream(current)
+        del grads
         with torch.cuda.graph(static.graph):
             static.loss, *grads = self._gradients(static.users, static.items)
             self._update(static.users, static.items, *grads)

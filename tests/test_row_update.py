@@ -223,3 +223,59 @@ def test_gpu_step_runs_under_sync_debug_mode_error(backend, optimizer):
     torch.cuda.synchronize()
     assert state["step"] == 3
     assert torch.isfinite(table).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="reads the interpreter's launches")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_scalars_changed_in_place_reach_a_launch_with_the_same_arguments(
+    optimizer, triton_launches
+):
+    """The CPU proof that a replayed graph sees a new lr and eps: updates launched twice with
+    the same arguments, ``hyper`` changed in place between them, give exactly the updates of
+    launches handed the new values in a tensor of their own."""
+    from lrml_kernels.triton.row_update import dense_update_, row_update_
+
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64, "device": DEVICE}
+    per_row = {"adam": [(13,)] * 2, "adagrad": [(13,)], "rowwise_adagrad": [()], "sgd": []}
+
+    def tensors(rows):  # a table and its optimizer state
+        state = [torch.zeros(rows, *s, **f64) for s in per_row[optimizer]]
+        return torch.randn(rows, 13, **f64), state
+
+    (param, state), (table, table_state) = tensors(4), tensors(9)
+    want, want_state = param.clone(), [s.clone() for s in state]
+    want_table, want_table_state = table.clone(), [s.clone() for s in table_state]
+    start = param.clone()
+    idx = torch.tensor([3, 0, 3, 6, 3], device=DEVICE)
+    # inputs at fixed addresses, refilled in place, as a graph's static buffers
+    hyper = torch.empty(2, **f64)
+    grad, grad_rows = torch.empty(4, 13, **f64), torch.empty(5, 13, **f64)
+    grads = []
+    for lr, eps in ((0.1, 1e-8), (0.03, 1e-3)):  # a schedule's next lr; Adam's next eps
+        grads.append(grad.copy_(torch.randn(4, 13, **f64)).clone())
+        grad_rows.copy_(torch.randn(5, 13, **f64))
+        hyper.copy_(torch.tensor([lr, eps], dtype=torch.float64))  # in place: same address
+        dense_update_(param, grad, optimizer, hyper, tuple(state))
+        row_update_(table, idx, grad_rows, optimizer, hyper, tuple(table_state), max_norm=1.0)
+        own = torch.tensor([lr, eps], **f64)
+        dense_update_(want, grad, optimizer, own, tuple(want_state))
+        row_update_(
+            want_table, idx, grad_rows, optimizer, own, tuple(want_table_state), max_norm=1.0
+        )
+    assert torch.equal(param, want) and torch.equal(table, want_table)
+    for got, ref in zip(state + table_state, want_state + want_table_state, strict=True):
+        assert torch.equal(got, ref)
+    if optimizer == "sgd":  # the second launch used the second lr
+        torch.testing.assert_close(param, start - 0.1 * grads[0] - 0.03 * grads[1])
+    # The two dense launches on ``param`` had identical arguments; the two row updates differ
+    # only in the addresses of the sort's fresh outputs, which a graph's memory pool fixes.
+    dense = [a for _, a in triton_launches if a[0] == ("tensor", param.data_ptr())]
+    assert len(dense) == 2 and dense[0] == dense[1]
+    sort_outputs = (6, 7)  # sorted_ptr, perm_ptr
+    rows = [
+        [v for i, v in enumerate(a) if i not in sort_outputs]
+        for _, a in triton_launches
+        if a[0] == ("tensor", table.data_ptr())
+    ]
+    assert len(rows) == 2 and rows[0] == rows[1]

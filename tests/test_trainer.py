@@ -102,3 +102,54 @@ def test_state_dict_round_trip():
 def test_bad_optimizer_name():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "lbfgs")
+
+
+@pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_triton_steps_follow_an_lr_schedule_with_unchanged_launch_arguments(name, triton_launches):
+    """What lets a CUDA graph replay the step: over steps whose lr changes (a schedule) and
+    whose Adam bias corrections change, every Triton launch gets the same non-tensor arguments
+    and the same parameter, state and scalar tensors, yet the steps match the torch backend's
+    (host floats) step for step."""
+    torch.manual_seed(0)
+    fused = lk.LRML(30, 25, dim=8, memory_slots=3, backend="triton").double()
+    ref = copy.deepcopy(fused)
+    ref.backend = "torch"
+    trainer, want = LRMLTrainer(fused, name, lr=0.05), LRMLTrainer(ref, name, lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    per_step = []
+    for t in range(5):
+        lr = 0.05 * 0.5**t
+        trainer.set_lr(lr)
+        want.set_lr(lr)
+        users = torch.randint(0, 10, (16,), generator=g)
+        items = torch.randint(0, 8, (16, 4), generator=g)
+        triton_launches.clear()
+        torch.testing.assert_close(trainer.step(users, items), want.step(users, items))
+        for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        per_step.append(triton_launches[:])
+    kernels = [k for k, _ in per_step[0]]
+    assert kernels.count("_row_update_kernel") == 4, kernels
+    held = [trainer._hyper, *fused.parameters()]
+    held += [v for s in trainer.state.values() for v in s.values() if torch.is_tensor(v)]
+    held = {("tensor", t.data_ptr()) for t in held}
+    for launches in per_step[1:]:
+        assert [k for k, _ in launches] == kernels
+        for (_, first), (_, now) in zip(per_step[0], launches, strict=True):
+            # Tensors the step allocates (batch, gradients, sort) may move in eager mode; a
+            # graph's static inputs and memory pool fix them. Nothing else may change.
+            keep = [i for i, v in enumerate(first) if v in held or not isinstance(v, tuple)]
+            assert [first[i] for i in keep] == [now[i] for i in keep]
+
+
+def test_cuda_graph_is_refused_where_it_cannot_work():
+    m = lk.LRML(10, 10, dim=4, memory_slots=2)
+    with pytest.raises(ValueError, match="cuda_graph=True: CUDA graphs need the model on a CUDA"):
+        LRMLTrainer(m, "adam", cuda_graph=True)
+    cuda = torch.device("cuda")  # the reasons past the device, asked without a GPU
+    assert "'torch' backend" in LRMLTrainer(m, "adam")._graph_refusal(cuda, "torch")
+    skipping = LRMLTrainer(m, "adam", skip_nonfinite=True)
+    if why_unavailable("triton", "cpu") is None:
+        assert "skip_nonfinite" in skipping._graph_refusal(cuda, "triton")
+        assert LRMLTrainer(m, "adam")._graph_refusal(cuda, "triton") is None
