@@ -295,9 +295,9 @@ class LRMLTrainer:
         return loss
 
     def _capture(self, users, items):
-        """This step, run eagerly on a side stream (the warm-up the CUDA graph docs ask for),
-        then captured on static copies of the batch (a capture runs nothing). Returns the
-        step's loss and the graph."""
+        """This step, run eagerly on a side stream (the warm-up the CUDA graph docs ask for:
+        Triton compiles, the sort's workspace is allocated), then captured on static copies of
+        the batch (a capture runs nothing). Returns the step's loss and the graph."""
         static = _Graph(torch.cuda.CUDAGraph(), users.clone(), items.clone(), None)
         current = torch.cuda.current_stream(users.device)
         side = torch.cuda.Stream(users.device)
@@ -308,7 +308,10 @@ class LRMLTrainer:
         current.wait_stream(side)
         loss.record_stream(current)
         del grads
-        with torch.cuda.graph(static.graph):
+        # On the warm-up's stream (libraries that cache handles per stream have them); an
+        # unsafe call (a sync, a cudaMalloc) of this thread fails the capture, another thread's
+        # (the caller's data loading, pinning) does not.
+        with torch.cuda.graph(static.graph, stream=side, capture_error_mode="thread_local"):
             static.loss, *grads = self._gradients(static.users, static.items)
             self._update(static.users, static.items, *grads)
         return loss, static
