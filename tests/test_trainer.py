@@ -198,3 +198,57 @@ def test_cuda_graph_step_matches_the_eager_step(name, backend):
     assert graphed.state["keys"]["step"] == eager.state["keys"]["step"] == len(shapes)
     bitwise = all(torch.equal(a, b) for a, b in pairs)
     print(f"cuda graph vs eager, {backend} {name}: parameters bitwise equal: {bitwise}")
+
+
+class _Rerun:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the captured step again."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+@pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
+def test_graph_step_bookkeeping_gives_the_eager_steps(monkeypatch):
+    """The graph step's own logic on the CPU (capture and replay stood in for by running the
+    step on the graph's static inputs): one graph per batch shape, the batch copied in, the
+    loss copied out, at most MAX_GRAPHS shapes (then eager), a new capture after
+    load_state_dict, and the eager trainer's results bit for bit under an lr schedule."""
+    from lrml_kernels.trainer import MAX_GRAPHS, _Graph
+
+    def capture(self, users, items):
+        static = _Graph(None, users.clone(), items.clone(), None)
+
+        def run():  # as a replay: the loss written into the same tensor every time
+            loss, *grads = self._gradients(static.users, static.items)
+            self._update(static.users, static.items, *grads)
+            static.loss = loss if static.loss is None else static.loss.copy_(loss)
+
+        run()  # the warm-up step
+        static.graph = _Rerun(run)
+        return static.loss.clone(), static
+
+    monkeypatch.setattr(LRMLTrainer, "_capture", capture)
+    monkeypatch.setattr(LRMLTrainer, "_graph_refusal", lambda self, device, backend: None)
+    torch.manual_seed(0)
+    graphed_model = lk.LRML(30, 25, dim=8, memory_slots=3, backend="triton").double()
+    eager_model = copy.deepcopy(graphed_model)
+    graphed, eager = LRMLTrainer(graphed_model, "adam"), LRMLTrainer(eager_model, "adam")
+    graphed.cuda_graph = True  # the option itself is refused on CPU tensors
+    g = torch.Generator().manual_seed(1)
+    shapes = [(16, 4), (16, 4), (8, 4), (16, 4), (4, 2), (5, 2), (6, 2), (16, 4)]
+    got, want, held = [], [], []
+    for t, (B, C) in enumerate(shapes):
+        if t == len(shapes) - 1:  # reallocated state: every graph is captured again
+            graphed.load_state_dict(copy.deepcopy(graphed.state_dict()))
+        for tr in (graphed, eager):
+            tr.set_lr(0.01 * 0.7**t)
+        users = torch.randint(0, 10, (B,), generator=g)
+        items = torch.randint(0, 8, (B, C), generator=g)
+        got.append(graphed.step(users, items))
+        want.append(eager.step(users, items))
+        held.append(len(graphed._graphs))
+    assert held == [1, 1, 2, 2, 3, MAX_GRAPHS, MAX_GRAPHS, 1]  # (6, 2): eager, no 5th graph
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))  # each its own copy
+    for a, b in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert graphed.steps == eager.steps == len(shapes)
