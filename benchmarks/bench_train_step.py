@@ -9,6 +9,8 @@ rows after the step, as the fused trainer does):
   compile       as eager-sparse, the row math through torch.compile
   torch/cpu/triton/cuda  lrml_kernels.LRMLTrainer(model, optimizer="adam") on a model of that
                 backend (skipped, with the reason, until the trainer lands)
+  triton-graph  the triton trainer with cuda_graph=True: the first call captures the step, the
+                timed calls replay it (CUDA only; skipped elsewhere)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import lrml_kernels as lk
 from lrml_kernels import reference
 
-PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "triton-graph", "cuda")
 
 
 def make_step(case: bl.Case, provider: str):
@@ -63,8 +65,9 @@ def make_step(case: bl.Case, provider: str):
 
         return model, step
     trainer_cls = bl.trainer_class()
-    model = lk.LRML(s.U, s.I, s.d, s.N, backend=provider, **kw)
-    trainer = trainer_cls(model, optimizer="adam", lr=bl.LR)
+    graph = provider == "triton-graph"
+    model = lk.LRML(s.U, s.I, s.d, s.N, backend="triton" if graph else provider, **kw)
+    trainer = trainer_cls(model, optimizer="adam", lr=bl.LR, cuda_graph=graph)
     return model, trainer.step
 
 

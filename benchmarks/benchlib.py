@@ -219,8 +219,9 @@ def set_malloc_mode(mode: str) -> str:
 #   torch         lrml_kernels' "torch" backend (top-k: the reference's [B, I, N] rewrite; train
 #                 step: the fused LRMLTrainer over the torch backend)
 #   cpu/triton/cuda  lrml_kernels' backends (train step: LRMLTrainer on a model of that backend)
+#   triton-graph  train step only: the triton LRMLTrainer with cuda_graph=True (CUDA only)
 
-PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "triton-graph", "cuda")
 BACKEND_PROVIDERS = ("torch", "cpu", "triton", "cuda")
 BASELINE = "eager"
 
@@ -233,6 +234,10 @@ def _why_not(provider: str, device: str) -> str | None:
         if not hasattr(torch, "compile"):
             return "torch.compile is not in this torch"
         return None
+    if provider == "triton-graph":  # train step: the triton trainer captured as a CUDA graph
+        if device != "cuda":
+            return "CUDA graphs need a CUDA device"
+        return backends.why_unavailable("triton", device)
     if provider == "triton" and device == "cpu":
         return "the Triton interpreter is not a performance provider (triton runs on CUDA only)"
     if provider in BACKEND_PROVIDERS:

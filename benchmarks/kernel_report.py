@@ -586,7 +586,8 @@ def record_launches(case: Case) -> list[tuple]:
                 f32 = {"dtype": torch.float32, "device": "cuda"}
                 state = (torch.empty(Q.shape, **f32), torch.empty(Q.shape, **f32))
                 grad = torch.empty(case.B, case.C, case.d, dtype=Q.dtype, device="cuda")
-                ru.row_update_(Q, items, grad, "adam", 1e-3, state, max_norm=1.0)
+                hyper = torch.empty(2, **f32)  # (lr, eps), read by the kernel
+                ru.row_update_(Q, items, grad, "adam", hyper, state, max_norm=1.0)
             elif case.op == "negatives":  # sample_negatives' dispatch on CUDA tensors
                 sampling = importlib.import_module("lrml_kernels.data.sampling")
                 indptr = torch.empty(NETFLIX_U + 1, dtype=torch.int64, device="cuda")

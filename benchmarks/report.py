@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "cuda")
+PROVIDERS = ("eager", "eager-sparse", "compile", "torch", "cpu", "triton", "triton-graph", "cuda")
 WORKLOADS = (
     "distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "train loop", "epoch", "topk",
 )  # fmt: skip
@@ -45,7 +45,8 @@ PROVIDER_NOTES = {
     "train step / epoch": "eager = dense gradients + `torch.optim.Adam`; eager-sparse = "
     "`sparse=True` + `torch.optim.SparseAdam`; compile = eager-sparse with the row math "
     "compiled; every baseline projects its touched rows; torch/cpu/triton/cuda = "
-    '`lrml_kernels.LRMLTrainer(optimizer="adam")` on a model of that backend',
+    '`lrml_kernels.LRMLTrainer(optimizer="adam")` on a model of that backend; triton-graph = '
+    "the triton trainer with `cuda_graph=True` (the step replayed as one CUDA graph)",
     "topk": "eager = chunks of 64 users materialising `[64, I, d]` + `torch.topk` (what public "
     "reimplementations do); compile = `torch.compile` of that chunk scorer; torch = the "
     "reference's exact `[B, I, N]` rewrite; cpu/triton/cuda = `lrml_topk` of that backend",

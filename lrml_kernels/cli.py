@@ -59,6 +59,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="optimizer fused into the backward, touched rows only (default: on)",
     )
     a(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=d.cuda_graph,
+        help="capture the fused step as a CUDA graph per batch shape and replay it: fewer "
+        "kernel launches from the host for small batches (CUDA device, triton or cuda "
+        "backend, --on-nonfinite stop, one process; default: off)",
+    )
+    a(
         "--reject-positives",
         action=argparse.BooleanOptionalAction,
         default=d.reject_positives,
@@ -145,6 +153,7 @@ def _config(args) -> TrainConfig:
         eval_every=args.eval_every,
         seed=args.seed,
         fused_optimizer=args.fused_optimizer,
+        cuda_graph=args.cuda_graph,
         reject_positives=args.reject_positives,
         max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every,

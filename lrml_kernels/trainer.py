@@ -16,11 +16,18 @@ name               embeddings (touched rows only)            keys / memory
 ``rowwise_adagrad`` one accumulator per row (FBGEMM)          one accumulator per row
 ``sgd``            ``torch.optim.SGD`` (sparse)              ``torch.optim.SGD``
 ================== ========================================= =======================================
+
+``cuda_graph=True`` captures the whole step (the backend's gradients, both sorted row updates,
+keys and memory) as one CUDA graph per batch shape, for small batches whose step is bound by the
+host's kernel launches. The per-step scalars (learning rate, Adam's bias corrections) reach the
+Triton updates through a small device tensor that every step fills with one non-blocking copy,
+eager or replayed; :meth:`LRMLTrainer.step` documents when a graph is captured and replayed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,12 +37,26 @@ from lrml_kernels.reference import compute_dtype
 
 OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 0.1, "rowwise_adagrad": 0.1, "sgd": 0.1}
+_PARAMS = ("user_emb", "item_emb", "keys", "memory")  # the rows of the device scalars ``_hyper``
+MAX_GRAPHS = 4  # batch shapes captured per trainer; further shapes run eagerly
+GRAPH_BACKENDS = ("triton", "cuda")
 _STATE_KEYS = {  # the per-row state tensors, in the order of the Triton row update
     "adam": ("exp_avg", "exp_avg_sq"),
     "adagrad": ("sum",),
     "rowwise_adagrad": ("sum",),
     "sgd": (),
 }
+
+
+@dataclass
+class _Graph:
+    """A captured step: the graph, its static inputs (users ``[B]``, items ``[B, C]``) and the
+    loss tensor every replay overwrites."""
+
+    graph: torch.cuda.CUDAGraph
+    users: torch.Tensor
+    items: torch.Tensor
+    loss: torch.Tensor | None
 
 
 class LRMLTrainer:
@@ -54,6 +75,9 @@ class LRMLTrainer:
             the same shape; the touched row ids and their gradients are all-gathered and the
             keys/memory gradients all-reduced, so every replica applies the update of the
             combined batch and the replicas stay identical.
+        cuda_graph: capture the step as a CUDA graph and replay it (see :meth:`step`). Needs
+            the model's parameters on a CUDA device, the triton or cuda backend, one process and
+            ``skip_nonfinite=False``; otherwise ``ValueError``.
     """
 
     def __init__(
@@ -68,6 +92,7 @@ class LRMLTrainer:
         reduction: str = "sum",
         skip_nonfinite: bool = False,
         process_group=None,
+        cuda_graph: bool = False,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -84,6 +109,15 @@ class LRMLTrainer:
         self.group = process_group
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
         self.steps = 0
+        self._scalars: dict[str, tuple[float, float]] = {}  # name -> (lr, eps) of this step
+        self._hyper = None  # the same in a device tensor [4, 2] (rows: _PARAMS), for Triton
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple, _Graph] = {}  # batch shape and options -> captured step
+        self._graph_ptrs: tuple = ()  # the storage the graphs were captured on
+        if self.cuda_graph:
+            why = self._graph_refusal(model.user_emb.device, model.backend)
+            if why:
+                raise ValueError(f"cuda_graph=True: {why}")
 
     def _named_params(self):
         m = self.model
@@ -114,6 +148,16 @@ class LRMLTrainer:
 
         ``validate=True`` range-checks the indices (one host sync); the training loop checks its
         data once up front instead.
+
+        With ``cuda_graph=True`` the first step of each batch shape (B, C and the index dtypes)
+        runs eagerly on a side stream (the warm-up: kernels compiled, memory allocated) and is
+        then captured, which synchronises the host once; every later step of that shape copies
+        the batch into the graph's static inputs, replays the graph and returns a copy of its
+        loss: no host sync. Up to ``MAX_GRAPHS`` shapes are kept, each in its own memory pool;
+        further shapes and empty batches run eagerly. A graph is captured again when the
+        tables or the optimizer state are reallocated (``load_state_dict``) or an option it
+        baked in changes (the model's distance, relation, margin, eps, max_norm; the matmul
+        precision); :meth:`set_lr` and the step counters reach it through the device scalars.
         """
         m = self.model
         params, users, items = ops.prepare(
@@ -131,9 +175,9 @@ class LRMLTrainer:
         )
         impl = backends.get(m.backend, params[0].device, users.shape[0])
         self._impl = impl
-        loss, g_users, g_items, g_keys, g_memory = impl.hinge_loss_grads(
-            *params, users, items, m.margin, m.distance, m.kernel_relation, m.eps, self.reduction
-        )
+        if self.cuda_graph and users.shape[0] > 0:
+            return self._graph_step(users, items)
+        loss, g_users, g_items, g_keys, g_memory = self._gradients(users, items)
         if self._world() > 1:
             loss, users, items, g_users, g_items, g_keys, g_memory = self._all_gather(
                 loss, users, items, g_users, g_items, g_keys, g_memory
@@ -143,13 +187,140 @@ class LRMLTrainer:
             if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                 self.skipped += 1
                 return loss
-        self.steps += 1
+        self._advance()
+        self._update(users, items, g_users, g_items, g_keys, g_memory)
+        return loss
+
+    def _gradients(self, users, items):
+        """``(loss, g_user_rows [B, d], g_item_rows [B, C, d], g_keys, g_memory)``."""
+        m = self.model
+        return self._impl.hinge_loss_grads(
+            m.user_emb, m.item_emb, m.keys, m.memory, users, items, m.margin, m.distance,
+            m.kernel_relation, m.eps, self.reduction,
+        )  # fmt: skip
+
+    def _update(self, users, items, g_users, g_items, g_keys, g_memory) -> None:
+        """Every update of a step, with the scalars :meth:`_advance` set."""
+        m = self.model
         self._update_rows("user_emb", m.user_emb, users, g_users, m.max_norm)
         self._update_rows("item_emb", m.item_emb, items, g_items, m.max_norm)
         if m.relation != "none":  # CML: keys and memory stay as they are (memory ≡ 0)
             self._update_dense("keys", m.keys, g_keys)
             self._update_dense("memory", m.memory, g_memory)
+
+    def _advance(self) -> None:
+        """Count one more step and set its scalars: the step counters of the updated parameters,
+        their ``(lr, eps)`` on the host and, where the Triton update reads them, in the device
+        tensor ``_hyper`` (one non-blocking host-to-device copy from pinned memory; the caching
+        host allocator keeps that memory until the copy is done, so nothing waits)."""
+        self.steps += 1
+        names = _PARAMS if self.model.relation != "none" else _PARAMS[:2]
+        for name in names:
+            self.state[name]["step"] += 1
+            self._scalars[name] = self._step_scalars(name)
+        table = self.model.user_emb
+        if self._gpu_row_update(table) is None:
+            return
+        dtype = compute_dtype(table.dtype)
+        hyper = self._hyper
+        if hyper is None or hyper.device != table.device or hyper.dtype != dtype:
+            hyper = self._hyper = torch.zeros(len(_PARAMS), 2, dtype=dtype, device=table.device)
+        values = [self._scalars.get(name, (0.0, 0.0)) for name in _PARAMS]
+        cuda = table.device.type == "cuda"
+        hyper.copy_(torch.tensor(values, dtype=dtype, pin_memory=cuda), non_blocking=cuda)
+
+    def _step_scalars(self, name: str) -> tuple[float, float]:
+        """``(lr, eps)`` of this step's update of ``name``: for Adam the bias-corrected step
+        size, and for keys and memory (``torch.optim.Adam``) the epsilon ``eps·sqrt(1 - β2^t)``
+        that makes SparseAdam's update theirs."""
+        if self.optimizer != "adam":
+            return self.lr, self.adagrad_eps
+        b1, b2 = self.betas
+        t = self.state[name]["step"]
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        step_size = self.lr * math.sqrt(bc2) / bc1
+        if name in ("keys", "memory"):
+            return step_size, self.adam_eps * math.sqrt(bc2)
+        return step_size, self.adam_eps
+
+    def _graph_refusal(self, device: torch.device, backend: str) -> str | None:
+        """None if the step on ``device`` with ``backend`` ("auto" or a name) can be captured
+        as a CUDA graph, else why not."""
+        if device.type != "cuda":
+            return f"CUDA graphs need the model on a CUDA device, it is on {device}"
+        backend = backends.resolve(backend, device)
+        if backend not in GRAPH_BACKENDS:
+            return (
+                f"the {backend!r} backend cannot be captured; use one of {GRAPH_BACKENDS} "
+                "(their steps are free of host syncs)"
+            )
+        try:
+            import lrml_kernels.triton.row_update  # noqa: F401
+        except ImportError as exc:
+            return f"the captured updates are Triton kernels, and Triton cannot be imported ({exc})"
+        if self.skip_nonfinite:
+            return "skip_nonfinite=True reads every step's loss on the host, which a graph cannot"
+        if self._world() > 1:
+            return "the data-parallel step (more than one process) cannot be captured"
+        return None
+
+    def _graph_step(self, users, items):
+        """One step through the CUDA graph of this batch's shape (captured on its first step)."""
+        m = self.model
+        key = (
+            tuple(items.shape), users.dtype, items.dtype, users.device, self._impl.name,
+            m.distance, m.relation, m.margin, m.eps, m.max_norm,
+            torch.get_float32_matmul_precision(),
+        )  # fmt: skip
+        graph = self._graphs.get(key)
+        if graph is None:
+            why = self._graph_refusal(users.device, self._impl.name)
+            if why:
+                raise ValueError(f"cuda_graph=True: {why}")
+        self._advance()
+        ptrs = self._graph_storage()
+        if ptrs != self._graph_ptrs:  # tables or state reallocated: every graph is stale
+            self._graphs.clear()
+            self._graph_ptrs, graph = ptrs, None
+        if graph is not None:
+            graph.users.copy_(users)
+            graph.items.copy_(items)
+            graph.graph.replay()
+            return graph.loss.clone()
+        if len(self._graphs) < MAX_GRAPHS:
+            loss, self._graphs[key] = self._capture(users, items)
+            return loss
+        loss, *grads = self._gradients(users, items)
+        self._update(users, items, *grads)
         return loss
+
+    def _capture(self, users, items):
+        """This step, run eagerly on a side stream (the warm-up the CUDA graph docs ask for:
+        Triton compiles, the sort's workspace is allocated), then captured on static copies of
+        the batch (a capture runs nothing). Returns the step's loss and the graph."""
+        static = _Graph(torch.cuda.CUDAGraph(), users.clone(), items.clone(), None)
+        current = torch.cuda.current_stream(users.device)
+        side = torch.cuda.Stream(users.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            loss, *grads = self._gradients(static.users, static.items)
+            self._update(static.users, static.items, *grads)
+        current.wait_stream(side)
+        loss.record_stream(current)
+        del grads
+        # On the warm-up's stream (libraries that cache handles per stream have them); an
+        # unsafe call (a sync, a cudaMalloc) of this thread fails the capture, another thread's
+        # (the caller's data loading, pinning) does not.
+        with torch.cuda.graph(static.graph, stream=side, capture_error_mode="thread_local"):
+            static.loss, *grads = self._gradients(static.users, static.items)
+            self._update(static.users, static.items, *grads)
+        return loss, static
+
+    def _graph_storage(self) -> tuple:
+        """The addresses a captured graph reads and writes: tables, optimizer state, scalars."""
+        tensors = [p for _, p in self._named_params()] + [self._hyper]
+        tensors += [v for st in self.state.values() for v in st.values() if torch.is_tensor(v)]
+        return tuple(t.data_ptr() for t in tensors)
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate (a schedule calls this before a step)."""
@@ -185,25 +356,22 @@ class LRMLTrainer:
     def _update_rows(self, name, table, idx, grad_rows, max_norm):
         """Sum the gradient of each touched row, update those rows, project them, write once."""
         state = self.state[name]
-        state["step"] += 1
-        if self.optimizer == "adam":  # torch.optim.SparseAdam
+        lr, eps = self._scalars[name]
+        if self.optimizer == "adam":  # torch.optim.SparseAdam; lr is the bias-corrected step size
             b1, b2 = self.betas
-            bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-            step_size = self.lr * math.sqrt(bc2) / bc1
             # cpu backend: de-duplication, Adam and projection in one C++ call
             fused = getattr(self._impl, "row_adam_", None)
             if fused is not None and fused(
                 table.data, state["exp_avg"], state["exp_avg_sq"], idx, grad_rows, self.betas,
-                self.adam_eps, step_size, max_norm,
+                eps, lr, max_norm,
             ):  # fmt: skip
                 return
         fused_gpu = self._gpu_row_update(table)
         if fused_gpu is not None:  # GPU backends: sort, then one Triton kernel; no host sync
-            adam = self.optimizer == "adam"
             fused_gpu(
-                table.data, idx, grad_rows, self.optimizer, step_size if adam else self.lr,
+                table.data, idx, grad_rows, self.optimizer, self._hyper[_PARAMS.index(name)],
                 tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas,
-                eps=self.adam_eps if adam else self.adagrad_eps, max_norm=max_norm,
+                max_norm=max_norm,
             )  # fmt: skip
             return
         rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
@@ -218,7 +386,7 @@ class LRMLTrainer:
             v.add_(grad.mul_(grad).sub_(v), alpha=1 - b2)
             state["exp_avg"].index_copy_(0, rows, m)
             state["exp_avg_sq"].index_copy_(0, rows, v)
-            x.addcdiv_(m, v.sqrt_().add_(self.adam_eps), value=-step_size)
+            x.addcdiv_(m, v.sqrt_().add_(eps), value=-lr)
         else:
             x = self._apply(state, table.index_select(0, rows).to(ct), grad, rows)
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
@@ -238,18 +406,12 @@ class LRMLTrainer:
 
     def _update_dense(self, name, param, grad):
         state = self.state[name]
-        state["step"] += 1
         if self._gpu_row_update(param) is not None:  # GPU backends: one Triton launch
             from lrml_kernels.triton.row_update import dense_update_
 
-            lr, eps = self.lr, self.adagrad_eps
-            if self.optimizer == "adam":  # Adam = SparseAdam's update with eps·sqrt(bc2)
-                b1, b2 = self.betas
-                bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-                lr, eps = self.lr * math.sqrt(bc2) / bc1, self.adam_eps * math.sqrt(bc2)
             dense_update_(
-                param.data, grad, self.optimizer, lr,
-                tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas, eps=eps,
+                param.data, grad, self.optimizer, self._hyper[_PARAMS.index(name)],
+                tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas,
             )  # fmt: skip
             return
         ct = compute_dtype(param.dtype)

@@ -65,7 +65,9 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 READ_LOSS_EVERY = 50
 
 # Options that may differ between a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every")
+RESUMABLE_CHANGES = (
+    "epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every", "cuda_graph",
+)  # fmt: skip
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,6 +98,7 @@ class TrainConfig:
     eval_every: int = 1
     seed: int = 0
     fused_optimizer: bool = True
+    cuda_graph: bool = False  # the fused step captured as a CUDA graph (LRMLTrainer(cuda_graph=))
     reject_positives: bool = True
     max_steps: int | None = None
     checkpoint_every: int = 0
@@ -140,6 +143,20 @@ class TrainConfig:
         if not self.fused_optimizer and self.on_nonfinite == "skip":
             raise ValueError("on_nonfinite='skip' needs the fused optimizer (--fused-optimizer)")
         backends.check_device(self.device)  # one that exists here (touches no device)
+        if self.cuda_graph:
+            if not self.fused_optimizer:
+                raise ValueError("cuda_graph captures the fused step (--fused-optimizer)")
+            if torch.device(self.device).type != "cuda":
+                raise ValueError(f"cuda_graph needs a CUDA device, got device {self.device!r}")
+            if self.on_nonfinite == "skip":
+                raise ValueError(
+                    "cuda_graph cannot skip non-finite steps (on_nonfinite='skip' reads every "
+                    "step's loss on the host); use on_nonfinite='stop'"
+                )
+            if self.backend in ("torch", "cpu"):
+                raise ValueError(
+                    f"cuda_graph needs the triton or cuda backend, got backend {self.backend!r}"
+                )
         if self.select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "valid" and self.eval == "none":
@@ -210,7 +227,9 @@ def build(cfg: TrainConfig, num_users: int, num_items: int):
     if cfg.fused_optimizer:
         lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
         skip = cfg.on_nonfinite == "skip"
-        return model, LRMLTrainer(model, cfg.optimizer, lr, skip_nonfinite=skip)
+        return model, LRMLTrainer(
+            model, cfg.optimizer, lr, skip_nonfinite=skip, cuda_graph=cfg.cuda_graph
+        )
     return model, _UnfusedStep(model, cfg)
 
 

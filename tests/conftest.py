@@ -141,3 +141,22 @@ def poison_test_items():
         return restore
 
     return poison
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The interpreted Triton launches, each ``(kernel name, arguments)``: what a CUDA graph
+    would freeze of it (a tensor as ``("tensor", address)``, everything else by value)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = []
+    run = InterpretedFunction.run
+
+    def recorded(self, *args, **kwargs):
+        frozen = [("tensor", a.data_ptr()) if torch.is_tensor(a) else a for a in args]
+        frozen += [(k, v) for k, v in sorted(kwargs.items()) if not torch.is_tensor(v)]
+        seen.append((self.fn.__name__, frozen))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recorded)
+    return seen

@@ -65,6 +65,17 @@ def test_a_device_that_is_here_passes_the_checks(cuda_devices, no_data, tmp_path
         main(TRAIN + ["--device", "cuda:1", "--out", str(tmp_path)])
 
 
+def test_cuda_graph_options_are_refused_before_the_data(cuda_devices, no_data, error_line):
+    cuda_devices(1)
+    on_cuda = TRAIN[:-2] + ["--device", "cuda", "--cuda-graph"]
+    for extra, words in [
+        (["--backend", "torch"], "cuda_graph needs the triton or cuda backend"),
+        (["--on-nonfinite", "skip"], "cuda_graph cannot skip non-finite steps"),
+    ]:
+        assert main(on_cuda + extra) == 2
+        assert words in error_line("train")
+
+
 def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data, error_line):
     with pytest.raises(ValueError, match="devices here"):
         fit(TrainConfig(device="tpu"))
@@ -84,6 +95,8 @@ def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data,
         (TRAIN + ["--batch-size", "0"], "batch_size must be a positive integer"),
         (EVALUATE + ["--k", "0"], "--k must be a positive integer"),
         (EVALUATE[:-1] + ["nosuch"], "backend must be 'auto' or one of"),
+        (TRAIN + ["--cuda-graph"], "cuda_graph needs a CUDA device, got device 'cpu'"),
+        (TRAIN + ["--cuda-graph", "--no-fused-optimizer"], "cuda_graph captures the fused step"),
     ],
 )
 def test_other_bad_options_are_refused_before_the_data(no_data, error_line, args, words):

@@ -35,7 +35,8 @@ def _triton():
 
 @torch.no_grad()
 def _update(tr, name, idx, grad, max_norm):
-    """One row update of table ``name`` (what step() does after the backward)."""
+    """One row update of table ``name`` (what step() does after the backward), with the
+    scalars of the step ``tr._advance()`` counted last."""
     tr._update_rows(name, getattr(tr.model, name), idx, grad, max_norm)
 
 
@@ -59,6 +60,8 @@ def test_row_and_dense_updates_match_the_torch_ops_path_step_for_step(optimizer,
     fused, ref = _two_trainers(optimizer, dtype, max_norm)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
+        for tr in (fused, ref):
+            tr._advance()  # the step counters and (lr, eps), as step() before its updates
         for name in ("user_emb", "item_emb"):
             idx = torch.randint(0, 6, (9, 3), generator=g).to(DEVICE)  # many repeats
             grad = torch.randn(9, 3, 13, generator=g, dtype=torch.float64).to(DEVICE, dtype)
@@ -91,7 +94,8 @@ def test_long_segments_sum_every_gradient_row(d):
     _triton()  # the backend registered
     from lrml_kernels.triton.row_update import row_update_
 
-    row_update_(table, idx, grad, "sgd", 0.1)
+    hyper = torch.tensor([0.1, 0.0], dtype=torch.float64, device=DEVICE)  # (lr, eps)
+    row_update_(table, idx, grad, "sgd", hyper)
     torch.testing.assert_close(table, want, atol=1e-12, rtol=1e-12)
 
 
@@ -101,6 +105,7 @@ def test_row_update_touches_only_the_indexed_rows():
     before = table.detach().clone()
     idx = torch.tensor([5, 2, 5, 5], device=DEVICE, dtype=torch.int32)
     grad = torch.randn(4, 13, dtype=torch.float64, device=DEVICE)
+    fused._advance()
     _update(fused, "user_emb", idx, grad, 1.0)
     changed = (table != before).any(1).cpu()
     assert changed.nonzero().flatten().tolist() == [2, 5]
@@ -108,7 +113,7 @@ def test_row_update_touches_only_the_indexed_rows():
     assert untouched.nonzero().flatten().tolist() == [i for i in range(40) if i not in (2, 5)]
 
 
-METADATA_OPS = ("aten.view", "aten.detach", "aten._reshape_alias")  # no kernel, no data
+METADATA_OPS = ("aten.view", "aten.detach", "aten._reshape_alias", "aten.select")  # views
 SYNCING = ("aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.unique")
 
 
@@ -157,6 +162,7 @@ def test_row_update_has_no_host_sync_and_few_ops(optimizer, no_sync):
     fused, _ = _two_trainers(optimizer, torch.float32, 1.0)
     idx = torch.randint(0, 6, (9, 3), device=DEVICE)
     grad = torch.randn(9, 3, 13, device=DEVICE)
+    fused._advance()
     with no_sync:
         _update(fused, "item_emb", idx, grad, 1.0)
     if DEVICE == "cpu":
@@ -181,9 +187,14 @@ def test_triton_training_step_has_no_host_sync(no_sync):
     if DEVICE == "cpu":  # interpreted launches are seen (CUDA launches bypass the dispatcher)
         # 2 sorted row updates, 2 dense ones (keys, memory)
         assert work.count("triton._row_update_kernel") == 4, work
+        # the step's scalars (lr, eps): a host tensor and one copy to the device (on a GPU a
+        # memcpy from pinned memory, not a kernel)
+        scalars = ["aten.lift_fresh.default", "aten.copy_.default"]
+        assert [op for op in work if op in scalars] == scalars, str(work)
+        kernels = [op for op in work if op not in scalars]
         # fwd, hinge, bwd, 3 partial sums, 2 x (sort + row update), keys, memory; a CUDA sort
         # is several kernels, which only the GPU check's profile counts
-        assert len(work) == 12, work
+        assert len(kernels) == 12, str(work)
     print(f"ops of one triton adam step on {DEVICE}: {len(work)}: {work}")
 
 
@@ -204,6 +215,7 @@ def test_gpu_step_runs_under_sync_debug_mode_error(backend, optimizer):
     grad = torch.randn(512, 5, 100, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
+        trainer._advance()  # the step's scalars: one copy from pinned memory
         _update(trainer, "item_emb", items, grad, 1.0)  # the row update alone
         trainer.step(users, items, validate=False)  # the whole step
     finally:
@@ -211,3 +223,59 @@ def test_gpu_step_runs_under_sync_debug_mode_error(backend, optimizer):
     torch.cuda.synchronize()
     assert state["step"] == 3
     assert torch.isfinite(table).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="reads the interpreter's launches")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_scalars_changed_in_place_reach_a_launch_with_the_same_arguments(
+    optimizer, triton_launches
+):
+    """The CPU proof that a replayed graph sees a new lr and eps: updates launched twice with
+    the same arguments, ``hyper`` changed in place between them, give exactly the updates of
+    launches handed the new values in a tensor of their own."""
+    from lrml_kernels.triton.row_update import dense_update_, row_update_
+
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64, "device": DEVICE}
+    per_row = {"adam": [(13,)] * 2, "adagrad": [(13,)], "rowwise_adagrad": [()], "sgd": []}
+
+    def tensors(rows):  # a table and its optimizer state
+        state = [torch.zeros(rows, *s, **f64) for s in per_row[optimizer]]
+        return torch.randn(rows, 13, **f64), state
+
+    (param, state), (table, table_state) = tensors(4), tensors(9)
+    want, want_state = param.clone(), [s.clone() for s in state]
+    want_table, want_table_state = table.clone(), [s.clone() for s in table_state]
+    start = param.clone()
+    idx = torch.tensor([3, 0, 3, 6, 3], device=DEVICE)
+    # inputs at fixed addresses, refilled in place, as a graph's static buffers
+    hyper = torch.empty(2, **f64)
+    grad, grad_rows = torch.empty(4, 13, **f64), torch.empty(5, 13, **f64)
+    grads = []
+    for lr, eps in ((0.1, 1e-8), (0.03, 1e-3)):  # a schedule's next lr; Adam's next eps
+        grads.append(grad.copy_(torch.randn(4, 13, **f64)).clone())
+        grad_rows.copy_(torch.randn(5, 13, **f64))
+        hyper.copy_(torch.tensor([lr, eps], dtype=torch.float64))  # in place: same address
+        dense_update_(param, grad, optimizer, hyper, tuple(state))
+        row_update_(table, idx, grad_rows, optimizer, hyper, tuple(table_state), max_norm=1.0)
+        own = torch.tensor([lr, eps], **f64)
+        dense_update_(want, grad, optimizer, own, tuple(want_state))
+        row_update_(
+            want_table, idx, grad_rows, optimizer, own, tuple(want_table_state), max_norm=1.0
+        )
+    assert torch.equal(param, want) and torch.equal(table, want_table)
+    for got, ref in zip(state + table_state, want_state + want_table_state, strict=True):
+        assert torch.equal(got, ref)
+    if optimizer == "sgd":  # the second launch used the second lr
+        torch.testing.assert_close(param, start - 0.1 * grads[0] - 0.03 * grads[1])
+    # The two dense launches on ``param`` had identical arguments; the two row updates differ
+    # only in the addresses of the sort's fresh outputs, which a graph's memory pool fixes.
+    dense = [a for _, a in triton_launches if a[0] == ("tensor", param.data_ptr())]
+    assert len(dense) == 2 and dense[0] == dense[1]
+    sort_outputs = (6, 7)  # sorted_ptr, perm_ptr
+    rows = [
+        [v for i, v in enumerate(a) if i not in sort_outputs]
+        for _, a in triton_launches
+        if a[0] == ("tensor", table.data_ptr())
+    ]
+    assert len(rows) == 2 and rows[0] == rows[1]

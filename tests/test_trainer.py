@@ -102,3 +102,153 @@ def test_state_dict_round_trip():
 def test_bad_optimizer_name():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "lbfgs")
+
+
+@pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_triton_steps_follow_an_lr_schedule_with_unchanged_launch_arguments(name, triton_launches):
+    """What lets a CUDA graph replay the step: over steps whose lr changes (a schedule) and
+    whose Adam bias corrections change, every Triton launch gets the same non-tensor arguments
+    and the same parameter, state and scalar tensors, yet the steps match the torch backend's
+    (host floats) step for step."""
+    torch.manual_seed(0)
+    fused = lk.LRML(30, 25, dim=8, memory_slots=3, backend="triton").double()
+    ref = copy.deepcopy(fused)
+    ref.backend = "torch"
+    trainer, want = LRMLTrainer(fused, name, lr=0.05), LRMLTrainer(ref, name, lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    per_step = []
+    for t in range(5):
+        lr = 0.05 * 0.5**t
+        trainer.set_lr(lr)
+        want.set_lr(lr)
+        users = torch.randint(0, 10, (16,), generator=g)
+        items = torch.randint(0, 8, (16, 4), generator=g)
+        triton_launches.clear()
+        torch.testing.assert_close(trainer.step(users, items), want.step(users, items))
+        for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        per_step.append(triton_launches[:])
+    kernels = [k for k, _ in per_step[0]]
+    assert kernels.count("_row_update_kernel") == 4, kernels
+    held = [trainer._hyper, *fused.parameters()]
+    held += [v for s in trainer.state.values() for v in s.values() if torch.is_tensor(v)]
+    held = {("tensor", t.data_ptr()) for t in held}
+    for launches in per_step[1:]:
+        assert [k for k, _ in launches] == kernels
+        for (_, first), (_, now) in zip(per_step[0], launches, strict=True):
+            # Tensors the step allocates (batch, gradients, sort) may move in eager mode; a
+            # graph's static inputs and memory pool fix them. Nothing else may change.
+            keep = [i for i, v in enumerate(first) if v in held or not isinstance(v, tuple)]
+            assert [first[i] for i in keep] == [now[i] for i in keep]
+
+
+def test_cuda_graph_is_refused_where_it_cannot_work():
+    m = lk.LRML(10, 10, dim=4, memory_slots=2)
+    with pytest.raises(ValueError, match="cuda_graph=True: CUDA graphs need the model on a CUDA"):
+        LRMLTrainer(m, "adam", cuda_graph=True)
+    cuda = torch.device("cuda")  # the reasons past the device, asked without a GPU
+    assert "'torch' backend" in LRMLTrainer(m, "adam")._graph_refusal(cuda, "torch")
+    skipping = LRMLTrainer(m, "adam", skip_nonfinite=True)
+    if why_unavailable("triton", "cpu") is None:
+        assert "skip_nonfinite" in skipping._graph_refusal(cuda, "triton")
+        assert LRMLTrainer(m, "adam")._graph_refusal(cuda, "triton") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_cuda_graph_step_matches_the_eager_step(name, backend):
+    """cuda_graph=True against the eager trainer: 5 steps of new batches under an lr schedule
+    (the first captures, the rest replay under sync debug mode "error"), then a new batch shape
+    (a second graph) and the first shape again (a replay)."""
+    if why_unavailable(backend, "cuda") is not None:
+        pytest.skip(why_unavailable(backend, "cuda"))
+    torch.manual_seed(0)
+    graphed_model = lk.LRML(300, 250, dim=100, memory_slots=20, backend=backend).cuda()
+    eager_model = copy.deepcopy(graphed_model)
+    graphed = LRMLTrainer(graphed_model, name, cuda_graph=True)
+    eager = LRMLTrainer(eager_model, name)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    got, want = [], []
+    shapes = [(512, 5)] * 5 + [(256, 3), (256, 3), (512, 5)]
+    for t, (B, C) in enumerate(shapes):
+        lr = 0.01 * 0.7**t
+        graphed.set_lr(lr)
+        eager.set_lr(lr)
+        users = torch.randint(0, 300, (B,), device="cuda", generator=g)
+        items = torch.randint(0, 250, (B, C), device="cuda", generator=g)
+        replay = t not in (0, 5)  # steps 0 and 5 capture (the capture synchronises once)
+        if replay:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got.append(graphed.step(users, items))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        want.append(eager.step(users, items))
+        assert len(graphed._graphs) == (1 if t < 5 else 2)
+    # each returned loss is the step's own (a copy, not the graph's overwritten output)
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-5)
+    pairs = list(zip(graphed_model.parameters(), eager_model.parameters(), strict=True))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key, value in graphed.state["item_emb"].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(value, eager.state["item_emb"][key], rtol=1e-5, atol=1e-7)
+    assert graphed.state["keys"]["step"] == eager.state["keys"]["step"] == len(shapes)
+    bitwise = all(torch.equal(a, b) for a, b in pairs)
+    print(f"cuda graph vs eager, {backend} {name}: parameters bitwise equal: {bitwise}")
+
+
+class _Rerun:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the captured step again."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+@pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
+def test_graph_step_bookkeeping_gives_the_eager_steps(monkeypatch):
+    """The graph step's own logic on the CPU (capture and replay stood in for by running the
+    step on the graph's static inputs): one graph per batch shape, the batch copied in, the
+    loss copied out, at most MAX_GRAPHS shapes (then eager), a new capture after
+    load_state_dict, and the eager trainer's results bit for bit under an lr schedule."""
+    from lrml_kernels.trainer import MAX_GRAPHS, _Graph
+
+    def capture(self, users, items):
+        static = _Graph(None, users.clone(), items.clone(), None)
+
+        def run():  # as a replay: the loss written into the same tensor every time
+            loss, *grads = self._gradients(static.users, static.items)
+            self._update(static.users, static.items, *grads)
+            static.loss = loss if static.loss is None else static.loss.copy_(loss)
+
+        run()  # the warm-up step
+        static.graph = _Rerun(run)
+        return static.loss.clone(), static
+
+    monkeypatch.setattr(LRMLTrainer, "_capture", capture)
+    monkeypatch.setattr(LRMLTrainer, "_graph_refusal", lambda self, device, backend: None)
+    torch.manual_seed(0)
+    graphed_model = lk.LRML(30, 25, dim=8, memory_slots=3, backend="triton").double()
+    eager_model = copy.deepcopy(graphed_model)
+    graphed, eager = LRMLTrainer(graphed_model, "adam"), LRMLTrainer(eager_model, "adam")
+    graphed.cuda_graph = True  # the option itself is refused on CPU tensors
+    g = torch.Generator().manual_seed(1)
+    shapes = [(16, 4), (16, 4), (8, 4), (16, 4), (4, 2), (5, 2), (6, 2), (16, 4)]
+    got, want, held = [], [], []
+    for t, (B, C) in enumerate(shapes):
+        if t == len(shapes) - 1:  # reallocated state: every graph is captured again
+            graphed.load_state_dict(copy.deepcopy(graphed.state_dict()))
+        for tr in (graphed, eager):
+            tr.set_lr(0.01 * 0.7**t)
+        users = torch.randint(0, 10, (B,), generator=g)
+        items = torch.randint(0, 8, (B, C), generator=g)
+        got.append(graphed.step(users, items))
+        want.append(eager.step(users, items))
+        held.append(len(graphed._graphs))
+    assert held == [1, 1, 2, 2, 3, MAX_GRAPHS, MAX_GRAPHS, 1]  # (6, 2): eager, no 5th graph
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))  # each its own copy
+    for a, b in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert graphed.steps == eager.steps == len(shapes)

@@ -21,6 +21,13 @@ The math and the state layout are those of the trainer's other paths (and of the
 size), Adagrad as sparse ``torch.optim.Adagrad``, row-wise Adagrad with one accumulator per row
 (the mean of g² over the row), SGD. fp16/bf16 tables are computed in fp32, fp64 in fp64; the state
 is in the compute dtype.
+
+The per-step scalars (the learning rate, which a schedule changes, Adam's bias-corrected step size
+and, for keys and memory, its epsilon, which change every step) are not launch arguments: the
+kernel reads them from a small device tensor ``hyper = (lr, eps)`` in the compute dtype (the
+trainer fills all of a step's with one non-blocking host-to-device copy). A launch captured in a
+CUDA graph therefore replays with the current values; eager launches take the same path. The
+constant ones (betas, max_norm) stay arguments.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ def _row_update_kernel(
     perm_ptr,  # [n] int64: slot -> position in grad (unused if DENSE)
     grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order ([R, d] if DENSE)
     n, d,
-    lr, beta1, beta2, eps, max_norm,
+    hyper_ptr,  # [2] (lr, eps), compute dtype: read on the device, so a graph replay sees new ones
+    beta1, beta2, max_norm,
     OPT: tl.constexpr, DENSE: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -78,6 +86,8 @@ def _row_update_kernel(
                 nxt = tl.load(sorted_ptr + j, mask=j < n, other=-1).to(tl.int64)
         x_ptrs = table_ptr + row * stride_tr + cols * stride_td
         x = tl.load(x_ptrs, mask=cmask, other=0.0).to(ACC)
+        lr = tl.load(hyper_ptr).to(ACC)
+        eps = tl.load(hyper_ptr + 1).to(ACC)
         if OPT == 0:  # lazy Adam (torch.optim.SparseAdam); lr is the bias-corrected step size
             m_ptrs = s1_ptr + row * stride_sr + cols
             v_ptrs = s2_ptr + row * stride_sr + cols
@@ -111,11 +121,10 @@ def row_update_(
     idx: torch.Tensor,
     grad_rows: torch.Tensor,
     optimizer: str,
-    lr: float,
+    hyper: torch.Tensor,
     state: tuple[torch.Tensor, ...] = (),
     *,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
     max_norm: float | None = None,
 ) -> None:
     """Update the rows ``idx`` of ``table`` in place with their summed gradients ``grad_rows``.
@@ -123,15 +132,18 @@ def row_update_(
     Args:
         table: ``[R, d]``, contiguous rows. idx: row ids (int32 or int64, any shape, in range).
         grad_rows: ``idx.shape + (d,)``, one gradient row per id (repeated ids are summed).
-        optimizer: a key of ``OPTIMIZER_CODES``. lr: the learning rate; for "adam" the
-            bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``.
+        optimizer: a key of ``OPTIMIZER_CODES``.
+        hyper: ``[2]`` = ``(lr, eps)`` on the table's device, in the compute dtype (fp64 for
+            fp64 tables, else fp32), read by the kernel: the learning rate (for "adam" the
+            bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``) and Adam's or
+            Adagrad's epsilon. A captured CUDA graph replays with whatever it holds then.
         state: ``(exp_avg, exp_avg_sq)`` for adam, ``(sum,)`` for adagrad (``[R, d]``) and
             rowwise_adagrad (``[R]``), ``()`` for sgd; contiguous, updated in place.
-        betas: Adam's. eps: Adam's or Adagrad's epsilon. max_norm: the projection radius, or None.
+        betas: Adam's. max_norm: the projection radius, or None.
 
     No host synchronisation: a sort and one kernel launch, whatever the number of distinct rows.
     """
-    _check(table, optimizer, state)
+    _check(table, optimizer, hyper, state)
     d = table.shape[1]
     ids = idx.reshape(-1)
     n = ids.shape[0]
@@ -139,31 +151,36 @@ def row_update_(
         return
     sorted_ids, perm = torch.sort(ids, stable=True)
     grad = grad_rows.reshape(n, d)
-    _launch(table, state, sorted_ids, perm, grad, n, optimizer, lr, betas, eps, max_norm, False)
+    _launch(table, state, sorted_ids, perm, grad, n, optimizer, hyper, betas, max_norm, False)
 
 
 def dense_update_(
     param: torch.Tensor,
     grad: torch.Tensor,
     optimizer: str,
-    lr: float,
+    hyper: torch.Tensor,
     state: tuple[torch.Tensor, ...] = (),
     *,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
 ) -> None:
     """Every row of ``param`` ``[R, d]`` updated in place with ``grad`` ``[R, d]``: one launch.
 
-    The same update as :func:`row_update_` (``torch.optim.Adam``'s is SparseAdam's with
-    ``eps·sqrt(1 - β2^t)``; the caller passes that), no projection.
+    The same update as :func:`row_update_`, ``hyper`` = ``(lr, eps)`` as there
+    (``torch.optim.Adam``'s is SparseAdam's with ``eps·sqrt(1 - β2^t)``; the caller passes
+    that), no projection.
     """
-    _check(param, optimizer, state)
+    _check(param, optimizer, hyper, state)
     if param.shape[0] == 0:
         return
-    _launch(param, state, grad, grad, grad, param.shape[0], optimizer, lr, betas, eps, None, True)
+    _launch(param, state, grad, grad, grad, param.shape[0], optimizer, hyper, betas, None, True)
 
 
-def _check(table, optimizer, state):
+def hyper_dtype(table_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``hyper`` for a table of ``table_dtype``: the kernel's compute dtype."""
+    return torch.float64 if table_dtype == torch.float64 else torch.float32
+
+
+def _check(table, optimizer, hyper, state):
     if optimizer not in OPTIMIZER_CODES:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZER_CODES)}, got {optimizer!r}")
     if len(state) != STATE_TENSORS[optimizer]:
@@ -173,9 +190,17 @@ def _check(table, optimizer, state):
     for s in state:
         if not s.is_contiguous() or s.shape[0] != table.shape[0]:
             raise ValueError("optimizer state must be contiguous with one row per table row")
+    want = hyper_dtype(table.dtype)
+    if not isinstance(hyper, torch.Tensor) or hyper.shape != (2,) or not hyper.is_contiguous():
+        raise ValueError("hyper must be a contiguous [2] tensor (lr, eps)")
+    if hyper.dtype != want or hyper.device != table.device:
+        raise ValueError(
+            f"hyper must be {want} on {table.device} (the table's compute dtype and device), "
+            f"got {hyper.dtype} on {hyper.device}"
+        )
 
 
-def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, lr, betas, eps, max_norm,
+def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, hyper, betas, max_norm,
             dense):  # fmt: skip
     if grad.stride(1) != 1:
         grad = grad.contiguous()
@@ -190,7 +215,7 @@ def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, lr, betas
             sorted_ids, perm,
             grad, grad.stride(0),
             programs, d,
-            float(lr), float(betas[0]), float(betas[1]), float(eps),
+            hyper, float(betas[0]), float(betas[1]),
             float(max_norm) if max_norm is not None else 1.0,
             OPT=OPTIMIZER_CODES[optimizer], DENSE=dense, HAS_MAX_NORM=max_norm is not None,
             IS_FP64=table.dtype == torch.float64,
