@@ -322,17 +322,24 @@ def _collected(*paths: str, size: str = "tiny") -> list[str]:
     return [line for line in run.stdout.splitlines() if "::" in line]
 
 
-def test_headline_selection_epoch_batch_and_compile_last():
+def test_headline_selection_epoch_batch_loop_and_compile_last():
     names = [n.split("::")[1] for n in _collected(
         "benchmarks", "--lrml-workloads=headline", size="tiny,tiny-epoch")]  # fmt: skip
     tests = {n.split("[")[0] for n in names}
-    assert tests == {"test_hinge_forward_backward", "test_train_step", "test_topk"}
+    assert tests == {
+        "test_hinge_forward_backward",
+        "test_train_step",
+        "test_topk",
+        "test_train_loop",
+    }
     epoch_batch = {n.split("[")[0] for n in names if "-tiny-epoch-" in n}
     assert epoch_batch == {"test_hinge_forward_backward"}
     tiny = [n for n in names if "-tiny-fp32-" in n]  # the size run first, compile peers last
     assert names[: len(tiny)] == tiny
     compile_at = [i for i, n in enumerate(tiny) if "-compile" in n]
     assert compile_at and compile_at == list(range(len(tiny) - len(compile_at), len(tiny)))
+    loop_at = [i for i, n in enumerate(tiny) if n.startswith("test_train_loop")]
+    assert loop_at == list(range(compile_at[0] - len(loop_at), compile_at[0]))  # just before
 
 
 def test_no_benchmark_starts_after_the_deadline(tmp_path):
