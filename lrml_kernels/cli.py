@@ -30,6 +30,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--margin", type=float, default=d.margin, help="hinge margin (default: %(default)s)")
     a("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
     a(
+        "--relation-lr-scale",
+        type=float,
+        default=d.relation_lr_scale,
+        help="the keys' and memory's learning rate as a factor of --lr; 0 freezes them "
+        "(default: %(default)s)",
+    )
+    a(
         "--lr-schedule",
         default=d.lr_schedule,
         choices=["constant", "cosine"],
@@ -140,6 +147,7 @@ def _config(args) -> TrainConfig:
         negatives=args.negatives,
         margin=args.margin,
         lr=args.lr,
+        relation_lr_scale=args.relation_lr_scale,
         lr_schedule=args.lr_schedule,
         optimizer=args.optimizer,
         distance=args.distance,
@@ -369,8 +377,8 @@ def main(argv=None) -> int:
         "--search",
         default=None,
         help="comma-separated parameters to search (default: all of "
-        "optimizer,lr,lr_schedule,dim,memory_slots,negatives,margin,distance,relation,max_norm,"
-        "batch_size); the others keep the options given",
+        "optimizer,lr,relation_lr_scale,lr_schedule,dim,memory_slots,negatives,margin,distance,"
+        "relation,max_norm,batch_size); the others keep the options given",
     )
     p.set_defaults(func=_tune, out="runs/tune")
     with_config.append(p)

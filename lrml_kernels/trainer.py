@@ -4,7 +4,8 @@ The backend returns the loss and per-row gradients (``[B, d]`` for users, ``[B, 
 items); the batch's indices are de-duplicated, each touched row's gradient is summed, and only those
 rows (and their optimizer state) are updated in place, then projected into the ``max_norm`` ball.
 No ``[U, d]`` or ``[I, d]`` gradient is built: one step costs O(B·C·d + N·d) memory beyond the
-tables and their optimizer state. ``keys`` and ``memory`` use the same optimizer densely.
+tables and their optimizer state. ``keys`` and ``memory`` use the same optimizer densely, at the
+learning rate ``lr × relation_lr_scale``.
 
 Optimizers (``optimizer=``), each matching its torch counterpart step for step:
 
@@ -66,6 +67,9 @@ class LRMLTrainer:
         model: the model; its ``backend``, ``distance``, ``relation``, ``margin``, ``eps`` and
             ``max_norm`` are used.
         optimizer: one of ``OPTIMIZERS``. lr: learning rate (default per optimizer: ``DEFAULT_LR``).
+        relation_lr_scale: the keys' and memory's learning rate is ``lr × relation_lr_scale``
+            (≥ 0; 0 freezes them). Every pair's gradient reaches these few dense parameters, so
+            at the embeddings' rate they move the relation of every pair at every step.
         betas, adam_eps: Adam's coefficients. adagrad_eps: Adagrad's epsilon.
         reduction: "sum" (the authors' code) or "mean" over the batch rows.
         skip_nonfinite: check the loss and gradients of every step (one host sync) and skip the
@@ -93,6 +97,7 @@ class LRMLTrainer:
         skip_nonfinite: bool = False,
         process_group=None,
         cuda_graph: bool = False,
+        relation_lr_scale: float = 1.0,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -102,6 +107,11 @@ class LRMLTrainer:
         self.lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
+        self.relation_lr_scale = float(relation_lr_scale)
+        if not (math.isfinite(self.relation_lr_scale) and self.relation_lr_scale >= 0):
+            raise ValueError(
+                f"relation_lr_scale must be finite and >= 0, got {relation_lr_scale!r}"
+            )
         self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
         self.reduction = reduction
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
@@ -229,16 +239,21 @@ class LRMLTrainer:
         cuda = table.device.type == "cuda"
         hyper.copy_(torch.tensor(values, dtype=dtype, pin_memory=cuda), non_blocking=cuda)
 
+    def _lr(self, name: str) -> float:
+        """The learning rate of ``name`` (before Adam's bias corrections)."""
+        return self.lr * self.relation_lr_scale if name in ("keys", "memory") else self.lr
+
     def _step_scalars(self, name: str) -> tuple[float, float]:
         """``(lr, eps)`` of this step's update of ``name``: for Adam the bias-corrected step
         size, and for keys and memory (``torch.optim.Adam``) the epsilon ``eps·sqrt(1 - β2^t)``
         that makes SparseAdam's update theirs."""
+        lr = self._lr(name)
         if self.optimizer != "adam":
-            return self.lr, self.adagrad_eps
+            return lr, self.adagrad_eps
         b1, b2 = self.betas
         t = self.state[name]["step"]
         bc1, bc2 = 1 - b1**t, 1 - b2**t
-        step_size = self.lr * math.sqrt(bc2) / bc1
+        step_size = lr * math.sqrt(bc2) / bc1
         if name in ("keys", "memory"):
             return step_size, self.adam_eps * math.sqrt(bc2)
         return step_size, self.adam_eps
@@ -388,7 +403,7 @@ class LRMLTrainer:
             state["exp_avg_sq"].index_copy_(0, rows, v)
             x.addcdiv_(m, v.sqrt_().add_(eps), value=-lr)
         else:
-            x = self._apply(state, table.index_select(0, rows).to(ct), grad, rows)
+            x = self._apply(state, table.index_select(0, rows).to(ct), grad, rows, lr)
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
             x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
         table.index_copy_(0, rows, x.to(table.dtype))
@@ -422,15 +437,16 @@ class LRMLTrainer:
             state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
             bc1, bc2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(self.adam_eps)
-            x = x.addcdiv(state["exp_avg"], denom, value=-self.lr / bc1)
+            x = x.addcdiv(state["exp_avg"], denom, value=-self._lr(name) / bc1)
         else:
-            x = self._apply(state, x, grad, None)
+            x = self._apply(state, x, grad, None, self._lr(name))
         param.copy_(x.to(param.dtype))
 
-    def _apply(self, state, x, grad, rows):
-        """Adagrad / row-wise Adagrad / SGD on rows ``x`` (all rows when ``rows`` is None)."""
+    def _apply(self, state, x, grad, rows, lr):
+        """Adagrad / row-wise Adagrad / SGD at ``lr`` on rows ``x`` (all rows when ``rows`` is
+        None)."""
         if self.optimizer == "sgd":
-            return x - self.lr * grad
+            return x - lr * grad
         # Adagrad: one accumulator per element; row-wise Adagrad: one per row (mean of g²).
         square = grad * grad if self.optimizer == "adagrad" else (grad * grad).mean(1)
         if rows is None:
@@ -439,12 +455,13 @@ class LRMLTrainer:
             acc = state["sum"][rows] + square
             state["sum"][rows] = acc
         denom = acc.sqrt() + self.adagrad_eps
-        return x - self.lr * grad / (denom if self.optimizer == "adagrad" else denom[:, None])
+        return x - lr * grad / (denom if self.optimizer == "adagrad" else denom[:, None])
 
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer,
             "lr": self.lr,
+            "relation_lr_scale": self.relation_lr_scale,
             "steps": self.steps,
             "state": self.state,
         }
@@ -455,6 +472,7 @@ class LRMLTrainer:
                 f"checkpoint optimizer {sd['optimizer']!r} differs from {self.optimizer!r}"
             )
         self.lr, self.steps = sd["lr"], sd["steps"]
+        self.relation_lr_scale = sd.get("relation_lr_scale", 1.0)  # (1.0 before the option)
         self.state = {
             name: {
                 k: (v.to(p.device) if torch.is_tensor(v) else v)

@@ -59,6 +59,11 @@ LR_SCHEDULES = ("constant", "cosine")
 # summed loss 0.1 went non-finite at step 11-15 and 0.03 within the first epoch, 0.02 at step 47;
 # 0.015 trained; 0.01 reached HR@10 0.681 / nDCG@10 0.415 in 3 epochs (Adagrad 0.1: 0.692 / 0.421).
 TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
+# The keys' and memory's learning rate as a factor of lr (README, "A slower relation").
+RELATION_LR_SCALE = 0.01
+# Options added since checkpoints were first written, with the value that older checkpoints
+# were trained with (not the default of today).
+OPTIONS_BEFORE = {"relation_lr_scale": 1.0}
 
 # Steps between two reads of the loss (a host sync on a GPU): the progress bar is updated and a
 # non-finite loss found then, naming its step. Every checkpoint reads it first.
@@ -85,6 +90,7 @@ class TrainConfig:
     negatives: int = 10
     margin: float = 1.0
     lr: float | None = None
+    relation_lr_scale: float = RELATION_LR_SCALE  # keys and memory learn at lr × this
     lr_schedule: str = "cosine"
     optimizer: str = "adam"
     distance: str = "squared_l2"
@@ -138,6 +144,13 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        scale = self.relation_lr_scale
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not 0 <= scale < math.inf
+        ):
+            raise ValueError(f"relation_lr_scale must be finite and >= 0, got {scale!r}")
         if not self.fused_optimizer and self.optimizer == "rowwise_adagrad":
             raise ValueError("rowwise_adagrad exists only as a fused optimizer (--fused-optimizer)")
         if not self.fused_optimizer and self.on_nonfinite == "skip":
@@ -176,18 +189,22 @@ class _UnfusedStep:
     def __init__(self, model: LRML, cfg: TrainConfig):
         self.model = model
         lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
-        emb, dense = [model.user_emb, model.item_emb], [model.keys, model.memory]
+        # one param group per learning rate; "lr_scale" is the group's factor of lr (set_lr)
+        emb = {"params": [model.user_emb, model.item_emb], "lr_scale": 1.0}
+        dense = {"params": [model.keys, model.memory], "lr_scale": cfg.relation_lr_scale}
+        for group in (emb, dense):
+            group["lr"] = lr * group["lr_scale"]
         if cfg.optimizer == "adam":
-            self.opts = [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr)]
+            self.opts = [torch.optim.SparseAdam([emb]), torch.optim.Adam([dense])]
         elif cfg.optimizer == "adagrad":
-            self.opts = [torch.optim.Adagrad(emb + dense, lr=lr)]
+            self.opts = [torch.optim.Adagrad([emb, dense])]
         else:
-            self.opts = [torch.optim.SGD(emb + dense, lr=lr)]
+            self.opts = [torch.optim.SGD([emb, dense])]
 
     def set_lr(self, lr: float) -> None:
         for o in self.opts:
             for group in o.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
 
     def step(self, users, items):
         for o in self.opts:
@@ -228,8 +245,9 @@ def build(cfg: TrainConfig, num_users: int, num_items: int):
         lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
         skip = cfg.on_nonfinite == "skip"
         return model, LRMLTrainer(
-            model, cfg.optimizer, lr, skip_nonfinite=skip, cuda_graph=cfg.cuda_graph
-        )
+            model, cfg.optimizer, lr, skip_nonfinite=skip, cuda_graph=cfg.cuda_graph,
+            relation_lr_scale=cfg.relation_lr_scale,
+        )  # fmt: skip
     return model, _UnfusedStep(model, cfg)
 
 
@@ -247,7 +265,7 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
             f"refusing to resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
             f"processes and this run has {world}"
         )
-    old, new = ckpt["config"], asdict(cfg)
+    old, new = {**OPTIONS_BEFORE, **ckpt["config"]}, asdict(cfg)
     diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
@@ -719,7 +737,8 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
     ckpt = checkpoints.read(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+        stored = {**OPTIONS_BEFORE, **ckpt["config"]}
+        cfg = TrainConfig(**{k: v for k, v in stored.items() if k in known})
         cfg.device = str(device)
         cfg.validate()
         model, _ = build(cfg, ckpt["num_users"], ckpt["num_items"])

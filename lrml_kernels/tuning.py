@@ -34,6 +34,7 @@ TRIALS = "trials.json"
 SPACE: dict[str, tuple] = {
     "optimizer": ("categorical", ["adam", "adagrad", "rowwise_adagrad", "sgd"]),
     "lr": ("float", 0.1, 10.0, True),
+    "relation_lr_scale": ("float", 0.001, 1.0, True),
     "lr_schedule": ("categorical", ["constant", "cosine"]),
     "dim": ("categorical", [32, 64, 100, 128]),
     "memory_slots": ("categorical", [5, 10, 20, 50]),

@@ -10,15 +10,14 @@ from lrml_kernels.backends import why_unavailable
 from lrml_kernels.trainer import LRMLTrainer
 
 
-def torch_optimizers(m, name, lr):
+def torch_optimizers(m, name, lr, relation_lr_scale=1.0):
+    emb = {"params": [m.user_emb, m.item_emb], "lr": lr}
+    dense = {"params": [m.keys, m.memory], "lr": lr * relation_lr_scale}
     if name == "adam":
-        return [
-            torch.optim.SparseAdam([m.user_emb, m.item_emb], lr=lr),
-            torch.optim.Adam([m.keys, m.memory], lr=lr),
-        ]
+        return [torch.optim.SparseAdam([emb]), torch.optim.Adam([dense])]
     if name == "adagrad":
-        return [torch.optim.Adagrad(m.parameters(), lr=lr)]
-    return [torch.optim.SGD(m.parameters(), lr=lr)]
+        return [torch.optim.Adagrad([emb, dense])]
+    return [torch.optim.SGD([emb, dense])]
 
 
 # triton: on CPU tensors through the interpreter, the Triton row update (triton/row_update.py)
@@ -27,8 +26,9 @@ BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if why_unavailable(b, "cpu"
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["adam", "adagrad", "sgd"])
-@pytest.mark.parametrize("relation", ["pair", "shared"])
-def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, backend):
+@pytest.mark.parametrize(("relation", "scale"), [("pair", 1.0), ("shared", 1.0), ("pair", 0.25)])
+def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, backend):
+    # scale: relation_lr_scale, the keys' and memory's learning rate as a factor of lr
     # backend="cpu" with adam runs the C++ row update (row_adam_); the reference runs torch ops.
     torch.manual_seed(0)
     fused = lk.LRML(
@@ -36,8 +36,8 @@ def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, backend
     ).double()
     ref = copy.deepcopy(fused)
     ref.backend = "torch"
-    trainer = LRMLTrainer(fused, name, lr=0.05)
-    opts = torch_optimizers(ref, name, 0.05)
+    trainer = LRMLTrainer(fused, name, lr=0.05, relation_lr_scale=scale)
+    opts = torch_optimizers(ref, name, 0.05, scale)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         users = torch.randint(0, 10, (16,), generator=g)  # few users: many repeats
@@ -70,6 +70,21 @@ def test_rowwise_adagrad_updates_only_touched_rows_with_one_accumulator_per_row(
     assert (tr.state["user_emb"]["sum"][[0, 2, 3]] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["adam", "rowwise_adagrad"])
+def test_relation_lr_scale_zero_freezes_keys_and_memory_only(name):
+    torch.manual_seed(0)
+    m = lk.LRML(10, 10, dim=4, memory_slots=2)
+    keys, memory, users = (t.detach().clone() for t in (m.keys, m.memory, m.user_emb))
+    tr = LRMLTrainer(m, name, lr=0.1, relation_lr_scale=0.0)
+    for _ in range(3):
+        tr.step(torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]]))
+    assert torch.equal(m.keys, keys) and torch.equal(m.memory, memory)
+    assert not torch.equal(m.user_emb[:2], users[:2])
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="relation_lr_scale must be finite and >= 0"):
+            LRMLTrainer(m, name, relation_lr_scale=bad)
+
+
 def test_skip_nonfinite_leaves_the_model_untouched():
     m = lk.LRML(10, 10, dim=4, memory_slots=2)
     with torch.no_grad():
@@ -85,11 +100,12 @@ def test_skip_nonfinite_leaves_the_model_untouched():
 def test_state_dict_round_trip():
     torch.manual_seed(0)
     m = lk.LRML(10, 10, dim=4, memory_slots=2)
-    tr = LRMLTrainer(m, "adam")
+    tr = LRMLTrainer(m, "adam", relation_lr_scale=0.5)
     tr.step(torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]]))
     m2 = copy.deepcopy(m)
     tr2 = LRMLTrainer(m2, "adam")
     tr2.load_state_dict(copy.deepcopy(tr.state_dict()))
+    assert tr2.relation_lr_scale == 0.5
     u, i = torch.tensor([1, 2]), torch.tensor([[1, 5], [3, 0]])
     tr.step(u, i)
     tr2.step(u, i)

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lrml_kernels.training import (
     CHECKPOINT,
     NonFiniteLossError,
     TrainConfig,
+    build,
     fit,
     load_checkpoint,
 )
@@ -158,6 +160,27 @@ def test_unfused_training_runs(tmp_path, small):
     assert r["final"]["loss"] > 0
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+def test_unfused_step_gives_the_relation_its_learning_rate_as_the_fused_one(optimizer):
+    c = cfg(optimizer=optimizer, relation_lr_scale=0.25, backend="torch")
+    (fused_model, fused), (model, unfused) = (
+        build(replace(c, fused_optimizer=f), 20, 15) for f in (True, False)
+    )
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step == 3:  # a schedule's change keeps the ratio of the two learning rates
+            fused.set_lr(0.003)
+            unfused.set_lr(0.003)
+        users, items = (
+            torch.randint(0, 20, (16,), generator=g),
+            torch.randint(0, 15, (16, 3), generator=g),
+        )
+        fused.step(users, items)
+        unfused.step(users, items)
+    for a, b in zip(fused_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -166,6 +189,8 @@ def test_unfused_training_runs(tmp_path, small):
         {"eval": "x"},
         {"batch_size": -1},
         {"lr": 0.0},
+        {"relation_lr_scale": -0.5},
+        {"relation_lr_scale": float("nan")},
         {"lr_schedule": "step"},
         {"select_on": "test"},
         {"select_on": "valid", "eval": "none"},
