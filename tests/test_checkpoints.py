@@ -253,3 +253,19 @@ def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(
     assert a.keys() == b.keys() and a["config"] == b["config"]
     assert main(["convert-checkpoint", str(tmp_path / "none.pt"), str(new)]) == 2
     error_line("convert-checkpoint")
+
+
+def test_a_checkpoint_from_before_relation_lr_scale_resumes_as_it_was_trained(tmp_path, good):
+    """Written before the option existed, a checkpoint was trained with the relation at lr
+    (scale 1.0): it resumes with that scale, and is refused with today's default."""
+    ckpt = plain_dict(good)
+    del ckpt["config"]["relation_lr_scale"]
+    del ckpt["trainer"]["relation_lr_scale"]
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    opts = {**OPTS, "max_steps": 6, "progress": False}
+    with pytest.raises(ValueError, match=r"relation_lr_scale: 1\.0 -> 0\.01"):
+        fit(TrainConfig(**opts), tmp_path, resume=True)
+    r = fit(TrainConfig(**opts, relation_lr_scale=1.0), tmp_path, resume=True)
+    assert r["config"]["relation_lr_scale"] == 1.0
+    _, meta = load_checkpoint(tmp_path / CHECKPOINT)
+    assert meta["config"]["relation_lr_scale"] == 1.0
