@@ -91,7 +91,7 @@ OPS = {
     "hinge": "hinge fwd + autograd bwd (hinge fwd+bwd benchmark)",
     "train": "hinge_loss_grads: fwd + bwd in one call (fused train step)",
     "rowupdate": "the train step's fused Adam row updates: user table (B ids), items (B·C ids)",
-    "sort": "the row update's one-program sort of B ids (dtype: the key width), every BLOCK_N",
+    "sort": "the row update's one-program sort of B ids (dtype: the key width)",
     "topk": "all-user top-10 at Netflix size",
     "relations": "lrml_relations: attention and relation vectors of B pairs (C = 1)",
     "negatives": "the train step's negatives: B users × (C - 1), checked in a Netflix-size CSR",
@@ -125,18 +125,18 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       fwd+bwd); distance l2, plus squared_l2 and l1 at d = 100, N = 20 (the distance changes only
       the elementwise epilogue; ``all_distances`` takes every distance everywhere); the trainer's
       row updates (Adam, user and item tables) per batch shape, d and dtype; the row update's
-      one-program id sort at every power of two up to its ``SORT_MAX``, int32 and int64 keys
-      (also in ``headline``). Top-k of all
-      Netflix users for each d, N, dtype (and the same distances). ``lrml_relations`` of 4096 and
-      2^20 pairs for each d, N and dtype. The negatives of each batch shape (the sampler reads no
-      table: d, N and dtype do not apply).
+      one-program id sort at every shape it compiles up to its ``SORT_MAX``, int32 and int64
+      keys (:func:`sort_cases`, also in ``headline``). Top-k of all Netflix users for each d, N,
+      dtype (and the same distances). ``lrml_relations`` of 4096 and 2^20 pairs for each d, N
+      and dtype. The negatives of each batch shape (the sampler reads no table: d, N and dtype
+      do not apply).
     - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k,
       ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
       fp32, pair in bf16; the Adam row updates at 4096 × 5 fp32 (their sorts: 4,096 ids in one
-      chunk, 20,480 in 4 chunks, int32 keys); the sort's largest one-chunk and several-chunk
-      launches of int64 keys and its largest one-chunk launch of int32 keys; top-k fp32;
+      chunk, 20,480 in 3 chunks, int32 keys); the sort's largest one-chunk launches of either key
+      width and its largest several-chunk launch of int64 keys; top-k fp32;
       ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
@@ -807,10 +807,15 @@ def _usage(kernel, ptx: str, md, flags: list[str], log: str = "") -> dict:
 # Rows
 
 
+# Integer constexprs that size a launch without a BLOCK_ name (the row update's sort: its chunks
+# of 2^LOG_C keys), shown in the blocks column as well.
+SHAPE_CONSTEXPRS = ("LOG_C", "CHUNKS")
+
+
 def _blocks_and_flags(constexprs: dict) -> tuple[str, str]:
     blocks, flags = [], []
     for name, value in constexprs.items():
-        if name.startswith("BLOCK"):
+        if name.startswith("BLOCK") or name in SHAPE_CONSTEXPRS:
             blocks.append(f"{name.removeprefix('BLOCK_') or name}={value}")
         elif isinstance(value, bool) and value:
             flags.append(name)
@@ -917,6 +922,9 @@ def triton_rows(
             "kernel": c["kernel"],
             "blocks": blocks,
             "flags": flags,
+            "constexprs": {
+                k: v for k, v in p["constexprs"].items() if isinstance(v, bool | int | float | str)
+            },
             "autotune": p["autotune"],
             "grid": list(p["grid"]),
             "programs": math.prod(p["grid"]),
