@@ -99,33 +99,36 @@ def test_long_segments_sum_every_gradient_row(d):
     torch.testing.assert_close(table, want, atol=1e-12, rtol=1e-12)
 
 
-# (table rows, key bits): int32 keys for the item table's ids (15 bits), int64 keys for 2^31 rows
-# (31 bits: every position needs more); Netflix's users (19 bits) take either by the batch size.
+# Table rows per key width: the item table's ids (15 bits) take int32 keys, 2^31 rows (31 bits,
+# every position needs more) int64 keys; Netflix's users (19 bits) take either by the batch size.
 SORT_TABLES = {32: 17_770, 64: 1 << 31}
 
 
 def _sort_sizes():
-    from lrml_kernels.triton.row_update import SORT_MAX
+    """(n, rows, key bits): the sizes of issue 15, SORT_MAX and one past it (torch.sort), and two
+    tight tables whose largest id at the last position is the padding's key, the largest int32
+    (18 + 13 bits in one chunk, 16 + 15 bits in four)."""
+    from lrml_kernels.triton.row_update import SORT_CHUNK, SORT_MAX
 
-    return [
-        pytest.param(n, bits, id=f"{n}-int{bits}")
+    sizes = [
+        (n, SORT_TABLES[bits], bits)
         for bits in (32, 64)
         for n in sorted({1, 2, 7, 4096, 4097, 20_480, SORT_MAX[bits], SORT_MAX[bits] + 1})
     ]
+    sizes += [(SORT_CHUNK[32], 1 << 18, 32), (SORT_MAX[32], 1 << 16, 32)]
+    return [pytest.param(*s, id=f"{s[0]}-of-{s[1]}-int{s[2]}") for s in sizes]
 
 
-@pytest.mark.parametrize(("n", "bits"), _sort_sizes())
-def test_sort_ids_is_torch_sort_stable(n, bits):
-    """Values and indices of ``torch.sort(ids, stable=True)``, many repeats: one launch of the
-    one-program sort up to SORT_MAX (one chunk, or several merged), torch.sort above."""
+def _check_sort_ids(n, rows, bits, device):
+    """``sort_ids`` of n ids with many repeats, spread over ``rows``, is ``torch.sort(ids,
+    stable=True)``: one launch of the one-program sort up to SORT_MAX, torch.sort above."""
     _triton()
     from lrml_kernels.triton import row_update as ru
 
-    rows = SORT_TABLES[bits]
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(0, max(1, n // 8), (n,), generator=g)  # ~8 of each
-    ids = (ids * (rows // max(1, n // 8))).to(DEVICE)  # spread over the table: the top id bits
-    ids[-1] = rows - 1  # the largest id
+    ids = (ids * (rows // max(1, n // 8))).to(device)  # spread over the table: the top id bits
+    ids[-1] = rows - 1  # the largest id, at the last position
     launches = []
     run = ru._sort_ids_kernel.run
     with pytest.MonkeyPatch.context() as mp:
@@ -134,8 +137,7 @@ def test_sort_ids_is_torch_sort_stable(n, bits):
     want = torch.sort(ids, stable=True)
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.int64
     assert torch.equal(got[0].long(), want.values) and torch.equal(got[1], want.indices)
-    key_bits = 32 if max(rows - 1, 0).bit_length() + max(1, (n - 1).bit_length()) <= 31 else 64
-    assert key_bits == bits
+    assert bits == (32 if (rows - 1).bit_length() + max(1, (n - 1).bit_length()) <= 31 else 64)
     one_launch = n <= ru.SORT_MAX[bits]
     assert len(launches) == one_launch
     if one_launch:  # the keys: int32 where they fit; several chunks above SORT_CHUNK
@@ -143,6 +145,24 @@ def test_sort_ids_is_torch_sort_stable(n, bits):
         chunk = 1 << launches[0]["LOG_C"]
         assert chunk == min(ru.SORT_CHUNK[bits], max(2, 1 << (n - 1).bit_length()))
         assert launches[0]["CHUNKS"] == -(-n // chunk)
+
+
+@pytest.mark.parametrize(("n", "rows", "bits"), _sort_sizes())
+def test_sort_ids_is_torch_sort_stable(n, rows, bits):
+    _check_sort_ids(n, rows, bits, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n", "rows", "bits"),
+    [(4096, 480_189, 32), (20_480, 17_770, 32), (1 << 14, 1 << 31, 64), (32_769, 17_770, 32)],
+    ids=["netflix-users", "netflix-items", "int64-4-chunks", "torch.sort"],
+)
+def test_gpu_sort_ids_is_torch_sort_stable(n, rows, bits):
+    """The compiled kernel (its barrier between the chunks' sorts and the merge) on a GPU."""
+    if backends.why_unavailable("triton", "cuda") is not None:
+        pytest.skip(backends.why_unavailable("triton", "cuda"))
+    _check_sort_ids(n, rows, bits, "cuda")
 
 
 def test_row_update_touches_only_the_indexed_rows():
