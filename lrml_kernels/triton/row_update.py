@@ -50,14 +50,15 @@ STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
 # Measured for sm_90 without a GPU (Triton 3.9, ptxas of its wheel; registers per thread, spill
 # bytes, dynamic shared memory; every shape the launcher makes, 2 to SORT_MAX ids):
 #     python benchmarks/kernel_report.py --subset headline   (the rows of op "sort")
-# One chunk in registers: 32 warps can hold at most 64 registers a thread. A chunk of 16,384 int32
-# keys (16 a thread) spilled 32 B with 64 registers, 8,192 int64 keys (8 a thread) 24 B; 8,192
-# int32 keys take 63 registers, 4,096 int64 keys 64, no spill, so a chunk is 8 int32 keys a
-# thread (4 int64) on up to 32 warps (4,096 int32 keys: 16 warps, 64 registers; 2,048: 8 warps,
-# 48; 256 or fewer: 1 warp, 14-42). Several chunks: merging 8 keys a thread at once spilled 20 B
-# at 32,768 int32 keys; 2 a thread (SORT_MERGE_KEYS_PER_THREAD) spill nothing: 64 registers, no
-# stack, 16 KB of shared memory at 2, 3 and 4 chunks of either width. SORT_MAX is 4 chunks (each
-# key's slot: one binary search of log2(chunk) + 1 loads in each chunk); above, torch.sort.
+# One chunk in registers (32 warps: at most 64 registers a thread): 8,192 int32 keys (8 a thread)
+# take 63 registers; 16,384 (16 a thread) 64 with no spill but no margin (tl.sort's own network
+# spilled 32 B there); 4,096 int64 keys 64 registers, 8,192 spilled 8 B. So a chunk is 8 int32
+# keys a thread (4 int64) on up to 32 warps (4,096 int32 keys: 16 warps, 64 registers; 2,048:
+# 8 warps, 48; 256 or fewer: 1 warp, 14-42). Several chunks: placing 8 keys a thread at once in
+# the merge spilled 32 B at 32,768 int32 keys (4 chunks), 4 a thread left 8 B of stack; 2 a
+# thread (SORT_MERGE_KEYS_PER_THREAD): 64 registers, no stack, 16 KB of shared memory at 2, 3 and
+# 4 chunks of either width. SORT_MAX is 4 chunks (each key's slot: one binary search of
+# log2(chunk) + 1 dependent loads in each chunk); above, torch.sort.
 SORT_MAX = {32: 32768, 64: 16384}
 SORT_CHUNK = {32: 8192, 64: 4096}
 SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
