@@ -90,7 +90,8 @@ OPS = {
     "distances": "distances fwd (D [B, C])",
     "hinge": "hinge fwd + autograd bwd (hinge fwd+bwd benchmark)",
     "train": "hinge_loss_grads: fwd + bwd in one call (fused train step)",
-    "rowupdate": "the train step's fused Adam row update of the item table (B·C ids)",
+    "rowupdate": "the train step's fused Adam row updates: user table (B ids), items (B·C ids)",
+    "sort": "the row update's one-program sort of B ids (dtype: the key width)",
     "topk": "all-user top-10 at Netflix size",
     "relations": "lrml_relations: attention and relation vectors of B pairs (C = 1)",
     "negatives": "the train step's negatives: B users × (C - 1), checked in a Netflix-size CSR",
@@ -123,16 +124,20 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       relations; the three workloads of a batch (distances fwd, hinge fwd+bwd, the train step's
       fwd+bwd); distance l2, plus squared_l2 and l1 at d = 100, N = 20 (the distance changes only
       the elementwise epilogue; ``all_distances`` takes every distance everywhere); the trainer's
-      row update (Adam, item table) per batch shape, d and dtype. Top-k of all
-      Netflix users for each d, N, dtype (and the same distances). ``lrml_relations`` of 4096 and
-      2^20 pairs for each d, N and dtype. The negatives of each batch shape (the sampler reads no
-      table: d, N and dtype do not apply).
+      row updates (Adam, user and item tables) per batch shape, d and dtype; the row update's
+      one-program id sort at every shape it compiles up to its ``SORT_MAX``, int32 and int64
+      keys (:func:`sort_cases`, also in ``headline``). Top-k of all Netflix users for each d, N,
+      dtype (and the same distances). ``lrml_relations`` of 4096 and 2^20 pairs for each d, N
+      and dtype. The negatives of each batch shape (the sampler reads no table: d, N and dtype
+      do not apply).
     - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k,
       ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
-      fp32, pair in bf16; the Adam row update at 4096 × 5 fp32; top-k fp32; ``lrml_relations``
-      of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5.
+      fp32, pair in bf16; the Adam row updates at 4096 × 5 fp32 (their sorts: 4,096 ids in one
+      chunk, 20,480 in 3 chunks, int32 keys); the sort's largest one-chunk launches of either key
+      width and its largest several-chunk launch of int64 keys; top-k fp32;
+      ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -146,6 +151,10 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             for dt, rel in (("fp32", "pair"), ("fp32", "shared"), ("bf16", "pair"))
         ]
         out.append(Case("rowupdate", 4096, 5, 100, 20, "fp32", "pair", "l2"))
+        ru = importlib.import_module("lrml_kernels.triton.row_update")
+        worst = [(ru.SORT_CHUNK[32], 32), (ru.SORT_CHUNK[64], 64), (ru.SORT_MAX[64], 64)]
+        # (the row updates' sorts: 4,096 ids in one chunk, 20,480 in 3, int32 keys)
+        out += [Case("sort", n, 0, 100, 20, f"int{bits}", "pair", "l2") for n, bits in worst]
         out += [Case("relations", 4096, 1, 100, 20, dt, "pair", "l2") for dt in DTYPES]
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2"))
         return out + [Case("negatives", 4096, 5, 100, 20, "fp32", "pair", "l2")]
@@ -165,7 +174,22 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             out.append(Case("topk", NETFLIX_U, 0, d, N, dt, "pair", dist))
         for B, dt in itertools.product(RELATIONS_BATCHES, DTYPES):
             out.append(Case("relations", B, 1, d, N, dt, "pair", "l2"))
-    return out + [Case("negatives", B, C, 100, 20, "fp32", "pair", "l2") for B, C in BATCHES]
+    out += [Case("negatives", B, C, 100, 20, "fp32", "pair", "l2") for B, C in BATCHES]
+    return out + sort_cases()
+
+
+def sort_cases() -> list[Case]:
+    """The row update's id sort at every compiled shape it launches with, int32 and int64 keys:
+    one chunk of each power of two up to ``SORT_CHUNK``, then 2, 3, ... chunks up to
+    ``SORT_MAX`` (the launches a ``rowupdate`` case does not reach)."""
+    ru = importlib.import_module("lrml_kernels.triton.row_update")
+    out = []
+    for bits in (32, 64):
+        chunk, most = ru.SORT_CHUNK[bits], ru.SORT_MAX[bits]
+        sizes = [1 << p for p in range(1, chunk.bit_length())]
+        sizes += range(2 * chunk, most + 1, chunk)
+        out += [Case("sort", n, 0, 100, 20, f"int{bits}", "pair", "l2") for n in sizes]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +559,9 @@ def _run_backwards(backwards: list) -> None:
 def _tables(case: Case):
     import torch
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        case.dtype, torch.float32
+    )  # a sort case's dtype is its key width: its tables are not read
     P = torch.empty(NETFLIX_U, case.d, dtype=dt, device="cuda")
     Q = torch.empty(NETFLIX_I, case.d, dtype=dt, device="cuda")
     K = torch.empty(case.N, case.d, dtype=dt, device="cuda")
@@ -581,13 +607,18 @@ def record_launches(case: Case) -> list[tuple]:
                 _run_backwards(backwards)
             elif case.op == "train":
                 backend.hinge_loss_grads(*common, 0.5, case.distance, case.relation, eps, "mean")
-            elif case.op == "rowupdate":  # the trainer's Adam row update of the item table
+            elif case.op == "rowupdate":  # the trainer's Adam row updates of both tables
                 ru = importlib.import_module("lrml_kernels.triton.row_update")
                 f32 = {"dtype": torch.float32, "device": "cuda"}
-                state = (torch.empty(Q.shape, **f32), torch.empty(Q.shape, **f32))
-                grad = torch.empty(case.B, case.C, case.d, dtype=Q.dtype, device="cuda")
                 hyper = torch.empty(2, **f32)  # (lr, eps), read by the kernel
-                ru.row_update_(Q, items, grad, "adam", hyper, state, max_norm=1.0)
+                for table, idx in ((P, users), (Q, items)):
+                    state = (torch.empty(table.shape, **f32), torch.empty(table.shape, **f32))
+                    grad = torch.empty(*idx.shape, case.d, dtype=table.dtype, device="cuda")
+                    ru.row_update_(table, idx, grad, "adam", hyper, state, max_norm=1.0)
+            elif case.op == "sort":  # int32 keys: the item table's ids; int64: 2^31 rows
+                ru = importlib.import_module("lrml_kernels.triton.row_update")
+                ids = torch.empty(case.B, dtype=torch.int64, device="cuda")
+                ru.sort_ids(ids, NETFLIX_I if case.dtype == "int32" else 1 << 31)
             elif case.op == "negatives":  # sample_negatives' dispatch on CUDA tensors
                 sampling = importlib.import_module("lrml_kernels.data.sampling")
                 indptr = torch.empty(NETFLIX_U + 1, dtype=torch.int64, device="cuda")
@@ -776,10 +807,15 @@ def _usage(kernel, ptx: str, md, flags: list[str], log: str = "") -> dict:
 # Rows
 
 
+# Integer constexprs that size a launch without a BLOCK_ name (the row update's sort: its chunks
+# of 2^LOG_C keys), shown in the blocks column as well.
+SHAPE_CONSTEXPRS = ("LOG_C", "CHUNKS")
+
+
 def _blocks_and_flags(constexprs: dict) -> tuple[str, str]:
     blocks, flags = [], []
     for name, value in constexprs.items():
-        if name.startswith("BLOCK"):
+        if name.startswith("BLOCK") or name in SHAPE_CONSTEXPRS:
             blocks.append(f"{name.removeprefix('BLOCK_') or name}={value}")
         elif isinstance(value, bool) and value:
             flags.append(name)
@@ -886,6 +922,9 @@ def triton_rows(
             "kernel": c["kernel"],
             "blocks": blocks,
             "flags": flags,
+            "constexprs": {
+                k: v for k, v in p["constexprs"].items() if isinstance(v, bool | int | float | str)
+            },
             "autotune": p["autotune"],
             "grid": list(p["grid"]),
             "programs": math.prod(p["grid"]),
@@ -1055,6 +1094,8 @@ def _cells(r: dict) -> list[str]:
                 f"{r['num_warps']}*", "—", regs, _fmt_int(r["stack"]), spills,
                 _kb(r["shared"]) + " static", occ, "—", "—", tc]  # fmt: skip
     bc = "all users" if r["op"] == "topk" else f"{_pow2(r['B'])}×{r['C']}"
+    if r["op"] == "sort":
+        bc = f"{r['B']:,} ids"
     programs = f"{_fmt_int(r['programs'])} ({r['sms_busy']}/{SMS} SMs)"
     if len(r["grid"]) > 1:
         programs = "×".join(map(str, r["grid"])) + " = " + programs
@@ -1067,6 +1108,8 @@ def _cells(r: dict) -> list[str]:
         model[3:] = ["—", "—"]
     elif r["op"] == "negatives":  # the sampler reads ids and the CSR, no table
         model = ["—"] * 5
+    elif r["op"] == "sort":  # ids only; dtype: the key width
+        model = ["—", "—", f"{r['dtype']} keys", "—", "—"]
     return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, *model, r["blocks"],
             r["flags"] or "—", str(r["num_warps"]), str(r["num_stages"]), regs,
             _fmt_int(r["stack"]), spills, _kb(r["shared"]), occ, programs,

@@ -311,8 +311,9 @@ class LRMLTrainer:
 
     def _capture(self, users, items):
         """This step, run eagerly on a side stream (the warm-up the CUDA graph docs ask for:
-        Triton compiles, the sort's workspace is allocated), then captured on static copies of
-        the batch (a capture runs nothing). Returns the step's loss and the graph."""
+        Triton compiles; above SORT_MAX ids torch.sort's workspace is allocated), then captured
+        on static copies of the batch (a capture runs nothing). Returns the step's loss and the
+        graph."""
         static = _Graph(torch.cuda.CUDAGraph(), users.clone(), items.clone(), None)
         current = torch.cuda.current_stream(users.device)
         side = torch.cuda.Stream(users.device)

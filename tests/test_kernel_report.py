@@ -123,6 +123,8 @@ def test_occupancy_arithmetic_of_an_sm90_sm():
 
 def test_full_matrix_covers_the_benchmark_sizes():
     cs = kr.cases("full")
+    sorts = [c for c in cs if c.op == "sort"]
+    cs = [c for c in cs if c.op != "sort"]
     batch = [c for c in cs if c.op not in ("topk", "relations")]
     assert {(c.B, c.C) for c in batch} == {(4096, 5), (1 << 20, 2)}
     assert {c.d for c in cs} == {64, 100, 128} and {c.N for c in cs} == {10, 20}
@@ -133,12 +135,20 @@ def test_full_matrix_covers_the_benchmark_sizes():
     assert {(c.B, c.C) for c in cs if c.op == "relations"} == {(4096, 1), (1 << 20, 1)}
     assert {c.distance for c in cs} == {"l2", "squared_l2", "l1"}
     assert all(c.B == 480_189 for c in cs if c.op == "topk")
+    # the row update's sort: every shape it compiles, int32 and int64 keys, up to SORT_MAX
+    from lrml_kernels.triton.row_update import SORT_CHUNK, SORT_MAX
+
+    for bits in (32, 64):
+        sizes = {c.B for c in sorts if c.dtype == f"int{bits}"}
+        assert {2, SORT_CHUNK[bits], 2 * SORT_CHUNK[bits], SORT_MAX[bits]} <= sizes
+        assert max(sizes) == SORT_MAX[bits]
+    assert sorts == [c for c in kr.cases("headline") if c.op == "sort"]
     ci = kr.cases("ci")
     assert kr.cases("smoke")[0] == ci[0]  # the unit test warms CI's cache
-    assert {c.relation for c in ci} == {"pair", "shared"} and {c.dtype for c in ci} == {
-        "fp32",
-        "bf16",
-    }
+    tables = [c for c in ci if c.op != "sort"]  # a sort case's dtype is its key width
+    assert {c.relation for c in ci} == {"pair", "shared"}
+    assert {c.dtype for c in tables} == {"fp32", "bf16"}
+    assert {c.dtype for c in ci if c.op == "sort"} == {"int32", "int64"}
     assert any(c.op == "topk" for c in ci) and any(c.op == "negatives" for c in ci)
     assert {c.dtype for c in ci if c.op == "relations"} == {"fp32", "bf16"}
 
@@ -195,19 +205,30 @@ def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
         assert r["blocks"] and "BLOCK" not in r["blocks"]
         if r["op"] == "relations":
             assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 1, 100, 20)
+        elif r["op"] == "sort":
+            assert r["kernel"] == "_sort_ids_kernel" and r["programs"] == 1
         elif r["op"] != "topk":
             assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 5, 100, 20)
 
 
 def test_ci_subset_has_no_spills(ci_rows):
     """Issue 15's gate: no spill stores or loads in any Triton or CUDA kernel of the ``ci`` subset
-    (the forward and backward kernels, both relations, fp32 and bf16, the Adam row update, the
+    (the forward and backward kernels, both relations, fp32 and bf16, the Adam row updates and
+    their one-program sort, the
     top-k screen and re-score, lrml_relations, the negative sampler; every ``csrc/cuda``
     kernel)."""
     kernels = {r["kernel"] for r in ci_rows}
     want = {"_screen_kernel", "_lrml_pair_forward_kernel", "_lrml_backward_kernel"}
     want |= {"_lrml_relations_kernel", "_sample_negatives_kernel"}
-    assert want | {"_row_update_kernel"} <= kernels
+    assert want | {"_row_update_kernel", "_sort_ids_kernel"} <= kernels
+    # the row updates' sorts (4,096 users in one chunk, 20,480 items in 3) and the sort's
+    # largest one-chunk and several-chunk shapes of either key width
+    sorts = {
+        (r["dtype"], r["constexprs"]["CHUNKS"])
+        for r in ci_rows
+        if r["kernel"] == "_sort_ids_kernel"
+    }
+    assert {("fp32", 1), ("fp32", 3), ("int32", 1), ("int64", 1), ("int64", 4)} <= sorts
     assert NVCC is None or any(r["source"] == "cuda" for r in ci_rows)
     spilling = [
         f"{r['source']}:{r['kernel']} {r.get('op')} {r.get('dtype', '')} {r.get('relation', '')}: "

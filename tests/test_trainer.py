@@ -147,6 +147,7 @@ def test_triton_steps_follow_an_lr_schedule_with_unchanged_launch_arguments(name
         per_step.append(triton_launches[:])
     kernels = [k for k, _ in per_step[0]]
     assert kernels.count("_row_update_kernel") == 4, kernels
+    assert kernels.count("_sort_ids_kernel") == 2, kernels  # each table's ids: one launch
     held = [trainer._hyper, *fused.parameters()]
     held += [v for s in trainer.state.values() for v in s.values() if torch.is_tensor(v)]
     held = {("tensor", t.data_ptr()) for t in held}

@@ -3,9 +3,15 @@
 One step of :class:`~lrml_kernels.trainer.LRMLTrainer` on an embedding table, FBGEMM-style, with no
 host synchronisation and static sizes:
 
-1. ``torch.sort(idx, stable=True)``: the touched row ids in order, equal ids in batch order (a sort
-   is a few device kernels and never asks the host how many distinct rows there are, unlike
-   ``torch.unique``);
+1. :func:`sort_ids`, what ``torch.sort(idx, stable=True)`` returns: the touched row ids in order,
+   equal ids in batch order (a sort never asks the host how many distinct rows there are, unlike
+   ``torch.unique``). Up to ``SORT_MAX`` ids it is one Triton launch of one program,
+   ``_sort_ids_kernel``: each id and its position are packed into one integer key (the position
+   in the low bits makes the sort stable and deterministic), chunks of up to ``SORT_CHUNK`` keys
+   are sorted in registers (a bitonic network) and several chunks merged by binary searches.
+   Above ``SORT_MAX``, ``torch.sort`` of int32 ids: on CUDA a CUB radix sort of several kernels
+   (4 passes of 8 bits on 32-bit keys, not the 8 of int64 ids; torch sorts at most 4,096 in one
+   kernel). A Netflix step's sorts (4,096 users, 4,096 × 5 items) are one launch each;
 2. one Triton kernel with one program per sorted slot. A slot whose id differs from the previous
    slot's starts a segment; its program owns that row, sums the segment's gradient rows (read
    ``BLOCK_S`` sorted slots at a time, in a fixed order, so the result is deterministic and does
@@ -40,6 +46,23 @@ from lrml_kernels.triton.distance_kernels import _device_guard
 
 OPTIMIZER_CODES = {"adam": 0, "adagrad": 1, "rowwise_adagrad": 2, "sgd": 3}
 STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
+# The one-program sort, per key width in bits (int32 keys where bits(rows - 1) + bits(n - 1) <= 31).
+# Measured for sm_90 without a GPU (Triton 3.9, ptxas of its wheel; registers per thread, spill
+# bytes, dynamic shared memory; every shape the launcher makes, 2 to SORT_MAX ids):
+#     python benchmarks/kernel_report.py --subset headline   (the rows of op "sort")
+# One chunk in registers (32 warps: at most 64 registers a thread): 8,192 int32 keys (8 a thread)
+# take 63 registers; 16,384 (16 a thread) 64 with no spill but no margin (tl.sort's own network
+# spilled 32 B there); 4,096 int64 keys 64 registers, 8,192 spilled 8 B. So a chunk is 8 int32
+# keys a thread (4 int64) on up to 32 warps (4,096 int32 keys: 16 warps, 64 registers; 2,048:
+# 8 warps, 48; 256 or fewer: 1 warp, 14-42). Several chunks: placing 8 keys a thread at once in
+# the merge spilled 32 B at 32,768 int32 keys (4 chunks), 4 a thread left 8 B of stack; 2 a
+# thread (SORT_MERGE_KEYS_PER_THREAD): 64 registers, no stack, 16 KB of shared memory at 2, 3 and
+# 4 chunks of either width. SORT_MAX is 4 chunks (each key's slot: one binary search of
+# log2(chunk) + 1 dependent loads in each chunk); above, torch.sort.
+SORT_MAX = {32: 32768, 64: 16384}
+SORT_CHUNK = {32: 8192, 64: 4096}
+SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
+SORT_MERGE_KEYS_PER_THREAD = 2
 
 
 @triton.jit
@@ -116,6 +139,96 @@ def _row_update_kernel(
         tl.store(x_ptrs, x.to(table_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _compare_and_swap(h, flip, N_DIMS: tl.constexpr, I: tl.constexpr):
+    """One step of the bitonic network on the hypercube ``h`` ([2] * N_DIMS): each pair along
+    dimension ``N_DIMS - 1 - I`` in order, ascending where ``flip`` is 0 and descending where 1.
+    The partner is the pair's sum minus the element (exact: integers wrap), a builtin reduction."""
+    partner = tl.sum(h, axis=N_DIMS - 1 - I, keep_dims=True) - h
+    is_right = tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - 1 - I) + [2] + [1] * I)
+    return tl.where((h > partner) != (flip ^ is_right).to(tl.int1), partner, h)
+
+
+@triton.jit
+def _bitonic_sort(x, LOG_N: tl.constexpr):
+    """``x`` [2^LOG_N] (LOG_N >= 1) of integers ascending: ``tl.sort``'s bitonic network, with the
+    partner of a compare-and-swap as a ``tl.sum`` (one reduction, as tl.sort's ``xor_sum``) and
+    not a custom combine, which the interpreter runs in Python element by element (tl.sort of
+    4,096 ids there: 7 s; this: well under 1 s)."""
+    h = tl.reshape(x, [2] * LOG_N)
+    for stage in tl.static_range(1, LOG_N + 1):
+        if stage < LOG_N:  # alternating runs of 2^stage
+            flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - 1 - stage) + [2] + [1] * stage)
+        else:
+            flip = 0
+        for i in tl.static_range(stage):
+            h = _compare_and_swap(h, flip, LOG_N, stage - 1 - i)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
+def _lower_bound(keys_ptr, key, LOG_C: tl.constexpr):
+    """How many of the 2^LOG_C ascending keys at ``keys_ptr`` are below each of ``key``."""
+    i = tl.zeros(key.shape, tl.int32)
+    for b in tl.static_range(LOG_C):
+        step = 1 << (LOG_C - 1 - b)
+        i += tl.where(tl.load(keys_ptr + i + (step - 1)) < key, step, 0)
+    return i + (tl.load(keys_ptr + i) < key).to(tl.int32)
+
+
+@triton.jit
+def _id_keys(ids_ptr, pos, n, POS_BITS: tl.constexpr, KEY: tl.constexpr):
+    """(id << POS_BITS) | position of the ids at ``pos``; beyond n the largest key."""
+    inside = pos < n
+    ids = tl.load(ids_ptr + pos, mask=inside, other=0).to(KEY)
+    pad = tl.full(pos.shape, 0x7FFFFFFFFFFFFFFF if KEY == tl.int64 else 0x7FFFFFFF, KEY)
+    return tl.where(inside, (ids << POS_BITS) | pos.to(KEY), pad)
+
+
+@triton.jit
+def _store_sorted(sorted_ptr, perm_ptr, keys, slot, n, POS_BITS: tl.constexpr):
+    """Sorted slot ``slot`` gets the id and the position packed in ``keys`` (slots >= n: none)."""
+    done = slot < n
+    tl.store(sorted_ptr + slot, (keys >> POS_BITS).to(sorted_ptr.dtype.element_ty), mask=done)
+    tl.store(perm_ptr + slot, (keys & ((1 << POS_BITS) - 1)).to(tl.int64), mask=done)
+
+
+@triton.jit
+def _sort_ids_kernel(
+    ids_ptr,  # [n] row ids below 2^(key bits - 1 - POS_BITS), int32 or int64
+    sorted_ptr,  # [n] out: the ids ascending (int32 or int64)
+    perm_ptr,  # [n] out, int64: each sorted slot's position in ids (equal ids in batch order)
+    keys_ptr,  # [CHUNKS << LOG_C] scratch in the key dtype: the sorted chunks (if CHUNKS > 1)
+    n,
+    POS_BITS: tl.constexpr,  # bits of a position < n (at least 1)
+    KEY64: tl.constexpr,  # int64 keys, else int32
+    LOG_C: tl.constexpr,  # log2 of a chunk: the keys sorted in registers at once
+    CHUNKS: tl.constexpr,  # ceil(n / chunk)
+    BLOCK_S: tl.constexpr,  # keys placed at once in the merge (divides the chunk)
+):  # fmt: skip
+    """One program: key = (id << POS_BITS) | position, unique, padded with the largest key (so
+    the n smallest are the ids'). One chunk: one sort in registers. Several: each chunk sorted in
+    registers into the scratch, then each key's sorted slot is the number of keys below it in
+    every chunk (its rank in its own), a binary search in each: a merge with no host sync."""
+    KEY: tl.constexpr = tl.int64 if KEY64 else tl.int32
+    CHUNK: tl.constexpr = 1 << LOG_C
+    rank = tl.arange(0, CHUNK)
+    if CHUNKS == 1:
+        keys = _bitonic_sort(_id_keys(ids_ptr, rank, n, POS_BITS, KEY), LOG_C)
+        _store_sorted(sorted_ptr, perm_ptr, keys, rank, n, POS_BITS)
+    else:
+        for start in range(0, CHUNKS * CHUNK, CHUNK):
+            keys = _bitonic_sort(_id_keys(ids_ptr, start + rank, n, POS_BITS, KEY), LOG_C)
+            tl.store(keys_ptr + start + rank, keys)
+        tl.debug_barrier()  # every chunk in the scratch before any thread reads one
+        for s in range(0, n, BLOCK_S):
+            keys = tl.load(keys_ptr + s + tl.arange(0, BLOCK_S))
+            slot = tl.zeros([BLOCK_S], tl.int32)
+            for other in tl.static_range(CHUNKS):
+                slot += _lower_bound(keys_ptr + other * CHUNK, keys, LOG_C)
+            _store_sorted(sorted_ptr, perm_ptr, keys, slot, n, POS_BITS)
+
+
 def row_update_(
     table: torch.Tensor,
     idx: torch.Tensor,
@@ -141,7 +254,8 @@ def row_update_(
             rowwise_adagrad (``[R]``), ``()`` for sgd; contiguous, updated in place.
         betas: Adam's. max_norm: the projection radius, or None.
 
-    No host synchronisation: a sort and one kernel launch, whatever the number of distinct rows.
+    No host synchronisation: a sort (one launch up to ``SORT_MAX`` ids, see :func:`sort_ids`)
+    and one kernel launch, whatever the number of distinct rows.
     """
     _check(table, optimizer, hyper, state)
     d = table.shape[1]
@@ -149,7 +263,7 @@ def row_update_(
     n = ids.shape[0]
     if n == 0:
         return
-    sorted_ids, perm = torch.sort(ids, stable=True)
+    sorted_ids, perm = sort_ids(ids, table.shape[0])
     grad = grad_rows.reshape(n, d)
     _launch(table, state, sorted_ids, perm, grad, n, optimizer, hyper, betas, max_norm, False)
 
@@ -173,6 +287,44 @@ def dense_update_(
     if param.shape[0] == 0:
         return
     _launch(param, state, grad, grad, grad, param.shape[0], optimizer, hyper, betas, None, True)
+
+
+def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(ids, stable=True)`` of 1-D row ids in ``[0, rows)``: the ids ascending and,
+    int64, the position in ``ids`` of each (equal ids in batch order), with no host sync.
+
+    The sorted ids are int32 where ``rows <= 2^31``, else int64. The keys ``(id << bits(n - 1))
+    | position`` are int32 where bits(rows - 1) + bits(n - 1) <= 31, else int64. Up to
+    ``SORT_MAX[key bits]`` ids: one launch of ``_sort_ids_kernel`` (one program); above,
+    ``torch.sort`` of the ids cast to int32 where ``rows <= 2^31`` (on CUDA a cast, then a radix
+    sort of 4 passes instead of the 8 of int64 keys).
+    """
+    ids = ids.contiguous()
+    n = ids.shape[0]
+    id_bits = max(rows - 1, 0).bit_length()
+    pos_bits = max(1, (n - 1).bit_length())
+    key_bits = 32 if id_bits + pos_bits <= 31 else 64
+    narrow = torch.int32 if rows <= 2**31 else torch.int64
+    if n > SORT_MAX[key_bits] or id_bits + pos_bits > 63:
+        return torch.sort(ids.to(narrow), stable=True)
+    key_dtype = torch.int64 if key_bits == 64 else torch.int32
+    chunk = min(SORT_CHUNK[key_bits], max(2, triton.next_power_of_2(n)))
+    chunks = triton.cdiv(n, chunk)
+    warps = max(1, min(32, chunk // (32 * SORT_KEYS_PER_THREAD[key_bits])))
+    sorted_ids = torch.empty(n, dtype=narrow, device=ids.device)
+    perm = torch.empty(n, dtype=torch.int64, device=ids.device)
+    # the sorted chunks (one chunk: none; perm stands in, never read)
+    scratch = (
+        torch.empty(chunks * chunk, dtype=key_dtype, device=ids.device) if chunks > 1 else perm
+    )
+    with _device_guard(ids):
+        _sort_ids_kernel[(1,)](
+            ids, sorted_ids, perm, scratch, n,
+            POS_BITS=pos_bits, KEY64=key_bits == 64, LOG_C=chunk.bit_length() - 1,
+            CHUNKS=chunks, BLOCK_S=min(chunk, 32 * warps * SORT_MERGE_KEYS_PER_THREAD),
+            num_warps=warps,
+        )  # fmt: skip
+    return sorted_ids, perm
 
 
 def hyper_dtype(table_dtype: torch.dtype) -> torch.dtype:
