@@ -71,6 +71,23 @@ def suggest(trial, base: TrainConfig, search=tuple(SPACE)) -> TrainConfig:
     return replace(base, **chosen, select_on="valid", progress=False)
 
 
+def base_params(base: TrainConfig, search=tuple(SPACE)) -> dict:
+    """``base``'s values as the study's parameters (``lr`` as ``lr_factor``), those of ``search``
+    that lie in :data:`SPACE` (the others are drawn): the first trial of a new study."""
+    _check_search(search)
+    params = {}
+    for name in search:
+        kind, *spec = SPACE[name]
+        value = getattr(base, name)
+        if name == "lr":
+            default = TRAIN_LR[base.optimizer]
+            name, value = "lr_factor", (default if value is None else value) / default
+        inside = value in spec[0] if kind == "categorical" else spec[0] <= value <= spec[1]
+        if inside and not (kind == "int" and isinstance(value, float)):
+            params[name] = value
+    return params
+
+
 def _check_search(search) -> None:
     unknown = sorted(set(search) - set(SPACE))
     if unknown:
@@ -92,7 +109,8 @@ def tune(
     """Run (or resume) the study; write its outputs; return ``{"best": ..., "trials": ...}``.
 
     Args:
-        base: the options not searched (data, epochs per trial, patience, eval protocol, seed...).
+        base: the options not searched (data, epochs per trial, patience, eval protocol, seed...);
+            a new study's first trial is ``base`` itself (:func:`base_params`).
         out_dir: where the best configuration, the trial list and the plots go.
         trials: the study's total number of finished trials (a resumed study runs the rest).
         timeout: stop starting trials after this many seconds (None: no limit).
@@ -154,6 +172,8 @@ def tune(
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         return final["valid_ndcg"]
 
+    if not study.trials:  # the options given come first: the best is never worse than them
+        study.enqueue_trial(base_params(base, search))
     done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     finished = len(study.get_trials(deepcopy=False, states=done))
     # A resumed study must not replay the random start-up draws of its first run: the sampler's

@@ -1,6 +1,7 @@
 """``lrml tune``: a tiny study that never reads the test items, resumes from SQLite, and writes a
 configuration that ``lrml train --config`` reads."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from lrml_kernels.training import TrainConfig
 
 optuna = pytest.importorskip("optuna")
 
-from lrml_kernels.tuning import SPACE, suggest, tune  # noqa: E402
+from lrml_kernels.tuning import SPACE, base_params, suggest, tune  # noqa: E402
 
 
 def tiny(**kw):
@@ -28,6 +29,9 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     kw = dict(storage=storage, study_name="t", search=search, split=split, progress=False)
     r = tune(tiny(), tmp_path / "out", trials=2, **kw)
     assert [t["state"] for t in r["trials"]] == ["COMPLETE", "COMPLETE"]
+    # the first trial is the options given (lr as the factor of the optimizer's default)
+    first = {"optimizer": "adam", "lr_factor": 1.0, "negatives": 2, "relation": "pair"}
+    assert r["trials"][0]["params"] == {**first, "distance": "squared_l2"}
     # every trial reported its validation nDCG per epoch (what the median pruner reads)
     assert all(set(t["intermediate"]) == {"1", "2"} for t in r["trials"])
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
@@ -41,6 +45,13 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     assert [t["value"] for t in again["trials"][:2]] == values
     # (not a replay of trial 0's random draw)
     assert again["trials"][2]["params"] != again["trials"][0]["params"]
+
+
+def test_base_params_leave_out_values_outside_the_space():
+    base = dataclasses.replace(tiny(lr=0.05, margin=0.5), negatives=40, dim=48)
+    params = base_params(base, ("lr", "negatives", "margin", "dim", "relation_lr_scale"))
+    # lr 0.05 is 5x Adam's default; 40 negatives and d = 48 are not in the space: drawn
+    assert params == {"lr_factor": pytest.approx(5.0), "margin": 0.5, "relation_lr_scale": 0.01}
 
 
 def test_suggest_scales_lr_per_optimizer_and_rejects_unknown_names():
