@@ -28,6 +28,7 @@ eager or replayed; :meth:`LRMLTrainer.step` documents when a graph is captured a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,14 @@ _STATE_KEYS = {  # the per-row state tensors, in the order of the Triton row upd
     "rowwise_adagrad": ("sum",),
     "sgd": (),
 }
+
+
+def check_relation_lr_scale(scale) -> float:
+    """``scale`` as a float: a real number, finite and >= 0 (the keys' and memory's factor of
+    the learning rate; 0 freezes them); otherwise ``ValueError``."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 <= scale < math.inf:
+        raise ValueError(f"relation_lr_scale must be finite and >= 0, got {scale!r}")
+    return float(scale)
 
 
 @dataclass
@@ -107,11 +116,7 @@ class LRMLTrainer:
         self.lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        self.relation_lr_scale = float(relation_lr_scale)
-        if not (math.isfinite(self.relation_lr_scale) and self.relation_lr_scale >= 0):
-            raise ValueError(
-                f"relation_lr_scale must be finite and >= 0, got {relation_lr_scale!r}"
-            )
+        self.relation_lr_scale = check_relation_lr_scale(relation_lr_scale)
         self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
         self.reduction = reduction
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0

@@ -43,7 +43,7 @@ from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML
-from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer
+from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer, check_relation_lr_scale
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -144,13 +144,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
-        scale = self.relation_lr_scale
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not 0 <= scale < math.inf
-        ):
-            raise ValueError(f"relation_lr_scale must be finite and >= 0, got {scale!r}")
+        check_relation_lr_scale(self.relation_lr_scale)
         if not self.fused_optimizer and self.optimizer == "rowwise_adagrad":
             raise ValueError("rowwise_adagrad exists only as a fused optimizer (--fused-optimizer)")
         if not self.fused_optimizer and self.on_nonfinite == "skip":
