@@ -223,6 +223,11 @@ def _tune(args) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials must be positive, got {args.trials}")
     cfg = _config(args)
+    start_from = []
+    for path in args.start_from:
+        options = _read_config(path)
+        options.pop("no_progress", None)
+        start_from.append(options)
     r = tune(
         cfg,
         args.out,
@@ -232,6 +237,7 @@ def _tune(args) -> int:
         study_name=args.study_name,
         search=search,
         progress=cfg.progress,
+        start_from=start_from,
     )
     print(json.dumps(r["best"], indent=2))
     print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
@@ -379,6 +385,14 @@ def main(argv=None) -> int:
         help="comma-separated parameters to search (default: all of "
         "optimizer,lr,relation_lr_scale,lr_schedule,dim,memory_slots,negatives,margin,distance,"
         "relation,max_norm,batch_size); the others keep the options given",
+    )
+    a(
+        "--start-from",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="JSON file of train options (e.g. another study's best_config.json): its values of "
+        "the searched parameters are tried right after the options given (repeatable)",
     )
     p.set_defaults(func=_tune, out="runs/tune")
     with_config.append(p)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from lrml_kernels import data as lkdata
@@ -88,6 +88,19 @@ def base_params(base: TrainConfig, search=tuple(SPACE)) -> dict:
     return params
 
 
+def start_params(base: TrainConfig, options: dict, search=tuple(SPACE)) -> dict:
+    """The study's parameters of ``options`` (``TrainConfig`` field names): their values of the
+    searched parameters, those not given taken from ``base`` (:func:`base_params`). A value that
+    lies outside :data:`SPACE` (say ``relation="none"`` of a CML configuration started in an LRML
+    study) is left to the sampler."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in a start point")
+    chosen = {k: v for k, v in options.items() if k in search}
+    return base_params(replace(base, **chosen), search)
+
+
 def _check_search(search) -> None:
     unknown = sorted(set(search) - set(SPACE))
     if unknown:
@@ -105,6 +118,7 @@ def tune(
     search=tuple(SPACE),
     split=None,
     progress: bool = True,
+    start_from=(),
 ) -> dict:
     """Run (or resume) the study; write its outputs; return ``{"best": ..., "trials": ...}``.
 
@@ -119,6 +133,9 @@ def tune(
         search: the parameters of :data:`SPACE` to search (the others come from ``base``).
         split: a ready split (a validation split is carved if it has none); its test arrays
             are never read.
+        start_from: option dicts (``TrainConfig`` field names, e.g. another study's
+            ``best_config.json``) whose values of the searched parameters are tried next, after
+            ``base`` (:func:`start_params`); a point the study already holds is not tried again.
     """
     import optuna
 
@@ -174,6 +191,8 @@ def tune(
 
     if not study.trials:  # the options given come first: the best is never worse than them
         study.enqueue_trial(base_params(base, search))
+    for options in start_from:
+        study.enqueue_trial(start_params(base, options, search), skip_if_exists=True)
     done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     finished = len(study.get_trials(deepcopy=False, states=done))
     # A resumed study must not replay the random start-up draws of its first run: the sampler's

@@ -8,11 +8,11 @@ import pytest
 
 from lrml_kernels import data
 from lrml_kernels.cli import main
-from lrml_kernels.training import TrainConfig
+from lrml_kernels.training import TRAIN_LR, TrainConfig
 
 optuna = pytest.importorskip("optuna")
 
-from lrml_kernels.tuning import SPACE, base_params, suggest, tune  # noqa: E402
+from lrml_kernels.tuning import SPACE, base_params, start_params, suggest, tune  # noqa: E402
 
 
 def tiny(**kw):
@@ -27,11 +27,19 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     search = ("optimizer", "lr", "negatives", "relation", "distance")
     kw = dict(storage=storage, study_name="t", search=search, split=split, progress=False)
-    r = tune(tiny(), tmp_path / "out", trials=2, **kw)
-    assert [t["state"] for t in r["trials"]] == ["COMPLETE", "COMPLETE"]
+    # a start point: another study's configuration (its margin is not searched here)
+    start = [{"optimizer": "sgd", "lr": 0.05, "negatives": 3, "relation": "none", "margin": 2.0}]
+    r = tune(tiny(), tmp_path / "out", trials=3, start_from=start, **kw)
+    assert [t["state"] for t in r["trials"]] == ["COMPLETE"] * 3
     # the first trial is the options given (lr as the factor of the optimizer's default)
     first = {"optimizer": "adam", "lr_factor": 1.0, "negatives": 2, "relation": "pair"}
     assert r["trials"][0]["params"] == {**first, "distance": "squared_l2"}
+    # the second the start point's searched values; its relation "none" is not in the space
+    second = r["trials"][1]["params"]
+    assert second.pop("relation") in SPACE["relation"][1]
+    assert second == {"optimizer": "sgd", "lr_factor": pytest.approx(0.05 / TRAIN_LR["sgd"]),
+                      "negatives": 3, "distance": "squared_l2"}  # fmt: skip
+    assert r["trials"][1]["user_attrs"]["config"]["margin"] == tiny().margin
     # every trial reported its validation nDCG per epoch (what the median pruner reads)
     assert all(set(t["intermediate"]) == {"1", "2"} for t in r["trials"])
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
@@ -39,12 +47,12 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     assert best["_tuned"]["valid_ndcg"] == max(values) and best["select_on"] == "valid"
     assert best["optimizer"] in SPACE["optimizer"][1] and best["dim"] == 8
     assert (tmp_path / "out" / "optimization_history.png").stat().st_size > 0
-    # the same study again: it has its two trials and runs the third only
-    again = tune(tiny(), tmp_path / "out", trials=3, **kw)
-    assert [t["number"] for t in again["trials"]] == [0, 1, 2]
-    assert [t["value"] for t in again["trials"][:2]] == values
-    # (not a replay of trial 0's random draw)
-    assert again["trials"][2]["params"] != again["trials"][0]["params"]
+    # the same study again, start point included: it has its three trials and runs the fourth
+    again = tune(tiny(), tmp_path / "out", trials=4, start_from=start, **kw)
+    assert [t["number"] for t in again["trials"]] == [0, 1, 2, 3]
+    assert [t["value"] for t in again["trials"][:3]] == values
+    # (neither the start point again nor a replay of trial 2's random draw)
+    assert all(again["trials"][3]["params"] != t["params"] for t in again["trials"][:3])
 
 
 def test_base_params_leave_out_values_outside_the_space():
@@ -54,11 +62,21 @@ def test_base_params_leave_out_values_outside_the_space():
     assert params == {"lr_factor": pytest.approx(5.0), "margin": 0.5, "relation_lr_scale": 0.01}
 
 
+def test_start_params_take_the_searched_values_and_check_the_names():
+    cml = {"optimizer": "sgd", "lr": 0.05, "relation": "none", "dim": 128, "memory_slots": 20}
+    params = start_params(tiny(), cml, ("optimizer", "lr", "relation", "dim"))
+    assert params == {"optimizer": "sgd", "lr_factor": pytest.approx(0.05 / TRAIN_LR["sgd"]),
+                      "dim": 128}  # fmt: skip
+    # the optimizer not searched: the same learning rate, as a factor of the base's optimizer
+    params = start_params(tiny(), cml, ("lr",))
+    assert params == {"lr_factor": pytest.approx(0.05 / TRAIN_LR["adam"])}
+    with pytest.raises(ValueError, match="unknown option.*dims"):
+        start_params(tiny(), {"dims": 8})
+
+
 def test_suggest_scales_lr_per_optimizer_and_rejects_unknown_names():
     trial = optuna.trial.FixedTrial({"optimizer": "sgd", "lr_factor": 0.5, "max_norm": None})
     cfg = suggest(trial, tiny(), ("optimizer", "lr", "max_norm"))
-    from lrml_kernels.training import TRAIN_LR
-
     assert cfg.lr == pytest.approx(TRAIN_LR["sgd"] * 0.5) and cfg.max_norm is None
     assert cfg.select_on == "valid"
     with pytest.raises(ValueError, match="cannot search"):
@@ -95,4 +113,13 @@ def test_cli_tune_then_train_with_its_configuration(tmp_path, capsys, one_thread
     used = json.loads((run / "metrics.json").read_text())
     assert used["config"]["negatives"] == best["negatives"] and used["config"]["lr"] == best["lr"]
     assert used["final"]["selected_epoch"] == 1 and "test" in used["final"]
+    # the study resumed with a start point: its second trial
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({"negatives": 5, "lr": 0.02, "_tuned": {"trial": 0}}))
+    assert main([*argv, "--trials", "2", "--start-from", str(start)]) == 0
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    lr_factor = pytest.approx(0.02 / TRAIN_LR["adam"])
+    assert trials[1]["params"] == {"negatives": 5, "lr_factor": lr_factor}
     assert main([*argv[:-2], "--search", "weight_decay", "--out", str(out)]) == 2
+    start.write_text(json.dumps({"dims": 8}))
+    assert main([*argv, "--start-from", str(start)]) == 2
