@@ -9,7 +9,9 @@ on generated tables of the size (netflix: 480,189 x 17,770, d = 100, N = 20; no 
   hinge fwd+bwd   ``lrml_hinge_loss`` (relation pair, sparse gradients) + backward,
                   at B = 4096 x 5 and at the epoch's batch B = 2^20 x 2 (the sizes netflix and
                   netflix-epoch of benchlib; tiny: 256 x 5 and 4096 x 2)
-  train step      ``LRMLTrainer(model, optimizer="adam")`` on a model of that backend, B = 4096 x 5
+  train step      ``LRMLTrainer(model, optimizer="adam")`` on a model of that backend, B = 4096 x 5;
+                  on CUDA with triton also "triton-graph": the same step with ``cuda_graph=True``
+                  (captured in the warm-up, replayed in the profile: the graph's kernels)
   negatives       the train step's ``sample_negatives`` (B = 4096 users x 4) checked in a CSR of
                   training items of Netflix's shape (:func:`training_csr`): "triton" is the
                   Triton sampler, "torch" the torch ops (a host sync per round), "cpu" the C++
@@ -80,9 +82,12 @@ def _call(piece: Piece, device: str, dtype: torch.dtype):
     users, items = bl.batch(case)
     if piece.workload == "train step":
         s = case.size
-        model = lk.LRML(s.U, s.I, s.d, s.N, backend=piece.backend, device=device, dtype=dtype,
+        graph = piece.backend == "triton-graph"  # the triton step captured as one CUDA graph
+        backend = "triton" if graph else piece.backend
+        model = lk.LRML(s.U, s.I, s.d, s.N, backend=backend, device=device, dtype=dtype,
                         validate=False)  # fmt: skip
-        return lk.LRMLTrainer(model, optimizer="adam", lr=bl.LR).step, (users, items)
+        trainer = lk.LRMLTrainer(model, optimizer="adam", lr=bl.LR, cuda_graph=graph)
+        return trainer.step, (users, items)
     if piece.workload == "negatives":
         s = case.size
         csr = training_csr(s.U, s.I, device)
@@ -289,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     pieces = [Piece(w, s, b) for w, s in (("hinge fwd+bwd", small), ("train step", small),
                                           ("negatives", small), ("hinge fwd+bwd", big))
               for b in usable if w != "negatives" or b != "cuda"]  # fmt: skip
+    if args.device == "cuda" and "triton" in usable:  # the step as a replayed CUDA graph
+        at = 1 + max(i for i, p in enumerate(pieces) if p.workload == "train step")
+        pieces.insert(at, Piece("train step", small, "triton-graph"))
     header = _header(args.device, small, dtype)
     out = Path(args.out)
     longest = 1.0
