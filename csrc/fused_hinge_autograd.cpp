@@ -78,7 +78,8 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
                 "lrml_kernels: the hinge loss of the cpu and cuda backends is differentiable once "
                 "(no double backward); use backend=\"torch\" for higher-order gradients");
     at::NoGradGuard no_grad;
-    const bool one = grad.item<double>() == 1.0;  // the usual ∂loss = 1: skip the multiplies
+    // The usual ∂loss = 1 skips the multiplies; reading it on a GPU would sync with the host.
+    const bool one = grad.device().is_cpu() && grad.item<double>() == 1.0;
     auto scaled = [&](const Tensor& g) { return one ? g : g * grad.to(g.scalar_type()); };
     const bool sparse = ctx->saved_data["sparse"].toBool();
     variable_list out(12);  // one per forward argument; the last 8 get none

@@ -24,9 +24,9 @@ namespace cuda {
 // through the distances op: csrc/topk_screened.cpp).
 const char* launch_distances(DType dtype, const void* user_emb, const void* item_emb,
                              const float* keys_f, const float* memory_f, const int64_t* users,
-                             const int64_t* items, int64_t B, int64_t C, int64_t N, int64_t d,
-                             Distance distance, Relation relation, float eps, float* D_out,
-                             void* stream);
+                             const int64_t* items, int64_t B, int64_t C, int64_t U, int64_t I,
+                             int64_t N, int64_t d, Distance distance, Relation relation,
+                             float eps, float* D_out, void* stream);
 
 // Backward of the distances for a given upstream gradient gD [B, C] (fp32): per-row gradients
 // grad_user_rows [B, d], grad_item_rows [B, C, d] (fp32) and block partials of the keys/memory
@@ -35,8 +35,8 @@ const char* launch_distances(DType dtype, const void* user_emb, const void* item
 const char* launch_distances_backward(DType dtype, const void* user_emb, const void* item_emb,
                                       const float* keys_f, const float* memory_f,
                                       const int64_t* users, const int64_t* items, const float* gD,
-                                      int64_t B, int64_t C, int64_t N, int64_t d,
-                                      Distance distance, Relation relation, float eps,
+                                      int64_t B, int64_t C, int64_t U, int64_t I, int64_t N,
+                                      int64_t d, Distance distance, Relation relation, float eps,
                                       float* grad_user_rows, float* grad_item_rows,
                                       float* partials, int64_t grid, void* stream);
 

@@ -222,7 +222,7 @@ def test_gpu_cuda_backend_topk_matches_the_reference(distance):
     dist, ids = cuda.topk(*dev[:5], k, (dev[5], dev[6]), distance, 1e-3)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    _, _, fallback = torch.ops.lrml_ext.topk_screened(*dev, k, *dev[5:], distance, 1e-3, 0)
+    _, _, fallback = torch.ops.lrml_ext.topk_screened(*dev[:5], k, *dev[5:], distance, 1e-3, 0)
     print(f"cuda topk {distance}: {seconds:.3f} s for {B} users, fallback {int(fallback.sum())}")
     if distance != "l1":
         assert fallback.sum() < B // 10

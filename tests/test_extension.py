@@ -635,3 +635,32 @@ def test_cuda_hinge_loss_grads_deterministic():
     b = cuda.hinge_loss_grads(P, Q, K, M, users, items, 0.5, "l2", "pair", 1e-3, "sum")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_cuda_ops_do_not_sync_and_clamp_unchecked_indices(relation):
+    # On CUDA tensors the op checks no index range (that is a device-to-host copy; the public ops
+    # do it unless validate=False): it runs under sync debug mode "error", and an out-of-range
+    # index reads the nearest row of its table, never memory outside it.
+    cuda = extension.backend("cuda")
+    P, Q, K, M, users, items = (
+        t.detach() for t in make(37, 7, 64, 5, torch.float32, U=40, I=30, device="cuda")
+    )
+    bad_u, bad_i = users.clone(), items.clone()
+    bad_u[:3] = torch.tensor([-5, 40, 10**9])
+    bad_i[0, :2] = torch.tensor([-1, 30])
+    args = (0.5, "l2", relation, 1e-3, "sum")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = cuda.hinge_loss_grads(P, Q, K, M, bad_u, bad_i, *args)
+        D = cuda.distances(P, Q, K, M, bad_u, bad_i, "l2", relation, 1e-3, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = cuda.hinge_loss_grads(P, Q, K, M, bad_u.clamp(0, 39), bad_i.clamp(0, 29), *args)
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    clamped = cuda.distances(P, Q, K, M, bad_u.clamp(0, 39), bad_i.clamp(0, 29), "l2", relation,
+                             1e-3, False)  # fmt: skip
+    assert torch.equal(D, clamped)

@@ -67,8 +67,9 @@ Tensor distances_f32(const CudaPrepared& pr, double eps) {
   check_launch(launch_distances(dtype_of(pr.p.P), pr.p.P.data_ptr(), pr.p.Q.data_ptr(),
                                 pr.Kf.data_ptr<float>(), pr.Mf.data_ptr<float>(),
                                 pr.b.users.data_ptr<int64_t>(), pr.b.items.data_ptr<int64_t>(),
-                                pr.b.B, pr.b.C, pr.p.N, pr.p.d, pr.distance, pr.relation,
-                                static_cast<float>(eps), D.data_ptr<float>(), stream()),
+                                pr.b.B, pr.b.C, pr.p.U, pr.p.I, pr.p.N, pr.p.d, pr.distance,
+                                pr.relation, static_cast<float>(eps), D.data_ptr<float>(),
+                                stream()),
                "distances");
   return D;
 }
@@ -87,7 +88,7 @@ Grads backward_f32(const CudaPrepared& pr, const Tensor& gD, double eps) {
                    dtype_of(pr.p.P), pr.p.P.data_ptr(), pr.p.Q.data_ptr(),
                    pr.Kf.data_ptr<float>(), pr.Mf.data_ptr<float>(),
                    pr.b.users.data_ptr<int64_t>(), pr.b.items.data_ptr<int64_t>(),
-                   g.data_ptr<float>(), B, C, N, d, pr.distance, pr.relation,
+                   g.data_ptr<float>(), B, C, pr.p.U, pr.p.I, N, d, pr.distance, pr.relation,
                    static_cast<float>(eps), gp.data_ptr<float>(), gq.data_ptr<float>(),
                    partials.data_ptr<float>(), grid, stream()),
                "distances_backward");

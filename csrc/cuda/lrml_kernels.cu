@@ -31,6 +31,15 @@ __device__ float warp_distance(const T* p, const float* r, const T* q, int d, Di
   return distance == Distance::L2 ? sqrtf(acc + eps) : acc;
 }
 
+// Row idx[i] of a table of `size` rows, clamped into range. The ops check index ranges on the host
+// only for CPU tensors (free there); on CUDA the Python layer checks them unless validate=False
+// (a min/max and a host sync), and an unchecked out-of-range index reads a row of the table (an
+// unspecified result), never memory outside it.
+__device__ __forceinline__ int64_t row_of(const int64_t* idx, int64_t i, int64_t size) {
+  const int64_t r = idx[i];
+  return r < 0 ? 0 : (r < size ? r : size - 1);
+}
+
 __device__ __forceinline__ float residual_grad(float e, float g, float Dv, Distance distance) {
   if (distance == Distance::L2) return g / Dv * e;
   if (distance == Distance::SquaredL2) return 2.f * g * e;
@@ -43,9 +52,10 @@ template <typename T>
 __global__ void distances_kernel(const T* __restrict__ P, const T* __restrict__ Q,
                                  const float* __restrict__ Kg, const float* __restrict__ Mg,
                                  const int64_t* __restrict__ users,
-                                 const int64_t* __restrict__ items, int64_t B, int64_t C, int N,
-                                 int d, Distance distance, Relation relation, float eps,
-                                 bool kmsmem, float* __restrict__ D_out) {
+                                 const int64_t* __restrict__ items, int64_t B, int64_t C,
+                                 int64_t U, int64_t I, int N, int d, Distance distance,
+                                 Relation relation, float eps, bool kmsmem,
+                                 float* __restrict__ D_out) {
   extern __shared__ float smem[];
   const int64_t nd = static_cast<int64_t>(N) * d;
   const float *K, *M;
@@ -61,17 +71,18 @@ __global__ void distances_kernel(const T* __restrict__ P, const T* __restrict__ 
   for (int64_t unit = static_cast<int64_t>(blockIdx.x) * warps + w; unit < units;
        unit += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t b = pair ? unit / C : unit;
-    const T* p = P + users[b] * d;
+    const T* p = P + row_of(users, b, U) * d;
     if (pair) {
       const int64_t c = unit % C;
-      const T* q = Q + items[b * C + c] * d;
+      const T* q = Q + row_of(items, b * C + c, I) * d;
       warp_attend(p, q, K, M, N, d, s, a, r, lane);
       const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
       if (lane == 0) D_out[b * C + c] = Dv;
     } else {
-      warp_attend(p, Q + items[b * C] * d, K, M, N, d, s, a, r, lane);
+      warp_attend(p, Q + row_of(items, b * C, I) * d, K, M, N, d, s, a, r, lane);
       for (int64_t c = 0; c < C; ++c) {
-        const float Dv = warp_distance(p, r, Q + items[b * C + c] * d, d, distance, eps, lane);
+        const T* q = Q + row_of(items, b * C + c, I) * d;
+        const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
         if (lane == 0) D_out[b * C + c] = Dv;
       }
     }
@@ -88,8 +99,9 @@ template <typename T>
 __global__ void distances_backward_kernel(
     const T* __restrict__ P, const T* __restrict__ Q, const float* __restrict__ Kg,
     const float* __restrict__ Mg, const int64_t* __restrict__ users,
-    const int64_t* __restrict__ items, const float* __restrict__ gD, int64_t B, int64_t C, int N,
-    int d, Distance distance, Relation relation, float eps, bool kmsmem,
+    const int64_t* __restrict__ items, const float* __restrict__ gD, int64_t B, int64_t C,
+    int64_t U, int64_t I, int N, int d, Distance distance, Relation relation, float eps,
+    bool kmsmem,
     float* __restrict__ grad_user_rows, float* __restrict__ grad_item_rows,
     float* __restrict__ partials) {
   extern __shared__ float smem[];
@@ -118,16 +130,16 @@ __global__ void distances_backward_kernel(
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t b = step * stride + static_cast<int64_t>(blockIdx.x) * warps + w;
     const bool valid = b < B;
-    const T* p = valid ? P + users[b] * d : P;
+    const T* p = valid ? P + row_of(users, b, U) * d : P;
     if (valid) {
       for (int j = lane; j < d; j += kWarp) gp[j] = 0.f;
       if (!pair) {
         // Relation of the positive, then every column's residual gradient summed into gr.
-        const T* q0 = Q + items[b * C] * d;
+        const T* q0 = Q + row_of(items, b * C, I) * d;
         warp_attend(p, q0, K, M, N, d, s, a, r, lane);
         for (int j = lane; j < d; j += kWarp) gr[j] = 0.f;
         for (int64_t c = 0; c < C; ++c) {
-          const T* q = Q + items[b * C + c] * d;
+          const T* q = Q + row_of(items, b * C + c, I) * d;
           const float gv = gD[b * C + c];
           const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
           float* gq = grad_item_rows + (b * C + c) * d;
@@ -145,7 +157,7 @@ __global__ void distances_backward_kernel(
     for (int64_t unit = 0; unit < units_per_row; ++unit) {
       if (valid) {
         const int64_t c = pair ? unit : 0;
-        const T* q = Q + items[b * C + c] * d;
+        const T* q = Q + row_of(items, b * C + c, I) * d;
         float* gq = grad_item_rows + (b * C + c) * d;
         if (pair) {
           const float gv = gD[b * C + c];
@@ -216,8 +228,8 @@ __global__ void distances_backward_kernel(
 template <typename T>
 const char* distances_typed(const void* P, const void* Q, const float* K, const float* M,
                             const int64_t* users, const int64_t* items, int64_t B, int64_t C,
-                            int64_t N, int64_t d, Distance distance, Relation relation, float eps,
-                            float* D_out, cudaStream_t stream) {
+                            int64_t U, int64_t I, int64_t N, int64_t d, Distance distance,
+                            Relation relation, float eps, float* D_out, cudaStream_t stream) {
   const Config cfg = configure(N, d, 2 * d + N);
   if (const char* e = prepare_kernel(distances_kernel<T>, cfg)) return e;
   const int64_t units = relation == Relation::Pair ? B * C : B;
@@ -226,7 +238,7 @@ const char* distances_typed(const void* P, const void* Q, const float* K, const 
   const int64_t max_grid = static_cast<int64_t>(cfg.sms) * 32;
   grid = grid < max_grid ? grid : max_grid;
   distances_kernel<T><<<static_cast<unsigned>(grid), cfg.warps * kWarp, cfg.smem, stream>>>(
-      static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, B, C,
+      static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, B, C, U, I,
       static_cast<int>(N), static_cast<int>(d), distance, relation, eps, cfg.kmsmem,
       D_out);
   const cudaError_t err = cudaGetLastError();
@@ -236,17 +248,17 @@ const char* distances_typed(const void* P, const void* Q, const float* K, const 
 template <typename T>
 const char* backward_typed(const void* P, const void* Q, const float* K, const float* M,
                            const int64_t* users, const int64_t* items, const float* gD,
-                           int64_t B, int64_t C, int64_t N, int64_t d, Distance distance,
-                           Relation relation, float eps, float* gp, float* gq, float* partials,
-                           int64_t grid, cudaStream_t stream) {
+                           int64_t B, int64_t C, int64_t U, int64_t I, int64_t N, int64_t d,
+                           Distance distance, Relation relation, float eps, float* gp,
+                           float* gq, float* partials, int64_t grid, cudaStream_t stream) {
   const Config cfg = configure(N, d, 5 * d + 2 * N);
   if (const char* e = prepare_kernel(distances_backward_kernel<T>, cfg)) return e;
   if (grid <= 0) return nullptr;
   distances_backward_kernel<T>
       <<<static_cast<unsigned>(grid), cfg.warps * kWarp, cfg.smem, stream>>>(
-          static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, gD, B, C,
-          static_cast<int>(N), static_cast<int>(d), distance, relation, eps, cfg.kmsmem, gp, gq,
-          partials);
+          static_cast<const T*>(P), static_cast<const T*>(Q), K, M, users, items, gD, B, C, U,
+          I, static_cast<int>(N), static_cast<int>(d), distance, relation, eps, cfg.kmsmem, gp,
+          gq, partials);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -268,20 +280,21 @@ int64_t backward_grid(int64_t B, int64_t N, int64_t d, const char** error) {
 
 const char* launch_distances(DType dtype, const void* user_emb, const void* item_emb,
                              const float* keys_f, const float* memory_f, const int64_t* users,
-                             const int64_t* items, int64_t B, int64_t C, int64_t N, int64_t d,
-                             Distance distance, Relation relation, float eps, float* D_out,
-                             void* stream) {
+                             const int64_t* items, int64_t B, int64_t C, int64_t U, int64_t I,
+                             int64_t N, int64_t d, Distance distance, Relation relation,
+                             float eps, float* D_out, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32:
-      return distances_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
-                                    d, distance, relation, eps, D_out, st);
+      return distances_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, U,
+                                    I, N, d, distance, relation, eps, D_out, st);
     case DType::Float16:
-      return distances_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, N,
-                                     d, distance, relation, eps, D_out, st);
+      return distances_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, B, C, U,
+                                     I, N, d, distance, relation, eps, D_out, st);
     case DType::BFloat16:
       return distances_typed<__nv_bfloat16>(user_emb, item_emb, keys_f, memory_f, users, items,
-                                            B, C, N, d, distance, relation, eps, D_out, st);
+                                            B, C, U, I, N, d, distance, relation, eps, D_out,
+                                            st);
   }
   return "unsupported dtype";
 }
@@ -289,23 +302,23 @@ const char* launch_distances(DType dtype, const void* user_emb, const void* item
 const char* launch_distances_backward(DType dtype, const void* user_emb, const void* item_emb,
                                       const float* keys_f, const float* memory_f,
                                       const int64_t* users, const int64_t* items, const float* gD,
-                                      int64_t B, int64_t C, int64_t N, int64_t d,
-                                      Distance distance, Relation relation, float eps,
+                                      int64_t B, int64_t C, int64_t U, int64_t I, int64_t N,
+                                      int64_t d, Distance distance, Relation relation, float eps,
                                       float* grad_user_rows, float* grad_item_rows,
                                       float* partials, int64_t grid, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::Float32:
       return backward_typed<float>(user_emb, item_emb, keys_f, memory_f, users, items, gD, B, C,
-                                   N, d, distance, relation, eps, grad_user_rows, grad_item_rows,
-                                   partials, grid, st);
+                                   U, I, N, d, distance, relation, eps, grad_user_rows,
+                                   grad_item_rows, partials, grid, st);
     case DType::Float16:
       return backward_typed<__half>(user_emb, item_emb, keys_f, memory_f, users, items, gD, B, C,
-                                    N, d, distance, relation, eps, grad_user_rows,
+                                    U, I, N, d, distance, relation, eps, grad_user_rows,
                                     grad_item_rows, partials, grid, st);
     case DType::BFloat16:
       return backward_typed<__nv_bfloat16>(user_emb, item_emb, keys_f, memory_f, users, items,
-                                           gD, B, C, N, d, distance, relation, eps,
+                                           gD, B, C, U, I, N, d, distance, relation, eps,
                                            grad_user_rows, grad_item_rows, partials, grid, st);
   }
   return "unsupported dtype";
