@@ -180,10 +180,16 @@ class BatchPipeline:
         if self._stream is not None:  # the side stream reads the order and arrays after main
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         pending = self._submit(order, start) if start < stop else None
-        for k in range(start, stop):
-            batch = self._take(pending)
-            pending = self._submit(order, k + 1) if k + 1 < stop else None
-            yield batch
+        try:
+            for k in range(start, stop):
+                batch = self._take(pending)
+                pending = self._submit(order, k + 1) if k + 1 < stop else None
+                yield batch
+        finally:
+            if pending is not None and self._stream is not None:
+                # Left early: the batch under way still reads the order and the arrays on the
+                # side stream; whatever the main stream does with their memory next waits for it.
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def close(self) -> None:
         """Wait for the batch under way, if any (a loop that stopped early), and stop the thread."""
