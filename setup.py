@@ -119,11 +119,17 @@ def extension_setup() -> tuple[list, dict]:
             stamp.write_text(json.dumps(info) + "\n")
 
         def copy_extensions_to_source(self):
-            """Editable installs: each library is copied into the source tree, and its stamp
-            with it (without it the package would not trust the library and build again)."""
-            super().copy_extensions_to_source()
+            """Editable installs: each library that was built is copied into the source tree,
+            and its stamp with it (without it the package would not trust the library and build
+            again). A library whose build failed is left out: the install still succeeds."""
+            every = self.extensions
+            self.extensions = [e for e in every if os.path.exists(self.get_ext_fullpath(e.name))]
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                built, self.extensions = self.extensions, every
             build_py = self.get_finalized_command("build_py")
-            for ext in self.extensions:
+            for ext in built:
                 inplace, regular = self._get_inplace_equivalent(build_py, ext)
                 if stamp_path(regular).exists():
                     shutil.copyfile(stamp_path(regular), stamp_path(inplace))
