@@ -414,6 +414,11 @@ def _as_h200():
     with contextlib.ExitStack() as stack:
         for name, fn in patches.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, fn))
+        # A CUDA build of torch opens a CUDA context for the first fake CUDA tensor: none here
+        from torch._subclasses import fake_tensor
+
+        if hasattr(fake_tensor, "init_gpu_context"):
+            stack.enter_context(mock.patch.object(fake_tensor, "init_gpu_context", lambda d: None))
         yield
 
 
