@@ -595,7 +595,9 @@ def _sm_count(t: torch.Tensor) -> int:
     return H200_SMS
 
 
-def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False) -> dict:
+def block_config(
+    B: int, N: int, d: int, t: torch.Tensor, backward: bool = False, shared: bool = False
+) -> dict:
     """Tile shapes, warps and register caps (from the sm_90 register reports, module docstring).
 
     A program works on 16-row blocks (tl.dot needs 16) and walks d in chunks of ``BLOCK_DC``
@@ -603,8 +605,13 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
     ``[16, BLOCK_DC]`` tiles are live: 16 × 32 over 4 warps in the forward (``maxnreg`` 128:
     4 programs per SM; left to itself ptxas sometimes settled lower and spilled a few words),
     16 × 16 over 16 warps in the backward, which keeps more tiles live (at most 128 registers
-    for 512 threads: 1 program per SM; at 8 warps it spilled under any cap up to 232). Under
-    the interpreter, one chunk and large row blocks: fewer, bigger numpy operations.
+    for 512 threads: 1 program per SM; at 8 warps it spilled under any cap up to 232). The
+    backward of the ``shared`` relation runs 8 warps, 2 programs per SM: at 16 warps the ptxas
+    of Triton 3.6 (CUDA 12.8; the GPU machine's) held it to 64 registers and spilled 32 bytes,
+    at 8 warps it takes 128 registers (Triton 3.9: 104) and none spill. (``maxnreg`` did not
+    help there: with it, Triton's PTX for the backward took all 128 registers and spilled, in
+    3.6 and 3.9 alike.) Under the interpreter, one chunk and large row blocks: fewer, bigger
+    numpy operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -612,9 +619,11 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
         block_b = min(512, max(16, triton.next_power_of_2(B)))
         return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
     block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
-    if backward and _dot_precision(t.dtype) == "tf32":
-        warps = 8  # tensor-core dots: 16 warps spilled ~150 bytes, 8 warps use ~230 registers
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
+    if backward and _dot_precision(t.dtype) == "tf32":
+        cfg["num_warps"] = 8  # tensor-core dots: 16 warps spilled ~150 bytes, 8 use ~230 registers
+    elif backward and shared:
+        cfg.update(num_warps=8, programs_per_sm=2)
     cfg["num_stages"] = 1
     if maxnreg is not None:
         cfg["maxnreg"] = maxnreg
@@ -640,7 +649,9 @@ def _backward_programs(B: int, cfg: dict, t: torch.Tensor) -> int:
     if _interpreted(t):
         return tiles
     regs = cfg.get("maxnreg") or REGISTERS_PER_SM // (32 * cfg["num_warps"])
-    per_sm = max(1, REGISTERS_PER_SM // (regs * 32 * cfg["num_warps"]))
+    per_sm = cfg.get("programs_per_sm") or max(
+        1, REGISTERS_PER_SM // (regs * 32 * cfg["num_warps"])
+    )
     return min(tiles, per_sm * _sm_count(t))
 
 
@@ -654,7 +665,7 @@ def _param_args(user_emb, item_emb, keys, memory):
 
 
 def _launch_options(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k != "programs"}
+    return {k: v for k, v in cfg.items() if k not in ("programs", "programs_per_sm")}
 
 
 def forward_launch(
@@ -734,7 +745,7 @@ def backward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     row_dtype = dtype if row_dtype is None else row_dtype
-    cfg = config or block_config(B, N, d, user_emb, backward=True)
+    cfg = config or block_config(B, N, d, user_emb, backward=True, shared=relation == "shared")
     programs = cfg.get("programs") or _backward_programs(B, cfg, user_emb)
     programs = max(1, min(programs, triton.cdiv(B, cfg["BLOCK_B"])))
     GP = torch.empty(B, d, dtype=ct, device=dev)

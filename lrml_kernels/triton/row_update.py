@@ -47,22 +47,26 @@ from lrml_kernels.triton.distance_kernels import _device_guard
 OPTIMIZER_CODES = {"adam": 0, "adagrad": 1, "rowwise_adagrad": 2, "sgd": 3}
 STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
 # The one-program sort, per key width in bits (int32 keys where bits(rows - 1) + bits(n - 1) <= 31).
-# Measured for sm_90 without a GPU (Triton 3.9, ptxas of its wheel; registers per thread, spill
-# bytes, dynamic shared memory; every shape the launcher makes, 2 to SORT_MAX ids):
+# Measured for sm_90 without a GPU (registers per thread, spill bytes, dynamic shared memory;
+# every shape the launcher makes, 2 to SORT_MAX ids), with the Triton 3.6 the GPU machine runs
+# and the newest one (3.9), each with the ptxas of its wheel:
 #     python benchmarks/kernel_report.py --subset headline   (the rows of op "sort")
 # One chunk in registers (32 warps: at most 64 registers a thread): 8,192 int32 keys (8 a thread)
 # take 63 registers; 16,384 (16 a thread) 64 with no spill but no margin (tl.sort's own network
 # spilled 32 B there); 4,096 int64 keys 64 registers, 8,192 spilled 8 B. So a chunk is 8 int32
 # keys a thread (4 int64) on up to 32 warps (4,096 int32 keys: 16 warps, 64 registers; 2,048:
-# 8 warps, 48; 256 or fewer: 1 warp, 14-42). Several chunks: placing 8 keys a thread at once in
-# the merge spilled 32 B at 32,768 int32 keys (4 chunks), 4 a thread left 8 B of stack; 2 a
-# thread (SORT_MERGE_KEYS_PER_THREAD): 64 registers, no stack, 16 KB of shared memory at 2, 3 and
-# 4 chunks of either width. SORT_MAX is 4 chunks (each key's slot: one binary search of
-# log2(chunk) + 1 dependent loads in each chunk); above, torch.sort.
+# 8 warps, 48; 256 or fewer: 1 warp, 14-42). Several chunks run on SORT_MERGE_WARPS = 8 warps,
+# placing SORT_MERGE_KEYS_PER_THREAD = 8 keys a thread at once in the merge (2,048 a step, as 32
+# warps × 2 did): 104-128 registers, no spill, at 2, 3 and 4 chunks of either width, in both
+# Triton versions. (On 32 warps with 2 keys a thread Triton 3.9 needed 64 registers, no spill,
+# but the ptxas of Triton 3.6 held its PTX to 32 registers, two programs' worth per SM, and
+# spilled 20-36 B.) SORT_MAX is 4 chunks (each key's slot: one binary search of log2(chunk) + 1
+# dependent loads in each chunk); above, torch.sort.
 SORT_MAX = {32: 32768, 64: 16384}
 SORT_CHUNK = {32: 8192, 64: 4096}
 SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
-SORT_MERGE_KEYS_PER_THREAD = 2
+SORT_MERGE_WARPS = 8
+SORT_MERGE_KEYS_PER_THREAD = 8
 
 
 @triton.jit
@@ -311,6 +315,8 @@ def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = min(SORT_CHUNK[key_bits], max(2, triton.next_power_of_2(n)))
     chunks = triton.cdiv(n, chunk)
     warps = max(1, min(32, chunk // (32 * SORT_KEYS_PER_THREAD[key_bits])))
+    if chunks > 1:
+        warps = SORT_MERGE_WARPS
     sorted_ids = torch.empty(n, dtype=narrow, device=ids.device)
     perm = torch.empty(n, dtype=torch.int64, device=ids.device)
     # the sorted chunks (one chunk: none; perm stands in, never read)
