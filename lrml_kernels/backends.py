@@ -112,6 +112,48 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem_of(triton_version: str | None, numpy_version: str) -> str | None:
+    """Why the CPU interpreter of Triton ``triton_version`` cannot run these kernels beside
+    numpy ``numpy_version``, or None (also when Triton is not installed).
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with ``int()`` of a 1-element
+    numpy array, which numpy 2.4 refuses (``TypeError: only 0-dimensional arrays can be
+    converted to Python scalars``); Triton 3.7 fixed it. Compiled kernels on a GPU are not
+    affected.
+    """
+    if triton_version is None:
+        return None
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"the interpreter of triton {triton_version} fails with numpy {numpy_version} "
+            "(fixed in triton 3.7): install numpy<2.4 or triton>=3.7"
+        )
+    return None
+
+
+_INTERPRETER_PROBLEM: list = []  # [reason or None], found once per process
+
+
+def interpreter_problem() -> str | None:
+    """:func:`interpreter_problem_of` the installed Triton and numpy (read once)."""
+    if not _INTERPRETER_PROBLEM:
+        from importlib import metadata
+
+        import numpy as np
+
+        try:
+            version = metadata.version("triton")
+        except metadata.PackageNotFoundError:
+            version = None
+        _INTERPRETER_PROBLEM.append(interpreter_problem_of(version, np.__version__))
+    return _INTERPRETER_PROBLEM[0]
+
+
 _LOADED: dict = {}  # name -> backend object (a plain dict: torch.compile traces a hit cheaply)
 _FAILED: dict = {}  # name -> the BackendUnavailable it raised (a failed build is not retried)
 
@@ -155,7 +197,8 @@ def _runs_on(name: str, device_type: str) -> str | None:
         if device_type == "cuda":
             return None
         if device_type == "cpu" and triton_interpreted():
-            return None
+            problem = interpreter_problem()
+            return None if problem is None else f"triton backend: {problem}"
         return (
             "triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
             f"not on {device_type}"

@@ -150,6 +150,29 @@ def test_unavailable_backend_explains_why():
         backends.resolve("cuda", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "broken"),
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.9.1+git1a2b", "2.5.0", False),
+        (None, "2.4.6", False),
+    ],
+)
+def test_triton_36_interpreter_with_numpy_24_is_refused_with_the_fix(
+    triton_version, numpy_version, broken, monkeypatch
+):
+    reason = backends.interpreter_problem_of(triton_version, numpy_version)
+    assert (reason is not None) == broken
+    if broken:
+        assert "numpy<2.4 or triton>=3.7" in reason
+        monkeypatch.setattr(backends, "_INTERPRETER_PROBLEM", [reason])
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(lk.BackendUnavailable, match="numpy<2.4"):
+            backends.resolve("triton", torch.device("cpu"))
+
+
 def test_sparse_grad_gives_sparse_embedding_gradients():
     P = [t.requires_grad_() for t in params()]
     u, i = batch()
