@@ -595,8 +595,11 @@ def record_launches(case: Case) -> list[tuple]:
             # bounds and the uncertified users on the host, which fake tensors cannot).
             tk = importlib.import_module("lrml_kernels.triton.topk_kernels")
             users = torch.empty(case.B, dtype=torch.int64, device="cuda")
+            # with and without the exclusion bitmask (full-ranking evaluation / recommend)
+            mask = torch.empty(case.B, (NETFLIX_I + 7) // 8, dtype=torch.uint8, device="cuda")
             with _fake_floats():
-                cand, _ = tk.screen_launch(P, Q, K, M, users, TOPK_K, None, case.distance, eps)
+                for excl in (None, mask):
+                    cand, _ = tk.screen_launch(P, Q, K, M, users, TOPK_K, excl, case.distance, eps)
             tk.rescore_launch(P, Q, K, M, users, cand, case.distance, eps)
         elif case.op == "relations":
             pairs = [torch.empty(case.B, dtype=torch.int64, device="cuda") for _ in range(2)]

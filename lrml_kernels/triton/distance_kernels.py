@@ -570,6 +570,11 @@ def _lrml_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+#: ``(major, minor)`` of the installed Triton: a few launch shapes depend on it (each measured
+#: for sm_90 with the ptxas of its wheel; see the launchers).
+TRITON_RELEASE = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 

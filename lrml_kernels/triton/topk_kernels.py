@@ -329,11 +329,16 @@ def screen_config(
     items are the M side of the GEMM: one wgmma ``m64n32k8`` warpgroup tile, so 4 warps. The item
     tile sits in shared memory (the GEMM's A operand); ``Kᵀ``, the ``Mq`` tile and the per-pair
     ``[64, 32]`` logits, weights and quadratic-form products live in registers, as do the
-    candidate lists ``[BLOCK_U, KC]`` int64. ``BLOCK_U`` = 16 users per program for l2 (8 for
-    l1, which also holds ``r`` and ``e`` ``[64, BLOCK_D]``) is what fits 255 registers without
-    spills at d = 100 (sm_90, ptxas: l2 245 registers, l1 255, zero spills); the item tile,
-    read once per program from L2, is then reused by 8-16 GEMMs. Under the interpreter, a wider
-    item tile means fewer Python steps.
+    candidate lists ``[BLOCK_U, KC]`` int64. ``BLOCK_U`` users per program is what fits 255
+    registers without spills at d = 100, N = 20 (sm_90, each Triton with the ptxas of its
+    wheel, with and without the exclusion mask; ``benchmarks/kernel_report.py``): l2 8 users
+    on 4 warps (Triton 3.6: 204-254 registers, 3.9: 221-231; at 16 users 3.6 spilled 48-60 B);
+    l1, which also holds ``r`` and ``e`` ``[64, BLOCK_D]``, 4 users on 4 warps with Triton 3.7
+    and later (3.9: 226-247; at 8 users 8 B spilled with the mask) and 8 users on 8 warps with
+    Triton 3.6 (248-255 registers; on 4 warps it spilled 72-188 B at 4-8 users, and 8 warps
+    spill in 3.9). The item tile, read once per program from L2 (Netflix: 9 MB a program,
+    0.5 TB for all users at 8 a program), is reused by ``BLOCK_U`` GEMMs. Under the
+    interpreter, a wider item tile means fewer Python steps.
     """
     screen = screen_precision(dtype)
     cfg = {
@@ -345,8 +350,10 @@ def screen_config(
     }
     if device.type != "cuda":
         return {**cfg, "BLOCK_U": 16, "BLOCK_I": 128}
-    block_u = 8 if distance == "l1" else 16
-    return {**cfg, "BLOCK_U": block_u, "BLOCK_I": 64, "num_warps": 4, "num_stages": 1}
+    block_u, warps = 8, 4
+    if distance == "l1":
+        block_u, warps = (4, 4) if TD.TRITON_RELEASE >= (3, 7) else (8, 8)
+    return {**cfg, "BLOCK_U": block_u, "BLOCK_I": 64, "num_warps": warps, "num_stages": 1}
 
 
 def screen_fits(N: int, d: int, distance: str) -> bool:
