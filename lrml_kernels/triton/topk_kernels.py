@@ -31,11 +31,13 @@ tensor cores execute 2·U·I·32·128 = 7.0e13, plus the quadratic-form GEMM 2·
 8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s), 0.09 s in bf16 (~990). The per-pair
 CUDA-core work (softmax over 32 slots: 32 exps, ~8 flops per slot) is ~2.7e11 exps and ~2.2e12
 flops: ~0.07 s on the MUFU units and ~0.03 s on the FMA pipes, partly overlapped with the MMAs.
-Memory traffic is small (the items, 7 MB, are re-read from L2 by every program; the candidate
-lists are B·KC·8 bytes). l1 adds the ``[64, 32] × [32, 128]`` GEMM for ``r`` and ~4 flops per
-(pair, d) for ``e`` (~3.4e12 flops, ~0.1 s). Static facts (sm_90, Netflix shape, KC = 32): l2
-251 registers, l1 252, bf16 238, zero spills, 53 / 80 / 27 KB shared memory, HGMMA in the SASS
-(tests/test_triton_topk_static.py). At ~250 registers × 128 threads only 2 programs share an SM,
+Memory traffic is small (the items, 9 MB with d padded to 128, are re-read from L2 by every
+program of 8 users: ~0.5 TB in all, ~0.05 s; the candidate lists are B·KC·8 bytes). l1 adds the
+``[64, 32] × [32, 128]`` GEMM for ``r`` and ~4 flops per (pair, d) for ``e`` (~3.4e12 flops,
+~0.1 s). Static facts (sm_90, Netflix shape, KC = 32, with and without the exclusion mask;
+:func:`screen_config` gives the numbers per Triton version): 204-254 registers, zero spills,
+26-80 KB shared memory, HGMMA in the SASS (``benchmarks/kernel_report.py``,
+tests/test_triton_topk_static.py). At ~250 registers × 128 threads only 2 programs share an SM,
 so the GEMM → softmax → GEMM chain of one user is not hidden behind another's MMAs; expected
 ~0.3-0.6 s for l2 in tf32 (target ≤ 1 s), ~2× that for l1, plus the users the certificate sends
 to the direct path (~30 µs each). These are estimates owed to a GPU run (benchmarks/gpu_check,
