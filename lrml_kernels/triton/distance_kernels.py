@@ -188,7 +188,7 @@ def _logits(
         p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
         q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
         Kc = _load_rows(K, offs_n, n_mask, od, dm, stride_kn, stride_kd, IS_FP64)
-        z = tl.dot(p * q, tl.trans(Kc), acc=z, input_precision=DOT_PREC)
+        z = tl.dot(p * q, tl.trans(Kc), acc=z, input_precision=DOT_PREC, out_dtype=z.dtype)
     return z
 
 
@@ -408,7 +408,7 @@ def _pair_backward_column(
         q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
         Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
         ge = _residual_grad_chunk(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, coef, DISTANCE)
-        ga = tl.dot(ge, tl.trans(Mc), acc=ga, input_precision=DOT_PREC)
+        ga = tl.dot(ge, tl.trans(Mc), acc=ga, input_precision=DOT_PREC, out_dtype=ga.dtype)
         gMc = tl.dot(tl.trans(a), ge, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DC]
         _accumulate(gm_base + od[None, :] * stride_gmd, gMc, n_mask[:, None] & dm[None, :], add)
     gz = a * (ga - tl.sum(a * ga, axis=1)[:, None])
@@ -489,7 +489,7 @@ def _shared_backward_tile(
                 (-ge).to(GQ.dtype.element_ty),
                 mask=bd_mask,
             )
-        ga = tl.dot(gr, tl.trans(Mc), acc=ga, input_precision=DOT_PREC)
+        ga = tl.dot(gr, tl.trans(Mc), acc=ga, input_precision=DOT_PREC, out_dtype=ga.dtype)
         gMc = tl.dot(tl.trans(a0), gr, input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_DC]
         _accumulate(gm_base + od[None, :] * stride_gmd, gMc, n_mask[:, None] & dm[None, :], add)
         tl.store(GP + offs_b[:, None] * stride_gpb + od[None, :] * stride_gpd, gr, mask=bd_mask)
