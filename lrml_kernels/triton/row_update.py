@@ -314,9 +314,10 @@ def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     key_dtype = torch.int64 if key_bits == 64 else torch.int32
     chunk = min(SORT_CHUNK[key_bits], max(2, triton.next_power_of_2(n)))
     chunks = triton.cdiv(n, chunk)
-    warps = max(1, min(32, chunk // (32 * SORT_KEYS_PER_THREAD[key_bits])))
     if chunks > 1:
         warps = SORT_MERGE_WARPS
+    else:
+        warps = max(1, min(32, chunk // (32 * SORT_KEYS_PER_THREAD[key_bits])))
     sorted_ids = torch.empty(n, dtype=narrow, device=ids.device)
     perm = torch.empty(n, dtype=torch.int64, device=ids.device)
     # the sorted chunks (one chunk: none; perm stands in, never read)
