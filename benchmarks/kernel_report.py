@@ -137,7 +137,9 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       fp32, pair in bf16; the Adam row updates at 4096 × 5 fp32 (their sorts: 4,096 ids in one
       chunk, 20,480 in 3 chunks, int32 keys); the sort's largest one-chunk launches of either key
       width and its largest several-chunk launch of int64 keys; top-k fp32;
-      ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5.
+      ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5; and the
+      shapes whose launch options depend on d, N or the Triton release: the shared-relation
+      hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at d = 100.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -157,6 +159,10 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
         out += [Case("sort", n, 0, 100, 20, f"int{bits}", "pair", "l2") for n, bits in worst]
         out += [Case("relations", 4096, 1, 100, 20, dt, "pair", "l2") for dt in DTYPES]
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2"))
+        # shapes whose launch options depend on d, N or the Triton release (each spilled once)
+        out.append(Case("hinge", 4096, 5, 100, 10, "bf16", "shared", "l2"))
+        out.append(Case("topk", NETFLIX_U, 0, 128, 20, "fp32", "pair", "l2"))
+        out.append(Case("topk", NETFLIX_U, 0, 100, 20, "bf16", "pair", "l1"))
         return out + [Case("negatives", 4096, 5, 100, 20, "fp32", "pair", "l2")]
     dims = DIMS if subset == "full" else (100,)
     slots = SLOTS if subset == "full" else (20,)

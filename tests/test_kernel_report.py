@@ -208,7 +208,7 @@ def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
         elif r["op"] == "sort":
             assert r["kernel"] == "_sort_ids_kernel" and r["programs"] == 1
         elif r["op"] != "topk":
-            assert (r["B"], r["C"], r["d"], r["N"]) == (4096, 5, 100, 20)
+            assert (r["B"], r["C"], r["d"]) == (4096, 5, 100) and r["N"] in (10, 20)
 
 
 def test_ci_subset_has_no_spills(ci_rows):

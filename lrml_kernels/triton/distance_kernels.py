@@ -611,12 +611,13 @@ def block_config(
     4 programs per SM; left to itself ptxas sometimes settled lower and spilled a few words),
     16 × 16 over 16 warps in the backward, which keeps more tiles live (at most 128 registers
     for 512 threads: 1 program per SM; at 8 warps it spilled under any cap up to 232). The
-    backward of the ``shared`` relation runs 8 warps, 2 programs per SM: at 16 warps the ptxas
-    of Triton 3.6 (CUDA 12.8; the GPU machine's) held it to 64 registers and spilled 32 bytes,
-    at 8 warps it takes 128 registers (Triton 3.9: 104) and none spill. (``maxnreg`` did not
-    help there: with it, Triton's PTX for the backward took all 128 registers and spilled, in
-    3.6 and 3.9 alike.) Under the interpreter, one chunk and large row blocks: fewer, bigger
-    numpy operations.
+    backward of the ``shared`` relation takes 16 warps with Triton 3.7 and later (3.9: 94-106
+    registers, no spills) and 8 warps with ``maxnreg`` 255 on Triton 3.6, the GPU machine's
+    (225-229 registers, 1 program per SM, no spills at any d, N, dtype, distance or batch
+    shape of the report). 3.6's ptxas, left alone at 16 warps, settled at 64 registers and
+    spilled 28-32 bytes; capped at 112, 120 or 128 it spilled 4-12 bytes at some shapes and not
+    at others, with no cap clean at every shape. Under the interpreter, one chunk and large
+    row blocks: fewer, bigger numpy operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -627,8 +628,8 @@ def block_config(
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
     if backward and _dot_precision(t.dtype) == "tf32":
         cfg["num_warps"] = 8  # tensor-core dots: 16 warps spilled ~150 bytes, 8 use ~230 registers
-    elif backward and shared:
-        cfg.update(num_warps=8, programs_per_sm=2)
+    elif backward and shared and TRITON_RELEASE < (3, 7):
+        cfg["num_warps"], maxnreg = 8, 255
     cfg["num_stages"] = 1
     if maxnreg is not None:
         cfg["maxnreg"] = maxnreg
@@ -654,9 +655,7 @@ def _backward_programs(B: int, cfg: dict, t: torch.Tensor) -> int:
     if _interpreted(t):
         return tiles
     regs = cfg.get("maxnreg") or REGISTERS_PER_SM // (32 * cfg["num_warps"])
-    per_sm = cfg.get("programs_per_sm") or max(
-        1, REGISTERS_PER_SM // (regs * 32 * cfg["num_warps"])
-    )
+    per_sm = max(1, REGISTERS_PER_SM // (regs * 32 * cfg["num_warps"]))
     return min(tiles, per_sm * _sm_count(t))
 
 
@@ -670,7 +669,7 @@ def _param_args(user_emb, item_emb, keys, memory):
 
 
 def _launch_options(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("programs", "programs_per_sm")}
+    return {k: v for k, v in cfg.items() if k != "programs"}
 
 
 def forward_launch(

@@ -28,20 +28,22 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
 Roofline (Netflix: U = 480,189 users × I = 17,770 items, d = 100, N = 20, k = 10, H200): the logit
 GEMMs are 2·U·I·N·d = 3.4e13 FLOP; with the padding of the tile shapes (N+1 → 32, d → 128) the
 tensor cores execute 2·U·I·32·128 = 7.0e13, plus the quadratic-form GEMM 2·U·I·32·32 = 1.7e13:
-8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s), 0.09 s in bf16 (~990). The per-pair
-CUDA-core work (softmax over 32 slots: 32 exps, ~8 flops per slot) is ~2.7e11 exps and ~2.2e12
-flops: ~0.07 s on the MUFU units and ~0.03 s on the FMA pipes, partly overlapped with the MMAs.
-Memory traffic is small (the items, 9 MB with d padded to 128, are re-read from L2 by every
-program of 8 users: ~0.5 TB in all, ~0.05 s; the candidate lists are B·KC·8 bytes). l1 adds the
-``[64, 32] × [32, 128]`` GEMM for ``r`` and ~4 flops per (pair, d) for ``e`` (~3.4e12 flops,
-~0.1 s). Static facts (sm_90, Netflix shape, KC = 32, with and without the exclusion mask;
-:func:`screen_config` gives the numbers per Triton version): 204-254 registers, zero spills,
-26-80 KB shared memory, HGMMA in the SASS (``benchmarks/kernel_report.py``,
-tests/test_triton_topk_static.py). At ~250 registers × 128 threads only 2 programs share an SM,
-so the GEMM → softmax → GEMM chain of one user is not hidden behind another's MMAs; expected
-~0.3-0.6 s for l2 in tf32 (target ≤ 1 s), ~2× that for l1, plus the users the certificate sends
-to the direct path (~30 µs each). These are estimates owed to a GPU run (benchmarks/gpu_check,
-``pytest -m gpu tests/test_triton_topk.py`` prints the fallback rate).
+8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s), 0.09 s in bf16 (~990); the screen's
+32-item tiles run ``mma.sync`` (HMMA), which does not reach Hopper's ``wgmma`` peak, so budget
+~2× that. Scaling ``Kᵀ`` by each user's ``p`` costs ``d·N`` products per (user, tile): ~1e12
+flops, ~0.02 s. The per-pair CUDA-core work (softmax over 32 slots: 32 exps, ~8 flops per
+slot) is ~2.7e11 exps and ~2.2e12 flops: ~0.07 s on the MUFU units and ~0.03 s on the FMA
+pipes, partly overlapped with the MMAs. Memory traffic is small (the items, 9 MB with d padded
+to 128, are re-read from L2 by every program of 16 users: ~0.27 TB in all, ~0.03 s; the
+candidate lists are B·KC·8 bytes). l1 adds the ``[32, 32] × [32, 128]`` GEMM for ``r`` and ~4
+flops per (pair, d) for ``e`` (~3.4e12 flops, ~0.1 s). Static facts (sm_90, d ∈ {64, 100, 128},
+N ∈ {10, 20}, fp32 and bf16, KC = 32, with and without the exclusion mask; :func:`screen_config`):
+133-230 registers, zero spills in Triton 3.6 and 3.9, 29-65 KB shared memory, HMMA in the SASS
+(``benchmarks/kernel_report.py``, tests/test_triton_topk_static.py): 2-3 programs per SM, so
+one user's GEMM → softmax → GEMM chain overlaps another program's. Expected ~0.3-0.6 s for l2
+in tf32 (target ≤ 1 s), ~2× that for l1, plus the users the certificate sends to the direct
+path (~30 µs each). These are estimates owed to a GPU run (benchmarks/gpu_check, ``pytest -m
+gpu tests/test_triton_topk.py`` prints the fallback rate).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def _screen_kernel(
     for i0 in range(0, I, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         i_mask = offs_i < I
-        qs = tl.load(  # the GEMM's A operand, straight from memory (wgmma reads it from smem)
+        qs = tl.load(  # the GEMM's A operand (the compiler stages it in shared memory)
             QS + offs_i[:, None] * stride_si + offs_d[None, :] * stride_sd,
             mask=i_mask[:, None] & d_mask[None, :],
             other=0.0,
@@ -322,25 +324,25 @@ def screen_precision(dtype: torch.dtype) -> int:
     return SCREEN_BF16 if dtype == torch.bfloat16 else SCREEN_TF32
 
 
-def screen_config(
-    N: int, d: int, k: int, distance: str, dtype: torch.dtype, device: torch.device
-) -> dict:
+def screen_config(N: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
 
-    ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. ``BLOCK_I = 64``
-    items are the M side of the GEMM: one wgmma ``m64n32k8`` warpgroup tile, so 4 warps. The item
-    tile sits in shared memory (the GEMM's A operand); ``Kᵀ``, the ``Mq`` tile and the per-pair
-    ``[64, 32]`` logits, weights and quadratic-form products live in registers, as do the
-    candidate lists ``[BLOCK_U, KC]`` int64. ``BLOCK_U`` users per program is what fits 255
-    registers without spills at d = 100, N = 20 (sm_90, each Triton with the ptxas of its
-    wheel, with and without the exclusion mask; ``benchmarks/kernel_report.py``): l2 8 users
-    on 4 warps (Triton 3.6: 204-254 registers, 3.9: 221-231; at 16 users 3.6 spilled 48-60 B);
-    l1, which also holds ``r`` and ``e`` ``[64, BLOCK_D]``, 4 users on 4 warps with Triton 3.7
-    and later (3.9: 226-247; at 8 users 8 B spilled with the mask) and 8 users on 8 warps with
-    Triton 3.6 (248-255 registers; on 4 warps it spilled 72-188 B at 4-8 users, and 8 warps
-    spill in 3.9). The item tile, read once per program from L2 (Netflix: 9 MB a program,
-    0.5 TB for all users at 8 a program), is reused by ``BLOCK_U`` GEMMs. Under the
-    interpreter, a wider item tile means fewer Python steps.
+    ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. A program owns
+    ``BLOCK_U = 16`` users and walks the catalogue in tiles of ``BLOCK_I = 32`` items on 4 warps:
+    per (tile, user) the logit GEMM ``[32, BLOCK_D] × [BLOCK_D, BLOCK_N]`` runs as ``mma.sync``
+    (HMMA; a warpgroup ``wgmma`` needs 64 rows), the item tile and ``(p ⊙ K)ᵀ`` in shared
+    memory; the ``[32, BLOCK_N]`` logits, weights and quadratic-form products, the candidate
+    lists ``[16, KC]`` int64 and, for l1, ``r`` and ``e`` ``[32, BLOCK_D]`` in registers, with
+    ``maxnreg`` 255 so that ptxas sizes the allocation to the kernel rather than to an occupancy
+    it guesses. The shapes come from the static report (sm_90, each Triton with the ptxas of its
+    wheel, with and without the exclusion mask): at every d ∈ {64, 100, 128}, N ∈ {10, 20}, fp32
+    and bf16, l2 and l1, this compiles with no spills in Triton 3.6 and 3.9 alike (133-230
+    registers: 2-3 programs per SM). The 64-item tiles on ``wgmma`` that it replaces took
+    204-255 registers and spilled 8-72 B in Triton 3.6 at d = 128 (l2) and in bf16 l1, and no
+    user count or warp count cleared every shape; without the register cap, ptxas settled at
+    96-168 registers and spilled 8-32 B at a few shapes. The item tile, read once per program
+    from L2 (Netflix: 9 MB), serves 16 users (0.27 TB for all users). Under the interpreter, a
+    wider item tile means fewer Python steps.
     """
     screen = screen_precision(dtype)
     cfg = {
@@ -352,23 +354,20 @@ def screen_config(
     }
     if device.type != "cuda":
         return {**cfg, "BLOCK_U": 16, "BLOCK_I": 128}
-    block_u, warps = 8, 4
-    if distance == "l1":
-        block_u, warps = (4, 4) if TD.TRITON_RELEASE >= (3, 7) else (8, 8)
-    return {**cfg, "BLOCK_U": block_u, "BLOCK_I": 64, "num_warps": warps, "num_stages": 1}
+    return {**cfg, "BLOCK_U": 16, "BLOCK_I": 32, "num_warps": 4, "num_stages": 1, "maxnreg": 255}
 
 
 def screen_fits(N: int, d: int, distance: str) -> bool:
     """Whether the screen's shared-memory tiles fit an sm_90 SM with room to spare.
 
-    fp32 words of the item tile ``[64, BLOCK_D]``, the GEMM's ``(p ⊙ K)ᵀ`` ``[BLOCK_D, BLOCK_N]``,
+    fp32 words of the item tile ``[32, BLOCK_D]``, the GEMM's ``(p ⊙ K)ᵀ`` ``[BLOCK_D, BLOCK_N]``,
     ``MMᵀ`` and, for l1, ``M`` ``[BLOCK_N, BLOCK_D]``; the compiler adds layout-conversion
-    scratch, ~20% (l1: d = 100, N = 20: 68 KB by this count, 80 KB measured; d = 256: 132 KB,
-    160 KB). The sm_90 limit is 227 KB per program; larger shapes take the direct path.
+    scratch, ~20% (l1: d = 100, N = 20: 52 KB by this count, 64 KB measured). The sm_90 limit
+    is 227 KB per program; larger shapes take the direct path.
     """
     bd = max(16, triton.next_power_of_2(d))
     bn = max(16, triton.next_power_of_2(N + 1))
-    words = 64 * bd + bd * bn + bn * bn + (bn * bd if distance == "l1" else 0)
+    words = 32 * bd + bd * bn + bn * bn + (bn * bd if distance == "l1" else 0)
     return 4 * words <= 176 * 1024
 
 
@@ -446,7 +445,7 @@ def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, ep
     B, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
     dev = user_emb.device
-    cfg = screen_config(N, d, k, distance, user_emb.dtype, dev)
+    cfg = screen_config(N, d, k, user_emb.dtype, dev)
     bn = cfg["BLOCK_N"]
     Pd = user_emb[users.clamp(0, user_emb.shape[0] - 1)].double()
     Qd, Kd, Md = item_emb.double(), keys.double(), memory.double()
