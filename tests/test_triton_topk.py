@@ -226,6 +226,23 @@ def test_screened_user_chunks(monkeypatch):
     check_topk(*parts, brute_distances(params, users, "l2"), mask, 10, 2e-5)
 
 
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_screen_with_the_gpu_tile_shapes(monkeypatch, distance):
+    # The GPU launch's tiles (16 users a program, 32-item tiles) through the interpreter: a
+    # partial last user block, a partial last item tile, exclusions, several tiles a program.
+    gpu = TK.screen_config(7, 37, 10, torch.float32, torch.device("cuda"))
+    assert (gpu["BLOCK_U"], gpu["BLOCK_I"]) == (16, 32)
+    shapes = {"BLOCK_U": gpu["BLOCK_U"], "BLOCK_I": gpu["BLOCK_I"]}
+    config = TK.screen_config
+    monkeypatch.setattr(TK, "screen_config", lambda *a: {**config(*a), **shapes})
+    B, I = 21, 77
+    params, users = make(30, I, 7, 37, B, torch.float32, seed=23)
+    exclude, mask = random_exclude(B, I, seed=24, p=0.2, full_rows=(5,))
+    dist, ids = T.topk(*params, users, 10, exclude, distance, 1e-3)
+    check_topk(dist, ids, brute_distances(params, users, distance), mask, 10, 2e-5)
+    assert TK.last_stats["screened"] >= B - 2
+
+
 @pytest.mark.slow
 def test_screened_few_hundred_users():
     B, I = 300, 150
