@@ -82,6 +82,9 @@ BATCHES = ((4096, 5), (1 << 20, 2))  # (B, C): the train step batch and the epoc
 DIMS = (64, 100, 128)
 SLOTS = (10, 20)
 DTYPES = ("fp32", "bf16")
+# "tf32": fp32 tables under torch.set_float32_matmul_precision("high"), which lets the training
+# kernels' dots use tf32 tensor cores (their own launch shapes: distance_kernels.block_config)
+TF32 = "tf32"
 RELATIONS = ("pair", "shared")
 DISTANCES = ("l2", "squared_l2", "l1")
 TOPK_K = 10
@@ -129,7 +132,9 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       keys (:func:`sort_cases`, also in ``headline``). Top-k of all Netflix users for each d, N,
       dtype (and the same distances). ``lrml_relations`` of 4096 and 2^20 pairs for each d, N
       and dtype. The negatives of each batch shape (the sampler reads no table: d, N and dtype
-      do not apply).
+      do not apply). The hinge and train workloads in ``tf32`` too (fp32 tables under
+      ``torch.set_float32_matmul_precision("high")``: tensor-core dots, other launch shapes),
+      l2, every B, d, N and relation.
     - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k,
       ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
@@ -139,7 +144,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       width and its largest several-chunk launch of int64 keys; top-k fp32;
       ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5; and the
       shapes whose launch options depend on d, N or the Triton release: the shared-relation
-      hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at d = 100.
+      hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at d = 100, and the pair
+      hinge in tf32 at d = 64, N = 10.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -161,6 +167,7 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "fp32", "pair", "l2"))
         # shapes whose launch options depend on d, N or the Triton release (each spilled once)
         out.append(Case("hinge", 4096, 5, 100, 10, "bf16", "shared", "l2"))
+        out.append(Case("hinge", 4096, 5, 64, 10, TF32, "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 128, 20, "fp32", "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "bf16", "pair", "l1"))
         return out + [Case("negatives", 4096, 5, 100, 20, "fp32", "pair", "l2")]
@@ -173,6 +180,9 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             dists = ("l2",)
         for (B, C), dt, rel, dist in itertools.product(BATCHES, DTYPES, RELATIONS, dists):
             out += [Case(op, B, C, d, N, dt, rel, dist) for op in batch_ops]
+        if subset == "full":
+            for (B, C), rel in itertools.product(BATCHES, RELATIONS):
+                out += [Case(op, B, C, d, N, TF32, rel, "l2") for op in ("hinge", "train")]
         if N == slots[-1]:  # the trainer's row update: one per batch shape, d and dtype
             for (B, C), dt in itertools.product(BATCHES, DTYPES):
                 out.append(Case("rowupdate", B, C, d, N, dt, "pair", "l2"))
@@ -570,14 +580,26 @@ def _run_backwards(backwards: list) -> None:
 def _tables(case: Case):
     import torch
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         case.dtype, torch.float32
-    )  # a sort case's dtype is its key width: its tables are not read
+    )  # fp32 and tf32; a sort case's dtype is its key width: its tables are not read
     P = torch.empty(NETFLIX_U, case.d, dtype=dt, device="cuda")
     Q = torch.empty(NETFLIX_I, case.d, dtype=dt, device="cuda")
     K = torch.empty(case.N, case.d, dtype=dt, device="cuda")
     M = torch.empty(case.N, case.d, dtype=dt, device="cuda")
     return P, Q, K, M
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    import torch
+
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def record_launches(case: Case) -> list[tuple]:
@@ -594,6 +616,7 @@ def record_launches(case: Case) -> list[tuple]:
         FakeTensorMode(allow_non_fake_inputs=True),
         _fake_cuda_indexing(),
         _recording(launches, backwards),
+        _matmul_precision("high" if case.dtype == TF32 else "highest"),
     ):
         P, Q, K, M = _tables(case)
         if case.op == "topk":

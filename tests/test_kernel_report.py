@@ -128,7 +128,9 @@ def test_full_matrix_covers_the_benchmark_sizes():
     batch = [c for c in cs if c.op not in ("topk", "relations")]
     assert {(c.B, c.C) for c in batch} == {(4096, 5), (1 << 20, 2)}
     assert {c.d for c in cs} == {64, 100, 128} and {c.N for c in cs} == {10, 20}
-    assert {c.dtype for c in cs} == {"fp32", "bf16"}
+    assert {c.dtype for c in cs} == {"fp32", "bf16", "tf32"}
+    tf32 = {(c.op, c.B, c.d, c.N, c.relation) for c in cs if c.dtype == "tf32"}
+    assert {op for op, *_ in tf32} == {"hinge", "train"} and len(tf32) == 2 * 2 * 3 * 2 * 2
     assert {c.relation for c in batch} == {"pair", "shared"}
     ops = {"distances", "hinge", "train", "rowupdate", "topk", "relations", "negatives"}
     assert {c.op for c in cs} == ops
@@ -147,7 +149,7 @@ def test_full_matrix_covers_the_benchmark_sizes():
     assert kr.cases("smoke")[0] == ci[0]  # the unit test warms CI's cache
     tables = [c for c in ci if c.op != "sort"]  # a sort case's dtype is its key width
     assert {c.relation for c in ci} == {"pair", "shared"}
-    assert {c.dtype for c in tables} == {"fp32", "bf16"}
+    assert {c.dtype for c in tables} == {"fp32", "bf16", "tf32"}
     assert {c.dtype for c in ci if c.op == "sort"} == {"int32", "int64"}
     assert any(c.op == "topk" for c in ci) and any(c.op == "negatives" for c in ci)
     assert {c.dtype for c in ci if c.op == "relations"} == {"fp32", "bf16"}
@@ -208,7 +210,7 @@ def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
         elif r["op"] == "sort":
             assert r["kernel"] == "_sort_ids_kernel" and r["programs"] == 1
         elif r["op"] != "topk":
-            assert (r["B"], r["C"], r["d"]) == (4096, 5, 100) and r["N"] in (10, 20)
+            assert (r["B"], r["C"]) == (4096, 5) and r["d"] in (64, 100) and r["N"] in (10, 20)
 
 
 def test_ci_subset_has_no_spills(ci_rows):

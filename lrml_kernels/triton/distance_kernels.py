@@ -627,7 +627,9 @@ def block_config(
     block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
     if backward and _dot_precision(t.dtype) == "tf32":
-        cfg["num_warps"] = 8  # tensor-core dots: 16 warps spilled ~150 bytes, 8 use ~230 registers
+        # tensor-core dots: 16 warps spilled ~150 bytes; 8 take 166-253 registers (uncapped,
+        # ptxas 13 settled at 128 and spilled 4 bytes at d = 64, N = 10)
+        cfg["num_warps"], maxnreg = 8, 255
     elif backward and shared and TRITON_RELEASE < (3, 7):
         cfg["num_warps"], maxnreg = 8, 255
     cfg["num_stages"] = 1
