@@ -626,15 +626,16 @@ def block_config(
         return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
     block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
-    if backward and _dot_precision(t.dtype) == "tf32":
-        # tensor-core dots: 16 warps spilled ~150 bytes; 8 take 166-253 registers (uncapped,
-        # ptxas 13 settled at 128 and spilled 4 bytes at d = 64, N = 10)
-        cfg["num_warps"], maxnreg = 8, 255
-    elif backward and t.dtype == torch.float64:
-        # fp64 (tests, exact references) holds twice the registers a tile: at 16 warps ptxas
-        # spilled 1.1-1.9 KB (Triton 3.6) and 180-330 B (3.9); 8 warps, maxnreg 255: 0-104 B
-        cfg["num_warps"], maxnreg = 8, 255
-    elif backward and shared and TRITON_RELEASE < (3, 7):
+    # The backwards that need more than 128 registers a thread run 8 warps with every register
+    # ptxas wants: tf32 tensor-core dots (16 warps spilled ~150 B; uncapped, ptxas 13 settled at
+    # 128 and spilled 4 B at d = 64, N = 10; capped at 255: 159-253 registers), fp64 (tests'
+    # exact references: twice the registers a tile; 16 warps spilled 1.1-1.9 KB with Triton 3.6,
+    # 180-330 B with 3.9; 8 warps: 0-104 B) and the shared relation on Triton 3.6 (docstring).
+    if backward and (
+        _dot_precision(t.dtype) == "tf32"
+        or t.dtype == torch.float64
+        or (shared and TRITON_RELEASE < (3, 7))
+    ):
         cfg["num_warps"], maxnreg = 8, 255
     cfg["num_stages"] = 1
     if maxnreg is not None:
