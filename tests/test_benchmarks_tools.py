@@ -15,21 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
-def _load(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"lrml_bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while it runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _load("report")
+report = load_benchmark("report")
 
 NETFLIX = {"U": 480_189, "I": 17_770, "d": 100, "N": 20, "B": 4096, "C": 5}
 
@@ -197,7 +189,7 @@ def test_report_is_written_without_results_and_says_incomplete(tmp_path):
 
 
 def test_benchlib_caps_and_compiles_once():
-    benchlib = _load("benchlib")
+    benchlib = load_benchmark("benchlib")
     # a probe of 100 users in 0.5 s: 2 s allow 400 of 1,000; never fewer than the probe's
     assert benchlib.capped_units(1000, 100, 0.5, 2.0) == 400
     assert benchlib.capped_units(1000, 100, 0.5, 0.1) == 100
@@ -365,7 +357,7 @@ def test_a_bench_file_named_on_the_command_line_is_collected_once():
 
 
 def test_malloc_mode_is_applied_recorded_and_shown(tmp_path):
-    benchlib = _load("benchlib")
+    benchlib = load_benchmark("benchlib")
     assert benchlib.set_malloc_mode("system") == "system"
     steady = benchlib.set_malloc_mode("steady")
     if platform.libc_ver()[0] == "glibc":

@@ -7,29 +7,19 @@ prints the same report, from the caches, with ``--fail-on-spills``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 
 
-def _load():
-    path = REPO / "benchmarks" / "kernel_report.py"
-    spec = importlib.util.spec_from_file_location("lrml_bench_kernel_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while it runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-kr = _load()
+kr = load_benchmark("kernel_report")
 
 PTXAS_13 = """\
 ptxas info    : 0 bytes gmem

@@ -10,7 +10,6 @@ print the report: ``python tests/test_triton_topk_static.py l2 float32``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bench import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [("l2", "float32"), ("l2", "bfloat16"), ("l1", "float32")]
@@ -25,12 +25,7 @@ CASES = [("l2", "float32"), ("l2", "bfloat16"), ("l1", "float32")]
 
 def static_report(distance: str, dtype_name: str, N: int = 20, d: int = 100) -> list[dict]:
     """One row per launch of the screening kernel: registers, spills, shared memory, MMAs."""
-    spec = importlib.util.spec_from_file_location(
-        "lrml_bench_kernel_report", REPO / "benchmarks" / "kernel_report.py"
-    )
-    kr = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = kr  # dataclasses look their module up while it runs
-    spec.loader.exec_module(kr)
+    kr = load_benchmark("kernel_report")
     dtype = {"float32": "fp32", "bfloat16": "bf16"}[dtype_name]
     rows = []
     for launch in kr.plan(kr.Case("topk", kr.NETFLIX_U, 0, d, N, dtype, "pair", distance)):
