@@ -97,8 +97,10 @@ OPS = {
     "sort": "the row update's one-program sort of B ids (dtype: the key width)",
     "topk": "all-user top-10 at Netflix size",
     "relations": "lrml_relations: attention and relation vectors of B pairs (C = 1)",
-    "negatives": "the train step's negatives: B users × (C - 1), checked in a Netflix-size CSR",
+    "negatives": "the train step's negatives: B users × (C - 1), checked in a Netflix-size CSR "
+    "(dtype: the draw, uniform or popularity-aware)",
 }
+NEGATIVE_DRAWS = ("uniform", "popularity")  # a negatives case's dtype: sample_negatives' draw
 RELATIONS_BATCHES = (4096, 1 << 20)  # pairs per lrml_relations call
 SUBSETS = ("full", "headline", "ci", "smoke")
 
@@ -131,10 +133,10 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       one-program id sort at every shape it compiles up to its ``SORT_MAX``, int32 and int64
       keys (:func:`sort_cases`, also in ``headline``). Top-k of all Netflix users for each d, N,
       dtype (and the same distances). ``lrml_relations`` of 4096 and 2^20 pairs for each d, N
-      and dtype. The negatives of each batch shape (the sampler reads no table: d, N and dtype
-      do not apply). The hinge and train workloads in ``tf32`` too (fp32 tables under
-      ``torch.set_float32_matmul_precision("high")``: tensor-core dots, other launch shapes),
-      l2, every B, d, N and relation.
+      and dtype. The negatives of each batch shape, uniform and popularity-aware (the sampler
+      reads no table: d, N do not apply; the dtype names the draw). The hinge and train
+      workloads in ``tf32`` too (fp32 tables under ``torch.set_float32_matmul_precision
+      ("high")``: tensor-core dots, other launch shapes), l2, every B, d, N and relation.
     - ``headline``: d = 100, N = 20, l2: every B, dtype, relation and workload, top-k,
       ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
@@ -142,7 +144,7 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       fp32, pair in bf16; the Adam row updates at 4096 × 5 fp32 (their sorts: 4,096 ids in one
       chunk, 20,480 in 3 chunks, int32 keys); the sort's largest one-chunk launches of either key
       width and its largest several-chunk launch of int64 keys; top-k fp32;
-      ``lrml_relations`` of 4096 pairs in fp32 and bf16; the negatives at 4096 × 5; and the
+      ``lrml_relations`` of 4096 pairs in fp32 and bf16; both negatives draws at 4096 × 5; and the
       shapes whose launch options depend on d, N or the Triton release: the shared-relation
       hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at d = 100, and the pair
       hinge in tf32 at d = 64, N = 10.
@@ -170,7 +172,9 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
         out.append(Case("hinge", 4096, 5, 64, 10, TF32, "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 128, 20, "fp32", "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "bf16", "pair", "l1"))
-        return out + [Case("negatives", 4096, 5, 100, 20, "fp32", "pair", "l2")]
+        return out + [
+            Case("negatives", 4096, 5, 100, 20, dr, "pair", "l2") for dr in NEGATIVE_DRAWS
+        ]
     dims = DIMS if subset == "full" else (100,)
     slots = SLOTS if subset == "full" else (20,)
     out: list[Case] = []
@@ -190,7 +194,10 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             out.append(Case("topk", NETFLIX_U, 0, d, N, dt, "pair", dist))
         for B, dt in itertools.product(RELATIONS_BATCHES, DTYPES):
             out.append(Case("relations", B, 1, d, N, dt, "pair", "l2"))
-    out += [Case("negatives", B, C, 100, 20, "fp32", "pair", "l2") for B, C in BATCHES]
+    out += [
+        Case("negatives", B, C, 100, 20, dr, "pair", "l2")
+        for (B, C), dr in itertools.product(BATCHES, NEGATIVE_DRAWS)
+    ]
     return out + sort_cases()
 
 
@@ -582,7 +589,7 @@ def _tables(case: Case):
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         case.dtype, torch.float32
-    )  # fp32 and tf32; a sort case's dtype is its key width: its tables are not read
+    )  # fp32 and tf32; a sort case's dtype is its key width, a negatives case's its draw
     P = torch.empty(NETFLIX_U, case.d, dtype=dt, device="cuda")
     Q = torch.empty(NETFLIX_I, case.d, dtype=dt, device="cuda")
     K = torch.empty(case.N, case.d, dtype=dt, device="cuda")
@@ -660,8 +667,11 @@ def record_launches(case: Case) -> list[tuple]:
                 sampling = importlib.import_module("lrml_kernels.data.sampling")
                 indptr = torch.empty(NETFLIX_U + 1, dtype=torch.int64, device="cuda")
                 indices = torch.empty(NETFLIX_NNZ, dtype=torch.int64, device="cuda")
+                cdf = None
+                if case.dtype == "popularity":
+                    cdf = torch.empty(NETFLIX_I + 1, dtype=torch.int64, device="cuda")
                 sampling.sample_negatives(
-                    users, NETFLIX_I, case.C - 1, exclude_csr=(indptr, indices)
+                    users, NETFLIX_I, case.C - 1, exclude_csr=(indptr, indices), popularity=cdf
                 )
             else:
                 raise ValueError(f"unknown op {case.op!r}")
@@ -1143,8 +1153,8 @@ def _cells(r: dict) -> list[str]:
         model[3] = "—"
     elif r["op"] == "relations":
         model[3:] = ["—", "—"]
-    elif r["op"] == "negatives":  # the sampler reads ids and the CSR, no table
-        model = ["—"] * 5
+    elif r["op"] == "negatives":  # the sampler reads ids and the CSR, no table; dtype: the draw
+        model = ["—", "—", r["dtype"], "—", "—"]
     elif r["op"] == "sort":  # ids only; dtype: the key width
         model = ["—", "—", f"{r['dtype']} keys", "—", "—"]
     return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, *model, r["blocks"],

@@ -50,13 +50,13 @@ TORCH_LIBRARY(lrml_ext, m) {
   m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
         " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
         " -> ()");
-  m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor users, int num_items, int k,"
-        " int seed, int max_tries) -> Tensor");
+  m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor? popularity, Tensor users,"
+        " int num_items, int k, int seed, int max_tries) -> Tensor");
   m.def("epoch_order(Tensor round_keys, int start, int count, int n, int world, int rank, int a,"
         " int b) -> Tensor");
   m.def("training_batch(Tensor rows, Tensor train_users, Tensor train_items, Tensor indptr,"
-        " Tensor indices, int num_items, int k, int seed, int max_tries, bool parallel)"
-        " -> (Tensor, Tensor)");
+        " Tensor indices, Tensor? popularity, int num_items, int k, int seed, int max_tries,"
+        " bool parallel) -> (Tensor, Tensor)");
   m.def("synthetic_items(Tensor r, Tensor y, Tensor users, Tensor cum, Tensor segments,"
         " Tensor zipf_top, Tensor sizes, Tensor seg_offsets, Tensor table) -> Tensor");
   m.def("keep_distinct_(Tensor(a!) buffer, Tensor(b!) got, Tensor offsets, Tensor quota,"

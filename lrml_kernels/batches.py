@@ -148,6 +148,8 @@ class BatchPipeline:
             from (``exclude_csr``: ``(indptr, indices)`` on the training device, or None).
         generator: the negatives' ``torch.Generator`` on the training device; while an epoch runs
             only the pipeline draws from it.
+        popularity: the popularity CDF of the negatives (:func:`lrml_kernels.data.popularity_cdf`)
+            on the training device, or None (uniform negatives).
     """
 
     def __init__(
@@ -159,10 +161,11 @@ class BatchPipeline:
         negatives: int,
         generator: torch.Generator,
         exclude_csr: tuple[torch.Tensor, torch.Tensor] | None,
+        popularity: torch.Tensor | None = None,
     ):
         self.users, self.items, self.batch_size = users, items, batch_size
         self.num_items, self.negatives = num_items, negatives
-        self.generator, self.exclude_csr = generator, exclude_csr
+        self.generator, self.exclude_csr, self.popularity = generator, exclude_csr, popularity
         self.device = users.device
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = None
@@ -201,8 +204,9 @@ class BatchPipeline:
         if self._batch_op is not None:
             seed = int(sampler_seed(self.generator, self.device))
             users, items = self._batch_op(
-                idx, self.users, self.items, *self._csr, self.num_items, self.negatives, seed,
-                MAX_TRIES, self._pool is None,  # on the background thread: that thread alone
+                idx, self.users, self.items, *self._csr, self.popularity, self.num_items,
+                self.negatives, seed, MAX_TRIES,
+                self._pool is None,  # on the background thread: that thread alone
             )  # fmt: skip
             return Batch(users, items, self.generator.get_state())
         users, pos = self.users[idx].long(), self.items[idx].long()
@@ -212,6 +216,7 @@ class BatchPipeline:
             self.negatives,
             generator=self.generator,
             exclude_csr=self.exclude_csr,
+            popularity=self.popularity,
         )
         items = torch.cat([pos[:, None], neg], dim=1)
         return Batch(users, items, self.generator.get_state())

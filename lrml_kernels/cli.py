@@ -80,6 +80,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="draw negatives only among the items the user has not trained on (default: on)",
     )
     a(
+        "--popularity-negatives",
+        type=float,
+        default=d.popularity_negatives,
+        metavar="ALPHA",
+        help="draw each negative with weight (training count + 1) ** ALPHA, a training item "
+        "replaced by a uniform draw; 0: uniform (default: %(default)s)",
+    )
+    a(
         "--checkpoint-every",
         type=int,
         default=d.checkpoint_every,
@@ -163,6 +171,7 @@ def _config(args) -> TrainConfig:
         fused_optimizer=args.fused_optimizer,
         cuda_graph=args.cuda_graph,
         reject_positives=args.reject_positives,
+        popularity_negatives=args.popularity_negatives,
         max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every,
         on_nonfinite=args.on_nonfinite,
@@ -384,7 +393,7 @@ def main(argv=None) -> int:
         default=None,
         help="comma-separated parameters to search (default: all of "
         "optimizer,lr,relation_lr_scale,lr_schedule,dim,memory_slots,negatives,margin,distance,"
-        "relation,max_norm,batch_size); the others keep the options given",
+        "relation,max_norm,batch_size,popularity_negatives); the others keep the options given",
     )
     a(
         "--start-from",

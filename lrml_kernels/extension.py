@@ -261,7 +261,7 @@ def _register_python_side() -> None:
         return P.new_empty(users.shape[0], K.shape[0]), P.new_empty(users.shape[0], P.shape[1])
 
     @torch.library.register_fake(lib + "sample_negatives")
-    def _(indptr, indices, users, num_items, k, seed, max_tries):
+    def _(indptr, indices, popularity, users, num_items, k, seed, max_tries):
         return users.new_empty(users.shape[0], k)
 
     @torch.library.register_fake(lib + "epoch_order")
@@ -269,7 +269,19 @@ def _register_python_side() -> None:
         return round_keys.new_empty(count)
 
     @torch.library.register_fake(lib + "training_batch")
-    def _(rows, train_users, train_items, indptr, indices, num_items, k, seed, tries, parallel):
+    def _(
+        rows,
+        train_users,
+        train_items,
+        indptr,
+        indices,
+        popularity,
+        num_items,
+        k,
+        seed,
+        tries,
+        parallel,
+    ):
         return rows.new_empty(rows.shape[0]), rows.new_empty(rows.shape[0], 1 + k)
 
     @torch.library.register_fake(lib + "synthetic_items")

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lrml_kernels import backends, checkpoints
@@ -63,7 +64,9 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 RELATION_LR_SCALE = 0.01
 # Options added since checkpoints were first written, with the value that older checkpoints
 # were trained with (not the default of today).
-OPTIONS_BEFORE = {"relation_lr_scale": 1.0}
+OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0}
+# The largest popularity_negatives alpha (beyond it the most popular items take nearly every draw).
+POPULARITY_ALPHA_MAX = 4.0
 
 # Steps between two reads of the loss (a host sync on a GPU): the progress bar is updated and a
 # non-finite loss found then, naming its step. Every checkpoint reads it first.
@@ -106,6 +109,9 @@ class TrainConfig:
     fused_optimizer: bool = True
     cuda_graph: bool = False  # the fused step captured as a CUDA graph (LRMLTrainer(cuda_graph=))
     reject_positives: bool = True
+    # alpha of popularity-aware negatives: each drawn with weight (training count + 1) ** alpha,
+    # a training item replaced by a uniform draw (data.sample_negatives); 0: uniform negatives
+    popularity_negatives: float = 0.0
     max_steps: int | None = None
     checkpoint_every: int = 0
     on_nonfinite: str = "stop"
@@ -164,6 +170,18 @@ class TrainConfig:
                 raise ValueError(
                     f"cuda_graph needs the triton or cuda backend, got backend {self.backend!r}"
                 )
+        alpha = self.popularity_negatives
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"popularity_negatives must be a number >= 0, got {alpha!r}")
+        if not (math.isfinite(alpha) and 0 <= alpha <= POPULARITY_ALPHA_MAX):
+            raise ValueError(
+                f"popularity_negatives must lie in [0, {POPULARITY_ALPHA_MAX}], got {alpha!r}"
+            )
+        if alpha > 0 and not self.reject_positives:
+            raise ValueError(
+                "popularity_negatives replaces drawn training items by uniform ones: it needs "
+                "reject_positives (--reject-positives)"
+            )
         if self.select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.select_on == "valid" and self.eval == "none":
@@ -395,13 +413,16 @@ class _Run:
         self.n = train_u.shape[0]
         if self.n == 0:
             raise ValueError(f"data set {cfg.data!r} has no training interactions")
-        exclude_csr = None
+        exclude_csr = popularity = None
         if cfg.reject_positives:
             indptr, indices = split.train_csr()
             exclude_csr = (
                 torch.as_tensor(indptr, device=device),
                 torch.as_tensor(indices, device=device),
             )
+        if cfg.popularity_negatives > 0:
+            counts = np.bincount(split.train.items, minlength=split.num_items)
+            popularity = lkdata.popularity_cdf(counts, cfg.popularity_negatives).to(device)
         self.n_local = self.n // world  # every rank runs the same number of equal-sized steps
         self.steps_per_epoch = math.ceil(self.n_local / cfg.batch_size)
         gen = torch.Generator(device=device)  # negatives: one stream per rank
@@ -416,7 +437,14 @@ class _Run:
         self.gen_state = gen.get_state()  # after the last batch stepped on
         self.losses = _LossWindow(device)
         self.batches = BatchPipeline(
-            train_u, train_i, cfg.batch_size, split.num_items, cfg.negatives, gen, exclude_csr
+            train_u,
+            train_i,
+            cfg.batch_size,
+            split.num_items,
+            cfg.negatives,
+            gen,
+            exclude_csr,
+            popularity,
         )
         self.writer = checkpoints.BackgroundWriter() if out is not None and rank == 0 else None
         if self.writer is not None:  # temporary files of writes that a crash interrupted

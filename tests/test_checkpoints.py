@@ -255,6 +255,17 @@ def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(
     error_line("convert-checkpoint")
 
 
+def test_a_checkpoint_from_before_popularity_negatives_resumes_with_uniform_ones(tmp_path, good):
+    ckpt = plain_dict(good)
+    del ckpt["config"]["popularity_negatives"]
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    opts = {**OPTS, "max_steps": 6, "progress": False}
+    with pytest.raises(ValueError, match=r"popularity_negatives: 0\.0 -> 0\.5"):
+        fit(TrainConfig(**opts, popularity_negatives=0.5), tmp_path, resume=True)
+    r = fit(TrainConfig(**opts), tmp_path, resume=True)
+    assert r["config"]["popularity_negatives"] == 0.0
+
+
 def test_a_checkpoint_from_before_relation_lr_scale_resumes_as_it_was_trained(tmp_path, good):
     """Written before the option existed, a checkpoint was trained with the relation at lr
     (scale 1.0): it resumes with that scale, and is refused with today's default."""

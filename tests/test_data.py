@@ -954,7 +954,7 @@ def test_sample_negatives_extension_matches_fallback(sample_op):
     assert empty.shape == (0, 4)
     torch.library.opcheck(
         torch.ops.lrml_ext.sample_negatives.default,
-        (*csr, users[:8], s.num_items, 3, 12345, 32),
+        (*csr, None, users[:8], s.num_items, 3, 12345, 32),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -987,13 +987,13 @@ def test_sample_negatives_checks_its_inputs(sample_op):
                 torch.tensor([0, 2, 0]), 5, 2, exclude_csr=(ip, ix), use_extension=ext
             )
     with pytest.raises(ValueError, match="decreasing"):
-        sample_op(torch.tensor([0, 2, 1]), ix, torch.tensor([1]), 5, 2, 0, 32)
+        sample_op(torch.tensor([0, 2, 1]), ix, None, torch.tensor([1]), 5, 2, 0, 32)
     with pytest.raises(ValueError, match="indices.numel"):
-        sample_op(torch.tensor([0, 2, 9]), ix, torch.tensor([1]), 5, 2, 0, 32)
+        sample_op(torch.tensor([0, 2, 9]), ix, None, torch.tensor([1]), 5, 2, 0, 32)
     with pytest.raises(TypeError, match="int64"):
-        sample_op(ip.int(), ix, torch.tensor([1]), 5, 2, 0, 32)
+        sample_op(ip.int(), ix, None, torch.tensor([1]), 5, 2, 0, 32)
     with pytest.raises(ValueError, match="num_items"):
-        sample_op(ip, ix, torch.tensor([1]), 2**31, 2, 0, 32)
+        sample_op(ip, ix, None, torch.tensor([1]), 2**31, 2, 0, 32)
 
 
 def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
@@ -1004,23 +1004,23 @@ def test_training_batch_is_the_gathers_and_the_negatives(sample_op):
         train_u = torch.as_tensor(s.train.users).to(dtype)
         train_i = torch.as_tensor(s.train.items).to(dtype)
         users, items = torch.ops.lrml_ext.training_batch(
-            rows, train_u, train_i, *csr, s.num_items, 4, 99, 32, dtype == torch.int32
+            rows, train_u, train_i, *csr, None, s.num_items, 4, 99, 32, dtype == torch.int32
         )
         want_u = train_u[rows].long()
         assert torch.equal(users, want_u) and items.shape == (300, 5)
         assert torch.equal(items[:, 0], train_i[rows].long())
-        assert torch.equal(items[:, 1:], sample_op(*csr, want_u, s.num_items, 4, 99, 32))
+        assert torch.equal(items[:, 1:], sample_op(*csr, None, want_u, s.num_items, 4, 99, 32))
     with pytest.raises(IndexError, match="rows"):
         torch.ops.lrml_ext.training_batch(
-            torch.tensor([len(s.train)]), train_u, train_i, *csr, s.num_items, 4, 0, 32, True
+            torch.tensor([len(s.train)]), train_u, train_i, *csr, None, s.num_items, 4, 0, 32, True
         )
     with pytest.raises(TypeError, match="both int32 or both int64"):
         torch.ops.lrml_ext.training_batch(
-            rows, train_u, train_i.int(), *csr, s.num_items, 4, 0, 32, True
+            rows, train_u, train_i.int(), *csr, None, s.num_items, 4, 0, 32, True
         )
     torch.library.opcheck(
         torch.ops.lrml_ext.training_batch.default,
-        (rows[:8], train_u, train_i, *csr, s.num_items, 3, 12345, 32, True),
+        (rows[:8], train_u, train_i, *csr, None, s.num_items, 3, 12345, 32, True),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -1051,6 +1051,127 @@ def test_sample_negatives_edge_cases_and_uniformity(one_thread, sample_op, use_e
         assert float(((counts - expected) ** 2 / expected).sum()) < (
             27.9 if len(support) == n else 18.5
         )
+
+
+# --- popularity-aware negatives ---
+
+
+def test_popularity_cdf_gives_each_item_its_share():
+    counts = torch.tensor([0, 3, 8, 0, 99])
+    for alpha in (0.0, 0.5, 1.0):
+        cdf = D.popularity_cdf(counts, alpha)
+        assert cdf.dtype == torch.int64 and cdf.shape == (6,)
+        assert int(cdf[0]) == 0 and int(cdf[-1]) == 2**32
+        share = cdf.diff().double() / 2**32
+        want = (counts.double() + 1.0) ** alpha
+        assert torch.allclose(share, want / want.sum(), atol=1e-8)
+        assert (cdf.diff() >= 1).all()
+    # every item keeps at least one word, however rare
+    tiny = D.popularity_cdf(torch.tensor([0, 10**9]), 1.0)
+    assert tiny.diff().tolist()[0] >= 1
+    for bad, match in ((-0.5, "alpha"), (float("nan"), "alpha"), (float("inf"), "alpha")):
+        with pytest.raises(ValueError, match=match):
+            D.popularity_cdf(counts, bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        D.popularity_cdf(torch.tensor([1, -1]), 0.5)
+    with pytest.raises(ValueError, match="overflows"):
+        D.popularity_cdf(torch.tensor([10**9, 1]), 40.0)
+    with pytest.raises(ValueError, match="num_items"):
+        D.popularity_cdf(torch.tensor([], dtype=torch.int64), 0.5)
+
+
+def popularity_case(seed=0, num_users=300, num_items=97):
+    """Random ascending rows of every length from 0 to num_items, and their items' CDF."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_users):
+        c = int(torch.randint(0, num_items + 1, (1,), generator=g))
+        rows.append(torch.randperm(num_items, generator=g)[:c].sort().values)
+    indptr = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    indices = torch.cat(rows)
+    cdf = D.popularity_cdf(torch.bincount(indices, minlength=num_items), 0.5)
+    return (indptr, indices), cdf
+
+
+def test_popularity_negatives_every_path_alike(sample_op):
+    csr, cdf = popularity_case()
+    n = cdf.numel() - 1
+    users = torch.randint(0, 300, (1023,), generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    for k in (0, 1, 13):
+        runs = []
+        try:  # the draws depend on neither the path nor the number of threads
+            for ext, t in ((True, 1), (True, 2), (False, 1)):
+                torch.set_num_threads(t)
+                runs.append(
+                    D.sample_negatives(
+                        users,
+                        n,
+                        k,
+                        generator=torch.Generator().manual_seed(3),
+                        exclude_csr=csr,
+                        use_extension=ext,
+                        popularity=cdf,
+                    )  # fmt: skip
+                )
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(runs[0], other) for other in runs[1:])
+        full = (csr[0][users + 1] - csr[0][users]) >= n
+        assert not D.csr_membership(*csr, users, runs[0])[~full].any()
+    uniform = D.sample_negatives(
+        users, n, 13, generator=torch.Generator().manual_seed(3), exclude_csr=csr
+    )
+    same = (uniform == runs[0]).float().mean()
+    assert 0.2 < float(same) < 0.9  # the owned draws fell back to the uniform ones, not all
+    torch.library.opcheck(
+        torch.ops.lrml_ext.sample_negatives.default,
+        (*csr, cdf, users[:8], n, 3, 12345, 32),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("use_extension", [True, False])
+def test_popularity_negatives_follow_the_weights(one_thread, sample_op, use_extension):
+    # user 0 owns nothing: item i with probability share[i]; user 1 owns items 0-2, whose share
+    # is spread evenly over the other 7
+    n = 10
+    counts = torch.tensor([50, 40, 30, 20, 10, 5, 4, 3, 2, 1])
+    cdf = D.popularity_cdf(counts, 0.75)
+    share = cdf.diff().double() / 2**32
+    csr = (torch.tensor([0, 0, 3]), torch.tensor([0, 1, 2]))
+    users = torch.tensor([0] * 4000 + [1] * 4000)
+    neg = D.sample_negatives(
+        users, n, 5, generator=torch.Generator().manual_seed(2), exclude_csr=csr,
+        use_extension=use_extension, popularity=cdf,
+    )  # fmt: skip
+    owned = share[:3].sum()
+    spread = torch.cat([torch.zeros(3, dtype=torch.float64), share[3:] + owned / 7])
+    # chi-square (df = 9 and 6; 0.999 quantiles 27.9 and 22.5)
+    for part, p, limit in ((neg[:4000], share, 27.9), (neg[4000:], spread, 22.5)):
+        counts_seen = torch.bincount(part.reshape(-1), minlength=n).double()
+        expected = p * part.numel()
+        keep = expected > 0
+        assert counts_seen[~keep].sum() == 0
+        stat = ((counts_seen[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert float(stat) < limit
+
+
+def test_popularity_negatives_check_their_inputs(sample_op):
+    csr, cdf = popularity_case(num_users=5, num_items=7)
+    users = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match="need exclude_csr"):
+        D.sample_negatives(users, 7, 2, popularity=cdf)
+    for bad in (cdf[:-1], cdf.int(), cdf.double()):
+        for ext in (True, False):
+            with pytest.raises(ValueError, match="popularity must be int64"):
+                D.sample_negatives(users, 7, 2, exclude_csr=csr, popularity=bad, use_extension=ext)
+    shifted = cdf.clone()
+    shifted[-1] -= 1
+    with pytest.raises(ValueError, match="from 0 to 2"):
+        sample_op(*csr, shifted, users, 7, 2, 0, 32)
+    with pytest.raises(ValueError, match="num_items \\+ 1"):
+        sample_op(*csr, cdf, users, 6, 2, 0, 32)
 
 
 # --- the extension's set-up ops (synthetic data, split, evaluation negatives) ---

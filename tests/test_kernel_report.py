@@ -114,7 +114,9 @@ def test_occupancy_arithmetic_of_an_sm90_sm():
 def test_full_matrix_covers_the_benchmark_sizes():
     cs = kr.cases("full")
     sorts = [c for c in cs if c.op == "sort"]
-    cs = [c for c in cs if c.op != "sort"]
+    draws = {(c.B, c.C, c.dtype) for c in cs if c.op == "negatives"}  # dtype: the draw
+    assert draws == {(B, C, dr) for B, C in kr.BATCHES for dr in ("uniform", "popularity")}
+    cs = [c for c in cs if c.op not in ("sort", "negatives")]
     batch = [c for c in cs if c.op not in ("topk", "relations")]
     assert {(c.B, c.C) for c in batch} == {(4096, 5), (1 << 20, 2)}
     assert {c.d for c in cs} == {64, 100, 128} and {c.N for c in cs} == {10, 20}
@@ -122,7 +124,7 @@ def test_full_matrix_covers_the_benchmark_sizes():
     tf32 = {(c.op, c.B, c.d, c.N, c.relation) for c in cs if c.dtype == "tf32"}
     assert {op for op, *_ in tf32} == {"hinge", "train"} and len(tf32) == 2 * 2 * 3 * 2 * 2
     assert {c.relation for c in batch} == {"pair", "shared"}
-    ops = {"distances", "hinge", "train", "rowupdate", "topk", "relations", "negatives"}
+    ops = {"distances", "hinge", "train", "rowupdate", "topk", "relations"}
     assert {c.op for c in cs} == ops
     assert {(c.B, c.C) for c in cs if c.op == "relations"} == {(4096, 1), (1 << 20, 1)}
     assert {c.distance for c in cs} == {"l2", "squared_l2", "l1"}
@@ -137,11 +139,12 @@ def test_full_matrix_covers_the_benchmark_sizes():
     assert sorts == [c for c in kr.cases("headline") if c.op == "sort"]
     ci = kr.cases("ci")
     assert kr.cases("smoke")[0] == ci[0]  # the unit test warms CI's cache
-    tables = [c for c in ci if c.op != "sort"]  # a sort case's dtype is its key width
+    tables = [c for c in ci if c.op not in ("sort", "negatives")]  # their dtype: keys, draw
     assert {c.relation for c in ci} == {"pair", "shared"}
     assert {c.dtype for c in tables} == {"fp32", "bf16", "tf32"}
     assert {c.dtype for c in ci if c.op == "sort"} == {"int32", "int64"}
-    assert any(c.op == "topk" for c in ci) and any(c.op == "negatives" for c in ci)
+    assert any(c.op == "topk" for c in ci)
+    assert {c.dtype for c in ci if c.op == "negatives"} == {"uniform", "popularity"}
     assert {c.dtype for c in ci if c.op == "relations"} == {"fp32", "bf16"}
 
 

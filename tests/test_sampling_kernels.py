@@ -169,3 +169,25 @@ def test_cuda_sampler_has_no_host_sync():
     assert not D.csr_membership(*exclude, users, neg).any()
     assert torch.equal(runs[0], runs[1]) and not torch.equal(neg, again)
     assert torch.equal(neg, forced)
+
+
+def test_popularity_negatives_match_the_cpu_paths(one_thread):
+    s = D.load("synthetic-small")
+    exclude = tuple(torch.from_numpy(a) for a in s.train_csr())
+    counts = torch.bincount(exclude[1], minlength=s.num_items)
+    cdf = D.popularity_cdf(counts, 0.5)
+    users = torch.arange(s.num_users).repeat(2)
+    neg = sample(users, s.num_items, 6, exclude, popularity=cdf)
+    assert not D.csr_membership(*exclude, users, neg).any()
+    narrow = tuple(t.to(torch.int32) for t in exclude)
+    assert torch.equal(neg, sample(users.to(torch.int32), s.num_items, 6, narrow, popularity=cdf))
+    for use_extension in (None, False):
+        cpu = D.sample_negatives(
+            users, s.num_items, 6, generator=torch.Generator().manual_seed(0),
+            exclude_csr=exclude, use_triton=False, use_extension=use_extension, popularity=cdf,
+        )  # fmt: skip
+        assert torch.equal(cpu, neg)
+    # popular items are drawn more often than under the uniform draw
+    uniform = sample(users, s.num_items, 6, exclude)
+    top = counts.argsort(descending=True)[: s.num_items // 10]
+    assert torch.isin(neg, top).float().mean() > 1.2 * torch.isin(uniform, top).float().mean()

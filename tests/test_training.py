@@ -431,10 +431,11 @@ def test_epoch_order_op_gives_the_torch_ops_order(n, world):
         data_op("epoch_order")(torch.zeros(4, dtype=torch.int64), 0, n + 1, n, 1, 0, n, 1)
 
 
+@pytest.mark.parametrize("popular", [False, True], ids=["uniform", "popularity"])
 @pytest.mark.parametrize("fused", [True, False], ids=["training_batch", "torch-ops"])
 @pytest.mark.parametrize("cores", [1, 64], ids=["in-line", "thread"])
 def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(
-    small, cores, fused, monkeypatch
+    small, cores, fused, popular, monkeypatch
 ):
     from lrml_kernels import batches
     from lrml_kernels.batches import BatchPipeline, EpochOrder
@@ -449,8 +450,11 @@ def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(
     items = torch.as_tensor(small.train.items)
     csr = tuple(torch.as_tensor(a) for a in small.train_csr())
     order = EpochOrder(users.shape[0], 0, 0, "cpu")
+    cdf = None
+    if popular:
+        cdf = data.popularity_cdf(torch.bincount(items.long(), minlength=small.num_items), 0.5)
     gen = torch.Generator().manual_seed(7)
-    pipeline = BatchPipeline(users, items, 64, small.num_items, 3, gen, csr)
+    pipeline = BatchPipeline(users, items, 64, small.num_items, 3, gen, csr, cdf)
     assert (pipeline._pool is not None) == (torch.get_num_threads() < cores)
     assert (pipeline._batch_op is not None) == fused
     try:
@@ -462,7 +466,9 @@ def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(
     for k, batch in zip(range(2, 9), got, strict=True):
         idx = order.rows(64 * k, 64 * (k + 1))
         u = users[idx].long()
-        neg = data.sample_negatives(u, small.num_items, 3, generator=gen, exclude_csr=csr)
+        neg = data.sample_negatives(
+            u, small.num_items, 3, generator=gen, exclude_csr=csr, popularity=cdf
+        )
         assert torch.equal(batch.users, u)
         assert torch.equal(batch.items, torch.cat([items[idx].long()[:, None], neg], dim=1))
         assert torch.equal(batch.gen_state, gen.get_state())  # what a checkpoint after it saves

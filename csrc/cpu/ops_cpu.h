@@ -60,7 +60,9 @@ void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg
 // sampling_cpu.cpp: out [B, k] int64, negatives for users [B], each drawn uniformly among the
 // items its user has not trained on (row users[b] of the CSR (indptr, indices), strictly
 // ascending rows), from Philox counters under seed: the Triton sampler's numbers, bit for bit.
-Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+// popularity: the CDF [num_items + 1] of popularity-aware draws (data.popularity_cdf), or none.
+Tensor sample_negatives(const Tensor& indptr, const Tensor& indices,
+                        const std::optional<Tensor>& popularity, const Tensor& users,
                         int64_t num_items, int64_t k, int64_t seed, int64_t max_tries);
 // A training batch: users [B] = train_users[rows], items [B, 1 + k] int64 with column 0
 // train_items[rows] and columns 1..k sample_negatives(indptr, indices, users, ...) for seed;
@@ -72,8 +74,10 @@ Tensor epoch_order(const Tensor& round_keys, int64_t start, int64_t count, int64
                    int64_t world, int64_t rank, int64_t a, int64_t b);
 std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
                                           const Tensor& train_items, const Tensor& indptr,
-                                          const Tensor& indices, int64_t num_items, int64_t k,
-                                          int64_t seed, int64_t max_tries, bool parallel);
+                                          const Tensor& indices,
+                                          const std::optional<Tensor>& popularity,
+                                          int64_t num_items, int64_t k, int64_t seed,
+                                          int64_t max_tries, bool parallel);
 
 // synthetic_cpu.cpp: the synthetic generator's arithmetic on numpy's random numbers.
 // items[j]: the item of draw j of user users[j] from its uniforms r[j] (taste) and y[j] (rank).

@@ -13,6 +13,9 @@
 //      binary search: x[p] - p non-members lie below the p-th member, non-decreasing in p).
 // A user who owns every item (c >= n) gets a uniform item. One search per entry: no rejection
 // of positives, whose chains cost 1 / (1 - c/n) searches for heavy users.
+// With a popularity CDF cdf [n + 1] (lrml_kernels.data.popularity_cdf), entry e first takes the
+// item i = #{p >= 1 : cdf[p] <= w}, w the Philox word at counter e under the seed with bit 62
+// set; only where i is in the user's row does it take the uniform draw above.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -75,9 +78,11 @@ void for_range(bool parallel, int64_t n, int64_t grain, const F& body) {
     body(0, n);
 }
 
-// The checks both ops share: num_items, k, max_tries and seed in range, indptr's form.
-void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, int64_t k,
-                int64_t seed, int64_t max_tries) {
+// The checks both ops share: num_items, k, max_tries and seed in range, indptr's form, the
+// popularity CDF's form and endpoints. Returns the CDF contiguous, or an undefined tensor.
+Tensor check_draw(const Tensor& indptr, const Tensor& indices,
+                  const std::optional<Tensor>& popularity, int64_t num_items, int64_t k,
+                  int64_t seed, int64_t max_tries) {
   const Tensor* ts[2] = {&indptr, &indices};
   const char* names[2] = {"indptr", "indices"};
   for (int i = 0; i < 2; ++i) {
@@ -93,13 +98,57 @@ void check_draw(const Tensor& indptr, const Tensor& indices, int64_t num_items, 
   TORCH_CHECK_VALUE(k >= 0 && max_tries >= 0, "need k >= 0 and max_tries >= 0, got k=", k,
                     ", max_tries=", max_tries);
   TORCH_CHECK_VALUE(seed >= 0, "seed must be non-negative, got ", seed);
+  if (!popularity.has_value()) return Tensor();
+  const Tensor cdf = popularity->contiguous();
+  TORCH_CHECK_VALUE(cdf.scalar_type() == at::kLong && cdf.device().is_cpu() && cdf.dim() == 1 &&
+                        cdf.numel() == num_items + 1,
+                    "popularity must be an int64 CPU tensor [num_items + 1] = [", num_items + 1,
+                    "], got ", cdf.scalar_type(), " ", cdf.device(), " shape ", cdf.sizes());
+  // (the search reads inside [1, num_items] for any values: it never probes past an entry that
+  // exceeds the 32-bit word, and the last one does; that the CDF increases is the caller's part)
+  const int64_t* c = cdf.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(c[0] == 0 && c[num_items] == (int64_t{1} << 32),
+                    "popularity must run from 0 to 2**32 (popularity_cdf), got ", c[0], " .. ",
+                    c[num_items]);
+  return cdf;
+}
+
+inline const int64_t* cdf_data(const Tensor& cdf) {
+  return cdf.defined() ? cdf.data_ptr<int64_t>() : nullptr;
+}
+
+constexpr uint64_t kPopularityKeyBit = uint64_t{1} << 62;  // sampling.POPULARITY_KEY_BIT
+
+// Binary searches of m entries at once, one probe of every entry per pass: the group's cache
+// misses overlap instead of each search waiting on its own chain of them. Entry j searches
+// row[j][0, len[j]) for the number of positions q where below(j, q) holds (true, then false);
+// returns it in base[j] (len is consumed).
+template <typename Below>
+void interleaved_search(int m, const int64_t* const* row, int64_t* base, int64_t* len,
+                        const Below& below) {
+  for (bool more = true; more;) {
+    more = false;
+    for (int j = 0; j < m; ++j) {
+      if (len[j] <= 1) continue;
+      const int64_t half = len[j] / 2, q = base[j] + half;
+      base[j] = below(j, q) ? q : base[j];
+      len[j] -= half;
+      if (len[j] > 1) {
+        __builtin_prefetch(row[j] + base[j] + len[j] / 2);
+        more = true;
+      }
+    }
+  }
+  for (int j = 0; j < m; ++j) base[j] = len[j] == 0 ? 0 : base[j] + below(j, base[j]);
 }
 
 // out[b * stride + j] for j < k: the negatives of users u[0..B) (every user's row checked
-// first: in range, inside indices, not decreasing).
+// first: in range, inside indices, not decreasing); cdf: the popularity CDF [num_items + 1], or
+// nullptr for uniform negatives.
 void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nnz,
-                    const int64_t* u, int64_t B, int64_t num_items, int64_t k, uint64_t key,
-                    int64_t max_tries, int64_t* out, int64_t stride, bool parallel) {
+                    const int64_t* cdf, const int64_t* u, int64_t B, int64_t num_items, int64_t k,
+                    uint64_t key, int64_t max_tries, int64_t* out, int64_t stride,
+                    bool parallel) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = u[b];
     TORCH_CHECK_INDEX(r >= 0 && r < rows, "users[", b, "] = ", r,
@@ -111,55 +160,60 @@ void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nn
   const uint64_t total = static_cast<uint64_t>(B * k);
   for_range(parallel, B * k, 256, [&](int64_t begin, int64_t end) {
     const int64_t* row[kGroup];
-    int64_t base[kGroup], len[kGroup], rank[kGroup], dst[kGroup];
+    int64_t base[kGroup], len[kGroup], count[kGroup], rank[kGroup], drawn[kGroup], dst[kGroup];
     uint32_t word[kGroup];
+    bool uniform[kGroup];
     for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
       const int m = static_cast<int>(std::min<int64_t>(kGroup, end - g0));
-      for (int j = 0; j < kGroup; ++j)  // first words of the whole group: a vectorised loop
-        word[j] = philox_word(key, static_cast<uint64_t>(g0 + j));
       int64_t b = g0 / k, c = g0 % k;  // entry g0 + j is column c of row b (no division per entry)
       for (int j = 0; j < m; ++j, ++c) {
         if (c == k) c = 0, ++b;
-        const int64_t e = g0 + j, r = u[b];
         dst[j] = b * stride + c;
-        int64_t count = p[r + 1] - p[r];
-        if (count >= num_items) count = 0;  // every item (or more): any item will do
-        row[j] = x + p[r];
-        base[j] = 0;
-        len[j] = count;
-        if (count > 0) __builtin_prefetch(row[j] + count / 2);
-        rank[j] = uniform_rank(word[j], key, static_cast<uint64_t>(e), total,
-                               static_cast<uint64_t>(num_items - count), max_tries);
+        row[j] = x + p[u[b]];
+        count[j] = p[u[b] + 1] - p[u[b]];
+        uniform[j] = true;
       }
-      // Branchless search, one probe of every entry per pass: the group's cache misses
-      // overlap instead of each search waiting on its own chain of them. Invariant: the
-      // number of members p with x[p] - p <= rank lies in [base, base + len].
-      for (bool more = true; more;) {
-        more = false;
-        for (int j = 0; j < m; ++j) {
-          if (len[j] <= 1) continue;
-          const int64_t half = len[j] / 2, q = base[j] + half;
-          base[j] = row[j][q] - q <= rank[j] ? q : base[j];
-          len[j] -= half;
-          if (len[j] > 1) {
-            __builtin_prefetch(row[j] + base[j] + len[j] / 2);
-            more = true;
-          }
+      if (cdf != nullptr) {
+        for (int j = 0; j < kGroup; ++j)  // a vectorised loop
+          word[j] = philox_word(key | kPopularityKeyBit, static_cast<uint64_t>(g0 + j));
+        for (int j = 0; j < m; ++j) {  // the CDF: num_items + 1 entries, read again and again
+          drawn[j] = std::upper_bound(cdf + 1, cdf + num_items + 1, int64_t{word[j]}) - (cdf + 1);
+          base[j] = 0;
+          len[j] = count[j];
+          if (count[j] > 0) __builtin_prefetch(row[j] + count[j] / 2);
         }
+        interleaved_search(m, row, base, len,
+                           [&](int j, int64_t q) { return row[j][q] < drawn[j]; });
+        for (int j = 0; j < m; ++j)
+          uniform[j] = base[j] < count[j] && row[j][base[j]] == drawn[j];
       }
+      for (int j = 0; j < kGroup; ++j)  // first words of the whole group: a vectorised loop
+        word[j] = philox_word(key, static_cast<uint64_t>(g0 + j));
       for (int j = 0; j < m; ++j) {
-        const int64_t below = len[j] == 0 ? 0 : base[j] + (row[j][base[j]] - base[j] <= rank[j]);
-        out[dst[j]] = rank[j] + below;
+        // every item (or more): any item will do
+        const int64_t free_count = count[j] >= num_items ? 0 : count[j];
+        base[j] = 0;
+        len[j] = uniform[j] ? free_count : 0;
+        if (len[j] > 0) __builtin_prefetch(row[j] + len[j] / 2);
+        rank[j] = uniform[j] ? uniform_rank(word[j], key, static_cast<uint64_t>(g0 + j), total,
+                                            static_cast<uint64_t>(num_items - free_count),
+                                            max_tries)
+                             : 0;
       }
+      // the number of members q with x[q] - q <= rank: the rank-th non-member is rank + that
+      interleaved_search(m, row, base, len,
+                         [&](int j, int64_t q) { return row[j][q] - q <= rank[j]; });
+      for (int j = 0; j < m; ++j) out[dst[j]] = uniform[j] ? rank[j] + base[j] : drawn[j];
     }
   });
 }
 
 }  // namespace
 
-Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tensor& users,
+Tensor sample_negatives(const Tensor& indptr, const Tensor& indices,
+                        const std::optional<Tensor>& popularity, const Tensor& users,
                         int64_t num_items, int64_t k, int64_t seed, int64_t max_tries) {
-  check_draw(indptr, indices, num_items, k, seed, max_tries);
+  const Tensor cdf = check_draw(indptr, indices, popularity, num_items, k, seed, max_tries);
   TORCH_CHECK_TYPE(users.scalar_type() == at::kLong, "users must be an int64 tensor, got dtype ",
                    users.scalar_type());
   TORCH_CHECK_VALUE(users.device().is_cpu() && users.dim() == 1,
@@ -168,16 +222,19 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices, const Tenso
   const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous();
   Tensor out = at::empty({us.numel(), k}, us.options());
   draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
-                 us.data_ptr<int64_t>(), us.numel(), num_items, k, static_cast<uint64_t>(seed),
-                 max_tries, out.data_ptr<int64_t>(), k, /*parallel=*/true);
+                 cdf_data(cdf), us.data_ptr<int64_t>(), us.numel(), num_items, k,
+                 static_cast<uint64_t>(seed), max_tries, out.data_ptr<int64_t>(), k,
+                 /*parallel=*/true);
   return out;
 }
 
 std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& train_users,
                                           const Tensor& train_items, const Tensor& indptr,
-                                          const Tensor& indices, int64_t num_items, int64_t k,
-                                          int64_t seed, int64_t max_tries, bool parallel) {
-  check_draw(indptr, indices, num_items, k, seed, max_tries);
+                                          const Tensor& indices,
+                                          const std::optional<Tensor>& popularity,
+                                          int64_t num_items, int64_t k, int64_t seed,
+                                          int64_t max_tries, bool parallel) {
+  const Tensor cdf = check_draw(indptr, indices, popularity, num_items, k, seed, max_tries);
   TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "rows must be an int64 tensor, got dtype ",
                    rows.scalar_type());
   TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.dim() == 1, "rows must be a 1-D CPU tensor");
@@ -218,8 +275,9 @@ std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& trai
       }
     });
   });
-  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(), uo,
-                 B, num_items, k, static_cast<uint64_t>(seed), max_tries, io + 1, 1 + k, parallel);
+  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
+                 cdf_data(cdf), uo, B, num_items, k, static_cast<uint64_t>(seed), max_tries,
+                 io + 1, 1 + k, parallel);
   return {users, items};
 }
 

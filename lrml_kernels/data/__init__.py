@@ -14,7 +14,7 @@ from lrml_kernels.data.readers import (
     read_netflix,
     read_netflix_mat,
 )
-from lrml_kernels.data.sampling import csr_membership, sample_negatives
+from lrml_kernels.data.sampling import csr_membership, popularity_cdf, sample_negatives
 from lrml_kernels.data.side_info import MovieLensSideInfo, read_movielens_side_info
 from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
 from lrml_kernels.data.split import (
@@ -39,6 +39,7 @@ __all__ = [
     "csr_membership",
     "leave_one_out",
     "load",
+    "popularity_cdf",
     "read_citeulike",
     "read_csv",
     "read_movielens",

@@ -4,13 +4,18 @@ neither is available; the same numbers from each. No Python loop per row."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lrml_kernels.data._compiled import data_op
 
-__all__ = ["csr_membership", "sample_negatives"]
+__all__ = ["csr_membership", "popularity_cdf", "sample_negatives"]
 
 MAX_TRIES = 32  # Lemire redraws at most (sample_negatives' default)
+# The popularity draw's Philox key: the seed with bit 62 set (seeds are below 2**62), so its words
+# are a stream of their own beside the uniform draw's.
+POPULARITY_KEY_BIT = 1 << 62
 
 
 def csr_membership(
@@ -56,6 +61,7 @@ def sample_negatives(
     max_tries: int = MAX_TRIES,
     use_extension: bool | None = None,
     use_triton: bool | None = None,
+    popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, k]`` int64 items drawn uniformly for each of ``users [B]``, on the device of
     ``users`` (with replacement within a row).
@@ -68,6 +74,12 @@ def sample_negatives(
        32-bit Philox-4x32-10 word of the entry's counter (Triton's ``tl.randint``) by Lemire's
        multiply-shift, the rare words that would bias it redrawn (at most ``max_tries`` times);
     2. the ``j``-th item not in the user's row (a binary search in its CSR slice).
+
+    With ``popularity`` (a :func:`popularity_cdf`), each entry first draws an item ``i`` with
+    probability ``(popularity[i + 1] - popularity[i]) / 2**32``: the number of ``popularity[p]``,
+    ``p >= 1``, at most the 32-bit Philox word of the entry's counter under the seed with bit 62
+    set (a binary search). A training item drawn so is replaced by the entry's uniform draw
+    above, so no positive is drawn either way.
 
     The seed is one ``torch.randint(0, 2**62)`` draw from ``generator`` on the device (the
     Triton kernel loads it: no host synchronisation on a GPU), so the negatives depend on the
@@ -87,6 +99,8 @@ def sample_negatives(
             ``False``: the torch ops (the same numbers, slower).
         use_triton: draw in one Triton launch. ``None`` (default): on CUDA tensors where Triton
             imports; ``True`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
+        popularity: ``[num_items + 1]`` int64 on the device of ``users``, from
+            :func:`popularity_cdf` (needs ``exclude_csr``); ``None``: uniform negatives.
 
     On CPU tensors a user id outside the CSR's rows raises an ``IndexError``; on CUDA tensors it
     gets -1 in every column (the check would synchronise).
@@ -97,25 +111,68 @@ def sample_negatives(
         raise ValueError(f"need max_tries >= 0, got {max_tries}")
     device = users.device
     if exclude_csr is None:
+        if popularity is not None:
+            raise ValueError("popularity negatives replace training items: they need exclude_csr")
         return torch.randint(0, num_items, (users.shape[0], k), generator=generator, device=device)
     indptr, indices = _check_csr(users, exclude_csr, num_items)
+    if popularity is not None:
+        _check_popularity(popularity, num_items, device)
     seed = sampler_seed(generator, device)
     launch = _triton_sampler(device, use_triton)
     if launch is not None:
-        return launch(users, num_items, k, indptr, indices, seed, max_tries)
+        return launch(users, num_items, k, indptr, indices, seed, max_tries, popularity)
     users, indptr, indices = users.long(), indptr.long(), indices.long()
     on_cpu = device.type == "cpu"
     op = data_op("sample_negatives") if on_cpu and use_extension is not False else None
     if op is None and use_extension:
         raise RuntimeError("use_extension=True but the C++ extension is unavailable")
     if op is not None:  # checks the users itself
-        return op(indptr, indices, users, num_items, k, int(seed), max_tries)
+        return op(indptr, indices, popularity, users, num_items, k, int(seed), max_tries)
     if on_cpu and users.numel() > 0:
         low, high = int(users.min()), int(users.max())
         if low < 0 or high >= indptr.shape[0] - 1:
             bad = low if low < 0 else high
             raise IndexError(f"user {bad} is outside the CSR's {indptr.shape[0] - 1} rows")
-    return _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries)
+    return _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries, popularity)
+
+
+def popularity_cdf(item_counts, alpha: float) -> torch.Tensor:
+    """The integer CDF of popularity-aware negatives: ``[n + 1]`` int64 (CPU), ``cdf[0] = 0``,
+    ``cdf[n] = 2**32``, item ``i`` owning the ``cdf[i + 1] - cdf[i] >= 1`` words
+    ``[cdf[i], cdf[i + 1])`` of a 32-bit draw: ``cdf[i] = i + floor(W_i / W_n · (2**32 - n))``,
+    ``W_i`` the sum of the weights ``(count + 1) ** alpha`` of the items before ``i``.
+
+    Args:
+        item_counts: ``[n]`` training interactions per item (any integer array; ``n < 2**31``).
+        alpha: the exponent, ``>= 0`` and finite (0: every item alike, which with the
+            replacement of training items is the uniform draw again).
+    """
+    counts = torch.as_tensor(item_counts).to(torch.float64).reshape(-1)
+    n = counts.numel()
+    if not 1 <= n < 2**31:
+        raise ValueError(f"need 1 <= num_items < 2**31, got {n}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"popularity alpha must be a finite number >= 0, got {alpha!r}")
+    if bool((counts < 0).any()):
+        raise ValueError("item counts must be non-negative")
+    weights = (counts + 1.0) ** alpha
+    cum = torch.cat([weights.new_zeros(1), weights.cumsum(0)])
+    if not math.isfinite(float(cum[-1])):
+        raise ValueError(f"popularity alpha {alpha} overflows the weights (count + 1) ** alpha")
+    spare = float((1 << 32) - n)
+    return torch.arange(n + 1, dtype=torch.int64) + torch.floor(cum / cum[-1] * spare).long()
+
+
+def _check_popularity(popularity, num_items, device) -> None:
+    """A ValueError unless ``popularity`` has the form of :func:`popularity_cdf`'s result for
+    ``num_items`` items on ``device`` (its shape, dtype and device: the values stay there)."""
+    if popularity.dtype != torch.int64 or tuple(popularity.shape) != (num_items + 1,):
+        raise ValueError(
+            f"popularity must be int64 [num_items + 1] = [{num_items + 1}] "
+            f"(popularity_cdf), got {popularity.dtype} {tuple(popularity.shape)}"
+        )
+    if popularity.device != device:
+        raise ValueError(f"popularity is on {popularity.device}, users on {device}")
 
 
 def sampler_seed(generator: torch.Generator | None, device) -> torch.Tensor:
@@ -190,7 +247,7 @@ def _philox_word(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return c0
 
 
-def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries):
+def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries, popularity=None):
     """:func:`sample_negatives` in torch ops (int64 inputs, any device): the Triton kernel's
     numbers. A user outside the CSR's rows gets -1."""
     B, nnz = users.shape[0], indices.shape[0]
@@ -221,4 +278,9 @@ def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries):
         lo = torch.where(active & below, mid + 1, lo)
         hi = torch.where(active & ~below, mid, hi)
     items = (rank + lo).view(B, k)
+    if popularity is not None and total > 0:
+        word = _philox_word(seed | POPULARITY_KEY_BIT, entry)
+        drawn = torch.searchsorted(popularity[1:].contiguous(), word, right=True).view(B, k)
+        owned = csr_membership(indptr, indices, row, drawn)
+        items = torch.where(owned, items, drawn)
     return torch.where(valid[:, None], items, -1)

@@ -24,6 +24,12 @@ The rows must be strictly ascending (de-duplicated, as ``Split.train_csr()``): w
 count of non-members is off and an entry can land on a training item. A user who owns every item
 gets a uniform item (necessarily a positive).
 
+With a popularity CDF (``lrml_kernels.data.popularity_cdf``, ``POPULARITY``), each entry first
+draws an item ``i``: the number of CDF entries ``cdf[p]``, ``p >= 1``, at most the Philox word of
+its counter under the seed with bit 62 set (a binary search of the ``num_items + 1`` CDF, which
+stays in L2: 142 KB for Netflix). A member of the user's row (a second search) takes the uniform
+draw above instead; the other lanes skip it.
+
 The counter of entry ``e`` in round ``t`` is ``e + t · B·k``: every (entry, round) has its own
 Philox stream, so the result depends on the seed and the shapes only, not on the block size, the
 launch or the device (the interpreter gives the GPU's bits). The CPU's C++ op
@@ -91,13 +97,43 @@ def _skip_members(indices_ptr, start, count, j):
 
 
 @triton.jit
+def _popular_unless_owned(cdf_ptr, indices_ptr, seed, offs, start, count, num_items, valid):
+    """``(item, owned)``: the popularity draw of entries ``offs`` (the number of ``cdf[p]``,
+    ``1 <= p <= num_items``, at most the Philox word under the seed with bit 62 set), and whether
+    it is in the user's ascending row ``indices[start:start + count]`` (a lower-bound search)."""
+    word = tl.randint(seed | 4611686018427387904, offs).to(tl.uint32, bitcast=True).to(tl.int64)
+    lo = tl.zeros_like(offs)
+    hi = tl.where(valid, num_items, 0).to(tl.int64)
+    while tl.max(hi - lo, axis=0) > 0:
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        below = tl.load(cdf_ptr + 1 + mid, mask=active, other=0) <= word
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    item = lo
+    lo = tl.zeros_like(offs)
+    hi = count
+    while tl.max(hi - lo, axis=0) > 0:
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        less = tl.load(indices_ptr + start + mid, mask=active, other=0).to(tl.int64) < item
+        lo = tl.where(active & less, mid + 1, lo)
+        hi = tl.where(active & ~less, mid, hi)
+    inside = lo < count
+    at = tl.load(indices_ptr + start + lo, mask=inside, other=-1).to(tl.int64)
+    return item, inside & (at == item)
+
+
+@triton.jit
 def _sample_negatives_kernel(
     out_ptr,  # [B * k] int64
     users_ptr,  # [B] int32 or int64
     indptr_ptr, indices_ptr,  # the CSR: [num_users + 1], [nnz]; int32 or int64, rows ascending
     seed_ptr,  # [1] int64
+    cdf_ptr,  # [num_items + 1] int64, the popularity CDF (read only with POPULARITY)
     total, k, num_users, num_items, max_tries,
     BLOCK_E: tl.constexpr,
+    POPULARITY: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_range = offs < total
@@ -109,8 +145,14 @@ def _sample_negatives_kernel(
     leaves_some = valid & (count < num_items)
     span = tl.where(leaves_some, num_items - count, num_items)
     seed = tl.load(seed_ptr)
+    uniform = valid
+    if POPULARITY:
+        popular, owned = _popular_unless_owned(
+            cdf_ptr, indices_ptr, seed, offs, start, count, num_items, valid
+        )
+        uniform = valid & owned
     j = tl.zeros([BLOCK_E], tl.int64)
-    todo = valid
+    todo = uniform
     counter = offs
     tries = 0
     while (tries <= max_tries) & (tl.max(todo.to(tl.int32), axis=0) > 0):
@@ -119,7 +161,9 @@ def _sample_negatives_kernel(
         todo = todo & ~fair
         counter += total
         tries += 1
-    item = _skip_members(indices_ptr, start, tl.where(leaves_some, count, 0), j)
+    item = _skip_members(indices_ptr, start, tl.where(leaves_some & uniform, count, 0), j)
+    if POPULARITY:
+        item = tl.where(uniform, item, popular)
     tl.store(out_ptr + offs, tl.where(valid, item, -1), mask=in_range)
 
 
@@ -136,6 +180,7 @@ def sample_negatives_launch(
     indices: torch.Tensor,
     seed: torch.Tensor,
     max_tries: int,
+    popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, k]`` int64 negatives for ``users [B]`` in one launch (module docstring).
 
@@ -146,6 +191,7 @@ def sample_negatives_launch(
             ascending, on the device of ``users``. seed: ``[1]`` int64 on that device.
         max_tries: Lemire redraws at most (each has probability below ``num_items / 2³²``);
             whatever the draw, the entry is none of the user's items (if any are left).
+        popularity: ``[num_items + 1]`` int64 popularity CDF on that device, or None (uniform).
     Inputs are checked by :func:`lrml_kernels.data.sample_negatives`; contiguous here.
     """
     B = users.shape[0]
@@ -159,8 +205,8 @@ def sample_negatives_launch(
     users, indptr, indices = (t.contiguous() for t in (users, indptr, indices))
     with _device_guard(users):
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
-            out, users, indptr, indices, seed,
+            out, users, indptr, indices, seed, seed if popularity is None else popularity,
             total, k, indptr.shape[0] - 1, num_items, max_tries,
-            BLOCK_E=block, num_warps=1,
+            BLOCK_E=block, POPULARITY=popularity is not None, num_warps=1,
         )  # fmt: skip
     return out
