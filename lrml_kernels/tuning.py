@@ -27,6 +27,7 @@ from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, fit
 
 BEST_CONFIG = "best_config.json"
 TRIALS = "trials.json"
+START = "start"  # the user attribute of the trials of the options given and of start_from
 
 #: The search space: parameter -> ("categorical", choices) or ("float"/"int", low, high, log).
 #: ``lr`` is searched as a factor of the optimizer's default learning rate (TRAIN_LR), so that
@@ -44,6 +45,7 @@ SPACE: dict[str, tuple] = {
     "relation": ("categorical", ["pair", "shared"]),
     "max_norm": ("categorical", [0.5, 1.0, 2.0, None]),
     "batch_size": ("categorical", [256, 512, 1024, 2048]),
+    "popularity_negatives": ("categorical", [0.0, 0.25, 0.5, 0.75]),
 }
 
 #: Options that do not describe the model or its training (left out of ``best_config.json``).
@@ -158,7 +160,9 @@ def tune(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=base.seed),
         # a trial is pruned once its epoch-e validation nDCG is below the median of the
-        # earlier trials' at epoch e (after 5 finished trials, from epoch 2 on)
+        # earlier trials' at epoch e (after 5 finished trials, from epoch 2 on); the trials of the
+        # options given and of start_from always run to the end (they are the reference points,
+        # and an option that learns slowly at first, as popularity negatives do, would be cut)
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
     )
 
@@ -169,7 +173,7 @@ def tune(
         def report(record):
             if "valid_ndcg" in record:
                 trial.report(record["valid_ndcg"], record["epoch"])
-                if trial.should_prune():
+                if not trial.user_attrs.get(START) and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
         t0 = time.perf_counter()
@@ -190,9 +194,11 @@ def tune(
         return final["valid_ndcg"]
 
     if not study.trials:  # the options given come first: the best is never worse than them
-        study.enqueue_trial(base_params(base, search))
+        study.enqueue_trial(base_params(base, search), user_attrs={START: True})
     for options in start_from:
-        study.enqueue_trial(start_params(base, options, search), skip_if_exists=True)
+        study.enqueue_trial(
+            start_params(base, options, search), user_attrs={START: True}, skip_if_exists=True
+        )
     done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     finished = len(study.get_trials(deepcopy=False, states=done))
     # A resumed study must not replay the random start-up draws of its first run: the sampler's

@@ -55,6 +55,18 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     assert all(again["trials"][3]["params"] != t["params"] for t in again["trials"][:3])
 
 
+def test_the_start_trials_are_never_pruned(tmp_path, one_thread, monkeypatch):
+    # a pruner that cuts every trial it is asked about: only the reference points run to the end
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    start = [{"optimizer": "sgd", "lr": 0.05, "negatives": 3}]
+    search = ("optimizer", "lr", "negatives")
+    r = tune(tiny(), tmp_path / "out", trials=4, search=search, progress=False, start_from=start)
+    states = [t["state"] for t in r["trials"]]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    assert [bool(t["user_attrs"].get("start")) for t in r["trials"]] == [True, True, False, False]
+    assert r["trials"][1]["params"]["optimizer"] == "sgd"
+
+
 def test_base_params_leave_out_values_outside_the_space():
     base = dataclasses.replace(tiny(lr=0.05, margin=0.5), negatives=40, dim=48)
     params = base_params(base, ("lr", "negatives", "margin", "dim", "relation_lr_scale"))
