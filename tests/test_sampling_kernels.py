@@ -152,6 +152,9 @@ def test_cuda_sampler_has_no_host_sync():
     users = torch.arange(s.num_users, device="cuda").repeat(3)
     gen = torch.Generator("cuda")
     forced = sample(users, s.num_items, 8, exclude)  # compiles the kernel, seed 0
+    counts = torch.bincount(exclude[1].cpu(), minlength=s.num_items)
+    cdf = D.popularity_cdf(counts, 0.5).cuda()
+    sample(users, s.num_items, 8, exclude, popularity=cdf)  # compiles its variant
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -161,6 +164,9 @@ def test_cuda_sampler_has_no_host_sync():
             runs.append(D.sample_negatives(users, s.num_items, 8, generator=gen,
                                            exclude_csr=exclude))  # fmt: skip
         again = D.sample_negatives(users, s.num_items, 8, generator=gen, exclude_csr=exclude)
+        gen.manual_seed(0)
+        popular = D.sample_negatives(users, s.num_items, 8, generator=gen, exclude_csr=exclude,
+                                     popularity=cdf)  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
     neg = runs[0]
@@ -169,6 +175,15 @@ def test_cuda_sampler_has_no_host_sync():
     assert not D.csr_membership(*exclude, users, neg).any()
     assert torch.equal(runs[0], runs[1]) and not torch.equal(neg, again)
     assert torch.equal(neg, forced)
+    # the popularity-aware draw: the CPU paths' numbers for the generator's seed (drawn on CUDA)
+    gen.manual_seed(0)
+    seed = int(D.sampling.sampler_seed(gen, "cuda"))
+    cpu = D.sampling._sample_by_rank(
+        users.cpu(), s.num_items, 8, *(t.cpu().long() for t in exclude), torch.tensor([seed]),
+        D.sampling.MAX_TRIES, cdf.cpu(),
+    )  # fmt: skip
+    assert torch.equal(popular.cpu(), cpu)
+    assert not D.csr_membership(*exclude, users, popular).any()
 
 
 def test_popularity_negatives_match_the_cpu_paths(one_thread):
