@@ -127,6 +127,17 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, small):
         assert torch.equal(v, params_of(tmp_path / "b")[k]), k
 
 
+def test_popularity_negatives_train_and_resume_alike(tmp_path, small):
+    full = fit(cfg(epochs=2, popularity_negatives=0.5), tmp_path / "a", split=small)
+    uniform = fit(cfg(epochs=2), tmp_path / "u", split=small)
+    assert full["final"]["loss"] != uniform["final"]["loss"]  # other negatives were drawn
+    fit(cfg(max_steps=3, checkpoint_every=1, popularity_negatives=0.5), tmp_path / "b", split=small)
+    resumed = fit(cfg(popularity_negatives=0.5), tmp_path / "b", split=small, resume=True)
+    assert resumed["final"]["loss"] == full["final"]["loss"]
+    for k, v in params_of(tmp_path / "a").items():
+        assert torch.equal(v, params_of(tmp_path / "b")[k]), k
+
+
 def test_resume_refuses_other_data_or_options(tmp_path, small):
     fit(cfg(epochs=1), tmp_path, split=small)
     with pytest.raises(ValueError, match="different data"):
@@ -196,6 +207,11 @@ def test_unfused_step_gives_the_relation_its_learning_rate_as_the_fused_one(opti
         {"select_on": "valid", "eval": "none"},
         {"select_on": "valid", "patience": 0},
         {"patience": 2},
+        {"popularity_negatives": -0.1},
+        {"popularity_negatives": float("nan")},
+        {"popularity_negatives": 5.0},
+        {"popularity_negatives": True},
+        {"popularity_negatives": 0.5, "reject_positives": False},
     ],
 )
 def test_bad_config(bad):
