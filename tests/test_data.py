@@ -926,28 +926,31 @@ def sample_op():
     return op
 
 
+def draws_on_every_path(users, num_items, k, csr, **kw):
+    """The negatives of seed 3 from the extension on 1 and 2 threads and from the torch ops (the
+    draws depend on neither the path nor the number of threads)."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for ext, n in ((True, 1), (True, 2), (False, 1)):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(3)
+            runs.append(
+                D.sample_negatives(
+                    users, num_items, k, generator=gen, exclude_csr=csr, use_extension=ext, **kw
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
 def test_sample_negatives_extension_matches_fallback(sample_op):
     s = D.load("synthetic-small")
     csr = tuple(torch.from_numpy(a) for a in s.train_csr())
     users = torch.arange(s.num_users).repeat(4)
-    threads = torch.get_num_threads()
     for k in (0, 1, 16):
-        runs = []
-        try:  # the draws depend on neither the path nor the number of threads
-            for ext, n in ((True, 1), (True, 2), (False, 1)):
-                torch.set_num_threads(n)
-                runs.append(
-                    D.sample_negatives(
-                        users,
-                        s.num_items,
-                        k,
-                        generator=torch.Generator().manual_seed(3),
-                        exclude_csr=csr,
-                        use_extension=ext,
-                    )  # fmt: skip
-                )
-        finally:
-            torch.set_num_threads(threads)
+        runs = draws_on_every_path(users, s.num_items, k, csr)
         assert all(torch.equal(runs[0], other) for other in runs[1:])
         assert not D.csr_membership(*csr, users, runs[0]).any()
     empty = D.sample_negatives(users[:0], s.num_items, 4, exclude_csr=csr, use_extension=True)
@@ -1097,25 +1100,8 @@ def test_popularity_negatives_every_path_alike(sample_op):
     csr, cdf = popularity_case()
     n = cdf.numel() - 1
     users = torch.randint(0, 300, (1023,), generator=torch.Generator().manual_seed(1))
-    threads = torch.get_num_threads()
     for k in (0, 1, 13):
-        runs = []
-        try:  # the draws depend on neither the path nor the number of threads
-            for ext, t in ((True, 1), (True, 2), (False, 1)):
-                torch.set_num_threads(t)
-                runs.append(
-                    D.sample_negatives(
-                        users,
-                        n,
-                        k,
-                        generator=torch.Generator().manual_seed(3),
-                        exclude_csr=csr,
-                        use_extension=ext,
-                        popularity=cdf,
-                    )  # fmt: skip
-                )
-        finally:
-            torch.set_num_threads(threads)
+        runs = draws_on_every_path(users, n, k, csr, popularity=cdf)
         assert all(torch.equal(runs[0], other) for other in runs[1:])
         full = (csr[0][users + 1] - csr[0][users]) >= n
         assert not D.csr_membership(*csr, users, runs[0])[~full].any()
