@@ -6,8 +6,9 @@ items gathered from the training arrays, ``negatives`` items per row drawn by
 first). On the CPU with the C++ extension one op, ``training_batch``, makes all of it but the
 permutation: the gathers (prefetched) and the draws, the same numbers as the torch ops. The batch
 is latency-bound: its rows, the users' CSR rows and their searches are random reads beyond cache
-(Netflix size, 4096 × 4 negatives: about 1.2 ms on one thread for fresh rows, 0.5 ms when they
-are cached). :class:`BatchPipeline` prepares batch k + 1 while step k runs:
+(Netflix size, 4096 × 4 negatives, int32 item ids: about 0.9 ms on one thread, 0.47 ms on two,
+for rows a step has just pushed out of the caches; 0.7 and 0.37 ms when they are cached).
+:class:`BatchPipeline` prepares batch k + 1 while step k runs:
 
 - on the CPU in one background thread where a core is left over by the step's threads
   (``torch.get_num_threads()`` below the cores this process may use): the gathers, the draws and
@@ -175,7 +176,8 @@ class BatchPipeline:
         self._batch_op = None
         if self.device.type == "cpu" and exclude_csr is not None:
             self._batch_op = data_op("training_batch")
-            self._csr = tuple(t.long().contiguous() for t in exclude_csr)
+            # indptr int64; the indices as they are (int32 or int64: the op searches either)
+            self._csr = (exclude_csr[0].long().contiguous(), exclude_csr[1].contiguous())
 
     def epoch(self, order: EpochOrder, start: int, stop: int) -> Iterator[Batch]:
         """Batches ``start .. stop - 1`` of the epoch in ``order`` (on the training device);

@@ -68,7 +68,7 @@ def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=Non
     device = torch.device(device) if device is not None else _device_of(ranker)
     indptr, indices = getattr(split, "known_csr", split.train_csr)()
     indptr = torch.as_tensor(indptr, dtype=torch.int64)
-    indices = torch.as_tensor(indices, dtype=torch.int64)
+    indices = torch.as_tensor(indices)  # int32 or int64: each batch's rows are widened
     users = torch.as_tensor(split.test_users, dtype=torch.int64)
     tests = torch.as_tensor(split.test_items, dtype=torch.int64)
     ranks = []
@@ -77,7 +77,7 @@ def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=Non
             u = users[start : start + batch_size]
             lo, hi = indptr[u], indptr[u + 1]
             sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(hi - lo, 0)])
-            sub_idx = indices[_ranges(lo, hi)]
+            sub_idx = indices[_ranges(lo, hi)].long()
             ud, t = u.to(device), tests[start : start + batch_size].to(device)
             dist, ids = ranker.recommend(
                 ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))

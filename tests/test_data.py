@@ -411,7 +411,7 @@ def test_netflix_int32_ids_split_trains_and_evaluates(tmp_path):
     s_wide = D.leave_one_out(wide, num_negatives=20)
     assert s.train.users.dtype == s.train.items.dtype == s.test_items.dtype == np.int32
     assert s_wide.train.users.dtype == np.int64 and s_wide.fingerprint() == s.fingerprint()
-    assert all(a.dtype == np.int64 for a in s.train_csr())
+    assert [a.dtype for a in s.train_csr()] == [np.int64, np.int32]
     assert all((a == b).all() for a, b in zip(s.train_csr(), s_wide.train_csr(), strict=True))
 
     cfg = TrainConfig(
@@ -927,17 +927,19 @@ def sample_op():
 
 
 def draws_on_every_path(users, num_items, k, csr, **kw):
-    """The negatives of seed 3 from the extension on 1 and 2 threads and from the torch ops (the
-    draws depend on neither the path nor the number of threads)."""
+    """The negatives of seed 3 from the extension on 1 and 2 threads, from the torch ops, and from
+    the extension with the CSR's indices in the other width (int32 / int64): the draws depend on
+    neither the path, the number of threads nor the width."""
     threads = torch.get_num_threads()
+    other = (csr[0], csr[1].to(torch.int64 if csr[1].dtype == torch.int32 else torch.int32))
     runs = []
     try:
-        for ext, n in ((True, 1), (True, 2), (False, 1)):
+        for ext, n, rows in ((True, 1, csr), (True, 2, csr), (False, 1, csr), (True, 1, other)):
             torch.set_num_threads(n)
             gen = torch.Generator().manual_seed(3)
             runs.append(
                 D.sample_negatives(
-                    users, num_items, k, generator=gen, exclude_csr=csr, use_extension=ext, **kw
+                    users, num_items, k, generator=gen, exclude_csr=rows, use_extension=ext, **kw
                 )
             )
     finally:

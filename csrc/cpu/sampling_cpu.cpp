@@ -85,9 +85,11 @@ Tensor check_draw(const Tensor& indptr, const Tensor& indices,
                   int64_t seed, int64_t max_tries) {
   const Tensor* ts[2] = {&indptr, &indices};
   const char* names[2] = {"indptr", "indices"};
+  TORCH_CHECK_TYPE(indptr.scalar_type() == at::kLong, "indptr must be an int64 tensor, got dtype ",
+                   indptr.scalar_type());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+                   "indices must be an int32 or int64 tensor, got dtype ", indices.scalar_type());
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK_TYPE(ts[i]->scalar_type() == at::kLong, names[i],
-                     " must be an int64 tensor, got dtype ", ts[i]->scalar_type());
     TORCH_CHECK_VALUE(ts[i]->device().is_cpu(), names[i], " must be on the CPU, got ",
                       ts[i]->device());
     TORCH_CHECK_VALUE(ts[i]->dim() == 1, names[i], " must be 1-D, got shape ", ts[i]->sizes());
@@ -123,8 +125,8 @@ constexpr uint64_t kPopularityKeyBit = uint64_t{1} << 62;  // sampling.POPULARIT
 // misses overlap instead of each search waiting on its own chain of them. Entry j searches
 // row[j][0, len[j]) for the number of positions q where below(j, q) holds (true, then false);
 // returns it in base[j] (len is consumed).
-template <typename Below>
-void interleaved_search(int m, const int64_t* const* row, int64_t* base, int64_t* len,
+template <typename T, typename Below>
+void interleaved_search(int m, const T* const* row, int64_t* base, int64_t* len,
                         const Below& below) {
   for (bool more = true; more;) {
     more = false;
@@ -145,7 +147,8 @@ void interleaved_search(int m, const int64_t* const* row, int64_t* base, int64_t
 // out[b * stride + j] for j < k: the negatives of users u[0..B) (every user's row checked
 // first: in range, inside indices, not decreasing); cdf: the popularity CDF [num_items + 1], or
 // nullptr for uniform negatives.
-void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nnz,
+template <typename index_t>
+void draw_negatives(const int64_t* p, int64_t rows, const index_t* x, int64_t nnz,
                     const int64_t* cdf, const int64_t* u, int64_t B, int64_t num_items, int64_t k,
                     uint64_t key, int64_t max_tries, int64_t* out, int64_t stride,
                     bool parallel) {
@@ -159,7 +162,7 @@ void draw_negatives(const int64_t* p, int64_t rows, const int64_t* x, int64_t nn
   }
   const uint64_t total = static_cast<uint64_t>(B * k);
   for_range(parallel, B * k, 256, [&](int64_t begin, int64_t end) {
-    const int64_t* row[kGroup];
+    const index_t* row[kGroup];
     const int64_t* table[kGroup];
     int64_t base[kGroup], len[kGroup], count[kGroup], rank[kGroup], drawn[kGroup], dst[kGroup];
     uint32_t word[kGroup];
@@ -227,10 +230,12 @@ Tensor sample_negatives(const Tensor& indptr, const Tensor& indices,
                     users.sizes());
   const Tensor ip = indptr.contiguous(), ix = indices.contiguous(), us = users.contiguous();
   Tensor out = at::empty({us.numel(), k}, us.options());
-  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
-                 cdf_data(cdf), us.data_ptr<int64_t>(), us.numel(), num_items, k,
-                 static_cast<uint64_t>(seed), max_tries, out.data_ptr<int64_t>(), k,
-                 /*parallel=*/true);
+  AT_DISPATCH_INDEX_TYPES(ix.scalar_type(), "sample_negatives", [&] {
+    draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<index_t>(), ix.numel(),
+                   cdf_data(cdf), us.data_ptr<int64_t>(), us.numel(), num_items, k,
+                   static_cast<uint64_t>(seed), max_tries, out.data_ptr<int64_t>(), k,
+                   /*parallel=*/true);
+  });
   return out;
 }
 
@@ -281,9 +286,11 @@ std::tuple<Tensor, Tensor> training_batch(const Tensor& rows, const Tensor& trai
       }
     });
   });
-  draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<int64_t>(), ix.numel(),
-                 cdf_data(cdf), uo, B, num_items, k, static_cast<uint64_t>(seed), max_tries,
-                 io + 1, 1 + k, parallel);
+  AT_DISPATCH_INDEX_TYPES(ix.scalar_type(), "training_batch", [&] {
+    draw_negatives(ip.data_ptr<int64_t>(), ip.numel() - 1, ix.data_ptr<index_t>(), ix.numel(),
+                   cdf_data(cdf), uo, B, num_items, k, static_cast<uint64_t>(seed), max_tries,
+                   io + 1, 1 + k, parallel);
+  });
   return {users, items};
 }
 

@@ -121,7 +121,8 @@ def sample_negatives(
     launch = _triton_sampler(device, use_triton)
     if launch is not None:
         return launch(users, num_items, k, indptr, indices, seed, max_tries, popularity)
-    users, indptr, indices = users.long(), indptr.long(), indices.long()
+    # (the indices keep their width: a copy of them would cost as much as the whole CSR)
+    users, indptr = users.long(), indptr.long()
     on_cpu = device.type == "cpu"
     op = data_op("sample_negatives") if on_cpu and use_extension is not False else None
     if op is None and use_extension:
@@ -248,8 +249,8 @@ def _philox_word(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries, popularity=None):
-    """:func:`sample_negatives` in torch ops (int64 inputs, any device): the Triton kernel's
-    numbers. A user outside the CSR's rows gets -1."""
+    """:func:`sample_negatives` in torch ops (int64 users and indptr, int32 or int64 indices; any
+    device): the Triton kernel's numbers. A user outside the CSR's rows gets -1."""
     B, nnz = users.shape[0], indices.shape[0]
     total = B * k
     valid = (users >= 0) & (users < indptr.shape[0] - 1)

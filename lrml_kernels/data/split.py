@@ -101,6 +101,13 @@ def _user_offsets(keys: np.ndarray, num_users: int, num_items: int) -> np.ndarra
 
 
 def _csr_from_keys(keys: np.ndarray, indptr: np.ndarray, num_items: int, *, inplace: bool = False):
+    """``(indptr, keys % num_items)``, the items int32 where their ids fit (half the memory of
+    int64, and half the cache lines of each row the samplers search), in one pass; ``inplace``:
+    the caller gives ``keys`` away (int64 ids: computed in it)."""
+    if num_items <= 2**31:
+        indices = np.empty(keys.shape, dtype=np.int32)
+        np.remainder(keys, num_items, out=indices, casting="unsafe")
+        return indptr, indices
     indices = keys if inplace else keys.copy()
     np.remainder(indices, num_items, out=indices)
     return indptr, indices
@@ -109,8 +116,9 @@ def _csr_from_keys(keys: np.ndarray, indptr: np.ndarray, num_items: int, *, inpl
 def build_csr(
     users: np.ndarray, items: np.ndarray, num_users: int, num_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(indptr [num_users+1], indices)``, int64: each user's items ascending, de-duplicated.
-    ``users`` / ``items`` may be int32 (widened only inside the int64 keys)."""
+    """``(indptr [num_users+1], indices)``: each user's items ascending, de-duplicated; indptr
+    int64, indices int32 (int64 beyond 2**31 items). ``users`` / ``items`` may be int32 (widened
+    only inside the int64 keys)."""
     users, items = np.asarray(users), np.asarray(items)
     if users.dtype not in (np.int32, np.int64):
         users = users.astype(np.int64)
