@@ -666,7 +666,8 @@ def record_launches(case: Case) -> list[tuple]:
             elif case.op == "negatives":  # sample_negatives' dispatch on CUDA tensors
                 sampling = importlib.import_module("lrml_kernels.data.sampling")
                 indptr = torch.empty(NETFLIX_U + 1, dtype=torch.int64, device="cuda")
-                indices = torch.empty(NETFLIX_NNZ, dtype=torch.int64, device="cuda")
+                # int32 item ids, as the split's CSR holds them (data.build_csr)
+                indices = torch.empty(NETFLIX_NNZ, dtype=torch.int32, device="cuda")
                 cdf = None
                 if case.dtype == "popularity":
                     cdf = torch.empty(NETFLIX_I + 1, dtype=torch.int64, device="cuda")
