@@ -281,7 +281,7 @@ def _sample_by_rank(users, num_items, k, indptr, indices, seed, max_tries, popul
     items = (rank + lo).view(B, k)
     if popularity is not None and total > 0:
         word = _philox_word(seed | POPULARITY_KEY_BIT, entry)
-        drawn = torch.searchsorted(popularity[1:].contiguous(), word, right=True).view(B, k)
+        drawn = torch.searchsorted(popularity[1:], word, right=True).view(B, k)
         owned = csr_membership(indptr, indices, row, drawn)
         items = torch.where(owned, items, drawn)
     return torch.where(valid[:, None], items, -1)

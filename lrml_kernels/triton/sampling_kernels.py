@@ -97,31 +97,31 @@ def _skip_members(indices_ptr, start, count, j):
 
 
 @triton.jit
+def _count_less(ptr, start, count, value):
+    """The number of entries of the ascending ``ptr[start:start + count]`` below ``value`` (per
+    lane): a binary search, every lane in lockstep until the longest search among them ends."""
+    lo = tl.zeros_like(value)
+    hi = count.to(tl.int64)
+    while tl.max(hi - lo, axis=0) > 0:
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        less = tl.load(ptr + start + mid, mask=active, other=0).to(tl.int64) < value
+        lo = tl.where(active & less, mid + 1, lo)
+        hi = tl.where(active & ~less, mid, hi)
+    return lo
+
+
+@triton.jit
 def _popular_unless_owned(cdf_ptr, indices_ptr, seed, offs, start, count, num_items, valid):
     """``(item, owned)``: the popularity draw of entries ``offs`` (the number of ``cdf[p]``,
     ``1 <= p <= num_items``, at most the Philox word under the seed with bit 62 set), and whether
-    it is in the user's ascending row ``indices[start:start + count]`` (a lower-bound search)."""
+    it is in the user's ascending row ``indices[start:start + count]``."""
     word = tl.randint(seed | 4611686018427387904, offs).to(tl.uint32, bitcast=True).to(tl.int64)
-    lo = tl.zeros_like(offs)
-    hi = tl.where(valid, num_items, 0).to(tl.int64)
-    while tl.max(hi - lo, axis=0) > 0:
-        active = lo < hi
-        mid = (lo + hi) >> 1
-        below = tl.load(cdf_ptr + 1 + mid, mask=active, other=0) <= word
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    item = lo
-    lo = tl.zeros_like(offs)
-    hi = count
-    while tl.max(hi - lo, axis=0) > 0:
-        active = lo < hi
-        mid = (lo + hi) >> 1
-        less = tl.load(indices_ptr + start + mid, mask=active, other=0).to(tl.int64) < item
-        lo = tl.where(active & less, mid + 1, lo)
-        hi = tl.where(active & ~less, mid, hi)
-    inside = lo < count
-    at = tl.load(indices_ptr + start + lo, mask=inside, other=-1).to(tl.int64)
-    return item, inside & (at == item)
+    item = _count_less(cdf_ptr + 1, 0, tl.where(valid, num_items, 0), word + 1)
+    at = _count_less(indices_ptr, start, count, item)
+    inside = at < count
+    member = tl.load(indices_ptr + start + at, mask=inside, other=-1).to(tl.int64)
+    return item, inside & (member == item)
 
 
 @triton.jit
