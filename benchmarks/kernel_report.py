@@ -1216,6 +1216,8 @@ def markdown(rows: list[dict], title: str = "") -> str:
         "- CUDA rows: block size and dynamic shared memory are chosen at run time from the "
         f"device; warps* assumes {CUDA_ASSUMED_WARPS} warps and static shared memory only.",
     ]
+    present = {r["op"] for r in rows}
+    lines += [f"- op {op}: {what}." for op, what in OPS.items() if op in present]
     return "\n".join(lines) + "\n"
 
 

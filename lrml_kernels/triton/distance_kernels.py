@@ -102,21 +102,6 @@ def _load_rows(base, rows, row_ok, offs_d, d_mask, stride_r, stride_d, IS_FP64: 
 
 
 @triton.jit
-def _attention(s, K, M, n_mask, DOT_PREC: tl.constexpr):
-    """``a = softmax(s Kᵀ)`` and ``r = a M`` for full-d tiles (the top-k kernel's; the
-    distance kernels walk d in chunks, see :func:`_logits`)."""
-    a = _softmax(tl.dot(s, tl.trans(K), input_precision=DOT_PREC), n_mask)  # [rows, BLOCK_N]
-    r = tl.dot(a, M, input_precision=DOT_PREC)  # [rows, BLOCK_D]
-    return a, r
-
-
-@triton.jit
-def _distance(e, eps, DISTANCE: tl.constexpr):
-    """Row distances of full-d residuals ``e [rows, BLOCK_D]`` (padded entries are zero)."""
-    return _finish_distance(_row_term(e, DISTANCE), eps, DISTANCE)
-
-
-@triton.jit
 def _softmax(z, n_mask):
     """Masked, max-subtracted softmax of logits ``z [rows, BLOCK_N]`` along the memory slots.
 
