@@ -9,9 +9,11 @@ def table_grad(rows, index, num_rows: int, dtype, sparse: bool) -> torch.Tensor:
     """Gradient rows ``[..., d]`` of ``table[index]`` -> the gradient ``[num_rows, d]`` of table.
 
     Sparse: an uncoalesced COO tensor (as ``F.embedding(..., sparse=True)`` returns) that shares
-    ``rows``. Dense: a scatter-add in the rows' dtype, then ``dtype``, deterministic: ``index_add_``
-    on the CPU (``index_put_(accumulate=True)`` is not bitwise reproducible there), on CUDA
-    ``index_put_(accumulate=True)`` (deterministic under ``torch.use_deterministic_algorithms``).
+    ``rows``. Dense: a scatter-add in fp32 for fp16 / bf16 rows (CUDA's ``index_put_`` sums in the
+    tensor's dtype: 2,400 bf16 ones would sum to 256), else in the rows' dtype; then ``dtype``.
+    Deterministic: ``index_add_`` on the CPU (``index_put_(accumulate=True)`` is not bitwise
+    reproducible there), on CUDA ``index_put_(accumulate=True)`` (deterministic under
+    ``torch.use_deterministic_algorithms``).
     The backends' shared last step of a backward; the C++ autograd node of the extension's fused
     hinge loss (csrc/fused_hinge_autograd.cpp) applies the same rule.
     """
@@ -23,6 +25,8 @@ def table_grad(rows, index, num_rows: int, dtype, sparse: bool) -> torch.Tensor:
         return torch.sparse_coo_tensor(
             index, rows.to(dtype), (num_rows, rows.shape[1]), check_invariants=False
         )
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
     out = rows.new_zeros(num_rows, rows.shape[1])
     if out.device.type == "cpu":
         out.index_add_(0, index[0], rows)

@@ -119,6 +119,10 @@ def prepare(
         )
     if items.shape[1] < 1:
         raise ValueError("items must have at least one column (column 0 is the positive item)")
+    if users.numel() > 0:  # shapes only, so also with validate=False: no index fits no row
+        for name, table in (("users", params[0]), ("items", params[1])):
+            if table.shape[0] == 0:
+                raise IndexError(f"{name} indexes a table with no rows")
     if validate:
         check_index_ranges(
             [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
@@ -338,6 +342,8 @@ def lrml_topk(
     params = check_params(user_emb, item_emb, keys, memory)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)
+    if users.numel() > 0 and params[0].shape[0] == 0:
+        raise IndexError("users indexes a table with no rows")
     if validate:
         check_index_ranges([("users", users, params[0].shape[0])])
     exclude = check_exclude(exclude, users.shape[0], params[1].shape[0], device, validate)

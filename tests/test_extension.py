@@ -221,6 +221,21 @@ def test_fused_autograd_equals_hinge_loss_grads(ext):
     assert L0.grad_fn is None and torch.equal(L0, loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_table_grad_sums_low_precision_rows_in_fp32(dtype, device):
+    # One row hit 2,400 times (the most-rated Netflix movie in a batch of 2^20). CUDA's
+    # index_put_(accumulate=True) sums in the tensor's dtype: the row would stop growing at 256 in
+    # bf16, 2,048 in fp16. (The CPU's index_add_ sums in fp32 by itself.)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    rows = torch.tensor([1.0, 1.5, -0.75], dtype=dtype, device=device).expand(2400, 3)
+    index = torch.zeros(2400, dtype=torch.int32, device=device)
+    got = table_grad(rows, index, 2, dtype, False)
+    want = torch.tensor([[2400.0, 3600.0, -1800.0], [0.0, 0.0, 0.0]], dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("op", ["hinge_sum", "hinge_none", "distances"])
 def test_double_backward_fails_loudly(ext, op):
     # The backward passes are differentiable once: differentiating a gradient raises instead of

@@ -87,6 +87,20 @@ def test_validate_false_skips_the_range_check():
     assert "users holds index" not in str(info.value)
 
 
+@pytest.mark.parametrize("table", [0, 1])
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_an_empty_table_raises_even_without_validation(table, backend):
+    # A kernel clamps indices into [0, rows - 1]; with no rows that would read before the table.
+    P, (u, i) = params(), batch()
+    P[table] = P[table][:0]
+    name = ("users", "items")[table]
+    with pytest.raises(IndexError, match=f"{name} indexes a table with no rows"):
+        lk.lrml_hinge_loss(*P, u, i, backend=backend, validate=False)
+    if table == 0:
+        with pytest.raises(IndexError, match="users indexes a table with no rows"):
+            lk.lrml_topk(*P, u, 2, backend=backend, validate=False)
+
+
 def test_empty_batch_returns_empty_results():
     P = [t.requires_grad_() for t in params()]
     u, i = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, dtype=torch.int64)

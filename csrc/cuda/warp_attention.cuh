@@ -111,14 +111,17 @@ struct Config {
 // Warps per block and whether K/M go to shared memory, for per-warp scratch of `per_warp` floats.
 inline Config configure(int64_t N, int64_t d, int64_t per_warp) {
   Config cfg;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cfg.error = "cudaGetDevice failed";
+  int dev = 0, optin = 0;
+  // A failed query is reported here and cleared from the runtime's last error, which the next
+  // launch check would otherwise report under that launch's name.
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&cfg.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    cfg.error = "querying the CUDA device failed";
     return cfg;
   }
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  cudaDeviceGetAttribute(&cfg.sms, cudaDevAttrMultiProcessorCount, dev);
   cfg.max_smem = optin > 0 ? optin : 48 * 1024;
   const size_t km = 2 * static_cast<size_t>(N) * d * sizeof(float);
   for (int warps = 8; warps >= 1; warps /= 2) {
@@ -149,7 +152,10 @@ const char* prepare_kernel(Kernel kernel, const Config& cfg) {
   if (cfg.smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(cfg.smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // cleared, as in configure
+      return cudaGetErrorString(err);
+    }
   }
   return nullptr;
 }
