@@ -601,6 +601,15 @@ def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms / 1e3) / 1e9
 
 
+def nvidia_smi(*args: str) -> str | None:
+    """``nvidia-smi ARGS``'s output, or None where it is missing, fails or hangs (10 s)."""
+    try:
+        run = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
 def _env_main(dry_run: bool) -> None:
     """Step 1 of the GPU check: versions, the GPU, and the copy bandwidth (``COPY_GBPS=`` line)."""
     import platform
@@ -615,12 +624,10 @@ def _env_main(dry_run: bool) -> None:
     except ImportError as exc:
         print(f"triton: not importable ({exc})")
     print(f"lrml_kernels {lk.__version__} (backends are built and probed by the later steps)")
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
-         "--format=csv"], capture_output=True, text=True,
-    ) if not dry_run else None  # fmt: skip
-    if smi is not None and smi.returncode == 0:
-        print(smi.stdout.strip())
+    query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem"
+    smi = None if dry_run else nvidia_smi(query, "--format=csv")
+    if smi:
+        print(smi)
     if not torch.cuda.is_available():
         if dry_run:
             print("dry run: no GPU used (no bandwidth measurement)")

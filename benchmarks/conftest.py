@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 import time
 
 import benchlib
@@ -252,12 +251,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["gpu"] = props.name
         info["gpu_sms"] = props.multi_processor_count
         info["cuda"] = torch.version.cuda
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-        info["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
+        info["driver"] = benchlib.nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
         info["copy_gbps"] = benchlib.SETTINGS["copy_gbps"]
     machine_info["lrml"] = info
 

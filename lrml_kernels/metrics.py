@@ -57,8 +57,13 @@ def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torc
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 
-def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=None) -> torch.Tensor:
+def full_ranks(
+    ranker, split, *, k: int = 10, batch_size: int | None = None, device=None
+) -> torch.Tensor:
     """Rank of each held-out item among all items the user did not train on, capped at ``k``.
+
+    ``batch_size`` users per top-k call: by default 1,024 on the CPU and 8,192 on a GPU (at
+    16 users a program, 512 programs fill 132 SMs about 4 times over; 1,024 users gave 64).
 
     Uses top-(k+1) with the training items excluded: the held-out item's rank is the number of
     other returned items at a distance ≤ its own; ``k`` means "not in the top k". A split with a
@@ -66,6 +71,8 @@ def full_ranks(ranker, split, *, k: int = 10, batch_size: int = 1024, device=Non
     known positive, not a rival of the test item.
     """
     device = torch.device(device) if device is not None else _device_of(ranker)
+    if batch_size is None:
+        batch_size = 8192 if device.type == "cuda" else 1024
     indptr, indices = getattr(split, "known_csr", split.train_csr)()
     indptr = torch.as_tensor(indptr, dtype=torch.int64)
     indices = torch.as_tensor(indices)  # int32 or int64: each batch's rows are widened
@@ -160,7 +167,8 @@ class PopularityRanker:
         ids = torch.arange(D.shape[1], device=D.device).expand_as(D).clone()
         if exclude is not None:
             indptr, indices = exclude
-            rows = torch.repeat_interleave(torch.arange(users.shape[0]), indptr[1:] - indptr[:-1])
+            rows = torch.arange(users.shape[0], device=D.device)
+            rows = torch.repeat_interleave(rows, indptr[1:] - indptr[:-1])
             ids[rows, indices] = -1
         return sort_candidates(D, ids, k)
 

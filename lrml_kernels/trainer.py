@@ -35,6 +35,7 @@ import torch
 
 from lrml_kernels import backends, ops
 from lrml_kernels.model import LRML
+from lrml_kernels.precision import fp32_matmul_precision
 from lrml_kernels.reference import compute_dtype
 
 OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
@@ -290,7 +291,7 @@ class LRMLTrainer:
         key = (
             tuple(items.shape), users.dtype, items.dtype, users.device, self._impl.name,
             m.distance, m.relation, m.margin, m.eps, m.max_norm,
-            torch.get_float32_matmul_precision(),
+            fp32_matmul_precision(),
         )  # fmt: skip
         graph = self._graphs.get(key)
         if graph is None:

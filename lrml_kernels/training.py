@@ -72,7 +72,8 @@ POPULARITY_ALPHA_MAX = 4.0
 # non-finite loss found then, naming its step. Every checkpoint reads it first.
 READ_LOSS_EVERY = 50
 
-# Options that may differ between a checkpoint and the run that resumes it.
+# Options that may differ between a checkpoint and the run that resumes it (the device within its
+# kind: cuda:0 -> cuda:1, not cpu -> cuda; _restore says so).
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every", "cuda_graph",
 )  # fmt: skip
@@ -453,6 +454,16 @@ class _Run:
 
     def _restore(self, ckpt: dict, gen: torch.Generator) -> None:
         _check_same_data(ckpt, self.cfg, self.fingerprint)
+        state = ckpt["gen_states"][self.rank] if ckpt.get("gen_states") else None
+        if isinstance(state, torch.Tensor) and state.numel() != gen.get_state().numel():
+            # A CPU generator's state is 5,056 bytes, a CUDA one's 16; the epoch order is drawn
+            # differently too (batches.py): the run could not go on as it would have.
+            raise ValueError(
+                "refusing to resume: the checkpoint was written on another kind of device than "
+                f"{gen.device.type!r} (its random generator's state does not fit); resume on the "
+                "kind of device it was trained on (the device may change within a kind, e.g. "
+                "cuda:0 -> cuda:1)"
+            )
         try:
             self.model.load_state_dict(ckpt["model"])
             self.stepper.load_state_dict(ckpt["trainer"])

@@ -174,6 +174,15 @@ def test_resume_refuses_a_damaged_model_without_a_traceback(tmp_path, good, erro
     assert "does not fit the model" in error_line("train")
 
 
+def test_resume_refuses_a_checkpoint_from_another_kind_of_device(tmp_path, good, error_line):
+    ckpt = plain_dict(good)
+    # what a CUDA generator's state looks like (seed and offset, 16 bytes); this run is on the CPU
+    ckpt["gen_states"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    assert main(train_args(tmp_path, "--resume")) == 2
+    assert "written on another kind of device than 'cpu'" in error_line("train")
+
+
 # ----------------------------------------------------------------------------------------------
 # What is written, and checkpoints that hold more than plain values
 # ----------------------------------------------------------------------------------------------

@@ -229,3 +229,22 @@ class TestTopkValidation:
         ex = (torch.tensor([0, 1]), torch.tensor([1, 2]))
         with pytest.raises(ValueError, match="end at len"):
             lk.lrml_topk(*P, torch.tensor([0]), 2, exclude=ex)
+
+
+def test_fp32_matmul_precision_whichever_api_set_it():
+    from lrml_kernels.precision import fp32_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    try:
+        for legacy, new, want in [
+            ("high", None, "high"),
+            ("medium", None, "medium"),
+            ("high", "ieee", "highest"),  # torch's own getter would still say "high"
+            ("highest", "tf32", "high"),  # torch's own getter raises: the APIs were mixed
+        ]:
+            torch.set_float32_matmul_precision(legacy)
+            if new is not None:
+                matmul.fp32_precision = new
+            assert fp32_matmul_precision() == want, (legacy, new)
+    finally:
+        torch.set_float32_matmul_precision("highest")

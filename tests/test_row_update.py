@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lrml_kernels as lk
 from lrml_kernels import backends
 from lrml_kernels.trainer import OPTIMIZERS, LRMLTrainer
+from lrml_kernels.triton.row_update import row_update_
 
 pytestmark = pytest.mark.skipif(
     backends.why_unavailable("triton") is not None, reason="triton backend unavailable here"
@@ -177,6 +178,21 @@ def test_row_update_touches_only_the_indexed_rows():
     assert changed.nonzero().flatten().tolist() == [2, 5]
     untouched = fused.state["user_emb"]["exp_avg"].abs().sum(1).cpu() == 0
     assert untouched.nonzero().flatten().tolist() == [i for i in range(40) if i not in (2, 5)]
+
+
+@pytest.mark.parametrize("bad", [-1, 40, 2**31 - 1])
+def test_row_update_skips_ids_outside_the_table(bad):
+    # -1 is the sampler's "no negative"; before, a run of -1s never ended its segment (the
+    # masked loads past n read -1 too) and other ids wrote outside the table.
+    table = torch.randn(40, 13, dtype=torch.float64, device=DEVICE)
+    before = table.clone()
+    state = (torch.zeros_like(table), torch.zeros_like(table))
+    hyper = torch.tensor([0.1, 1e-8], dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([bad, 7, bad, bad], device=DEVICE)
+    row_update_(table, idx, torch.ones(4, 13, dtype=torch.float64, device=DEVICE),
+                "adam", hyper, state)  # fmt: skip
+    assert (table != before).any(1).nonzero().flatten().tolist() == [7]
+    assert (state[0] != 0).any(1).nonzero().flatten().tolist() == [7]
 
 
 METADATA_OPS = ("aten.view", "aten.detach", "aten._reshape_alias", "aten.select")  # views

@@ -43,7 +43,8 @@ fp32, 8-byte indices, every gathered row counted as an HBM read):
 
 Precision: fp16/bf16/fp32 parameters are computed in fp32 (results cast back to the parameter
 dtype); float64 parameters are computed in float64 (``tl.dot`` in fp64). fp32 ``tl.dot`` runs in
-IEEE fp32 unless ``torch.get_float32_matmul_precision()`` is not "highest" (then TF32).
+IEEE fp32 unless torch's fp32 matmul precision is not "highest" (then TF32; read by
+:func:`lrml_kernels.precision.fp32_matmul_precision`, whichever API set it).
 
 Layout (Liger-Kernel style): kernels, then launchers, then the registered custom ops
 (``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``), then the backend
@@ -59,6 +60,7 @@ import triton
 import triton.language as tl
 
 from lrml_kernels.gradients import table_grad
+from lrml_kernels.precision import fp32_matmul_precision
 
 DISTANCE_CODES = {"l2": 0, "squared_l2": 1, "l1": 2}
 REDUCTIONS = ("sum", "mean", "none")
@@ -570,7 +572,7 @@ def _device_guard(t: torch.Tensor):
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """IEEE fp32 (or fp64) products unless the user allowed TF32 for fp32 matmuls."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and fp32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 

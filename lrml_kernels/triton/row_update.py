@@ -76,7 +76,7 @@ def _row_update_kernel(
     sorted_ptr,  # [n] row ids, sorted (unused if DENSE)
     perm_ptr,  # [n] int64: slot -> position in grad (unused if DENSE)
     grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order ([R, d] if DENSE)
-    n, d,
+    n, d, R,
     hyper_ptr,  # [2] (lr, eps), compute dtype: read on the device, so a graph replay sees new ones
     beta1, beta2, max_norm,
     OPT: tl.constexpr, DENSE: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
@@ -89,7 +89,9 @@ def _row_update_kernel(
     else:
         row = tl.load(sorted_ptr + pid).to(tl.int64)
         prev = tl.load(sorted_ptr + pid - 1, mask=pid > 0, other=-1).to(tl.int64)
-    if (pid == 0) | (row != prev):  # this program owns the segment that starts here
+    # This program owns the segment that starts here. An id outside [0, R) (-1: a user with no
+    # negatives to draw) updates nothing: no write outside the table, no endless segment of -1s.
+    if ((pid == 0) | (row != prev)) & (row >= 0) & (row < R):
         ACC = tl.float64 if IS_FP64 else tl.float32
         cols = tl.arange(0, BLOCK_D).to(tl.int64)
         cmask = cols < d
@@ -247,7 +249,8 @@ def row_update_(
     """Update the rows ``idx`` of ``table`` in place with their summed gradients ``grad_rows``.
 
     Args:
-        table: ``[R, d]``, contiguous rows. idx: row ids (int32 or int64, any shape, in range).
+        table: ``[R, d]``, contiguous rows. idx: row ids (int32 or int64, any shape); an id
+            outside ``[0, R)`` (the sampler's -1) is skipped, unchecked (a check would sync).
         grad_rows: ``idx.shape + (d,)``, one gradient row per id (repeated ids are summed).
         optimizer: a key of ``OPTIMIZER_CODES``.
         hyper: ``[2]`` = ``(lr, eps)`` on the table's device, in the compute dtype (fp64 for
@@ -373,7 +376,7 @@ def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, hyper, be
             s1, s2, s1.stride(0),
             sorted_ids, perm,
             grad, grad.stride(0),
-            programs, d,
+            programs, d, table.shape[0],
             hyper, float(betas[0]), float(betas[1]),
             float(max_norm) if max_norm is not None else 1.0,
             OPT=OPTIMIZER_CODES[optimizer], DENSE=dense, HAS_MAX_NORM=max_norm is not None,

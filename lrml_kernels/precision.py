@@ -1,0 +1,27 @@
+"""torch's fp32 matmul precision, read so that it works whichever of torch's two APIs set it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fp32_matmul_precision() -> str:
+    """The precision torch would multiply fp32 matrices in: "highest" (IEEE), "high" (TF32) or
+    "medium".
+
+    torch 2.9+ has a second API, ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" / "tf32").
+    Setting it does not update ``torch.get_float32_matmul_precision()``, which then raises (a mix
+    of the APIs) or returns a stale value; setting the first updates the second. So the second
+    decides where it is set, the first says "high" or "medium" for "tf32".
+    """
+    new = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    new = getattr(new, "fp32_precision", "none")
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the APIs were mixed: only the second is meaningful
+        legacy = None
+    if new == "ieee":
+        return "highest"
+    if new == "tf32":
+        return legacy if legacy in ("high", "medium") else "high"
+    return legacy or "highest"
