@@ -78,7 +78,7 @@ HEADLINE = {
     "test_train_step": None,
     "test_epoch": None,
     "test_topk": ("fp32",),
-    "test_train_loop": None,  # (run last in its size: its data set-up is the slowest part)
+    "test_train_loop": None,  # (run last of all: its data set-up is the slowest part)
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

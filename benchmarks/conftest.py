@@ -24,7 +24,7 @@ epoch_batch=...)`` (``epoch_batch=True``: also at the epoch-batch sizes, netflix
 tiny-epoch, which run nothing else) and takes the ``case`` argument; providers are a plain
 ``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile`` peers
 run after every other benchmark (compiling costs the most time: under a deadline, what is left
-out).
+out); the train loop runs after every size (its data set-up is the slowest part).
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(session, config, items):
     """Run each case's benchmarks together (inputs are built once per case), cases in the order
     of --lrml-size (the GPU check puts the Netflix size first), eager before its peers, the
-    train loop (which first synthesises and splits its data) and then the compile peers last in
-    each size; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
+    compile peers last in each size, and the train loop (which first synthesises and splits its
+    data, and takes no cap) after everything else, so that under a deadline it is the one left
+    out; --lrml-workloads=headline keeps benchlib.HEADLINE only."""
     sizes = [s.name for s in config._lrml_sizes]
     rank = {p: i for i, p in enumerate(benchlib.PROVIDERS)}
     headline = config.getoption("--lrml-workloads") == "headline"
@@ -168,11 +169,11 @@ def pytest_collection_modifyitems(session, config, items):
             deselected.append(item)
             continue
         key = (
+            item.originalname == "test_train_loop",  # last: it builds Netflix-size data first
             sizes.index(case.size.name),
             cs.params.get("provider") == "compile",
             case.device,
             list(benchlib.DTYPES).index(case.dtype_name),
-            item.originalname == "test_train_loop",  # last: it builds Netflix-size data first
             item.fspath.basename,
             item.originalname,
             tuple(str(v) for k, v in sorted(cs.params.items()) if k not in ("case", "provider")),

@@ -3,14 +3,22 @@
 # ends within LRML_GPU_CHECK_TOTAL_S (default 300 s, at least 120 s), from the repository root:
 #
 #   1 env        GPU, driver, torch/triton/CUDA versions; the copy bandwidth, measured once
-#   2 build      the CUDA extension (JIT, ninja, TORCH_CUDA_ARCH_LIST=9.0 ->
-#                -gencode arch=compute_90,code=sm_90), through lrml_kernels.extension.backend
+#   2 build      the C++ and CUDA libraries of the extension, just in time (ninja), both at once
+#                (lrml_kernels.extension.prebuild; TORCH_CUDA_ARCH_LIST=9.0 for the whole check
+#                -> -gencode arch=compute_90,code=sm_90, so later processes find the same build)
 #   3 gpu-tests  pytest -m gpu tests/ (the test matrix on CUDA tensors; its log says which
-#                subset ran); LRML_GPU_TESTS_BUDGET_S tells it the step's time limit
+#                subset ran), split over processes by benchmarks/pytest_shards.py: a fresh machine
+#                compiles every Triton variant on its host, and the shards compile in parallel.
+#                Beside it, in the background, the prewarm: the bench's own selection run once
+#                (--benchmark-disable, sharded too, the train loop left out), which fills Triton's
+#                and Inductor's on-disk caches with the bench's kernels; its output is discarded
+#                and it is stopped before the bench starts (at most a third of the bench's limit
+#                is spent waiting for it)
 #   4 bench      the headline workloads at Netflix size (benchlib.HEADLINE): hinge fwd+bwd in
 #                both relations at B = 4096 x 5 and at B = 2^20 x 2 (fp32, bf16), the train step,
-#                the epoch, the all-user top-10 (fp32), then the train loop (fit on synthetic
-#                Netflix data beside its step: issue 19's GPU target); compile peers in fp32 last
+#                the epoch, the all-user top-10 (fp32); compile peers in fp32 after each size;
+#                the train loop (fit on synthetic Netflix data beside its step: issue 19's GPU
+#                target) last of all
 #   5 profile    benchmarks/profile_gpu.py: torch.profiler over a train step and a hinge fwd+bwd
 #                (B = 4096 x 5, B = 2^20 x 2) for the torch, triton and cuda backends
 #   6 report     benchmarks/report.py: the Markdown table of step 4, always written
@@ -19,8 +27,8 @@
 #   OUTDIR receives 7 files, no subfolders: gpu_check.log (steps 1, 2, 5 and 6, the summary),
 #   gpu_tests.log, bench.log, bench.json, bench.jsonl (every record as measured), table.md,
 #   profile.md. The profile's summary and the table are printed last.
-#   --dry-run: the whole logic on the CPU, on any machine: no bandwidth, no build (the
-#   extension's entry point is imported), the gpu tests collected but not run, the headline
+#   --dry-run: the whole logic on the CPU, on any machine: no bandwidth, the CPU library built
+#   (prebuild), the gpu tests run sharded (each skips: no GPU), the prewarm and the headline
 #   benchmarks on the CPU at the tiny sizes without the compile peers, the profile of the torch
 #   and cpu backends at the tiny sizes, and the report. CI runs it (tests/test_benchmarks_tools.py).
 #   --plan: print each step's time limit for this budget (if every step used all of it), run
@@ -29,12 +37,12 @@
 # Budget. Each step runs under a time limit, computed when it starts from the time left:
 #   limit = left x share / (shares of this and the later steps),
 # at least the step's floor, at most what leaves the later steps their floors. Shares (%):
-# env 5, build 10, gpu-tests 50, bench 25, profile 7, report 3; floors (s): env 20, build 15,
+# env 5, build 12, gpu-tests 40, bench 30, profile 10, report 3; floors (s): env 20, build 15,
 # gpu-tests 20, bench 30, profile 15, report 8. So every step runs at every budget from 120 s
 # up, each limit scales with the budget, a step that ends early leaves its time to the later
 # ones, and the steps together never exceed the budget less 2 s for the script itself. At 300 s
-# (every step using its whole limit; --plan prints these): env 20, build 29, gpu-tests 146,
-# bench 73, profile 21, report 9; at 120 s: 20, 15, 30, 30, 15, 8. A step is stopped by SIGINT 3 s before its limit (pytest
+# (every step using its whole limit; --plan prints these): env 20, build 35, gpu-tests 117,
+# bench 87, profile 30, report 9; at 120 s: 20, 15, 30, 30, 15, 8. A step is stopped by SIGINT 3 s before its limit (pytest
 # still writes its JSON) and SIGKILL at it. Inside their limits the steps plan their own work: the bench starts no
 # benchmark after its deadline (limit - 3 s - 4 x cap; a compile peer needs 20 s more) and
 # skips the rest as "out of time"; each slow workload (top-k, epoch) of a provider is capped
@@ -70,12 +78,17 @@ if ! [[ "$total_s" =~ ^[0-9]+$ ]] || ((total_s < 120)); then
 fi
 
 steps=(env build gpu-tests bench profile report)
-declare -A share=([env]=5 [build]=10 [gpu-tests]=50 [bench]=25 [profile]=7 [report]=3)
+declare -A share=([env]=5 [build]=12 [gpu-tests]=40 [bench]=30 [profile]=10 [report]=3)
 declare -A floor=([env]=20 [build]=15 [gpu-tests]=20 [bench]=30 [profile]=15 [report]=8)
 grace=3                # SIGINT this long before a step's limit, SIGKILL at it
 own=2                  # the script's own seconds (start, summary; SECONDS counts whole ones)
 cap=$((total_s / 100)) # seconds one provider may spend on one slow workload
 ((cap >= 1)) || cap=1
+ncpu=$(nproc 2>/dev/null || echo 2)
+test_shards=$((ncpu / 2 < 6 ? ncpu / 2 : 6)) # pytest processes of the gpu tests
+((test_shards >= 1)) || test_shards=1
+warm_shards=$((ncpu / 4 < 4 ? ncpu / 4 : 4)) # of the prewarm (Netflix-size tables each)
+((warm_shards >= 1)) || warm_shards=1
 
 # step_limit NAME LEFT: the time limit of step NAME when LEFT seconds of the budget are left.
 step_limit() {
@@ -120,6 +133,9 @@ for f in "${files[@]}" build.log chart.png; do rm -f "$out/$f"; done # (the last
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 export PYTHONUNBUFFERED=1
+# One arch list for every process: the build directory's name does not hold it, so a process
+# with another list (torch's default from the GPU: 9.0+PTX) would rebuild the CUDA library.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 commit="${LRML_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 failed=()
 summary=()
@@ -179,44 +195,58 @@ gbps="$(sed -n 's/^COPY_GBPS=//p' "$tmp/env.log" | tail -n 1)"
 [[ -n "$gbps" ]] && export LRML_COPY_GBPS="$gbps"
 
 # 2 build -----------------------------------------------------------------------------------------
+# Both libraries at once (prebuild: one process each), then loaded here as the tests will.
 limit_of build
 if [[ $mode == dry-run ]]; then
-  run_step build "$limit" "$tmp/build.log" "$py" -c \
-    "import lrml_kernels.extension as e; assert callable(e.backend); print('dry run: extension entry point imported, no build')"
+  libs="('cpu',)" load=cpu
 else
-  run_step build "$limit" "$tmp/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
-    LRML_KERNELS_VERBOSE_BUILD=1 "$py" -c \
-    "import lrml_kernels.extension as e; e.backend('cuda'); print('cuda extension built and loaded')"
+  libs="('cpu', 'cuda')" load=cuda
 fi
+run_step build "$limit" "$tmp/build.log" env MAX_JOBS="$ncpu" "$py" -c "
+import lrml_kernels.extension as e
+failed = {k: v for k, v in e.prebuild($libs).items() if v}
+for name, why in failed.items():
+    print(f'{name} library: build failed:\n{why}')
+e.backend('$load')
+print('$load backend loaded:', e.library_origin('$load'))
+raise SystemExit(1 if failed else 0)"
 fold "$tmp/build.log"
 
-# 3 gpu-tests -------------------------------------------------------------------------------------
-# LRML_GPU_TESTS_BUDGET_S: the step's limit, for a test matrix that sizes its subset to it.
-limit_of gpu-tests
-export LRML_GPU_TESTS_BUDGET_S=$((limit - grace))
-if [[ $mode == dry-run ]]; then
-  # Collect only; "no tests collected" (5) is fine in a dry run.
-  run_step gpu-tests "$limit" "$out/gpu_tests.log" bash -c \
-    "$py -m pytest -m gpu tests/ -q -p no:cacheprovider --collect-only; rc=\$?; [ \$rc -eq 5 ] && exit 0; exit \$rc"
-else
-  run_step gpu-tests "$limit" "$out/gpu_tests.log" "$py" -m pytest -m gpu tests/ -q \
-    -p no:cacheprovider -ra
-fi
-unset LRML_GPU_TESTS_BUDGET_S
-
-# 4 bench -----------------------------------------------------------------------------------------
-# The deadline leaves the longest capped benchmark (4 x cap) and the SIGINT grace inside the limit.
-bench=("$py" -m pytest benchmarks/ -q -p no:cacheprovider -ra
-  --benchmark-json="$out/bench.json" --lrml-jsonl="$out/bench.jsonl"
-  --benchmark-columns=median,rounds --benchmark-sort=name --lrml-workloads=headline
-  --lrml-cap="$cap")
+# 3 gpu-tests (and the bench's prewarm beside it) -------------------------------------------------
+# The bench's selection, shared by the prewarm and step 4.
+select=(-q -p no:cacheprovider --lrml-workloads=headline --lrml-cap="$cap")
 if [[ $mode == dry-run ]]; then
   export OMP_NUM_THREADS=1 # the CPU stand-in: no thread contention on a shared CI machine
-  bench+=(--lrml-device=cpu --lrml-size=tiny,tiny-epoch --lrml-budget=0.05 -k "not compile")
+  select+=(--lrml-device=cpu --lrml-size=tiny,tiny-epoch --lrml-budget=0.05 -k "not compile")
 else
-  bench+=(--lrml-device=cuda --lrml-size=netflix,netflix-epoch -k "not compile or fp32")
+  select+=(--lrml-device=cuda --lrml-size=netflix,netflix-epoch -k "not compile or fp32")
 fi
 read -ra bench_extra <<<"${LRML_GPU_CHECK_BENCH_ARGS:-}"
+limit_of gpu-tests
+timeout -s INT -k "$grace" "$limit" "$py" benchmarks/pytest_shards.py --shards "$warm_shards" \
+  --log "$tmp/prewarm.log" benchmarks/ -- "${select[@]}" "${bench_extra[@]}" --benchmark-disable \
+  --deselect benchmarks/bench_train_loop.py >"$tmp/prewarm.out" 2>&1 &
+prewarm=$!
+run_step gpu-tests "$limit" "$out/gpu_tests.log" "$py" benchmarks/pytest_shards.py \
+  --shards "$test_shards" --log "$out/gpu_tests.log" tests/ -- -m gpu -q -p no:cacheprovider -ra
+
+# 4 bench -----------------------------------------------------------------------------------------
+# First the prewarm ends (the GPU must be the bench's alone): at most a third of the bench's
+# limit is spent waiting for it. Then the deadline leaves the longest capped benchmark
+# (4 x cap) and the SIGINT grace inside the limit.
+limit_of bench
+waited=$SECONDS
+while kill -0 "$prewarm" 2>/dev/null && ((SECONDS - waited < limit / 3)); do sleep 1; done
+if kill -0 "$prewarm" 2>/dev/null; then # timeout leads a process group: the shards are in it
+  kill -INT -- -"$prewarm" 2>/dev/null || true
+  sleep "$grace"
+  kill -KILL -- -"$prewarm" 2>/dev/null || true
+fi
+wait "$prewarm" 2>/dev/null || true
+say "== prewarm (beside gpu-tests, ${warm_shards} shards; waited $((SECONDS - waited)) s for it):" \
+  "$(tail -n 1 "$tmp/prewarm.out" 2>/dev/null || echo 'no output')"
+bench=("$py" -m pytest benchmarks/ "${select[@]}" -ra --benchmark-json="$out/bench.json"
+  --lrml-jsonl="$out/bench.jsonl" --benchmark-columns=median,rounds --benchmark-sort=name)
 limit_of bench
 bench+=(--lrml-deadline=$((limit - grace - 4 * cap)) "${bench_extra[@]}")
 run_step bench "$limit" "$out/bench.log" "${bench[@]}"

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -248,8 +249,9 @@ def test_gpu_check_budget_runs_every_step_within_it():
         assert sum(plan.values()) <= budget and min(plan.values()) >= 8, (budget, plan)
     for step in STEPS:  # scaled with the budget, never down to nothing
         assert plans[120][step] <= plans[300][step] <= plans[1000][step]
-    assert plans[300]["gpu-tests"] >= 140  # the GPU test matrix: ~150 s on the H200
-    assert plans[1000]["bench"] == 250  # proportional once the floors no longer bind
+    assert plans[300]["gpu-tests"] >= 110  # the GPU test matrix, sharded over processes
+    assert plans[300]["build"] >= 30  # a cold build of both libraries at once: ~25 s
+    assert plans[1000]["bench"] == 300  # proportional once the floors no longer bind
     proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", "100"), mode="--plan")
     assert proc.returncode == 2 and ">= 120" in proc.stderr
 
@@ -267,6 +269,11 @@ def test_gpu_check_dry_run(tmp_path, budget):
     assert "GPU CHECK OK (dry run)" in proc.stdout
     for step in STEPS:
         assert f"   {step}: ok" in proc.stdout
+    # the gpu tests ran through the shards (each skipped: no GPU), the prewarm beside them
+    last = (out / "gpu_tests.log").read_text().splitlines()[-1]
+    assert last.startswith("sharded: ") and " skipped in " in last and "failed" not in last
+    assert re.search(r"== prewarm \(beside gpu-tests, \d+ shards; .*: sharded: \d+ passed",
+                     proc.stdout)  # fmt: skip
     table = (out / "table.md").read_text()
     assert "DRY RUN" in table and "INCOMPLETE" not in table
     for row in ("| hinge fwd+bwd (pair) | tiny (", "| hinge fwd+bwd (shared) | tiny-epoch (",
@@ -330,7 +337,7 @@ def _collected(*paths: str, size: str = "tiny") -> list[str]:
     return [line for line in run.stdout.splitlines() if "::" in line]
 
 
-def test_headline_selection_epoch_batch_loop_and_compile_last():
+def test_headline_selection_epoch_batch_compile_and_loop_last():
     names = [n.split("::")[1] for n in _collected(
         "benchmarks", "--lrml-workloads=headline", size="tiny,tiny-epoch")]  # fmt: skip
     tests = {n.split("[")[0] for n in names}
@@ -342,12 +349,14 @@ def test_headline_selection_epoch_batch_loop_and_compile_last():
     }
     epoch_batch = {n.split("[")[0] for n in names if "-tiny-epoch-" in n}
     assert epoch_batch == {"test_hinge_forward_backward"}
-    tiny = [n for n in names if "-tiny-fp32-" in n]  # the size run first, compile peers last
+    # the train loop last of all (its data set-up is the slowest part), before it the size run
+    # first, its compile peers last
+    loop = [n for n in names if n.startswith("test_train_loop")]
+    assert loop and names[-len(loop) :] == loop
+    tiny = [n for n in names if "-tiny-fp32-" in n and n not in loop]
     assert names[: len(tiny)] == tiny
     compile_at = [i for i, n in enumerate(tiny) if "-compile" in n]
     assert compile_at and compile_at == list(range(len(tiny) - len(compile_at), len(tiny)))
-    loop_at = [i for i, n in enumerate(tiny) if n.startswith("test_train_loop")]
-    assert loop_at == list(range(compile_at[0] - len(loop_at), compile_at[0]))  # just before
 
 
 def test_no_benchmark_starts_after_the_deadline(tmp_path):
@@ -381,3 +390,37 @@ def test_malloc_mode_is_applied_recorded_and_shown(tmp_path):
     machine = {"cpu_model": "Test CPU", "cpu_count": 2, "malloc": steady}
     run = report.load(_write_run(tmp_path / "run.json", _cpu_run(), machine=machine))
     assert f"malloc: {steady}" in report.markdown(run)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/pytest_shards.py
+
+
+def test_pytest_shards_deals_round_robin_and_sums_the_shards(tmp_path):
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('i', range(7))\n"
+        "def test_i(i):\n"
+        "    if i == 5:\n"
+        "        pytest.skip('five')\n"
+        "    assert i != 3\n"
+    )
+    log = tmp_path / "shards.log"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "pytest_shards.py"), "--shards", "3", "--log", str(log),
+         str(tmp_path), "--", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr  # pytest's "tests failed"
+    text = log.read_text()
+    assert re.search(r"^sharded: 1 failed, 5 passed, 1 skipped in \d+ s \(3 shards\)$", text, re.M)
+    assert run.stdout.strip() == text.splitlines()[-1]
+    # round-robin: shard 1 ran i = 0, 3, 6 (the failure), shards 2 and 3 two tests each
+    assert "=== shard 1/3: 3 tests, rc=1" in text and "=== shard 3/3: 2 tests, rc=0" in text
+    # an empty selection runs nothing (pytest given no ids would run its whole test path)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "pytest_shards.py"), "--shards", "3", "--log", str(log),
+         str(tmp_path), "--", "-q", "-k", "nothing_matches"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0 and log.read_text() == "sharded: no tests collected\n"

@@ -371,6 +371,21 @@ def screen_fits(N: int, d: int, distance: str) -> bool:
     return 4 * words <= 176 * 1024
 
 
+def direct_fits(N: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`_direct_kernel`'s tiles at its GPU configuration fit an sm_90 SM.
+
+    Compute-dtype words (fp32; fp64 for fp64 tables) of the item tile ``[BLOCK_I, BLOCK_D]``,
+    K and M ``[BLOCK_N, BLOCK_D]`` and the logits ``[BLOCK_I, BLOCK_N]``: an upper bound
+    (compiled for sm_90: d = 100, N = 20 use 66 KB against 74 KB by this count, N = 200 use
+    295 KB against 360 KB, over the 227 KB a program may have). Larger shapes take the pair
+    forward kernels, which are chunked over d and N.
+    """
+    cfg = direct_config(1, 1, N, d, torch.device("cuda"))
+    bi, bn, bd = cfg["BLOCK_I"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    size = 8 if dtype == torch.float64 else 4
+    return size * (bi * bd + 2 * bn * bd + bi * bn) <= 160 * 1024
+
+
 def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -500,9 +515,16 @@ def rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps):
 
 
 def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> torch.Tensor:
-    """Direct distances of ``users`` (a chunk) to every item: ``[n, I]`` in the compute dtype."""
+    """Direct distances of ``users`` (a chunk) to every item: ``[n, I]`` in the compute dtype.
+
+    :func:`_direct_kernel` where its tiles fit (:func:`direct_fits`), else the re-score's pair
+    forward on every (user, item) pair (the same exact distances).
+    """
     n, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
+    if not direct_fits(N, d, user_emb.dtype):
+        ids = torch.arange(I, device=users.device).expand(n, I)
+        return rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps)
     dtype = user_emb.dtype
     out = torch.empty(n, I, dtype=_compute_dtype(dtype), device=user_emb.device)
     cfg = direct_config(n, I, N, d, user_emb.device)
