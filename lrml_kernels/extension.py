@@ -158,8 +158,9 @@ def _jit_build(name: str) -> None:
 def prebuild(names: tuple[str, ...] = ("cpu", "cuda")) -> dict[str, str | None]:
     """Build the just-in-time libraries ``names`` at the same time, one child process each.
 
-    A cold build takes as long as its slowest source (``cpu/lrml_cpu.cpp``, ``cuda/lrml_cuda.cpp``:
-    ~45 and ~22 s on one core here), so building both at once takes the longer, not the sum.
+    A cold build takes as long as its slowest source when ninja has the cores
+    (``fused_hinge_autograd.cpp``, ``cuda/lrml_cuda.cpp``: ~21 and ~19 s on one core here), so
+    building both at once takes the longer, not the sum.
     Nothing is loaded into this process (:func:`backend` then loads the cached libraries). A
     library with a usable ahead-of-time build is skipped. Returns name -> None (built, or nothing
     to build) or the failure's last lines.
