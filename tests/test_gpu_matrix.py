@@ -127,32 +127,53 @@ def test_topk_variant_gpu(backend, distance, dtype):
     assert (dist[:, 1:] >= dist[:, :-1]).all()
 
 
-@pytest.mark.parametrize("relation", RELATIONS)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_fused_trainer_gpu(backend, relation):
-    # 5 SGD steps (linear in the gradients: fp32 rounding stays at fp32 size) of the fused trainer
-    # against autograd + torch.optim.SGD + project_() on the torch backend, d = 37, N = 7.
-    require(backend)
+# Fused-trainer tolerances after 5 fp32 SGD steps, against the float64 trajectory: absolute,
+# per parameter. Keys and memory sum their gradient over all B·C = 13,299 pairs in the kernel's
+# order (through the interpreter's few long programs the Triton pair path ends 2.0e-5 / 2.9e-5
+# off, torch's own fp32 autograd 1.1e-6); embedding rows sum a few pairs (2.4e-6 / 3.9e-6).
+FUSED_ATOL = {"user_emb": 1e-5, "item_emb": 2e-5, "keys": 1e-4, "memory": 1e-4}
+
+
+def run_fused_trainer(backend, relation, device, steps=5):
+    """SGD steps of the fused trainer (fp32) beside autograd + torch.optim.SGD + project_() in
+    float64 on the torch backend, d = 37, N = 7, B = 1023, C = 13. Returns both models and the
+    largest relative difference of a step's loss from the float64 one."""
     torch.manual_seed(0)
     kw = dict(dim=37, memory_slots=7, relation=relation, sparse=True)
-    fused = lk.LRML(300, 250, backend=backend, **kw).cuda()
-    ref = lk.LRML(300, 250, backend="torch", **kw).cuda()
+    fused = lk.LRML(300, 250, backend=backend, **kw).to(device)
+    ref = lk.LRML(300, 250, backend="torch", **kw).to(device).double()
     ref.load_state_dict(fused.state_dict())
     trainer = LRMLTrainer(fused, "sgd", lr=0.05)
     opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        users = torch.randint(0, 100, (1023,), generator=g).cuda()  # repeats
-        items = torch.randint(0, 80, (1023, 13), generator=g).cuda()
+    # No kink exclusion here: every hinge argument of the steps must stay at least 1e-5 from 0
+    # (fp32 rounding of D is ~1e-6; there a correct backend may go either way). At this seed
+    # they stay >= 5e-5; at seed 1 one was 4e-7 ("shared", step 4).
+    g = torch.Generator().manual_seed(23)
+    worst = 0.0
+    for _ in range(steps):
+        users = torch.randint(0, 100, (1023,), generator=g).to(device)  # repeats
+        items = torch.randint(0, 80, (1023, 13), generator=g).to(device)
+        with torch.no_grad():
+            D = ref.distances(users, items, relation=relation)
+            assert (ref.margin + D[:, :1] - D[:, 1:]).abs().min() > 1e-5, "a kink: another seed"
         loss = trainer.step(users, items)
         opt.zero_grad()
         want = ref(users, items)
         want.backward()
         opt.step()
         ref.project_(users, items)
-        torch.testing.assert_close(loss, want.detach(), rtol=1e-4, atol=1e-4)
-    for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        worst = max(worst, abs(float(loss) / float(want.detach()) - 1))
+    return fused, ref, worst
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_trainer_gpu(backend, relation):
+    require(backend)
+    fused, ref, worst = run_fused_trainer(backend, relation, "cuda")
+    assert worst < 1e-5, worst
+    for (name, a), b in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=FUSED_ATOL[name], msg=name)
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)
