@@ -5,8 +5,9 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
 1. **Screen** (:func:`_screen_kernel`, the hot loop). A program owns ``BLOCK_U`` users and streams
    the whole catalogue in tiles of ``BLOCK_I`` items. Per (item tile, user) the logits of every
    memory slot are one GEMM ``z = Q_tile (p ⊙ K)ᵀ`` (``[BLOCK_I, d] × [d, N]``, ``tl.dot`` on
-   tensor cores in tf32 or bf16; the operands are rounded to that precision explicitly, so the
-   interpreter reproduces the GPU's products exactly). A spare column of ``Kᵀ`` holds ones, so the
+   tensor cores in tf32, in bf16 at torch's fp32 matmul precision "medium"; the operands are
+   rounded to that precision explicitly, so the interpreter reproduces the GPU's products
+   exactly). A spare column of ``Kᵀ`` holds ones, so the
    same GEMM yields ``p·q``. ``l2``/``squared_l2`` then use the rewrite
    ``‖e‖² = ‖p‖² + ‖q‖² − 2p·q + 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a`` with ``Mp``, ``Mq``, ``MMᵀ``
    precomputed and the quadratic form as a second small GEMM ``W (MMᵀ)``; ``l1`` forms
@@ -52,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lrml_kernels.precision import fp32_matmul_precision
 from lrml_kernels.triton import distance_kernels as TD
 
 _rows = TD._load_rows  # base[rows, :d] as a compute-dtype tile (a jit function)
@@ -68,7 +70,7 @@ MAX_CANDIDATES = 256
 SCREEN_CHUNK_BYTES = 1 << 29
 # Elements of the per-chunk distance buffer of the direct path (users_chunk × I).
 CHUNK_ELEMENTS = 1 << 24
-# Screen precision override (None: from the parameter dtype); tests force bf16 in the interpreter.
+# Screen precision override (None: screen_precision's choice); tests force bf16 in the interpreter.
 SCREEN_OVERRIDE: int | None = None
 # Multiplier of the screening error bound, and the certificate switch: only tests that show that
 # the margin matters change them.
@@ -317,14 +319,22 @@ def candidates_for(k: int) -> int:
     return max(16, triton.next_power_of_2(max(2 * k, k + 16)))
 
 
-def screen_precision(dtype: torch.dtype) -> int:
-    """bf16 tensor cores for bf16 parameters, tf32 otherwise (fp16 has tf32's 10 mantissa bits)."""
+def screen_precision() -> int:
+    """tf32 tensor cores, whatever the tables' dtype; bf16 where torch's fp32 matmul precision is
+    "medium" (as the cuda backend's cuBLAS screen).
+
+    bf16 operands widen the screening bound ~8x (``c_z`` 2.25·2⁻⁸ against 2.25·2⁻¹¹). On
+    Netflix-shaped data (17,770 items, d = 100, N = 20, rows of norm ~0.1-1, ~50 exclusions a
+    user) nearly every user then fails the certificate and takes the direct path (through the
+    interpreter, 62 of 64 users in l2 and squared_l2, 52 in l1), against none with tf32; so bf16
+    tables screen in tf32 too (bf16 values are exact in tf32).
+    """
     if SCREEN_OVERRIDE is not None:
         return SCREEN_OVERRIDE
-    return SCREEN_BF16 if dtype == torch.bfloat16 else SCREEN_TF32
+    return SCREEN_BF16 if fp32_matmul_precision() == "medium" else SCREEN_TF32
 
 
-def screen_config(N: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+def screen_config(N: int, d: int, k: int, device: torch.device) -> dict:
     """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
 
     ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. A program owns
@@ -344,7 +354,7 @@ def screen_config(N: int, d: int, k: int, dtype: torch.dtype, device: torch.devi
     from L2 (Netflix: 9 MB), serves 16 users (0.27 TB for all users). Under the interpreter, a
     wider item tile means fewer Python steps.
     """
-    screen = screen_precision(dtype)
+    screen = screen_precision()
     cfg = {
         "SCREEN": screen,
         "CAST_BF16": screen == SCREEN_BF16 and device.type == "cuda",
@@ -460,7 +470,7 @@ def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, ep
     B, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
     dev = user_emb.device
-    cfg = screen_config(N, d, k, user_emb.dtype, dev)
+    cfg = screen_config(N, d, k, dev)
     bn = cfg["BLOCK_N"]
     Pd = user_emb[users.clamp(0, user_emb.shape[0] - 1)].double()
     Qd, Kd, Md = item_emb.double(), keys.double(), memory.double()
