@@ -16,7 +16,7 @@ PYTEST_OPTION... <the shard's test ids>`` for every shard at once, and writes LO
 output in turn under a ``=== shard i/S`` header, then one line that sums them, ``sharded: 120
 passed, 7 skipped in 61 s (6 shards)``, which is also printed. The exit status is 0 when every
 shard passed (pytest's 5, "no tests", counts as passed), else the first failing shard's. SIGINT
-or SIGTERM stops every shard (SIGINT first, so pytest still reports), and LOG is still written.
+or SIGTERM is passed on to every shard as SIGINT (pytest still reports), and LOG is still written.
 """
 
 from __future__ import annotations
@@ -99,15 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             files.append(open(Path(tmp, f"shard{i}.log"), "w+"))  # noqa: SIM115 (closed below)
             cmd = [sys.executable, "-m", "pytest", *options, *group]
             procs.append(subprocess.Popen(cmd, stdout=files[-1], stderr=subprocess.STDOUT))
-        codes = []
-        for p in procs:
-            while True:
-                try:
-                    codes.append(p.wait())
-                    break
-                except KeyboardInterrupt:  # a second SIGINT: kill what is left
-                    for q in procs:
-                        q.kill()
+        codes = [p.wait() for p in procs]
         outputs = []
         for f in files:
             f.seek(0)

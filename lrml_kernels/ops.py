@@ -85,6 +85,14 @@ def check_index_tensor(name: str, idx, rank: int, device: torch.device) -> torch
     return idx.contiguous()
 
 
+def check_tables_have_rows(checks) -> None:
+    """``checks`` as :func:`check_index_ranges`'s; shapes only, so it runs with validate=False
+    too: the kernels clamp an index into ``[0, size - 1]``, which reads before a table of 0 rows."""
+    for name, idx, size in checks:
+        if size == 0 and idx.numel() > 0:
+            raise IndexError(f"{name} indexes a table with no rows")
+
+
 def check_index_ranges(checks) -> None:
     """``checks``: (name, index tensor, size) triples. One host sync for all of them together."""
     checks = [c for c in checks if c[1].numel() > 0]
@@ -119,14 +127,10 @@ def prepare(
         )
     if items.shape[1] < 1:
         raise ValueError("items must have at least one column (column 0 is the positive item)")
-    if users.numel() > 0:  # shapes only, so also with validate=False: no index fits no row
-        for name, table in (("users", params[0]), ("items", params[1])):
-            if table.shape[0] == 0:
-                raise IndexError(f"{name} indexes a table with no rows")
+    checks = [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
+    check_tables_have_rows(checks)
     if validate:
-        check_index_ranges(
-            [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
-        )
+        check_index_ranges(checks)
     return params, users, items
 
 
@@ -342,10 +346,10 @@ def lrml_topk(
     params = check_params(user_emb, item_emb, keys, memory)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)
-    if users.numel() > 0 and params[0].shape[0] == 0:
-        raise IndexError("users indexes a table with no rows")
+    checks = [("users", users, params[0].shape[0])]
+    check_tables_have_rows(checks)
     if validate:
-        check_index_ranges([("users", users, params[0].shape[0])])
+        check_index_ranges(checks)
     exclude = check_exclude(exclude, users.shape[0], params[1].shape[0], device, validate)
     impl = backends.get(backend, device, users.shape[0])
     with torch.no_grad():

@@ -16,12 +16,12 @@ def fp32_matmul_precision() -> str:
     """
     new = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
     new = getattr(new, "fp32_precision", "none")
+    if new == "ieee":  # (also what the first API's "highest", the default, sets)
+        return "highest"
     try:
         legacy = torch.get_float32_matmul_precision()
     except RuntimeError:  # the APIs were mixed: only the second is meaningful
         legacy = None
-    if new == "ieee":
-        return "highest"
     if new == "tf32":
         return legacy if legacy in ("high", "medium") else "high"
     return legacy or "highest"

@@ -7,8 +7,8 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
    memory slot are one GEMM ``z = Q_tile (p ⊙ K)ᵀ`` (``[BLOCK_I, d] × [d, N]``, ``tl.dot`` on
    tensor cores in tf32, in bf16 at torch's fp32 matmul precision "medium"; the operands are
    rounded to that precision explicitly, so the interpreter reproduces the GPU's products
-   exactly). A spare column of ``Kᵀ`` holds ones, so the
-   same GEMM yields ``p·q``. ``l2``/``squared_l2`` then use the rewrite
+   exactly). A spare column of ``Kᵀ`` holds ones, so the same GEMM yields ``p·q``.
+   ``l2``/``squared_l2`` then use the rewrite
    ``‖e‖² = ‖p‖² + ‖q‖² − 2p·q + 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a`` with ``Mp``, ``Mq``, ``MMᵀ``
    precomputed and the quadratic form as a second small GEMM ``W (MMᵀ)``; ``l1`` forms
    ``r = a M`` (a GEMM) and ``e = p + r − q`` on chip. Each screened distance becomes a guaranteed
