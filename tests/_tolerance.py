@@ -20,7 +20,8 @@ of Numerical Algorithms, ch. 3): every value is a pair (v, err) and
 with the unit roundoffs ``u_out`` of the parameter dtype, ``u_acc`` of the compute dtype (fp32 for
 fp16/bf16/fp32, fp64 for fp64) and ``u_dot`` of the dot-product operands (tf32: 2⁻¹⁰, as
 Triton passes raw fp32 registers to the tensor cores, which drop the low 13 mantissa bits:
-truncation, not rounding; triton-lang/triton#4574).
+truncation, not rounding; triton-lang/triton#4574; which backend's dots are tf32:
+:func:`tf32_dots`).
 A backend passes where ``|x_backend − v| ≤ SAFETY · err`` elementwise.
 
 Kinks: a hinge term whose argument ``margin + D[b,0] − D[b,c]`` lies within its own error bound of
@@ -47,6 +48,17 @@ UNIT_ROUNDOFF = {
     torch.bfloat16: 2.0**-8,
 }
 TF32_ROUNDOFF = 2.0**-10  # truncated operands (module docstring)
+TF32_DTYPES = (torch.float32, torch.bfloat16)  # dtypes whose dots may take tf32 operands
+
+
+def tf32_dots(backend: str, dtype: torch.dtype, fp32_tf32: bool = False) -> bool:
+    """Whether ``backend``'s dot products take tf32 operands (SPEC.md, "Precision"): the triton
+    backend's for bf16 parameters always, and for fp32 ones under TF32 matmuls (``fp32_tf32``:
+    torch's fp32 matmul precision is not "highest"); no other backend's."""
+    if backend != "triton":
+        return False
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and fp32_tf32)
+
 
 # Totals over the session, for the terminal summary (conftest.py).
 STATS = {"comparisons": 0, "excluded": 0, "seconds": 0.0}
@@ -127,7 +139,7 @@ class Precision:
     def of(dtype: torch.dtype, tf32: bool = False) -> Precision:
         ct = torch.float64 if dtype == torch.float64 else torch.float32
         acc = UNIT_ROUNDOFF[ct]
-        dot = TF32_ROUNDOFF if tf32 and dtype == torch.float32 else acc
+        dot = TF32_ROUNDOFF if tf32 and dtype in TF32_DTYPES else acc
         fo = torch.finfo(dtype)
         return Precision(UNIT_ROUNDOFF[dtype], acc, dot, fo.tiny * fo.eps, torch.finfo(ct).tiny)
 
@@ -453,9 +465,10 @@ def upstream(items, dtype, seed: int = 1) -> torch.Tensor:
 
 def check_backend(backend: str, params, users, items, *, ops=("hinge", "distances"), **kw) -> int:
     """The backend's hinge loss and/or distances and their four gradients against the float64
-    reference (``kw``: distance, relation, eps, margin, reduction, sparse_grad, tf32, kinks).
+    reference (``kw``: distance, relation, eps, margin, reduction, sparse_grad, kinks, and
+    tf32: TF32 fp32 matmuls; the backend's own dot precision follows from :func:`tf32_dots`).
     Returns the number of excluded kink terms."""
-    tf32 = kw.pop("tf32", False)
+    tf32 = tf32_dots(backend, params[0].dtype, kw.pop("tf32", False))
     kinks = kw.pop("kinks", True)
     hinge_only = ("margin", "reduction")
     excluded = 0

@@ -244,6 +244,24 @@ def test_ci_training_kernels_give_every_sm_a_program(ci_rows):
     assert all(r["sms_busy"] == kr.SMS for r in rows), idle
 
 
+def test_ci_bf16_training_kernels_dot_on_tensor_cores(ci_rows):
+    """bf16 parameters' dots are tf32 (SPEC.md, "Precision"): the bf16 forward, backward and
+    relations kernels hold tensor-core instructions in their SASS; the fp32 ones at matmul
+    precision "highest" hold none (IEEE dots run on the FMA units). (Top-k's exact re-score
+    is IEEE in every dtype.)"""
+    kernels = {"_lrml_pair_forward_kernel", "_lrml_shared_forward_kernel"}
+    kernels |= {"_lrml_backward_kernel", "_lrml_relations_kernel"}
+    rows = [
+        r
+        for r in ci_rows
+        if r["kernel"] in kernels and r["dtype"] in ("bf16", "fp32") and r["op"] != "topk"
+    ]
+    assert {r["kernel"] for r in rows if r["dtype"] == "bf16"} == kernels
+    for r in rows:
+        tc = {"HGMMA", "HMMA"} & set(r["tensor_cores"])
+        assert bool(tc) == (r["dtype"] == "bf16"), (r["kernel"], r["dtype"], r["tensor_cores"])
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_every_cuda_kernel_gets_a_row():
     try:

@@ -85,7 +85,7 @@ def check_fused_grads(backend, params, users, items, margin, kinks=True, **kw):
     )
     ref = _tolerance.reference_with_bounds(
         params, users, items, op="hinge", margin=margin, kinks=kinks,
-        stored_d=backend == "torch", **kw,
+        stored_d=backend == "torch", tf32=_tolerance.tf32_dots(backend, params[0].dtype), **kw,
     )  # fmt: skip
     _tolerance.assert_matches(f"{backend} hinge_loss_grads", ref, loss, [None, None, gK, gM],
                               (gp, gq))  # fmt: skip

@@ -39,12 +39,16 @@ fp32, 8-byte indices, every gathered row counted as an HBM read):
   22 µs at FMA peak. B = 2^20 × 2: 3.9 GB → 0.92 ms; 154 GFLOP → 2.3 ms. IEEE fp32 dots
   make these kernels FMA-bound (~22 FLOP/B useful, ~50 executed, against a ridge of ~16
   FLOP/B); TF32 dots (``torch.set_float32_matmul_precision("high")``) move them to the tensor
-  cores and under the memory roof.
+  cores and under the memory roof. bf16 rows halve the bytes (2^20 × 2: ~2 GB, ~0.5 ms) and
+  leave the FLOPs as they are, 4-5× over the memory roof on the FMA units: bf16 dots are
+  always tf32.
 
 Precision: fp16/bf16/fp32 parameters are computed in fp32 (results cast back to the parameter
-dtype); float64 parameters are computed in float64 (``tl.dot`` in fp64). fp32 ``tl.dot`` runs in
-IEEE fp32 unless torch's fp32 matmul precision is not "highest" (then TF32; read by
-:func:`lrml_kernels.precision.fp32_matmul_precision`, whichever API set it).
+dtype); float64 parameters are computed in float64 (``tl.dot`` in fp64). The dots of bf16
+parameters take tf32 operands (:func:`_dot_precision`: bf16's own rounding is 4× coarser);
+fp32 ``tl.dot`` runs in IEEE fp32 unless torch's fp32 matmul precision is not "highest" (then
+TF32; read by :func:`lrml_kernels.precision.fp32_matmul_precision`, whichever API set it);
+fp16 dots run in IEEE fp32.
 
 Layout (Liger-Kernel style): kernels, then launchers, then the registered custom ops
 (``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``), then the backend
@@ -571,7 +575,16 @@ def _device_guard(t: torch.Tensor):
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 (or fp64) products unless the user allowed TF32 for fp32 matmuls."""
+    """The operands of every ``tl.dot``: tf32 (tensor cores) for bf16 parameters, and for fp32
+    ones where the user allowed TF32 for fp32 matmuls; IEEE (FMA units) otherwise.
+
+    bf16 values are exact in tf32, and truncating an fp32 product or softmax weight to tf32
+    (2⁻¹⁰) errs 4× less than bf16's own rounding of the results (2⁻⁸), so a bf16 model loses
+    nothing it could keep. fp16 (2⁻¹¹) is finer than tf32, and fp32 at "highest" asks for IEEE:
+    both stay on the FMA units, where the dots bound the kernels (module docstring, Roofline).
+    """
+    if dtype == torch.bfloat16:
+        return "tf32"
     if dtype == torch.float32 and fp32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
