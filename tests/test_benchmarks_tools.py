@@ -117,6 +117,9 @@ def test_markdown_table_and_target_verdicts(tmp_path):
     assert "cpu on cpu: cpu backend: build failed: error: no compiler (1 benchmarks)" in md
 
 
+EPOCH_BW = {"size": "netflix-epoch", "gbps": 1300.0, "bw_fraction": 0.3}
+
+
 def test_gpu_cells_show_bandwidth_and_extrapolation(tmp_path):
     recs = [
         _rec("hinge fwd+bwd", "pair", "eager", 1e-3, device="cuda"),
@@ -134,6 +137,8 @@ def test_gpu_cells_show_bandwidth_and_extrapolation(tmp_path):
             extrapolated="timed 0.0682 of the work",
         ),  # fmt: skip
         _rec("topk", "k=10", "triton", 2.0, device="cuda", users=480_189, k=10),
+        _rec("hinge fwd+bwd", "shared", "eager", 9e-3, device="cuda", size="netflix-epoch"),
+        _rec("hinge fwd+bwd", "shared", "triton", 3e-3, device="cuda", **EPOCH_BW),
     ]
     machine = {"gpu": "NVIDIA H200", "driver": "580", "cuda": "13.0", "copy_gbps": 4300.0}
     run = report.load(_write_run(tmp_path / "gpu.json", recs, machine=machine))
@@ -141,7 +146,20 @@ def test_gpu_cells_show_bandwidth_and_extrapolation(tmp_path):
     assert "**GPU: NVIDIA H200**" in md and "4300 GB/s" in md
     assert "50 µs · **20.00×** · 3000 GB/s (70%)" in md
     assert "60.00 s†" in md
-    assert "70% (3000 GB/s)" in md and "2.00 s" in md
+    # the issues' GPU targets: 10× eager at 4096 × 5, 40 % of the copy bandwidth at 2^20 × 2,
+    # all-user top-10 in at most 1 s
+    verdicts = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in md.splitlines()
+        if line.startswith("| GPU")
+    }
+    ten = "GPU fwd+bwd, Netflix tables, B=4096×5, pair: triton ≥ 10× eager"
+    assert verdicts[ten][1].startswith("✅ met"), verdicts[ten]
+    bw = "GPU fwd+bwd, Netflix tables, B=2^20×2, shared: triton ≥ 40% of the copy bandwidth"
+    bw = next(k for k in verdicts if k.startswith(bw))
+    assert verdicts[bw][0] == "30% (1300 GB/s)" and verdicts[bw][1].startswith("❌ not met")
+    topk = "GPU top-10 for all 480,189 users × 17,770 items: triton ≤ 1.0 s"
+    assert verdicts[topk][0] == "2.00 s" and verdicts[topk][1].startswith("❌ not met")
 
 
 def test_jsonl_and_min_stat(tmp_path):
