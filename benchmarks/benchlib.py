@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:  # `pytest benchmarks/` without an installed packa
 
 import lrml_kernels as lk  # noqa: E402
 from lrml_kernels import backends, reference  # noqa: E402
+from lrml_kernels.precision import fp32_matmul_precision  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Sizes
@@ -83,6 +84,13 @@ HEADLINE = {
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# "tf32": fp32 tables timed under torch.set_float32_matmul_precision("high"), which puts the dots
+# of eager's cuBLAS and of the triton kernels on the tensor cores. Only the benchmarks whose
+# marker names it (``tf32_sizes``: the hinge fwd+bwd at the epoch batch, where IEEE dots bound the
+# kernels) and only the providers with a TF32 path.
+TF32 = "tf32"
+TF32_PROVIDERS = ("eager", "triton")
+PRECISION_NAMES = ("fp32", "bf16", TF32, "fp16")  # every --lrml-dtypes name, in run order
 
 TOPK_K = 10
 TOPK_EXCLUDED_PER_USER = 50
@@ -115,10 +123,11 @@ class Case:
     device: str  # "cpu" or "cuda"
     size: Size
     dtype: torch.dtype
+    tf32: bool = False  # fp32 tables timed at matmul precision "high" (TF32)
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return TF32 if self.tf32 else DTYPE_NAMES[self.dtype]
 
     @property
     def id(self) -> str:
@@ -252,6 +261,15 @@ def require(provider: str, device: str) -> None:
     reason = _why_not(provider, device)
     if reason:
         pytest.skip(f"{provider} on {device}: {reason}")
+
+
+def why_not_tf32(provider: str) -> str | None:
+    """Why ``provider`` is not timed in the tf32 rows (None: it is)."""
+    if provider in TF32_PROVIDERS:
+        return None
+    if provider == "cuda":
+        return "tf32: the CUDA kernels have no TF32 path"
+    return f"tf32 rows time {' and '.join(TF32_PROVIDERS)} only"
 
 
 def trainer_class():
@@ -528,6 +546,7 @@ def record_time(
         C=s.C,
         pairs=pairs,
         threads=torch.get_num_threads(),
+        matmul_precision=fp32_matmul_precision(),
         loadavg=round(os.getloadavg()[0], 2),  # a busy machine makes CPU numbers noisy
         cpus=os.cpu_count(),
     )
@@ -565,9 +584,9 @@ def record(info: dict) -> None:
             fh.write(json.dumps(info, default=str) + "\n")
 
 
-def assert_close(actual, expected, dtype: torch.dtype, what: str) -> None:
+def assert_close(actual, expected, dtype: torch.dtype, what: str, tf32: bool = False) -> None:
     """Every provider must compute the same thing as the eager one before it is timed."""
-    tol = {torch.float32: 1e-3, torch.float64: 1e-6}.get(dtype, 3e-2)
+    tol = 1e-2 if tf32 else {torch.float32: 1e-3, torch.float64: 1e-6}.get(dtype, 3e-2)
     a, e = actual.detach().float(), expected.detach().float()
     err = ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
     assert math.isfinite(err) and err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"

@@ -4,7 +4,9 @@ Options (each also read from an environment variable, the command line wins):
 
   --lrml-size=smoke|full|NAME[,NAME]   LRML_BENCH_SIZE   (default smoke: tiny tables, for CI)
   --lrml-device=auto|cpu|cuda          LRML_BENCH_DEVICE (default auto: cpu, plus cuda if present)
-  --lrml-dtypes=auto|fp32[,bf16]       LRML_BENCH_DTYPES (default auto: fp32, plus bf16 on cuda)
+  --lrml-dtypes=auto|fp32[,bf16,...]   LRML_BENCH_DTYPES (default auto: fp32, plus bf16 and tf32
+                                       on cuda; tf32 = fp32 tables at matmul precision "high",
+                                       only where a test's marker names the size: tf32_sizes)
   --lrml-budget=SECONDS                LRML_BENCH_BUDGET (CPU seconds of timed rounds per benchmark)
   --lrml-malloc=steady|system          LRML_BENCH_MALLOC (default steady: see benchlib, "The
                                        allocator")
@@ -20,11 +22,12 @@ Options (each also read from an environment variable, the command line wins):
 
 Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults stay untouched).
 A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...,
-epoch_batch=...)`` (``epoch_batch=True``: also at the epoch-batch sizes, netflix-epoch and
-tiny-epoch, which run nothing else) and takes the ``case`` argument; providers are a plain
-``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile`` peers
-run after every other benchmark (compiling costs the most time: under a deadline, what is left
-out); the train loop runs after every size (its data set-up is the slowest part).
+epoch_batch=..., tf32_sizes=...)`` (``epoch_batch=True``: also at the epoch-batch sizes,
+netflix-epoch and tiny-epoch, which run nothing else; ``tf32_sizes``: the sizes at which it also
+runs the tf32 case, where --lrml-dtypes has it) and takes the ``case`` argument; providers are a
+plain ``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile``
+peers run after every other benchmark (compiling costs the most time: under a deadline, what is
+left out); the train loop runs after every size (its data set-up is the slowest part).
 """
 
 from __future__ import annotations
@@ -95,11 +98,13 @@ def _devices(config) -> tuple[str, ...]:
 def _dtypes(config, device: str) -> tuple[str, ...]:
     want = config.getoption("--lrml-dtypes")
     if want == "auto":
-        return ("fp32", "bf16") if device == "cuda" else ("fp32",)
+        return ("fp32", "bf16", benchlib.TF32) if device == "cuda" else ("fp32",)
     names = tuple(n.strip() for n in want.split(","))
     for n in names:
-        if n not in benchlib.DTYPES:
-            raise pytest.UsageError(f"--lrml-dtypes: {n!r} is not one of {list(benchlib.DTYPES)}")
+        if n not in benchlib.PRECISION_NAMES:
+            raise pytest.UsageError(
+                f"--lrml-dtypes: {n!r} is not one of {list(benchlib.PRECISION_NAMES)}"
+            )
     return names
 
 
@@ -142,7 +147,11 @@ def pytest_generate_tests(metafunc):
             for dt in _dtypes(metafunc.config, device):
                 if "dtypes" in allow and dt not in allow["dtypes"]:
                     continue
-                cases.append(benchlib.Case(device, size, benchlib.DTYPES[dt]))
+                tf32 = dt == benchlib.TF32
+                if tf32 and size.name not in allow.get("tf32_sizes", ()):
+                    continue
+                dtype = torch.float32 if tf32 else benchlib.DTYPES[dt]
+                cases.append(benchlib.Case(device, size, dtype, tf32=tf32))
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
@@ -173,7 +182,7 @@ def pytest_collection_modifyitems(session, config, items):
             sizes.index(case.size.name),
             cs.params.get("provider") == "compile",
             case.device,
-            list(benchlib.DTYPES).index(case.dtype_name),
+            benchlib.PRECISION_NAMES.index(case.dtype_name),
             item.fspath.basename,
             item.originalname,
             tuple(str(v) for k, v in sorted(cs.params.items()) if k not in ("case", "provider")),
@@ -195,15 +204,36 @@ def _is_headline(test: str, case: benchlib.Case) -> bool:
 
 
 def pytest_runtest_setup(item):
-    """Past --lrml-deadline no benchmark starts (a compile peer: COMPILE_RESERVE_S before it)."""
+    """Past --lrml-deadline no benchmark starts (a compile peer: COMPILE_RESERVE_S before it);
+    a tf32 case runs only the providers with a TF32 path."""
     cs = getattr(item, "callspec", None)
     if cs is None or "case" not in cs.params:
         return
+    if cs.params["case"].tf32:
+        why = benchlib.why_not_tf32(cs.params.get("provider"))
+        if why:
+            pytest.skip(why)
     need = benchlib.COMPILE_RESERVE_S if cs.params.get("provider") == "compile" else 0.0
     if benchlib.out_of_time(need):
         deadline = item.config.getoption("--lrml-deadline")
         when = f"less than {need:g} s away" if need else "past"
         pytest.skip(f"{benchlib.OUT_OF_TIME}: the run's deadline ({deadline:g} s) was {when}")
+
+
+@pytest.fixture(autouse=True)
+def _tf32_matmuls(request):
+    """A tf32 case runs at torch's fp32 matmul precision "high" (restored after it)."""
+    cs = getattr(request.node, "callspec", None)
+    case = cs.params.get("case") if cs else None
+    if not (isinstance(case, benchlib.Case) and case.tf32):
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 @pytest.fixture(scope="session", autouse=True)

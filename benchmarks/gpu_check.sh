@@ -15,7 +15,8 @@
 #                and it is stopped before the bench starts (at most a third of the bench's limit
 #                is spent waiting for it)
 #   4 bench      the headline workloads at Netflix size (benchlib.HEADLINE): hinge fwd+bwd in
-#                both relations at B = 4096 x 5 and at B = 2^20 x 2 (fp32, bf16), the train step,
+#                both relations at B = 4096 x 5 and at B = 2^20 x 2 (fp32, bf16; at 2^20 x 2 also
+#                tf32: fp32 tables at matmul precision "high", eager and triton), the train step,
 #                the epoch, the all-user top-10 (fp32); compile peers in fp32 after each size;
 #                the train loop (fit on synthetic Netflix data beside its step: issue 19's GPU
 #                target) last of all
@@ -218,6 +219,7 @@ select=(-q -p no:cacheprovider --lrml-workloads=headline --lrml-cap="$cap")
 if [[ $mode == dry-run ]]; then
   export OMP_NUM_THREADS=1 # the CPU stand-in: no thread contention on a shared CI machine
   select+=(--lrml-device=cpu --lrml-size=tiny,tiny-epoch --lrml-budget=0.05 -k "not compile")
+  select+=(--lrml-dtypes=fp32,tf32) # (tf32 is on by default on CUDA only)
 else
   select+=(--lrml-device=cuda --lrml-size=netflix,netflix-epoch -k "not compile or fp32")
 fi

@@ -32,7 +32,7 @@ WORKLOADS = (
     "distances fwd", "hinge fwd", "hinge fwd+bwd", "train step", "train loop", "epoch", "topk",
 )  # fmt: skip
 SIZES = ("tiny", "tiny-epoch", "small", "netflix", "netflix-epoch")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "tf32", "fp16")
 DEVICES = ("cpu", "cuda")
 BASELINE = "eager"
 OUT_OF_TIME = "out of time"  # the reason of a benchmark skipped past the run's deadline

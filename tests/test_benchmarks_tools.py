@@ -390,6 +390,32 @@ def test_no_benchmark_starts_after_the_deadline(tmp_path):
     assert len(recs) == 10 and all(r["reason"].startswith("out of time") for r in recs), recs
 
 
+def test_tf32_rows_run_at_matmul_precision_high_at_the_epoch_batch_only(tmp_path):
+    jsonl = tmp_path / "run.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_hinge_loss.py", "-q",
+         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny,tiny-epoch",
+         "--lrml-dtypes=fp32,tf32", "--lrml-budget=0.01", f"--lrml-jsonl={jsonl}",
+         "-k", "forward_backward and pair and not compile and not triton"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    timed = {(r["provider"], r["size"], r["dtype"]): r for r in recs if "time_s" in r}
+    assert set(timed) == {
+        ("eager", "tiny", "fp32"), ("cpu", "tiny", "fp32"),
+        ("eager", "tiny-epoch", "fp32"), ("cpu", "tiny-epoch", "fp32"),
+        ("eager", "tiny-epoch", "tf32"),
+    }  # fmt: skip
+    assert {r["matmul_precision"] for k, r in timed.items() if k[2] == "fp32"} == {"highest"}
+    assert timed["eager", "tiny-epoch", "tf32"]["matmul_precision"] == "high"
+    why = {r["provider"]: r["reason"] for r in recs if r.get("dtype") == "tf32" and "reason" in r}
+    assert why == {
+        "cpu": "tf32 rows time eager and triton only",
+        "cuda": "tf32: the CUDA kernels have no TF32 path",
+    }, why
+
+
 def test_a_bench_file_named_on_the_command_line_is_collected_once():
     one = _collected("benchmarks/bench_hinge_loss.py")
     assert one and len(one) == len(set(one)), "benchmarks collected twice"
