@@ -21,7 +21,8 @@
 #                the train loop (fit on synthetic Netflix data beside its step: issue 19's GPU
 #                target) last of all
 #   5 profile    benchmarks/profile_gpu.py: torch.profiler over a train step and a hinge fwd+bwd
-#                (B = 4096 x 5, B = 2^20 x 2) for the torch, triton and cuda backends
+#                (B = 4096 x 5, B = 2^20 x 2) for the torch, triton and cuda backends (at 2^20 x 2
+#                also torch and triton with TF32 dots)
 #   6 report     benchmarks/report.py: the Markdown table of step 4, always written
 #
 # Usage:   bash benchmarks/gpu_check.sh [--dry-run | --plan] OUTDIR

@@ -8,7 +8,9 @@ on generated tables of the size (netflix: 480,189 x 17,770, d = 100, N = 20; no 
 
   hinge fwd+bwd   ``lrml_hinge_loss`` (relation pair, sparse gradients) + backward,
                   at B = 4096 x 5 and at the epoch's batch B = 2^20 x 2 (the sizes netflix and
-                  netflix-epoch of benchlib; tiny: 256 x 5 and 4096 x 2)
+                  netflix-epoch of benchlib; tiny: 256 x 5 and 4096 x 2); at the epoch's batch
+                  also "torch-tf32" and "triton-tf32": the same backend at torch's fp32 matmul
+                  precision "high" (TF32 dots: cuBLAS's and the Triton kernels' tensor cores)
   train step      ``LRMLTrainer(model, optimizer="adam")`` on a model of that backend, B = 4096 x 5;
                   on CUDA with triton also "triton-graph": the same step with ``cuda_graph=True``
                   (captured in the warm-up, replayed in the profile: the graph's kernels)
@@ -58,6 +60,8 @@ RATINGS_MEDIAN, RATINGS_MEAN = 96, 209
 WARMUP = 2
 TOP = 12  # rows of each kernel table
 DEFAULT_BACKENDS = {"cuda": ("torch", "triton", "cuda"), "cpu": ("torch", "cpu")}
+TF32 = "-tf32"  # a backend name's suffix: the piece runs at fp32 matmul precision "high"
+TF32_BACKENDS = ("torch", "triton")  # (the cuda backend has no TF32 path)
 
 
 @dataclasses.dataclass
@@ -104,10 +108,11 @@ def _call(piece: Piece, device: str, dtype: torch.dtype):
 
         return negatives, (users,)
     params = bl.tables(case)
+    backend = piece.backend.removesuffix(TF32)
 
     def hinge(users, items):
         bl.clear_grads(params)
-        loss = lk.lrml_hinge_loss(*params, users, items, relation="pair", backend=piece.backend,
+        loss = lk.lrml_hinge_loss(*params, users, items, relation="pair", backend=backend,
                                   sparse_grad=True, validate=False)  # fmt: skip
         loss.backward()
         return loss
@@ -158,6 +163,17 @@ def _count_syncs(fn, args, device: str) -> tuple[int | None, float]:
 
 
 def profile_piece(piece: Piece, device: str, dtype: torch.dtype) -> dict:
+    if not piece.backend.endswith(TF32):
+        return _profile(piece, device, dtype)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        return _profile(piece, device, dtype)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _profile(piece: Piece, device: str, dtype: torch.dtype) -> dict:
     fn, args = _call(piece, device, dtype)
     for _ in range(WARMUP):
         fn(*args)
@@ -261,7 +277,8 @@ def _header(device: str, size: bl.Size, dtype: torch.dtype) -> str:
         f"## Profile: {where}\n\ntorch {torch.__version__}, triton {tv}, Python "
         f"{platform.python_version()}, commit `{commit or '?'}`. Tables {size.name} "
         f"({size.U:,}×{size.I:,}, d={size.d}, N={size.N}, {bl.DTYPE_NAMES[dtype]}), generated; "
-        f"distance l2, relation pair; hinge with sparse embedding gradients. {WARMUP} warm-up "
+        f"distance l2, relation pair; hinge with sparse embedding gradients; a backend named "
+        f'`…{TF32}` runs at fp32 matmul precision "high" (TF32 dots). {WARMUP} warm-up '
         f"calls, then {CALLS} profiled calls (per-call figures are their mean) and one call "
         'under `torch.cuda.set_sync_debug_mode("warn")` (host syncs, wall time).'
     )
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and "triton" in usable:  # the step as a replayed CUDA graph
         at = 1 + max(i for i, p in enumerate(pieces) if p.workload == "train step")
         pieces.insert(at, Piece("train step", small, "triton-graph"))
+    if dtype == torch.float32:  # last: the epoch's batch with TF32 dots
+        pieces += [Piece("hinge fwd+bwd", big, b + TF32) for b in TF32_BACKENDS if b in usable]
     header = _header(args.device, small, dtype)
     out = Path(args.out)
     longest = 1.0

@@ -302,6 +302,7 @@ def test_gpu_check_dry_run(tmp_path, budget):
     profile = (out / "profile.md").read_text()
     for piece in ("| torch | hinge fwd+bwd | B=256×5 |", "| cpu | train step | B=256×5 |",
                   "| cpu | hinge fwd+bwd | B=4,096×2 |", "### torch · train step",
+                  "| torch-tf32 | hinge fwd+bwd | B=4,096×2 |",
                   "| torch | negatives | B=256×4 |", "| cpu | negatives | B=256×4 |"):  # fmt: skip
         assert piece in profile
     assert "not profiled" not in profile
