@@ -141,13 +141,14 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       ``lrml_relations`` and the negatives.
     - ``ci``: a covering subset that compiles in a few minutes on 2 cores: hinge fwd+bwd (the
       forward and backward kernels) at B = 4096 × 5, d = 100, N = 20, l2, pair and shared in
-      fp32, pair in bf16; the Adam row updates at 4096 × 5 fp32 (their sorts: 4,096 ids in one
-      chunk, 20,480 in 3 chunks, int32 keys); the sort's largest one-chunk launches of either key
-      width and its largest several-chunk launch of int64 keys; top-k fp32;
-      ``lrml_relations`` of 4096 pairs in fp32 and bf16; both negatives draws at 4096 × 5; and the
-      shapes whose launch options depend on d, N or the Triton release: the shared-relation
-      hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at d = 100, and the pair
-      hinge in tf32 at d = 64, N = 10.
+      fp32, pair in bf16; the train step's fwd+bwd there in fp32 (its backward takes the
+      forward's l2 distances), both relations; the Adam row updates at 4096 × 5 fp32 (their
+      sorts: 4,096 ids in one chunk, 20,480 in 3 chunks, int32 keys); the sort's largest
+      one-chunk launches of either key width and its largest several-chunk launch of int64 keys;
+      top-k fp32; ``lrml_relations`` of 4096 pairs in fp32 and bf16; both negatives draws at
+      4096 × 5; and the shapes whose launch options depend on d, N or the Triton release: the
+      shared-relation hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at
+      d = 100, and the pair hinge in tf32 at d = 64, N = 10.
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -161,6 +162,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
             for dt, rel in (("fp32", "pair"), ("fp32", "shared"), ("bf16", "pair"))
         ]
         out.append(Case("rowupdate", 4096, 5, 100, 20, "fp32", "pair", "l2"))
+        # the train step's backward (the forward's l2 distances, no pass of its own for them)
+        out += [Case("train", 4096, 5, 100, 20, "fp32", rel, "l2") for rel in RELATIONS]
         ru = importlib.import_module("lrml_kernels.triton.row_update")
         worst = [(ru.SORT_CHUNK[32], 32), (ru.SORT_CHUNK[64], 64), (ru.SORT_MAX[64], 64)]
         # (the row updates' sorts: 4,096 ids in one chunk, 20,480 in 3, int32 keys)

@@ -307,6 +307,27 @@ def test_gpu_tiling_matches_one_block(relation):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_backward_takes_l2_distances_from_the_forward(relation):
+    # With the forward's D the l2 backward skips its own distance pass: the same gradients (up
+    # to the order of D's sum), every gradient linear in 1 / D (twice D: half of each), and
+    # the other distances ignore D.
+    params, users, items = make_inputs(10, 12, 7, 37, 50, 3, scale=0.5)
+    W = torch.rand(50, dtype=torch.float64, device=DEVICE)
+    for distance in DISTANCES:
+        kw = {"distance": distance, "relation": relation, "eps": 1e-3}
+        D, _, G = TD.forward_launch(*params, users, items, margin=0.7, hinge=True, **kw)
+        want = TD.backward_launch(*params, users, items, G, W, 0.5, **kw)
+        got = TD.backward_launch(*params, users, items, G, W, 0.5, D=D, **kw)
+        doubled = TD.backward_launch(*params, users, items, G, W, 0.5, D=2 * D, **kw)
+        for a, b, c in zip(got, want, doubled, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            if distance == "l2":
+                torch.testing.assert_close(c, 0.5 * b, rtol=1e-12, atol=1e-12)
+            else:
+                assert torch.equal(c, b)
+
+
 def test_out_of_range_indices_are_masked_not_read():
     # validate=False skips the range check: the kernels clamp-and-mask (reads a zero row).
     params, users, items = make_inputs(4, 5, 3, 6, 3, 2)

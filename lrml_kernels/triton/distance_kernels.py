@@ -13,9 +13,11 @@ Kernels (K and M, N × d, are tiny and re-read per chunk from L1/L2; the gathere
 - ``_hinge_kernel``: the per-row hinge losses and ``∂L_b/∂D`` from the fp32 distances.
 - ``_lrml_backward_kernel``: program ``pid`` of G (as many as are resident: 1 per SM) takes row
   blocks ``pid, pid + G, …``; it recomputes ``s, a, r, e`` chunk by chunk (cheaper than storing
-  them), writes the row gradients (``[B, d]`` compute dtype, ``[B, C, d]``) and adds its
-  keys/memory contributions into its own ``[N, d]`` partial slots; the ``[G, N, d]`` partials
-  are then summed over G in a fixed order. No atomics anywhere: same inputs, same bits.
+  them; for l2, the fused trainer's step hands it the forward's D, which saves the pass over d
+  that recomputes it: one of four), writes the row gradients (``[B, d]`` compute dtype,
+  ``[B, C, d]``) and adds its keys/memory contributions into its own ``[N, d]`` partial slots;
+  the ``[G, N, d]`` partials are then summed over G in a fixed order. No atomics anywhere:
+  same inputs, same bits.
 
 Why chunks: a ``tl.dot`` in IEEE fp32 runs on CUDA cores, and its lowering holds the whole
 reduction dimension of both operands in registers; with full-d tiles every configuration spilled
@@ -34,7 +36,8 @@ fp32, 8-byte indices, every gathered row counted as an HBM read):
   C = 5: ~0.5 KB forward, ~1.0 KB backward.
 - FLOPs per pair: forward 4Nd = 8 K useful (logits, r), 16 K as executed (N padded to 32,
   d to 128); backward 12Nd = 24 K useful (logits, r, ga, gM, gs, gK), ~57 K executed (r is
-  recomputed in each of its passes; d = 100 padded to 112).
+  recomputed in each of its passes; d = 100 padded to 112), ~50 K where the l2 distances come
+  from the forward (the trainer's step).
 - relation="pair", B = 4096 × 5, fwd + bwd: 30 MB → 7 µs at copy bandwidth; 1.5 GFLOP →
   22 µs at FMA peak. B = 2^20 × 2: 3.9 GB → 0.92 ms; 154 GFLOP → 2.3 ms. IEEE fp32 dots
   make these kernels FMA-bound (~22 FLOP/B useful, ~50 executed, against a ridge of ~16
@@ -362,15 +365,18 @@ def _keys_pass(
 def _pair_backward_column(
     P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
     M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+    Dist, stride_db, stride_dc,
     GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
     gk_base, stride_gkd, gm_base, stride_gmd,
     offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, c, add, I, d, eps,
-    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
+    DISTANCE: tl.constexpr, HAS_D: tl.constexpr, IS_FP64: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
 ):  # fmt: skip
     """relation="pair", column ``c`` of one row block, in four passes over d (each recomputes
-    what it needs rather than keeping [BLOCK_B, d] tiles live): logits; distance (l2 only);
-    ``ga = ge Mᵀ`` and ``gM += aᵀ ge``; ``gs = gz K``, ``gK += gzᵀ s`` and the row gradients."""
+    what it needs rather than keeping [BLOCK_B, d] tiles live): logits; distance (l2 without
+    the forward's ``Dist`` only); ``ga = ge Mᵀ`` and ``gM += aᵀ ge``; ``gs = gz K``,
+    ``gK += gzᵀ s`` and the row gradients."""
     it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
     g = _upcast(tl.load(G + offs_b * stride_gb + c * stride_gc, mask=b_mask, other=0.0), IS_FP64)
     g = g * rw
@@ -380,16 +386,20 @@ def _pair_backward_column(
         IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
     )  # fmt: skip
     a = _softmax(z, n_mask)
-    acc = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64)
-    if DISTANCE == 0:
-        for d0 in range(0, d, BLOCK_DC):
-            od = d0 + offs_k
-            dm = od < d
-            p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
-            q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
-            Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
-            acc += _row_term(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, DISTANCE)
-    coef = tl.where(b_mask, _grad_coef(g, acc, eps, DISTANCE), 0.0)  # no 0/0 on padded rows
+    if HAS_D:  # (l2 only) ∂D/∂e = e / D with the forward's D
+        dist = tl.load(Dist + offs_b * stride_db + c * stride_dc, mask=b_mask, other=1.0)
+        coef = tl.where(b_mask, g / _upcast(dist, IS_FP64), 0.0)
+    else:
+        acc = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64)
+        if DISTANCE == 0:
+            for d0 in range(0, d, BLOCK_DC):
+                od = d0 + offs_k
+                dm = od < d
+                p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+                q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+                Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+                acc += _row_term(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, DISTANCE)
+        coef = tl.where(b_mask, _grad_coef(g, acc, eps, DISTANCE), 0.0)  # no 0/0 on padding
 
     ga = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
     for d0 in range(0, d, BLOCK_DC):
@@ -417,15 +427,17 @@ def _pair_backward_column(
 def _shared_backward_tile(
     P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
     M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+    Dist, stride_db, stride_dc,
     GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
     gk_base, stride_gkd, gm_base, stride_gmd,
     offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, add, C, I, d, eps,
-    DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    DISTANCE: tl.constexpr, HAS_D: tl.constexpr, IS_FP64: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """relation="shared", one row block, every column, in three passes over d (plus one for the
-    l2 distances): the relation of column 0 collects ``gr₀ = Σ_c ge_c``."""
+    l2 distances without the forward's ``Dist``): the relation of column 0 collects
+    ``gr₀ = Σ_c ge_c``."""
     offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     c_mask = offs_c < C
     it0, it0_ok = _load_indices(items + offs_b * stride_ib, offs_b, b_mask, I)
@@ -441,22 +453,32 @@ def _shared_backward_tile(
         IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
     )  # fmt: skip
     a0 = _softmax(z, n_mask)
-    acc = _upcast(tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32), IS_FP64)
-    if DISTANCE == 0:
-        for d0 in range(0, d, BLOCK_DC):
-            od = d0 + offs_k
-            dm = od < d
-            p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
-            Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
-            pr = p + tl.dot(a0, Mc, input_precision=DOT_PREC)
-            for c in range(C):
-                it, it_ok = _load_indices(
-                    items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I
-                )
-                q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
-                acc += tl.where(offs_c[None, :] == c, _row_term(pr - q, DISTANCE)[:, None], 0.0)
-    coef = _grad_coef(g, acc, eps, DISTANCE)  # [BLOCK_B, BLOCK_C]
-    coef = tl.where(b_mask[:, None] & c_mask[None, :], coef, 0.0)  # no 0/0 on padding
+    bc_mask = b_mask[:, None] & c_mask[None, :]
+    if HAS_D:  # (l2 only) ∂D/∂e = e / D with the forward's D
+        dist = tl.load(
+            Dist + offs_b[:, None] * stride_db + offs_c[None, :] * stride_dc,
+            mask=bc_mask,
+            other=1.0,
+        )
+        coef = g / _upcast(dist, IS_FP64)  # [BLOCK_B, BLOCK_C]
+    else:
+        acc = _upcast(tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32), IS_FP64)
+        if DISTANCE == 0:
+            for d0 in range(0, d, BLOCK_DC):
+                od = d0 + offs_k
+                dm = od < d
+                p = _load_rows(P, u, u_ok, od, dm, stride_pu, stride_pd, IS_FP64)
+                Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
+                pr = p + tl.dot(a0, Mc, input_precision=DOT_PREC)
+                for c in range(C):
+                    it, it_ok = _load_indices(
+                        items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I
+                    )
+                    q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
+                    term = _row_term(pr - q, DISTANCE)[:, None]
+                    acc += tl.where(offs_c[None, :] == c, term, 0.0)
+        coef = _grad_coef(g, acc, eps, DISTANCE)  # [BLOCK_B, BLOCK_C]
+    coef = tl.where(bc_mask, coef, 0.0)  # no 0/0 on padding
     coef0 = tl.sum(tl.where(offs_c[None, :] == 0, coef, 0.0), axis=1)
 
     ga = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
@@ -504,6 +526,7 @@ def _lrml_backward_kernel(
     users, stride_ub,  # [B]
     items, stride_ib, stride_ic,  # [B, C]
     G, stride_gb, stride_gc,  # [B, C] ∂L/∂D (any float dtype, any strides)
+    Dist, stride_db, stride_dc,  # [B, C] compute dtype: the forward's D (HAS_D: l2 only)
     W, stride_wb,  # [B] per-row factor on G (HAS_W), e.g. the upstream grad of per-row losses
     GP, stride_gpb, stride_gpd,  # [B, d] out (compute dtype): gradient of each gathered user row
     GQ, stride_gqb, stride_gqc, stride_gqd,  # [B, C, d] out: gradient of each gathered item row
@@ -511,7 +534,7 @@ def _lrml_backward_kernel(
     GM, stride_gmp, stride_gmn, stride_gmd,  # [programs, N, d] out: idem for memory
     B, C, U, I, N, d,
     scale, eps,
-    DISTANCE: tl.constexpr, SHARED: tl.constexpr, HAS_W: tl.constexpr,
+    DISTANCE: tl.constexpr, SHARED: tl.constexpr, HAS_W: tl.constexpr, HAS_D: tl.constexpr,
     IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -538,10 +561,11 @@ def _lrml_backward_kernel(
             _shared_backward_tile(
                 P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
                 M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+                Dist, stride_db, stride_dc,
                 GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
                 gk_base, stride_gkd, gm_base, stride_gmd,
                 offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, tile > pid, C, I, d, eps,
-                DISTANCE, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC, BLOCK_C,
+                DISTANCE, HAS_D, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC, BLOCK_C,
             )  # fmt: skip
         else:
             for c in range(C):
@@ -549,10 +573,11 @@ def _lrml_backward_kernel(
                 _pair_backward_column(
                     P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
                     M, stride_mn, stride_md, items, stride_ib, stride_ic, G, stride_gb, stride_gc,
+                    Dist, stride_db, stride_dc,
                     GP, stride_gpb, stride_gpd, GQ, stride_gqb, stride_gqc, stride_gqd,
                     gk_base, stride_gkd, gm_base, stride_gmd,
                     offs_b, b_mask, u, u_ok, rw, offs_n, n_mask, offs_k, c, add, I, d, eps,
-                    DISTANCE, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
+                    DISTANCE, HAS_D, IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
                 )  # fmt: skip
 
 
@@ -740,9 +765,12 @@ def forward_launch(
 
 def backward_launch(
     user_emb, item_emb, keys, memory, users, items, G, W=None, scale=1.0, *, distance,
-    relation, eps, row_dtype=None, config=None,
+    relation, eps, row_dtype=None, config=None, D=None,
 ):  # fmt: skip
     """Run the backward kernel. ``g[b, c] = G[b, c] · W[b] · scale`` is ``∂L/∂D``.
+
+    ``D``: the forward's distances ``[B, C]`` in the compute dtype, or None. With distance l2
+    the kernel takes ``∂D/∂e = e / D`` from them and skips a pass over d (one of four).
 
     Returns ``(grad_user_rows [B, d], grad_item_rows [B, C, d], grad_keys [N, d],
     grad_memory [N, d])``: rows in ``row_dtype`` (default the parameter dtype), keys/memory
@@ -766,12 +794,15 @@ def backward_launch(
     if B == 0:
         return GP.to(row_dtype), GQ, keys.new_zeros(N, d), memory.new_zeros(N, d)
     Wt = W if W is not None else G
+    has_d = D is not None and distance == "l2"
+    Dt = D if has_d else G
     with _device_guard(user_emb):
         _lrml_backward_kernel[(programs,)](
             *_param_args(user_emb, item_emb, keys, memory),
             users, users.stride(0),
             items, items.stride(0), items.stride(1),
             G, G.stride(0), G.stride(1),
+            Dt, Dt.stride(0), Dt.stride(1),
             Wt, Wt.stride(0),
             GP, GP.stride(0), GP.stride(1),
             GQ, GQ.stride(0), GQ.stride(1), GQ.stride(2),
@@ -780,7 +811,7 @@ def backward_launch(
             B, C, user_emb.shape[0], item_emb.shape[0], N, d,
             float(scale), float(eps),
             DISTANCE=DISTANCE_CODES[distance], SHARED=relation == "shared",
-            HAS_W=W is not None, IS_FP64=dtype == torch.float64,
+            HAS_W=W is not None, HAS_D=has_d, IS_FP64=dtype == torch.float64,
             DOT_PREC=_dot_precision(dtype), BLOCK_C=triton.next_power_of_2(C),
             **_launch_options(cfg),
         )  # fmt: skip
@@ -998,13 +1029,13 @@ def hinge_loss_grads(
             torch.zeros_like(keys),
             torch.zeros_like(memory),
         )
-    _, L, G = forward_launch(
+    D, L, G = forward_launch(
         user_emb, item_emb, keys, memory, users, items, distance=distance, relation=relation,
-        eps=eps, margin=margin, hinge=True, store_d=False,
+        eps=eps, margin=margin, hinge=True,
     )  # fmt: skip
     scale = 1.0 / B if reduction == "mean" else 1.0
     gp, gq, gK, gM = backward_launch(
         user_emb, item_emb, keys, memory, users, items, G, None, scale, distance=distance,
-        relation=relation, eps=eps,
+        relation=relation, eps=eps, D=D,
     )  # fmt: skip
     return _reduce(L, reduction), gp, gq, gK, gM
