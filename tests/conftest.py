@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any module defining Triton kernels is imported, hence here.
 """
 
+import importlib
 import os
 from pathlib import Path
 
@@ -160,3 +161,35 @@ def triton_launches(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", recorded)
     return seen
+
+
+@pytest.fixture
+def tensor_core_tf32(monkeypatch):
+    """The interpreter's ``tl.dot`` with tf32 operands truncated as the tensor cores truncate them
+    (the low 13 mantissa bits of each fp32 operand dropped; the interpreter otherwise computes
+    every dot exactly), at torch's fp32 matmul precision "high" (restored after). Yields the
+    count of such dots."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter only (the GPU runs tf32 itself: tests/test_gpu_matrix.py)")
+    import numpy as np
+    from triton._C.libtriton import ir
+
+    interp = importlib.import_module("triton.runtime.interpreter")
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # (fp32 dots: tf32 where this is not "highest")
+    create_dot = interp.InterpreterBuilder.create_dot
+    count = {"tf32 dots": 0}
+
+    def truncated(h):
+        bits = np.ascontiguousarray(h.data).view(np.uint32) & np.uint32(0xFFFFE000)
+        return interp.TensorHandle(bits.view(np.float32), h.dtype)
+
+    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32:
+            count["tf32 dots"] += 1
+            a, b = truncated(a), truncated(b)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", tf32_dot)
+    yield count
+    torch.set_float32_matmul_precision(old)

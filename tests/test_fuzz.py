@@ -146,15 +146,17 @@ def run(op, params, users, items, weights=None, **kw):
     return out.detach(), [dense(p.grad) for p in ps]
 
 
-def check_problem(backend, pb):
+def check_problem(backend, pb, fp32_tf32=False):
     """Distances, hinge loss, their gradients (dense or sparse) and the fused per-row gradients
     against the float64 reference of the same rounded inputs (tests/_tolerance.py: error bounds
-    from unit roundoff and the sizes of the sums; kink terms excluded and counted)."""
+    from unit roundoff and the sizes of the sums; kink terms excluded and counted).
+    ``fp32_tf32``: torch's fp32 matmul precision is not "highest"."""
     params, users, items = build(pb)
     dtype = pb["dtype"]
     kw = {"distance": pb["distance"], "relation": pb["relation"], "eps": pb["eps"]}
     hinge_kw = {**kw, "margin": pb["margin"], "reduction": pb["reduction"]}
-    ref_kw = {"stored_d": backend == "torch", "tf32": _tolerance.tf32_dots(backend, dtype), **kw}
+    tf32 = _tolerance.tf32_dots(backend, dtype, fp32_tf32)
+    ref_kw = {"stored_d": backend == "torch", "tf32": tf32, **kw}
 
     def ours(op, **extra):
         return lambda *a, **k: op(*a, backend=backend, **extra, **k)
@@ -195,6 +197,19 @@ def test_ops_and_gradients_match_reference(backend):
         check_problem(backend, pb)
 
     check()
+
+
+def test_tf32_dots_within_the_tf32_bound(tensor_core_tf32):
+    # fp32 problems at matmul precision "high" through the interpreter, the tensor cores'
+    # truncation of tf32 operands emulated (tests/conftest.py): the bound the GPU's tf32 and bf16
+    # runs are held to, on every shape, scale and option the fuzzer draws.
+    @fuzz_settings(EXAMPLES["triton"] // 2)
+    @given(pb=problems("triton").filter(lambda pb: pb["dtype"] == torch.float32))
+    def check(pb):
+        check_problem("triton", pb, fp32_tf32=True)
+
+    check()
+    assert tensor_core_tf32["tf32 dots"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

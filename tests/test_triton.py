@@ -174,34 +174,6 @@ def test_bf16_dots_are_tf32_whatever_the_fp32_matmul_precision():
         torch.set_float32_matmul_precision(old)
 
 
-@pytest.fixture
-def tensor_core_tf32(monkeypatch):
-    """The interpreter's ``tl.dot`` with tf32 operands truncated as the tensor cores truncate them
-    (the low 13 mantissa bits of each fp32 operand dropped; the interpreter otherwise computes
-    every dot exactly). Yields the count of such dots."""
-    if DEVICE != "cpu":
-        pytest.skip("interpreter only (the GPU runs tf32 itself: tests/test_gpu_matrix.py)")
-    import numpy as np
-    from triton._C.libtriton import ir
-
-    interp = importlib.import_module("triton.runtime.interpreter")
-    create_dot = interp.InterpreterBuilder.create_dot
-    count = {"tf32 dots": 0}
-
-    def truncated(h):
-        bits = np.ascontiguousarray(h.data).view(np.uint32) & np.uint32(0xFFFFE000)
-        return interp.TensorHandle(bits.view(np.float32), h.dtype)
-
-    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32:
-            count["tf32 dots"] += 1
-            a, b = truncated(a), truncated(b)
-        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", tf32_dot)
-    return count
-
-
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_tf32_dots_within_their_error_bound(tensor_core_tf32, distance, relation):
@@ -209,17 +181,12 @@ def test_tf32_dots_within_their_error_bound(tensor_core_tf32, distance, relation
     # bf16 model: _tolerance.TF32_ROUNDOFF) against the kernels with truncated operands, at the
     # shape of the GPU matrix's tf32 cases; the IEEE bound must be too tight for them.
     params, users, items = make_inputs(80, 300, 20, 100, 257, 5, torch.float32, scale=0.3)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        op = ("hinge",) if relation == "pair" else ("distances",)
-        kw = dict(ops=op, distance=distance, relation=relation)
-        check_backend("triton", params, users, items, tf32=True, **kw)
-        assert tensor_core_tf32["tf32 dots"] > 0
-        with pytest.raises(AssertionError, match="beyond the bound"):
-            check_backend("triton", params, users, items, tf32=False, **kw)
-    finally:
-        torch.set_float32_matmul_precision(old)
+    op = ("hinge",) if relation == "pair" else ("distances",)
+    kw = dict(ops=op, distance=distance, relation=relation)
+    check_backend("triton", params, users, items, tf32=True, **kw)
+    assert tensor_core_tf32["tf32 dots"] > 0
+    with pytest.raises(AssertionError, match="beyond the bound"):
+        check_backend("triton", params, users, items, tf32=False, **kw)
 
 
 # bf16 and tf32 on the GPU: tests/test_gpu_matrix.py (every distance and relation, at the shape
