@@ -41,6 +41,8 @@ import benchlib
 import pytest
 import torch
 
+from lrml_kernels.precision import using_fp32_matmul_precision
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("lrml", "lrml_kernels benchmarks")
@@ -225,15 +227,9 @@ def _tf32_matmuls(request):
     """A tf32 case runs at torch's fp32 matmul precision "high" (restored after it)."""
     cs = getattr(request.node, "callspec", None)
     case = cs.params.get("case") if cs else None
-    if not (isinstance(case, benchlib.Case) and case.tf32):
+    tf32 = isinstance(case, benchlib.Case) and case.tf32
+    with using_fp32_matmul_precision("high" if tf32 else None):
         yield
-        return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @pytest.fixture(scope="session", autouse=True)

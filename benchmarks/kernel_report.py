@@ -600,22 +600,12 @@ def _tables(case: Case):
     return P, Q, K, M
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: str):
-    import torch
-
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def record_launches(case: Case) -> list[tuple]:
     """The Triton launches of one backend call: ``[(JITFunction, args, kwargs, grid)]``."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lrml_kernels.precision import using_fp32_matmul_precision
 
     backend = importlib.import_module("lrml_kernels.triton")
     launches: list = []
@@ -626,7 +616,7 @@ def record_launches(case: Case) -> list[tuple]:
         FakeTensorMode(allow_non_fake_inputs=True),
         _fake_cuda_indexing(),
         _recording(launches, backwards),
-        _matmul_precision("high" if case.dtype == TF32 else "highest"),
+        using_fp32_matmul_precision("high" if case.dtype == TF32 else "highest"),
     ):
         P, Q, K, M = _tables(case)
         if case.op == "topk":

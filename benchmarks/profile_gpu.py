@@ -53,6 +53,7 @@ from report import fmt_time, short_reason
 
 import lrml_kernels as lk
 from lrml_kernels import backends
+from lrml_kernels.precision import using_fp32_matmul_precision
 
 CALLS = 3  # profiled calls per piece
 # Netflix's ratings per user: median about 96, mean 209 (100.5 M / 480,189): a log-normal with both
@@ -163,14 +164,8 @@ def _count_syncs(fn, args, device: str) -> tuple[int | None, float]:
 
 
 def profile_piece(piece: Piece, device: str, dtype: torch.dtype) -> dict:
-    if not piece.backend.endswith(TF32):
+    with using_fp32_matmul_precision("high" if piece.backend.endswith(TF32) else None):
         return _profile(piece, device, dtype)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        return _profile(piece, device, dtype)
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 def _profile(piece: Piece, device: str, dtype: torch.dtype) -> dict:

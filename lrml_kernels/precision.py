@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -25,3 +28,18 @@ def fp32_matmul_precision() -> str:
     if new == "tf32":
         return legacy if legacy in ("high", "medium") else "high"
     return legacy or "highest"
+
+
+@contextlib.contextmanager
+def using_fp32_matmul_precision(precision: str | None) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` for the block, then the precision that
+    was in force again (None: leave it as it is)."""
+    if precision is None:
+        yield
+        return
+    old = fp32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)

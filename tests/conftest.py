@@ -174,9 +174,9 @@ def tensor_core_tf32(monkeypatch):
     import numpy as np
     from triton._C.libtriton import ir
 
+    from lrml_kernels.precision import using_fp32_matmul_precision
+
     interp = importlib.import_module("triton.runtime.interpreter")
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # (fp32 dots: tf32 where this is not "highest")
     create_dot = interp.InterpreterBuilder.create_dot
     count = {"tf32 dots": 0}
 
@@ -191,5 +191,5 @@ def tensor_core_tf32(monkeypatch):
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", tf32_dot)
-    yield count
-    torch.set_float32_matmul_precision(old)
+    with using_fp32_matmul_precision("high"):  # (fp32 dots: tf32 where this is not "highest")
+        yield count

@@ -19,6 +19,7 @@ from test_extension import check_topk, make, make_exclude
 import lrml_kernels as lk
 from lrml_kernels import extension, reference
 from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.precision import using_fp32_matmul_precision
 
 DISTANCES = ("l2", "squared_l2", "l1")
 
@@ -142,12 +143,8 @@ def test_planted_near_ties_at_the_boundary(ops, dtype, spread, tol, copies, prec
     full = brute(*params, users, "l2")[0]
     gone = sorted([int(full[1].argmin()), *slots[:2].tolist()])
     indptr, indices = torch.tensor([0, 0, 3]), torch.tensor(gone)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with using_fp32_matmul_precision(precision):
         dist, ids, fallback = ops.topk_screened(*params, users, 10, indptr, indices, "l2", 1e-3, 0)
-    finally:
-        torch.set_float32_matmul_precision(before)
     check_topk(dist, ids, *params, users, 10, (indptr, indices), "l2", tol)
     dk = full[0].sort().values[9]  # distinct distances nearer the k-th than the tf32 error
     assert full[0][(full[0] - dk).abs() < 2e-3 * dk].unique().numel() >= 3

@@ -24,6 +24,7 @@ import torch
 from _tolerance import assert_relations_match, check_backend, reference_with_bounds, tf32_dots
 
 import lrml_kernels as lk
+from lrml_kernels.precision import using_fp32_matmul_precision
 from lrml_kernels.trainer import LRMLTrainer
 
 pytestmark = pytest.mark.gpu
@@ -81,15 +82,11 @@ def test_kernel_variant_gpu(backend, distance, relation, prec):
         ops = ("hinge", "distances")
     else:
         ops = ("hinge",) if relation == "pair" else ("distances",)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
+    with using_fp32_matmul_precision("high" if tf32 else "highest"):
         excluded = check_backend(
             backend, params, users, items, ops=ops, distance=distance, relation=relation,
             tf32=tf32,
         )  # fmt: skip
-    finally:
-        torch.set_float32_matmul_precision(old)
     print(f"{backend} {distance} {relation} {prec} {shape}: {excluded} kink terms excluded")
 
 
@@ -185,9 +182,7 @@ def test_relations_gpu(backend, prec):
         pytest.skip("the CUDA kernels have no TF32 path")
     require(backend)
     dtype, tf32, _, scale = PRECISIONS[prec]
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
+    with using_fp32_matmul_precision("high" if tf32 else "highest"):
         for B in (1, 1023):
             params, users, items = make(37, 7, B, 1, dtype, scale, seed=B)
             items = items[:, 0]
@@ -196,5 +191,3 @@ def test_relations_gpu(backend, prec):
                 f"{backend} {prec} B={B}", params, users, items, a, r,
                 tf32=tf32_dots(backend, dtype, tf32),
             )  # fmt: skip
-    finally:
-        torch.set_float32_matmul_precision(old)

@@ -248,3 +248,20 @@ def test_fp32_matmul_precision_whichever_api_set_it():
             assert fp32_matmul_precision() == want, (legacy, new)
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def test_using_fp32_matmul_precision_restores_what_was_in_force():
+    from lrml_kernels.precision import fp32_matmul_precision, using_fp32_matmul_precision
+
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with using_fp32_matmul_precision("high"):
+            assert fp32_matmul_precision() == "high"
+            with using_fp32_matmul_precision(None):  # None: leave it as it is
+                assert fp32_matmul_precision() == "high"
+        assert fp32_matmul_precision() == "medium"
+        with pytest.raises(KeyError), using_fp32_matmul_precision("highest"):
+            raise KeyError("restored on the way out too")
+        assert fp32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")

@@ -17,6 +17,7 @@ from _tolerance import assert_matches, check_backend, reference_with_bounds
 
 import lrml_kernels as lk
 from lrml_kernels import reference
+from lrml_kernels.precision import using_fp32_matmul_precision
 
 triton = pytest.importorskip("triton")
 T = importlib.import_module("lrml_kernels.triton")
@@ -161,17 +162,12 @@ def test_bf16_in_interpreter_raises_type_error():
 
 def test_bf16_dots_are_tf32_whatever_the_fp32_matmul_precision():
     # bf16 parameters: tf32 operands (tensor cores); fp16 and fp64 IEEE; fp32 follows the flag.
-    TD = importlib.import_module("lrml_kernels.triton.distance_kernels")
-    old = torch.get_float32_matmul_precision()
-    try:
-        for flag, fp32 in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
-            torch.set_float32_matmul_precision(flag)
+    for flag, fp32 in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        with using_fp32_matmul_precision(flag):
             got = {dt: TD._dot_precision(dt) for dt in (torch.bfloat16, torch.float16)}
             assert got == {torch.bfloat16: "tf32", torch.float16: "ieee"}, flag
             assert TD._dot_precision(torch.float32) == fp32, flag
             assert TD._dot_precision(torch.float64) == "ieee", flag
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("relation", RELATIONS)

@@ -18,6 +18,7 @@ import torch
 
 import lrml_kernels as lk
 from lrml_kernels import reference
+from lrml_kernels.precision import using_fp32_matmul_precision
 
 pytest.importorskip("triton")
 T = importlib.import_module("lrml_kernels.triton")
@@ -452,11 +453,7 @@ def test_gpu_netflix_items_screened_is_exact(monkeypatch, screen, distance):
 
 def test_the_screen_is_tf32_unless_matmul_precision_is_medium():
     # bf16 tables too: bf16 screening operands made nearly every Netflix-shaped user fall back
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")
+    with using_fp32_matmul_precision("high"):
         assert TK.screen_precision() == TK.SCREEN_TF32
-        torch.set_float32_matmul_precision("medium")
+    with using_fp32_matmul_precision("medium"):
         assert TK.screen_precision() == TK.SCREEN_BF16
-    finally:
-        torch.set_float32_matmul_precision(old)
