@@ -388,7 +388,7 @@ def _pair_backward_column(
     a = _softmax(z, n_mask)
     if HAS_D:  # (l2 only) ∂D/∂e = e / D with the forward's D
         dist = tl.load(Dist + offs_b * stride_db + c * stride_dc, mask=b_mask, other=1.0)
-        coef = tl.where(b_mask, g / _upcast(dist, IS_FP64), 0.0)
+        coef = g / _upcast(dist, IS_FP64)
     else:
         acc = _upcast(tl.zeros((BLOCK_B,), dtype=tl.float32), IS_FP64)
         if DISTANCE == 0:
@@ -399,7 +399,8 @@ def _pair_backward_column(
                 q = _load_rows(Q, it, it_ok, od, dm, stride_qi, stride_qd, IS_FP64)
                 Mc = _load_rows(M, offs_n, n_mask, od, dm, stride_mn, stride_md, IS_FP64)
                 acc += _row_term(p + tl.dot(a, Mc, input_precision=DOT_PREC) - q, DISTANCE)
-        coef = tl.where(b_mask, _grad_coef(g, acc, eps, DISTANCE), 0.0)  # no 0/0 on padding
+        coef = _grad_coef(g, acc, eps, DISTANCE)
+    coef = tl.where(b_mask, coef, 0.0)  # no 0/0 on padding
 
     ga = _upcast(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), IS_FP64)
     for d0 in range(0, d, BLOCK_DC):
@@ -608,9 +609,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     nothing it could keep. fp16 (2⁻¹¹) is finer than tf32, and fp32 at "highest" asks for IEEE:
     both stay on the FMA units, where the dots bound the kernels (module docstring, Roofline).
     """
-    if dtype == torch.bfloat16:
-        return "tf32"
-    if dtype == torch.float32 and fp32_matmul_precision() != "highest":
+    if dtype == torch.bfloat16 or (dtype == torch.float32 and fp32_matmul_precision() != "highest"):
         return "tf32"
     return "ieee"
 
