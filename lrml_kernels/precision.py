@@ -7,6 +7,10 @@ from collections.abc import Iterator
 
 import torch
 
+# torch.set_float32_matmul_precision's values: "highest" IEEE fp32, "high" TF32 (tensor cores on
+# CUDA: the triton kernels' fp32 dots and cuBLAS), "medium" bf16 where torch has such a path.
+FP32_MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 
 def fp32_matmul_precision() -> str:
     """The precision torch would multiply fp32 matrices in: "highest" (IEEE), "high" (TF32) or

@@ -44,6 +44,7 @@ from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML
+from lrml_kernels.precision import FP32_MATMUL_PRECISIONS, using_fp32_matmul_precision
 from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer, check_relation_lr_scale
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,7 +65,9 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 RELATION_LR_SCALE = 0.01
 # Options added since checkpoints were first written, with the value that older checkpoints
 # were trained with (not the default of today).
-OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0}
+OPTIONS_BEFORE = {
+    "relation_lr_scale": 1.0, "popularity_negatives": 0.0, "matmul_precision": "highest",
+}  # fmt: skip
 # The largest popularity_negatives alpha (beyond it the most popular items take nearly every draw).
 POPULARITY_ALPHA_MAX = 4.0
 
@@ -76,6 +79,7 @@ READ_LOSS_EVERY = 50
 # kind: cuda:0 -> cuda:1, not cpu -> cuda; _restore says so).
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every", "cuda_graph",
+    "matmul_precision",
 )  # fmt: skip
 
 
@@ -109,6 +113,9 @@ class TrainConfig:
     seed: int = 0
     fused_optimizer: bool = True
     cuda_graph: bool = False  # the fused step captured as a CUDA graph (LRMLTrainer(cuda_graph=))
+    # torch's fp32 matmul precision while fit runs (restored after): "high" puts the fp32 dots of
+    # the triton kernels and cuBLAS on the TF32 tensor cores of a CUDA device (SPEC.md, "Precision")
+    matmul_precision: str = "highest"
     reject_positives: bool = True
     # alpha of popularity-aware negatives: each drawn with weight (training count + 1) ** alpha,
     # a training item replaced by a uniform draw (data.sample_negatives); 0: uniform negatives
@@ -143,6 +150,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.eval not in (*PROTOCOLS, "none"):
             raise ValueError(f"eval must be one of {(*PROTOCOLS, 'none')}, got {self.eval!r}")
+        if self.matmul_precision not in FP32_MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {FP32_MATMUL_PRECISIONS}, "
+                f"got {self.matmul_precision!r}"
+            )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -367,11 +379,12 @@ def fit(
     cfg.validate()
     # A backend that cannot run on the device is refused now, not after the data is loaded.
     backends.resolve(cfg.backend, torch.device(cfg.device))
-    run = _Run(cfg, out_dir, resume, split)
-    try:
-        return run.train(on_epoch, test)
-    finally:
-        run.close()
+    with using_fp32_matmul_precision(cfg.matmul_precision):
+        run = _Run(cfg, out_dir, resume, split)
+        try:
+            return run.train(on_epoch, test)
+        finally:
+            run.close()
 
 
 class _Run:

@@ -13,6 +13,7 @@ import torch
 from lrml_kernels import data
 from lrml_kernels.cli import main
 from lrml_kernels.metrics import PopularityRanker, evaluate
+from lrml_kernels.precision import fp32_matmul_precision, using_fp32_matmul_precision
 from lrml_kernels.training import (
     CHECKPOINT,
     NonFiniteLossError,
@@ -212,11 +213,33 @@ def test_unfused_step_gives_the_relation_its_learning_rate_as_the_fused_one(opti
         {"popularity_negatives": 5.0},
         {"popularity_negatives": True},
         {"popularity_negatives": 0.5, "reject_positives": False},
+        {"matmul_precision": "tf32"},
     ],
 )
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         cfg(**bad).validate()
+
+
+def test_matmul_precision_holds_while_fit_runs_and_is_restored_after(tmp_path, small):
+    # --matmul-precision: torch's fp32 matmul precision inside the run (the epochs, where the
+    # steps run), the one in force before it afterwards, recorded with the options; a resume may
+    # change it (it changes how the run computes, not what it trains).
+    seen = []
+    with using_fp32_matmul_precision("medium"):
+        r = fit(
+            cfg(epochs=1, matmul_precision="high"),
+            tmp_path / "a",
+            split=small,
+            on_epoch=lambda rec: seen.append(fp32_matmul_precision()),
+        )
+        assert fp32_matmul_precision() == "medium"
+    assert seen == ["high"]
+    written = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert written["config"]["matmul_precision"] == "high"
+    assert r["config"]["matmul_precision"] == "high"
+    fit(cfg(epochs=2), tmp_path / "a", split=small, resume=True)
+    assert fp32_matmul_precision() == "highest"
 
 
 def test_beats_popularity_on_movielens_100k(shared_data):
