@@ -148,7 +148,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
       top-k fp32; ``lrml_relations`` of 4096 pairs in fp32 and bf16; both negatives draws at
       4096 × 5; and the shapes whose launch options depend on d, N or the Triton release: the
       shared-relation hinge in bf16 at N = 10, top-k fp32 l2 at d = 128 and bf16 l1 at
-      d = 100, and the pair hinge in tf32 at d = 64, N = 10.
+      d = 100, the pair hinge in tf32 at d = 64, N = 10, and the pair hinge in bf16 at
+      B = 2^20 × 2 (tensor-core dots at a batch that fills the SMs with 64-row blocks).
     - ``smoke``: the forward and backward kernels of the first ``ci`` case (the unit test).
     """
     if subset not in SUBSETS:
@@ -173,6 +174,8 @@ def cases(subset: str = "full", all_distances: bool = False) -> list[Case]:
         # shapes whose launch options depend on d, N or the Triton release (each spilled once)
         out.append(Case("hinge", 4096, 5, 100, 10, "bf16", "shared", "l2"))
         out.append(Case("hinge", 4096, 5, 64, 10, TF32, "pair", "l2"))
+        # tensor-core dots at the epoch batch: the wide launch (64-row blocks, 8 warps)
+        out.append(Case("hinge", 1 << 20, 2, 100, 20, "bf16", "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 128, 20, "fp32", "pair", "l2"))
         out.append(Case("topk", NETFLIX_U, 0, 100, 20, "bf16", "pair", "l1"))
         return out + [

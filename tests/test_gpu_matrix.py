@@ -9,6 +9,8 @@ shared; pair cases run the hinge loss (forward with the fused hinge, backward wi
 shared cases the distances (forward storing D, backward from ∂L/∂D): every variant has both
 directions. The cuda backend (compiled ahead) runs both ops in every case. Comparisons: the
 float64 reference of the same rounded inputs with the error bounds of tests/_tolerance.py.
+Tensor-core dots at a batch of 64 rows per SM and more take the wide launch (64-row blocks):
+one case per tensor-core precision and relation at B = 64 × SMs + 37.
 The fused trainer (hinge_loss_grads + the sparse row update) runs a few steps per backend and
 relation against autograd + torch.optim.SGD. ``lrml_relations`` runs per backend and precision
 (d = 37, N = 7, B = 1 and 1023).
@@ -88,6 +90,30 @@ def test_kernel_variant_gpu(backend, distance, relation, prec):
             tf32=tf32,
         )  # fmt: skip
     print(f"{backend} {distance} {relation} {prec} {shape}: {excluded} kink terms excluded")
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("prec", ["bf16", "tf32"])
+def test_wide_tensor_core_blocks_gpu(relation, prec):
+    # Tensor-core dots at a batch that fills every SM with 64-row blocks take the wide launch
+    # (distance_kernels.block_config: 8 warps, warpgroup MMA): one partial block at the end.
+    from lrml_kernels.triton import distance_kernels as TD
+
+    require("triton")
+    dtype, tf32, (d, N, _, _), scale = PRECISIONS[prec]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = TD.WIDE_BLOCK_B * sms + 37
+    params, users, items = make(d, N, B, 2, dtype, scale)
+    with using_fp32_matmul_precision("high" if tf32 else "highest"):
+        for backward in (False, True):
+            cfg = TD.block_config(B, N, d, params[0], backward, relation == "shared")
+            assert cfg["BLOCK_B"] == TD.WIDE_BLOCK_B, cfg
+        op = "hinge" if relation == "pair" else "distances"
+        excluded = check_backend(
+            "triton", params, users, items, ops=(op,), distance="l2", relation=relation,
+            tf32=tf32,
+        )  # fmt: skip
+    print(f"triton wide l2 {relation} {prec} B={B}: {excluded} kink terms excluded")
 
 
 TOPK_CASES = [

@@ -203,7 +203,8 @@ def test_ci_triton_cases_compile_for_sm90_without_a_gpu(ci_rows):
         elif r["op"] == "sort":
             assert r["kernel"] == "_sort_ids_kernel" and r["programs"] == 1
         elif r["op"] != "topk":
-            assert (r["B"], r["C"]) == (4096, 5) and r["d"] in (64, 100) and r["N"] in (10, 20)
+            assert (r["B"], r["C"]) in ((4096, 5), (1 << 20, 2)), r
+            assert r["d"] in (64, 100) and r["N"] in (10, 20), r
 
 
 def test_ci_subset_has_no_spills(ci_rows):
@@ -260,6 +261,24 @@ def test_ci_bf16_training_kernels_dot_on_tensor_cores(ci_rows):
     for r in rows:
         tc = {"HGMMA", "HMMA"} & set(r["tensor_cores"])
         assert bool(tc) == (r["dtype"] == "bf16"), (r["kernel"], r["dtype"], r["tensor_cores"])
+
+
+def test_ci_wide_tensor_core_blocks_fill_the_sms(ci_rows):
+    """Tensor-core dots at the epoch batch (bf16, B = 2^20 × 2) take 64-row blocks on 8 warps,
+    with warpgroup MMA (HGMMA: M = 64 a warpgroup), and still keep every SM busy; at
+    B = 4096 × 5 they keep 16-row blocks (64-row ones would leave SMs idle)."""
+    kernels = {"_lrml_pair_forward_kernel", "_lrml_backward_kernel"}
+    rows = [r for r in ci_rows if r["kernel"] in kernels and r["dtype"] == "bf16"]
+    rows = [r for r in rows if r["op"] == "hinge" and r["relation"] == "pair"]
+    assert {(r["kernel"], r["B"]) for r in rows} == {
+        (k, B) for k in kernels for B in (4096, 1 << 20)
+    }
+    for r in rows:
+        wide = r["B"] == 1 << 20
+        assert r["constexprs"]["BLOCK_B"] == (64 if wide else 16), r
+        assert r["num_warps"] == 8 or not wide, r
+        assert ("HGMMA" in r["tensor_cores"]) == wide, r
+        assert r["sms_busy"] == 132, r
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

@@ -244,15 +244,17 @@ def test_determinism_bitwise():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rows", [16, TD.WIDE_BLOCK_B])
 @pytest.mark.parametrize("relation", RELATIONS)
-def test_gpu_tiling_matches_one_block(relation):
-    # The GPU configuration's structure through the interpreter: d in several chunks, 16-row
-    # blocks, fewer backward programs than row blocks (each sums several into its keys/memory
-    # partials), against the interpreter's one-chunk, one-block configuration.
-    params, users, items = make_inputs(10, 12, 7, 37, 50, 3, scale=0.5)
+def test_gpu_tiling_matches_one_block(relation, rows):
+    # The GPU configurations' structure through the interpreter: d in several chunks, 16-row
+    # blocks (64 for tensor-core dots at large batches), a partial last block, fewer backward
+    # programs than row blocks (each sums several into its keys/memory partials), against the
+    # interpreter's one-chunk, one-block configuration.
+    params, users, items = make_inputs(10, 12, 7, 37, 150, 3, scale=0.5)
     P, Q, K, M = params
-    tiled = {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_DC": 16, "programs": 2}
-    W = torch.rand(50, dtype=torch.float64, device=DEVICE)
+    tiled = {"BLOCK_B": rows, "BLOCK_N": 16, "BLOCK_DC": 16, "programs": 2}
+    W = torch.rand(150, dtype=torch.float64, device=DEVICE)
     for distance in DISTANCES:
         kw = {"distance": distance, "relation": relation, "eps": 1e-3}
         got, want = (

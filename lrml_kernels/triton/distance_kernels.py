@@ -78,6 +78,7 @@ H200_SMS = 132
 # are resident at once (each takes row blocks pid, pid + programs, ... and keeps its own
 # keys/memory partial sums).
 REGISTERS_PER_SM = 65536
+WIDE_BLOCK_B = 64  # rows per program of the tensor-core kernels at large batches (block_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,9 +626,11 @@ def _sm_count(t: torch.Tensor) -> int:
 
 
 def block_config(
-    B: int, N: int, d: int, t: torch.Tensor, backward: bool = False, shared: bool = False
-) -> dict:
-    """Tile shapes, warps and register caps (from the sm_90 register reports, module docstring).
+    B: int, N: int, d: int, t: torch.Tensor, backward: bool = False, shared: bool = False,
+    dots: str | None = None,
+) -> dict:  # fmt: skip
+    """Tile shapes, warps and register caps (from the sm_90 register reports, module docstring)
+    for the tables ``t`` and dot precision ``dots`` (None: :func:`_dot_precision`'s for them).
 
     A program works on 16-row blocks (tl.dot needs 16) and walks d in chunks of ``BLOCK_DC``
     columns (a runtime trip count: ptxas keeps the loop rolled), so only a few
@@ -640,15 +643,26 @@ def block_config(
     (225-229 registers, 1 program per SM, no spills at any d, N, dtype, distance or batch
     shape of the report). 3.6's ptxas, left alone at 16 warps, settled at 64 registers and
     spilled 28-32 bytes; capped at 112, 120 or 128 it spilled 4-12 bytes at some shapes and not
-    at others, with no cap clean at every shape. Under the interpreter, one chunk and large
-    row blocks: fewer, bigger numpy operations.
+    at others, with no cap clean at every shape. tf32 tensor-core dots at a batch of at least
+    64 rows per SM take 64-row blocks on 8 warps instead (below). Under the interpreter, one
+    chunk and large row blocks: fewer, bigger numpy operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
     if _interpreted(t):
         block_b = min(512, max(16, triton.next_power_of_2(B)))
         return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
+    dots = dots or _dot_precision(t.dtype)
     block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
+    if dots == "tf32" and triton.cdiv(B, WIDE_BLOCK_B) >= _sm_count(t):
+        # Tensor-core dots and a batch that fills the SMs with 64-row blocks: 8 warps
+        # (warpgroup MMA: M = 64 per warpgroup) share the 64 rows. With 16-row blocks the MMA
+        # layouts give each of 8 warps the same 16 rows (8 of them on one m16 tile), so a
+        # program holds and multiplies the same fragments up to 8 times over; at 64 rows the
+        # same registers (forward 104-128, backward 219-255) carry 4x the rows and load each
+        # chunk of K and M once per 64 rows instead of per 16.
+        cfg = {"BLOCK_B": WIDE_BLOCK_B, "BLOCK_N": block_n, "BLOCK_DC": block_dc}
+        return {**cfg, "num_warps": 8, "num_stages": 1, "maxnreg": 255 if backward else 128}
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
     # The backwards that need more than 128 registers a thread run 8 warps with every register
     # ptxas wants: tf32 tensor-core dots (16 warps spilled ~150 B; uncapped, ptxas 13 settled at
@@ -656,9 +670,7 @@ def block_config(
     # exact references: twice the registers a tile; 16 warps spilled 1.1-1.9 KB with Triton 3.6,
     # 180-330 B with 3.9; 8 warps: 0-104 B) and the shared relation on Triton 3.6 (docstring).
     if backward and (
-        _dot_precision(t.dtype) == "tf32"
-        or t.dtype == torch.float64
-        or (shared and TRITON_RELEASE < (3, 7))
+        dots == "tf32" or t.dtype == torch.float64 or (shared and TRITON_RELEASE < (3, 7))
     ):
         cfg["num_warps"], maxnreg = 8, 255
     cfg["num_stages"] = 1
@@ -722,7 +734,8 @@ def forward_launch(
     dev = user_emb.device
     shared = relation == "shared"
     D = torch.empty(B, C, dtype=ct if hinge or exact else dtype, device=dev)
-    cfg = config or block_config(B, N, d, user_emb)
+    dots = "ieee" if exact else _dot_precision(dtype)
+    cfg = config or block_config(B, N, d, user_emb, dots=dots)
     blocks = triton.cdiv(B, cfg["BLOCK_B"])
     args = (
         *_param_args(user_emb, item_emb, keys, memory),
@@ -735,7 +748,7 @@ def forward_launch(
     consts = {
         "DISTANCE": DISTANCE_CODES[distance],
         "IS_FP64": dtype == torch.float64,
-        "DOT_PREC": "ieee" if exact else _dot_precision(dtype),
+        "DOT_PREC": dots,
         **_launch_options(cfg),
     }
     L = G = None
