@@ -318,6 +318,35 @@ def sass_tensor_cores(sass: str) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+_MMA_LAYOUT = re.compile(
+    r"^(#\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
+    r".*?instrShape = \[(\d+), (\d+)",
+    re.MULTILINE,
+)
+_DOT_RESULT = re.compile(r"(?:tt\.dot|warp_group_dot)\b.*-> tensor<(\d+)x(\d+)x\w+, (#\w+)>")
+
+
+def mma_replication(ttgir: str) -> float:
+    """How many warps of a program compute each MMA tile, at worst over the kernel's dots (1:
+    every warp its own tiles). Triton spreads a dot's warps over its output (``warpsPerCTA``,
+    MMA layouts of the TTGIR) and, where the tile is smaller than the warps cover (16 rows a
+    warp along M, ``instrShape[1]`` columns along N), warps hold and multiply the same
+    fragments: a dot chained to another puts every warp along M, so a 16-row tile on 8 warps
+    is computed 8 times."""
+    layouts = {
+        m.group(1): (int(m.group(3)), int(m.group(4)), int(m.group(6)))
+        for m in _MMA_LAYOUT.finditer(ttgir)
+    }
+    worst = 1.0
+    for m in _DOT_RESULT.finditer(ttgir):
+        rows, cols, name = int(m.group(1)), int(m.group(2)), m.group(3)
+        if name not in layouts:
+            continue
+        wm, wn, n = layouts[name]
+        worst = max(worst, max(1.0, wm * 16 / rows) * max(1.0, wn * n / cols))
+    return worst
+
+
 def resident_blocks(registers: int, threads: int, smem: int) -> tuple[int, str]:
     """Blocks of ``threads`` threads that fit on one sm_90 SM, and what limits them.
 
@@ -796,6 +825,7 @@ def compile_one(job: dict) -> dict:
         "num_warps": md.num_warps,
         "num_stages": md.num_stages,
         "shared_dynamic": md.shared,
+        "mma_replication": mma_replication(kernel.asm.get("ttgir", "")),
         "compile_s": round(compile_s, 2),
     }
 
@@ -1038,6 +1068,7 @@ def _cuda_file_rows(cu: Path, cmd: list[str]) -> list[dict]:
             "num_warps": CUDA_ASSUMED_WARPS,
             "num_stages": None,
             "tensor_cores": tc.get(mangled, []),
+            "mma_replication": None,  # (hand-written CUDA: no Triton layouts to read)
         }
         rows.append(_finish(row))
     return rows
@@ -1120,7 +1151,7 @@ def _kb(x: int) -> str:
 COLUMNS = (
     "kernel", "op", "B×C", "d", "N", "dtype", "relation", "distance", "blocks", "flags",
     "warps", "stages", "regs", "stack B", "spill st/ld B", "smem", "blocks/SM", "programs",
-    "waves", "TC",
+    "waves", "TC", "MMA ×",
 )  # fmt: skip
 
 
@@ -1136,7 +1167,7 @@ def _cells(r: dict) -> list[str]:
     if r["source"] == "cuda":
         return [r["kernel"], r["op"], "—", "—", "—", "—", "—", "—", "—", "—",
                 f"{r['num_warps']}*", "—", regs, _fmt_int(r["stack"]), spills,
-                _kb(r["shared"]) + " static", occ, "—", "—", tc]  # fmt: skip
+                _kb(r["shared"]) + " static", occ, "—", "—", tc, "—"]  # fmt: skip
     bc = "all users" if r["op"] == "topk" else f"{_pow2(r['B'])}×{r['C']}"
     if r["op"] == "sort":
         bc = f"{r['B']:,} ids"
@@ -1157,7 +1188,14 @@ def _cells(r: dict) -> list[str]:
     return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, *model, r["blocks"],
             r["flags"] or "—", str(r["num_warps"]), str(r["num_stages"]), regs,
             _fmt_int(r["stack"]), spills, _kb(r["shared"]), occ, programs,
-            f"{r['waves']:.2f}", tc]  # fmt: skip
+            f"{r['waves']:.2f}", tc, _replication(r)]  # fmt: skip
+
+
+def _replication(r: dict) -> str:
+    rep = r.get("mma_replication")
+    if rep is None or not r["tensor_cores"]:
+        return "—"
+    return f"**{rep:g}**" if rep > 1 else "1"
 
 
 def _pow2(n: int) -> str:
@@ -1168,8 +1206,8 @@ def summary(rows: list[dict]) -> list[str]:
     """One line per kernel (and source file): how many rows spill, the worst of each column."""
     lines = [
         "| kernel | rows | rows that spill | registers | stack B (max) | spill stores B (max) "
-        "| blocks/SM (min) | TC |",
-        "|---|---|---|---|---|---|---|---|",
+        "| blocks/SM (min) | TC | MMA × (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -1178,11 +1216,12 @@ def summary(rows: list[dict]) -> list[str]:
     for name, rs in groups.items():
         regs = sorted({r["registers"] for r in rs})
         tc = sorted({op for r in rs for op in r["tensor_cores"]})
+        reps = [r["mma_replication"] for r in rs if r.get("mma_replication") and r["tensor_cores"]]
         lines.append(
             f"| {name} | {len(rs)} | {sum(r['spills'] for r in rs)} | "
             f"{regs[0]}-{regs[-1]} | {max(r['stack'] for r in rs):,} | "
             f"{max(r['spill_stores'] for r in rs):,} | {min(r['blocks_per_sm'] for r in rs)} | "
-            f"{','.join(tc) or 'no'} |"
+            f"{','.join(tc) or 'no'} | {f'{max(reps):g}' if reps else '—'} |"
         )
     return lines
 
@@ -1207,6 +1246,8 @@ def markdown(rows: list[dict], title: str = "") -> str:
         "registers per SM allocated per warp in units of 256; smem = 228 KB per SM with 1 KB "
         "reserved per block; warps = 64 per SM; blocks = 32 per SM). programs: grid size "
         "(SMs given at least one program); waves = programs / (132 × blocks/SM).",
+        "- MMA ×: how many warps compute each MMA tile, at worst over the kernel's dots (TTGIR "
+        "layouts; 1: each warp its own tiles; 8: eight warps multiply the same fragments).",
         "- TC: tensor-core instructions (HGMMA/HMMA/...) in the SASS. flags: true boolean "
         "constexprs. B×C 'all users': top-k of all 480,189 users × 17,770 items, k = 10.",
         "- CUDA rows: block size and dynamic shared memory are chosen at run time from the "

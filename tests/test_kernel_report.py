@@ -68,6 +68,34 @@ def test_parse_ptxas_keeps_entry_functions_only_and_reads_smem():
     assert out["_Z8kernel2Pf"]["stack"] == 8
 
 
+def test_mma_replication_reads_the_ttgir_layouts():
+    # (lines as Triton 3.9 prints them) 8 warps along M of a 16-row tile: each computes it;
+    # [2, 4] on 32 x 32 (2 m16 x 4 n8 tiles) and a warpgroup pair on 64 x 32: each its own;
+    # [4, 1] on 32 rows: two warps a tile. The worst dot of the kernel counts.
+    head = (
+        "#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [8, 1], "
+        "instrShape = [16, 8]}>\n"
+        "#mma1 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [2, 4], "
+        "instrShape = [16, 8]}>\n"
+        "#mma2 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], "
+        "instrShape = [16, 16, 8]}>\n"
+        "#mma3 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], "
+        "instrShape = [16, 8]}>\n"
+    )
+
+    def dot(shape, layout, op="tt.dot"):
+        return (
+            f"    %9 = {op} %1, %2, %3, inputPrecision = tf32 : tensor<{shape[0]}x32xf32> * "
+            f"tensor<32x{shape[1]}xf32> -> tensor<{shape[0]}x{shape[1]}xf32, {layout}> loc(#loc)\n"
+        )
+
+    assert kr.mma_replication(head + dot((32, 32), "#mma1")) == 1
+    assert kr.mma_replication(head + dot((64, 32), "#mma2", "ttng.warp_group_dot")) == 1
+    assert kr.mma_replication(head + dot((32, 32), "#mma3")) == 2
+    assert kr.mma_replication(head + dot((32, 32), "#mma1") + dot((16, 16), "#mma")) == 8
+    assert kr.mma_replication("") == 1  # no MMA dot (IEEE dots are FMA loops)
+
+
 def test_parse_resource_usage_and_sass():
     ru = """
 Fatbin elf code:
@@ -279,6 +307,17 @@ def test_ci_wide_tensor_core_blocks_fill_the_sms(ci_rows):
         assert r["num_warps"] == 8 or not wide, r
         assert ("HGMMA" in r["tensor_cores"]) == wide, r
         assert r["sms_busy"] == 132, r
+        if wide and r["kernel"] == "_lrml_pair_forward_kernel":
+            assert r["mma_replication"] == 1, r  # (8 warps on 64 rows: each its own tiles)
+
+
+def test_ci_topk_screen_computes_each_mma_tile_once(ci_rows):
+    """The screen's chained GEMMs put every warp along the 32 item rows of a tile, 16 rows a
+    warp: on 2 warps each tile is computed once (on 4, twice)."""
+    rows = [r for r in ci_rows if r["kernel"] == "_screen_kernel"]
+    assert rows and all(r["tensor_cores"] for r in rows)
+    for r in rows:
+        assert r["num_warps"] == 2 and r["mma_replication"] == 1, r
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

@@ -659,19 +659,20 @@ def block_config(
         # (warpgroup MMA: M = 64 per warpgroup) share the 64 rows. With 16-row blocks the MMA
         # layouts give each of 8 warps the same 16 rows (8 of them on one m16 tile), so a
         # program holds and multiplies the same fragments up to 8 times over; at 64 rows the
-        # same registers (forward 104-128, backward 219-255) carry 4x the rows and load each
+        # same registers (forward 69-128, backward 182-255) carry 4x the rows and load each
         # chunk of K and M once per 64 rows instead of per 16.
         cfg = {"BLOCK_B": WIDE_BLOCK_B, "BLOCK_N": block_n, "BLOCK_DC": block_dc}
         return {**cfg, "num_warps": 8, "num_stages": 1, "maxnreg": 255 if backward else 128}
     cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
-    # The backwards that need more than 128 registers a thread run 8 warps with every register
-    # ptxas wants: tf32 tensor-core dots (16 warps spilled ~150 B; uncapped, ptxas 13 settled at
-    # 128 and spilled 4 B at d = 64, N = 10; capped at 255: 159-253 registers), fp64 (tests'
+    # The backwards that need more than 128 registers a thread take every register ptxas wants.
+    # tf32 tensor-core dots on 4 warps: the chained dots put every warp along the 16 rows, so
+    # each warp computes every MMA tile (4 times over; on 8 warps, 8 times), 137-255 registers,
+    # 2-3 programs per SM (on 16 warps it spilled ~150 B; on 2, 8-48 B). 8 warps: fp64 (tests'
     # exact references: twice the registers a tile; 16 warps spilled 1.1-1.9 KB with Triton 3.6,
     # 180-330 B with 3.9; 8 warps: 0-104 B) and the shared relation on Triton 3.6 (docstring).
-    if backward and (
-        dots == "tf32" or t.dtype == torch.float64 or (shared and TRITON_RELEASE < (3, 7))
-    ):
+    if backward and dots == "tf32":
+        cfg["num_warps"], maxnreg = 4, 255
+    elif backward and (t.dtype == torch.float64 or (shared and TRITON_RELEASE < (3, 7))):
         cfg["num_warps"], maxnreg = 8, 255
     cfg["num_stages"] = 1
     if maxnreg is not None:

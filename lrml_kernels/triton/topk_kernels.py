@@ -39,8 +39,9 @@ to 128, are re-read from L2 by every program of 16 users: ~0.27 TB in all, ~0.03
 candidate lists are B·KC·8 bytes). l1 adds the ``[32, 32] × [32, 128]`` GEMM for ``r`` and ~4
 flops per (pair, d) for ``e`` (~3.4e12 flops, ~0.1 s). Static facts (sm_90, d ∈ {64, 100, 128},
 N ∈ {10, 20}, fp32 and bf16, KC = 32, with and without the exclusion mask; :func:`screen_config`):
-133-230 registers, zero spills in Triton 3.6 and 3.9, 29-65 KB shared memory, HMMA in the SASS
-(``benchmarks/kernel_report.py``, tests/test_triton_topk_static.py): 2-3 programs per SM, so
+152-254 registers on 2 warps, zero spills in Triton 3.6 and 3.9, 15-56 KB shared memory, HMMA in
+the SASS, each MMA tile computed by one warp (``benchmarks/kernel_report.py``,
+tests/test_triton_topk_static.py): 4-6 programs per SM, so
 one user's GEMM → softmax → GEMM chain overlaps another program's. Expected ~0.3-0.6 s for l2
 in tf32 (target ≤ 1 s), ~2× that for l1, plus the users the certificate sends to the direct
 path (~30 µs each). These are estimates owed to a GPU run (benchmarks/gpu_check, ``pytest -m
@@ -338,16 +339,20 @@ def screen_config(N: int, d: int, k: int, device: torch.device) -> dict:
     """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
 
     ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. A program owns
-    ``BLOCK_U = 16`` users and walks the catalogue in tiles of ``BLOCK_I = 32`` items on 4 warps:
+    ``BLOCK_U = 16`` users and walks the catalogue in tiles of ``BLOCK_I = 32`` items on 2 warps:
     per (tile, user) the logit GEMM ``[32, BLOCK_D] × [BLOCK_D, BLOCK_N]`` runs as ``mma.sync``
     (HMMA; a warpgroup ``wgmma`` needs 64 rows), the item tile and ``(p ⊙ K)ᵀ`` in shared
     memory; the ``[32, BLOCK_N]`` logits, weights and quadratic-form products, the candidate
     lists ``[16, KC]`` int64 and, for l1, ``r`` and ``e`` ``[32, BLOCK_D]`` in registers, with
     ``maxnreg`` 255 so that ptxas sizes the allocation to the kernel rather than to an occupancy
-    it guesses. The shapes come from the static report (sm_90, each Triton with the ptxas of its
-    wheel, with and without the exclusion mask): at every d ∈ {64, 100, 128}, N ∈ {10, 20}, fp32
-    and bf16, l2 and l1, this compiles with no spills in Triton 3.6 and 3.9 alike (133-230
-    registers: 2-3 programs per SM). The 64-item tiles on ``wgmma`` that it replaces took
+    it guesses. 2 warps because the GEMMs are chained (logits → softmax → the quadratic form):
+    Triton then lays every warp along the 32 item rows, 16 rows a warp, so 4 warps computed
+    each MMA tile twice (the report's "MMA ×" column); 2 warps compute each once, with the
+    same registers a thread, and twice the programs fit an SM. The shapes come from the static
+    report (sm_90, each Triton with the ptxas of its wheel, with and without the exclusion
+    mask): at every d ∈ {64, 100, 128}, N ∈ {10, 20}, fp32 and bf16, l2, squared_l2 and l1,
+    this compiles with no spills in Triton 3.6 and 3.9 alike (152-254 registers: 4-6 programs
+    per SM; on 4 warps 133-230 and 2-3). The 64-item tiles on ``wgmma`` that it replaces took
     204-255 registers and spilled 8-72 B in Triton 3.6 at d = 128 (l2) and in bf16 l1, and no
     user count or warp count cleared every shape; without the register cap, ptxas settled at
     96-168 registers and spilled 8-32 B at a few shapes. The item tile, read once per program
@@ -364,7 +369,7 @@ def screen_config(N: int, d: int, k: int, device: torch.device) -> dict:
     }
     if device.type != "cuda":
         return {**cfg, "BLOCK_U": 16, "BLOCK_I": 128}
-    return {**cfg, "BLOCK_U": 16, "BLOCK_I": 32, "num_warps": 4, "num_stages": 1, "maxnreg": 255}
+    return {**cfg, "BLOCK_U": 16, "BLOCK_I": 32, "num_warps": 2, "num_stages": 1, "maxnreg": 255}
 
 
 def screen_fits(N: int, d: int, distance: str) -> bool:
