@@ -106,7 +106,7 @@ def test_wide_tensor_core_blocks_gpu(relation, prec):
     params, users, items = make(d, N, B, 2, dtype, scale)
     with using_fp32_matmul_precision("high" if tf32 else "highest"):
         for backward in (False, True):
-            cfg = TD.block_config(B, N, d, params[0], backward, relation == "shared")
+            cfg = TD.block_config(B, N, d, params[0], backward)
             assert cfg["BLOCK_B"] == TD.WIDE_BLOCK_B, cfg
         op = "hinge" if relation == "pair" else "distances"
         excluded = check_backend(

@@ -26,7 +26,8 @@ kilobytes per thread on sm_90 (forward at BLOCK_B 64: 5.2 KB stack). 16-row bloc
 live registers) and the warps/register caps of :func:`block_config` keep every production
 configuration spill-free (ptxas -v, sm_90a, Triton 3.9; d = 64/100/128, N = 10/20, fp32/bf16,
 both relations, every distance): forward 16 × 32 tiles, 4 warps, ≤ 128 registers (4 programs
-per SM); backward 16 × 16 tiles, 16 warps, ≤ 128 registers (1 program per SM).
+per SM); backward 16 × 16 tiles, 8 warps (4 with tf32 dots), ≤ 255 registers (1 program per
+SM; 2-3 with tf32); with tf32 dots at large batches 64-row blocks (:func:`block_config`).
 
 Roofline (H200: ~4.2 TB/s measured copy bandwidth, ~67 TFLOP/s fp32 FMA, d = 100, N = 20,
 fp32, 8-byte indices, every gathered row counted as an HBM read):
@@ -41,8 +42,13 @@ fp32, 8-byte indices, every gathered row counted as an HBM read):
 - relation="pair", B = 4096 × 5, fwd + bwd: 30 MB → 7 µs at copy bandwidth; 1.5 GFLOP →
   22 µs at FMA peak. B = 2^20 × 2: 3.9 GB → 0.92 ms; 154 GFLOP → 2.3 ms. IEEE fp32 dots
   make these kernels FMA-bound (~22 FLOP/B useful, ~50 executed, against a ridge of ~16
-  FLOP/B); TF32 dots (``torch.set_float32_matmul_precision("high")``) move them to the tensor
-  cores and under the memory roof. bf16 rows halve the bytes (2^20 × 2: ~2 GB, ~0.5 ms) and
+  FLOP/B), and likely slower than that: Triton's FMA dots read their operands from shared
+  memory, about one value per FFMA (backward SASS at d = 100: 224-288 values loaded per
+  thread against 196-276 FFMA; forward 169-269 against 128-260), and an SM's shared memory
+  serves 32 values a clock to its 128 FMA lanes, so ~25% of the FMA peak (~9 ms at
+  2^20 × 2) unless a GPU run shows otherwise. TF32 dots
+  (``torch.set_float32_matmul_precision("high")``) move them to the tensor cores and under
+  the memory roof. bf16 rows halve the bytes (2^20 × 2: ~2 GB, ~0.5 ms) and
   leave the FLOPs as they are, 4-5× over the memory roof on the FMA units: bf16 dots are
   always tf32.
 
@@ -588,11 +594,6 @@ def _lrml_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-#: ``(major, minor)`` of the installed Triton: a few launch shapes depend on it (each measured
-#: for sm_90 with the ptxas of its wheel; see the launchers).
-TRITON_RELEASE = tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
 def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
@@ -625,10 +626,8 @@ def _sm_count(t: torch.Tensor) -> int:
     return H200_SMS
 
 
-def block_config(
-    B: int, N: int, d: int, t: torch.Tensor, backward: bool = False, shared: bool = False,
-    dots: str | None = None,
-) -> dict:  # fmt: skip
+def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False,
+                 dots: str | None = None) -> dict:  # fmt: skip
     """Tile shapes, warps and register caps (from the sm_90 register reports, module docstring)
     for the tables ``t`` and dot precision ``dots`` (None: :func:`_dot_precision`'s for them).
 
@@ -636,16 +635,17 @@ def block_config(
     columns (a runtime trip count: ptxas keeps the loop rolled), so only a few
     ``[16, BLOCK_DC]`` tiles are live: 16 × 32 over 4 warps in the forward (``maxnreg`` 128:
     4 programs per SM; left to itself ptxas sometimes settled lower and spilled a few words),
-    16 × 16 over 16 warps in the backward, which keeps more tiles live (at most 128 registers
-    for 512 threads: 1 program per SM; at 8 warps it spilled under any cap up to 232). The
-    backward of the ``shared`` relation takes 16 warps with Triton 3.7 and later (3.9: 94-106
-    registers, no spills) and 8 warps with ``maxnreg`` 255 on Triton 3.6, the GPU machine's
-    (225-229 registers, 1 program per SM, no spills at any d, N, dtype, distance or batch
-    shape of the report). 3.6's ptxas, left alone at 16 warps, settled at 64 registers and
-    spilled 28-32 bytes; capped at 112, 120 or 128 it spilled 4-12 bytes at some shapes and not
-    at others, with no cap clean at every shape. tf32 tensor-core dots at a batch of at least
-    64 rows per SM take 64-row blocks on 8 warps instead (below). Under the interpreter, one
-    chunk and large row blocks: fewer, bigger numpy operations.
+    16 × 16 over 8 warps in the backward, which keeps more tiles live (every register ptxas
+    wants: 128-244 in IEEE fp32, 1 program per SM, no spills at any d, N, distance, relation
+    or batch shape of the report in Triton 3.6 or 3.9). Triton's IEEE dots are FMA loops over
+    each thread's elements of a blocked layout, their operands read from shared memory: on
+    16 warps (512 threads) a 16 × 16 tile is held twice, and the backward's 16 × 16 dots ran
+    twice (per program 1.5-2x the FFMA and shared-memory load instructions of 8 warps, counted
+    in the SASS at d = 100). Tensor-core dots (tf32) are MMAs whose warps Triton lays along
+    the rows: the backward takes 4 warps (each computes every tile of its 16 rows; on 8, twice
+    as many did the same), and at a batch of at least 64 rows per SM, 64-row blocks on 8
+    warps (below).
+    Under the interpreter, one chunk and large row blocks: fewer, bigger numpy operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -653,7 +653,8 @@ def block_config(
         block_b = min(512, max(16, triton.next_power_of_2(B)))
         return {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_DC": block_d}
     dots = dots or _dot_precision(t.dtype)
-    block_dc, warps, maxnreg = (16, 16, None) if backward else (min(block_d, 32), 4, 128)
+    block_dc = 16 if backward else min(block_d, 32)
+    cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_stages": 1}
     if dots == "tf32" and triton.cdiv(B, WIDE_BLOCK_B) >= _sm_count(t):
         # Tensor-core dots and a batch that fills the SMs with 64-row blocks: 8 warps
         # (warpgroup MMA: M = 64 per warpgroup) share the 64 rows. With 16-row blocks the MMA
@@ -661,23 +662,16 @@ def block_config(
         # program holds and multiplies the same fragments up to 8 times over; at 64 rows the
         # same registers (forward 69-128, backward 182-255) carry 4x the rows and load each
         # chunk of K and M once per 64 rows instead of per 16.
-        cfg = {"BLOCK_B": WIDE_BLOCK_B, "BLOCK_N": block_n, "BLOCK_DC": block_dc}
-        return {**cfg, "num_warps": 8, "num_stages": 1, "maxnreg": 255 if backward else 128}
-    cfg = {"BLOCK_B": 16, "BLOCK_N": block_n, "BLOCK_DC": block_dc, "num_warps": warps}
-    # The backwards that need more than 128 registers a thread take every register ptxas wants.
-    # tf32 tensor-core dots on 4 warps: the chained dots put every warp along the 16 rows, so
-    # each warp computes every MMA tile (4 times over; on 8 warps, 8 times), 137-255 registers,
-    # 2-3 programs per SM (on 16 warps it spilled ~150 B; on 2, 8-48 B). 8 warps: fp64 (tests'
-    # exact references: twice the registers a tile; 16 warps spilled 1.1-1.9 KB with Triton 3.6,
-    # 180-330 B with 3.9; 8 warps: 0-104 B) and the shared relation on Triton 3.6 (docstring).
-    if backward and dots == "tf32":
-        cfg["num_warps"], maxnreg = 4, 255
-    elif backward and (t.dtype == torch.float64 or (shared and TRITON_RELEASE < (3, 7))):
-        cfg["num_warps"], maxnreg = 8, 255
-    cfg["num_stages"] = 1
-    if maxnreg is not None:
-        cfg["maxnreg"] = maxnreg
-    return cfg
+        cfg["BLOCK_B"] = WIDE_BLOCK_B
+        return {**cfg, "num_warps": 8, "maxnreg": 255 if backward else 128}
+    if not backward:
+        return {**cfg, "num_warps": 4, "maxnreg": 128}
+    # The backward takes every register ptxas wants. tf32 on 4 warps: 137-255 registers, 2-3
+    # programs per SM (on 16 warps it spilled ~150 B; on 2, 8-48 B). IEEE on 8 warps (on 16,
+    # capped at 128 registers, the shared relation spilled 4-32 B in Triton 3.6); fp64 (the
+    # tests' exact references, twice the registers a tile: on 16 warps it spilled 0.2-1.9 KB,
+    # on 8 0-104 B).
+    return {**cfg, "num_warps": 4 if dots == "tf32" else 8, "maxnreg": 255}
 
 
 def _hinge_block_rows(B: int, block_c: int, t: torch.Tensor) -> int:
@@ -797,7 +791,7 @@ def backward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     row_dtype = dtype if row_dtype is None else row_dtype
-    cfg = config or block_config(B, N, d, user_emb, backward=True, shared=relation == "shared")
+    cfg = config or block_config(B, N, d, user_emb, backward=True)
     programs = cfg.get("programs") or _backward_programs(B, cfg, user_emb)
     programs = max(1, min(programs, triton.cdiv(B, cfg["BLOCK_B"])))
     GP = torch.empty(B, d, dtype=ct, device=dev)
