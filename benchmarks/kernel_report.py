@@ -347,6 +347,28 @@ def mma_replication(ttgir: str) -> float:
     return worst
 
 
+_LDS = re.compile(r"^LDS(?:\.U)?(?:\.(64|128))?\b")
+
+
+def sass_fma_and_shared_loads(sass: str) -> dict[str, tuple[int, int]]:
+    """``cuobjdump --dump-sass`` -> {kernel: (FFMA instructions, 32-bit values its LDS load a
+    thread)}, static counts (each instruction once, loops as written). Triton's IEEE dots are
+    FFMA loops whose operands come from shared memory: their ratio says how many values the
+    FMA units wait for from shared memory (32 a clock an SM, against 128 FMA lanes)."""
+    out: dict[str, list[int]] = {}
+    for name, line in _by_function(sass, r"Function : (\S+)"):
+        counts = out.setdefault(name, [0, 0])
+        m = _SASS_OPCODE.search(line or "")
+        if not m:
+            continue
+        op = line[m.start(1) :].split()[0]
+        if op.split(".")[0] == "FFMA":
+            counts[0] += 1
+        elif lds := _LDS.match(op):
+            counts[1] += int(lds.group(1) or 32) // 32
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def resident_blocks(registers: int, threads: int, smem: int) -> tuple[int, str]:
     """Blocks of ``threads`` threads that fit on one sm_90 SM, and what limits them.
 
@@ -400,6 +422,9 @@ def triton_ptxas(capability: int = 90) -> str:
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
+
+
+USAGE_VERSION = "2"  # what _usage reads from a cubin (a new field: cached usages are stale)
 
 
 def _cache_dir() -> Path:
@@ -812,7 +837,8 @@ def compile_one(job: dict) -> dict:
     compile_s = time.perf_counter() - t0
     ptx = kernel.asm["ptx"]
     md = kernel.metadata
-    key = hashlib.sha256((ptx + repr(job["ptxas_flags"])).encode()).hexdigest()[:32]
+    key = hashlib.sha256((USAGE_VERSION + ptx + repr(job["ptxas_flags"])).encode()).hexdigest()
+    key = key[:32]
     cached = _cache_dir() / f"{key}.json"
     if cached.exists():
         usage = json.loads(cached.read_text())
@@ -864,6 +890,7 @@ def _usage(kernel, ptx: str, md, flags: list[str], log: str = "") -> dict:
         binary = parse_resource_usage(ru.stdout).get(md.name, {})
         sass = _run([triton_bin("cuobjdump"), "--dump-sass", str(cubin)])
         tc = sass_tensor_cores(sass.stdout).get(md.name, [])
+        ffma, lds = sass_fma_and_shared_loads(sass.stdout).get(md.name, (0, 0))
     return {
         "arch": arch,
         "registers": binary.get("registers", ptxas["registers"]),
@@ -873,6 +900,8 @@ def _usage(kernel, ptx: str, md, flags: list[str], log: str = "") -> dict:
         "spill_loads": ptxas["spill_loads"],
         "smem_static": ptxas["smem"],
         "tensor_cores": tc,
+        "ffma": ffma,
+        "lds_values": lds,
         "ptxas_source": source,
     }
 
@@ -1028,7 +1057,7 @@ def cuda_rows(nvcc: str | None = None) -> list[dict]:
     for cu in sorted((REPO / "csrc" / "cuda").glob("*.cu")):
         cmd = [nvcc, "-std=c++17", "-O3", f"-I{REPO / 'csrc'}", "-arch=sm_90", "-Xptxas", "-v",
                "-c", str(cu)]  # fmt: skip
-        digest = hashlib.sha256(repr((cmd[1:], version)).encode())
+        digest = hashlib.sha256(repr((USAGE_VERSION, cmd[1:], version)).encode())
         for f in [cu, *headers]:
             digest.update(f.read_bytes())
         cached = _cache_dir() / f"cuda-{digest.hexdigest()[:32]}.json"
@@ -1050,6 +1079,7 @@ def _cuda_file_rows(cu: Path, cmd: list[str]) -> list[dict]:
         usage = parse_ptxas(res.stdout + res.stderr)
         sass = _run([triton_bin("cuobjdump"), "--dump-sass", str(obj)])
         tc = sass_tensor_cores(sass.stdout)
+        fma = sass_fma_and_shared_loads(sass.stdout)
     names = _demangle(sorted(usage))
     rows = []
     for mangled, u in sorted(usage.items()):
@@ -1068,6 +1098,8 @@ def _cuda_file_rows(cu: Path, cmd: list[str]) -> list[dict]:
             "num_warps": CUDA_ASSUMED_WARPS,
             "num_stages": None,
             "tensor_cores": tc.get(mangled, []),
+            "ffma": fma.get(mangled, (0, 0))[0],
+            "lds_values": fma.get(mangled, (0, 0))[1],
             "mma_replication": None,  # (hand-written CUDA: no Triton layouts to read)
         }
         rows.append(_finish(row))
@@ -1151,7 +1183,7 @@ def _kb(x: int) -> str:
 COLUMNS = (
     "kernel", "op", "B×C", "d", "N", "dtype", "relation", "distance", "blocks", "flags",
     "warps", "stages", "regs", "stack B", "spill st/ld B", "smem", "blocks/SM", "programs",
-    "waves", "TC", "MMA ×",
+    "waves", "TC", "MMA ×", "LDS/FFMA",
 )  # fmt: skip
 
 
@@ -1167,7 +1199,7 @@ def _cells(r: dict) -> list[str]:
     if r["source"] == "cuda":
         return [r["kernel"], r["op"], "—", "—", "—", "—", "—", "—", "—", "—",
                 f"{r['num_warps']}*", "—", regs, _fmt_int(r["stack"]), spills,
-                _kb(r["shared"]) + " static", occ, "—", "—", tc, "—"]  # fmt: skip
+                _kb(r["shared"]) + " static", occ, "—", "—", tc, "—", _lds_per_ffma(r)]  # fmt: skip
     bc = "all users" if r["op"] == "topk" else f"{_pow2(r['B'])}×{r['C']}"
     if r["op"] == "sort":
         bc = f"{r['B']:,} ids"
@@ -1188,7 +1220,13 @@ def _cells(r: dict) -> list[str]:
     return [r["kernel"].removeprefix("_lrml_"), r["op"], bc, *model, r["blocks"],
             r["flags"] or "—", str(r["num_warps"]), str(r["num_stages"]), regs,
             _fmt_int(r["stack"]), spills, _kb(r["shared"]), occ, programs,
-            f"{r['waves']:.2f}", tc, _replication(r)]  # fmt: skip
+            f"{r['waves']:.2f}", tc, _replication(r), _lds_per_ffma(r)]  # fmt: skip
+
+
+def _lds_per_ffma(r: dict) -> str:
+    if not r.get("ffma") or r["tensor_cores"]:  # (an MMA kernel's loads feed the MMAs)
+        return "—"
+    return f"{r['lds_values'] / r['ffma']:.2f}"
 
 
 def _replication(r: dict) -> str:
@@ -1248,6 +1286,9 @@ def markdown(rows: list[dict], title: str = "") -> str:
         "(SMs given at least one program); waves = programs / (132 × blocks/SM).",
         "- MMA ×: how many warps compute each MMA tile, at worst over the kernel's dots (TTGIR "
         "layouts; 1: each warp its own tiles; 8: eight warps multiply the same fragments).",
+        "- LDS/FFMA: 32-bit values loaded from shared memory per FFMA, static SASS counts (each "
+        "instruction once), kernels without tensor cores; an SM's shared memory serves 32 values "
+        "a clock to its 128 FMA lanes: above 0.25, FFMA-bound code waits for shared memory.",
         "- TC: tensor-core instructions (HGMMA/HMMA/...) in the SASS. flags: true boolean "
         "constexprs. B×C 'all users': top-k of all 480,189 users × 17,770 items, k = 10.",
         "- CUDA rows: block size and dynamic shared memory are chosen at run time from the "

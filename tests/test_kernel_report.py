@@ -126,6 +126,19 @@ Resource usage:
         /*0000*/                   FFMA R1, R2, R3, R4 ;
 """
     assert kr.sass_tensor_cores(sass) == {"screen": ["HGMMA", "HMMA"], "plain": []}
+    sass = """
+        Function : fma
+        /*0000*/                   LDS.128 R4, [R2] ;
+        /*0010*/                   LDS R8, [R2+0x10] ;
+        /*0020*/              @!P0 LDS.U.64 R10, [R3] ;
+        /*0030*/                   FFMA R1, R4, R8, R1 ;
+        /*0040*/                   FFMA.FTZ R1, R5, R9, R1 ;
+        /*0050*/                   LDSM.16.M88.4 R12, [R3] ;
+        Function : none
+        /*0000*/                   FADD R1, R2, R3 ;
+"""
+    # 4 + 1 + 2 values loaded (LDSM is a tensor-core fragment load, not counted), 2 FFMA
+    assert kr.sass_fma_and_shared_loads(sass) == {"fma": (2, 7), "none": (0, 0)}
 
 
 def test_occupancy_arithmetic_of_an_sm90_sm():
