@@ -65,9 +65,7 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 RELATION_LR_SCALE = 0.01
 # Options added since checkpoints were first written, with the value that older checkpoints
 # were trained with (not the default of today).
-OPTIONS_BEFORE = {
-    "relation_lr_scale": 1.0, "popularity_negatives": 0.0, "matmul_precision": "highest",
-}  # fmt: skip
+OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0}
 # The largest popularity_negatives alpha (beyond it the most popular items take nearly every draw).
 POPULARITY_ALPHA_MAX = 4.0
 

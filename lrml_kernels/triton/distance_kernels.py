@@ -644,8 +644,8 @@ def block_config(B: int, N: int, d: int, t: torch.Tensor, backward: bool = False
     in the SASS at d = 100). Tensor-core dots (tf32) are MMAs whose warps Triton lays along
     the rows: the backward takes 4 warps (each computes every tile of its 16 rows; on 8, twice
     as many did the same), and at a batch of at least 64 rows per SM, 64-row blocks on 8
-    warps (below).
-    Under the interpreter, one chunk and large row blocks: fewer, bigger numpy operations.
+    warps (below). Under the interpreter, one chunk and large row blocks: fewer, bigger numpy
+    operations.
     """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -791,7 +791,8 @@ def backward_launch(
     ct = _compute_dtype(dtype)
     dev = user_emb.device
     row_dtype = dtype if row_dtype is None else row_dtype
-    cfg = config or block_config(B, N, d, user_emb, backward=True)
+    dots = _dot_precision(dtype)
+    cfg = config or block_config(B, N, d, user_emb, backward=True, dots=dots)
     programs = cfg.get("programs") or _backward_programs(B, cfg, user_emb)
     programs = max(1, min(programs, triton.cdiv(B, cfg["BLOCK_B"])))
     GP = torch.empty(B, d, dtype=ct, device=dev)
@@ -819,7 +820,7 @@ def backward_launch(
             float(scale), float(eps),
             DISTANCE=DISTANCE_CODES[distance], SHARED=relation == "shared",
             HAS_W=W is not None, HAS_D=has_d, IS_FP64=dtype == torch.float64,
-            DOT_PREC=_dot_precision(dtype), BLOCK_C=triton.next_power_of_2(C),
+            DOT_PREC=dots, BLOCK_C=triton.next_power_of_2(C),
             **_launch_options(cfg),
         )  # fmt: skip
     # Fixed-order reduction of the per-program partials: same inputs, same bits.

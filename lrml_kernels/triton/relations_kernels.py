@@ -72,7 +72,8 @@ def relations(user_emb, item_emb, keys, memory, users, items, config=None):
     r = user_emb.new_empty(B, d)
     if B == 0:
         return a, r
-    cfg = config or TD.block_config(B, N, d, user_emb)
+    dots = TD._dot_precision(user_emb.dtype)
+    cfg = config or TD.block_config(B, N, d, user_emb, dots=dots)
     with TD._device_guard(user_emb):
         _lrml_relations_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
             *TD._param_args(user_emb, item_emb, keys, memory),
@@ -82,7 +83,7 @@ def relations(user_emb, item_emb, keys, memory, users, items, config=None):
             r, r.stride(0), r.stride(1),
             B, user_emb.shape[0], item_emb.shape[0], N, d,
             IS_FP64=user_emb.dtype == torch.float64,
-            DOT_PREC=TD._dot_precision(user_emb.dtype),
+            DOT_PREC=dots,
             **TD._launch_options(cfg),
         )  # fmt: skip
     return a, r
