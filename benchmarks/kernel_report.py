@@ -704,7 +704,7 @@ def record_launches(case: Case) -> list[tuple]:
             elif case.op == "rowupdate":  # the trainer's Adam row updates of both tables
                 ru = importlib.import_module("lrml_kernels.triton.row_update")
                 f32 = {"dtype": torch.float32, "device": "cuda"}
-                hyper = torch.empty(2, **f32)  # (lr, eps), read by the kernel
+                hyper = torch.zeros(3, **f32)  # (lr, eps, seed), read by the kernel
                 for table, idx in ((P, users), (Q, items)):
                     state = (torch.empty(table.shape, **f32), torch.empty(table.shape, **f32))
                     grad = torch.empty(*idx.shape, case.d, dtype=table.dtype, device="cuda")

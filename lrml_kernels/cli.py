@@ -84,6 +84,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     a(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "bfloat16"],
+        help="the parameters' dtype: bfloat16 stores the tables, keys and memory in half the "
+        "bytes; the kernels compute in fp32 and the fused optimizer keeps its state in fp32 "
+        "(needs --fused-optimizer; default: %(default)s)",
+    )
+    a(
         "--reject-positives",
         action=argparse.BooleanOptionalAction,
         default=d.reject_positives,
@@ -181,6 +189,7 @@ def _config(args) -> TrainConfig:
         fused_optimizer=args.fused_optimizer,
         cuda_graph=args.cuda_graph,
         matmul_precision=args.matmul_precision,
+        dtype=args.dtype,
         reject_positives=args.reject_positives,
         popularity_negatives=args.popularity_negatives,
         max_steps=args.max_steps,

@@ -59,6 +59,22 @@ def check_relation_lr_scale(scale) -> float:
     return float(scale)
 
 
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 ``x`` (contiguous) in bf16, each value rounded up (away from zero) with probability
+    equal to the fraction of a bf16 step it lies above the value below, so ``E[result] = x``.
+
+    Adds 16 random low bits to the fp32 pattern and truncates them (the pattern's carry into the
+    exponent is the next binade's value); non-finite values are rounded to nearest. Updates
+    smaller than half a bf16 step (2⁻⁹ to 2⁻⁸ of a value) vanish under rounding to nearest and
+    survive here on average, as in FBGEMM's half-precision embedding tables.
+    """
+    bits = torch.randint(
+        0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device
+    )
+    up = (x.view(torch.int32) + bits).bitwise_and_(-(1 << 16)).view(torch.float32)
+    return torch.where(torch.isfinite(x), up, x).to(torch.bfloat16)
+
+
 @dataclass
 class _Graph:
     """A captured step: the graph, its static inputs (users ``[B]``, items ``[B, C]``) and the
@@ -126,7 +142,7 @@ class LRMLTrainer:
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
         self.steps = 0
         self._scalars: dict[str, tuple[float, float]] = {}  # name -> (lr, eps) of this step
-        self._hyper = None  # the same in a device tensor [4, 2] (rows: _PARAMS), for Triton
+        self._hyper = None  # (lr, eps, rounding seed) in a device tensor [4, 3] (rows: _PARAMS)
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict[tuple, _Graph] = {}  # batch shape and options -> captured step
         self._graph_ptrs: tuple = ()  # the storage the graphs were captured on
@@ -226,9 +242,10 @@ class LRMLTrainer:
 
     def _advance(self) -> None:
         """Count one more step and set its scalars: the step counters of the updated parameters,
-        their ``(lr, eps)`` on the host and, where the Triton update reads them, in the device
-        tensor ``_hyper`` (one non-blocking host-to-device copy from pinned memory; the caching
-        host allocator keeps that memory until the copy is done, so nothing waits)."""
+        their ``(lr, eps)`` on the host and, where the Triton update reads them, with the
+        rounding seeds in the device tensor ``_hyper`` (one non-blocking host-to-device copy
+        from pinned memory; the caching host allocator keeps that memory until the copy is
+        done, so nothing waits)."""
         self.steps += 1
         names = _PARAMS if self.model.relation != "none" else _PARAMS[:2]
         for name in names:
@@ -240,8 +257,10 @@ class LRMLTrainer:
         dtype = compute_dtype(table.dtype)
         hyper = self._hyper
         if hyper is None or hyper.device != table.device or hyper.dtype != dtype:
-            hyper = self._hyper = torch.zeros(len(_PARAMS), 2, dtype=dtype, device=table.device)
-        values = [self._scalars.get(name, (0.0, 0.0)) for name in _PARAMS]
+            hyper = self._hyper = torch.zeros(len(_PARAMS), 3, dtype=dtype, device=table.device)
+        values = [
+            (*self._scalars.get(name, (0.0, 0.0)), self._round_seed(name)) for name in _PARAMS
+        ]
         cuda = table.device.type == "cuda"
         hyper.copy_(torch.tensor(values, dtype=dtype, pin_memory=cuda), non_blocking=cuda)
 
@@ -413,7 +432,7 @@ class LRMLTrainer:
             x = self._apply(state, table.index_select(0, rows).to(ct), grad, rows, lr)
         if max_norm is not None:  # x / max(1, |x| / max_norm), as LRML.project_()
             x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(max_norm).clamp_min_(1.0))
-        table.index_copy_(0, rows, x.to(table.dtype))
+        table.index_copy_(0, rows, self._round(x, table.dtype, name))
 
     def _gpu_row_update(self, table):
         """The Triton row update for CUDA tables (and CPU tables of the interpreted triton
@@ -447,7 +466,21 @@ class LRMLTrainer:
             x = x.addcdiv(state["exp_avg"], denom, value=-self._lr(name) / bc1)
         else:
             x = self._apply(state, x, grad, None, self._lr(name))
-        param.copy_(x.to(param.dtype))
+        param.copy_(self._round(x, param.dtype, name))
+
+    def _round(self, x, dtype, name):
+        """The updated values ``x`` (compute dtype) in the parameter's ``dtype``: bf16 rounded
+        stochastically (:func:`stochastic_round_bf16`, bits drawn from :meth:`_round_seed`, so a
+        resumed run draws the same), other dtypes to nearest."""
+        if dtype != torch.bfloat16 or x.dtype != torch.float32:
+            return x.to(dtype)
+        g = torch.Generator(x.device).manual_seed(self._round_seed(name))
+        return stochastic_round_bf16(x, g)
+
+    def _round_seed(self, name: str) -> int:
+        """The seed of this step's stochastic rounding of ``name`` (bf16 parameters): one per
+        step and parameter, below the Triton update's ``SEED_LIMIT``."""
+        return (self.steps * len(_PARAMS) + _PARAMS.index(name)) % (1 << 24)
 
     def _apply(self, state, x, grad, rows, lr):
         """Adagrad / row-wise Adagrad / SGD at ``lr`` on rows ``x`` (all rows when ``rows`` is

@@ -65,7 +65,9 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 RELATION_LR_SCALE = 0.01
 # Options added since checkpoints were first written, with the value that older checkpoints
 # were trained with (not the default of today).
-OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0}
+OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0, "dtype": "float32"}
+# The parameters' storage dtypes of ``TrainConfig.dtype`` (the kernels compute in fp32 for both).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The largest popularity_negatives alpha (beyond it the most popular items take nearly every draw).
 POPULARITY_ALPHA_MAX = 4.0
 
@@ -114,6 +116,9 @@ class TrainConfig:
     # torch's fp32 matmul precision while fit runs (restored after): "high" puts the fp32 dots of
     # the triton kernels and cuBLAS on the TF32 tensor cores of a CUDA device (SPEC.md, "Precision")
     matmul_precision: str = "highest"
+    # the tables', keys' and memory's dtype: "bfloat16" halves the bytes each step moves; the
+    # kernels compute in fp32 and the fused optimizer keeps its state in fp32
+    dtype: str = "float32"
     reject_positives: bool = True
     # alpha of popularity-aware negatives: each drawn with weight (training count + 1) ** alpha,
     # a training item replaced by a uniform draw (data.sample_negatives); 0: uniform negatives
@@ -152,6 +157,13 @@ class TrainConfig:
             raise ValueError(
                 f"matmul_precision must be one of {FP32_MATMUL_PRECISIONS}, "
                 f"got {self.matmul_precision!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32" and not self.fused_optimizer:
+            raise ValueError(
+                f"dtype={self.dtype!r} needs the fused optimizer (--fused-optimizer), whose state "
+                "is fp32; torch's optimizers would keep theirs in the parameters' dtype"
             )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
@@ -263,6 +275,7 @@ def build(cfg: TrainConfig, num_users: int, num_items: int):
         backend=cfg.backend,
         validate=False,
         device=cfg.device,
+        dtype=DTYPES[cfg.dtype],
     )
     if cfg.fused_optimizer:
         lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]

@@ -95,7 +95,7 @@ def test_long_segments_sum_every_gradient_row(d):
     _triton()  # the backend registered
     from lrml_kernels.triton.row_update import row_update_
 
-    hyper = torch.tensor([0.1, 0.0], dtype=torch.float64, device=DEVICE)  # (lr, eps)
+    hyper = torch.tensor([0.1, 0.0, 0.0], dtype=torch.float64, device=DEVICE)  # (lr, eps, seed)
     row_update_(table, idx, grad, "sgd", hyper)
     torch.testing.assert_close(table, want, atol=1e-12, rtol=1e-12)
 
@@ -187,7 +187,7 @@ def test_row_update_skips_ids_outside_the_table(bad):
     table = torch.randn(40, 13, dtype=torch.float64, device=DEVICE)
     before = table.clone()
     state = (torch.zeros_like(table), torch.zeros_like(table))
-    hyper = torch.tensor([0.1, 1e-8], dtype=torch.float64, device=DEVICE)
+    hyper = torch.tensor([0.1, 1e-8, 0.0], dtype=torch.float64, device=DEVICE)
     idx = torch.tensor([bad, 7, bad, bad], device=DEVICE)
     row_update_(table, idx, torch.ones(4, 13, dtype=torch.float64, device=DEVICE),
                 "adam", hyper, state)  # fmt: skip
@@ -335,16 +335,16 @@ def test_scalars_changed_in_place_reach_a_launch_with_the_same_arguments(
     start = param.clone()
     idx = torch.tensor([3, 0, 3, 6, 3], device=DEVICE)
     # inputs at fixed addresses, refilled in place, as a graph's static buffers
-    hyper = torch.empty(2, **f64)
+    hyper = torch.empty(3, **f64)
     grad, grad_rows = torch.empty(4, 13, **f64), torch.empty(5, 13, **f64)
     grads = []
     for lr, eps in ((0.1, 1e-8), (0.03, 1e-3)):  # a schedule's next lr; Adam's next eps
         grads.append(grad.copy_(torch.randn(4, 13, **f64)).clone())
         grad_rows.copy_(torch.randn(5, 13, **f64))
-        hyper.copy_(torch.tensor([lr, eps], dtype=torch.float64))  # in place: same address
+        hyper.copy_(torch.tensor([lr, eps, 0.0], dtype=torch.float64))  # in place: same address
         dense_update_(param, grad, optimizer, hyper, tuple(state))
         row_update_(table, idx, grad_rows, optimizer, hyper, tuple(table_state), max_norm=1.0)
-        own = torch.tensor([lr, eps], **f64)
+        own = torch.tensor([lr, eps, 0.0], **f64)
         dense_update_(want, grad, optimizer, own, tuple(want_state))
         row_update_(
             want_table, idx, grad_rows, optimizer, own, tuple(want_table_state), max_norm=1.0
@@ -365,3 +365,44 @@ def test_scalars_changed_in_place_reach_a_launch_with_the_same_arguments(
         if a[0] == ("tensor", table.data_ptr())
     ]
     assert len(rows) == 2 and rows[0] == rows[1]
+
+
+def test_bf16_rows_are_rounded_stochastically_without_bias_and_by_the_seed():
+    """bf16 tables: an update of a quarter of a bf16 step survives on average (rounding to
+    nearest would leave every value at 1.0), the draw is the seed's (a seed changed in place
+    gives the launch of its own tensor; another seed other bits), and the torch-ops path draws
+    the same distribution."""
+    from lrml_kernels.trainer import stochastic_round_bf16
+    from lrml_kernels.triton.row_update import dense_update_
+
+    rows, d, step = 512, 64, 2.0**-10  # bf16's step below 1.0 is 2^-8
+    f32 = {"dtype": torch.float32, "device": DEVICE}
+    grad = torch.full((rows, d), step, **f32)
+    idx = torch.arange(rows, device=DEVICE)
+
+    def updated(seed, dense=False):
+        table = torch.ones(rows, d, dtype=torch.bfloat16, device=DEVICE)
+        hyper = torch.tensor([1.0, 0.0, seed], **f32)  # SGD at lr 1: x = 1 - 2^-10
+        if dense:
+            dense_update_(table, grad, "sgd", hyper)
+        else:
+            row_update_(table, idx, grad, "sgd", hyper)
+        return table
+
+    a, b = updated(1.0), updated(2.0)
+    assert set(a.float().unique().tolist()) == {1.0 - 2.0**-8, 1.0}
+    # 32,768 draws of p = 1/4: the mean's standard error is 2.4e-3 · 2^-8 ≈ 1e-5
+    for t in (a, b, updated(3.0, dense=True)):
+        assert abs(t.float().mean().item() - (1 - step)) < 6e-5
+    assert torch.equal(a, updated(1.0)) and not torch.equal(a, b)
+    # the same seed in place of another (a graph replay) draws that seed's bits
+    table = torch.ones(rows, d, dtype=torch.bfloat16, device=DEVICE)
+    hyper = torch.tensor([1.0, 0.0, 2.0], **f32)
+    hyper[2] = 1.0
+    row_update_(table, idx, grad, "sgd", hyper)
+    assert torch.equal(table, a)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.full((rows, d), 1 - step, **f32)
+    torch_path = stochastic_round_bf16(x, g).float()
+    assert set(torch_path.unique().tolist()) == {1.0 - 2.0**-8, 1.0}
+    assert abs(torch_path.mean().item() - (1 - step)) < 6e-5

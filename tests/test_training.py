@@ -214,6 +214,9 @@ def test_unfused_step_gives_the_relation_its_learning_rate_as_the_fused_one(opti
         {"popularity_negatives": True},
         {"popularity_negatives": 0.5, "reject_positives": False},
         {"matmul_precision": "tf32"},
+        {"dtype": "float16"},
+        {"dtype": torch.bfloat16},
+        {"dtype": "bfloat16", "fused_optimizer": False},
     ],
 )
 def test_bad_config(bad):
@@ -240,6 +243,32 @@ def test_matmul_precision_holds_while_fit_runs_and_is_restored_after(tmp_path, s
     assert r["config"]["matmul_precision"] == "high"
     fit(cfg(epochs=2), tmp_path / "a", split=small, resume=True)
     assert fp32_matmul_precision() == "highest"
+
+
+def test_bfloat16_training_stores_bf16_learns_and_resumes_exactly(tmp_path, small):
+    # --dtype bfloat16: bf16 parameters in the model and the checkpoint, the fused optimizer's
+    # state in fp32; the run learns, a resume mid-epoch reaches the uninterrupted run's parameters
+    # bit for bit, and a resume in another dtype is refused.
+    full = fit(cfg(epochs=3, dtype="bfloat16"), tmp_path / "a", split=small)
+    losses = [rec["loss"] for rec in full["epochs"]]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(p.dtype == torch.bfloat16 for p in full["model"].parameters())
+    model, ckpt = load_checkpoint(tmp_path / "a" / CHECKPOINT)
+    assert ckpt["config"]["dtype"] == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    fp32 = fit(cfg(epochs=3), None, split=small)
+    assert abs(full["final"]["loss"] - fp32["final"]["loss"]) < 0.05 * fp32["final"]["loss"]
+    fit(
+        cfg(epochs=3, max_steps=5, checkpoint_every=1, dtype="bfloat16"),
+        tmp_path / "b",
+        split=small,
+    )
+    resumed = fit(cfg(epochs=3, dtype="bfloat16"), tmp_path / "b", split=small, resume=True)
+    assert resumed["final"]["loss"] == full["final"]["loss"]
+    for k, v in params_of(tmp_path / "a").items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, params_of(tmp_path / "b")[k]), k
+    with pytest.raises(ValueError, match="dtype: 'bfloat16' -> 'float32'"):
+        fit(cfg(epochs=4), tmp_path / "b", split=small, resume=True)
 
 
 def test_beats_popularity_on_movielens_100k(shared_data):

@@ -28,12 +28,19 @@ size), Adagrad as sparse ``torch.optim.Adagrad``, row-wise Adagrad with one accu
 (the mean of g² over the row), SGD. fp16/bf16 tables are computed in fp32, fp64 in fp64; the state
 is in the compute dtype.
 
+bf16 tables are rounded stochastically when the updated row is written (each value up or down with
+the probabilities that make the expected value the fp32 result; the trainer's other path,
+``lrml_kernels.trainer.stochastic_round_bf16``, draws the same distribution from other bits): an
+update much smaller than a bf16 step, as a late step of a decayed learning rate is, would vanish
+under rounding to nearest. The random bits are Philox's, keyed by the step's ``seed`` and the
+element's position in the table, so a step's rounding is the same whenever it runs.
+
 The per-step scalars (the learning rate, which a schedule changes, Adam's bias-corrected step size
-and, for keys and memory, its epsilon, which change every step) are not launch arguments: the
-kernel reads them from a small device tensor ``hyper = (lr, eps)`` in the compute dtype (the
-trainer fills all of a step's with one non-blocking host-to-device copy). A launch captured in a
-CUDA graph therefore replays with the current values; eager launches take the same path. The
-constant ones (betas, max_norm) stay arguments.
+and, for keys and memory, its epsilon, which change every step, and the rounding seed) are not
+launch arguments: the kernel reads them from a small device tensor ``hyper = (lr, eps, seed)`` in
+the compute dtype (the trainer fills all of a step's with one non-blocking host-to-device copy).
+A launch captured in a CUDA graph therefore replays with the current values; eager launches take
+the same path. The constant ones (betas, max_norm) stay arguments.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ SORT_CHUNK = {32: 8192, 64: 4096}
 SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
 SORT_MERGE_WARPS = 8
 SORT_MERGE_KEYS_PER_THREAD = 8
+# hyper's seed is an integer below this: exact in the compute dtype (fp32's 24-bit significand)
+SEED_LIMIT = 1 << 24
 
 
 @triton.jit
@@ -77,9 +86,10 @@ def _row_update_kernel(
     perm_ptr,  # [n] int64: slot -> position in grad (unused if DENSE)
     grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order ([R, d] if DENSE)
     n, d, R,
-    hyper_ptr,  # [2] (lr, eps), compute dtype: read on the device, so a graph replay sees new ones
+    hyper_ptr,  # [3] (lr, eps, seed), compute dtype: read on the device, so a replay sees new ones
     beta1, beta2, max_norm,
     OPT: tl.constexpr, DENSE: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
+    STOCHASTIC: tl.constexpr,  # bf16 table: round the written row stochastically
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -142,6 +152,11 @@ def _row_update_kernel(
             x = tl.where(cmask, x, 0.0)
             scale = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)) / max_norm, 1.0)
             x = x / scale
+        if STOCHASTIC:  # 16 random low bits added to the fp32 pattern, then truncated to bf16
+            seed = tl.load(hyper_ptr + 2).to(tl.int32)
+            bits = (tl.randint(seed, (row * d + cols).to(tl.uint32)) & 0xFFFF).to(tl.int32)
+            up = ((x.to(tl.int32, bitcast=True) + bits) & -65536).to(tl.float32, bitcast=True)
+            x = tl.where(tl.abs(x) < float("inf"), up, x)  # NaN, ±inf: to nearest
         tl.store(x_ptrs, x.to(table_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -253,10 +268,12 @@ def row_update_(
             outside ``[0, R)`` (the sampler's -1) is skipped, unchecked (a check would sync).
         grad_rows: ``idx.shape + (d,)``, one gradient row per id (repeated ids are summed).
         optimizer: a key of ``OPTIMIZER_CODES``.
-        hyper: ``[2]`` = ``(lr, eps)`` on the table's device, in the compute dtype (fp64 for
-            fp64 tables, else fp32), read by the kernel: the learning rate (for "adam" the
-            bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``) and Adam's or
-            Adagrad's epsilon. A captured CUDA graph replays with whatever it holds then.
+        hyper: ``[3]`` = ``(lr, eps, seed)`` on the table's device, in the compute dtype (fp64
+            for fp64 tables, else fp32), read by the kernel: the learning rate (for "adam" the
+            bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``), Adam's or Adagrad's
+            epsilon, and the seed of a bf16 table's stochastic rounding (an integer in
+            ``[0, SEED_LIMIT)``; other dtypes round to nearest and do not read it). A captured
+            CUDA graph replays with whatever it holds then.
         state: ``(exp_avg, exp_avg_sq)`` for adam, ``(sum,)`` for adagrad (``[R, d]``) and
             rowwise_adagrad (``[R]``), ``()`` for sgd; contiguous, updated in place.
         betas: Adam's. max_norm: the projection radius, or None.
@@ -286,7 +303,7 @@ def dense_update_(
 ) -> None:
     """Every row of ``param`` ``[R, d]`` updated in place with ``grad`` ``[R, d]``: one launch.
 
-    The same update as :func:`row_update_`, ``hyper`` = ``(lr, eps)`` as there
+    The same update as :func:`row_update_`, ``hyper`` = ``(lr, eps, seed)`` as there
     (``torch.optim.Adam``'s is SparseAdam's with ``eps·sqrt(1 - β2^t)``; the caller passes
     that), no projection.
     """
@@ -353,8 +370,8 @@ def _check(table, optimizer, hyper, state):
         if not s.is_contiguous() or s.shape[0] != table.shape[0]:
             raise ValueError("optimizer state must be contiguous with one row per table row")
     want = hyper_dtype(table.dtype)
-    if not isinstance(hyper, torch.Tensor) or hyper.shape != (2,) or not hyper.is_contiguous():
-        raise ValueError("hyper must be a contiguous [2] tensor (lr, eps)")
+    if not isinstance(hyper, torch.Tensor) or hyper.shape != (3,) or not hyper.is_contiguous():
+        raise ValueError("hyper must be a contiguous [3] tensor (lr, eps, seed)")
     if hyper.dtype != want or hyper.device != table.device:
         raise ValueError(
             f"hyper must be {want} on {table.device} (the table's compute dtype and device), "
@@ -380,7 +397,7 @@ def _launch(table, state, sorted_ids, perm, grad, programs, optimizer, hyper, be
             hyper, float(betas[0]), float(betas[1]),
             float(max_norm) if max_norm is not None else 1.0,
             OPT=OPTIMIZER_CODES[optimizer], DENSE=dense, HAS_MAX_NORM=max_norm is not None,
-            IS_FP64=table.dtype == torch.float64,
+            IS_FP64=table.dtype == torch.float64, STOCHASTIC=table.dtype == torch.bfloat16,
             BLOCK_S=max(1, min(16, 1024 // block_d)), BLOCK_D=block_d,
             num_warps=1 if block_d <= 256 else min(8, block_d // 256),
         )  # fmt: skip
