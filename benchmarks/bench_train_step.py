@@ -2,7 +2,9 @@
 and on the GPU one epoch of synthetic Netflix (100,480,507 positives, 1 negative each).
 
 Providers (Adam, lr 1e-3, relation "pair", distance "l2", every baseline projects its touched
-rows after the step, as the fused trainer does):
+rows after the step, as the fused trainer does). bf16 tables (``--lrml-dtypes`` with bf16, not in
+the GPU check's headline): the trainers keep fp32 state and round stochastically, the torch
+optimizers of the eager peers keep bf16 state and round to nearest:
 
   eager         dense embedding gradients + torch.optim.Adam (the plain-PyTorch way)
   eager-sparse  sparse embedding gradients + torch.optim.SparseAdam (keys/memory: Adam)
@@ -86,7 +88,7 @@ def _step_bytes(case: bl.Case, users, items) -> int:
     return bl.gathered_row_bytes(case, B, C) + touched * case.size.d * (2 * es + 16)
 
 
-@pytest.mark.lrml(dtypes=("fp32",))
+@pytest.mark.lrml(dtypes=("fp32", "bf16"))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(benchmark, case, provider):
     model, step = make_step(case, provider)
@@ -102,7 +104,7 @@ def test_train_step(benchmark, case, provider):
     )  # fmt: skip
 
 
-@pytest.mark.lrml(devices=("cuda",), sizes=("netflix",), dtypes=("fp32",))
+@pytest.mark.lrml(devices=("cuda",), sizes=("netflix",), dtypes=("fp32", "bf16"))
 @pytest.mark.parametrize("provider", ("eager", "eager-sparse", "torch", "triton", "cuda"))
 def test_epoch(benchmark, case, provider):
     """One epoch: ceil(100,480,507 / 2^20) steps of 2^20 positives, 1 negative each, indices

@@ -72,12 +72,12 @@ PRESETS = {"smoke": ("tiny",), "full": ("small", "netflix")}
 
 # The GPU check's default selection (--lrml-workloads=headline): test -> the dtypes it runs in
 # (None: every dtype of the run). Run at the sizes netflix,netflix-epoch: hinge fwd+bwd in both
-# relations at B = 4096 x 5 and 2^20 x 2 (fp32 and bf16), the train step, the epoch, the
+# relations at B = 4096 x 5 and 2^20 x 2 (fp32 and bf16), the train step, the epoch and the
 # all-user top-10 in fp32.
 HEADLINE = {
     "test_hinge_forward_backward": None,
-    "test_train_step": None,
-    "test_epoch": None,
+    "test_train_step": ("fp32",),
+    "test_epoch": ("fp32",),
     "test_topk": ("fp32",),
     "test_train_loop": None,  # (run last of all: its data set-up is the slowest part)
 }
