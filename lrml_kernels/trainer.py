@@ -42,6 +42,9 @@ OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 DEFAULT_LR = {"adam": 1e-3, "adagrad": 0.1, "rowwise_adagrad": 0.1, "sgd": 0.1}
 _PARAMS = ("user_emb", "item_emb", "keys", "memory")  # the rows of the device scalars ``_hyper``
 MAX_GRAPHS = 4  # batch shapes captured per trainer; further shapes run eagerly
+# Seeds of the stochastic rounding of bf16 parameters: integers below this, so that the Triton
+# update reads them exactly from its fp32 scalars (a 24-bit significand)
+ROUND_SEEDS = 1 << 24
 GRAPH_BACKENDS = ("triton", "cuda")
 _STATE_KEYS = {  # the per-row state tensors, in the order of the Triton row update
     "adam": ("exp_avg", "exp_avg_sq"),
@@ -479,8 +482,8 @@ class LRMLTrainer:
 
     def _round_seed(self, name: str) -> int:
         """The seed of this step's stochastic rounding of ``name`` (bf16 parameters): one per
-        step and parameter, below the Triton update's ``SEED_LIMIT``."""
-        return (self.steps * len(_PARAMS) + _PARAMS.index(name)) % (1 << 24)
+        step and parameter, below ``ROUND_SEEDS``."""
+        return (self.steps * len(_PARAMS) + _PARAMS.index(name)) % ROUND_SEEDS
 
     def _apply(self, state, x, grad, rows, lr):
         """Adagrad / row-wise Adagrad / SGD at ``lr`` on rows ``x`` (all rows when ``rows`` is

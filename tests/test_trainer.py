@@ -56,6 +56,39 @@ def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, 
     assert (fused.user_emb[:10].norm(dim=1) <= 1 + 1e-9).all()  # the touched rows
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (bf16: a GPU)
+def test_bf16_updates_are_rounded_stochastically_without_bias(backend):
+    # One SGD step of mostly less than half a bf16 step: rounded to nearest, 85 % of the fp32
+    # update would be lost; rounded stochastically, the weights move by whole bf16 steps with
+    # the probabilities that keep the fp32 update on average.
+    torch.manual_seed(0)
+    kw = {"dim": 64, "memory_slots": 3, "max_norm": None, "backend": backend}
+    m = lk.LRML(500, 400, dtype=torch.bfloat16, **kw)
+    m32 = copy.deepcopy(m).float()
+    start = [p.detach().float() for p in (m.user_emb, m.item_emb)]
+    users = torch.arange(500)
+    items = torch.randint(0, 400, (500, 5), generator=torch.Generator().manual_seed(1))
+    for model in (m, m32):
+        LRMLTrainer(model, "sgd", lr=1e-4).step(users, items)
+    pairs = ((m.user_emb, m32.user_emb), (m.item_emb, m32.item_emb))
+    for (p, p32), p0 in zip(pairs, start, strict=True):
+        want = p32.detach() - p0
+        nearest = p32.detach().bfloat16().float() - p0
+        moved = p.detach().float() - p0
+        lost = [(torch.sign(want) * (x - want)).sum() / want.abs().sum() for x in (nearest, moved)]
+        assert p.dtype == torch.bfloat16 and lost[0] < -0.8 and abs(lost[1]) < 0.15, lost
+
+
+def test_triton_update_reads_a_rounding_seed_per_step_and_parameter():
+    pytest.importorskip("triton")
+    m = lk.LRML(30, 25, dim=8, memory_slots=3)
+    trainer = LRMLTrainer(m, "adam")
+    trainer._impl = type("TritonBackend", (), {"name": "triton"})  # what step() sets
+    for step in (1, 2):
+        trainer._advance()
+        assert trainer._hyper[:, 2].tolist() == [4 * step + i for i in range(4)]
+
+
 def test_rowwise_adagrad_updates_only_touched_rows_with_one_accumulator_per_row():
     torch.manual_seed(0)
     m = lk.LRML(30, 25, dim=8, memory_slots=3, max_norm=None).double()

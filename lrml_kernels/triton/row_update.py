@@ -74,8 +74,6 @@ SORT_CHUNK = {32: 8192, 64: 4096}
 SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
 SORT_MERGE_WARPS = 8
 SORT_MERGE_KEYS_PER_THREAD = 8
-# hyper's seed is an integer below this: exact in the compute dtype (fp32's 24-bit significand)
-SEED_LIMIT = 1 << 24
 
 
 @triton.jit
@@ -271,9 +269,9 @@ def row_update_(
         hyper: ``[3]`` = ``(lr, eps, seed)`` on the table's device, in the compute dtype (fp64
             for fp64 tables, else fp32), read by the kernel: the learning rate (for "adam" the
             bias-corrected step size ``lr·sqrt(1 - β2^t) / (1 - β1^t)``), Adam's or Adagrad's
-            epsilon, and the seed of a bf16 table's stochastic rounding (an integer in
-            ``[0, SEED_LIMIT)``; other dtypes round to nearest and do not read it). A captured
-            CUDA graph replays with whatever it holds then.
+            epsilon, and the seed of a bf16 table's stochastic rounding (an integer below
+            ``lrml_kernels.trainer.ROUND_SEEDS``, exact in fp32; other dtypes round to nearest
+            and do not read it). A captured CUDA graph replays with whatever it holds then.
         state: ``(exp_avg, exp_avg_sq)`` for adam, ``(sum,)`` for adagrad (``[R, d]``) and
             rowwise_adagrad (``[R]``), ``()`` for sgd; contiguous, updated in place.
         betas: Adam's. max_norm: the projection radius, or None.
