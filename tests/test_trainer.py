@@ -56,18 +56,18 @@ def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, 
     assert (fused.user_emb[:10].norm(dim=1) <= 1 + 1e-9).all()  # the touched rows
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (bf16: a GPU)
-def test_bf16_updates_are_rounded_stochastically_without_bias(backend):
-    # One SGD step of mostly less than half a bf16 step: rounded to nearest, 85 % of the fp32
-    # update would be lost; rounded stochastically, the weights move by whole bf16 steps with
-    # the probabilities that keep the fp32 update on average.
+def check_bf16_steps_keep_the_fp32_update_on_average(backend, device):
+    """One SGD step of mostly less than half a bf16 step: rounded to nearest, 85 % of the fp32
+    update would be lost; rounded stochastically, the weights move by whole bf16 steps with the
+    probabilities that keep the fp32 update on average."""
     torch.manual_seed(0)
-    kw = {"dim": 64, "memory_slots": 3, "max_norm": None, "backend": backend}
+    kw = {"dim": 64, "memory_slots": 3, "max_norm": None, "backend": backend, "device": device}
     m = lk.LRML(500, 400, dtype=torch.bfloat16, **kw)
     m32 = copy.deepcopy(m).float()
     start = [p.detach().float() for p in (m.user_emb, m.item_emb)]
-    users = torch.arange(500)
+    users = torch.arange(500, device=device)
     items = torch.randint(0, 400, (500, 5), generator=torch.Generator().manual_seed(1))
+    items = items.to(device)
     for model in (m, m32):
         LRMLTrainer(model, "sgd", lr=1e-4).step(users, items)
     pairs = ((m.user_emb, m32.user_emb), (m.item_emb, m32.item_emb))
@@ -77,6 +77,20 @@ def test_bf16_updates_are_rounded_stochastically_without_bias(backend):
         moved = p.detach().float() - p0
         lost = [(torch.sign(want) * (x - want)).sum() / want.abs().sum() for x in (nearest, moved)]
         assert p.dtype == torch.bfloat16 and lost[0] < -0.8 and abs(lost[1]) < 0.15, lost
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # (bf16: a GPU)
+def test_bf16_updates_are_rounded_stochastically_without_bias(backend):
+    check_bf16_steps_keep_the_fp32_update_on_average(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_updates_are_rounded_stochastically_without_bias_gpu(backend):
+    # the Triton row update's Philox bits (the trainer's update of CUDA tables, any backend)
+    if why_unavailable(backend, "cuda") is not None:
+        pytest.skip(why_unavailable(backend, "cuda"))
+    check_bf16_steps_keep_the_fp32_update_on_average(backend, "cuda")
 
 
 def test_triton_update_reads_a_rounding_seed_per_step_and_parameter():
