@@ -71,9 +71,14 @@ def cache_root() -> Path:
 
 
 def build_dir(src: Path) -> Path:
+    """The just-in-time build directory of the sources ``src``: one per source content, source
+    directory, torch, CUDA, Python, machine and flags. The directory is in the key because the
+    build files name the sources by path: two checkouts of the same sources sharing one
+    directory would each find the other's build out of date and rebuild it (20-40 s)."""
     key = "|".join(
         [
             sources_hash(src),
+            str(src.resolve()),
             torch.__version__,
             str(torch.version.cuda),
             sys.version.split()[0],

@@ -582,6 +582,15 @@ def test_build_is_cached_and_loaded_once(ext):
     assert extension.build_dir(src).name.startswith("ext-")
 
 
+def test_two_checkouts_of_the_same_sources_build_apart(tmp_path):
+    # the build files name their sources by path: a shared directory would rebuild at each switch
+    src = extension.csrc_dir()
+    copies = [shutil.copytree(src, tmp_path / name / "csrc") for name in ("a", "b")]
+    dirs = [extension.build_dir(c) for c in copies]
+    assert dirs[0] != dirs[1] and dirs[0] == extension.build_dir(copies[0])
+    assert extension.sources_hash(copies[0]) == extension.sources_hash(copies[1])
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_every_cu_file_compiles_with_nvcc():
     # --binding: also the CUDA binding layer (cuda/*.cpp) against torch's and CUDA's headers
