@@ -5,7 +5,9 @@ items); the batch's indices are de-duplicated, each touched row's gradient is su
 rows (and their optimizer state) are updated in place, then projected into the ``max_norm`` ball.
 No ``[U, d]`` or ``[I, d]`` gradient is built: one step costs O(B·C·d + N·d) memory beyond the
 tables and their optimizer state. ``keys`` and ``memory`` use the same optimizer densely, at the
-learning rate ``lr × relation_lr_scale``.
+learning rate ``lr × relation_lr_scale``. fp16/bf16 parameters are updated in fp32 from fp32
+state; bf16 ones are written back stochastically rounded (:func:`stochastic_round_bf16`), with
+bits drawn from a seed per step and parameter.
 
 Optimizers (``optimizer=``), each matching its torch counterpart step for step:
 
