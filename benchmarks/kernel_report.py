@@ -1083,6 +1083,7 @@ def _cuda_file_rows(cu: Path, cmd: list[str]) -> list[dict]:
     names = _demangle(sorted(usage))
     rows = []
     for mangled, u in sorted(usage.items()):
+        ffma, lds = fma.get(mangled, (0, 0))
         row = {
             "source": "cuda",
             "op": cu.name,
@@ -1098,8 +1099,8 @@ def _cuda_file_rows(cu: Path, cmd: list[str]) -> list[dict]:
             "num_warps": CUDA_ASSUMED_WARPS,
             "num_stages": None,
             "tensor_cores": tc.get(mangled, []),
-            "ffma": fma.get(mangled, (0, 0))[0],
-            "lds_values": fma.get(mangled, (0, 0))[1],
+            "ffma": ffma,
+            "lds_values": lds,
             "mma_replication": None,  # (hand-written CUDA: no Triton layouts to read)
         }
         rows.append(_finish(row))

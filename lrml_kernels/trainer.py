@@ -477,7 +477,7 @@ class LRMLTrainer:
         """The updated values ``x`` (compute dtype) in the parameter's ``dtype``: bf16 rounded
         stochastically (:func:`stochastic_round_bf16`, bits drawn from :meth:`_round_seed`, so a
         resumed run draws the same), other dtypes to nearest."""
-        if dtype != torch.bfloat16 or x.dtype != torch.float32:
+        if dtype != torch.bfloat16:
             return x.to(dtype)
         g = torch.Generator(x.device).manual_seed(self._round_seed(name))
         return stochastic_round_bf16(x, g)
