@@ -1,5 +1,5 @@
-"""``lrml train | tune | baseline | evaluate | explain | convert-checkpoint | info``: the command
-line."""
+"""``lrml train | tune | baseline | evaluate | recommend | explain | convert-checkpoint | info``:
+the command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 
 from lrml_kernels.backends import BackendUnavailable
+from lrml_kernels.recommend import EXCLUDE
 from lrml_kernels.training import TrainConfig
 
 
@@ -273,12 +274,12 @@ def _tune(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
+def _checkpoint_and_data(args):
+    """``(model, split)`` for ``evaluate`` and ``recommend``: the options (device, backend),
+    then the checkpoint, are checked before any data is loaded."""
     from lrml_kernels import backends
-    from lrml_kernels.metrics import evaluate
     from lrml_kernels.training import load_checkpoint, load_checkpoint_data
 
-    # The options, then the checkpoint, are checked before any data is loaded.
     device = backends.check_device(args.device)
     if args.k < 1:
         raise ValueError(f"--k must be a positive integer, got {args.k}")
@@ -297,8 +298,40 @@ def _evaluate(args) -> int:
     spec, split = load_checkpoint_data(ckpt, args.data)
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
+    return model, split
+
+
+def _evaluate(args) -> int:
+    from lrml_kernels.metrics import evaluate
+
+    model, split = _checkpoint_and_data(args)
     for protocol in args.eval:
         print(json.dumps(evaluate(model, split, protocol, args.k)))
+    return 0
+
+
+def _recommend(args) -> int:
+    from pathlib import Path
+
+    from lrml_kernels import recommend
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.out != "-" and not Path(args.out).parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    ids = None if args.users is None else [u.strip() for u in args.users.split(",") if u.strip()]
+    if ids is not None and not ids:
+        raise ValueError("--users names no user id")
+    _set_threads(args.threads)
+    model, split = _checkpoint_and_data(args)
+    users = recommend.user_indices(split, ids)
+    exclude = recommend.exclusion_csr(split, args.exclude)
+    batches = recommend.recommend_users(model, users, args.k, exclude, batch_size=args.batch_size)
+    rows = recommend.write_csv(
+        args.out, split, batches, total=users.size, progress=not args.no_progress
+    )
+    where = "standard output" if args.out == "-" else args.out
+    print(f"wrote {rows} recommendations for {users.size} users to {where}", file=sys.stderr)
     return 0
 
 
@@ -433,6 +466,41 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser(
+        "recommend",
+        help="top-k items for each user from a checkpoint, as CSV user,rank,item,distance with "
+        "the data's original ids",
+    )
+    p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
+    p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
+    p.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s)")
+    p.add_argument(
+        "--users",
+        default=None,
+        metavar="IDS",
+        help="comma-separated user ids as the data writes them (default: every user)",
+    )
+    p.add_argument(
+        "--exclude",
+        default="known",
+        choices=list(EXCLUDE),
+        help="items left out of a user's list: known = every item the data holds for the user "
+        "(training, validation, test); train = the training items; none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", default="-", help="CSV file, written in full or not at all; - = standard output"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="users per top-k call (default: 1,024 on the CPU, 8,192 on a GPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_recommend)
     p = sub.add_parser(
         "explain",
         help="what the memory slots learn: probes of the attention and relation vectors for the "

@@ -82,9 +82,7 @@ def full_ranks(
     with torch.no_grad():
         for start in range(0, users.shape[0], batch_size):
             u = users[start : start + batch_size]
-            lo, hi = indptr[u], indptr[u + 1]
-            sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(hi - lo, 0)])
-            sub_idx = indices[_ranges(lo, hi)].long()
+            sub_ptr, sub_idx = batch_csr(indptr, indices, u)
             ud, t = u.to(device), tests[start : start + batch_size].to(device)
             dist, ids = ranker.recommend(
                 ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))
@@ -173,14 +171,17 @@ class PopularityRanker:
         return sort_candidates(D, ids, k)
 
 
-def _ranges(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(lo[i], hi[i])`` for every i, vectorised."""
+def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):
+    """The rows ``users`` of the CSR ``(indptr, indices)`` as a CSR of their own: ``(indptr
+    [len(users)+1], indices)``, int64 (``indices`` may be int32: only the batch's are widened)."""
+    lo, hi = indptr[users], indptr[users + 1]
     lengths = hi - lo
-    total = int(lengths.sum())
+    sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    total = int(sub_ptr[-1])
     if total == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    starts = torch.repeat_interleave(lo - torch.cumsum(lengths, 0) + lengths, lengths)
-    return starts + torch.arange(total)
+        return sub_ptr, torch.zeros(0, dtype=torch.int64)
+    starts = torch.repeat_interleave(lo - sub_ptr[:-1], lengths)
+    return sub_ptr, indices[starts + torch.arange(total)].long()
 
 
 def _device_of(ranker) -> torch.device:
@@ -189,4 +190,12 @@ def _device_of(ranker) -> torch.device:
     return getattr(ranker, "device", torch.device("cpu"))
 
 
-__all__ = ["PROTOCOLS", "PopularityRanker", "evaluate", "hit_ndcg", "full_ranks", "sampled_ranks"]
+__all__ = [
+    "PROTOCOLS",
+    "PopularityRanker",
+    "batch_csr",
+    "evaluate",
+    "hit_ndcg",
+    "full_ranks",
+    "sampled_ranks",
+]

@@ -29,7 +29,8 @@ def cuda_devices(monkeypatch):
 TRAIN = ["train", "--data", "synthetic-netflix", "--no-progress", "--backend", "torch"]
 EVALUATE = ["evaluate", "no-such-checkpoint.pt", "--backend", "torch"]
 EXPLAIN = ["explain", "no-such-checkpoint.pt", "--backend", "torch"]
-COMMANDS = {"train": TRAIN, "evaluate": EVALUATE, "explain": EXPLAIN}
+RECOMMEND = ["recommend", "no-such-checkpoint.pt", "--backend", "torch"]
+COMMANDS = {"train": TRAIN, "evaluate": EVALUATE, "explain": EXPLAIN, "recommend": RECOMMEND}
 
 REFUSED = [  # (CUDA devices, --device, what the error says)
     (0, "cuda", "devices here: cpu"),

@@ -1,0 +1,159 @@
+"""``lrml recommend``: each user's nearest items that the data does not already hold for the user,
+written as CSV with the source's ids, in full or not at all."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import lrml_kernels as lk
+from lrml_kernels import data, recommend
+from lrml_kernels.cli import main
+from lrml_kernels.reference import all_item_distances
+from lrml_kernels.training import load_checkpoint, load_checkpoint_data
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load("synthetic-small", validation=True)
+
+
+def held(split, user: int, exclude: str) -> set[int]:
+    """What ``exclude`` leaves out for ``user``, from the split's arrays (not its CSR code)."""
+    if exclude == "none":
+        return set()
+    t = split.train
+    items = set(np.asarray(t.items)[np.asarray(t.users) == user].tolist())
+    if exclude == "known":
+        for users, its in [
+            (split.valid_users, split.valid_items),
+            (split.test_users, split.test_items),
+        ]:
+            items |= set(np.asarray(its)[np.asarray(users) == user].tolist())
+    return items
+
+
+@pytest.mark.parametrize("exclude", recommend.EXCLUDE)
+def test_each_users_list_is_its_nearest_items_left_in(split, exclude):
+    torch.manual_seed(0)
+    model = lk.LRML(split.num_users, split.num_items, dim=12, memory_slots=5)
+    users = np.array([0, 7, 299, 7, 150])  # any order, repeats allowed
+    csr = recommend.exclusion_csr(split, exclude)
+    got = list(recommend.recommend_users(model, users, 10, csr, batch_size=2))
+    assert [b[0].size for b in got] == [2, 2, 1]
+    u, dist, ids = (np.concatenate(x) for x in zip(*got, strict=True))
+    assert u.tolist() == users.tolist()
+    with torch.no_grad():
+        params = (model.user_emb, model.item_emb, model.keys, model.memory)
+        P = model.user_emb[torch.as_tensor(users)]
+        want = all_item_distances(P, *params[1:], distance=model.distance, eps=model.eps)
+    for row, user in enumerate(users.tolist()):
+        left_out = held(split, user, exclude)
+        assert left_out or exclude == "none"
+        order = [i for i in torch.argsort(want[row], stable=True).tolist() if i not in left_out]
+        assert ids[row].tolist() == order[:10]
+        torch.testing.assert_close(
+            torch.as_tensor(dist[row]), want[row, order[:10]], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_known_items_are_training_validation_and_test_items(split):
+    indptr, indices = recommend.exclusion_csr(split, "known")
+    for user in range(split.num_users):
+        row = indices[indptr[user] : indptr[user + 1]].tolist()
+        assert row == sorted(held(split, user, "known")), user
+    assert recommend.exclusion_csr(split, "train") is split.train_csr()
+    assert recommend.exclusion_csr(split, "none") is None
+    with pytest.raises(ValueError, match="exclude must be one of"):
+        recommend.exclusion_csr(split, "seen")
+
+
+def test_missing_slots_are_skipped_and_rows_counted(split):
+    model = lk.LRML(split.num_users, split.num_items, dim=4, memory_slots=2)
+    users = np.array([3, 4])
+    csr = recommend.exclusion_csr(split, "known")
+    out = io.StringIO()
+    batches = recommend.recommend_users(model, users, split.num_items + 5, csr)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdout", out)
+        rows = recommend.write_csv("-", split, batches, total=2, progress=False)
+    left = sum(split.num_items - len(held(split, u, "known")) for u in users.tolist())
+    assert rows == left == len(out.getvalue().splitlines()) - 1
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_other(split, tmp_path):
+    out = tmp_path / "recs.csv"
+    out.write_text("the previous list\n")
+    model = lk.LRML(split.num_users, split.num_items, dim=4, memory_slots=2)
+
+    def batches():
+        yield from recommend.recommend_users(model, np.arange(4), 3, None, batch_size=2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recommend.write_csv(out, split, batches(), total=4, progress=False)
+    assert out.read_text() == "the previous list\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["recs.csv"]
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    """A model trained by the CLI on a CSV file whose ids are not 0..n-1."""
+    root = tmp_path_factory.mktemp("csv")
+    rng = np.random.default_rng(0)
+    lines = ["user,item,rating,timestamp"]
+    for u in range(40):
+        for t, i in enumerate(rng.choice(200, size=8, replace=False)):
+            lines.append(f"{1000 + 7 * u},{50000 + 3 * int(i)},4,{t}")
+    (root / "log.csv").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    argv = ["train", "--data", f"csv:{root / 'log.csv'}", "--epochs", "1", "--dim", "8"]
+    argv += ["--select-on", "valid", "--out", str(run), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    return root
+
+
+def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
+    out = csv_run / "recs.csv"
+    argv = ["recommend", str(csv_run / "run" / "best.pt"), "--k", "4", "--out", str(out)]
+    assert main(argv + ["--users", "1007, 1000", "--no-progress"]) == 0
+    assert "wrote 8 recommendations for 2 users" in capsys.readouterr().err
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [(r["user"], r["rank"]) for r in rows] == [
+        (u, str(k)) for u in ("1007", "1000") for k in range(1, 5)
+    ]
+    log = list(csv.DictReader((csv_run / "log.csv").read_text().splitlines()))
+    for user in ("1007", "1000"):
+        mine = [r for r in rows if r["user"] == user]
+        owned = {r["item"] for r in log if r["user"] == user}
+        assert not owned & {r["item"] for r in mine}  # known items are left out
+        assert all(int(r["item"]) >= 50000 and (int(r["item"]) - 50000) % 3 == 0 for r in mine)
+        dist = [float(r["distance"]) for r in mine]
+        assert dist == sorted(dist)
+    # the same lists through the library, by index
+    model, ckpt = load_checkpoint(csv_run / "run" / "best.pt")
+    split = load_checkpoint_data(ckpt)[1]
+    users = recommend.user_indices(split, ["1007", "1000"])
+    ((_, _, ids),) = recommend.recommend_users(
+        model, users, 4, recommend.exclusion_csr(split, "known")
+    )
+    assert [r["item"] for r in rows] == [str(split.train.item_ids[i]) for i in ids.reshape(-1)]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--users", "1000,99"], "unknown user id '99'"),
+        (["--users", " , "], "--users names no user id"),
+        (["--k", "0"], "--k must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--out", "no/such/folder/recs.csv"], "its folder does not exist"),
+    ],
+)
+def test_cli_refuses_bad_options_in_one_line(csv_run, error_line, extra, words):
+    assert main(["recommend", str(csv_run / "run" / "best.pt"), *extra]) == 2
+    assert words in error_line("recommend")
