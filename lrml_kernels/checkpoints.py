@@ -52,14 +52,19 @@ _SCALARS = (type(None), bool, int, float, str, bytes)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temporary file, fsync it, then rename over ``path``."""
+    """Write through ``write(file)`` to a temporary file, fsync it, then rename over ``path``.
+    If ``write`` raises (or is interrupted), ``path`` is as it was and the temporary file gone."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

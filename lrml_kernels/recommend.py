@@ -9,12 +9,14 @@ original ids::
     196,1,302,0.8137
 
 Rows are written batch by batch to a temporary file that replaces the output only when complete,
-so an interrupted run leaves no partial file behind.
+so an interrupted run leaves no partial file behind. Ids holding a comma or a quote are quoted
+(the ``csv`` module's rules).
 """
 
 from __future__ import annotations
 
-import os
+import csv
+import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrml_kernels.checkpoints import atomic_write
 from lrml_kernels.metrics import _device_of, batch_csr
 
 EXCLUDE = ("known", "train", "none")
-HEADER = "user,rank,item,distance\n"
+HEADER = ("user", "rank", "item", "distance")
 
 
 def exclusion_csr(split, exclude: str = "known") -> tuple[np.ndarray, np.ndarray] | None:
@@ -90,45 +93,47 @@ def recommend_users(
 def write_csv(out, split, batches, *, total: int, progress: bool = True) -> int:
     """Write ``batches`` (as :func:`recommend_users` yields them) as CSV ``user,rank,item,
     distance`` with the original ids of ``split.train``; ``out`` a path (written in full or not
-    at all) or ``"-"`` (standard output). Returns the rows written (missing slots are skipped)."""
+    at all: :func:`~lrml_kernels.checkpoints.atomic_write`) or ``"-"`` (standard output).
+    Returns the rows written (missing slots are skipped)."""
     from tqdm.auto import tqdm
 
-    user_ids = np.asarray(split.train.user_ids).astype(str)
-    item_ids = np.asarray(split.train.item_ids).astype(str)
-    bar = tqdm(total=total, desc="recommend", unit="user", disable=not progress, file=sys.stderr)
+    user_ids = np.asarray(split.train.user_ids).astype(str).tolist()
+    item_ids = np.asarray(split.train.item_ids).astype(str).tolist()
     rows = 0
 
     def write(f) -> None:
         nonlocal rows
-        f.write(HEADER)
-        for users, dist, ids in batches:
-            k = ids.shape[1]
-            lines = []
-            for u, d_row, i_row in zip(users.tolist(), dist.tolist(), ids.tolist(), strict=True):
-                name = user_ids[u]
-                for rank in range(k):
-                    if i_row[rank] < 0:
-                        break
-                    lines.append(f"{name},{rank + 1},{item_ids[i_row[rank]]},{d_row[rank]:.7g}\n")
-            f.write("".join(lines))
-            rows += len(lines)
-            bar.update(users.shape[0])
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(HEADER)
+        bar = tqdm(
+            total=total, desc="recommend", unit="user", disable=not progress, file=sys.stderr
+        )
+        with bar:
+            for users, dist, ids in batches:
+                lines = [
+                    (user_ids[u], rank + 1, item_ids[i], f"{d:.7g}")
+                    for u, d_row, i_row in zip(
+                        users.tolist(), dist.tolist(), ids.tolist(), strict=True
+                    )
+                    for rank, (d, i) in enumerate(zip(d_row, i_row, strict=True))
+                    if i >= 0  # (a missing slot, and every one after it)
+                ]
+                writer.writerows(lines)
+                rows += len(lines)
+                bar.update(users.shape[0])
 
-    try:
-        if str(out) == "-":
-            write(sys.stdout)
-            sys.stdout.flush()
-        else:
-            path = Path(out)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            try:
-                with open(tmp, "w", encoding="utf-8", newline="") as f:
-                    write(f)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-    finally:
-        bar.close()
+    if str(out) == "-":
+        write(sys.stdout)
+        sys.stdout.flush()
+    else:
+
+        def write_bytes(f) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            write(text)
+            text.flush()
+            text.detach()  # (atomic_write closes the file)
+
+        atomic_write(Path(out), write_bytes)
     return rows
 
 
