@@ -146,6 +146,12 @@ inline Batch check_batch(const Params& p, const at::Tensor& users, const at::Ten
                     " rows but users has ", b.users.size(0), ": items is [B, C]");
   TORCH_CHECK_VALUE(b.items.size(1) >= 1,
                     "items must have at least one column (column 0 is the positive item)");
+  b.B = b.users.size(0);
+  b.C = b.items.size(1);
+  // On every device (shapes only, no sync): the CUDA kernels clamp indices into their tables,
+  // which an empty table does not have.
+  TORCH_CHECK_INDEX(b.B == 0 || (p.U > 0 && p.I > 0), "users and items index a table with no ",
+                    "rows (", p.U, " users, ", p.I, " items)");
   // The range check reads every index: free on the CPU, a device-to-host copy and a sync on a
   // GPU, where the training step must not wait for the host. There the public ops check ranges
   // (unless validate=False) and the CUDA kernels clamp every index into its table.
@@ -153,8 +159,6 @@ inline Batch check_batch(const Params& p, const at::Tensor& users, const at::Ten
     check_index_range("users", b.users, p.U);
     check_index_range("items", b.items, p.I);
   }
-  b.B = b.users.size(0);
-  b.C = b.items.size(1);
   return b;
 }
 

@@ -99,6 +99,9 @@ def test_an_empty_table_raises_even_without_validation(table, backend):
     if table == 0:
         with pytest.raises(IndexError, match="users indexes a table with no rows"):
             lk.lrml_topk(*P, u, 2, backend=backend, validate=False)
+    if backend in ("cpu", "cuda"):  # the op itself, called directly, refuses too
+        with pytest.raises(IndexError, match="users and items index a table with no rows"):
+            torch.ops.lrml_ext.hinge_loss(*P, u, i, 0.5, "l2", "pair", 1e-3, "sum", False)
 
 
 def test_empty_batch_returns_empty_results():

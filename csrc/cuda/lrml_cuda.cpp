@@ -129,10 +129,18 @@ Tensor row_weights(const Tensor* grad, Reduction red, int64_t B, const at::Tenso
 
 // ---- the ops -------------------------------------------------------------------------------
 
+// The device an op makes current: user_emb's, when it is a CUDA tensor. A user_emb on another
+// device is left for check_params to refuse with a message that names it (a CUDAGuard of a CPU
+// device throws a bare c10::Error first).
+std::optional<c10::Device> cuda_device(const Tensor& user_emb) {
+  if (user_emb.is_cuda()) return user_emb.device();
+  return std::nullopt;
+}
+
 Tensor distances(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
                  const Tensor& memory, const Tensor& users, const Tensor& items,
                  c10::string_view distance, c10::string_view relation, double eps, bool) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   return distances_f32(pr, eps).to(pr.p.P.scalar_type());
 }
@@ -141,7 +149,7 @@ Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tenso
                          const Tensor& keys, const Tensor& memory, const Tensor& users,
                          const Tensor& items, c10::string_view distance,
                          c10::string_view relation, double eps) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   check_grad_D(grad, pr.b, pr.p);
   return backward_f32(pr, grad, eps);
@@ -151,7 +159,7 @@ Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& 
                   const Tensor& memory, const Tensor& users, const Tensor& items, double margin,
                   c10::string_view distance, c10::string_view relation, double eps,
                   c10::string_view reduction, bool) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   const Reduction red = parse_reduction(str(reduction));
   const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   return reduce_loss(hinge_rows(distances_f32(pr, eps), margin), red, pr.p.P.scalar_type());
@@ -161,7 +169,7 @@ Grads hinge_loss_backward(const Tensor& grad, const Tensor& user_emb, const Tens
                           const Tensor& keys, const Tensor& memory, const Tensor& users,
                           const Tensor& items, double margin, c10::string_view distance,
                           c10::string_view relation, double eps, c10::string_view reduction) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   const Reduction red = parse_reduction(str(reduction));
   const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   check_grad_loss(grad, pr.b, pr.p, red);
@@ -174,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
     const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys, const Tensor& memory,
     const Tensor& users, const Tensor& items, double margin, c10::string_view distance,
     c10::string_view relation, double eps, c10::string_view reduction) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   const Reduction red = parse_reduction(str(reduction));
   const auto pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   Tensor D = distances_f32(pr, eps);
@@ -188,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hinge_loss_grads(
 std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_emb,
                                      const Tensor& keys, const Tensor& memory,
                                      const Tensor& users, const Tensor& items) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   Params p = check_params(user_emb, item_emb, keys, memory, c10::DeviceType::CUDA,
                           {at::kFloat, at::kHalf, at::kBFloat16}, "cuda");
   const auto [u, i] = check_pairs(p, users, items);
@@ -214,7 +222,7 @@ std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
                                 int64_t k, const std::optional<Tensor>& exclude_indptr,
                                 const std::optional<Tensor>& exclude_indices,
                                 c10::string_view distance, double eps) {
-  const c10::cuda::CUDAGuard guard(user_emb.device());
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(user_emb));
   parse_distance(str(distance));
   check_eps(eps);
   TORCH_CHECK_VALUE(k >= 1, "k must be at least 1, got ", k);

@@ -31,10 +31,15 @@ __device__ float warp_distance(const T* p, const float* r, const T* q, int d, Di
   return distance == Distance::L2 ? sqrtf(acc + eps) : acc;
 }
 
+// Floats of per-warp shared scratch of the backward: s, r, gr, gp [d] and a, g [N].
+__host__ __device__ constexpr int64_t backward_scratch(int64_t N, int64_t d) {
+  return 4 * d + 2 * N;
+}
+
 // Row idx[i] of a table of `size` rows, clamped into range. The ops check index ranges on the host
 // only for CPU tensors (free there); on CUDA the Python layer checks them unless validate=False
 // (a min/max and a host sync), and an unchecked out-of-range index reads a row of the table (an
-// unspecified result), never memory outside it.
+// unspecified result), never memory outside it (check_batch refuses empty tables).
 __device__ __forceinline__ int64_t row_of(const int64_t* idx, int64_t i, int64_t size) {
   const int64_t r = idx[i];
   return r < 0 ? 0 : (r < size ? r : size - 1);
@@ -111,7 +116,7 @@ __global__ void distances_backward_kernel(
   const int warps = blockDim.x / kWarp;
   const int w = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  const int64_t per_warp = 5 * static_cast<int64_t>(d) + 2 * N;
+  const int64_t per_warp = backward_scratch(N, d);
   float* base = smem + (kmsmem ? 2 * nd : 0);
   float* s = base + w * per_warp;
   float* r = s + d;
@@ -251,7 +256,7 @@ const char* backward_typed(const void* P, const void* Q, const float* K, const f
                            int64_t B, int64_t C, int64_t U, int64_t I, int64_t N, int64_t d,
                            Distance distance, Relation relation, float eps, float* gp,
                            float* gq, float* partials, int64_t grid, cudaStream_t stream) {
-  const Config cfg = configure(N, d, 5 * d + 2 * N);
+  const Config cfg = configure(N, d, backward_scratch(N, d));
   if (const char* e = prepare_kernel(distances_backward_kernel<T>, cfg)) return e;
   if (grid <= 0) return nullptr;
   distances_backward_kernel<T>
@@ -266,7 +271,7 @@ const char* backward_typed(const void* P, const void* Q, const float* K, const f
 }  // namespace
 
 int64_t backward_grid(int64_t B, int64_t N, int64_t d, const char** error) {
-  const Config cfg = configure(N, d, 5 * d + 2 * N);
+  const Config cfg = configure(N, d, backward_scratch(N, d));
   if (cfg.error) {
     *error = cfg.error;
     return -1;

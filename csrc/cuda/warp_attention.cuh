@@ -150,8 +150,10 @@ template <typename Kernel>
 const char* prepare_kernel(Kernel kernel, const Config& cfg) {
   if (cfg.error) return cfg.error;
   if (cfg.smem > 48 * 1024) {
+    // The device's opt-in maximum, not this launch's size: the attribute is per kernel and
+    // process, so a smaller value set by another thread's launch would fail this one.
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(cfg.smem));
+                                           cfg.max_smem);
     if (err != cudaSuccess) {
       cudaGetLastError();  // cleared, as in configure
       return cudaGetErrorString(err);
