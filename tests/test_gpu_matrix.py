@@ -11,6 +11,7 @@ directions. The cuda backend (compiled ahead) runs both ops in every case. Compa
 float64 reference of the same rounded inputs with the error bounds of tests/_tolerance.py.
 Tensor-core dots at a batch of 64 rows per SM and more take the wide launch (64-row blocks):
 one case per tensor-core precision and relation at B = 64 × SMs + 37.
+The cuda backend's two larger shared-memory layouts run once each (d = 256 and 300).
 The fused trainer (hinge_loss_grads + the sparse row update) runs a few steps per backend and
 relation against autograd + torch.optim.SGD. ``lrml_relations`` runs per backend and precision
 (d = 37, N = 7, B = 1 and 1023).
@@ -114,6 +115,23 @@ def test_wide_tensor_core_blocks_gpu(relation, prec):
             tf32=tf32,
         )  # fmt: skip
     print(f"triton wide l2 {relation} {prec} B={B}: {excluded} kink terms excluded")
+
+
+@pytest.mark.parametrize(
+    "d, N", [(256, 20), (300, 100)], ids=["smem-over-48KB", "keys-memory-in-global"]
+)
+def test_cuda_backend_large_shapes_gpu(d, N):
+    # The cuda kernels' other shared-memory layouts (warp_attention.cuh, configure): at d = 256,
+    # N = 20 keys, memory and scratch need more than the default 48 KB (the opt-in attribute);
+    # at d = 300, N = 100 keys and memory (234 KB) exceed a block's shared memory and are read
+    # from global memory. The shapes above take neither.
+    require("cuda")
+    params, users, items = make(d, N, 33, 3, torch.float32, 0.3)
+    for relation in RELATIONS:
+        check_backend(
+            "cuda", params, users, items, ops=("hinge", "distances"), distance="l2",
+            relation=relation, tf32=False,
+        )  # fmt: skip
 
 
 TOPK_CASES = [
