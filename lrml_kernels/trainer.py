@@ -315,7 +315,7 @@ class LRMLTrainer:
         key = (
             tuple(items.shape), users.dtype, items.dtype, users.device, self._impl.name,
             m.distance, m.relation, m.margin, m.eps, m.max_norm,
-            fp32_matmul_precision(),
+            fp32_matmul_precision(), tuple(self.betas),  # (lr, eps, seeds: _hyper, not baked)
         )  # fmt: skip
         graph = self._graphs.get(key)
         if graph is None:

@@ -259,10 +259,10 @@ class _UnfusedStep:
             o.load_state_dict(s)
 
 
-def build(cfg: TrainConfig, num_users: int, num_items: int):
-    """The model and its step function for ``cfg`` (seeded by ``cfg.seed``)."""
+def build_model(cfg: TrainConfig, num_users: int, num_items: int) -> LRML:
+    """The model of ``cfg``, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    model = LRML(
+    return LRML(
         num_users,
         num_items,
         cfg.dim,
@@ -277,6 +277,11 @@ def build(cfg: TrainConfig, num_users: int, num_items: int):
         device=cfg.device,
         dtype=DTYPES[cfg.dtype],
     )
+
+
+def build(cfg: TrainConfig, num_users: int, num_items: int):
+    """The model and its step function for ``cfg`` (seeded by ``cfg.seed``)."""
+    model = build_model(cfg, num_users, num_items)
     if cfg.fused_optimizer:
         lr = cfg.lr if cfg.lr is not None else TRAIN_LR[cfg.optimizer]
         skip = cfg.on_nonfinite == "skip"
@@ -797,8 +802,9 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
         stored = {**OPTIONS_BEFORE, **ckpt["config"]}
         cfg = TrainConfig(**{k: v for k, v in stored.items() if k in known})
         cfg.device = str(device)
+        cfg.cuda_graph = False  # a training option: the model loads on any device, untrained
         cfg.validate()
-        model, _ = build(cfg, ckpt["num_users"], ckpt["num_items"])
+        model = build_model(cfg, ckpt["num_users"], ckpt["num_items"])
         model.load_state_dict(ckpt["model"])
     except BackendUnavailable:
         raise

@@ -5,6 +5,7 @@ values (an earlier version's) is refused with the way to convert it, which then 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 
@@ -289,3 +290,25 @@ def test_a_checkpoint_from_before_relation_lr_scale_resumes_as_it_was_trained(tm
     assert r["config"]["relation_lr_scale"] == 1.0
     _, meta = load_checkpoint(tmp_path / CHECKPOINT)
     assert meta["config"]["relation_lr_scale"] == 1.0
+
+
+def test_a_checkpoint_trained_with_cuda_graphs_loads_on_the_cpu(tmp_path, good, capsys):
+    """--cuda-graph is how the model was trained, not something the loaded model needs: a
+    GPU run's checkpoint evaluates and recommends on the CPU."""
+    ckpt = plain_dict(good)
+    ckpt["config"].update(cuda_graph=True, device="cuda", backend="cuda")
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    model, meta = load_checkpoint(tmp_path / CHECKPOINT)
+    assert meta["config"]["cuda_graph"] is True
+    want, _ = load_checkpoint(good)
+    for a, b in zip(model.parameters(), want.parameters(), strict=True):
+        assert torch.equal(a, b)
+    args = [str(tmp_path / CHECKPOINT), "--backend", "torch"]
+    assert main(["evaluate", *args, "--eval", "sampled"]) == 0
+    assert json.loads(capsys.readouterr().out)["protocol"] == "sampled"
+    assert main(["recommend", *args, "--k", "2", "--users", "0", "--no-progress"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "user,rank,item,distance" and [r.split(",")[1] for r in rows[1:]] == [
+        "1",
+        "2",
+    ]

@@ -420,11 +420,17 @@ def test_shapes_beyond_the_screen_take_the_direct_path():
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_direct_chunks_beyond_shared_memory_take_the_pair_forward(monkeypatch, distance):
     # The direct kernel holds d and N whole: at N = 200 (d = 100) its tiles would need ~295 KB
-    # of shared memory on sm_90 (227 KB allowed), so such chunks take the pair forward kernels.
+    # of shared memory on sm_90 (227 KB allowed), so such chunks take the pair forward kernels,
+    # as do catalogues of more item tiles than a grid's second axis holds.
     assert TK.direct_fits(20, 100, torch.float32) and not TK.direct_fits(200, 100, torch.float32)
     assert not TK.direct_fits(20, 256, torch.float64)
     params, users = make(9, 50, 6, 37, 4, seed=43)
     direct = TK.chunk_distances(*params, users, distance, 1e-3)
+    with monkeypatch.context() as m:  # more item tiles than a grid's second axis holds
+        m.setattr(TK, "MAX_GRID_AXIS1", 0)
+        m.setattr(TK, "_direct_kernel", None)  # (not launched)
+        tiled_out = TK.chunk_distances(*params, users, distance, 1e-3)
+    torch.testing.assert_close(tiled_out, direct, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(TK, "direct_fits", lambda N, d, dtype: False)
     paired = TK.chunk_distances(*params, users, distance, 1e-3)
     torch.testing.assert_close(paired, direct, rtol=1e-12, atol=1e-12)

@@ -401,6 +401,9 @@ def direct_fits(N: int, d: int, dtype: torch.dtype) -> bool:
     return size * (bi * bd + 2 * bn * bd + bi * bn) <= 160 * 1024
 
 
+MAX_GRID_AXIS1 = 65_535  # programs along a CUDA grid's y axis
+
+
 def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
@@ -532,17 +535,18 @@ def rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps):
 def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> torch.Tensor:
     """Direct distances of ``users`` (a chunk) to every item: ``[n, I]`` in the compute dtype.
 
-    :func:`_direct_kernel` where its tiles fit (:func:`direct_fits`), else the re-score's pair
-    forward on every (user, item) pair (the same exact distances).
+    :func:`_direct_kernel` where its tiles fit (:func:`direct_fits`) and its item tiles fit a
+    grid's second axis (:data:`MAX_GRID_AXIS1`: a catalogue of over ~4M items at d = 100), else
+    the re-score's pair forward on every (user, item) pair (the same exact distances; 1-D grid).
     """
     n, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
-    if not direct_fits(N, d, user_emb.dtype):
+    cfg = direct_config(n, I, N, d, user_emb.device) if direct_fits(N, d, user_emb.dtype) else None
+    if cfg is None or triton.cdiv(I, cfg["BLOCK_I"]) > MAX_GRID_AXIS1:
         ids = torch.arange(I, device=users.device).expand(n, I)
         return rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps)
     dtype = user_emb.dtype
     out = torch.empty(n, I, dtype=_compute_dtype(dtype), device=user_emb.device)
-    cfg = direct_config(n, I, N, d, user_emb.device)
     grid = (triton.cdiv(n, cfg["BLOCK_U"]), triton.cdiv(I, cfg["BLOCK_I"]))
     with _device_guard(user_emb):
         _direct_kernel[grid](
