@@ -656,6 +656,7 @@ def _env_main(dry_run: bool) -> None:
     gib = props.total_memory / 2**30
     print(f"GPU 0: {props.name}, {props.multi_processor_count} SMs, {gib:.0f} GiB, "
           f"compute capability {props.major}.{props.minor}")  # fmt: skip
+    print(f"GPU_MEMORY_GIB={gib:.0f}")
     if dry_run:
         return
     gbps = measure_copy_gbps()

@@ -232,6 +232,16 @@ def _tf32_matmuls(request):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _release_cuda_cache(request):
+    """Untimed runs (the GPU check's prewarm, beside the GPU tests on one GPU) hand the cached
+    blocks of each workload back to the device, so that processes sharing it hold only what
+    they use."""
+    yield
+    if benchlib.SETTINGS["disabled"] and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _copy_bandwidth(request):
     """Measure the device copy bandwidth once per session (read + write bytes), if on CUDA."""

@@ -195,6 +195,13 @@ if ((${#failed[@]})); then
 fi
 gbps="$(sed -n 's/^COPY_GBPS=//p' "$tmp/env.log" | tail -n 1)"
 [[ -n "$gbps" ]] && export LRML_COPY_GBPS="$gbps"
+# The prewarm's shards share the GPU with the test shards, each holding Netflix-size tables and
+# up to ~8 GB of activations at 2^20 x 2: one shard per 32 GiB (4 on an H200, 2 on an 80 GB H100).
+gib="$(sed -n 's/^GPU_MEMORY_GIB=//p' "$tmp/env.log" | tail -n 1)"
+if [[ "$gib" =~ ^[0-9]+$ ]] && ((gib / 32 < warm_shards)); then
+  warm_shards=$((gib / 32 > 1 ? gib / 32 : 1))
+  say "   ${gib} GiB of GPU memory: ${warm_shards} prewarm shards"
+fi
 
 # 2 build -----------------------------------------------------------------------------------------
 # Both libraries at once (prebuild: one process each), then loaded here as the tests will.
