@@ -63,17 +63,19 @@ STATE_TENSORS = {"adam": 2, "adagrad": 1, "rowwise_adagrad": 1, "sgd": 0}
 # spilled 32 B there); 4,096 int64 keys 64 registers, 8,192 spilled 8 B. So a chunk is 8 int32
 # keys a thread (4 int64) on up to 32 warps (4,096 int32 keys: 16 warps, 64 registers; 2,048:
 # 8 warps, 48; 256 or fewer: 1 warp, 14-42). Several chunks run on SORT_MERGE_WARPS = 8 warps,
-# placing SORT_MERGE_KEYS_PER_THREAD = 8 keys a thread at once in the merge (2,048 a step, as 32
-# warps × 2 did): 104-128 registers, no spill, at 2, 3 and 4 chunks of either width, in both
-# Triton versions. (On 32 warps with 2 keys a thread Triton 3.9 needed 64 registers, no spill,
-# but the ptxas of Triton 3.6 held its PTX to 32 registers, two programs' worth per SM, and
-# spilled 20-36 B.) SORT_MAX is 4 chunks (each key's slot: one binary search of log2(chunk) + 1
-# dependent loads in each chunk); above, torch.sort.
+# placing SORT_MERGE_KEYS_PER_THREAD keys a thread at once in the merge: 8 int32 keys (2,048 a
+# step, as 32 warps × 2 did), 4 int64 keys (1,024): 104-128 registers, no spill, at 2, 3 and 4
+# chunks of either width, in Triton 3.6 to 3.9. (8 int64 keys a thread at 4 chunks: no spill in
+# 3.6, 3.8 and 3.9, but the ptxas of Triton 3.7 held it to 80 registers and spilled 16 B. On 32
+# warps with 2 keys a thread Triton 3.9 needed 64 registers, no spill, but the ptxas of Triton
+# 3.6 held its PTX to 32 registers, two programs' worth per SM, and spilled 20-36 B.) SORT_MAX
+# is 4 chunks (each key's slot: one binary search of log2(chunk) + 1 dependent loads in each
+# chunk); above, torch.sort.
 SORT_MAX = {32: 32768, 64: 16384}
 SORT_CHUNK = {32: 8192, 64: 4096}
 SORT_KEYS_PER_THREAD = {32: 8, 64: 4}
 SORT_MERGE_WARPS = 8
-SORT_MERGE_KEYS_PER_THREAD = 8
+SORT_MERGE_KEYS_PER_THREAD = {32: 8, 64: 4}
 
 
 @triton.jit
@@ -346,7 +348,7 @@ def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         _sort_ids_kernel[(1,)](
             ids, sorted_ids, perm, scratch, n,
             POS_BITS=pos_bits, KEY64=key_bits == 64, LOG_C=chunk.bit_length() - 1,
-            CHUNKS=chunks, BLOCK_S=min(chunk, 32 * warps * SORT_MERGE_KEYS_PER_THREAD),
+            CHUNKS=chunks, BLOCK_S=min(chunk, 32 * warps * SORT_MERGE_KEYS_PER_THREAD[key_bits]),
             num_warps=warps,
         )  # fmt: skip
     return sorted_ids, perm
