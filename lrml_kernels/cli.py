@@ -146,6 +146,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None, progress=True) -> None:
+    """``--device`` and ``--backend`` of the commands that load a checkpoint, and (``progress``)
+    ``--no-progress`` and ``--threads``."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default=None, choices=backend_choices)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def _read_config(path) -> dict:
     """The options of a ``--config`` file as argparse destinations (``_``-keys are notes)."""
     import dataclasses
@@ -463,8 +473,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None)
+    _add_device_args(p, progress=False)
     p.set_defaults(func=_evaluate)
     p = sub.add_parser(
         "recommend",
@@ -490,16 +499,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out", default="-", help="CSV file, written in full or not at all; - = standard output"
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None)
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="users per top-k call (default: 1,024 on the CPU, 8,192 on a GPU)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_device_args(p)
     p.set_defaults(func=_recommend)
     p = sub.add_parser(
         "explain",
@@ -528,10 +534,7 @@ def main(argv=None) -> int:
         metavar="CHECKPOINT",
         help="a CML model (lrml train --relation none) on the same data: its p - q is a control",
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_device_args(p, backend_choices=["auto", "torch", "triton", "cpu", "cuda"])
     p.set_defaults(func=_explain)
     p = sub.add_parser(
         "convert-checkpoint",
