@@ -147,7 +147,8 @@ class LRMLTrainer:
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
         self.steps = 0
         self._scalars: dict[str, tuple[float, float]] = {}  # name -> (lr, eps) of this step
-        self._hyper = None  # (lr, eps, rounding seed) in a device tensor [4, 3] (rows: _PARAMS)
+        # (lr, eps, rounding seed) in a device tensor [4, 3] (rows: _PARAMS), with the state
+        self._hyper = self._device_scalars(None, model.user_emb)
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict[tuple, _Graph] = {}  # batch shape and options -> captured step
         self._graph_ptrs: tuple = ()  # the storage the graphs were captured on
@@ -259,15 +260,21 @@ class LRMLTrainer:
         table = self.model.user_emb
         if self._gpu_row_update(table) is None:
             return
-        dtype = compute_dtype(table.dtype)
-        hyper = self._hyper
-        if hyper is None or hyper.device != table.device or hyper.dtype != dtype:
-            hyper = self._hyper = torch.zeros(len(_PARAMS), 3, dtype=dtype, device=table.device)
+        hyper = self._hyper = self._device_scalars(self._hyper, table)
         values = [
             (*self._scalars.get(name, (0.0, 0.0)), self._round_seed(name)) for name in _PARAMS
         ]
         cuda = table.device.type == "cuda"
-        hyper.copy_(torch.tensor(values, dtype=dtype, pin_memory=cuda), non_blocking=cuda)
+        hyper.copy_(torch.tensor(values, dtype=hyper.dtype, pin_memory=cuda), non_blocking=cuda)
+
+    @staticmethod
+    def _device_scalars(hyper, table):
+        """``hyper`` if it is on ``table``'s device in its compute dtype, else a new zero
+        ``[4, 3]`` tensor there (a model moved or cast after its trainer was made)."""
+        dtype = compute_dtype(table.dtype)
+        if hyper is not None and hyper.device == table.device and hyper.dtype == dtype:
+            return hyper
+        return torch.zeros(len(_PARAMS), 3, dtype=dtype, device=table.device)
 
     def _lr(self, name: str) -> float:
         """The learning rate of ``name`` (before Adam's bias corrections)."""
