@@ -31,7 +31,8 @@ def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
 def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torch.Tensor:
     """Rank of each held-out item among its sampled negatives (ties count against it).
 
-    Negatives equal to the held-out item itself are ignored.
+    Negatives equal to the held-out item itself are ignored. A NaN distance ranks last (as
+    +inf): a held-out item at NaN is behind every rival, a rival at NaN beats nothing.
     """
     if split.test_negatives is None:
         raise ValueError("this split has no sampled negatives: use protocol='full'")
@@ -49,12 +50,18 @@ def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torc
         for start in range(0, users.shape[0], batch_size):
             u = users[start : start + batch_size].to(device)
             c = cand[start : start + batch_size].to(device)
-            D = ranker.distances(u, c).float()
+            D = ranker.distances(u, c)  # compared in its own dtype: no ties made by rounding
             # A negative equal to the held-out item (156 rows of the NCF ml-1m file) is not a
             # competitor: skip it, as NCF's own evaluation does.
             rivals = c[:, 1:] != c[:, :1]
+            D = _nan_last(D)
             ranks.append(((D[:, 1:] <= D[:, :1]) & rivals).sum(1).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+
+
+def _nan_last(D: torch.Tensor) -> torch.Tensor:
+    """``D`` with NaN replaced by +inf: a NaN distance ranks last."""
+    return D.masked_fill(D.isnan(), float("inf"))
 
 
 def full_ranks(
@@ -66,7 +73,8 @@ def full_ranks(
     16 users a program, 512 programs fill 132 SMs about 4 times over; 1,024 users gave 64).
 
     Uses top-(k+1) with the training items excluded: the held-out item's rank is the number of
-    other returned items at a distance ≤ its own; ``k`` means "not in the top k". A split with a
+    other returned items at a distance ≤ its own; ``k`` means "not in the top k". A NaN distance
+    ranks last, as in :func:`sampled_ranks`: a held-out item at NaN is a miss. A split with a
     validation split also excludes each user's validation item (``split.known_csr()``): it is a
     known positive, not a rival of the test item.
     """
@@ -88,8 +96,9 @@ def full_ranks(
                 ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))
             )
             d_test = ranker.distances(ud, t[:, None]).to(dist.dtype)
-            better = (dist <= d_test) & (ids != t[:, None]) & (ids >= 0)
-            ranks.append(better.sum(1).clamp_max(k).cpu())
+            better = (_nan_last(dist) <= d_test) & (ids != t[:, None]) & (ids >= 0)
+            rank = better.sum(1).clamp_max(k)
+            ranks.append(rank.masked_fill(d_test[:, 0].isnan(), k).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 

@@ -13,8 +13,8 @@ from lrml_kernels.metrics import PopularityRanker, evaluate, hit_ndcg
 class TableRanker:
     """A ranker whose distance for (user, item) is read from a fixed table."""
 
-    def __init__(self, table):
-        self.table = torch.as_tensor(table, dtype=torch.float32)
+    def __init__(self, table, dtype=torch.float32):
+        self.table = torch.as_tensor(table, dtype=dtype)
         self.device = torch.device("cpu")
 
     def distances(self, users, items):
@@ -78,6 +78,28 @@ def test_constant_model_scores_zero():
     split = make_split([(0, 4), (1, 4)], [(0, 0), (1, 1)], [[1, 2, 3], [0, 2, 3]], 5)
     assert evaluate(TableRanker(table), split, "sampled", k=3)["hr"] == 0.0
     assert evaluate(TableRanker(table), split, "full", k=3)["hr"] == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_nan_distances_count_against_the_held_out_item(protocol):
+    nan = float("nan")
+    split = make_split([(0, 4), (1, 4)], [(0, 0), (1, 1)], [[1, 2, 3], [0, 2, 3]], 5)
+    # every distance NaN (a diverged model): a miss for every user, not a hit
+    assert evaluate(TableRanker(np.full((2, 5), nan)), split, protocol, k=3)["hr"] == 0.0
+    # user 0's held-out item at NaN: last, a miss; user 1's rival item 3 at NaN: last, so the
+    # held-out item 1 ranks 1 (behind item 2)
+    table = [[nan, 0.5, 0.6, 0.7, 0.8], [0.9, 0.6, 0.5, nan, 0.8]]
+    out = evaluate(TableRanker(table), split, protocol, k=2)
+    assert out["hr"] == 0.5 and out["ndcg"] == pytest.approx(0.5 / math.log2(3))
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_distances_are_compared_in_the_ranker_dtype(protocol):
+    # the held-out item 1e-12 nearer than its rivals: a hit in float64, not a float32 tie
+    table = np.full((1, 4), 0.5)
+    table[0, 0] -= 1e-12
+    split = make_split([(0, 3)], [(0, 0)], [[1, 2]], 4)
+    assert evaluate(TableRanker(table, torch.float64), split, protocol, k=1)["hr"] == 1.0
 
 
 def test_full_protocol_excludes_training_items():
