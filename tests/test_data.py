@@ -189,6 +189,29 @@ def test_csv_header_names_dates_and_explicit_columns(tmp_path):
         D.read_csv(tmp_path / "h.csv", min_rating=1)
 
 
+def test_csv_header_is_told_from_the_second_line(tmp_path):
+    # a text column in every row (a title) is not a header: no row is lost
+    f = write(tmp_path / "t.csv", "1,10,5,100,Toy Story\n1,11,4,101,Heat\n2,10,3,102,Up\n")
+    assert pairs(D.read_csv(f)) == [(1, 10), (1, 11), (2, 10)]
+    # a header whose line 2 has an empty field in the text column is still a header
+    g = write(tmp_path / "h.csv", "user,item,rating,title\n1,10,5,\n2,11,4,Heat\n")
+    assert pairs(D.read_csv(g)) == [(1, 10), (2, 11)]
+
+
+@pytest.mark.parametrize("header", ["", "user,item,rating,date\n"])
+def test_csv_with_a_byte_order_mark(tmp_path, header):
+    f = tmp_path / "bom.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + (header + "1,10,5,2005-01-02\n2,11,4,2005-01-03\n").encode())
+    x = D.read_csv(f)
+    assert pairs(x) == [(1, 10), (2, 11)] and x.timestamps.tolist() == [1104624000, 1104710400]
+
+
+def test_csv_timestamp_kind_from_the_first_row_that_has_one(tmp_path):
+    f = write(tmp_path / "d.csv", "user,item,rating,date\n1,10,5,\n1,11,4,2005-01-02\n")
+    x = D.read_csv(f)
+    assert x.timestamps.tolist() == [MISSING_TIMESTAMP, 1104624000]
+
+
 def test_netflix_combined_and_training_set_layouts(tmp_path):
     movies = {
         1: [(1488844, 3, "2005-09-06"), (822109, 5, "2005-05-13")],

@@ -33,9 +33,15 @@ def delimiter_name(delimiter: str) -> str:
     return _DELIMITER_NAMES.get(delimiter, repr(delimiter))
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write at the start
+
+
 def iter_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, int]]:
-    """``(chunk, first_line)`` pairs of whole lines (each chunk ends with a newline; CRLF -> LF)."""
+    """``(chunk, first_line)`` pairs of whole lines (each chunk ends with a newline; CRLF -> LF;
+    a UTF-8 byte-order mark at the start dropped)."""
     with open(path, "rb") as f:
+        if f.read(len(BOM)) != BOM:
+            f.seek(0)
         rest = b""
         line = 1
         while True:
@@ -66,10 +72,12 @@ def split_fields(line: bytes, delimiter: str) -> list[bytes]:
 
 
 def head_lines(path: Path, max_lines: int = 50, max_bytes: int = 1 << 16) -> list[bytes]:
-    """The first few complete lines of a file (CR stripped), blank lines dropped."""
+    """The first few complete lines of a file (CR and a leading byte-order mark stripped),
+    blank lines dropped."""
     with open(path, "rb") as f:
         data = f.read(max_bytes)
         more = bool(f.read(1))
+    data = data.removeprefix(BOM)
     lines = data.split(b"\n")
     if more and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut

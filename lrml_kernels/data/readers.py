@@ -444,8 +444,18 @@ def _sniff_delimiter(path: Path, line: bytes) -> str:
     )
 
 
-def _looks_like_header(fields: list[bytes]) -> bool:
-    return any(not (_text.is_number(f) or _text.is_date(f)) for f in fields if f.strip())
+def _looks_like_header(first: list[bytes], second: list[bytes] | None = None) -> bool:
+    """Whether line 1 (its fields ``first``) is a header: a field of it is text (neither a
+    number nor a date) where line 2 (``second``, when the file has one) holds a number or a
+    date. A column of text in every row (a title, a comment) does not make a header."""
+
+    def value(f: bytes) -> bool:
+        return _text.is_number(f) or _text.is_date(f)
+
+    text = [j for j, f in enumerate(first) if f.strip() and not value(f)]
+    if second is None:
+        return bool(text)
+    return any(j < len(second) and value(second[j]) for j in text)
 
 
 def _read_rating_table(
@@ -466,12 +476,12 @@ def _read_rating_table(
     field is :data:`MISSING_TIMESTAMP`.
     """
     path = _require_file(path)
-    lines = _text.head_lines(path, max_lines=2)
+    lines = _text.head_lines(path)
     if not lines:
         raise DataFormatError(path, 1, "empty file (no data rows)")
     delim = delimiter or _sniff_delimiter(path, lines[0])
-    first = [f.strip() for f in _text.split_fields(lines[0], delim)]
-    has_header = _looks_like_header(first) if header is None else header
+    first, *rows = [[f.strip() for f in _text.split_fields(ln, delim)] for ln in lines]
+    has_header = _looks_like_header(first, rows[0] if rows else None) if header is None else header
     names = [_norm(f) for f in first] if has_header else []
     width = len(first)
     roles = ("user", "item", "rating", "timestamp")
@@ -499,12 +509,13 @@ def _read_rating_table(
                 cols[role] = j
     if "user" not in cols or "item" not in cols:
         raise DataFormatError(path, 1, f"need at least a user and an item column, got {first}")
-    data_line = lines[1] if has_header and len(lines) > 1 else (None if has_header else lines[0])
-    ts_kind = "int"
-    if "timestamp" in cols and data_line is not None:
-        parts = _text.split_fields(data_line, delim)
-        if cols["timestamp"] < len(parts) and _text.is_date(parts[cols["timestamp"]]):
-            ts_kind = "datetime"
+    # the timestamps' kind from the first data line of the file's head that has one
+    stamps = (
+        r[cols["timestamp"]]
+        for r in (rows if has_header else [first, *rows])
+        if "timestamp" in cols and cols["timestamp"] < len(r) and r[cols["timestamp"]]
+    )
+    ts_kind = "datetime" if _text.is_date(next(stamps, b"")) else "int"
     kinds = {"user": "int", "item": "int", "rating": "float", "timestamp": ts_kind}
     if min_rating is None and ncols is None:
         cols.pop("rating", None)  # not used: do not require it to be numeric
@@ -583,10 +594,11 @@ def read_movielens_ratings(path) -> tuple[Path, dict[str, np.ndarray]]:
     cache. Returns ``(the file read, columns)``."""
     path, delim, header = _movielens_file(path)
     if header is None:
-        lines = _text.head_lines(path, max_lines=1)
+        lines = _text.head_lines(path, max_lines=2)
         if not lines:
             raise DataFormatError(path, 1, "empty file (no data rows)")
-        header = _looks_like_header([f.strip() for f in _text.split_fields(lines[0], delim)])
+        first, *rows = [[f.strip() for f in _text.split_fields(ln, delim)] for ln in lines]
+        header = _looks_like_header(first, rows[0] if rows else None)
     fields = [
         Field("user_id", 0, "int"),
         Field("item_id", 1, "int"),
@@ -991,8 +1003,8 @@ def read_ncf(prefix, *, cache: bool = True) -> Split:
     are) and ``<prefix>.test.negative`` (``(user,item)\\tneg_1\\t...``, 99 negatives).
 
     ``num_users`` / ``num_items`` are the largest id in the three files plus one. The negatives
-    are kept exactly as published: in the upstream ML-1M file one row (user 4509) lists the user's
-    own test item among its negatives (NCF's evaluation collapses that duplicate)."""
+    are kept exactly as published: in the upstream ML-1M file 156 rows list the user's own test
+    item among their negatives (the sampled protocol skips it, as NCF's evaluation does)."""
     prefix = Path(prefix)
     files = [
         prefix.with_name(prefix.name + s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from pathlib import Path
 
 from lrml_kernels.data._compiled import plain_pages
@@ -77,6 +78,16 @@ def load(
             (:func:`lrml_kernels.data.carve_validation`, seeded by ``seed``): the training data
             then excludes the validation pairs. The test split is the same either way.
     """
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if num_negatives is not None and (
+        isinstance(num_negatives, bool)
+        or not isinstance(num_negatives, Integral)
+        or num_negatives < 0
+    ):
+        raise ValueError(
+            f"num_negatives must be a non-negative integer or None, got {num_negatives!r}"
+        )
     # (without a validation split the split is final as built: its training data is hashed
     # for the fingerprint on another thread meanwhile)
     with plain_pages():
