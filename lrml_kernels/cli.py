@@ -306,6 +306,13 @@ def _checkpoint_and_data(args):
                 f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
             ) from None
     spec, split = load_checkpoint_data(ckpt, args.data)
+    shape = (model.user_emb.shape[0], model.item_emb.shape[0])
+    if shape != (split.num_users, split.num_items):
+        raise ValueError(
+            f"{spec!r} is not the data this checkpoint was trained on: it has "
+            f"{split.num_users:,} users and {split.num_items:,} items, the model {shape[0]:,} "
+            f"and {shape[1]:,}"
+        )
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
     return model, split

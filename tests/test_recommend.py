@@ -152,6 +152,7 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
         (["--k", "0"], "--k must be a positive integer"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--out", "no/such/folder/recs.csv"], "its folder does not exist"),
+        (["--data", "synthetic-small"], "'synthetic-small' is not the data this checkpoint"),
     ],
 )
 def test_cli_refuses_bad_options_in_one_line(csv_run, error_line, extra, words):
