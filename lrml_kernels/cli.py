@@ -7,10 +7,14 @@ import argparse
 import json
 import os
 import sys
+import typing
+from pathlib import Path
 
 from lrml_kernels.backends import BackendUnavailable
 from lrml_kernels.recommend import EXCLUDE
-from lrml_kernels.training import TrainConfig
+from lrml_kernels.training import CHECKPOINT, TrainConfig, TrainingInterrupted
+
+DEFAULT_OUT = "runs/latest"  # lrml train's output folder when --out is not given
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +62,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--backend", default=d.backend, choices=["auto", "torch", "triton", "cpu", "cuda"])
     a("--eval", default=d.eval, choices=["sampled", "full", "none"], help="evaluation protocol")
     a("--eval-k", type=int, default=d.eval_k, help="k of HR@k / nDCG@k (default: %(default)s)")
+    a(
+        "--eval-negatives",
+        type=int,
+        default=d.eval_negatives,
+        help="sampled protocol: negatives ranked against each held-out item (ncf: data keeps "
+        "its file's 99; default: %(default)s)",
+    )
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
     a("--seed", type=int, default=d.seed)
     a(
@@ -140,7 +151,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="JSON file of these options (names with underscores, e.g. lrml tune's "
         "best_config.json); options given on the command line override it",
     )
-    a("--out", default="runs/latest", help="output folder (default: %(default)s)")
+    a(
+        "--out",
+        default=None,
+        help=f"output folder (default: {DEFAULT_OUT}, which each run replaces; a folder named "
+        "here that holds a run needs --resume or --overwrite)",
+    )
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--threads", type=int, default=None, help="torch CPU threads")
@@ -157,21 +173,50 @@ def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None, progre
 
 
 def _read_config(path) -> dict:
-    """The options of a ``--config`` file as argparse destinations (``_``-keys are notes)."""
-    import dataclasses
+    """The options of a ``--config`` file as argparse destinations (``_``-keys are notes), each
+    value checked against its option's type."""
+    import typing
 
     with open(path) as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a JSON object of train options expected")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    types = typing.get_type_hints(TrainConfig)
     values = {k: v for k, v in doc.items() if not k.startswith("_")}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(types))
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    for name, value in values.items():
+        if not _of_type(value, types[name]):
+            raise ValueError(
+                f"{path}: option {name} must be {_type_name(types[name])}, got {value!r}"
+            )
     if "progress" in values:
         values["no_progress"] = not values.pop("progress")
     return values
+
+
+def _of_type(value, tp) -> bool:
+    """Whether a JSON value fits an option's annotation (bool, int, float, str, ``X | None``)."""
+    args = typing.get_args(tp)
+    if args:  # X | None
+        return any(_of_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names[type(None)] = "null"
+    return " or ".join(names[a] for a in (typing.get_args(tp) or (tp,)))
 
 
 def _config(args) -> TrainConfig:
@@ -195,6 +240,7 @@ def _config(args) -> TrainConfig:
         backend=args.backend,
         eval=args.eval,
         eval_k=args.eval_k,
+        eval_negatives=args.eval_negatives,
         eval_every=args.eval_every,
         seed=args.seed,
         fused_optimizer=args.fused_optimizer,
@@ -230,6 +276,14 @@ def _train(args) -> int:
 
     _set_threads(args.threads)
     cfg = _config(args)
+    out = Path(args.out or DEFAULT_OUT)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: not both")
+    if args.out is not None and not (args.resume or args.overwrite) and (out / CHECKPOINT).exists():
+        raise ValueError(
+            f"--out {out} holds a run ({CHECKPOINT}): continue it with --resume, or replace it "
+            "with --overwrite"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
         import torch.distributed as dist
@@ -240,17 +294,15 @@ def _train(args) -> int:
             torch.cuda.set_device(cfg.device)
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     try:
-        result = fit(cfg, args.out, resume=args.resume)
+        result = fit(cfg, out, resume=args.resume)
     finally:
         if world > 1:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result["final"], indent=2))
-        best = ", best.pt" if cfg.select_on == "valid" else ""
-        print(
-            f"wrote {args.out}/metrics.json, learning_curve.png, checkpoint.pt{best}",
-            file=sys.stderr,
-        )
+        names = ("metrics.json", "learning_curve.png", CHECKPOINT, "best.pt")
+        wrote = ", ".join(n for n in names if (out / n).exists())
+        print(f"wrote {out}/{wrote}", file=sys.stderr)
     return 0
 
 
@@ -328,7 +380,6 @@ def _evaluate(args) -> int:
 
 
 def _recommend(args) -> int:
-    from pathlib import Path
 
     from lrml_kernels import recommend
 
@@ -390,7 +441,6 @@ def _convert(args) -> int:
 
 def _baseline(args) -> int:
     """A baseline ranker evaluated by the same ``evaluate`` as LRML, both protocols."""
-    from pathlib import Path
 
     from lrml_kernels import data
     from lrml_kernels.checkpoints import atomic_write
@@ -398,12 +448,15 @@ def _baseline(args) -> int:
     from lrml_kernels.training import METRICS
 
     validation = args.select_on == "valid"
-    split = data.load(args.data, seed=args.seed, validation=validation)
+    split = data.load(
+        args.data, num_negatives=args.eval_negatives, seed=args.seed, validation=validation
+    )
     ranker = PopularityRanker(split)  # counts the training interactions only
     doc = {
         "baseline": args.model,
         "data": split.name,
         "seed": args.seed,
+        "eval_negatives": args.eval_negatives,
         "select_on": args.select_on,
         "num_users": split.num_users,
         "num_items": split.num_items,
@@ -446,6 +499,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
     _add_train_args(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run that --out holds, if any"
+    )
     p.set_defaults(func=_train)
     with_config = [p]
     p = sub.add_parser(
@@ -560,6 +616,12 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")
     p.add_argument(
+        "--eval-negatives",
+        type=int,
+        default=TrainConfig().eval_negatives,
+        help="sampled protocol: negatives per held-out item, as for train (default: %(default)s)",
+    )
+    p.add_argument(
         "--select-on",
         default="last",
         choices=["last", "valid"],
@@ -580,10 +642,13 @@ def main(argv=None) -> int:
         return args.func(args)
     except (
         ValueError,
-        FileNotFoundError,
+        OSError,  # a missing file, a folder given for a file, a full disk, ...
         IndexError,
         BackendUnavailable,
         FloatingPointError,  # training.NonFiniteLossError
     ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"lrml {args.command}: {exc}", file=sys.stderr)
+        return 130

@@ -9,7 +9,9 @@ Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
 leaves a broken checkpoint; in a background thread while training goes on, from a copy of the
 tensors; plain values only, loaded without running code: see :mod:`lrml_kernels.checkpoints`),
-``metrics.json`` (same atomic write) and ``learning_curve.png``.
+``metrics.json`` (same atomic write) and ``learning_curve.png``. A fresh run (not resumed)
+first removes those files and ``best.pt`` of an earlier run in ``out_dir``. Ctrl-C stops after the
+step under way and checkpoints there (:class:`TrainingInterrupted`).
 
 Per step the loop runs the step and nothing else: the next batch is prepared while it runs
 where a core or a side stream is free, else just before it
@@ -26,11 +28,14 @@ once, for the selected epoch (``best.pt`` holds that model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +48,9 @@ from lrml_kernels import data as lkdata
 from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.metrics import PROTOCOLS, evaluate
-from lrml_kernels.model import LRML
+from lrml_kernels.model import LRML, MODEL_RELATIONS
 from lrml_kernels.precision import FP32_MATMUL_PRECISIONS, using_fp32_matmul_precision
+from lrml_kernels.reference import DISTANCES
 from lrml_kernels.trainer import DEFAULT_LR, OPTIMIZERS, LRMLTrainer, check_relation_lr_scale
 
 CHECKPOINT = "checkpoint.pt"
@@ -65,7 +71,14 @@ TRAIN_LR = {**DEFAULT_LR, "adam": 1e-2, "sgd": 1e-2}
 RELATION_LR_SCALE = 0.01
 # Options added since checkpoints were first written, with the value that older checkpoints
 # were trained with (not the default of today).
-OPTIONS_BEFORE = {"relation_lr_scale": 1.0, "popularity_negatives": 0.0, "dtype": "float32"}
+OPTIONS_BEFORE = {
+    "relation_lr_scale": 1.0,
+    "popularity_negatives": 0.0,
+    "dtype": "float32",
+    "select_on": "last",
+    "patience": None,
+    "eval_negatives": 100,
+}
 # The parameters' storage dtypes of ``TrainConfig.dtype`` (the kernels compute in fp32 for both).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The largest popularity_negatives alpha (beyond it the most popular items take nearly every draw).
@@ -81,6 +94,11 @@ RESUMABLE_CHANGES = (
     "epochs", "max_steps", "device", "progress", "checkpoint_every", "eval_every", "cuda_graph",
     "matmul_precision",
 )  # fmt: skip
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`fit` after a whole step, and the run was checkpointed
+    there: ``--resume`` goes on from that step as if it had not stopped."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,6 +127,8 @@ class TrainConfig:
     backend: str = "auto"
     eval: str = "sampled"
     eval_k: int = 10
+    # the sampled protocol's negatives per held-out item (``ncf:`` data keeps its file's 99)
+    eval_negatives: int = 100
     eval_every: int = 1
     seed: int = 0
     fused_optimizer: bool = True
@@ -149,6 +169,28 @@ class TrainConfig:
             "eval_every",
         ):
             positive(name)
+        for name in ("seed", "eval_negatives", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.eval == "sampled" and self.eval_negatives < 1:
+            raise ValueError("eval='sampled' needs eval_negatives >= 1")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.relation not in MODEL_RELATIONS:
+            raise ValueError(f"relation must be one of {MODEL_RELATIONS}, got {self.relation!r}")
+        margin = self.margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        norm = self.max_norm
+        if norm is not None and (
+            isinstance(norm, bool)
+            or not isinstance(norm, (int, float))
+            or not (math.isfinite(norm) and norm > 0)
+        ):
+            raise ValueError(f"max_norm must be a finite number > 0 or None, got {norm!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.eval not in (*PROTOCOLS, "none"):
@@ -307,6 +349,18 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
             f"processes and this run has {world}"
         )
     old, new = {**OPTIONS_BEFORE, **ckpt["config"]}, asdict(cfg)
+    unknown = sorted(set(old) - set(new))
+    if unknown:
+        raise ValueError(
+            f"refusing to resume: the checkpoint (lrml_kernels {ckpt.get('version', '?')}) has "
+            f"options this version ({_version()}) does not know: "
+            + ", ".join(f"{k}={old[k]!r}" for k in unknown)
+        )
+    if cfg.epochs < ckpt.get("epoch", 0):
+        raise ValueError(
+            f"refusing to resume: the checkpoint has {ckpt['epoch']} epochs done, more than "
+            f"--epochs {cfg.epochs}"
+        )
     diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
@@ -414,10 +468,10 @@ class _Run:
     def __init__(self, cfg: TrainConfig, out_dir, resume: bool, split):
         self.cfg = cfg
         out = self.out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
         if resume and (out is None or not (out / CHECKPOINT).exists()):
             raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = rank, world = _rank_world()
         ckpt = None
         if resume:  # a foreign file or other options are refused before the data is loaded
@@ -425,7 +479,9 @@ class _Run:
             _check_compatible(ckpt, cfg, world)
         self.select = cfg.select_on == "valid"
         if split is None:
-            split = lkdata.load(cfg.data, seed=cfg.seed, validation=self.select)
+            split = lkdata.load(
+                cfg.data, num_negatives=cfg.eval_negatives, seed=cfg.seed, validation=self.select
+            )
         elif self.select and not split.has_validation:
             split = lkdata.carve_validation(split, seed=cfg.seed)
         self.split = split
@@ -480,6 +536,9 @@ class _Run:
         if self.writer is not None:  # temporary files of writes that a crash interrupted
             for stale in out.glob(f".{CHECKPOINT}.tmp*"):
                 stale.unlink()
+            if ckpt is None:  # a fresh run: an earlier run's files would not describe it
+                for name in (CHECKPOINT, BEST, METRICS, CURVE):
+                    (out / name).unlink(missing_ok=True)
 
     def _restore(self, ckpt: dict, gen: torch.Generator) -> None:
         _check_same_data(ckpt, self.cfg, self.fingerprint)
@@ -518,10 +577,51 @@ class _Run:
     # ------------------------------------------------------------------------------------------
 
     def train(self, on_epoch, test: bool) -> dict:
+        with self._deferred_interrupt():
+            return self._train(on_epoch, test)
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self):
+        """A run that writes checkpoints (one process, the main thread) takes the first Ctrl-C
+        after the step under way, writes a checkpoint there and raises
+        :class:`TrainingInterrupted`; a second Ctrl-C interrupts at once, as usual."""
+        self.interrupted = False
+        if (
+            self.writer is None
+            or self.world > 1
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            yield
+            return
+
+        def handler(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_interrupted(self, t0: float) -> None:
+        """Checkpoint the step reached and raise :class:`TrainingInterrupted`."""
+        self.elapsed = time.perf_counter() - t0
+        self._read_loss()
+        self._checkpoint()
+        self._wait_for_writes()
+        raise TrainingInterrupted(
+            f"interrupted after step {self.global_step} (epoch {self.epoch + 1}, batch "
+            f"{self.step_in_epoch}); {self.out / CHECKPOINT} holds it: continue with --resume"
+        )
+
+    def _train(self, on_epoch, test: bool) -> dict:
         cfg = self.cfg
         stop = cfg.patience is not None and _stale(self.history, self.best) >= cfg.patience
         while self.epoch < cfg.epochs and not stop:
             t0 = self._train_epoch()
+            if self.interrupted:
+                self._stop_interrupted(t0)
             partial = self.step_in_epoch < self.steps_per_epoch  # stopped by max_steps
             if partial and self.step_in_epoch == 0:
                 break
@@ -611,6 +711,8 @@ class _Run:
             if due:
                 self.elapsed = time.perf_counter() - t0
                 self._checkpoint()
+            if self.interrupted:
+                break
         bar.close()
         return t0
 
@@ -623,8 +725,7 @@ class _Run:
             step = self.global_step - bad
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} (epoch {self.epoch + 1}, batch "
-                f"{step - (self.global_step - self.step_in_epoch)}); the last good checkpoint "
-                "is left as it was"
+                f"{step - (self.global_step - self.step_in_epoch)}); {self._kept()}"
             )
 
     def _epoch_record(self, seconds: float) -> dict:
@@ -670,8 +771,7 @@ class _Run:
         # A finite loss can hide a non-finite gradient for one step: never save such a model.
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteLossError(
-                f"non-finite parameters after step {self.global_step}; the last good checkpoint "
-                "is left as it was"
+                f"non-finite parameters after step {self.global_step}; {self._kept()}"
             )
         state = {
             **self._header(),
@@ -688,6 +788,12 @@ class _Run:
             "best": self.best,
         }
         self.writer.save(state, self.out / CHECKPOINT)
+
+    def _kept(self) -> str:
+        """What a stopped run leaves behind, for its error message."""
+        if self.out is not None and (self.out / CHECKPOINT).exists():
+            return "the last good checkpoint is left as it was"
+        return "no checkpoint was written"
 
     def _header(self) -> dict:
         split = self.split
@@ -822,5 +928,10 @@ def load_checkpoint_data(ckpt: dict, data: str | None = None):
     spec = data or ckpt["config"].get("data")
     if not isinstance(spec, str):
         raise ValueError("the checkpoint names no data set: give one with --data")
-    validation = ckpt["config"].get("select_on") == "valid"
-    return spec, lkdata.load(spec, seed=ckpt["config"].get("seed", 0), validation=validation)
+    stored = {**OPTIONS_BEFORE, **ckpt["config"]}
+    return spec, lkdata.load(
+        spec,
+        num_negatives=stored["eval_negatives"],
+        seed=stored.get("seed", 0),
+        validation=stored["select_on"] == "valid",
+    )

@@ -5,6 +5,7 @@ these run the same on machines with and without GPUs."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -104,8 +105,54 @@ def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data,
         (EVALUATE[:-1] + ["nosuch"], "backend must be 'auto' or one of"),
         (TRAIN + ["--cuda-graph"], "cuda_graph needs a CUDA device, got device 'cpu'"),
         (TRAIN + ["--cuda-graph", "--no-fused-optimizer"], "cuda_graph captures the fused step"),
+        (TRAIN + ["--max-norm", "-1"], "max_norm must be a finite number > 0 or None"),
+        (TRAIN + ["--margin", "-1"], "margin must be a finite number >= 0"),
+        (TRAIN + ["--margin", "nan"], "margin must be a finite number >= 0"),
+        (TRAIN + ["--seed", "-1"], "seed must be a non-negative integer"),
+        (TRAIN + ["--eval-negatives", "0"], "eval='sampled' needs eval_negatives >= 1"),
+        (TRAIN + ["--checkpoint-every", "-2"], "checkpoint_every must be a non-negative integer"),
     ],
 )
 def test_other_bad_options_are_refused_before_the_data(no_data, error_line, args, words):
     assert main(args) == 2
     assert words in error_line(args[0])
+
+
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        ({"fused_optimizer": "false"}, "option fused_optimizer must be true or false, got 'false'"),
+        ({"margin": [1]}, "option margin must be a number, got [1]"),
+        ({"seed": 1.5}, "option seed must be an integer, got 1.5"),
+        ({"seed": "abc"}, "option seed must be an integer, got 'abc'"),
+        ({"lr": "0.1"}, "option lr must be a number or null, got '0.1'"),
+        ({"distance": "cosine"}, "distance must be one of"),
+        ({"relation": "all"}, "relation must be one of"),
+        ({"nosuch": 1}, "unknown option(s) nosuch"),
+        ("[1, 2]", "a JSON object of train options expected"),
+        ("{oops", "not valid JSON"),
+    ],
+)
+def test_a_config_file_is_checked_before_the_data(no_data, error_line, tmp_path, doc, words):
+    path = tmp_path / "c.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    line = error_line("train")
+    assert words in line, line
+    if not (isinstance(doc, dict) and {"distance", "relation"} & set(doc)):
+        assert str(path) in line  # the file's own checks name it
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--out", "{file}"], "File exists"),
+        (["--out", "{file}/run"], "Not a directory"),
+        (["--config", "{dir}"], "Is a directory"),
+    ],
+)
+def test_file_mistakes_are_one_line_errors(no_data, error_line, tmp_path, args, words):
+    (tmp_path / "f").write_text("x")
+    args = [a.format(file=tmp_path / "f", dir=tmp_path) for a in args]
+    assert main(["train", *args]) == 2
+    assert words in error_line("train")

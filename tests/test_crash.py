@@ -239,6 +239,81 @@ def test_cli_refuses_an_incompatible_resume(reference_run, capsys, change, words
 def test_cli_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert main(cli_args(tmp_path / "empty") + ["--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()  # no empty folder left behind
+
+
+def test_cli_refuses_to_resume_fewer_epochs_than_done(reference_run, capsys):
+    out, _ = reference_run
+    assert main(cli_args(out, epochs=2) + ["--resume"]) == 2
+    assert "has 3 epochs done, more than --epochs 2" in capsys.readouterr().err
+
+
+def test_resume_refuses_options_this_version_does_not_know(tmp_path, reference_run, capsys):
+    ckpt = load(reference_run[0])
+    ckpt["config"]["weight_decay"] = 0.1
+    ckpt["version"] = "9.0.0"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(ckpt, out / CHECKPOINT)
+    assert main(cli_args(out) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "lrml_kernels 9.0.0) has options this version" in err and "weight_decay=0.1" in err
+
+
+def test_a_checkpoint_from_before_model_selection_resumes(tmp_path, reference_run, capsys):
+    ckpt = load(reference_run[0])
+    for name in ("select_on", "patience", "eval_negatives"):  # options added since
+        del ckpt["config"][name]
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(ckpt, out / CHECKPOINT)
+    resume(out, capsys)  # nothing left to train: the options compared, the data loaded again
+    assert_same_run(out, reference_run)
+
+
+def test_ctrl_c_checkpoints_the_step_reached_then_resume_matches_uninterrupted(
+    tmp_path, reference_run, capsys, monkeypatch
+):
+    real = backends.TORCH_BACKEND.hinge_loss_grads
+    calls = [0]
+
+    def interrupted(*args):  # Ctrl-C during the 30th step
+        calls[0] += 1
+        if calls[0] == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(backends.TORCH_BACKEND, "hinge_loss_grads", interrupted)
+    out = tmp_path / "run"
+    assert main(cli_args(out)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after step 30 (epoch 1, batch 30)" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert load(out)["global_step"] == 30 and load(out)["step_in_epoch"] == 30
+    monkeypatch.undo()
+    resume(out, capsys)
+    assert_same_run(out, reference_run)
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(cli_args(out, epochs=1, select_on="valid")) == 0
+    assert (out / "best.pt").exists()
+    before = (out / CHECKPOINT).read_bytes()
+    assert main(cli_args(out, epochs=1)) == 2
+    assert "holds a run (checkpoint.pt): continue it with --resume" in capsys.readouterr().err
+    assert (out / CHECKPOINT).read_bytes() == before
+    assert main(cli_args(out, epochs=1) + ["--resume", "--overwrite"]) == 2
+    assert main(cli_args(out, epochs=1) + ["--overwrite"]) == 0
+    assert not (out / "best.pt").exists()  # the earlier run's, gone with it
+    assert "wrote " + str(out) + "/metrics.json, learning_curve.png, checkpoint.pt\n" in (
+        capsys.readouterr().err
+    )
+    # without --out: runs/latest, which each run replaces
+    monkeypatch.chdir(tmp_path)
+    args = cli_args(out, epochs=1)[3:]  # no --out
+    assert main(["train", *args]) == 0 and main(["train", *args]) == 0
+    assert (tmp_path / "runs" / "latest" / CHECKPOINT).exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def sample_eval_negatives(
         raise ValueError(
             f"{int((avail < k).sum())} test users have fewer than num_negatives={k} items they "
             f"never interacted with (e.g. user {int(users[bad])}: {int(avail[bad])} of "
-            f"{num_items}); use fewer negatives"
+            f"{num_items}); sample fewer (lrml: --eval-negatives N, or 0 with --eval full)"
         )
     T = users.size
     neg = rng.integers(0, num_items, size=(T, k), dtype=np.int64)
