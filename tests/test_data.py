@@ -212,6 +212,35 @@ def test_csv_timestamp_kind_from_the_first_row_that_has_one(tmp_path):
     assert x.timestamps.tolist() == [MISSING_TIMESTAMP, 1104624000]
 
 
+def test_csv_text_ids_are_read_as_text_and_cached(tmp_path):
+    # Amazon-style ids: letters, and leading zeros that an integer would lose
+    f = write(
+        tmp_path / "amz.csv",
+        "reviewerID,asin,overall,unixReviewTime\n"
+        "A2SUAM,0000013714,5,1382140800\nA18C9S,0000013714,4,1383523200\n"
+        "A2SUAM,B00004Y2UT,3,1383523200\nA3GNN3, 013714,5,1383523300\n",
+    )
+    x = D.read_csv(f)
+    assert pairs(x) == [
+        ("A2SUAM", "0000013714"),
+        ("A18C9S", "0000013714"),
+        ("A2SUAM", "B00004Y2UT"),
+        ("A3GNN3", "013714"),  # spaces stripped, zeros kept: another item
+    ]
+    assert x.user_ids.tolist() == ["A18C9S", "A2SUAM", "A3GNN3"]  # re-indexed in text order
+    y = D.read_csv(f)  # from the cache
+    assert y.fingerprint() == x.fingerprint() and y.item_ids.tolist() == x.item_ids.tolist()
+    assert D.read_csv(f, cache=False).fingerprint() == x.fingerprint()
+    expect_error(lambda: D.read_csv(write(tmp_path / "e.csv", "a,1\n,2\n")), tmp_path / "e.csv", 2)
+
+
+def test_csv_integer_ids_stay_strict_past_the_head(tmp_path):
+    # the head's ids are integers: a text id further down is an error, not a new kind of id
+    rows = "".join(f"{u},{u % 7},3\n" for u in range(1, 80)) + "user,item,rating\n"
+    f = write(tmp_path / "i.csv", rows)
+    expect_error(lambda: D.read_csv(f), f, 80)
+
+
 def test_netflix_combined_and_training_set_layouts(tmp_path):
     movies = {
         1: [(1488844, 3, "2005-09-06"), (822109, 5, "2005-05-13")],

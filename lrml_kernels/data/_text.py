@@ -92,25 +92,32 @@ def is_number(field: bytes) -> bool:
     return True
 
 
+def is_int(field: bytes) -> bool:
+    return _INT_RE.fullmatch(field) is not None
+
+
 def is_date(field: bytes) -> bool:
     return _DATE_RE.fullmatch(field) is not None
 
 
 @dataclass(frozen=True)
 class Field:
-    """One column to read: ``kind`` is ``"int"``, ``"float"`` or ``"datetime"`` (ISO date/time,
-    read as int64 seconds since the epoch)."""
+    """One column to read: ``kind`` is ``"int"``, ``"float"``, ``"datetime"`` (ISO date/time,
+    read as int64 seconds since the epoch) or ``"str"`` (any non-empty text, e.g. an id like
+    ``A1B2C3``, read with surrounding spaces stripped)."""
 
     name: str
     index: int
     kind: str
 
 
-_DTYPES = {"int": np.int64, "float": np.float64, "datetime": "M8[s]"}
+_DTYPES = {"int": np.int64, "float": np.float64, "datetime": "M8[s]", "str": object}
 _KIND_TEXT = {"int": "an integer", "float": "a finite number", "datetime": "a YYYY-MM-DD date"}
 
 
 def _field_ok(text: bytes, kind: str) -> bool:
+    if kind == "str":
+        return bool(text.strip())
     if kind == "int":
         if _INT_RE.fullmatch(text) is None:
             return False
@@ -292,6 +299,11 @@ def parse_chunk(
         elif f.kind == "float" and col.size:
             col = col.astype(np.float64)
             if not np.isfinite(col).all() or col.min() < -1e18:  # -1e18: a filled empty field
+                raise fail(None)
+        elif f.kind == "str":
+            col = np.char.strip(col.astype(str))
+            filled = (col == _SENTINEL_INT.decode()) | (col == _SENTINEL_DATE.decode())
+            if col.size and (filled.any() or not np.char.str_len(col).all()):  # an empty field
                 raise fail(None)
         out[f.name] = np.ascontiguousarray(col)
     return out

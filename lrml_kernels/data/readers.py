@@ -211,10 +211,14 @@ def _index_dtype(n: int) -> type:
 
 def _reindex(raw: np.ndarray, *, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, uniques)``: codes in ``0..len(uniques)-1`` (int32 unless there are more than
-    2**31 uniques), uniques ascending (int64). ``inplace``: ``raw`` is the caller's to spend, and
-    when it has the codes' dtype the codes overwrite it (no second full-size array)."""
+    2**31 uniques), uniques ascending (int64; str for text ids). ``inplace``: ``raw`` is the
+    caller's to spend, and when it has the codes' dtype the codes overwrite it (no second
+    full-size array)."""
     if raw.size == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    if raw.dtype.kind == "U":  # text ids: sorted as text
+        uniques, codes = np.unique(raw, return_inverse=True)
+        return codes.reshape(-1).astype(_index_dtype(uniques.size)), uniques
     lo, hi = int(raw.min()), int(raw.max())
     if hi - lo < max(4 * raw.size, 1 << 22):  # dense ids: a lookup table, O(n)
         present = np.zeros(hi - lo + 1, dtype=bool)
@@ -458,6 +462,12 @@ def _looks_like_header(first: list[bytes], second: list[bytes] | None = None) ->
     return any(j < len(second) and value(second[j]) for j in text)
 
 
+def _id_kind(rows: list[list[bytes]], col: int) -> str:
+    """``"int"`` where every head row holds an integer id in column ``col`` (the rest of the file
+    must then too), else ``"str"``: ids read as text (``A1B2C3``, ``0312``) and re-indexed."""
+    return "int" if all(_text.is_int(r[col]) for r in rows if col < len(r)) else "str"
+
+
 def _read_rating_table(
     path: Path,
     *,
@@ -468,8 +478,10 @@ def _read_rating_table(
     ncols: int | None,
     min_rating: float | None,
     cache: bool,
+    text_ids: bool = False,
 ) -> Interactions:
     """A delimited table with user, item, optional rating and optional timestamp columns.
+    ``text_ids``: an id column whose head is not all integers is read as text (``_id_kind``).
 
     ``columns`` maps role -> column index, header name, or ``None`` (auto: by header name, else by
     position user 0, item 1, rating 2, timestamp 3 where the file has them). An empty timestamp
@@ -510,13 +522,15 @@ def _read_rating_table(
     if "user" not in cols or "item" not in cols:
         raise DataFormatError(path, 1, f"need at least a user and an item column, got {first}")
     # the timestamps' kind from the first data line of the file's head that has one
+    data_rows = rows if has_header else [first, *rows]
     stamps = (
         r[cols["timestamp"]]
         for r in (rows if has_header else [first, *rows])
         if "timestamp" in cols and cols["timestamp"] < len(r) and r[cols["timestamp"]]
     )
     ts_kind = "datetime" if _text.is_date(next(stamps, b"")) else "int"
-    kinds = {"user": "int", "item": "int", "rating": "float", "timestamp": ts_kind}
+    kinds = {r: _id_kind(data_rows, cols[r]) if text_ids else "int" for r in ("user", "item")}
+    kinds.update(rating="float", timestamp=ts_kind)
     if min_rating is None and ncols is None:
         cols.pop("rating", None)  # not used: do not require it to be numeric
     fields = [Field(role, j, kinds[role]) for role, j in cols.items()]
@@ -623,12 +637,14 @@ def read_csv(
     min_rating: float | None = None,
     cache: bool = True,
 ) -> Interactions:
-    """A generic delimited file of numeric ids.
+    """A generic delimited file: user and item ids are integers, or text (``A1B2C3``, ``0312``:
+    read as text where the first rows' ids are not all integers; leading zeros are kept).
 
     Args:
         delimiter: ``","``, ``"\\t"``, ``"::"``, ``";"`` or ``" "`` (runs of whitespace); ``None``
             detects it from the first line (tried in that order, ``"::"`` first).
-        header: whether the first line is a header; ``None``: yes if it has a non-numeric field.
+        header: whether the first line is a header; ``None``: yes if a field of it is text where
+            the second line has a number or a date (a UTF-8 byte-order mark is ignored).
         user_col, item_col, rating_col, timestamp_col: 0-based column index or header name;
             ``None``: found by header name (``userId``, ``MovieID``, ``CustomerID``, ``rating``,
             ``timestamp``, ``Date`` ...), else by position 0, 1, 2, 3 where the file has them.
@@ -649,6 +665,7 @@ def read_csv(
         ncols=None,
         min_rating=min_rating,
         cache=cache,
+        text_ids=True,
     )
 
 
