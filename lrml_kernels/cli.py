@@ -142,7 +142,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.patience,
         help="with --select-on valid: stop after this many evaluations without a better "
-        "validation nDCG@k (default: no early stopping)",
+        "validation nDCG@k; 0: no early stopping (default: 0, clears a --config file's)",
     )
     a(
         "--config",
@@ -254,7 +254,7 @@ def _config(args) -> TrainConfig:
         on_nonfinite=args.on_nonfinite,
         progress=not args.no_progress,
         select_on=args.select_on,
-        patience=args.patience,
+        patience=args.patience or None,
     )
 
 

@@ -257,7 +257,9 @@ class TrainConfig:
             if self.patience < 1:
                 raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
             if self.select_on != "valid":
-                raise ValueError("patience (early stopping) needs select_on='valid'")
+                raise ValueError(
+                    "patience (early stopping) needs select_on='valid' (--patience 0: none)"
+                )
 
 
 class _UnfusedStep:

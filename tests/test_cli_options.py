@@ -156,3 +156,20 @@ def test_file_mistakes_are_one_line_errors(no_data, error_line, tmp_path, args, 
     args = [a.format(file=tmp_path / "f", dir=tmp_path) for a in args]
     assert main(["train", *args]) == 2
     assert words in error_line("train")
+
+
+def test_patience_0_clears_a_config_files_early_stopping(monkeypatch, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def fit(cfg, *args, **kwargs):  # the options reach fit: stop there
+        raise Stop(cfg)
+
+    monkeypatch.setattr("lrml_kernels.training.fit", fit)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"select_on": "valid", "patience": 3}))
+    argv = ["train", "--config", str(path), "--out", str(tmp_path / "run")]
+    with pytest.raises(Stop) as info:
+        main([*argv, "--select-on", "last", "--patience", "0"])
+    cfg = info.value.args[0]
+    assert cfg.select_on == "last" and cfg.patience is None
