@@ -307,30 +307,35 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-
     from lrml_kernels.tuning import SPACE, tune
 
     _set_threads(args.threads)
     search = tuple(SPACE) if args.search is None else tuple(args.search.split(","))
-    if args.trials < 1:
-        raise ValueError(f"--trials must be positive, got {args.trials}")
     cfg = _config(args)
     start_from = []
     for path in args.start_from:
         options = _read_config(path)
         options.pop("no_progress", None)
         start_from.append(options)
-    r = tune(
-        cfg,
-        args.out,
-        trials=args.trials,
-        timeout=args.timeout,
-        storage=args.storage,
-        study_name=args.study_name,
-        search=search,
-        progress=cfg.progress,
-        start_from=start_from,
-    )
+    try:
+        r = tune(
+            cfg,
+            args.out,
+            trials=args.trials,
+            timeout=args.timeout,
+            storage=args.storage,
+            study_name=args.study_name,
+            search=search,
+            progress=cfg.progress,
+            start_from=start_from,
+        )
+    except KeyboardInterrupt:  # tune has written the outputs of the trials completed
+        resume = "; the same command resumes the study" if args.storage else ""
+        print(
+            f"lrml tune: interrupted; {args.out} holds the trials completed{resume}",
+            file=sys.stderr,
+        )
+        return 130
     print(json.dumps(r["best"], indent=2))
     print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
     return 0

@@ -8,15 +8,20 @@ split is never read: not by a trial, not to choose the best, not for the plots. 
 metrics once.
 
 The study lives in an Optuna storage (``sqlite:///FILE``): running the same command again
-resumes it; ``trials`` is the study's total, so a resumed study runs only the trials it lacks.
+resumes it; ``trials`` is the study's total, so a resumed study runs only the trials it lacks. The
+study keeps the options that its trials share (user attribute ``base_config``: those that no run
+searched) and refuses to resume with other values of them, which would make trials incomparable.
 Outputs in ``out_dir``: ``best_config.json`` (options of ``lrml train``; keys starting with ``_``
-are notes that ``--config`` ignores), ``trials.json`` and the study's plots (PNG).
+are notes that ``--config`` ignores), ``trials.json`` and the study's plots (PNG). Once a trial has
+completed, the two JSON files are rewritten after every trial, and all the outputs at the end, on
+Ctrl-C and when a trial fails.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -28,6 +33,7 @@ from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, fit
 BEST_CONFIG = "best_config.json"
 TRIALS = "trials.json"
 START = "start"  # the user attribute of the trials of the options given and of start_from
+BASE = "base_config"  # the study's user attribute: the options its trials share, as JSON
 
 #: The search space: parameter -> ("categorical", choices) or ("float"/"int", low, high, log).
 #: ``lr`` is searched as a factor of the optimizer's default learning rate (TRAIN_LR), so that
@@ -75,7 +81,7 @@ def suggest(trial, base: TrainConfig, search=tuple(SPACE)) -> TrainConfig:
 
 def base_params(base: TrainConfig, search=tuple(SPACE)) -> dict:
     """``base``'s values as the study's parameters (``lr`` as ``lr_factor``), those of ``search``
-    that lie in :data:`SPACE` (the others are drawn): the first trial of a new study."""
+    that lie in :data:`SPACE` (the others are drawn): the start point of the options given."""
     _check_search(search)
     params = {}
     for name in search:
@@ -95,12 +101,16 @@ def start_params(base: TrainConfig, options: dict, search=tuple(SPACE)) -> dict:
     searched parameters, those not given taken from ``base`` (:func:`base_params`). A value that
     lies outside :data:`SPACE` (say ``relation="none"`` of a CML configuration started in an LRML
     study) is left to the sampler."""
+    return base_params(_start_config(base, options, search), search)
+
+
+def _start_config(base: TrainConfig, options: dict, search) -> TrainConfig:
+    """``base`` with the values of ``options`` of the searched parameters."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} in a start point")
-    chosen = {k: v for k, v in options.items() if k in search}
-    return base_params(replace(base, **chosen), search)
+    return replace(base, **{k: v for k, v in options.items() if k in search})
 
 
 def _check_search(search) -> None:
@@ -126,31 +136,51 @@ def tune(
 
     Args:
         base: the options not searched (data, epochs per trial, patience, eval protocol, seed...);
-            a new study's first trial is ``base`` itself (:func:`base_params`).
+            a resumed study refuses values other than those it was run with. ``max_steps`` is
+            refused: a trial stopped mid-epoch has no validation result to compare.
         out_dir: where the best configuration, the trial list and the plots go.
         trials: the study's total number of finished trials (a resumed study runs the rest).
         timeout: stop starting trials after this many seconds (None: no limit).
         storage: an Optuna storage URL, e.g. ``sqlite:///study.db`` (None: in memory).
         study_name: the study's name in the storage.
-        search: the parameters of :data:`SPACE` to search (the others come from ``base``).
+        search: the parameters of :data:`SPACE` to search (the others come from ``base``);
+            ``popularity_negatives`` is left out when ``base.reject_positives`` is off (it needs
+            it).
         split: a ready split (a validation split is carved if it has none); its test arrays
             are never read.
         start_from: option dicts (``TrainConfig`` field names, e.g. another study's
-            ``best_config.json``) whose values of the searched parameters are tried next, after
-            ``base`` (:func:`start_params`); a point the study already holds is not tried again.
+            ``best_config.json``) whose values of the searched parameters are tried after
+            ``base``'s (:func:`start_params`). Each of these start points, ``base`` first, is tried
+            unless the study holds a completed trial of it; a value outside :data:`SPACE` is
+            drawn by the sampler, and a point that the study's ``trials`` leave no room for is
+            not tried (both with a warning on stderr).
+
+    A KeyboardInterrupt or an error ends the study after its outputs are written (once a trial
+    has completed) and propagates.
     """
     import optuna
 
     search = tuple(search)
     _check_search(search)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if base.max_steps is not None:
+        raise ValueError(
+            "max_steps cannot limit a trial: one stopped mid-epoch has no validation result "
+            "(limit the trials with epochs)"
+        )
     base = replace(base, select_on="valid")
     base.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if split is None:
-        split = lkdata.load(base.data, seed=base.seed, validation=True)
-    elif not split.has_validation:
-        split = lkdata.carve_validation(split, seed=base.seed)
+    if not base.reject_positives and "popularity_negatives" in search:
+        search = tuple(name for name in search if name != "popularity_negatives")
+        _warn("popularity_negatives is not searched: it needs reject_positives")
+    starts = [("the options given", base)]
+    starts += [
+        (f"start point {i}", _start_config(base, o, search)) for i, o in enumerate(start_from, 1)
+    ]
+    fixed = _base_config(base, search)
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -165,6 +195,26 @@ def tune(
         # and an option that learns slowly at first, as popularity negatives do, would be cut)
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
     )
+    stored = study.user_attrs.get(BASE) if study.trials else None
+    if stored is not None:
+        differ = sorted(k for k in set(stored) & set(fixed) if stored[k] != fixed[k])
+        if differ:
+            was = ", ".join(f"{k} {stored[k]!r} (here {fixed[k]!r})" for k in differ)
+            raise ValueError(
+                f"study {study_name!r} was run with other options, its trials would not compare: "
+                f"{was} (another --study-name starts a new study)"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if split is None:
+        split = lkdata.load(base.data, seed=base.seed, validation=True)
+    elif not split.has_validation:
+        split = lkdata.carve_validation(split, seed=base.seed)
+    # the options that every trial of the study shared (a study created before this attribute
+    # existed: the options of this run)
+    shared = fixed if stored is None else {k: v for k, v in stored.items() if k in fixed}
+    if shared != stored:
+        study.set_user_attr(BASE, shared)
 
     def objective(trial):
         cfg = suggest(trial, base, search)
@@ -193,28 +243,89 @@ def tune(
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         return final["valid_ndcg"]
 
-    if not study.trials:  # the options given come first: the best is never worse than them
-        study.enqueue_trial(base_params(base, search), user_attrs={START: True})
-    for options in start_from:
-        study.enqueue_trial(
-            start_params(base, options, search), user_attrs={START: True}, skip_if_exists=True
-        )
-    done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
-    finished = len(study.get_trials(deepcopy=False, states=done))
+    state = optuna.trial.TrialState
+    finished = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+    _queue_starts(study, starts, search, room=trials - finished)
     # A resumed study must not replay the random start-up draws of its first run: the sampler's
     # seed moves on with the number of trials already stored.
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
     t0 = time.perf_counter()
-    if trials > finished:
-        study.optimize(
-            objective,
-            n_trials=trials - finished,
-            timeout=timeout,
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
-    seconds = time.perf_counter() - t0
-    return _write_outputs(study, base, out, seconds)
+
+    def write(plots: bool = True) -> dict:
+        return _write_outputs(study, out, time.perf_counter() - t0, plots=plots)
+
+    def completed() -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(state.COMPLETE,)))
+
+    def after_trial(*_) -> None:  # the JSON files, should the process be killed later
+        if completed():
+            write(plots=False)
+
+    try:
+        if trials > finished:
+            study.optimize(
+                objective,
+                n_trials=trials - finished,
+                timeout=timeout,
+                gc_after_trial=False,
+                show_progress_bar=False,
+                callbacks=[after_trial],
+            )
+    except BaseException:  # Ctrl-C or a failed trial: the outputs of the trials done, then stop
+        if completed():
+            write()
+        raise
+    return write()
+
+
+def _base_config(base: TrainConfig, search) -> dict:
+    """``base``'s options that are not searched: those that a study's trials must share."""
+    doc = _config_doc(base)
+    for name in search:
+        doc.pop(name)
+    return doc
+
+
+def _queue_starts(study, starts, search, room: int) -> None:
+    """Queue each start point ``(label, config)`` that the study holds no completed trial of
+    and has not queued yet, while ``room`` (the trials to run) allows; warn on stderr of a point
+    with values outside :data:`SPACE` (drawn instead) and of the points left out."""
+    from optuna.trial import TrialState
+
+    complete = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    queued = [t.system_attrs.get("fixed_params", {}) for t in waiting]
+    left_out = []
+    for label, cfg in starts:
+        params = base_params(cfg, search)
+        if any(_holds(p, params) for p in complete + queued):
+            continue
+        if len(queued) >= room:
+            left_out.append(label)
+            continue
+        drawn = [n for n in search if ("lr_factor" if n == "lr" else n) not in params]
+        if drawn:
+            values = ", ".join(f"{n} {getattr(cfg, n)!r}" for n in drawn)
+            _warn(f"{label}: {values} outside the search space, drawn by the sampler")
+        study.enqueue_trial(params, user_attrs={START: True})
+        queued.append(params)
+    if left_out:
+        _warn(f"not tried, the study's trials are used up (raise --trials): {', '.join(left_out)}")
+
+
+def _holds(trial_params: dict, params: dict) -> bool:
+    """Whether a trial of ``trial_params`` has ``params``' values (floats within 1e-9)."""
+
+    def same(a, b):
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9)
+        return a == b
+
+    return all(k in trial_params and same(trial_params[k], v) for k, v in params.items())
+
+
+def _warn(message: str) -> None:
+    print(f"lrml tune: warning: {message}", file=sys.stderr)
 
 
 def _config_doc(cfg: TrainConfig) -> dict:
@@ -224,7 +335,7 @@ def _config_doc(cfg: TrainConfig) -> dict:
     return doc
 
 
-def _write_outputs(study, base: TrainConfig, out: Path, seconds: float) -> dict:
+def _write_outputs(study, out: Path, seconds: float, plots: bool = True) -> dict:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append(
@@ -255,19 +366,25 @@ def _write_outputs(study, base: TrainConfig, out: Path, seconds: float) -> dict:
         "note": "chosen on the validation split only; the test split was never read",
     }
     _write_json(out / BEST_CONFIG, config)
-    _plot_study(study, out)
+    if plots:
+        _plot_study(study, out)
     return {"best": config, **result}
 
 
 def _write_json(path: Path, doc) -> None:
-    text = json.dumps(doc, indent=2, default=_jsonable).encode()
+    text = json.dumps(_finite(doc), indent=2, allow_nan=False).encode()
     atomic_write(path, lambda f: f.write(text))
 
 
-def _jsonable(v):
+def _finite(v):
+    """``v`` with every NaN or infinite float replaced by None (JSON has neither)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _plot_study(study, out: Path) -> list[Path]:

@@ -3,6 +3,7 @@ configuration that ``lrml train --config`` reads."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -135,3 +136,187 @@ def test_cli_tune_then_train_with_its_configuration(tmp_path, capsys, one_thread
     assert main([*argv[:-2], "--search", "weight_decay", "--out", str(out)]) == 2
     start.write_text(json.dumps({"dims": 8}))
     assert main([*argv, "--start-from", str(start)]) == 2
+
+
+def interrupt_fit(monkeypatch, at: int, seen=None):
+    """``tuning.fit`` that raises KeyboardInterrupt (Ctrl-C) on its ``at``-th call (1-based),
+    first storing in ``seen`` what trials.json held then."""
+    from lrml_kernels import tuning
+
+    calls = []
+    real = tuning.fit
+
+    def fit(cfg, out_dir, **kw):
+        calls.append(cfg)
+        if len(calls) == at:
+            if seen is not None:
+                out = seen.pop("out")
+                seen["trials"] = json.loads((out / "trials.json").read_text())["trials"]
+            raise KeyboardInterrupt
+        return real(cfg, out_dir, **kw)
+
+    monkeypatch.setattr(tuning, "fit", fit)
+    return calls
+
+
+SEARCH = ("optimizer", "lr", "negatives")
+START = [{"optimizer": "sgd", "lr": 0.05, "negatives": 3}]
+
+
+def test_an_interrupted_start_point_is_tried_again(tmp_path, one_thread, monkeypatch):
+    kw = dict(storage=f"sqlite:///{tmp_path / 's.db'}", search=SEARCH, progress=False)
+    base = base_params(tiny(), SEARCH)
+    start = start_params(tiny(), START[0], SEARCH)
+    # Ctrl-C during the first trial (the options given): it is left FAIL
+    interrupt_fit(monkeypatch, at=1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny(), tmp_path / "out", trials=3, start_from=START, **kw)
+    monkeypatch.undo()
+    r = tune(tiny(), tmp_path / "out", trials=2, start_from=START, **kw)
+    runs = [t for t in r["trials"] if t["state"] == "COMPLETE"]
+    assert [t["state"] for t in r["trials"]] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert sorted(t["params"]["optimizer"] for t in runs) == ["adam", "sgd"]
+    assert all(t["user_attrs"]["start"] for t in runs)
+    assert next(t for t in runs if t["params"]["optimizer"] == "adam")["params"] == base
+    # Ctrl-C during a start point's trial: the next run tries it again, not the options given
+    interrupt_fit(monkeypatch, at=1)
+    start2 = [{"optimizer": "adagrad", "lr": 0.1, "negatives": 4}]
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny(), tmp_path / "out", trials=3, start_from=start2, **kw)
+    monkeypatch.undo()
+    r = tune(tiny(), tmp_path / "out", trials=3, start_from=[*START, *start2], **kw)
+    assert [t["state"] for t in r["trials"]][3:] == ["FAIL", "COMPLETE"]
+    assert r["trials"][4]["params"] == start_params(tiny(), start2[0], SEARCH) != start
+    assert r["trials"][4]["user_attrs"]["start"]
+
+
+def test_outputs_are_written_after_each_trial_and_on_ctrl_c(
+    tmp_path, capsys, one_thread, monkeypatch
+):
+    out = tmp_path / "out"
+    seen = {"out": out}
+    calls = interrupt_fit(monkeypatch, at=2, seen=seen)
+    with pytest.raises(KeyboardInterrupt):
+        tune(tiny(), out, trials=3, search=SEARCH, progress=False, start_from=START)
+    assert len(calls) == 2
+    # after the first trial: the JSON files; on Ctrl-C, the interrupted trial and the plots too
+    assert [t["state"] for t in seen["trials"]] == ["COMPLETE", "WAITING"]
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL"]
+    assert json.loads((out / "best_config.json").read_text())["_tuned"]["trial"] == 0
+    assert (out / "optimization_history.png").stat().st_size > 0
+    # the command line: exit status 130 and one line
+    capsys.readouterr()
+    interrupt_fit(monkeypatch, at=1)
+    argv = ["tune", "--data", "synthetic-small", "--dim", "8", "--epochs", "1", "--trials", "1"]
+    assert main([*argv, "--backend", "torch", "--no-progress", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1].startswith("lrml tune: interrupted; ")
+
+
+def test_options_are_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="max_steps cannot limit a trial"):
+        tune(tiny(max_steps=3), out, trials=2)
+    for bad in (0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            tune(tiny(), out, timeout=bad)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="trials must be a positive integer"):
+            tune(tiny(), out, trials=bad)
+    assert not out.exists()
+    argv = ["tune", "--data", "synthetic-small", "--out", str(out)]
+    for extra in (["--epochs", "2", "--max-steps", "3", "--trials", "2"], ["--timeout", "-5"]):
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_no_reject_positives_leaves_popularity_negatives_out(tmp_path, capsys, one_thread):
+    start = [{"popularity_negatives": 0.5, "negatives": 3}]
+    search = ("negatives", "popularity_negatives")
+    r = tune(tiny(reject_positives=False), tmp_path, trials=2, search=search, progress=False,
+             start_from=start)  # fmt: skip
+    assert [t["state"] for t in r["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert [t["params"] for t in r["trials"]] == [{"negatives": 2}, {"negatives": 3}]
+    assert {t["user_attrs"]["config"]["popularity_negatives"] for t in r["trials"]} == {0.0}
+    assert "popularity_negatives is not searched" in capsys.readouterr().err
+
+
+def test_a_study_resumes_only_with_the_options_it_was_run_with(tmp_path, one_thread):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    kw = dict(storage=storage, study_name="t", progress=False)
+    tune(tiny(), tmp_path / "out", trials=1, search=("lr", "negatives"), **kw)
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert study.user_attrs["base_config"]["epochs"] == 2
+    assert "lr" not in study.user_attrs["base_config"]
+    with pytest.raises(ValueError, match=r"data 'synthetic-small' \(here 'synthetic'\), "
+                       r"epochs 2 \(here 1\)"):  # fmt: skip
+        tune(
+            dataclasses.replace(tiny(), epochs=1, data="synthetic"),
+            tmp_path / "other",
+            trials=2,
+            search=("lr",),
+            **kw,
+        )
+    assert not (tmp_path / "other").exists()
+    # an option searched in any run is no longer one the study's trials share
+    tune(tiny(), tmp_path / "out", trials=1, search=("lr", "margin"), **kw)
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert {"lr", "margin", "negatives"}.isdisjoint(study.user_attrs["base_config"])
+    tune(
+        dataclasses.replace(tiny(margin=0.5), negatives=3),
+        tmp_path / "out",
+        trials=1,
+        search=("lr",),
+        **kw,
+    )
+    # a study from before the attribute: this run's options are recorded
+    old = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    old.add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"config": {}}))
+    r = tune(tiny(), tmp_path / "old", trials=2, search=("lr",), **{**kw, "study_name": "old"})
+    assert [t["state"] for t in r["trials"]] == ["COMPLETE", "COMPLETE"]
+    recorded = optuna.load_study(study_name="old", storage=storage).user_attrs["base_config"]
+    assert recorded["negatives"] == 2 and "lr" not in recorded
+
+
+def test_start_points_not_tried_are_reported(tmp_path, capsys, one_thread):
+    kw = dict(storage=f"sqlite:///{tmp_path / 's.db'}", search=SEARCH, progress=False)
+    tune(tiny(), tmp_path, trials=1, **kw)
+    capsys.readouterr()
+    r = tune(tiny(), tmp_path, trials=1, start_from=START, **kw)
+    assert [t["state"] for t in r["trials"]] == ["COMPLETE"]  # not left queued for a later run
+    err = capsys.readouterr().err
+    assert (
+        "warning: not tried, the study's trials are used up (raise --trials): start point 1" in err
+    )
+    # the options given outside the space: their trial draws the value, and says so
+    r = tune(
+        dataclasses.replace(tiny(), batch_size=32),
+        tmp_path / "b",
+        trials=1,
+        search=("batch_size",),
+        progress=False,
+    )
+    assert r["trials"][0]["params"]["batch_size"] in SPACE["batch_size"][1]
+    err = capsys.readouterr().err
+    assert "the options given: batch_size 32 outside the search space, drawn by the sampler" in err
+
+
+def test_non_finite_values_are_written_as_null(tmp_path, monkeypatch):
+    from lrml_kernels import tuning
+
+    final = {"selected_epoch": 1, "valid_hr": math.nan, "valid_ndcg": math.inf}
+    monkeypatch.setattr(tuning, "fit", lambda *a, **kw: {"final": final})
+    r = tune(tiny(), tmp_path, trials=1, search=("lr",), progress=False)
+    assert r["trials"][0]["value"] == math.inf
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    for name in ("trials.json", "best_config.json"):
+        json.loads((tmp_path / name).read_text(), parse_constant=no_constants)
+    trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    assert trials[0]["value"] is None and trials[0]["user_attrs"]["valid_hr"] is None
+    tuned = json.loads((tmp_path / "best_config.json").read_text())["_tuned"]
+    assert tuned["valid_ndcg"] is None and tuned["valid_hr"] is None
