@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 namespace lrml {
@@ -72,24 +73,32 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
     const Tensor& users = saved[0];
     const Tensor& items = saved[1];
     const Tensor& grad = grad_outputs[0];
-    // Differentiable once (as @once_differentiable): the saved gradients are constants, so a
-    // double backward through them would silently miss terms.
-    TORCH_CHECK(!(at::GradMode::is_enabled() && grad.requires_grad()),
-                "lrml_kernels: the hinge loss of the cpu and cuda backends is differentiable once "
-                "(no double backward); use backend=\"torch\" for higher-order gradients");
-    at::NoGradGuard no_grad;
-    // The usual ∂loss = 1 skips the multiplies; reading it on a GPU would sync with the host.
-    const bool one = grad.device().is_cpu() && grad.item<double>() == 1.0;
-    auto scaled = [&](const Tensor& g) { return one ? g : g * grad.to(g.scalar_type()); };
-    const bool sparse = ctx->saved_data["sparse"].toBool();
     variable_list out(12);  // one per forward argument; the last 8 get none
-    if (ctx->needs_input_grad(0))
-      out[0] = table_grad(scaled(saved[2]), users, ctx->saved_data["U"].toInt(), sparse);
-    if (ctx->needs_input_grad(1))
-      out[1] = table_grad(scaled(saved[3]), items, ctx->saved_data["I"].toInt(), sparse);
-    if (ctx->needs_input_grad(2)) out[2] = scaled(saved[4]);
-    if (ctx->needs_input_grad(3)) out[3] = scaled(saved[5]);
-    return out;
+    {
+      at::NoGradGuard no_grad;
+      // The usual ∂loss = 1 skips the multiplies; reading it on a GPU would sync with the host.
+      const bool one = grad.device().is_cpu() && grad.item<double>() == 1.0;
+      auto scaled = [&](const Tensor& g) { return one ? g : g * grad.to(g.scalar_type()); };
+      const bool sparse = ctx->saved_data["sparse"].toBool();
+      if (ctx->needs_input_grad(0))
+        out[0] = table_grad(scaled(saved[2]), users, ctx->saved_data["U"].toInt(), sparse);
+      if (ctx->needs_input_grad(1))
+        out[1] = table_grad(scaled(saved[3]), items, ctx->saved_data["I"].toInt(), sparse);
+      if (ctx->needs_input_grad(2)) out[2] = scaled(saved[4]);
+      if (ctx->needs_input_grad(3)) out[3] = scaled(saved[5]);
+    }
+    if (!at::GradMode::is_enabled()) return out;
+    // create_graph: differentiable once. The saved gradients are constants, so differentiating
+    // these gradients must raise (a DelayedError node, as @once_differentiable makes), not miss
+    // the second-order terms silently; that holds when the upstream gradient is a constant too.
+    for (auto& g : out) {
+      if (g.defined()) g = g.detach().requires_grad_(true);
+    }
+    return torch::autograd::DelayedError(
+               "lrml_kernels: the cpu and cuda backends are differentiable once (no double "
+               "backward); use backend=\"torch\" for higher-order gradients",
+               static_cast<int64_t>(out.size()))
+        .apply(std::move(out));
   }
 };
 

@@ -20,6 +20,7 @@ meta tensors) are registered here, once, after the CPU library is loaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -30,7 +31,6 @@ import threading
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from lrml_kernels._build import (
     CPU_SOURCES,
@@ -365,9 +365,7 @@ def _register_python_side() -> None:
             gM if need[3] else None,
         )
 
-    # Differentiable once: the backward ops have no autograd of their own, so a double backward
-    # through them must fail loudly (once_differentiable), not silently miss terms.
-    @once_differentiable
+    @_differentiable_once
     def _distances_backward(ctx, grad):
         P, Q, K, M, users, items = ctx.saved_tensors
         distance, relation, eps, sparse = ctx.opts
@@ -379,7 +377,7 @@ def _register_python_side() -> None:
         )
         return (*_finish(ctx, gp, gq, gK, gM, sparse), *(None,) * n_extra)
 
-    @once_differentiable
+    @_differentiable_once
     def _hinge_backward(ctx, grad):
         P, Q, K, M, users, items = ctx.saved_tensors
         margin, distance, relation, eps, reduction, sparse = ctx.opts
@@ -402,6 +400,30 @@ def _register_python_side() -> None:
 # and only scales them in backward. Used outside torch.compile (which traces the registered
 # autograd of lrml_ext::hinge_loss) for fp32/fp64 parameters; reduction="none" and lrml_distances
 # keep the op's recomputing backward.
+
+
+def _differentiable_once(backward):
+    """The backward ops have no autograd of their own, so a double backward through them must
+    fail loudly, not silently miss terms. torch's ``once_differentiable`` does that only where
+    the upstream gradient requires grad; under ``create_graph`` with a constant upstream gradient
+    (``torch.autograd.grad(loss, K, create_graph=True)``) it hands back gradients with no graph,
+    and a loss built on them loses its second-order terms. Here every gradient computed under
+    ``create_graph`` raises when it is differentiated (fused_hinge_autograd.cpp does the same)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, grad):
+        with torch.no_grad():
+            outputs = backward(ctx, grad)
+        if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
+            return outputs
+        error = torch._C._functions.DelayedError(
+            b"lrml_kernels: the cpu and cuda backends are differentiable once (no double "
+            b'backward); use backend="torch" for higher-order gradients',
+            len(outputs),
+        )
+        return error(*[None if g is None else g.detach().requires_grad_() for g in outputs])
+
+    return wrapper
 
 
 def _fused_autograd_applies(params, reduction: str) -> bool:

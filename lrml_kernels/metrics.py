@@ -73,10 +73,12 @@ def full_ranks(
     16 users a program, 512 programs fill 132 SMs about 4 times over; 1,024 users gave 64).
 
     Uses top-(k+1) with the training items excluded: the held-out item's rank is the number of
-    other returned items at a distance ≤ its own; ``k`` means "not in the top k". A NaN distance
-    ranks last, as in :func:`sampled_ranks`: a held-out item at NaN is a miss. A split with a
-    validation split also excludes each user's validation item (``split.known_csr()``): it is a
-    known positive, not a rival of the test item.
+    other returned items at a distance ≤ its own, both from that one call (a kernel's top-k may
+    round differently from its ``distances``, which would hide a tie); a held-out item not
+    returned has k+1 items ahead: ``k``, "not in the top k". A NaN distance ranks last, as in
+    :func:`sampled_ranks`: a held-out item at NaN is a miss. A split with a validation split also
+    excludes each user's validation item (``split.known_csr()``): it is a known positive, not a
+    rival of the test item.
     """
     device = torch.device(device) if device is not None else _device_of(ranker)
     if batch_size is None:
@@ -95,10 +97,12 @@ def full_ranks(
             dist, ids = ranker.recommend(
                 ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))
             )
-            d_test = ranker.distances(ud, t[:, None]).to(dist.dtype)
-            better = (_nan_last(dist) <= d_test) & (ids != t[:, None]) & (ids >= 0)
-            rank = better.sum(1).clamp_max(k)
-            ranks.append(rank.masked_fill(d_test[:, 0].isnan(), k).cpu())
+            is_test = ids == t[:, None]
+            d_test = torch.where(is_test, dist, float("inf")).min(1, keepdim=True).values
+            better = (_nan_last(dist) <= d_test) & ~is_test & (ids >= 0)
+            rank = better.sum(1).clamp_max(k).masked_fill(~is_test.any(1), k)
+            nan_test = (is_test & dist.isnan()).any(1)
+            ranks.append(rank.masked_fill(nan_test, k).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 
@@ -111,8 +115,8 @@ def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, *, shard=Non
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if shard is not None:
         split = _test_rows(split, slice(shard[0], None, shard[1]))
     was_training = getattr(ranker, "training", False)

@@ -59,8 +59,10 @@ class LRML(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         ops._check_option("distance", distance, ops.DISTANCES)
         ops._check_option("relation", relation, MODEL_RELATIONS)
-        if max_norm is not None and max_norm <= 0:
-            raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
+        if max_norm is not None:
+            ops.check_number("max_norm", max_norm, low=0, above=True)
+        ops.check_number("margin", margin)
+        ops.check_number("eps", eps, low=0)
         std = 1.0 / math.sqrt(dim)
         kw = {"device": device, "dtype": dtype}
         self.user_emb = nn.Parameter(torch.randn(num_users, dim, **kw) * std)
@@ -161,15 +163,23 @@ class LRML(nn.Module):
     def project_(self, users: torch.Tensor | None = None, items: torch.Tensor | None = None):
         """Project user/item rows into the ball of radius ``max_norm`` (all rows, or those given).
 
-        ``x <- x / max(1, ‖x‖₂ / max_norm)``; a no-op when ``max_norm`` is None.
+        ``x <- x / max(1, ‖x‖₂ / max_norm)``; a no-op when ``max_norm`` is None. ``users`` /
+        ``items``: integer index tensors of any shape, range-checked as the ops' indices are.
         """
         if self.max_norm is None:
             return self
-        for table, rows in ((self.user_emb, users), (self.item_emb, items)):
+        tables = (("users", self.user_emb, users), ("items", self.item_emb, items))
+        given = [
+            (name, ops.check_index_tensor(name, _flat(rows), 1, table.device), table)
+            for name, table, rows in tables
+            if rows is not None
+        ]
+        ops.check_index_ranges([(name, rows, table.shape[0]) for name, rows, table in given])
+        for _, table, rows in tables:
             if rows is None:
                 project_rows_(table, None, self.max_norm)
-            else:
-                project_rows_(table, torch.unique(rows.reshape(-1)), self.max_norm)
+        for _, rows, table in given:
+            project_rows_(table, torch.unique(rows.long()), self.max_norm)
         return self
 
     def extra_repr(self) -> str:
@@ -179,6 +189,10 @@ class LRML(nn.Module):
             f"relation={self.relation!r}, margin={self.margin}, max_norm={self.max_norm}, "
             f"sparse={self.sparse}, backend={self.backend!r}"
         )
+
+
+def _flat(rows):
+    return rows.reshape(-1) if isinstance(rows, torch.Tensor) else rows
 
 
 def project_rows_(table: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:

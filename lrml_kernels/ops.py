@@ -10,6 +10,8 @@ loads, so even unchecked indices never make them read out of bounds.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lrml_kernels import backends, reference
@@ -26,6 +28,18 @@ def _compiling() -> bool:
 def _check_option(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_number(name: str, value, *, low: float | None = None, above: bool = False) -> float:
+    """``value`` as a float: a finite real number (not a bool), ``>= low`` (``> low`` with
+    ``above``) where ``low`` is given; otherwise ``ValueError`` naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
 
 
 def check_params(user_emb, item_emb, keys, memory, *, check_finite: bool = False):
@@ -115,8 +129,7 @@ def prepare(
 ):
     _check_option("distance", distance, DISTANCES)
     _check_option("relation", relation, RELATIONS)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_number("eps", eps, low=0)
     params = check_params(user_emb, item_emb, keys, memory, check_finite=check_finite)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)
@@ -207,8 +220,7 @@ def lrml_hinge_loss(
     code, "mean" over rows, or "none" for the per-row losses ``[B]``).
     """
     _check_option("reduction", reduction, REDUCTIONS)
-    if not isinstance(margin, (int, float)):
-        raise TypeError(f"margin must be a number, got {type(margin).__name__}")
+    check_number("margin", margin)
     params, users, items = prepare(
         user_emb,
         item_emb,
@@ -341,8 +353,7 @@ def lrml_topk(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_number("eps", eps, low=0)
     params = check_params(user_emb, item_emb, keys, memory)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)

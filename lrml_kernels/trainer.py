@@ -135,9 +135,12 @@ class LRMLTrainer:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.model, self.optimizer = model, optimizer
-        self.lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
+        self.lr = (
+            DEFAULT_LR[optimizer] if lr is None else ops.check_number("lr", lr, low=0, above=True)
+        )
+        for name, beta in zip(("betas[0]", "betas[1]"), betas, strict=True):
+            if not (ops.check_number(name, beta, low=0) < 1):
+                raise ValueError(f"{name} must lie in [0, 1), got {beta!r}")
         self.relation_lr_scale = check_relation_lr_scale(relation_lr_scale)
         self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
         self.reduction = reduction
@@ -198,6 +201,7 @@ class LRMLTrainer:
         precision); :meth:`set_lr` and the step counters reach it through the device scalars.
         """
         m = self.model
+        self._check_state_fits(m.user_emb)
         params, users, items = ops.prepare(
             m.user_emb,
             m.item_emb,
@@ -228,6 +232,20 @@ class LRMLTrainer:
         self._advance()
         self._update(users, items, g_users, g_items, g_keys, g_memory)
         return loss
+
+    def _check_state_fits(self, table: torch.Tensor) -> None:
+        """Refuse a step on tables moved or cast after the optimizer state was made (the model
+        is moved and cast as a whole: its user table stands for the four)."""
+        state = next((v for v in self.state["user_emb"].values() if torch.is_tensor(v)), None)
+        if state is None or (
+            state.device == table.device and state.dtype == compute_dtype(table.dtype)
+        ):
+            return
+        raise ValueError(
+            f"the model's tables are {table.dtype} on {table.device} but this trainer's "
+            f"optimizer state is {state.dtype} on {state.device}: the model was moved or cast "
+            "after the LRMLTrainer was made; make the trainer after moving or casting the model"
+        )
 
     def _gradients(self, users, items):
         """``(loss, g_user_rows [B, d], g_item_rows [B, C, d], g_keys, g_memory)``."""
@@ -377,7 +395,7 @@ class LRMLTrainer:
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate (a schedule calls this before a step)."""
-        self.lr = float(lr)
+        self.lr = ops.check_number("lr", lr, low=0, above=True)
 
     def _world(self) -> int:
         dist = torch.distributed
@@ -427,7 +445,7 @@ class LRMLTrainer:
                 max_norm=max_norm,
             )  # fmt: skip
             return
-        rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+        rows, inverse = torch.unique(idx.reshape(-1).long(), return_inverse=True)
         d = table.shape[1]
         ct = compute_dtype(table.dtype)
         grad = torch.zeros(rows.shape[0], d, device=table.device, dtype=ct)

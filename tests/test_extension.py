@@ -252,6 +252,11 @@ def test_double_backward_fails_loudly(ext, op):
     with pytest.raises(RuntimeError, match="differentiate twice|differentiable once"):
         (gK,) = torch.autograd.grad(out * w, K, create_graph=True)
         gK.sum().backward()
+    # a constant upstream gradient under create_graph: the gradient still may not be
+    # differentiated (it carried no graph, and a loss built on it lost its second-order terms)
+    (gK,) = torch.autograd.grad(out, K, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (out + (gK**2).sum()).backward()
     # first-order gradients under create_graph=True are still right
     (gK1,) = torch.autograd.grad(out, K, create_graph=True)
     ref = reference.lrml_hinge_loss if op != "distances" else reference.lrml_distances
@@ -545,8 +550,6 @@ def test_topk_matches_brute_force(ext, d, N, I, k, distance, dtype):
     tol = 1e-9 if dtype == torch.float64 else 2e-4
     check_topk(dist, ids, P, Q, K, M, users, k, exclude, distance, tol)
     assert (ids[3] == -1).all() and torch.isinf(dist[3]).all()  # every item excluded
-    dups = [x for x in ids.flatten().tolist() if x in (5, 11, 17)]
-    del dups
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -570,6 +573,21 @@ def test_topk_duplicates_ordered_by_id(ext):
     dist, ids = ext.topk(P, Q, K, M, users, 6, None, "l2", 1e-3)
     assert torch.equal(ids, torch.arange(6).expand(4, 6))
     assert (dist == dist[:, :1]).all()
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_topk_ranks_nan_distances_last_as_the_reference(ext, distance):
+    P, Q, K, M, users, _ = (t.detach() for t in make(6, 3, 3, 1, torch.float64, U=3, I=8, seed=13))
+    users = torch.arange(3)
+    P, Q = P.clone(), Q.clone()
+    Q[3] = float("nan")  # one item at NaN: last, after the 7 others
+    P[2] = float("nan")  # one user at NaN: every item at NaN, ids 0.. in order
+    dist, ids = ext.topk(P, Q, K, M, users, 8, None, distance, 1e-3)
+    d2, i2 = lk.lrml_topk(P, Q, K, M, users, 8, distance=distance, backend="torch")
+    assert torch.equal(ids, i2)
+    torch.testing.assert_close(dist, d2, equal_nan=True)
+    assert ids[0, -1] == 3 and torch.isnan(dist[0, -1]) and not torch.isnan(dist[0, :-1]).any()
+    assert torch.equal(ids[2], torch.arange(8)) and torch.isnan(dist[2]).all()
 
 
 # ---- build and CUDA ------------------------------------------------------------------------

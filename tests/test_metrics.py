@@ -102,6 +102,17 @@ def test_distances_are_compared_in_the_ranker_dtype(protocol):
     assert evaluate(TableRanker(table, torch.float64), split, protocol, k=1)["hr"] == 1.0
 
 
+def test_full_protocol_compares_the_distances_of_its_top_k_call():
+    # distances() rounds the held-out item 1e-6 nearer than the top-k does; in the top-k it ties
+    # item 1, and a tie counts against it
+    class Rounding(TableRanker):
+        def distances(self, users, items):
+            return super().distances(users, items) - 1e-6
+
+    split = make_split([(0, 3)], [(0, 0)], None, 4)
+    assert evaluate(Rounding([[0.5, 0.5, 0.9, 1.0]]), split, "full", k=1)["hr"] == 0.0
+
+
 def test_full_protocol_excludes_training_items():
     # user 0 trained on item 1 (the nearest): excluded, so held-out item 2 ranks 0.
     table = [[0.9, 0.0, 0.1, 0.5]]
@@ -218,3 +229,11 @@ def test_no_ranker_sees_the_position_of_the_held_out_item(backend):
     with torch.no_grad():
         D = model.distances(users, shuffled)
     assert torch.equal(ranks_of(D, shuffled, held_at), sampled_ranks(model, split))
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+@pytest.mark.parametrize("k", [0, 2.0, True])
+def test_k_must_be_a_positive_integer_in_both_protocols(protocol, k):
+    split = make_split([(0, 3)], [(0, 0)], [[1, 2]], 4)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        evaluate(TableRanker([[0.5, 0.1, 0.9, 1.0]]), split, protocol, k=k)

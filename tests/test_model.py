@@ -32,12 +32,39 @@ def test_forward_is_the_hinge_loss_of_distances():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"dim": 0}, {"memory_slots": -1}, {"distance": "x"}, {"relation": "x"}, {"max_norm": 0.0}],
+    [
+        {"dim": 0},
+        {"memory_slots": -1},
+        {"distance": "x"},
+        {"relation": "x"},
+        {"max_norm": 0.0},
+        {"max_norm": float("nan")},
+        {"margin": True},
+        {"margin": float("nan")},
+        {"eps": float("inf")},
+    ],
 )
 def test_bad_constructor_arguments(bad):
     kw = {"dim": 4, "memory_slots": 2, **bad}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         lk.LRML(5, 5, **kw)
+
+
+def test_project_checks_its_rows_as_the_ops_check_indices():
+    m = lk.LRML(5, 4, dim=3, memory_slots=2)
+    with pytest.raises(IndexError, match="users holds index -1"):
+        m.project_(users=torch.tensor([-1]))
+    with pytest.raises(IndexError, match="items holds index 4"):
+        m.project_(items=torch.tensor([[0, 4]]))
+    with pytest.raises(TypeError, match="integer indices"):
+        m.project_(users=torch.tensor([0.0]))
+    with torch.no_grad():
+        m.user_emb.mul_(10)
+    before = m.user_emb.detach().clone()
+    m.project_(users=torch.tensor([3, 1, 3], dtype=torch.uint8))  # rows 1 and 3, not a mask
+    norms = m.user_emb.detach().norm(dim=1)
+    assert torch.allclose(norms[[1, 3]], torch.ones(2))
+    assert torch.equal(m.user_emb.detach()[[0, 2, 4]], before[[0, 2, 4]])
 
 
 @pytest.mark.parametrize("opt", ["sparse_adam", "adagrad", "sgd"])

@@ -57,6 +57,8 @@ def test_bad_input_raises_naming_the_argument(op, mutate, exc, words):
         ({"distance": "cosine"}, "distance must be one of"),
         ({"relation": "both"}, "relation must be one of"),
         ({"eps": -1.0}, "eps must be"),
+        ({"eps": float("nan")}, "eps must be a finite number >= 0"),
+        ({"eps": float("inf")}, "eps must be a finite number >= 0"),
         ({"backend": "tpu"}, "backend must be"),
     ],
 )

@@ -167,6 +167,46 @@ def test_bad_optimizer_name():
         LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "lbfgs")
 
 
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"betas": (1.5, 0.999)}, r"betas\[0\] must lie in \[0, 1\)"),
+        ({"betas": (0.9, -0.1)}, "betas.1. must be a finite number >= 0"),
+    ],
+)
+def test_bad_trainer_arguments(kw, words):
+    with pytest.raises(ValueError, match=words):
+        LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "adam", **kw)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "adam").set_lr(-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adam", "adagrad", "rowwise_adagrad", "sgd"])
+def test_int32_indices_step_as_int64_ones(backend, name):
+    torch.manual_seed(0)
+    m = lk.LRML(9, 11, dim=5, memory_slots=3, backend=backend)
+    m2 = copy.deepcopy(m)
+    users, items = torch.tensor([0, 3, 3, 8]), torch.randint(0, 11, (4, 3))
+    a, b = LRMLTrainer(m, name), LRMLTrainer(m2, name)
+    for _ in range(3):
+        a.step(users, items)
+        b.step(users.int(), items.int())
+    for p, q in zip(m.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_model_cast_after_its_trainer_is_refused():
+    m = lk.LRML(5, 5, dim=3, memory_slots=2, backend="torch")
+    tr = LRMLTrainer(m, "adam")
+    m.double()
+    with pytest.raises(ValueError, match="moved or cast after the LRMLTrainer was made"):
+        tr.step(torch.tensor([0, 1]), torch.tensor([[1, 2], [3, 4]]))
+    LRMLTrainer(m, "adam").step(torch.tensor([0, 1]), torch.tensor([[1, 2], [3, 4]]))
+
+
 @pytest.mark.skipif(why_unavailable("triton", "cpu") is not None, reason="no Triton interpreter")
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_triton_steps_follow_an_lr_schedule_with_unchanged_launch_arguments(name, triton_launches):

@@ -7,7 +7,8 @@
 // give an approximate distance ("l1": a second GEMM A · M forms r per tile instead). Each user keeps
 // a running threshold (max-heap of the k smallest) and every item within `tol` of it, where `tol`
 // bounds twice the rounding error of the approximation (cancellation included); the survivors are
-// re-scored with the direct formula and sorted by (distance, id). So the result is exact.
+// re-scored with the direct formula and sorted by (distance, id). So the result is exact. Items at
+// a NaN distance rank last, as in the reference: the first k of them by id are kept and re-scored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -36,6 +37,7 @@ struct Selector {
   size_t cap = 0;
   std::vector<T> heap;  // max-heap of the kk smallest approximate distances
   std::vector<std::pair<T, int64_t>> cands;
+  std::vector<int64_t> nans;  // the first kk items at a NaN distance: ranked last, by id
 
   void reset(int64_t k, T tolerance) {
     kk = k;
@@ -43,14 +45,19 @@ struct Selector {
     cap = static_cast<size_t>(4 * k + 256);
     heap.clear();
     cands.clear();
+    nans.clear();
   }
   T threshold() const {
     return static_cast<int64_t>(heap.size()) < kk ? std::numeric_limits<T>::infinity()
                                                    : heap.front();
   }
   void push(T v, int64_t id) {
+    if (std::isnan(v)) {  // after every other item, as the reference sorts it
+      if (static_cast<int64_t>(nans.size()) < kk) nans.push_back(id);
+      return;
+    }
     const T thr = threshold();
-    if (!(v <= thr + tol)) return;  // also drops NaN
+    if (!(v <= thr + tol)) return;
     cands.emplace_back(v, id);
     if (static_cast<int64_t>(heap.size()) < kk) {
       heap.push_back(v);
@@ -247,6 +254,10 @@ void topk_kernel(const Params& pr, const int64_t* users, int64_t B, int64_t k,
           exact.emplace_back(
               pair_distance(p, Q + c.second * d, K, M, N, d, distance, eps, scratch.data()),
               c.second);
+        }
+        for (const int64_t id : S.nans) {
+          exact.emplace_back(pair_distance(p, Q + id * d, K, M, N, d, distance, eps, scratch.data()),
+                             id);
         }
         std::sort(exact.begin(), exact.end(), dist_less<T>);
         const int64_t n_out = std::min<int64_t>(k, static_cast<int64_t>(exact.size()));
