@@ -281,10 +281,10 @@ def lrml_relations(
         raise ValueError(
             f"items has {items.shape[0]} entries but users has {users.shape[0]}: one item per user"
         )
+    checks = [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
+    check_tables_have_rows(checks)
     if validate:
-        check_index_ranges(
-            [("users", users, params[0].shape[0]), ("items", items, params[1].shape[0])]
-        )
+        check_index_ranges(checks)
     impl = backends.get(backend, device, users.shape[0])
     with torch.no_grad():
         return impl.relations(*(t.detach() for t in params), users, items)

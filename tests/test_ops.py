@@ -98,6 +98,8 @@ def test_an_empty_table_raises_even_without_validation(table, backend):
     name = ("users", "items")[table]
     with pytest.raises(IndexError, match=f"{name} indexes a table with no rows"):
         lk.lrml_hinge_loss(*P, u, i, backend=backend, validate=False)
+    with pytest.raises(IndexError, match=f"{name} indexes a table with no rows"):
+        lk.lrml_relations(*P, u, i[:, 0], backend=backend, validate=False)
     if table == 0:
         with pytest.raises(IndexError, match="users indexes a table with no rows"):
             lk.lrml_topk(*P, u, 2, backend=backend, validate=False)
