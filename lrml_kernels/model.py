@@ -164,7 +164,8 @@ class LRML(nn.Module):
         """Project user/item rows into the ball of radius ``max_norm`` (all rows, or those given).
 
         ``x <- x / max(1, ‖x‖₂ / max_norm)``; a no-op when ``max_norm`` is None. ``users`` /
-        ``items``: integer index tensors of any shape, range-checked as the ops' indices are.
+        ``items``: integer index tensors of any shape, checked as the ops' indices are (their
+        range only with ``validate``: a host sync on a GPU).
         """
         if self.max_norm is None:
             return self
@@ -174,7 +175,8 @@ class LRML(nn.Module):
             for name, table, rows in tables
             if rows is not None
         ]
-        ops.check_index_ranges([(name, rows, table.shape[0]) for name, rows, table in given])
+        if self.validate:
+            ops.check_index_ranges([(name, rows, table.shape[0]) for name, rows, table in given])
         for _, table, rows in tables:
             if rows is None:
                 project_rows_(table, None, self.max_norm)
