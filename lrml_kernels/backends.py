@@ -1,6 +1,6 @@
 """Which backends exist here, the ``"auto"`` rules and the ``LRML_KERNELS_BACKEND`` override.
 
-A backend is a module (or object) with three functions taking validated, contiguous inputs on one
+A backend is a module (or object) with five functions taking validated, contiguous inputs on one
 device (indices int32 or int64, parameters of one floating dtype):
 
 - ``distances(user_emb, item_emb, keys, memory, users, items, distance, relation, eps,

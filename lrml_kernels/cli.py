@@ -28,7 +28,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     a("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
-    a("--max-steps", type=int, default=None, help="stop after this many steps in all")
     a("--dim", type=int, default=d.dim, help="embedding dimension d (default: %(default)s)")
     a("--memory-slots", type=int, default=d.memory_slots, help="N (default: %(default)s)")
     a("--negatives", type=int, default=d.negatives, help="negatives per positive")
@@ -118,24 +117,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "replaced by a uniform draw; 0: uniform (default: %(default)s)",
     )
     a(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="also checkpoint every N steps (0: only after each epoch)",
-    )
-    a(
         "--on-nonfinite",
         default=d.on_nonfinite,
         choices=["stop", "skip"],
         help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step",
-    )
-    a(
-        "--select-on",
-        default=d.select_on,
-        choices=["last", "valid"],
-        help="last: report the last epoch on the test split; valid: carve a validation split "
-        "out of the training data, keep the epoch with the best validation nDCG@k and report "
-        "the test metrics of that epoch only (default: %(default)s)",
     )
     a(
         "--patience",
@@ -151,6 +136,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="JSON file of these options (names with underscores, e.g. lrml tune's "
         "best_config.json); options given on the command line override it",
     )
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_train_only_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``lrml train`` that ``lrml tune`` has not (its trials write nothing, run
+    whole epochs and select on validation)."""
+    d = TrainConfig()
+    a = p.add_argument
+    a("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="also checkpoint every N steps (0: only after each epoch)",
+    )
+    a(
+        "--select-on",
+        default=d.select_on,
+        choices=["last", "valid"],
+        help="last: report the last epoch on the test split; valid: carve a validation split "
+        "out of the training data, keep the epoch with the best validation nDCG@k and report "
+        "the test metrics of that epoch only (default: %(default)s)",
+    )
     a(
         "--out",
         default=None,
@@ -158,8 +167,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "here that holds a run needs --resume or --overwrite)",
     )
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    a("--no-progress", action="store_true", help="no progress bars")
-    a("--threads", type=int, default=None, help="torch CPU threads")
+    a("--overwrite", action="store_true", help="replace the run that --out holds, if any")
 
 
 def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None, progress=True) -> None:
@@ -504,9 +512,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
     _add_train_args(p)
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the run that --out holds, if any"
-    )
+    _add_train_only_args(p)
     p.set_defaults(func=_train)
     with_config = [p]
     p = sub.add_parser(
@@ -519,6 +525,7 @@ def main(argv=None) -> int:
     a("--timeout", type=float, default=None, help="stop starting trials after SECONDS")
     a("--storage", default=None, help="Optuna storage, e.g. sqlite:///tune.db (default: memory)")
     a("--study-name", default="lrml", help="the study's name in the storage (default: %(default)s)")
+    a("--out", default="runs/tune", help="output folder (default: %(default)s)")
     a(
         "--search",
         default=None,
@@ -534,7 +541,8 @@ def main(argv=None) -> int:
         help="JSON file of train options (e.g. another study's best_config.json): its values of "
         "the searched parameters are tried right after the options given (repeatable)",
     )
-    p.set_defaults(func=_tune, out="runs/tune")
+    # (trials select on validation, run whole epochs and write no checkpoints)
+    p.set_defaults(func=_tune, select_on="valid", max_steps=None, checkpoint_every=0)
     with_config.append(p)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")

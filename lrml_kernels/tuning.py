@@ -207,7 +207,9 @@ def tune(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if split is None:
-        split = lkdata.load(base.data, seed=base.seed, validation=True)
+        split = lkdata.load(
+            base.data, num_negatives=base.eval_negatives, seed=base.seed, validation=True
+        )
     elif not split.has_validation:
         split = lkdata.carve_validation(split, seed=base.seed)
     # the options that every trial of the study shared (a study created before this attribute

@@ -232,6 +232,9 @@ def test_csv_text_ids_are_read_as_text_and_cached(tmp_path):
     assert y.fingerprint() == x.fingerprint() and y.item_ids.tolist() == x.item_ids.tolist()
     assert D.read_csv(f, cache=False).fingerprint() == x.fingerprint()
     expect_error(lambda: D.read_csv(write(tmp_path / "e.csv", "a,1\n,2\n")), tmp_path / "e.csv", 2)
+    # all digits, but with leading zeros: text too, so 0312 is not user 312
+    z = D.read_csv(write(tmp_path / "z.csv", "0312,7\n312,7\n0045,8\n"))
+    assert pairs(z) == [("0312", 7), ("312", 7), ("0045", 8)]
 
 
 def test_csv_integer_ids_stay_strict_past_the_head(tmp_path):

@@ -225,7 +225,9 @@ def test_options_are_checked_before_any_work(tmp_path, capsys):
             tune(tiny(), out, trials=bad)
     assert not out.exists()
     argv = ["tune", "--data", "synthetic-small", "--out", str(out)]
-    for extra in (["--epochs", "2", "--max-steps", "3", "--trials", "2"], ["--timeout", "-5"]):
+    config = tmp_path / "c.json"  # (--max-steps is not an option of tune: a config's value)
+    config.write_text('{"max_steps": 3}')
+    for extra in (["--config", str(config), "--trials", "2"], ["--timeout", "-5"]):
         capsys.readouterr()
         assert main([*argv, *extra]) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1

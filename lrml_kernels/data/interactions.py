@@ -274,8 +274,8 @@ class Split:
         return 0 if self.test_negatives is None else int(self.test_negatives.shape[1])
 
     def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(indptr [num_users+1], indices)``, int64: each user's training items, ascending and
-        de-duplicated. Computed once and cached on the split."""
+        """``(indptr [num_users+1] int64, indices int32, int64 beyond 2**31 items)``: each user's
+        training items, ascending and de-duplicated. Computed once and cached on the split."""
         if self._csr is None:
             from lrml_kernels.data.split import build_csr
 

@@ -7,7 +7,8 @@ parsed arrays go to an ``.npz`` next to the source (or, where that is not writab
 reader's options, and written atomically.
 
 Common rules: ids are re-indexed ``0..n-1`` in ascending order of the original id (``user_ids`` /
-``item_ids`` map back; the indices are int32, the ids int64); a (user, item) pair that occurs
+``item_ids`` map back; the indices are int32, the ids int64, or str for a ``csv:`` file's text
+ids); a (user, item) pair that occurs
 more than once keeps its row with the latest timestamp (ties: the later row), *before*
 ``min_rating`` is applied, so a re-rating decides; ``min_rating`` keeps the ratings
 ``>= min_rating`` (each kept row is an implicit positive); timestamps are int64 seconds since the
@@ -462,10 +463,14 @@ def _looks_like_header(first: list[bytes], second: list[bytes] | None = None) ->
     return any(j < len(second) and value(second[j]) for j in text)
 
 
+_PLAIN_INT = re.compile(rb"\s*[+-]?(?:0|[1-9][0-9]*)\s*")  # an integer with no leading zero
+
+
 def _id_kind(rows: list[list[bytes]], col: int) -> str:
-    """``"int"`` where every head row holds an integer id in column ``col`` (the rest of the file
-    must then too), else ``"str"``: ids read as text (``A1B2C3``, ``0312``) and re-indexed."""
-    return "int" if all(_text.is_int(r[col]) for r in rows if col < len(r)) else "str"
+    """``"int"`` where every head row holds a plainly written integer id in column ``col`` (the
+    rest of the file must then too), else ``"str"``: ids read as text, verbatim (``A1B2C3``;
+    ``0312``, which as an integer would be user 312), and re-indexed."""
+    return "int" if all(_PLAIN_INT.fullmatch(r[col]) for r in rows if col < len(r)) else "str"
 
 
 def _read_rating_table(
@@ -637,8 +642,9 @@ def read_csv(
     min_rating: float | None = None,
     cache: bool = True,
 ) -> Interactions:
-    """A generic delimited file: user and item ids are integers, or text (``A1B2C3``, ``0312``:
-    read as text where the first rows' ids are not all integers; leading zeros are kept).
+    """A generic delimited file: user and item ids are integers, or text (``A1B2C3``, ``0312``):
+    a column whose first rows' ids are not all integers written without a leading zero is read as
+    text, verbatim.
 
     Args:
         delimiter: ``","``, ``"\\t"``, ``"::"``, ``";"`` or ``" "`` (runs of whitespace); ``None``
