@@ -92,10 +92,6 @@ def is_number(field: bytes) -> bool:
     return True
 
 
-def is_int(field: bytes) -> bool:
-    return _INT_RE.fullmatch(field) is not None
-
-
 def is_date(field: bytes) -> bool:
     return _DATE_RE.fullmatch(field) is not None
 
