@@ -363,6 +363,8 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
             f"refusing to resume: the checkpoint has {ckpt['epoch']} epochs done, more than "
             f"--epochs {cfg.epochs}"
         )
+    if _lr_of(old) == _lr_of(new):  # lr None is the optimizer's default: the same either way
+        old["lr"] = new["lr"]
     diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
@@ -373,6 +375,12 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
             f"refusing to resume: {what} ({changes}); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change"
         )
+
+
+def _lr_of(options: dict) -> float | None:
+    """The learning rate a run with ``options`` uses (``lr`` None: its optimizer's default)."""
+    lr = options.get("lr")
+    return TRAIN_LR.get(options.get("optimizer")) if lr is None else lr
 
 
 def _check_same_data(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
@@ -451,8 +459,14 @@ def fit(
     cfg.validate()
     # A backend that cannot run on the device is refused now, not after the data is loaded.
     backends.resolve(cfg.backend, torch.device(cfg.device))
+    new_dir = out_dir is not None and not Path(out_dir).exists()
     with using_fp32_matmul_precision(cfg.matmul_precision):
-        run = _Run(cfg, out_dir, resume, split)
+        try:
+            run = _Run(cfg, out_dir, resume, split)
+        except BaseException:  # (a data error, say): no empty folder left behind
+            if new_dir and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+                Path(out_dir).rmdir()
+            raise
         try:
             return run.train(on_epoch, test)
         finally:
@@ -536,8 +550,9 @@ class _Run:
         )
         self.writer = checkpoints.BackgroundWriter() if out is not None and rank == 0 else None
         if self.writer is not None:  # temporary files of writes that a crash interrupted
-            for stale in out.glob(f".{CHECKPOINT}.tmp*"):
-                stale.unlink()
+            for name in (CHECKPOINT, BEST, METRICS, CURVE):
+                for stale in out.glob(f".{name}.tmp*"):
+                    stale.unlink()
             if ckpt is None:  # a fresh run: an earlier run's files would not describe it
                 for name in (CHECKPOINT, BEST, METRICS, CURVE):
                     (out / name).unlink(missing_ok=True)

@@ -242,6 +242,23 @@ def test_cli_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "empty").exists()  # no empty folder left behind
 
 
+def test_a_run_that_fails_in_set_up_leaves_no_empty_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert main(cli_args(out, data="csv:" + str(tmp_path / "missing.csv"))) == 2
+    assert "missing.csv" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_takes_lr_none_and_the_default_lr_as_one(tmp_path, reference_run, capsys):
+    ckpt = load(reference_run[0])
+    assert ckpt["config"]["lr"] is None  # the reference run used adam's default, 1e-2
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(ckpt, out / CHECKPOINT)
+    assert main(cli_args(out, lr=0.01) + ["--resume"]) == 0, capsys.readouterr().err
+    assert main(cli_args(out, lr=0.02) + ["--resume"]) == 2
+    assert "lr: None -> 0.02" in capsys.readouterr().err
+
+
 def test_cli_refuses_to_resume_fewer_epochs_than_done(reference_run, capsys):
     out, _ = reference_run
     assert main(cli_args(out, epochs=2) + ["--resume"]) == 2
