@@ -459,7 +459,8 @@ def fit(
     cfg.validate()
     # A backend that cannot run on the device is refused now, not after the data is loaded.
     backends.resolve(cfg.backend, torch.device(cfg.device))
-    new_dir = out_dir is not None and not Path(out_dir).exists()
+    # (rank 0 alone removes a folder it made: the ranks would race over it)
+    new_dir = out_dir is not None and _rank_world()[0] == 0 and not Path(out_dir).exists()
     with using_fp32_matmul_precision(cfg.matmul_precision):
         try:
             run = _Run(cfg, out_dir, resume, split)
@@ -489,6 +490,11 @@ class _Run:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = rank, world = _rank_world()
+        if world > 1 and not cfg.fused_optimizer:
+            raise ValueError(
+                "fused_optimizer=False trains each process on its own batches (torch's optimizers "
+                "are not data-parallel here): use the fused optimizer with more than one process"
+            )
         ckpt = None
         if resume:  # a foreign file or other options are refused before the data is loaded
             ckpt = checkpoints.read(out / CHECKPOINT, resume=True)
@@ -672,12 +678,28 @@ class _Run:
             self.step_in_epoch, self.elapsed, self.loss_sum = 0, 0.0, 0.0
             self._checkpoint()
             self._write_metrics(self.history, final=False)
-            if on_epoch is not None:
-                on_epoch(record)
+            self._on_epoch(on_epoch, record)
         final = self._finish(test)
         self._write_metrics(self.history, final=False, extra={"final": final})
         self._wait_for_writes()
         return self._result(self.history, final)
+
+    def _on_epoch(self, on_epoch, record: dict) -> None:
+        """``on_epoch(record)`` (if given); an exception it raises on any rank ends training on
+        every rank (the others raise too, instead of waiting in the next step's collectives)."""
+        failed = None
+        try:
+            if on_epoch is not None:
+                on_epoch(record)
+        except Exception as exc:
+            failed = exc
+        if self.world > 1:
+            flag = torch.tensor([failed is not None], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if failed is None and bool(flag.item()):
+                raise RuntimeError("on_epoch raised on another rank: training stopped there")
+        if failed is not None:
+            raise failed
 
     def _train_epoch(self) -> float:
         """The steps of the current epoch from ``step_in_epoch`` to its end or to ``max_steps``;
@@ -778,18 +800,33 @@ class _Run:
 
     def _checkpoint(self) -> None:
         """Start writing ``checkpoint.pt`` in the background (rank 0; every rank takes part in
-        gathering the generators' states)."""
+        gathering the generators' states, and every rank stops where rank 0's last write failed
+        or the parameters, the same on every rank, are not finite)."""
+        failed = None
+        if self.writer is not None:
+            try:
+                self.writer.wait()  # the write before (save() would wait for it too)
+            except Exception as exc:
+                failed = exc
         gen_states = [self.gen_state]
         if self.world > 1:
-            gen_states = [None] * self.world
-            torch.distributed.all_gather_object(gen_states, self.gen_state)
-        if self.writer is None:
+            gathered = [None] * self.world
+            why = None if failed is None else checkpoints.one_line(failed)
+            torch.distributed.all_gather_object(gathered, (self.gen_state, why))
+            gen_states = [state for state, _ in gathered]
+            if failed is None and gathered[0][1] is not None:
+                raise OSError(f"rank 0 could not write its checkpoint: {gathered[0][1]}")
+        if failed is not None:
+            raise failed
+        if self.out is None:
             return
         # A finite loss can hide a non-finite gradient for one step: never save such a model.
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteLossError(
                 f"non-finite parameters after step {self.global_step}; {self._kept()}"
             )
+        if self.writer is None:
+            return
         state = {
             **self._header(),
             "epoch": self.epoch,

@@ -60,3 +60,63 @@ def test_two_gloo_ranks_equal_single_process_on_the_combined_batch(tmp_path, opt
         assert loss == pytest.approx(want.item(), rel=1e-12)
     for a, b in zip(r0["params"], model.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def fit_worker(rank, world, init_file, out_dir, case):
+    """``fit`` on 2 ranks in a way that must stop every rank; writes what each rank raised."""
+    import datetime
+    import json
+
+    from lrml_kernels.training import TrainConfig, fit
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),  # a rank left waiting fails the test, not hangs
+    )
+    opts = dict(data="synthetic-small", epochs=2, dim=4, memory_slots=2, batch_size=256)
+    opts.update(backend="torch", eval="none", progress=False)
+    on_epoch = None
+    if case == "unfused":
+        opts["fused_optimizer"] = False
+    elif case == "nonfinite":  # parameters overflow at the first step; every rank checks them
+        opts.update(optimizer="sgd", lr=1e39, checkpoint_every=1)
+    elif case == "on_epoch" and rank == 1:
+
+        def on_epoch(record):
+            raise KeyError("rank 1's callback")
+
+    try:
+        fit(TrainConfig(**opts), os.path.join(out_dir, "run"), on_epoch=on_epoch)
+        got = {"raised": None}
+    except Exception as exc:
+        got = {"raised": type(exc).__name__, "message": str(exc)}
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(got, f)
+
+
+@pytest.mark.parametrize(
+    "case, raised",
+    [
+        ("unfused", [("ValueError", "fused_optimizer=False")] * 2),
+        ("nonfinite", [("NonFiniteLossError", "non-finite")] * 2),
+        ("on_epoch", [("RuntimeError", "on_epoch raised on another rank"), ("KeyError", "rank 1")]),
+    ],
+)
+def test_a_stop_on_one_rank_stops_every_rank(tmp_path, case, raised):
+    import json
+
+    mp.start_processes(
+        fit_worker,
+        args=(2, str(tmp_path / "pg"), str(tmp_path), case),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    for rank, (kind, words) in enumerate(raised):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["raised"] == kind and words in got["message"], (rank, got)
