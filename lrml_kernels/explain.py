@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrml_kernels import backends
 from lrml_kernels import data as lkdata
 from lrml_kernels.data.side_info import AGE_GROUPS, GENRES, MovieLensSideInfo
+from lrml_kernels.errors import BackendUnavailable
 
 __all__ = [
     "CLAIMS",
@@ -63,7 +65,8 @@ RULE = (
     "For each target, the better of `a` and `r` (by mean AUC) is compared, seed by seed on the "
     "same pairs and folds, with the best control (the highest mean AUC of `p ⊙ q`, `p − q` and, "
     "when given, CML's `p − q`) and with shuffled labels. **holds**: the 95% CI of the paired "
-    "difference to the best control lies above 0. **weak**: it does not, but the 95% CI of the "
+    "difference to the best control (Nadeau and Bengio's corrected resampled t over the seeds, "
+    "whose draws overlap) lies above 0. **weak**: it does not, but the 95% CI of the "
     "paired difference to shuffled labels lies above 0 (above chance, no better than the "
     "embeddings). **does not hold**: not even above chance. A claim with several targets (the "
     "rating: two; item attributes: every genre and the release year) takes the verdict that at "
@@ -271,25 +274,37 @@ def _t95(n: int) -> float:
 @dataclass
 class ProbeResult:
     """One target's probes: ``scores[feature]`` holds one AUC per seed (same pairs and folds for
-    every feature set of a seed); ``pairs``: the pairs probed per seed (mean)."""
+    every feature set of a seed); ``pairs``: the pairs probed per seed (mean); ``folds``: the
+    cross-validation's folds.
+
+    The CIs are Nadeau and Bengio's corrected resampled t (Machine Learning 52, 2003): the
+    seeds draw their pairs from the same data and train on half of them or more, so their
+    scores are correlated and their spread understates the variance; the standard error of the
+    mean over J seeds is the spread times ``sqrt(1/J + n_test/n_train)``, ``n_test/n_train =
+    1/(folds − 1)``, instead of ``sqrt(1/J)``."""
 
     target: str
     claim: str
     pairs: float
     scores: dict[str, list[float]] = field(default_factory=dict)
+    folds: int = 2
 
     def mean(self, f: str) -> float:
         return float(np.mean(self.scores[f]))
 
+    def _half_width(self, s: np.ndarray) -> float:
+        """Half the 95% CI of the mean of the seeds' scores ``s`` (corrected, as above)."""
+        correction = math.sqrt(1 / s.size + 1 / (self.folds - 1))
+        return _t95(s.size) * float(s.std(ddof=1)) * correction
+
     def half_width(self, f: str) -> float:
-        """Half the 95% CI (Student t over the seeds) of the mean AUC of feature set ``f``."""
-        s = np.asarray(self.scores[f])
-        return _t95(s.size) * float(s.std(ddof=1)) / math.sqrt(s.size)
+        """Half the 95% CI of the mean AUC of feature set ``f``."""
+        return self._half_width(np.asarray(self.scores[f]))
 
     def _diff_low(self, f: str, g: str) -> float:
         """Lower end of the 95% CI of the mean paired difference ``f − g`` over the seeds."""
         d = np.asarray(self.scores[f]) - np.asarray(self.scores[g])
-        return float(d.mean() - _t95(d.size) * d.std(ddof=1) / math.sqrt(d.size))
+        return float(d.mean() - self._half_width(d))
 
     @property
     def best_model_feature(self) -> str:
@@ -334,6 +349,13 @@ def _probe_seed(model, side, target_list, seed, max_pairs, folds, cml, results, 
             continue
         rows = np.flatnonzero((y >= 0) & (counts[np.maximum(y, 0)] >= MIN_CLASS))
         groups = None if t.group is None else owners[t.group][pool[rows]]
+        if groups is not None:  # a class in fewer groups than folds would miss from a fold
+            yr = y[rows]
+            spread = [c for c in np.unique(yr) if np.unique(groups[yr == c]).size >= folds]
+            if len(spread) < 2:
+                continue
+            keep = np.isin(yr, spread)
+            rows, groups = rows[keep], groups[keep]
         sets = {k: v[rows] for k, v in feats.items()}
         scores = probe(sets, y[rows], folds=folds, seed=seed, groups=groups)
         for k, v in scores.items():
@@ -358,7 +380,7 @@ def probe_targets(
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
-    results = {t.name: ProbeResult(t.name, t.claim, 0.0) for t in target_list}
+    results = {t.name: ProbeResult(t.name, t.claim, 0.0, folds=folds) for t in target_list}
     pairs = {t.name: [] for t in target_list}
     bar = tqdm(total=seeds * len(target_list), desc="probes", disable=not progress, unit="probe")
     # one BLAS thread: the many small fits lose far more to oversubscription than threads win
@@ -495,10 +517,11 @@ def plots(model, side: MovieLensSideInfo, out: Path) -> dict:
     liked = (side.ratings >= 4) & np.isfinite(pos)
     bucket = np.where(liked, np.minimum((np.nan_to_num(pos) * 5).astype(np.int64), 4), -1)
     sums, counts = _group_attention(a, bucket, 5)
-    _plot_lift(
-        _lift(sums, counts, overall),
+    _plot_lift(  # over the liked pairs' own mean: the rating's effect is not the time's
+        _lift(sums, counts, a[liked].mean(axis=0)),
         [f"history {20 * k}-{20 * k + 20}%" for k in range(5)],
-        "mean attention per slot by position in the user's history (ratings ≥ 4)",
+        "mean attention per slot by position in the user's history, over its mean over the "
+        "pairs rated ≥ 4",
         out / PLOTS["time"],
     )
     share = _plot_relation_map(model, side, out / PLOTS["map"])
@@ -540,9 +563,24 @@ def _load(checkpoint, data_spec, device, backend):
     """(model, checkpoint, split, side info), every mismatch a clear error before any work."""
     from lrml_kernels.training import load_checkpoint, load_checkpoint_data
 
+    device = backends.check_device(device)
+    if backend:
+        backends.resolve(backend, device)
     model, ckpt = load_checkpoint(checkpoint, device)
     if backend:
         model.backend = backend
+    else:
+        try:
+            backends.resolve(model.backend, device)
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(
+                f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
+            ) from None
+    if model.relation == "none":
+        raise ValueError(
+            f"{checkpoint} is a CML model (relation 'none'): it has no memory to explain; give it "
+            "as the control --cml of an LRML model"
+        )
     spec = data_spec or ckpt["config"].get("data")
     if not isinstance(spec, str) or not spec.startswith("movielens:"):
         raise ValueError(
@@ -559,7 +597,7 @@ def _load(checkpoint, data_spec, device, backend):
         raise ValueError(
             f"{spec!r} is not the data {checkpoint} was trained on (fingerprints differ)"
         )
-    side = lkdata.read_movielens_side_info(spec.partition(":")[2], split)
+    side = lkdata.read_movielens_side_info(Path(spec.partition(":")[2]).expanduser(), split)
     return model, ckpt, split, side
 
 
@@ -728,7 +766,7 @@ def run(
             "lrml explain needs scikit-learn: pip install 'lrml_kernels[explain]'"
         ) from None
     for name, value, low in (
-        ("max_pairs", max_pairs, 10),
+        ("max_pairs", max_pairs, 1000),  # a class needs MIN_CLASS pairs in every draw
         ("seeds", seeds, 2),
         ("folds", folds, 2),
     ):

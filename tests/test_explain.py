@@ -3,6 +3,7 @@ the model's ids, probes that find a planted label and nothing where none is plan
 command's report and plots."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -235,6 +236,14 @@ def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
     assert "not the data this model was trained on" in capsys.readouterr().err
     assert cli.main([*argv, "--cml", str(ckpt)]) == 2
     assert "a CML model (lrml train --relation none) expected" in capsys.readouterr().err
+    assert cli.main([*argv, "--backend", "cuda"]) == 2  # (no CUDA here, or not the data's device)
+    assert "cuda" in capsys.readouterr().err
+    cfg = TrainConfig(data=f"movielens:{data}", epochs=1, dim=8, relation="none", progress=False)
+    fit(cfg, tmp_path / "cml")
+    assert cli.main(["explain", str(tmp_path / "cml" / "checkpoint.pt"), "--out", str(out)]) == 2
+    assert "is a CML model (relation 'none'): it has no memory to explain" in (
+        capsys.readouterr().err
+    )
     (data / "movies.dat").unlink()
     assert cli.main(argv) == 2
     assert "no MovieLens side information" in capsys.readouterr().err
@@ -258,3 +267,40 @@ def test_verdicts_follow_the_stated_rule():
     assert explain.claim_verdict(mixed[:1] + mixed[2:], "item") == "does not hold"
     assert explain.claim_verdict(mixed[:2], "item") == "holds"
     assert explain.claim_verdict(mixed, "time") == "not tested"
+
+
+def test_the_verdicts_ci_is_the_corrected_resampled_t():
+    # Nadeau and Bengio: the seeds' spread times sqrt(1/J + 1/(folds - 1)), not sqrt(1/J)
+    r = explain.ProbeResult("t", "rating", 0.0, folds=2)
+    r.scores = {"r": [0.60, 0.62, 0.61, 0.63, 0.64], "pq": [0.55, 0.58, 0.56, 0.57, 0.59]}
+    d = np.array(r.scores["r"]) - np.array(r.scores["pq"])
+    t95 = 2.7764451051977987  # Student t, 4 degrees of freedom
+    want = d.mean() - t95 * d.std(ddof=1) * np.sqrt(1 / 5 + 1)
+    assert r._diff_low("r", "pq") == pytest.approx(want)
+    assert r.half_width("r") == pytest.approx(t95 * np.std(r.scores["r"], ddof=1) * np.sqrt(1.2))
+    r3 = explain.ProbeResult("t", "rating", 0.0, folds=3, scores=r.scores)
+    assert r3.half_width("r") == pytest.approx(t95 * np.std(r.scores["r"], ddof=1) * np.sqrt(0.7))
+
+
+def test_a_grouped_class_in_fewer_groups_than_folds_is_left_out():
+    # a genre whose positives are one item cannot be split over 2 folds by item: that class is
+    # left out of the draw (here the target has then one class left: not probed) instead of
+    # failing the whole run in scikit-learn
+    rng = np.random.default_rng(0)
+    n = 400
+
+    class Side(SimpleNamespace):
+        def __len__(self):
+            return n
+
+    side = Side(users=rng.integers(0, 40, n), items=rng.integers(0, 30, n))
+    labels = (side.items == 7).astype(np.int64)
+    target = explain.Target("genre: X", "item", labels, ("no", "yes"), group="item")
+    feats = {k: rng.normal(size=(n, 3)) for k in ("a", "r", "pq", "pmq")}
+    results = {target.name: explain.ProbeResult(target.name, target.claim, 0.0)}
+    pairs = {target.name: []}
+    bar = SimpleNamespace(update=lambda: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(explain, "pair_features", lambda *args: feats)
+        explain._probe_seed(None, side, [target], 0, n, 2, None, results, pairs, bar)
+    assert results[target.name].scores == {} and pairs[target.name] == []
