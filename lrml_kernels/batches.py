@@ -116,10 +116,15 @@ class EpochOrder:
 
 
 def _usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The cores this process may run on (its CPU affinity where the OS tells it), shared with
+    the other processes torchrun started on this machine (``LOCAL_WORLD_SIZE``): each rank's own
+    threads and batch thread would otherwise oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, (cores or 1) // local)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

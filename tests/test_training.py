@@ -499,6 +499,18 @@ def test_epoch_order_op_gives_the_torch_ops_order(n, world):
         data_op("epoch_order")(torch.zeros(4, dtype=torch.int64), 0, n + 1, n, 1, 0, n, 1)
 
 
+def test_torchrun_ranks_share_the_machines_cores(monkeypatch):
+    from lrml_kernels import batches
+
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert batches._usable_cores() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks here: 2 cores each
+    assert batches._usable_cores() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert batches._usable_cores() == 1
+
+
 @pytest.mark.parametrize("popular", [False, True], ids=["uniform", "popularity"])
 @pytest.mark.parametrize("fused", [True, False], ids=["training_batch", "torch-ops"])
 @pytest.mark.parametrize("cores", [1, 64], ids=["in-line", "thread"])
