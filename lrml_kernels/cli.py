@@ -183,8 +183,6 @@ def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None, progre
 def _read_config(path) -> dict:
     """The options of a ``--config`` file as argparse destinations (``_``-keys are notes), each
     value checked against its option's type."""
-    import typing
-
     with open(path) as f:
         try:
             doc = json.load(f)
@@ -352,24 +350,11 @@ def _tune(args) -> int:
 def _checkpoint_and_data(args):
     """``(model, split)`` for ``evaluate`` and ``recommend``: the options (device, backend),
     then the checkpoint, are checked before any data is loaded."""
-    from lrml_kernels import backends
-    from lrml_kernels.training import load_checkpoint, load_checkpoint_data
+    from lrml_kernels.training import load_checkpoint_data, open_checkpoint
 
-    device = backends.check_device(args.device)
     if args.k < 1:
         raise ValueError(f"--k must be a positive integer, got {args.k}")
-    if args.backend:
-        backends.resolve(args.backend, device)
-    model, ckpt = load_checkpoint(args.checkpoint, device)
-    if args.backend:
-        model.backend = args.backend
-    else:
-        try:
-            backends.resolve(model.backend, device)
-        except BackendUnavailable as exc:
-            raise BackendUnavailable(
-                f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
-            ) from None
+    model, ckpt = open_checkpoint(args.checkpoint, args.device, args.backend)
     spec, split = load_checkpoint_data(ckpt, args.data)
     shape = (model.user_emb.shape[0], model.item_emb.shape[0])
     if shape != (split.num_users, split.num_items):
@@ -393,7 +378,6 @@ def _evaluate(args) -> int:
 
 
 def _recommend(args) -> int:
-
     from lrml_kernels import recommend
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -454,7 +438,6 @@ def _convert(args) -> int:
 
 def _baseline(args) -> int:
     """A baseline ranker evaluated by the same ``evaluate`` as LRML, both protocols."""
-
     from lrml_kernels import data
     from lrml_kernels.checkpoints import atomic_write
     from lrml_kernels.metrics import PopularityRanker, evaluate

@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrml_kernels import backends
 from lrml_kernels import data as lkdata
 from lrml_kernels.data.side_info import AGE_GROUPS, GENRES, MovieLensSideInfo
-from lrml_kernels.errors import BackendUnavailable
 
 __all__ = [
     "CLAIMS",
@@ -561,21 +559,9 @@ def plots(model, side: MovieLensSideInfo, out: Path) -> dict:
 
 def _load(checkpoint, data_spec, device, backend):
     """(model, checkpoint, split, side info), every mismatch a clear error before any work."""
-    from lrml_kernels.training import load_checkpoint, load_checkpoint_data
+    from lrml_kernels.training import load_checkpoint_data, open_checkpoint
 
-    device = backends.check_device(device)
-    if backend:
-        backends.resolve(backend, device)
-    model, ckpt = load_checkpoint(checkpoint, device)
-    if backend:
-        model.backend = backend
-    else:
-        try:
-            backends.resolve(model.backend, device)
-        except BackendUnavailable as exc:
-            raise BackendUnavailable(
-                f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
-            ) from None
+    model, ckpt = open_checkpoint(checkpoint, device, backend)
     if model.relation == "none":
         raise ValueError(
             f"{checkpoint} is a CML model (relation 'none'): it has no memory to explain; give it "

@@ -59,8 +59,7 @@ class LRML(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         ops._check_option("distance", distance, ops.DISTANCES)
         ops._check_option("relation", relation, MODEL_RELATIONS)
-        if max_norm is not None:
-            ops.check_number("max_norm", max_norm, low=0, above=True)
+        ops.check_number("max_norm", max_norm, low=0, above=True, optional=True)
         ops.check_number("margin", margin)
         ops.check_number("eps", eps, low=0)
         std = 1.0 / math.sqrt(dim)

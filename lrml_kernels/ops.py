@@ -30,15 +30,21 @@ def _check_option(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_number(name: str, value, *, low: float | None = None, above: bool = False) -> float:
+def check_number(
+    name: str, value, *, low: float | None = None, above: bool = False, optional: bool = False
+):
     """``value`` as a float: a finite real number (not a bool), ``>= low`` (``> low`` with
-    ``above``) where ``low`` is given; otherwise ``ValueError`` naming ``name``."""
+    ``above``) where ``low`` is given, or None where ``optional``; otherwise ``ValueError``
+    naming ``name``."""
+    if optional and value is None:
+        return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if above else value >= low
     if not ok:
         bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be a finite number{bound}{none}, got {value!r}")
     return float(value)
 
 

@@ -151,7 +151,7 @@ class LRMLTrainer:
         self.steps = 0
         self._scalars: dict[str, tuple[float, float]] = {}  # name -> (lr, eps) of this step
         # (lr, eps, rounding seed) in a device tensor [4, 3] (rows: _PARAMS), with the state
-        self._hyper = self._device_scalars(None, model.user_emb)
+        self._hyper = self._scalars_tensor(model.user_emb)
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict[tuple, _Graph] = {}  # batch shape and options -> captured step
         self._graph_ptrs: tuple = ()  # the storage the graphs were captured on
@@ -201,7 +201,7 @@ class LRMLTrainer:
         precision); :meth:`set_lr` and the step counters reach it through the device scalars.
         """
         m = self.model
-        self._check_state_fits(m.user_emb)
+        self._follow_tables(m.user_emb)
         params, users, items = ops.prepare(
             m.user_emb,
             m.item_emb,
@@ -233,13 +233,16 @@ class LRMLTrainer:
         self._update(users, items, g_users, g_items, g_keys, g_memory)
         return loss
 
-    def _check_state_fits(self, table: torch.Tensor) -> None:
-        """Refuse a step on tables moved or cast after the optimizer state was made (the model
-        is moved and cast as a whole: its user table stands for the four)."""
+    def _follow_tables(self, table: torch.Tensor) -> None:
+        """A model moved or cast after its trainer was made (the model moves as a whole: its
+        user table stands for the four): the device scalars follow it, the optimizer state
+        cannot, so a step with state elsewhere is refused. Two comparisons when nothing moved."""
+        dtype = compute_dtype(table.dtype)
+        if self._hyper.device == table.device and self._hyper.dtype == dtype:
+            return
         state = next((v for v in self.state["user_emb"].values() if torch.is_tensor(v)), None)
-        if state is None or (
-            state.device == table.device and state.dtype == compute_dtype(table.dtype)
-        ):
+        if state is None or (state.device == table.device and state.dtype == dtype):
+            self._hyper = self._scalars_tensor(table)
             return
         raise ValueError(
             f"the model's tables are {table.dtype} on {table.device} but this trainer's "
@@ -278,7 +281,7 @@ class LRMLTrainer:
         table = self.model.user_emb
         if self._gpu_row_update(table) is None:
             return
-        hyper = self._hyper = self._device_scalars(self._hyper, table)
+        hyper = self._hyper
         values = [
             (*self._scalars.get(name, (0.0, 0.0)), self._round_seed(name)) for name in _PARAMS
         ]
@@ -286,13 +289,10 @@ class LRMLTrainer:
         hyper.copy_(torch.tensor(values, dtype=hyper.dtype, pin_memory=cuda), non_blocking=cuda)
 
     @staticmethod
-    def _device_scalars(hyper, table):
-        """``hyper`` if it is on ``table``'s device in its compute dtype, else a new zero
-        ``[4, 3]`` tensor there (a model moved or cast after its trainer was made)."""
-        dtype = compute_dtype(table.dtype)
-        if hyper is not None and hyper.device == table.device and hyper.dtype == dtype:
-            return hyper
-        return torch.zeros(len(_PARAMS), 3, dtype=dtype, device=table.device)
+    def _scalars_tensor(table):
+        """A zero ``[4, 3]`` tensor for the device scalars, on ``table``'s device in its compute
+        dtype."""
+        return torch.zeros(len(_PARAMS), 3, dtype=compute_dtype(table.dtype), device=table.device)
 
     def _lr(self, name: str) -> float:
         """The learning rate of ``name`` (before Adam's bias corrections)."""

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrml_kernels import backends, checkpoints
+from lrml_kernels import backends, checkpoints, ops
 from lrml_kernels import data as lkdata
 from lrml_kernels.batches import BatchPipeline, EpochOrder
 from lrml_kernels.errors import BackendUnavailable
@@ -175,22 +175,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         if self.eval == "sampled" and self.eval_negatives < 1:
             raise ValueError("eval='sampled' needs eval_negatives >= 1")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
-        if self.relation not in MODEL_RELATIONS:
-            raise ValueError(f"relation must be one of {MODEL_RELATIONS}, got {self.relation!r}")
-        margin = self.margin
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise ValueError(f"margin must be a number >= 0, got {margin!r}")
-        if not (math.isfinite(margin) and margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-        norm = self.max_norm
-        if norm is not None and (
-            isinstance(norm, bool)
-            or not isinstance(norm, (int, float))
-            or not (math.isfinite(norm) and norm > 0)
-        ):
-            raise ValueError(f"max_norm must be a finite number > 0 or None, got {norm!r}")
+        ops._check_option("distance", self.distance, DISTANCES)
+        ops._check_option("relation", self.relation, MODEL_RELATIONS)
+        ops.check_number("margin", self.margin, low=0)
+        ops.check_number("max_norm", self.max_norm, low=0, above=True, optional=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.eval not in (*PROTOCOLS, "none"):
@@ -343,6 +331,12 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _stored_options(ckpt: dict) -> dict:
+    """The options a checkpoint was trained with, those added since it was written included
+    (:data:`OPTIONS_BEFORE`)."""
+    return {**OPTIONS_BEFORE, **ckpt["config"]}
+
+
 def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
     """Refuse to resume ``ckpt`` with other options or another number of processes."""
     if ckpt.get("world_size", 1) != world:
@@ -350,7 +344,7 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
             f"refusing to resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
             f"processes and this run has {world}"
         )
-    old, new = {**OPTIONS_BEFORE, **ckpt["config"]}, asdict(cfg)
+    old, new = _stored_options(ckpt), asdict(cfg)
     unknown = sorted(set(old) - set(new))
     if unknown:
         raise ValueError(
@@ -559,8 +553,7 @@ class _Run:
             for name in (CHECKPOINT, BEST, METRICS, CURVE):
                 for stale in out.glob(f".{name}.tmp*"):
                     stale.unlink()
-            if ckpt is None:  # a fresh run: an earlier run's files would not describe it
-                for name in (CHECKPOINT, BEST, METRICS, CURVE):
+                if ckpt is None:  # a fresh run: an earlier run's files would not describe it
                     (out / name).unlink(missing_ok=True)
 
     def _restore(self, ckpt: dict, gen: torch.Generator) -> None:
@@ -959,7 +952,7 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
     ckpt = checkpoints.read(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        stored = {**OPTIONS_BEFORE, **ckpt["config"]}
+        stored = _stored_options(ckpt)
         cfg = TrainConfig(**{k: v for k, v in stored.items() if k in known})
         cfg.device = str(device)
         cfg.cuda_graph = False  # a training option: the model loads on any device, untrained
@@ -974,6 +967,26 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
     return model, ckpt
 
 
+def open_checkpoint(path, device="cpu", backend: str | None = None) -> tuple[LRML, dict]:
+    """:func:`load_checkpoint` for a command that runs the model (``lrml evaluate``,
+    ``recommend``, ``explain``): the device and ``backend`` are checked before the file is read,
+    and the model runs on ``backend`` (None: the checkpoint's, which must run on ``device``)."""
+    device = backends.check_device(device)
+    if backend:
+        backends.resolve(backend, device)
+    model, ckpt = load_checkpoint(path, device)
+    if backend:
+        model.backend = backend
+        return model, ckpt
+    try:
+        backends.resolve(model.backend, device)
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(
+            f"{exc} (the checkpoint's backend {model.backend!r}: choose one with --backend)"
+        ) from None
+    return model, ckpt
+
+
 def load_checkpoint_data(ckpt: dict, data: str | None = None):
     """``(spec, split)``: the data set ``data`` (default: the one the checkpoint was trained on)
     split as training split it, with the checkpoint's seed and, for a model selected on
@@ -982,7 +995,7 @@ def load_checkpoint_data(ckpt: dict, data: str | None = None):
     spec = data or ckpt["config"].get("data")
     if not isinstance(spec, str):
         raise ValueError("the checkpoint names no data set: give one with --data")
-    stored = {**OPTIONS_BEFORE, **ckpt["config"]}
+    stored = _stored_options(ckpt)
     return spec, lkdata.load(
         spec,
         num_negatives=stored["eval_negatives"],

@@ -27,6 +27,14 @@ def make_model():
     return lk.LRML(8, 9, dim=5, memory_slots=3, backend="torch").double()
 
 
+def spawn_two(fn, tmp_path, arg):
+    """``fn(rank, 2, init_file, out_dir, arg)`` in 2 spawned processes (a Gloo group each)."""
+    mp.start_processes(
+        fn, args=(2, str(tmp_path / "pg"), str(tmp_path), arg), nprocs=2, join=True,
+        start_method="spawn",
+    )  # fmt: skip
+
+
 def worker(rank, world, init_file, out_dir, optimizer):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -43,13 +51,7 @@ def worker(rank, world, init_file, out_dir, optimizer):
 
 @pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
 def test_two_gloo_ranks_equal_single_process_on_the_combined_batch(tmp_path, optimizer):
-    mp.start_processes(
-        worker,
-        args=(2, str(tmp_path / "pg"), str(tmp_path), optimizer),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    spawn_two(worker, tmp_path, optimizer)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b), "the replicas diverged"
@@ -110,13 +112,7 @@ def fit_worker(rank, world, init_file, out_dir, case):
 def test_a_stop_on_one_rank_stops_every_rank(tmp_path, case, raised):
     import json
 
-    mp.start_processes(
-        fit_worker,
-        args=(2, str(tmp_path / "pg"), str(tmp_path), case),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    spawn_two(fit_worker, tmp_path, case)
     for rank, (kind, words) in enumerate(raised):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["raised"] == kind and words in got["message"], (rank, got)

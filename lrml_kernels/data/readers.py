@@ -530,7 +530,7 @@ def _read_rating_table(
     data_rows = rows if has_header else [first, *rows]
     stamps = (
         r[cols["timestamp"]]
-        for r in (rows if has_header else [first, *rows])
+        for r in data_rows
         if "timestamp" in cols and cols["timestamp"] < len(r) and r[cols["timestamp"]]
     )
     ts_kind = "datetime" if _text.is_date(next(stamps, b"")) else "int"
