@@ -82,6 +82,34 @@ def test_tiny_shapes(ops, d, N, I, B, distance):
         check_topk(dist, ids, P, Q, K, M, users, 3, None, distance, 1e-9)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("k", [5, 299, 300])
+def test_nan_distances_rank_last_as_the_reference(ops, distance, dtype, k, device):
+    # A NaN item ranks after every number, a NaN user's items come in id order (SPEC "Top-k"):
+    # the screen's lower bounds are NaN there, and no NaN may be certified or kept ahead of a
+    # number. On CUDA tensors the pair distances are the CUDA kernel's (fmaxf drops NaN).
+    if device == "cuda":
+        if dtype == torch.float64:
+            pytest.skip("the CUDA kernels take fp32, fp16 and bf16")
+        extension.backend("cuda")
+    (P, Q, K, M), users = tables(6, 3, 3, dtype, U=3, I=300, seed=13)
+    Q[3] = float("nan")
+    P = P.clone()
+    P[2] = float("nan")
+    P, Q, K, M = (t.to(device) for t in (P, Q, K, M))
+    users = torch.arange(3, device=device)
+    dist, ids, _ = ops.topk_screened(P, Q, K, M, users, k, None, None, distance, 1e-3, 0)
+    d2, i2 = lk.lrml_topk(P, Q, K, M, users, k, distance=distance, backend="torch")
+    assert torch.equal(ids, i2)
+    torch.testing.assert_close(dist, d2, equal_nan=True)
+    assert torch.equal(ids[2].cpu(), torch.arange(k)) and torch.isnan(dist[2]).all()
+    assert not torch.isnan(dist[:2, : min(k, 299)]).any()
+    if k == 300:
+        assert (ids[:2, -1] == 3).all()
+
+
 def test_certificate_failure_takes_the_direct_path(ops):
     # User 0's nearest item copied into 20 more slots: 21 exact ties. With a candidate list of
     # k = 5 the k-th exact distance equals the smallest dropped lower bound's item's, so the
