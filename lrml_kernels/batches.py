@@ -148,7 +148,8 @@ class BatchPipeline:
     """The batches of each epoch, prepared one step ahead (see the module docstring).
 
     Args:
-        users, items: the training interactions, ``[n]`` int32 or int64 on the training device.
+        users, items: the training interactions, ``[n]`` int32 or int64 on the training device
+            (each either; where they differ, the CPU's ``training_batch`` gets both as int64).
         batch_size: rows per batch (the last batch of an epoch may be shorter).
         num_items, negatives, exclude_csr: what :func:`lrml_kernels.data.sample_negatives` draws
             from (``exclude_csr``: ``(indptr, indices)`` on the training device, or None).
@@ -183,6 +184,10 @@ class BatchPipeline:
             self._batch_op = data_op("training_batch")
             # indptr int64; the indices as they are (int32 or int64: the op searches either)
             self._csr = (exclude_csr[0].long().contiguous(), exclude_csr[1].contiguous())
+            if self._batch_op is not None and users.dtype != items.dtype:
+                # the op gathers both columns with one index type: int32 users beside int64
+                # items (an Interactions may hold them so) are widened once, not refused
+                self.users, self.items = users.long(), items.long()
 
     def epoch(self, order: EpochOrder, start: int, stop: int) -> Iterator[Batch]:
         """Batches ``start .. stop - 1`` of the epoch in ``order`` (on the training device);

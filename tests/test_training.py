@@ -554,6 +554,27 @@ def test_batches_prepared_ahead_are_those_of_a_loop_without_overlap(
         assert torch.equal(batch.gen_state, gen.get_state())  # what a checkpoint after it saves
 
 
+def test_batches_of_int32_users_beside_int64_items(small):
+    # an Interactions keeps each column's dtype (int32 users, int64 items from, say, pandas
+    # codes): the CPU's one-op batch refused the pair, so fit stopped at its first batch
+    from lrml_kernels.batches import BatchPipeline, EpochOrder
+
+    users = torch.as_tensor(small.train.users).int()
+    items = torch.as_tensor(small.train.items).long()
+    csr = tuple(torch.as_tensor(a) for a in small.train_csr())
+    order = EpochOrder(users.shape[0], 0, 0, "cpu")
+    got = []
+    for u, i in ((users, items), (users.long(), items)):
+        gen = torch.Generator().manual_seed(7)
+        pipeline = BatchPipeline(u, i, 64, small.num_items, 3, gen, csr)
+        try:
+            got.append(list(pipeline.epoch(order, 0, 3)))
+        finally:
+            pipeline.close()
+    for mixed, wide in zip(*got, strict=True):
+        assert torch.equal(mixed.users, wide.users) and torch.equal(mixed.items, wide.items)
+
+
 def test_background_checkpoint_writes_a_snapshot_in_order_and_reports_errors(tmp_path, monkeypatch):
     from lrml_kernels import checkpoints
 
