@@ -206,3 +206,17 @@ def test_popularity_negatives_match_the_cpu_paths(one_thread):
     uniform = sample(users, s.num_items, 6, exclude)
     top = counts.argsort(descending=True)[: s.num_items // 10]
     assert torch.isin(neg, top).float().mean() > 1.2 * torch.isin(uniform, top).float().mean()
+
+
+def test_popularity_cdf_of_any_layout():
+    # a strided view of the CDF: the kernel read it with stride 1, drew other items than the
+    # CPU paths and items >= num_items
+    n = 10
+    cdf = D.popularity_cdf(torch.tensor([50, 40, 30, 20, 10, 5, 4, 3, 2, 1]), 1.0)
+    strided = torch.stack([cdf, torch.zeros_like(cdf)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    users = torch.zeros(512, dtype=torch.int64)
+    exclude = csr([[]], n)
+    neg = sample(users, n, 2, exclude, popularity=strided)
+    assert torch.equal(neg, sample(users, n, 2, exclude, popularity=cdf))
+    assert int(neg.max()) < n

@@ -203,9 +203,10 @@ def sample_negatives_launch(
         min(INTERPRETER_BLOCK, triton.next_power_of_2(total)) if _interpreted(users) else GPU_BLOCK
     )
     users, indptr, indices = (t.contiguous() for t in (users, indptr, indices))
+    cdf = seed if popularity is None else popularity.contiguous()  # (read with stride 1)
     with _device_guard(users):
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
-            out, users, indptr, indices, seed, seed if popularity is None else popularity,
+            out, users, indptr, indices, seed, cdf,
             total, k, indptr.shape[0] - 1, num_items, max_tries,
             BLOCK_E=block, POPULARITY=popularity is not None, num_warps=1,
         )  # fmt: skip
