@@ -70,7 +70,9 @@ class EpochOrder:
         self.n, self.rank, self.world = n, rank, world
         self.size = n // world
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed * 1_000_003 + epoch)
+        # (folded into the generator's [0, 2**64): seeds from 2**64 / 1_000_003 ~ 1.8e13 on
+        # overflowed it; every smaller seed keeps its orders)
+        gen.manual_seed((seed * 1_000_003 + epoch) % (1 << 64))
         self._perm = None
         if torch.device(device).type == "cuda":
             perm = torch.randperm(n, device=device, generator=gen)

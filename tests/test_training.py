@@ -481,6 +481,20 @@ def test_epoch_order_is_a_seeded_permutation_shared_out_between_ranks(n, world):
         assert not torch.equal(other, o.rows(0, len(o)))
 
 
+def test_epoch_order_of_a_large_seed():
+    # TrainConfig takes any seed >= 0; seed * 1_000_003 + epoch beyond 2**64 overflowed the
+    # generator's seed when the first epoch began (after the data and the model were built)
+    from lrml_kernels.batches import EpochOrder
+
+    for seed in (2**45, 2**62):
+        rows = EpochOrder(1001, seed, 3, "cpu").rows(0, 1001)
+        assert torch.equal(rows.sort().values, torch.arange(1001))
+    assert not torch.equal(
+        EpochOrder(1001, 2**45, 0, "cpu").rows(0, 1001),
+        EpochOrder(1001, 2**45, 1, "cpu").rows(0, 1001),
+    )
+
+
 @pytest.mark.parametrize("n", [1, 7, 1001, 65537, 99_470_232])
 @pytest.mark.parametrize("world", [1, 3])
 def test_epoch_order_op_gives_the_torch_ops_order(n, world):
