@@ -173,6 +173,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.seed >= 2**63:  # torch's generators take seeds below 2**64, with the ranks' offsets
+            raise ValueError(f"seed must be below 2**63, got {self.seed}")
         if self.eval == "sampled" and self.eval_negatives < 1:
             raise ValueError("eval='sampled' needs eval_negatives >= 1")
         ops._check_option("distance", self.distance, DISTANCES)
