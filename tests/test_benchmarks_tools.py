@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,44 @@ def test_benchlib_caps_and_compiles_once():
     assert benchlib.capped_units(1000, 100, 0.5, 0.1) == 100
     assert benchlib.capped_units(1000, 100, 1e-4, 2.0) == 1000
     assert benchlib.compiled(benchlib.rows_hinge) is benchlib.compiled(benchlib.rows_hinge)
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's fixture, as far as the benchmarks use it: one timed call."""
+
+    def __init__(self):
+        self.extra_info, self._clock = {}, time.perf_counter
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=None))
+
+    def pedantic(self, fn, rounds=1, iterations=1, warmup_rounds=0):
+        t0 = self._clock()
+        out = fn()
+        self.stats.stats.median = self._clock() - t0
+        return out
+
+
+def test_epoch_warms_up_every_batch_shape_it_times(monkeypatch):
+    # The epoch's last step takes the remainder (865,787 rows at Netflix size): Triton compiles
+    # new variants for it (integer arguments are specialised on divisibility by 16), which must
+    # happen in the warm-up, not inside the timed epoch.
+    monkeypatch.syspath_prepend(str(BENCH))
+    steps = load_benchmark("bench_train_step")
+    bl = steps.bl
+    import torch
+
+    shapes = []
+    monkeypatch.setattr(steps, "make_step", lambda case, p: (None, lambda u, i: shapes.append(
+        tuple(i.shape))))  # fmt: skip
+    monkeypatch.setattr(bl, "EPOCH_POSITIVES", 10)
+    monkeypatch.setattr(bl, "EPOCH_BATCH", 4)
+    monkeypatch.setitem(bl.SETTINGS, "disabled", False)
+    monkeypatch.setitem(bl.SETTINGS, "jsonl", None)
+    bench = _FakeBenchmark()
+    steps.test_epoch(bench, bl.Case("cpu", bl.SIZES["tiny"], torch.float32), "eager")
+    warm, timed = shapes[:2], shapes[2:]
+    assert timed == [(4, 2), (4, 2), (2, 2)]
+    assert set(timed) <= set(warm), (warm, timed)
+    assert bench.extra_info["time_s"] > 0 and "extrapolated" not in bench.extra_info
 
 
 # --------------------------------------------------------------------------------------------
