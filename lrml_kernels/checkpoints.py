@@ -173,8 +173,10 @@ def read(path, *, resume: bool = False) -> dict:
     for what it must hold.
 
     Raises ``FileNotFoundError`` if there is no file, :class:`CheckpointError` if it is not a
-    checkpoint of this package (or holds objects other than plain values: the message names them
-    and says how to convert a trusted file). ``resume``: it must also hold what resuming needs.
+    checkpoint of this package, is damaged (every member's CRC-32 is checked first: ``torch.load``
+    would read changed bytes without a word) or holds objects other than plain values (the message
+    names them and says how to convert a trusted file). ``resume``: it must also hold what
+    resuming needs.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,11 +186,14 @@ def read(path, *, resume: bool = False) -> dict:
             f"{path} is not a checkpoint written by lrml train, or is damaged (not a whole "
             "torch.save zip archive)"
         )
+    damaged = _bad_crc(path)  # torch.load does not check the archive's CRC-32s
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged ({damaged})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         names = _unsafe_globals(path)
-        if names is None:
+        if not names:  # (none named: a damaged pickle)
             why = _first_line(exc)
             raise CheckpointError(f"{path} is not a readable checkpoint ({why})") from None
         raise CheckpointError(
@@ -197,7 +202,7 @@ def read(path, *, resume: bool = False) -> dict:
             "written by an earlier version of lrml_kernels, say) can be converted once with "
             "`lrml convert-checkpoint OLD NEW`, which loads it in full: only for files you trust"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # whatever unpickling a damaged or foreign file raises
         why = _first_line(exc)
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({why})") from None
     check(ckpt, path, resume=resume)
@@ -240,6 +245,9 @@ def convert(old, new) -> list[str]:
     old, new = Path(old), Path(new)
     if not old.is_file():
         raise FileNotFoundError(f"no checkpoint at {old}")
+    damaged = _bad_crc(old) if zipfile.is_zipfile(old) else None  # (else: a bare pickle)
+    if damaged is not None:  # converted, it would get CRC-32s that hide the damage
+        raise CheckpointError(f"{old} is damaged ({damaged})")
     names = _unsafe_globals(old) or []
     try:
         ckpt = torch.load(old, map_location="cpu", weights_only=not names)
@@ -256,6 +264,23 @@ def convert(old, new) -> list[str]:
     torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # reads back without any global
     atomic_write(new, lambda f: f.write(buf.getvalue()))
     return names
+
+
+def _bad_crc(path: Path) -> str | None:
+    """Why the archive at ``path`` is damaged: a member whose bytes do not match the CRC-32
+    stored for it (one stored as 0, as ``torch.serialization.set_crc32_options(False)`` writes,
+    is not checked), or a member that cannot be read; None if every member checks out."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as member:  # raises at the end on a CRC mismatch
+                    while member.read(1 << 24):
+                        pass
+    except Exception as exc:  # zipfile.BadZipFile, a damaged header, ...
+        return _first_line(exc)
+    return None
 
 
 def _unsafe_globals(path: Path) -> list[str] | None:

@@ -5,9 +5,11 @@ values (an earlier version's) is refused with the way to convert it, which then 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -120,6 +122,27 @@ def write_foreign(path, kind: str, good_path) -> None:
     elif kind == "truncated":
         blob = good_path.read_bytes()
         path.write_bytes(blob[: len(blob) // 2])
+    elif kind in ("a bit flipped in a weight", "a name changed in its pickle"):
+        # (torch.load reads both without a complaint: it does not check the CRC-32s)
+        blob = bytearray(good_path.read_bytes())
+        if kind == "a bit flipped in a weight":
+            weights = plain_dict(good_path)["model"]["user_emb"].numpy().tobytes()
+            at = blob.find(weights) + len(weights) // 2
+            blob[at] ^= 0x10
+        else:  # an option this version does not know would be left out
+            at = blob.find(b"on_nonfinite")
+            blob[at : at + 12] = b"on_nonfinitf"
+        path.write_bytes(blob)
+    elif kind == "a pickle that makes the loader raise TypeError":
+        # a whole archive (right CRC-32s) whose pickle calls OrderedDict(True)
+        blob = io.BytesIO()
+        torch.save({}, blob)
+        with zipfile.ZipFile(blob) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                pkl = b"\x80\x02ccollections\nOrderedDict\n\x88\x85R."
+                dst.writestr(
+                    info.filename, pkl if info.filename.endswith("data.pkl") else src.read(info)
+                )
     elif kind == "a list":
         torch.save([1, 2, 3], path)
     elif kind == "a bare state_dict":
@@ -139,6 +162,9 @@ FOREIGN = [
     ("empty", "not a whole torch.save zip archive"),
     ("json", "not a whole torch.save zip archive"),
     ("truncated", "not a whole torch.save zip archive"),
+    ("a bit flipped in a weight", "Bad CRC-32 for file 'archive/data"),
+    ("a name changed in its pickle", "Bad CRC-32 for file 'archive/data"),
+    ("a pickle that makes the loader raise TypeError", "damaged or not a checkpoint"),
     ("a list", "holds a list, not a dict"),
     ("a bare state_dict", "it lacks 'config'"),
     ("wrong types", "'num_users' should be a int"),
@@ -156,6 +182,18 @@ def test_foreign_or_damaged_files_get_a_clear_error(
         load_checkpoint(path)
     assert main(["evaluate", str(path)]) == 2
     assert words in error_line("evaluate")
+
+
+def test_a_checkpoint_written_without_crc32s_still_loads(tmp_path, good):
+    path = tmp_path / "no-crc.pt"
+    was = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # every member's CRC-32 is written as 0
+    try:
+        torch.save(plain_dict(good), path)
+    finally:
+        torch.serialization.set_crc32_options(was)
+    model, ckpt = load_checkpoint(path)
+    assert torch.equal(model.user_emb.detach(), plain_dict(good)["model"]["user_emb"])
 
 
 def test_resume_refuses_a_checkpoint_that_cannot_be_resumed(tmp_path, good, error_line, no_data):
@@ -263,6 +301,10 @@ def test_convert_checkpoint_of_a_plain_file_rewrites_it_unchanged(
     assert a.keys() == b.keys() and a["config"] == b["config"]
     assert main(["convert-checkpoint", str(tmp_path / "none.pt"), str(new)]) == 2
     error_line("convert-checkpoint")
+    damaged = tmp_path / "damaged.pt"  # converting it would give it CRC-32s that hide the damage
+    write_foreign(damaged, "a bit flipped in a weight", good)
+    assert main(["convert-checkpoint", str(damaged), str(new)]) == 2
+    assert "Bad CRC-32 for file 'archive/data" in error_line("convert-checkpoint")
 
 
 def test_a_checkpoint_from_before_popularity_negatives_resumes_with_uniform_ones(tmp_path, good):
