@@ -675,8 +675,10 @@ class _Run:
             self._write_metrics(self.history, final=False)
             self._on_epoch(on_epoch, record)
         final = self._finish(test)
-        self._write_metrics(self.history, final=False, extra={"final": final})
+        # metrics.json reports the final metrics once the checkpoints they describe are on disk
+        # (best.pt: a crash in between would leave a run that looks finished without it)
         self._wait_for_writes()
+        self._write_metrics(self.history, final=False, extra={"final": final})
         return self._result(self.history, final)
 
     def _on_epoch(self, on_epoch, record: dict) -> None:

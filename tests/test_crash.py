@@ -406,3 +406,46 @@ def test_nonfinite_skip_skips_the_step_and_finishes(tmp_path, poison_step):
     five, four = load(tmp_path / "five")["model"], load(tmp_path / "four")["model"]
     for name, t in four.items():
         assert torch.equal(five[name], t), name
+
+
+# Runs `lrml train` with the writer of best.pt patched: it waits (up to 3 s) for metrics.json to
+# report the run's final metrics, then SIGKILLs its own process before best.pt is written.
+KILL_BEFORE_BEST = r"""
+import os, signal, sys, time
+from pathlib import Path
+import lrml_kernels.checkpoints as C
+import lrml_kernels.training as T
+from lrml_kernels.cli import main
+
+real = C.atomic_write
+
+def atomic_write(path, write):
+    if path.name == T.BEST:
+        metrics, deadline = Path(path).with_name(T.METRICS), time.monotonic() + 3
+        while '"final"' not in metrics.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, write)
+
+C.atomic_write = atomic_write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_metrics_report_the_selected_epoch_only_once_best_pt_holds_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = cli_args(out, epochs=2, select_on="valid")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_BEST, *argv],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "best.pt").exists()
+    assert "final" not in json.loads((out / METRICS).read_text())  # nothing claims best.pt yet
+    assert main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    final = json.loads((out / METRICS).read_text())["final"]
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == final["selected_epoch"]
