@@ -636,6 +636,9 @@ def main(argv=None) -> int:
                 p.set_defaults(**values)
             args = parser.parse_args(argv)
         return args.func(args)
+    except BrokenPipeError:  # `lrml recommend ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush)
+        return 128 + 13  # as a process that SIGPIPE ended: what the shell reports for `yes | head`
     except (
         ValueError,
         OSError,  # a missing file, a folder given for a file, a full disk, ...

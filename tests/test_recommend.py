@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,8 @@ from lrml_kernels import data, recommend
 from lrml_kernels.cli import main
 from lrml_kernels.reference import all_item_distances
 from lrml_kernels.training import load_checkpoint, load_checkpoint_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +165,20 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
 def test_cli_refuses_bad_options_in_one_line(csv_run, error_line, extra, words):
     assert main(["recommend", str(csv_run / "run" / "best.pt"), *extra]) == 2
     assert words in error_line("recommend")
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(csv_run):
+    # `lrml recommend CHECKPOINT | head`: the pipe closes after the first lines
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    argv = ["recommend", str(csv_run / "run" / "best.pt"), "--k", "200", "--exclude", "none"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrml_kernels", *argv, "--batch-size", "1", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout.readline() == b"user,rank,item,distance\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert err == "", err
