@@ -352,9 +352,11 @@ def _checkpoint_and_data(args):
     then the checkpoint, are checked before any data is loaded."""
     from lrml_kernels.training import load_checkpoint_data, open_checkpoint
 
-    if args.k < 1:
+    if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be a positive integer, got {args.k}")
     model, ckpt = open_checkpoint(args.checkpoint, args.device, args.backend)
+    if args.k is None:  # lrml evaluate: the k the run evaluated with
+        args.k = ckpt["config"].get("eval_k", 10)
     spec, split = load_checkpoint_data(ckpt, args.data)
     shape = (model.user_emb.shape[0], model.item_emb.shape[0])
     if shape != (split.num_users, split.num_items):
@@ -531,7 +533,9 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
+    )
     _add_device_args(p, progress=False)
     p.set_defaults(func=_evaluate)
     p = sub.add_parser(

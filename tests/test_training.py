@@ -416,6 +416,18 @@ def test_cli_select_on_valid(tmp_path, capsys, one_thread):
     assert main(["train", "--patience", "2", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "1", "--dim", "8", "--eval-k", "5"]
+    assert main(argv + ["--out", str(out), "--no-progress"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["k"], got["hr"], got["ndcg"]) == (5, recorded["hr"], recorded["ndcg"])
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled", "--k", "10"]) == 0
+    assert json.loads(capsys.readouterr().out)["k"] == 10
+
+
 def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_thread):
     out = tmp_path / "pop"
     argv = ["baseline", "popularity", "--data", "synthetic-small", "--out", str(out)]
