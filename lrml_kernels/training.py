@@ -653,8 +653,8 @@ class _Run:
                 record["partial"] = True
                 self.elapsed = record["seconds"]
                 self._checkpoint()
+                self._wait_for_writes()  # (metrics.json's "final": once checkpoint.pt holds it)
                 self._write_metrics(self.history + [record])
-                self._wait_for_writes()
                 return self._result(self.history + [record], record)
             self.history.append(record)
             if "valid_ndcg" in record and (

@@ -408,9 +408,9 @@ def test_nonfinite_skip_skips_the_step_and_finishes(tmp_path, poison_step):
         assert torch.equal(five[name], t), name
 
 
-# Runs `lrml train` with the writer of best.pt patched: it waits (up to 3 s) for metrics.json to
-# report the run's final metrics, then SIGKILLs its own process before best.pt is written.
-KILL_BEFORE_BEST = r"""
+# Runs `lrml train` with the writer of KILL_FILE patched: it waits (up to 3 s) for metrics.json to
+# report the run's final metrics, then SIGKILLs its own process before the file is written.
+KILL_BEFORE_FILE = r"""
 import os, signal, sys, time
 from pathlib import Path
 import lrml_kernels.checkpoints as C
@@ -420,9 +420,11 @@ from lrml_kernels.cli import main
 real = C.atomic_write
 
 def atomic_write(path, write):
-    if path.name == T.BEST:
+    if path.name == os.environ["KILL_FILE"]:
         metrics, deadline = Path(path).with_name(T.METRICS), time.monotonic() + 3
-        while '"final"' not in metrics.read_text() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            metrics.exists() and '"final"' in metrics.read_text()
+        ):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, write)
@@ -432,20 +434,31 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_metrics_report_the_selected_epoch_only_once_best_pt_holds_it(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name, over",
+    [
+        ("best.pt", {"epochs": 2, "select_on": "valid"}),  # the selected epoch's model
+        (CHECKPOINT, {"max_steps": 5}),  # the step that --max-steps stops at
+    ],
+)
+def test_metrics_report_the_final_metrics_only_once_the_files_hold_them(
+    tmp_path, capsys, name, over
+):
     out = tmp_path / "run"
-    argv = cli_args(out, epochs=2, select_on="valid")
+    argv = cli_args(out, **over)
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_BEFORE_BEST, *argv],
-        env=env(),
+        [sys.executable, "-c", KILL_BEFORE_FILE, *argv],
+        env={**env(), "KILL_FILE": name},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert not (out / "best.pt").exists()
-    assert "final" not in json.loads((out / METRICS).read_text())  # nothing claims best.pt yet
-    assert main(argv + ["--resume"]) == 0, capsys.readouterr().err
-    final = json.loads((out / METRICS).read_text())["final"]
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert best["epoch"] == final["selected_epoch"]
+    assert not (out / name).exists()
+    metrics = out / METRICS  # nothing claims the file yet
+    assert not metrics.exists() or "final" not in json.loads(metrics.read_text())
+    if name == "best.pt":
+        assert main(argv + ["--resume"]) == 0, capsys.readouterr().err
+        final = json.loads((out / METRICS).read_text())["final"]
+        best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        assert best["epoch"] == final["selected_epoch"]
