@@ -655,3 +655,6 @@ def main(argv=None) -> int:
     except TrainingInterrupted as exc:
         print(f"lrml {args.command}: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # Ctrl-C anywhere else (evaluate, recommend, explain, ...)
+        print(f"lrml {args.command}: interrupted", file=sys.stderr)
+        return 130

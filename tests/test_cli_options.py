@@ -174,3 +174,14 @@ def test_patience_0_clears_a_config_files_early_stopping(monkeypatch, tmp_path):
         main([*argv, "--select-on", "last", "--patience", "0"])
     cfg = info.value.args[0]
     assert cfg.select_on == "last" and cfg.patience is None
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "explain"])
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys, command):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lrml_kernels.training.open_checkpoint", interrupted)
+    assert main(COMMANDS[command]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == f"lrml {command}: interrupted", err
