@@ -348,8 +348,8 @@ def _tune(args) -> int:
 
 
 def _checkpoint_and_data(args):
-    """``(model, split)`` for ``evaluate`` and ``recommend``: the options (device, backend),
-    then the checkpoint, are checked before any data is loaded."""
+    """``(model, split, ckpt)`` for ``evaluate`` and ``recommend``: the options (device,
+    backend), then the checkpoint, are checked before any data is loaded."""
     from lrml_kernels.training import load_checkpoint_data, open_checkpoint
 
     if args.k is not None and args.k < 1:
@@ -367,15 +367,18 @@ def _checkpoint_and_data(args):
         )
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
-    return model, split
+    return model, split, ckpt
 
 
 def _evaluate(args) -> int:
     from lrml_kernels.metrics import evaluate
+    from lrml_kernels.precision import using_fp32_matmul_precision
 
-    model, split = _checkpoint_and_data(args)
-    for protocol in args.eval:
-        print(json.dumps(evaluate(model, split, protocol, args.k)))
+    model, split, ckpt = _checkpoint_and_data(args)
+    # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
+    with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
+        for protocol in args.eval:
+            print(json.dumps(evaluate(model, split, protocol, args.k)))
     return 0
 
 
@@ -390,7 +393,7 @@ def _recommend(args) -> int:
     if ids is not None and not ids:
         raise ValueError("--users names no user id")
     _set_threads(args.threads)
-    model, split = _checkpoint_and_data(args)
+    model, split, _ = _checkpoint_and_data(args)
     users = recommend.user_indices(split, ids)
     exclude = recommend.exclusion_csr(split, args.exclude)
     batches = recommend.recommend_users(model, users, args.k, exclude, batch_size=args.batch_size)

@@ -428,6 +428,25 @@ def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_threa
     assert json.loads(capsys.readouterr().out)["k"] == 10
 
 
+def test_cli_evaluate_runs_at_the_matmul_precision_the_run_recorded(
+    tmp_path, capsys, one_thread, monkeypatch
+):
+    # (TF32 dots on a GPU where the run trained with "high": the recorded metrics came from them)
+    import lrml_kernels.metrics as metrics
+    from lrml_kernels.precision import fp32_matmul_precision
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "1", "--dim", "8", "--no-progress"]
+    assert main(argv + ["--matmul-precision", "medium", "--out", str(out)]) == 0
+    seen = []
+    evaluate = metrics.evaluate
+    monkeypatch.setattr(
+        metrics, "evaluate", lambda *a: seen.append(fp32_matmul_precision()) or evaluate(*a)
+    )
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled"]) == 0
+    assert seen == ["medium"] and fp32_matmul_precision() == "highest"
+
+
 def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_thread):
     out = tmp_path / "pop"
     argv = ["baseline", "popularity", "--data", "synthetic-small", "--out", str(out)]
