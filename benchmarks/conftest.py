@@ -263,7 +263,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def pytest_sessionstart(session):
+    # The --lrml-jsonl file's first line: the machine, so that a run cut short (reported from
+    # this file, without pytest-benchmark's JSON) still names its GPU, versions and commit.
+    if benchlib.SETTINGS["jsonl"]:
+        benchlib.record({"machine": _machine(session.config)})
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["lrml"] = _machine(config)
+
+
+def _machine(config) -> dict:
+    """What the report's header says about the machine and the code measured."""
     info = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": _cpu_model(),
@@ -290,7 +302,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["cuda"] = torch.version.cuda
         info["driver"] = benchlib.nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
         info["copy_gbps"] = benchlib.SETTINGS["copy_gbps"]
-    machine_info["lrml"] = info
+    return info
 
 
 @pytest.hookimpl(hookwrapper=True)

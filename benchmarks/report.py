@@ -178,9 +178,17 @@ def load(path: str | Path, stat: str = "median") -> dict:
     text = path.read_text()
     records, skipped, machine, commit = [], [], {}, {}
     if path.suffix == ".jsonl":
-        for line in text.splitlines():
-            if line.strip():
+        lines = [line for line in text.splitlines() if line.strip()]
+        for n, line in enumerate(lines, 1):
+            try:
                 rec = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # a run killed while it wrote its last record
+                    break
+                raise
+            if "machine" in rec:  # (the first line: benchmarks/conftest.py)
+                machine = {"lrml": rec["machine"]}
+            else:
                 (skipped if rec.get("skipped") else records).append(rec)
     else:
         data = json.loads(text)

@@ -177,9 +177,18 @@ def test_jsonl_and_min_stat(tmp_path):
             "name": "test_hinge_forward[cpu-netflix-fp32-cpu-pair]",
         },  # fmt: skip
     ]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    machine = {"machine": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "commit": "abc"}}
+    torn = json.dumps(_rec("hinge fwd", "pair", "triton", 0.001))[:40]  # killed mid-write
+    path.write_text("\n".join(json.dumps(x) for x in [machine, *lines]) + "\n" + torn)
     run = report.load(path)
     assert len(run["records"]) == 2 and len(run["skipped"]) == 1
+    assert report.device_header("cuda", run["machine"], run["commit"]).startswith(
+        "**GPU: NVIDIA H100 80GB HBM3** (driver ?, CUDA ?); torch 2.11.0, triton ?, commit `abc`"
+    )
+    path.write_text(torn + "\n" + json.dumps(lines[0]) + "\n")
+    with pytest.raises(json.JSONDecodeError):  # only the last line may be torn
+        report.load(path)
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert report.pivot(run["records"])[("cpu", "hinge fwd", "pair", "netflix", "fp32")]["compile"][
         "speedup"
     ] == pytest.approx(2.0)
@@ -427,7 +436,8 @@ def test_no_benchmark_starts_after_the_deadline(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    machine, *recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert machine["machine"]["commit"] and machine["machine"]["devices"] == ["cpu"]
     assert len(recs) == 10 and all(r["reason"].startswith("out of time") for r in recs), recs
 
 
@@ -441,7 +451,7 @@ def test_tf32_rows_run_at_matmul_precision_high_at_the_epoch_batch_only(tmp_path
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()][1:]  # (1: the machine)
     timed = {(r["provider"], r["size"], r["dtype"]): r for r in recs if "time_s" in r}
     assert set(timed) == {
         ("eager", "tiny", "fp32"), ("cpu", "tiny", "fp32"),
