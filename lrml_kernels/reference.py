@@ -202,6 +202,36 @@ def sort_candidates(dist: torch.Tensor, ids: torch.Tensor, k: int):
     return dist, ids
 
 
+def screen_tolerance(p, item_emb, keys, memory, *, distance="l2") -> torch.Tensor:
+    """Per user ``[B, 1]``: twice a bound ``δ`` on ``|screen − direct|`` (compute dtype).
+
+    The screen is :func:`all_item_distances` (the rewrite's ``‖e‖²`` for "l2"/"squared_l2", the
+    direct ``Σ|e|`` for "l1"), the direct value is :func:`distances_from_rows` of the same pair;
+    they differ by rounding only, cancellation in the rewrite included. The bound is the one
+    ``csrc/cpu/topk_cpu.cpp`` uses: ``γ = 4 (d + N + 16) ε`` of the compute dtype times the
+    magnitudes summed (``‖p‖², max ‖q‖², the M terms``), plus the logits' error ``γ max_n
+    ‖p ⊙ K_n‖ max ‖q‖`` carried through the softmax into the M terms.
+    """
+    ct = compute_dtype(p.dtype)
+    p, Q, K, M = (t.to(ct) for t in (p, item_emb, keys, memory))
+    em = torch.finfo(ct).eps
+    gamma = 4 * (K.shape[1] + K.shape[0] + 16) * em
+    q_max = Q.norm(dim=1).max() if Q.shape[0] else Q.new_zeros(())
+    zb = (p[:, None, :] * K[None]).norm(dim=-1).amax(1, keepdim=True) * q_max  # |z| bound
+    if distance == "l1":
+        msum = M.abs().amax(0).sum()
+        q1 = Q.abs().sum(1).max() if Q.shape[0] else Q.new_zeros(())
+        p1 = p.abs().sum(1, keepdim=True)
+        delta = gamma * (p1 + q1 + msum + 2 * zb * msum) + 8 * em * msum
+    else:
+        mq = (Q @ M.T).abs().max() if Q.shape[0] else Q.new_zeros(())
+        V = 2 * (p @ M.T).abs().amax(1, keepdim=True) + 2 * mq + 2 * (M @ M.T).abs().max()
+        pp = (p * p).sum(1, keepdim=True)
+        mag = pp + q_max**2 + 2 * pp.sqrt() * q_max + V
+        delta = gamma * (mag + 2 * zb * V) + 8 * em * V
+    return 2 * delta
+
+
 @torch.no_grad()
 def lrml_topk(
     user_emb,
@@ -218,34 +248,46 @@ def lrml_topk(
     """The k nearest items per user: ``(distances [B, k], item_ids int64 [B, k])``.
 
     Sorted ascending, ties broken by the smaller item id; items in ``exclude = (indptr [B+1],
-    indices)`` never appear; missing slots are ``-1`` / ``+inf``. Users are processed in chunks
-    with the rewrite of :func:`all_item_distances`; the selected candidates are then re-scored with
-    the direct formula, so the returned distances are exact.
+    indices)`` never appear; missing slots are ``-1`` / ``+inf``; NaN distances rank last. Users
+    are processed in chunks; the screen is :func:`all_item_distances` (the rewrite for
+    "l2"/"squared_l2", in squared units), which may be off by the rounding bound of
+    :func:`screen_tolerance` (cancellation: SPEC.md). Every item whose screen value is within
+    that tolerance of the k-th smallest is re-scored with the direct formula, and the answer is
+    the k best ``(D, id)`` of those: exactly the k smallest direct distances, whatever the screen
+    rounded.
     """
     B, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
     width = d if distance == "l1" else max(N, 1)
     chunk = max(1, TOPK_CHUNK_ELEMENTS // max(1, I * width))
     kk = min(k, I)
+    screen_distance = "l1" if distance == "l1" else "squared_l2"
+    # D̂ ranks as rounded to the parameter dtype: items apart by less than its rounding may tie.
+    rel = 4 * torch.finfo(user_emb.dtype).eps
     out_d, out_i = [], []
     for start in range(0, B, chunk):
         u = users[start : start + chunk]
         p = user_emb[u]
-        dist = all_item_distances(p, item_emb, keys, memory, distance=distance, eps=eps)
+        dist = all_item_distances(p, item_emb, keys, memory, distance=screen_distance, eps=eps)
+        excluded = torch.zeros_like(dist, dtype=torch.bool)
         if exclude is not None:
             indptr, indices = exclude
             lo, hi = indptr[start : start + u.shape[0]], indptr[start + 1 : start + 1 + u.shape[0]]
             rows = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), hi - lo)
             cols = indices[lo[0] : hi[-1]] if u.shape[0] else indices[:0]
-            dist[rows, cols] = float("inf")
-            excluded = torch.zeros_like(dist, dtype=torch.bool)
             excluded[rows, cols] = True
-        else:
-            excluded = None
-        # Candidates: the kk smallest by the (possibly rewritten) distance, ties to smaller ids.
-        cand = torch.argsort(dist, dim=1, stable=True)[:, :kk]
-        if excluded is not None:
-            cand = cand.masked_fill(excluded.gather(1, cand), -1)
+        nan = dist.isnan() & ~excluded
+        # Candidates: within the tolerance of the kk-th smallest screen value; NaN ranks last, so
+        # only the first kk NaN items by id can be needed.
+        screen = dist.masked_fill(excluded | nan, float("inf"))
+        kth = screen.kthvalue(kk, dim=1, keepdim=True).values if kk else screen[:, :0]
+        tol = screen_tolerance(p, item_emb, keys, memory, distance=distance)
+        limit = kth + tol + rel * (kth.abs() + eps)
+        keep = (screen <= limit) & ~excluded & ~nan
+        keep |= nan & (nan.cumsum(1) <= kk)
+        width_c = max(int(keep.sum(1).max()), 1) if keep.numel() else 1
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width_c]
+        cand = order.masked_fill(~keep.gather(1, order), -1)
         q = item_emb[cand.clamp_min(0)]
         exact = distances_from_rows(
             p, q, keys, memory, distance=distance, relation="pair", eps=eps

@@ -151,3 +151,39 @@ def test_rewrite_matches_direct_formula(distance):
     fast = reference.all_item_distances(P[users], Q, K, M, distance=distance, rewrite=True)
     slow = reference.all_item_distances(P[users], Q, K, M, distance=distance, rewrite=False)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_topk_exact_where_the_rewrite_cancels(distance):
+    """Items at ‖e‖ ≪ ‖p‖, ‖q‖: the fp32 rewrite loses every digit of ‖e‖² (SPEC.md:
+    "cancellation ... check it against the direct formula"), yet top-k must return the k
+    smallest direct distances (here the last items: their residuals shrink with the id)."""
+    g = torch.Generator().manual_seed(0)
+    d, N, I = 16, 3, 50
+    P = torch.randn(1, d, generator=g) * 10
+    K = torch.randn(N, d, generator=g)
+    M = torch.zeros(N, d)
+    delta = torch.randn(I, d, generator=g)
+    Q = P + delta / delta.norm(dim=1, keepdim=True) * torch.linspace(5e-3, 1e-3, I)[:, None]
+    users = torch.zeros(1, dtype=torch.int64)
+    dist, ids = reference.lrml_topk(P, Q, K, M, users, 3, distance=distance)
+    direct = reference.lrml_distances(P, Q, K, M, users, torch.arange(I)[None], distance=distance)
+    want = torch.argsort(direct[0], stable=True)[:3]
+    assert ids[0].tolist() == want.tolist() == [49, 48, 47]
+    torch.testing.assert_close(dist[0], direct[0, want], rtol=0, atol=0)
+
+
+def test_topk_ties_by_id_among_near_equal_screen_values():
+    """Duplicate items (equal direct distances) are returned by ascending id, also when the
+    rewrite rounds them differently from the rest; excluded items never appear."""
+    P, Q, K, M, users, _ = make(U=3, I=12, d=5, N=3, dtype=torch.float32)
+    Q[[2, 5, 9]] = Q[7].clone()
+    users = torch.arange(3)
+    D = reference.lrml_distances(P, Q, K, M, users, torch.arange(12).expand(3, 12))
+    dist, ids = reference.lrml_topk(P, Q, K, M, users, 12)
+    exclude = (torch.tensor([0, 1, 1, 1]), torch.tensor([5]))
+    _, ids_ex = reference.lrml_topk(P, Q, K, M, users, 12, exclude=exclude)
+    for b in range(3):
+        key = sorted(range(12), key=lambda i: (D[b, i].item(), i))
+        assert ids[b].tolist() == key
+        assert ids_ex[b].tolist() == [i for i in key if not (b == 0 and i == 5)] + [-1] * (b == 0)
