@@ -288,9 +288,16 @@ def lrml_topk(
         width_c = max(int(keep.sum(1).max()), 1) if keep.numel() else 1
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width_c]
         cand = order.masked_fill(~keep.gather(1, order), -1)
-        q = item_emb[cand.clamp_min(0)]
-        exact = distances_from_rows(
-            p, q, keys, memory, distance=distance, relation="pair", eps=eps
+        # re-scored in pieces of the chunk's size: near-ties (duplicate items) may keep many
+        step = max(1, TOPK_CHUNK_ELEMENTS // max(1, u.shape[0] * max(d, N)))
+        exact = torch.cat(
+            [
+                distances_from_rows(
+                    p, item_emb[c.clamp_min(0)], keys, memory, distance=distance, eps=eps
+                )
+                for c in cand.split(step, dim=1)
+            ],
+            dim=1,
         ).to(dist.dtype)
         dd, ii = sort_candidates(exact, cand, k)
         out_d.append(dd.to(user_emb.dtype))

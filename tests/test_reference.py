@@ -173,6 +173,17 @@ def test_topk_exact_where_the_rewrite_cancels(distance):
     torch.testing.assert_close(dist[0], direct[0, want], rtol=0, atol=0)
 
 
+def test_topk_rescores_many_near_ties_in_pieces(monkeypatch):
+    """Every item equal: all of them are within the screen's tolerance of the k-th, and they are
+    re-scored in pieces of the chunk's budget; the answer is the first k ids."""
+    monkeypatch.setattr(reference, "TOPK_CHUNK_ELEMENTS", 64)  # a user a chunk, pieces of 12
+    P, Q, K, M, users, _ = make(U=2, I=40, d=5, N=3, dtype=torch.float32)
+    Q = Q[:1].expand(40, 5).contiguous()
+    dist, ids = reference.lrml_topk(P, Q, K, M, torch.arange(2), 13)
+    assert torch.equal(ids, torch.arange(13).expand(2, 13))
+    assert (dist == dist[:, :1]).all()
+
+
 def test_topk_ties_by_id_among_near_equal_screen_values():
     """Duplicate items (equal direct distances) are returned by ascending id, also when the
     rewrite rounds them differently from the rest; excluded items never appear."""
