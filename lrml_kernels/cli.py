@@ -4,6 +4,7 @@ the command line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import typing
 from pathlib import Path
 
 from lrml_kernels.backends import BackendUnavailable
+from lrml_kernels.errors import MissingExtra
 from lrml_kernels.recommend import EXCLUDE
 from lrml_kernels.training import CHECKPOINT, TrainConfig, TrainingInterrupted
 
@@ -309,6 +311,12 @@ def _train(args) -> int:
         names = ("metrics.json", "learning_curve.png", CHECKPOINT, "best.pt")
         wrote = ", ".join(n for n in names if (out / n).exists())
         print(f"wrote {out}/{wrote}", file=sys.stderr)
+        if not (out / names[1]).exists() and importlib.util.find_spec("matplotlib") is None:
+            print(
+                f"lrml train: no {names[1]}: matplotlib is not installed "
+                "(pip install 'lrml_kernels[plot]')",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -651,6 +659,7 @@ def main(argv=None) -> int:
         OSError,  # a missing file, a folder given for a file, a full disk, ...
         IndexError,
         BackendUnavailable,
+        MissingExtra,  # an optional dependency: the message names the extra to install
         FloatingPointError,  # training.NonFiniteLossError
     ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 
 from lrml_kernels import data as lkdata
 from lrml_kernels.data.side_info import AGE_GROUPS, GENRES, MovieLensSideInfo
+from lrml_kernels.errors import MissingExtra
 
 __all__ = [
     "CLAIMS",
@@ -746,10 +747,13 @@ def run(
     Returns a summary (verdicts per claim and per target, the AUCs, times).
     """
     try:
+        import matplotlib  # noqa: F401  (the plots, drawn after the probes)
         import sklearn  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "lrml explain needs scikit-learn: pip install 'lrml_kernels[explain]'"
+    except ImportError as exc:
+        missing = "scikit-learn" if exc.name == "sklearn" else exc.name
+        raise MissingExtra(
+            f"lrml explain needs scikit-learn and matplotlib ({missing} is not installed): "
+            "pip install 'lrml_kernels[explain]'"
         ) from None
     for name, value, low in (
         ("max_pairs", max_pairs, 1000),  # a class needs MIN_CLASS pairs in every draw

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lrml_kernels import data as lkdata
 from lrml_kernels.checkpoints import atomic_write
+from lrml_kernels.errors import MissingExtra
 from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, fit
 
 BEST_CONFIG = "best_config.json"
@@ -156,9 +157,13 @@ def tune(
             not tried (both with a warning on stderr).
 
     A KeyboardInterrupt or an error ends the study after its outputs are written (once a trial
-    has completed) and propagates.
+    has completed) and propagates. Without Optuna it raises
+    :class:`~lrml_kernels.errors.MissingExtra` (``pip install 'lrml_kernels[tune]'``).
     """
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise MissingExtra("lrml tune needs Optuna: pip install 'lrml_kernels[tune]'") from None
 
     search = tuple(search)
     _check_search(search)

@@ -6,6 +6,7 @@ these run the same on machines with and without GPUs."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -185,3 +186,29 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys, c
     assert main(COMMANDS[command]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == f"lrml {command}: interrupted", err
+
+
+@pytest.mark.parametrize(
+    "command, absent, extra",
+    [
+        (["tune", "--data", "synthetic-netflix", "--trials", "1"], "optuna", "tune"),
+        (EXPLAIN, "sklearn", "explain"),
+        (EXPLAIN, "matplotlib", "explain"),
+    ],
+)
+def test_a_missing_optional_dependency_names_its_extra(
+    monkeypatch, no_data, error_line, tmp_path, command, absent, extra
+):
+    # an installed package without the extra: one error line naming it, no traceback
+    monkeypatch.setitem(sys.modules, absent, None)  # import absent -> ImportError
+    assert main(command + ["--out", str(tmp_path / "out")]) == 2
+    assert f"pip install 'lrml_kernels[{extra}]'" in error_line(command[0])
+
+
+def test_train_without_matplotlib_says_why_there_is_no_curve(monkeypatch, capsys, tmp_path):
+    from lrml_kernels import training
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(training, "fit", lambda cfg, out, resume: {"final": {}})
+    assert main(TRAIN + ["--out", str(tmp_path)]) == 0
+    assert "pip install 'lrml_kernels[plot]'" in capsys.readouterr().err
