@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 from _tolerance import assert_matches, reference_with_bounds
 
 import lrml_kernels as lk
+from lrml_kernels import _build as lk_build
 from lrml_kernels import extension, reference
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.gradients import table_grad
@@ -469,6 +472,39 @@ def test_cuda_backend_unavailable_without_cuda():
     assert "cuda" not in lk.available_backends()
     with pytest.raises(BackendUnavailable):
         lk.lrml_distances(*make(4, 2, 3, 2, torch.float32), backend="cuda")
+
+
+@pytest.mark.slow
+def test_the_sdist_and_the_wheel_built_from_it_ship_the_sources(tmp_path):
+    # python -m build makes the wheel from the sdist: without csrc/ in the sdist (MANIFEST.in)
+    # the wheel had no lrml_kernels/csrc and the just-in-time build nothing to compile
+    pytest.importorskip("setuptools")
+    tree = tmp_path / "tree"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.stamp.json", "*.egg-info")
+    shutil.copytree(REPO / "lrml_kernels", tree / "lrml_kernels", ignore=skip)
+    shutil.rmtree(tree / "lrml_kernels" / "csrc", ignore_errors=True)  # a leftover build's copy
+    shutil.copytree(REPO / "csrc", tree / "csrc", ignore=skip)
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, tree / name)
+    env = dict(os.environ, LRML_KERNELS_NO_EXT="1")
+
+    def build(kind, src, out):
+        code = f"from setuptools import build_meta as b; print(b.build_{kind}({str(out)!r}))"
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=src, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        return out / r.stdout.strip().splitlines()[-1]
+
+    sdist = build("sdist", tree, tmp_path / "dist")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    names = set(zipfile.ZipFile(build("wheel", next((tmp_path / "unpacked").iterdir()),
+                                      tmp_path / "wheel")).namelist())  # fmt: skip
+    sources = [f"lrml_kernels/csrc/{s}" for s in (*lk_build.CPU_SOURCES, *lk_build.CUDA_SOURCES)]
+    assert not [s for s in sources if s not in names], sorted(names)
 
 
 # ---- top-k -------------------------------------------------------------------------------------
