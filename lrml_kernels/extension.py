@@ -140,6 +140,12 @@ def _jit_build(name: str) -> None:
             raise BackendUnavailable("cuda backend: this torch build has no CUDA support")
         if cpp_extension.CUDA_HOME is None:
             raise BackendUnavailable("cuda backend: nvcc / CUDA_HOME not found")
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # torch takes the architectures from the devices (an IndexError without one)
+            raise BackendUnavailable(
+                "cuda backend: no CUDA device to build for (set TORCH_CUDA_ARCH_LIST, "
+                "e.g. '8.0;9.0', to build without one)"
+            )
         sources = [str(src / s) for s in CUDA_SOURCES]
         kwargs = dict(
             extra_cflags=["-O3"],

@@ -474,6 +474,20 @@ def test_cuda_backend_unavailable_without_cuda():
         lk.lrml_distances(*make(4, 2, 3, 2, torch.float32), backend="cuda")
 
 
+def test_cuda_build_without_a_device_says_so(monkeypatch):
+    # a CUDA build of torch on a machine without a GPU: torch takes the architectures to compile
+    # for from the devices, and without one failed with "list index out of range"
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("LRML_KERNELS_NO_JIT", raising=False)
+    with pytest.raises(BackendUnavailable, match="no CUDA device to build for .*TORCH_CUDA_ARCH"):
+        extension._jit_build("cuda")
+
+
 @pytest.mark.slow
 def test_the_sdist_and_the_wheel_built_from_it_ship_the_sources(tmp_path):
     # python -m build makes the wheel from the sdist: without csrc/ in the sdist (MANIFEST.in)
