@@ -504,7 +504,10 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
+    from lrml_kernels import __version__
+
     parser = argparse.ArgumentParser(prog="lrml", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lrml_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
     _add_train_args(p)

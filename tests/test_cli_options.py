@@ -212,3 +212,12 @@ def test_train_without_matplotlib_says_why_there_is_no_curve(monkeypatch, capsys
     monkeypatch.setattr(training, "fit", lambda cfg, out, resume: {"final": {}})
     assert main(TRAIN + ["--out", str(tmp_path)]) == 0
     assert "pip install 'lrml_kernels[plot]'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import lrml_kernels
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lrml_kernels {lrml_kernels.__version__}"
