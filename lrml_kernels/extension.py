@@ -126,8 +126,6 @@ def _jit_build(name: str) -> None:
         raise BackendUnavailable(f"{name} backend: the csrc/ sources are not installed")
     from torch.utils import cpp_extension
 
-    out = build_dir(src) / name
-    out.mkdir(parents=True, exist_ok=True)
     if name == "cpu":
         sources = [str(src / s) for s in CPU_SOURCES]
         kwargs = dict(
@@ -152,6 +150,14 @@ def _jit_build(name: str) -> None:
             extra_cuda_cflags=["-O3", "-lineinfo"],
             with_cuda=True,
         )
+    out = build_dir(src) / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only home
+        raise BackendUnavailable(
+            f"{name} backend: cannot create the build folder {out} ({exc}); set "
+            "LRML_KERNELS_CACHE to a writable folder"
+        ) from exc
     try:
         cpp_extension.load(
             name=f"lrml_ext_{name}",

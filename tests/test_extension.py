@@ -488,6 +488,21 @@ def test_cuda_build_without_a_device_says_so(monkeypatch):
         extension._jit_build("cuda")
 
 
+def test_an_unwritable_build_cache_names_the_variable(tmp_path, monkeypatch):
+    # a read-only home: the error names LRML_KERNELS_CACHE (it was a bare "Permission denied"),
+    # and a backend that cannot be built here leaves no folder behind
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LRML_KERNELS_CACHE", str(cache))
+    monkeypatch.delenv("LRML_KERNELS_NO_JIT", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(BackendUnavailable, match="no CUDA support"):
+        extension._jit_build("cuda")
+    assert not cache.exists()
+    cache.write_text("")  # a file where the folder should go: mkdir fails, even as root
+    with pytest.raises(BackendUnavailable, match="set LRML_KERNELS_CACHE to a writable folder"):
+        extension._jit_build("cpu")
+
+
 @pytest.mark.slow
 def test_the_sdist_and_the_wheel_built_from_it_ship_the_sources(tmp_path):
     # python -m build makes the wheel from the sdist: without csrc/ in the sdist (MANIFEST.in)
