@@ -14,7 +14,7 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "${LRML_TORCH:-torch==2.13.0}"
 fi
-"${pip[@]}" "numpy>=1.24" "tqdm>=4.60" "ninja>=1.11" "setuptools>=68" wheel \
+"${pip[@]}" "numpy>=1.24" "tqdm>=4.60" "ninja>=1.11" "setuptools>=77" wheel \
   "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" "ruff==0.17.6" "matplotlib>=3.7" \
   "optuna>=4.0" "scikit-learn>=1.3"
 "${pip[@]}" "triton>=3.6,<3.10" || echo "setup: triton not installed (optional): the triton backend is off"
