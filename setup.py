@@ -122,13 +122,16 @@ def extension_setup() -> tuple[list, dict]:
             """Editable installs: each library that was built is copied into the source tree,
             and its stamp with it (without it the package would not trust the library and build
             again). A library whose build failed is left out: the install still succeeds."""
+            build_py = self.get_finalized_command("build_py")
             every = self.extensions
-            self.extensions = [e for e in every if os.path.exists(self.get_ext_fullpath(e.name))]
+            # the build's path: get_ext_fullpath gives the in-place one here (self.inplace)
+            self.extensions = [
+                e for e in every if os.path.exists(self._get_inplace_equivalent(build_py, e)[1])
+            ]
             try:
                 super().copy_extensions_to_source()
             finally:
                 built, self.extensions = self.extensions, every
-            build_py = self.get_finalized_command("build_py")
             for ext in built:
                 inplace, regular = self._get_inplace_equivalent(build_py, ext)
                 if stamp_path(regular).exists():

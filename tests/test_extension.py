@@ -504,6 +504,34 @@ def test_an_unwritable_build_cache_names_the_variable(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_an_in_place_build_copies_each_library_and_its_stamp(tmp_path):
+    # pip install --no-build-isolation -e . (scripts/setup.sh) builds in place: each library built
+    # must land in the package with its stamp. The copy looked for the libraries at their in-place
+    # paths, where they are not yet, and copied none: every checkout built again just in time.
+    # Empty sources: this checks setup.py, not the kernels.
+    pytest.importorskip("setuptools")
+    tree = tmp_path / "tree"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.stamp.json", "csrc")
+    shutil.copytree(REPO / "lrml_kernels", tree / "lrml_kernels", ignore=skip)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, tree / name)
+    for source in (*lk_build.CPU_SOURCES, *lk_build.CUDA_SOURCES):
+        (tree / "csrc" / source).parent.mkdir(parents=True, exist_ok=True)
+        (tree / "csrc" / source).write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "LRML_KERNELS_NO_EXT"}
+    r = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    libraries = list((tree / "lrml_kernels").glob("_C_cpu.*.so"))
+    assert len(libraries) == 1, r.stdout + r.stderr
+    stamp = json.loads(extension.stamp_path(libraries[0]).read_text())
+    assert stamp["sources"] == extension.sources_hash(tree / "csrc")
+    assert stamp["torch"] == torch.__version__
+
+
+@pytest.mark.slow
 def test_the_sdist_and_the_wheel_built_from_it_ship_the_sources(tmp_path):
     # python -m build makes the wheel from the sdist: without csrc/ in the sdist (MANIFEST.in)
     # the wheel had no lrml_kernels/csrc and the just-in-time build nothing to compile
