@@ -56,6 +56,38 @@ def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, 
     assert (fused.user_emb[:10].norm(dim=1) <= 1 + 1e-9).all()  # the touched rows
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_step_projects_into_a_ball_of_radius_max_norm(name, backend):
+    # max_norm = 0.37, not the default 1 (x / max(1, |x| / r) and x / max(1, |x| r) agree at
+    # r = 1): the fused update (torch ops; cpu + adam: the C++ row_adam_; triton: the Triton row
+    # update) projects like autograd + the torch optimizer + project_(). Rows start at norm ~1.
+    torch.manual_seed(0)
+    fused = lk.LRML(13, 11, dim=7, memory_slots=3, max_norm=0.37, sparse=True, backend=backend)
+    fused = fused.double()
+    ref = copy.deepcopy(fused)
+    ref.backend = "torch"
+    trainer = LRMLTrainer(fused, name, lr=0.05)
+    opts = torch_optimizers(ref, name, 0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        users = torch.randperm(5, generator=g)[torch.tensor([0, 1, 2, 3, 4, 0])]  # all of 0-4
+        items = torch.randint(0, 4, (6, 3), generator=g)
+        trainer.step(users, items)
+        for o in opts:
+            o.zero_grad()
+        ref(users, items).backward()
+        for o in opts:
+            o.step()
+        ref.project_(users, items)
+    for a, b in zip(fused.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # the touched rows: in the ball, some on its sphere
+    norms = fused.user_emb.detach()[:5].norm(dim=1)
+    assert (norms <= 0.37 * (1 + 1e-12)).all() and float(norms.max()) == pytest.approx(0.37), norms
+    assert (fused.user_emb.detach()[5:].norm(dim=1) > 0.37).all()  # untouched: not projected
+
+
 def check_bf16_steps_keep_the_fp32_update_on_average(backend, device):
     """One SGD step of mostly less than half a bf16 step: rounded to nearest, 85 % of the fp32
     update would be lost; rounded stochastically, the weights move by whole bf16 steps with the
