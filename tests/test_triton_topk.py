@@ -364,6 +364,26 @@ def test_planted_near_ties_at_the_boundary(dtype, spread, tol, copies):
         assert TK.last_stats["fallback"] == 0
 
 
+def test_fallback_users_keep_their_own_exclusions():
+    # The planted user 0 fails the certificate (more near-ties than candidates) in rows 1 and 3
+    # of 4, between certified rows: the direct path's exclusions must be rows 1 and 3's own
+    # (the failed rows' slice of the CSR), not the first two rows'.
+    params, users, slots = planted_near_ties(torch.float64, 70, 1e-6)
+    users = torch.tensor([1, 0, 2, 0], device=DEVICE)
+    full = brute_distances(params, users, "l2")
+    near = full[1].argsort()[:3].tolist()
+    rows = [sorted(full[0].argsort()[:4].tolist()), sorted([near[0], *slots[:2].tolist()]),
+            sorted(full[2].argsort()[:5].tolist()), sorted(near[1:])]  # fmt: skip
+    mask = torch.zeros(full.shape, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        mask[b, row] = True
+    indptr = torch.tensor([0, *torch.tensor([len(r) for r in rows]).cumsum(0).tolist()])
+    exclude = (indptr.to(DEVICE), torch.tensor(sum(rows, []), device=DEVICE))
+    dist, ids = T.topk(*params, users, 10, exclude, "l2", 1e-3)
+    assert TK.last_stats == {"screened": 2, "fallback": 2}
+    check_topk(dist, ids, full, mask, 10, 1e-9)
+
+
 def test_planted_near_ties_with_bf16_screen(bf16_screen):
     params, users, _ = planted_near_ties(torch.float32, 20, 3e-5, seed=23)
     full = brute_distances(params, users, "l2")
