@@ -391,8 +391,12 @@ def test_early_stopping_stops(tmp_path, small_valid, one_thread):
 
 
 def test_selection_survives_resume(tmp_path, small_valid, one_thread):
-    kw = {"select_on": "valid", "lr_schedule": "constant", "lr": 0.05}
+    # lr 2: validation nDCG peaks at epoch 2 and falls after, so the selected epoch is one the
+    # resumed run only knows from the checkpoint (at lr 0.05 the last epoch always won, and a
+    # resume that forgot the best epoch passed)
+    kw = {"select_on": "valid", "lr_schedule": "constant", "lr": 2.0}
     full = fit(cfg(epochs=4, **kw), tmp_path / "a", split=small_valid)
+    assert full["final"]["selected_epoch"] == 2
     fit(cfg(epochs=2, **kw), tmp_path / "b", split=small_valid)
     resumed = fit(cfg(epochs=4, **kw), tmp_path / "b", split=small_valid, resume=True)
     assert resumed["final"] == full["final"]
