@@ -198,3 +198,26 @@ def test_topk_ties_by_id_among_near_equal_screen_values():
         key = sorted(range(12), key=lambda i: (D[b, i].item(), i))
         assert ids[b].tolist() == key
         assert ids_ex[b].tolist() == [i for i in key if not (b == 0 and i == 5)] + [-1] * (b == 0)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_topk_excludes_and_pads_like_a_brute_force_sort(distance):
+    """lrml_topk (the torch backend's top-k and the oracle of the others) against the naive
+    per-pair loop sorted by (distance, id): excluded items never appear, and a user left fewer
+    than k items gets -1 / +inf in the last slots, never an excluded candidate in between."""
+    P, Q, K, M, _, _ = make(U=3, I=7, d=5, N=3)
+    users = torch.tensor([2, 0, 1])
+    rows = [[], [0, 3, 4, 6], [1, 2, 5]]  # user 0 keeps 3 of 7 items, user 1 keeps 4
+    indptr = torch.tensor([0, 0, 4, 7])
+    exclude = (indptr, torch.tensor(sum(rows, [])))
+    k = 6
+    dist, ids = reference.lrml_topk(P, Q, K, M, users, k, exclude=exclude, distance=distance)
+    p_, q_, k_, m_ = (t.tolist() for t in (P, Q, K, M))
+    for b, u in enumerate(users.tolist()):
+        kept = [i for i in range(7) if i not in rows[b]]
+        want = sorted((naive_pair(p_[u], q_[i], k_, m_, distance, 1e-3), i) for i in kept)[:k]
+        n = len(want)
+        assert ids[b, :n].tolist() == [i for _, i in want]
+        assert dist[b, :n].tolist() == pytest.approx([v for v, _ in want], rel=1e-12, abs=1e-12)
+        assert ids[b, n:].tolist() == [-1] * (k - n)
+        assert torch.isinf(dist[b, n:]).all() and (dist[b, n:] > 0).all()
