@@ -9,10 +9,11 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from lrml_kernels.backends import BackendUnavailable
-from lrml_kernels.errors import MissingExtra
+from lrml_kernels.errors import LRMLWarning, MissingExtra
 from lrml_kernels.recommend import EXCLUDE
 from lrml_kernels.training import CHECKPOINT, TrainConfig, TrainingInterrupted
 
@@ -647,6 +648,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        return _run(parser, with_config, args, argv)
+
+
+def _one_line_warnings(command: str, show):
+    """``warnings.showwarning`` that prints the package's warnings (:class:`LRMLWarning`) as
+    one ``lrml COMMAND: warning: ...`` line, and the others as ``show`` does."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LRMLWarning):
+            print(f"lrml {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+def _run(parser, with_config, args, argv) -> int:
     try:
         if getattr(args, "config", None):  # the file's options, then the command line's again
             values = _read_config(args.config)

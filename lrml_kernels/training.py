@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ import torch
 from lrml_kernels import backends, checkpoints, ops
 from lrml_kernels import data as lkdata
 from lrml_kernels.batches import BatchPipeline, EpochOrder
-from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.errors import BackendUnavailable, LRMLWarning
 from lrml_kernels.metrics import PROTOCOLS, evaluate
 from lrml_kernels.model import LRML, MODEL_RELATIONS
 from lrml_kernels.precision import FP32_MATMUL_PRECISIONS, using_fp32_matmul_precision
@@ -957,6 +958,16 @@ def load_checkpoint(path, device="cpu") -> tuple[LRML, dict]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         stored = _stored_options(ckpt)
+        unknown = sorted(set(stored) - known)
+        if unknown:  # a newer version's: they may change what the model computes
+            warnings.warn(
+                f"{path}: the checkpoint (lrml_kernels {ckpt.get('version', '?')}) has options "
+                f"this version ({_version()}) does not know, left out: "
+                + ", ".join(f"{k}={stored[k]!r}" for k in unknown)
+                + "; its scores may differ from the run's",
+                LRMLWarning,
+                stacklevel=2,
+            )
         cfg = TrainConfig(**{k: v for k, v in stored.items() if k in known})
         cfg.device = str(device)
         cfg.cuda_graph = False  # a training option: the model loads on any device, untrained

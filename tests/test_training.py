@@ -432,6 +432,27 @@ def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_threa
     assert json.loads(capsys.readouterr().out)["k"] == 10
 
 
+def test_an_option_of_a_newer_version_is_refused_on_resume_and_named_on_evaluate(
+    tmp_path, capsys, one_thread
+):
+    # (a newer version's option may change what the model computes: evaluate goes on, and says so)
+    from lrml_kernels import checkpoints
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "1", "--dim", "8", "--no-progress"]
+    assert main(argv + ["--out", str(out)]) == 0
+    ckpt = checkpoints.read(out / CHECKPOINT)
+    ckpt["config"]["attention_temperature"] = 0.5
+    checkpoints.save(ckpt, out / CHECKPOINT)
+    capsys.readouterr()
+    assert main(["evaluate", str(out / CHECKPOINT), "--eval", "sampled"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrml evaluate: warning: ") and "\n" not in err, err
+    assert "does not know, left out: attention_temperature=0.5" in err
+    assert main(argv + ["--out", str(out), "--epochs", "2", "--resume"]) == 2
+    assert "options this version" in capsys.readouterr().err
+
+
 def test_cli_evaluate_runs_at_the_matmul_precision_the_run_recorded(
     tmp_path, capsys, one_thread, monkeypatch
 ):
