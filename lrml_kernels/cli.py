@@ -391,6 +391,20 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _user_ids(users: str) -> list[str]:
+    """The ids of ``--users``: comma-separated, or ``@FILE``, a file of ids separated by commas
+    or line breaks."""
+    if users.startswith("@"):
+        text = Path(users[1:]).expanduser().read_text(encoding="utf-8-sig")
+        where = f"--users {users}"
+    else:
+        text, where = users, "--users"
+    ids = [u.strip() for line in text.splitlines() for u in line.split(",") if u.strip()]
+    if not ids:
+        raise ValueError(f"{where} names no user id")
+    return ids
+
+
 def _recommend(args) -> int:
     from lrml_kernels import recommend
 
@@ -398,9 +412,7 @@ def _recommend(args) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.out != "-" and not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
-    ids = None if args.users is None else [u.strip() for u in args.users.split(",") if u.strip()]
-    if ids is not None and not ids:
-        raise ValueError("--users names no user id")
+    ids = None if args.users is None else _user_ids(args.users)
     _set_threads(args.threads)
     model, split, _ = _checkpoint_and_data(args)
     users = recommend.user_indices(split, ids)
@@ -565,7 +577,8 @@ def main(argv=None) -> int:
         "--users",
         default=None,
         metavar="IDS",
-        help="comma-separated user ids as the data writes them (default: every user)",
+        help="comma-separated user ids as the data writes them, or @FILE: a file of them, "
+        "one or more a line (default: every user)",
     )
     p.add_argument(
         "--exclude",

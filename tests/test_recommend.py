@@ -141,6 +141,11 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
         assert all(int(r["item"]) >= 50000 and (int(r["item"]) - 50000) % 3 == 0 for r in mine)
         dist = [float(r["distance"]) for r in mine]
         assert dist == sorted(dist)
+    # the same users from a file (one or more ids a line, a BOM and blank lines allowed)
+    (csv_run / "ids.txt").write_text("\ufeff1007\n\n 1000 ,\n", encoding="utf-8")
+    argv[-1] = str(csv_run / "recs2.csv")
+    assert main(argv + ["--users", f"@{csv_run / 'ids.txt'}", "--no-progress"]) == 0
+    assert (csv_run / "recs2.csv").read_text() == out.read_text()
     # the same lists through the library, by index
     model, ckpt = load_checkpoint(csv_run / "run" / "best.pt")
     split = load_checkpoint_data(ckpt)[1]
@@ -156,6 +161,7 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
     [
         (["--users", "1000,99"], "unknown user id '99'"),
         (["--users", " , "], "--users names no user id"),
+        (["--users", "@no/such/ids.txt"], "no/such/ids.txt"),
         (["--k", "0"], "--k must be a positive integer"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--out", "no/such/folder/recs.csv"], "its folder does not exist"),
