@@ -173,14 +173,13 @@ def _add_train_only_args(p: argparse.ArgumentParser) -> None:
     a("--overwrite", action="store_true", help="replace the run that --out holds, if any")
 
 
-def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None, progress=True) -> None:
-    """``--device`` and ``--backend`` of the commands that load a checkpoint, and (``progress``)
-    ``--no-progress`` and ``--threads``."""
+def _add_device_args(p: argparse.ArgumentParser, *, backend_choices=None) -> None:
+    """``--device``, ``--backend``, ``--no-progress`` and ``--threads`` of the commands that load
+    a checkpoint."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, choices=backend_choices)
-    if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _read_config(path) -> dict:
@@ -383,11 +382,13 @@ def _evaluate(args) -> int:
     from lrml_kernels.metrics import evaluate
     from lrml_kernels.precision import using_fp32_matmul_precision
 
+    _set_threads(args.threads)
     model, split, ckpt = _checkpoint_and_data(args)
     # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
     with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
         for protocol in args.eval:
-            print(json.dumps(evaluate(model, split, protocol, args.k)))
+            m = evaluate(model, split, protocol, args.k, progress=not args.no_progress)
+            print(json.dumps(m))
     return 0
 
 
@@ -563,7 +564,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
     )
-    _add_device_args(p, progress=False)
+    _add_device_args(p)
     p.set_defaults(func=_evaluate)
     p = sub.add_parser(
         "recommend",

@@ -10,6 +10,7 @@ ranker which column holds the held-out item.
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,11 +29,14 @@ def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
     return hit.double().mean().item(), ndcg.mean().item()
 
 
-def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torch.Tensor:
+def sampled_ranks(
+    ranker, split, *, batch_size: int = 4096, device=None, progress: bool = False
+) -> torch.Tensor:
     """Rank of each held-out item among its sampled negatives (ties count against it).
 
     Negatives equal to the held-out item itself are ignored. A NaN distance ranks last (as
     +inf): a held-out item at NaN is behind every rival, a rival at NaN beats nothing.
+    ``progress``: a progress bar on stderr once the ranking has taken 2 s.
     """
     if split.test_negatives is None:
         raise ValueError("this split has no sampled negatives: use protocol='full'")
@@ -46,10 +50,11 @@ def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torc
         dim=1,
     )
     ranks = []
-    with torch.no_grad():
+    with torch.no_grad(), _bar(users.shape[0], "sampled ranking", progress) as bar:
         for start in range(0, users.shape[0], batch_size):
             u = users[start : start + batch_size].to(device)
             c = cand[start : start + batch_size].to(device)
+            bar.update(u.shape[0])
             D = ranker.distances(u, c)  # compared in its own dtype: no ties made by rounding
             # A negative equal to the held-out item (156 rows of the NCF ml-1m file) is not a
             # competitor: skip it, as NCF's own evaluation does.
@@ -59,13 +64,30 @@ def sampled_ranks(ranker, split, *, batch_size: int = 4096, device=None) -> torc
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
 
 
+def _bar(total: int, desc: str, progress: bool):
+    """A progress bar over ``total`` test users, shown on stderr only after 2 s and cleared at
+    the end (an evaluation between training epochs adds no line)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="user", disable=not progress, delay=2.0, leave=False,
+        dynamic_ncols=True, file=sys.stderr,
+    )  # fmt: skip
+
+
 def _nan_last(D: torch.Tensor) -> torch.Tensor:
     """``D`` with NaN replaced by +inf: a NaN distance ranks last."""
     return D.masked_fill(D.isnan(), float("inf"))
 
 
 def full_ranks(
-    ranker, split, *, k: int = 10, batch_size: int | None = None, device=None
+    ranker,
+    split,
+    *,
+    k: int = 10,
+    batch_size: int | None = None,
+    device=None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Rank of each held-out item among all items the user did not train on, capped at ``k``.
 
@@ -78,7 +100,7 @@ def full_ranks(
     returned has k+1 items ahead: ``k``, "not in the top k". A NaN distance ranks last, as in
     :func:`sampled_ranks`: a held-out item at NaN is a miss. A split with a validation split also
     excludes each user's validation item (``split.known_csr()``): it is a known positive, not a
-    rival of the test item.
+    rival of the test item. ``progress``: as in :func:`sampled_ranks`.
     """
     device = torch.device(device) if device is not None else _device_of(ranker)
     if batch_size is None:
@@ -89,9 +111,10 @@ def full_ranks(
     users = torch.as_tensor(split.test_users, dtype=torch.int64)
     tests = torch.as_tensor(split.test_items, dtype=torch.int64)
     ranks = []
-    with torch.no_grad():
+    with torch.no_grad(), _bar(users.shape[0], "full ranking", progress) as bar:
         for start in range(0, users.shape[0], batch_size):
             u = users[start : start + batch_size]
+            bar.update(u.shape[0])
             sub_ptr, sub_idx = batch_csr(indptr, indices, u)
             ud, t = u.to(device), tests[start : start + batch_size].to(device)
             dist, ids = ranker.recommend(
@@ -111,6 +134,8 @@ def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, *, shard=Non
 
     ``shard=(rank, world)`` evaluates every world-th test user from ``rank`` on and sums the
     results over the ranks with ``torch.distributed`` (every rank gets the global numbers).
+    ``kw`` goes to :func:`sampled_ranks` / :func:`full_ranks` (``batch_size``, ``device``,
+    ``progress``).
     Returns ``{"protocol", "k", "users", "hr", "ndcg"}`` (``hr``/``ndcg`` as SPEC.md defines).
     """
     if protocol not in PROTOCOLS:

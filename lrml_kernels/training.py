@@ -783,8 +783,9 @@ class _Run:
         cfg = self.cfg
         t1 = time.perf_counter()
         m = evaluate(
-            self.model, self.eval_split, cfg.eval, cfg.eval_k, shard=(self.rank, self.world)
-        )
+            self.model, self.eval_split, cfg.eval, cfg.eval_k, shard=(self.rank, self.world),
+            progress=cfg.progress and self.rank == 0,
+        )  # fmt: skip
         pre = "valid_" if self.select else ""
         record.update(
             {pre + "hr": m["hr"], pre + "ndcg": m["ndcg"]}, eval_seconds=time.perf_counter() - t1

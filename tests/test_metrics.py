@@ -237,3 +237,30 @@ def test_k_must_be_a_positive_integer_in_both_protocols(protocol, k):
     split = make_split([(0, 3)], [(0, 0)], [[1, 2]], 4)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         evaluate(TableRanker([[0.5, 0.1, 0.9, 1.0]]), split, protocol, k=k)
+
+
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_a_long_evaluation_shows_a_progress_bar_that_a_short_one_does_not(
+    protocol, monkeypatch, capsys
+):
+    import time
+
+    class SlowRanker(TableRanker):  # 0.7 s a batch of one user: the bar's 2 s delay is passed
+        def distances(self, users, items):
+            time.sleep(0.7)
+            return super().distances(users, items)
+
+        def recommend(self, users, k, exclude=None):
+            time.sleep(0.7)
+            return super().recommend(users, k, exclude)
+
+    tests = [(u, 0) for u in range(4)]
+    split = make_split([(u, 4) for u in range(4)], tests, [[1, 2, 3]] * 4, 5)
+    table = np.tile(np.arange(5.0), (4, 1))
+    quick = evaluate(TableRanker(table), split, protocol, k=2, batch_size=1, progress=True)
+    assert capsys.readouterr().err == ""
+    slow = evaluate(SlowRanker(table), split, protocol, k=2, batch_size=1, progress=True)
+    assert f"{protocol} ranking" in capsys.readouterr().err
+    assert slow == quick and quick["hr"] == 1.0
+    evaluate(SlowRanker(table), split, protocol, k=2, batch_size=1)  # progress off by default
+    assert capsys.readouterr().err == ""

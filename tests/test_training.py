@@ -428,7 +428,8 @@ def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_threa
     assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["k"], got["hr"], got["ndcg"]) == (5, recorded["hr"], recorded["ndcg"])
-    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled", "--k", "10"]) == 0
+    argv = ["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled", "--k", "10"]
+    assert main(argv + ["--no-progress", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["k"] == 10
 
 
@@ -466,7 +467,9 @@ def test_cli_evaluate_runs_at_the_matmul_precision_the_run_recorded(
     seen = []
     evaluate = metrics.evaluate
     monkeypatch.setattr(
-        metrics, "evaluate", lambda *a: seen.append(fp32_matmul_precision()) or evaluate(*a)
+        metrics,
+        "evaluate",
+        lambda *a, **kw: seen.append(fp32_matmul_precision()) or evaluate(*a, **kw),
     )
     assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled"]) == 0
     assert seen == ["medium"] and fp32_matmul_precision() == "highest"
