@@ -216,20 +216,30 @@ def screen_tolerance(p, item_emb, keys, memory, *, distance="l2") -> torch.Tenso
     p, Q, K, M = (t.to(ct) for t in (p, item_emb, keys, memory))
     em = torch.finfo(ct).eps
     gamma = 4 * (K.shape[1] + K.shape[0] + 16) * em
-    q_max = Q.norm(dim=1).max() if Q.shape[0] else Q.new_zeros(())
+    q_max = _item_max(Q.norm(dim=1))
     zb = (p[:, None, :] * K[None]).norm(dim=-1).amax(1, keepdim=True) * q_max  # |z| bound
     if distance == "l1":
         msum = M.abs().amax(0).sum()
-        q1 = Q.abs().sum(1).max() if Q.shape[0] else Q.new_zeros(())
+        q1 = _item_max(Q.abs().sum(1))
         p1 = p.abs().sum(1, keepdim=True)
         delta = gamma * (p1 + q1 + msum + 2 * zb * msum) + 8 * em * msum
     else:
-        mq = (Q @ M.T).abs().max() if Q.shape[0] else Q.new_zeros(())
+        mq = _item_max((Q @ M.T).abs().amax(1) if M.shape[0] else Q.new_zeros(Q.shape[0]))
         V = 2 * (p @ M.T).abs().amax(1, keepdim=True) + 2 * mq + 2 * (M @ M.T).abs().max()
         pp = (p * p).sum(1, keepdim=True)
         mag = pp + q_max**2 + 2 * pp.sqrt() * q_max + V
         delta = gamma * (mag + 2 * zb * V) + 8 * em * V
     return 2 * delta
+
+
+def _item_max(per_item: torch.Tensor) -> torch.Tensor:
+    """The largest of the items' magnitudes ``[I]``, 0 for none; an item at NaN is left out (it
+    ranks last on its own: a NaN bound would keep no other item for the exact re-score)."""
+    return (
+        per_item.masked_fill(per_item.isnan(), 0).amax()
+        if per_item.numel()
+        else per_item.new_zeros(())
+    )
 
 
 @torch.no_grad()

@@ -221,3 +221,23 @@ def test_topk_excludes_and_pads_like_a_brute_force_sort(distance):
         assert dist[b, :n].tolist() == pytest.approx([v for v, _ in want], rel=1e-12, abs=1e-12)
         assert ids[b, n:].tolist() == [-1] * (k - n)
         assert torch.isinf(dist[b, n:]).all() and (dist[b, n:] > 0).all()
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("k", [3, 7, 8])
+def test_topk_a_nan_item_ranks_last_and_leaves_the_others_exact(distance, k):
+    """A NaN item (a diverged row) is last; it must not make the screen's rounding bound NaN,
+    which kept no other item for the exact re-score (they came back as -1)."""
+    P, Q, K, M, _, _ = make(U=3, I=8, d=6, N=3)
+    Q = Q.clone()
+    Q[3] = float("nan")
+    users = torch.arange(3)
+    dist, ids = reference.lrml_topk(P, Q, K, M, users, k, distance=distance)
+    direct = reference.lrml_distances(
+        P, Q, K, M, users, torch.arange(8).expand(3, 8), distance=distance
+    )
+    for b in range(3):
+        want = sorted((v, i) for i, v in enumerate(direct[b].tolist()) if i != 3) + [(0, 3)]
+        assert ids[b].tolist() == [i for _, i in want][:k]
+        assert dist[b, : min(k, 7)].tolist() == [v for v, _ in want][: min(k, 7)]
+    assert torch.isnan(dist[:, 7:]).all()
