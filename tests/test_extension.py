@@ -657,6 +657,21 @@ def test_topk_k_beyond_catalogue_and_no_exclusions(ext, distance):
     assert torch.equal(ids, i2)
 
 
+@pytest.mark.parametrize("exclude", [False, True])
+def test_topk_of_an_empty_catalogue_is_all_padding(ext, exclude):
+    # I = 0 left the selectors' heaps empty with kk = 0: heap.front() on an empty vector
+    # (a segfault)
+    P, _, K, M, _, _ = (t.detach() for t in make(37, 7, 5, 1, torch.float32, U=5, I=3, seed=14))
+    Q = torch.empty(0, 37)
+    users = torch.tensor([0, 4, 2])
+    excl = (torch.zeros(4, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    dist, ids = ext.topk(P, Q, K, M, users, 3, excl if exclude else None, "l2", 1e-3)
+    d2, i2 = lk.lrml_topk(P, Q, K, M, users, 3, backend="torch")
+    assert torch.equal(ids, i2) and (ids == -1).all()
+    torch.testing.assert_close(dist, d2)
+    assert torch.isinf(dist).all()
+
+
 def test_topk_duplicates_ordered_by_id(ext):
     P, Q, K, M, users, _ = (
         t.detach() for t in make(16, 4, 4, 1, torch.float32, U=4, I=30, seed=12)

@@ -306,6 +306,11 @@ std::tuple<Tensor, Tensor> topk(const Tensor& user_emb, const Tensor& item_emb,
   Tensor out_d = at::empty({B, k}, pr.P.options());
   Tensor out_i = at::empty({B, k}, pr.P.options().dtype(at::kLong));
   if (B == 0) return {out_d, out_i};
+  if (pr.I == 0) {  // no items: every slot padded (the kernel's selectors need kk >= 1)
+    out_d.fill_(std::numeric_limits<double>::infinity());
+    out_i.fill_(-1);
+    return {out_d, out_i};
+  }
   AT_DISPATCH_FLOATING_TYPES(pr.P.scalar_type(), "lrml_topk_cpu", [&] {
     topk_kernel<scalar_t>(pr, u.data_ptr<int64_t>(), B, k,
                           indptr.defined() ? indptr.data_ptr<int64_t>() : nullptr,
