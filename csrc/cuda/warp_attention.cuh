@@ -142,7 +142,9 @@ inline Config configure(int64_t N, int64_t d, int64_t per_warp) {
       return cfg;
     }
   }
-  cfg.error = "the embedding dimension d is too large for the cuda backend's shared memory";
+  cfg.error =
+      "the embedding dimension d and the memory slots N are too large for the cuda backend's "
+      "shared memory (one warp's scratch of about 4d + 2N floats must fit a block)";
   return cfg;
 }
 
