@@ -180,10 +180,12 @@ def test_row_update_touches_only_the_indexed_rows():
     assert untouched.nonzero().flatten().tolist() == [i for i in range(40) if i not in (2, 5)]
 
 
-@pytest.mark.parametrize("bad", [-1, 40, 2**31 - 1])
+@pytest.mark.parametrize("bad", [-1, 40, 2**31 - 1, 2**30 + 5, 2**32 + 5])
 def test_row_update_skips_ids_outside_the_table(bad):
     # -1 is the sampler's "no negative"; before, a run of -1s never ended its segment (the
-    # masked loads past n read -1 too) and other ids wrote outside the table.
+    # masked loads past n read -1 too) and other ids wrote outside the table. 2^30 + 5: its
+    # int32 sort key (id << 2 position bits) wrapped to row 5's; 2^32 + 5: the int64 id cast to
+    # an int32 key was 5. Row 5 was updated with the out-of-range ids' gradients.
     table = torch.randn(40, 13, dtype=torch.float64, device=DEVICE)
     before = table.clone()
     state = (torch.zeros_like(table), torch.zeros_like(table))
@@ -193,6 +195,30 @@ def test_row_update_skips_ids_outside_the_table(bad):
                 "adam", hyper, state)  # fmt: skip
     assert (table != before).any(1).nonzero().flatten().tolist() == [7]
     assert (state[0] != 0).any(1).nonzero().flatten().tolist() == [7]
+
+
+@pytest.mark.parametrize("n", [7, 8193, 32_769], ids=["one-chunk", "several-chunks", "torch.sort"])
+def test_sort_ids_never_turns_an_id_outside_the_table_into_one_inside(n):
+    """Every sorted slot holds its own id (``ids[perm[slot]]``) where that id is a row of the
+    table, and an id outside ``[0, rows)`` where it is not: an out-of-range id (2^30 + 5 wraps
+    an int32 key onto row 5's, 2^32 + 5 is 5 once cast to int32) is never some other row."""
+    _triton()
+    from lrml_kernels.triton.row_update import sort_ids
+
+    rows = 40
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, rows, (n,), generator=g)
+    bad = torch.tensor([2**30 + 5, 2**32 + 5, -7, rows, 2**31 - 1])
+    at = torch.randperm(n, generator=g)[: bad.numel()]
+    ids[at] = bad[: at.numel()]
+    ids = ids.to(DEVICE)
+    got, perm = sort_ids(ids, rows)
+    own = ids[perm]
+    inside = (own >= 0) & (own < rows)
+    assert torch.equal(got.long()[inside], own[inside])
+    assert not ((got[~inside] >= 0) & (got[~inside] < rows)).any()
+    assert torch.equal(perm.sort().values.cpu(), torch.arange(n))  # a permutation
+    assert (got[1:] >= got[:-1]).all()
 
 
 METADATA_OPS = ("aten.view", "aten.detach", "aten._reshape_alias", "aten.select")  # views

@@ -198,10 +198,13 @@ def _lower_bound(keys_ptr, key, LOG_C: tl.constexpr):
 
 
 @triton.jit
-def _id_keys(ids_ptr, pos, n, POS_BITS: tl.constexpr, KEY: tl.constexpr):
-    """(id << POS_BITS) | position of the ids at ``pos``; beyond n the largest key."""
+def _id_keys(ids_ptr, pos, n, rows, POS_BITS: tl.constexpr, KEY: tl.constexpr):
+    """(id << POS_BITS) | position of the ids at ``pos``, an id outside ``[0, rows)`` as -1 (it
+    needs more than the key's id bits: shifted or cast to an int32 key it could wrap onto a
+    row's); beyond n the largest key."""
     inside = pos < n
-    ids = tl.load(ids_ptr + pos, mask=inside, other=0).to(KEY)
+    ids = tl.load(ids_ptr + pos, mask=inside, other=0)
+    ids = tl.where((ids >= 0) & (ids < rows), ids, -1).to(KEY)
     pad = tl.full(pos.shape, 0x7FFFFFFFFFFFFFFF if KEY == tl.int64 else 0x7FFFFFFF, KEY)
     return tl.where(inside, (ids << POS_BITS) | pos.to(KEY), pad)
 
@@ -220,7 +223,7 @@ def _sort_ids_kernel(
     sorted_ptr,  # [n] out: the ids ascending (int32 or int64)
     perm_ptr,  # [n] out, int64: each sorted slot's position in ids (equal ids in batch order)
     keys_ptr,  # [CHUNKS << LOG_C] scratch in the key dtype: the sorted chunks (if CHUNKS > 1)
-    n,
+    n, rows,  # ids, table rows (an id outside [0, rows) is sorted as -1)
     POS_BITS: tl.constexpr,  # bits of a position < n (at least 1)
     KEY64: tl.constexpr,  # int64 keys, else int32
     LOG_C: tl.constexpr,  # log2 of a chunk: the keys sorted in registers at once
@@ -235,11 +238,11 @@ def _sort_ids_kernel(
     CHUNK: tl.constexpr = 1 << LOG_C
     rank = tl.arange(0, CHUNK)
     if CHUNKS == 1:
-        keys = _bitonic_sort(_id_keys(ids_ptr, rank, n, POS_BITS, KEY), LOG_C)
+        keys = _bitonic_sort(_id_keys(ids_ptr, rank, n, rows, POS_BITS, KEY), LOG_C)
         _store_sorted(sorted_ptr, perm_ptr, keys, rank, n, POS_BITS)
     else:
         for start in range(0, CHUNKS * CHUNK, CHUNK):
-            keys = _bitonic_sort(_id_keys(ids_ptr, start + rank, n, POS_BITS, KEY), LOG_C)
+            keys = _bitonic_sort(_id_keys(ids_ptr, start + rank, n, rows, POS_BITS, KEY), LOG_C)
             tl.store(keys_ptr + start + rank, keys)
         tl.debug_barrier()  # every chunk in the scratch before any thread reads one
         for s in range(0, n, BLOCK_S):
@@ -315,7 +318,10 @@ def dense_update_(
 
 def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.sort(ids, stable=True)`` of 1-D row ids in ``[0, rows)``: the ids ascending and,
-    int64, the position in ``ids`` of each (equal ids in batch order), with no host sync.
+    int64, the position in ``ids`` of each (equal ids in batch order), with no host sync. An id
+    outside ``[0, rows)`` stays outside it (the one-program sort makes it -1), never another
+    row's id: packed into a key, or cast to int32, it would wrap (2^30 + 5 with 2 position bits
+    in an int32 key, 2^32 + 5 cast to int32: 5), and the update would write row 5.
 
     The sorted ids are int32 where ``rows <= 2^31``, else int64. The keys ``(id << bits(n - 1))
     | position`` are int32 where bits(rows - 1) + bits(n - 1) <= 31, else int64. Up to
@@ -330,6 +336,8 @@ def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     key_bits = 32 if id_bits + pos_bits <= 31 else 64
     narrow = torch.int32 if rows <= 2**31 else torch.int64
     if n > SORT_MAX[key_bits] or id_bits + pos_bits > 63:
+        if ids.dtype != narrow:  # out-of-range ids stay out of range in the narrow dtype
+            ids = ids.clamp(-1, rows)  # (rows = 2^31 wraps to -2^31: out of range too)
         return torch.sort(ids.to(narrow), stable=True)
     key_dtype = torch.int64 if key_bits == 64 else torch.int32
     chunk = min(SORT_CHUNK[key_bits], max(2, triton.next_power_of_2(n)))
@@ -346,7 +354,7 @@ def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
     with _device_guard(ids):
         _sort_ids_kernel[(1,)](
-            ids, sorted_ids, perm, scratch, n,
+            ids, sorted_ids, perm, scratch, n, rows,
             POS_BITS=pos_bits, KEY64=key_bits == 64, LOG_C=chunk.bit_length() - 1,
             CHUNKS=chunks, BLOCK_S=min(chunk, 32 * warps * SORT_MERGE_KEYS_PER_THREAD[key_bits]),
             num_warps=warps,
