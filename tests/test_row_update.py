@@ -197,6 +197,36 @@ def test_row_update_skips_ids_outside_the_table(bad):
     assert (state[0] != 0).any(1).nonzero().flatten().tolist() == [7]
 
 
+def test_row_updates_reject_state_and_gradients_of_another_shape():
+    """The kernel indexes the state as ``[R, d]`` (``[R]`` row-wise) and the gradients as
+    ``idx.shape + (d,)`` (dense: ``[R, d]``); other shapes raise before the launch. Before, only
+    the state's first dimension was checked: Adam on ``[R]`` state read and wrote d values at
+    ``state + row``, past the end of the last rows' state, and a dense gradient of fewer rows
+    than the table was read past its end. (Each case is a view into a larger buffer, so that
+    the unchecked launch stays inside memory the test owns.)"""
+    _triton()
+    from lrml_kernels.triton.row_update import dense_update_
+
+    table = torch.zeros(40, 13, dtype=torch.float64, device=DEVICE)
+    hyper = torch.tensor([0.1, 1e-8, 0.0], dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([1, 39], device=DEVICE)
+    grad = torch.ones(2, 13, dtype=torch.float64, device=DEVICE)
+    buf = torch.zeros(40 * 13, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="state"):
+        row_update_(table, idx, grad, "adam", hyper, (buf[:40], buf[:40]))
+    with pytest.raises(ValueError, match="state"):
+        row_update_(table, idx, grad, "adagrad", hyper, (buf[:40],))
+    with pytest.raises(ValueError, match="state"):
+        row_update_(table, idx, grad, "rowwise_adagrad", hyper, (buf.view(40, 13),))
+    with pytest.raises(ValueError, match="grad"):
+        row_update_(table, idx, grad.reshape(26), "sgd", hyper)
+    with pytest.raises(ValueError, match="grad"):
+        dense_update_(table, buf.view(40, 13)[:39], "sgd", hyper)
+    with pytest.raises(ValueError, match="state"):
+        dense_update_(table, grad.new_zeros(40, 13), "adam", hyper, (buf[:40], buf[:40]))
+    assert not table.any() and not buf.any()  # nothing ran
+
+
 @pytest.mark.parametrize("n", [7, 8193, 32_769], ids=["one-chunk", "several-chunks", "torch.sort"])
 def test_sort_ids_never_turns_an_id_outside_the_table_into_one_inside(n):
     """Every sorted slot holds its own id (``ids[perm[slot]]``) where that id is a row of the

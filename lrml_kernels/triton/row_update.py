@@ -288,6 +288,11 @@ def row_update_(
     d = table.shape[1]
     ids = idx.reshape(-1)
     n = ids.shape[0]
+    if grad_rows.dim() < 1 or grad_rows.shape[-1] != d or grad_rows.numel() != n * d:
+        raise ValueError(
+            f"grad_rows must hold one row of d = {d} values per id ({n} ids: idx.shape + (d,)), "
+            f"got shape {tuple(grad_rows.shape)}"
+        )
     if n == 0:
         return
     sorted_ids, perm = sort_ids(ids, table.shape[0])
@@ -311,6 +316,10 @@ def dense_update_(
     that), no projection.
     """
     _check(param, optimizer, hyper, state)
+    if grad.shape != param.shape:  # the kernel reads grad[r, :d] for every row r of param
+        raise ValueError(
+            f"grad must have the shape of param {tuple(param.shape)}, got {tuple(grad.shape)}"
+        )
     if param.shape[0] == 0:
         return
     _launch(param, state, grad, grad, grad, param.shape[0], optimizer, hyper, betas, None, True)
@@ -374,9 +383,14 @@ def _check(table, optimizer, hyper, state):
         raise ValueError(f"{optimizer} takes {STATE_TENSORS[optimizer]} state tensors")
     if table.dim() != 2:
         raise ValueError(f"table must be 2-D, got shape {tuple(table.shape)}")
+    # the kernel indexes the state as [R, d] (row-wise: [R]), contiguous, without bounds
+    shape = table.shape[:1] if optimizer == "rowwise_adagrad" else table.shape
     for s in state:
-        if not s.is_contiguous() or s.shape[0] != table.shape[0]:
-            raise ValueError("optimizer state must be contiguous with one row per table row")
+        if not s.is_contiguous() or s.shape != shape or s.device != table.device:
+            raise ValueError(
+                f"{optimizer} state must be contiguous {tuple(shape)} tensors on {table.device} "
+                f"(the table is {tuple(table.shape)}), got {tuple(s.shape)} on {s.device}"
+            )
     want = hyper_dtype(table.dtype)
     if not isinstance(hyper, torch.Tensor) or hyper.shape != (3,) or not hyper.is_contiguous():
         raise ValueError("hyper must be a contiguous [3] tensor (lr, eps, seed)")
