@@ -143,6 +143,31 @@ def test_empty_shapes_and_bad_inputs():
         sample(users, 5, 3, exclude, max_tries=-1)
 
 
+@pytest.mark.parametrize("popularity", [False, True])
+def test_a_csr_whose_indptr_leaves_its_indices_reads_only_the_indices(popularity):
+    """The CSR's values are not checked on the host (that would synchronise): an ``indptr`` that
+    points past the end of ``indices`` (or before its start, or backwards) is clamped to
+    ``[0, nnz]`` in the kernel, which reads no index outside ``indices``. Before, it read past
+    the end: here ``indices`` is the first 3 entries of a buffer of 8, and a row that claimed 6
+    members took the buffer's next 3 entries (items 3, 4, 5) for its own and never drew them;
+    a decreasing ``indptr`` drew items past the catalogue (up to 12 of 10)."""
+    buf = torch.arange(8)
+    indices = buf[:3]  # items 0, 1, 2
+    users = torch.zeros(1, dtype=torch.int64)
+    pop = D.popularity_cdf(torch.ones(10), 1.0) if popularity else None
+
+    def draw(indptr):
+        return sample(users, 10, 400, (torch.tensor(indptr), indices), popularity=pop)
+
+    want = draw([0, 3])
+    assert set(want.unique().tolist()) == set(range(3, 10))
+    assert torch.equal(draw([0, 6]), want)  # clamped to the 3 indices there are
+    assert torch.equal(draw([0, 10**12]), want)
+    assert torch.equal(draw([-5, 3]), want)
+    assert torch.equal(draw([5, 2]), draw([3, 3]))  # backwards: an empty row at nnz
+    assert torch.equal(draw([-9, -2]), draw([0, 0]))  # before the start: an empty row at 0
+
+
 @pytest.mark.gpu
 def test_cuda_sampler_has_no_host_sync():
     """CUDA tensors go to the kernel by default (the same draws as ``use_triton=True``, which

@@ -131,7 +131,7 @@ def _sample_negatives_kernel(
     indptr_ptr, indices_ptr,  # the CSR: [num_users + 1], [nnz]; int32 or int64, rows ascending
     seed_ptr,  # [1] int64
     cdf_ptr,  # [num_items + 1] int64, the popularity CDF (read only with POPULARITY)
-    total, k, num_users, num_items, max_tries,
+    total, k, num_users, nnz, num_items, max_tries,
     BLOCK_E: tl.constexpr,
     POPULARITY: tl.constexpr,
 ):  # fmt: skip
@@ -139,8 +139,12 @@ def _sample_negatives_kernel(
     in_range = offs < total
     user = tl.load(users_ptr + offs // k, mask=in_range, other=0).to(tl.int64)
     valid = in_range & (user >= 0) & (user < num_users)
+    # the row, clamped into [0, nnz] (indptr's values are not checked on the host): no search
+    # reads outside indices, whatever indptr holds
     start = tl.load(indptr_ptr + user, mask=valid, other=0).to(tl.int64)
-    count = tl.load(indptr_ptr + user + 1, mask=valid, other=0).to(tl.int64) - start
+    end = tl.load(indptr_ptr + user + 1, mask=valid, other=0).to(tl.int64)
+    start = tl.minimum(tl.maximum(start, 0), nnz)
+    count = tl.minimum(tl.maximum(end, start), nnz) - start
     # a user who owns every item (or a row longer than the catalogue): any item, a positive
     leaves_some = valid & (count < num_items)
     span = tl.where(leaves_some, num_items - count, num_items)
@@ -188,7 +192,9 @@ def sample_negatives_launch(
         users: ``[B]`` int32/int64 user ids; a user outside ``[0, num_users)`` reads nothing and
             gets -1 in every column (not checked on the host: that would synchronise).
         indptr, indices: ``[num_users + 1]`` and ``[nnz]`` int32/int64, each row strictly
-            ascending, on the device of ``users``. seed: ``[1]`` int64 on that device.
+            ascending, on the device of ``users``; the kernel clamps each row's bounds into
+            ``[0, nnz]`` (an indptr past the end of indices reads nothing outside it).
+            seed: ``[1]`` int64 on that device.
         max_tries: Lemire redraws at most (each has probability below ``num_items / 2³²``);
             whatever the draw, the entry is none of the user's items (if any are left).
         popularity: ``[num_items + 1]`` int64 popularity CDF on that device, or None (uniform).
@@ -207,7 +213,7 @@ def sample_negatives_launch(
     with _device_guard(users):
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             out, users, indptr, indices, seed, cdf,
-            total, k, indptr.shape[0] - 1, num_items, max_tries,
+            total, k, indptr.shape[0] - 1, indices.shape[0], num_items, max_tries,
             BLOCK_E=block, POPULARITY=popularity is not None, num_warps=1,
         )  # fmt: skip
     return out
