@@ -384,6 +384,24 @@ def test_fallback_users_keep_their_own_exclusions():
     check_topk(dist, ids, full, mask, 10, 1e-9)
 
 
+@pytest.mark.parametrize("k", [5, 200], ids=["screened", "direct"])
+def test_unchecked_exclusions_outside_the_catalogue_are_ignored(k):
+    """With ``validate=False`` the exclusion indices are not checked: one outside ``[0, I)`` is
+    ignored on both paths (the screen's bitmask drops it). Before, the direct path (k = 200:
+    beyond the screen's candidate lists) scattered it into its id block: I + 3 raised an
+    IndexError (on CUDA a device-side assert) and -1 excluded the last item, I - 1."""
+    params, users = make(3, 20, 4, 8, 3)
+    valid = (torch.tensor([0, 1, 2, 2]), torch.tensor([5, 3]))
+    bad = (torch.tensor([0, 2, 3, 5]), torch.tensor([-1, 5, 3, 19 + 4, -7]))
+    want = lk.lrml_topk(*params, users, k, exclude=tuple(t.to(DEVICE) for t in valid),
+                        backend="triton")  # fmt: skip
+    got = lk.lrml_topk(*params, users, k, exclude=tuple(t.to(DEVICE) for t in bad),
+                       backend="triton", validate=False)  # fmt: skip
+    assert TK.last_stats["fallback"] == (3 if k == 200 else 0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert (got[1][2, : min(k, 20)] >= 0).all()  # row 2 excludes nothing: item 19 included
+
+
 def test_planted_near_ties_with_bf16_screen(bf16_screen):
     params, users, _ = planted_near_ties(torch.float32, 20, 3e-5, seed=23)
     full = brute_distances(params, users, "l2")

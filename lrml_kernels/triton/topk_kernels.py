@@ -597,12 +597,17 @@ def _select(dist, ids, kk):
 
 
 def _select_dense(dist, rows, cols, kk):
-    """Direct path: the kk smallest of a ``[n, I]`` distance block with exclusions scattered in."""
+    """Direct path: the kk smallest of a ``[n, I]`` distance block with exclusions scattered in.
+
+    An excluded index outside ``[0, I)`` (unchecked with ``validate=False``) is ignored, as the
+    screen's bitmask ignores it: it marks a spare column ``I``, dropped (no host sync; it was an
+    IndexError on the CPU, a device-side assert on CUDA, and -1 excluded item I - 1).
+    """
     n, I = dist.shape
-    ids = torch.arange(I, device=dist.device, dtype=torch.int64).expand(n, I).clone()
+    ids = torch.arange(I + 1, device=dist.device, dtype=torch.int64).expand(n, I + 1).clone()
     if rows is not None:
-        ids[rows, cols] = -1
-    return _select(dist, ids, kk)
+        ids[rows, torch.where((cols >= 0) & (cols < I), cols, I)] = -1
+    return _select(dist, ids[:, :I], kk)
 
 
 def _sub_csr(exclude, rows):
