@@ -188,13 +188,16 @@ def all_item_distances(p, item_emb, keys, memory, *, distance="l2", eps=1e-3, re
 
 
 def sort_candidates(dist: torch.Tensor, ids: torch.Tensor, k: int):
-    """Sort candidate rows by (distance, item id), keep k; ids −1 sort last (distance +inf)."""
-    dist = dist.masked_fill(ids < 0, float("inf"))
+    """Sort candidate rows by (distance, item id), keep k; NaN distances sort after every
+    number, ids −1 (empty slots) after those (returned with distance +inf)."""
     big = torch.iinfo(torch.int64).max
     order = torch.argsort(ids.masked_fill(ids < 0, big), dim=1, stable=True)
     dist, ids = dist.gather(1, order), ids.gather(1, order)
-    order = torch.argsort(dist, dim=1, stable=True)
+    # an empty slot as NaN: after the numbers (torch sorts NaN last), and after the NaN items by
+    # its id (the stable sort keeps the id order)
+    order = torch.argsort(dist.masked_fill(ids < 0, float("nan")), dim=1, stable=True)
     dist, ids = dist.gather(1, order)[:, :k], ids.gather(1, order)[:, :k]
+    dist = dist.masked_fill(ids < 0, float("inf"))
     if dist.shape[1] < k:
         pad = k - dist.shape[1]
         dist = F.pad(dist, (0, pad), value=float("inf"))

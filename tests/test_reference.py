@@ -227,10 +227,14 @@ def test_topk_excludes_and_pads_like_a_brute_force_sort(distance):
 @pytest.mark.parametrize("k", [3, 7, 8])
 def test_topk_a_nan_item_ranks_last_and_leaves_the_others_exact(distance, k):
     """A NaN item (a diverged row) is last; it must not make the screen's rounding bound NaN,
-    which kept no other item for the exact re-score (they came back as -1)."""
-    P, Q, K, M, _, _ = make(U=3, I=8, d=6, N=3)
-    Q = Q.clone()
+    which kept no other item for the exact re-score (they came back as -1). A NaN user (user 3)
+    gets its items in id order, no empty slot ahead of them."""
+    P, Q, K, M, _, _ = make(U=4, I=8, d=6, N=3)
+    Q, P = Q.clone(), P.clone()
     Q[3] = float("nan")
+    P[3] = float("nan")
+    _, nan_ids = reference.lrml_topk(P, Q, K, M, torch.tensor([3, 0]), k, distance=distance)
+    assert nan_ids[0].tolist() == list(range(k))
     users = torch.arange(3)
     dist, ids = reference.lrml_topk(P, Q, K, M, users, k, distance=distance)
     direct = reference.lrml_distances(
