@@ -501,3 +501,34 @@ def test_the_screen_is_tf32_unless_matmul_precision_is_medium():
         assert TK.screen_precision() == TK.SCREEN_TF32
     with using_fp32_matmul_precision("medium"):
         assert TK.screen_precision() == TK.SCREEN_BF16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_select_ranks_nan_of_either_sign_last(dtype):
+    # fp32 selects by the distance's bits: a NaN with its sign bit set (x86 makes such NaNs) is a
+    # negative int32 and sorted first; NaN ranks after every number and +inf, before empty slots
+    dist = torch.tensor([[0.5, float("nan"), 0.2, float("inf"), float("nan"), 0.9]], dtype=dtype)
+    dist[0, 1] = -dist[0, 1].abs()
+    assert torch.signbit(dist[0, 1])
+    ids = torch.tensor([[0, 1, 2, 3, 4, -1]])
+    d, i = TK._select(dist.to(DEVICE), ids.to(DEVICE), 6)
+    assert i.tolist() == [[2, 0, 3, 1, 4, -1]]
+    assert d[0, :3].tolist() == torch.tensor([0.2, 0.5, float("inf")], dtype=dtype).tolist()
+    assert torch.isnan(d[0, 3:5]).all() and d[0, 5] == float("inf")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("k", [5, 299, 300])
+def test_nan_items_and_users_rank_last_as_the_reference(distance, k):
+    # a NaN item after every number, a NaN user's items in id order (SPEC "Top-k"); k = 300 is
+    # the whole catalogue (the direct path), k = 5 the screen
+    (P, Q, K, M), _ = make(3, 300, 3, 6, 1, dtype=torch.float32, seed=13)
+    Q[3] = float("nan")
+    P[2] = -torch.tensor(float("nan"))
+    users = torch.arange(3, device=DEVICE)
+    dist, ids = lk.lrml_topk(P, Q, K, M, users, k, distance=distance, backend="triton")
+    d2, i2 = lk.lrml_topk(P, Q, K, M, users, k, distance=distance, backend="torch")
+    assert torch.equal(ids, i2)
+    torch.testing.assert_close(dist, d2, equal_nan=True)
+    assert torch.equal(ids[2].cpu(), torch.arange(k)) and torch.isnan(dist[2]).all()
+    assert not torch.isnan(dist[:2, : min(k, 299)]).any()

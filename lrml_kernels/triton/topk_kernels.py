@@ -581,7 +581,9 @@ def _select(dist, ids, kk):
     """
     empty = ids < 0
     if dist.dtype == torch.float32:
-        dist = dist + 0.0  # -0.0 -> +0.0, so bit patterns order like the values
+        # -0.0 -> +0.0 and every NaN positive (-NaN's bits are a negative int32: it would sort
+        # first), so bit patterns order like the values and NaN after +inf
+        dist = (dist + 0.0).masked_fill(dist.isnan(), float("nan"))
         key = (dist.view(torch.int32).to(torch.int64) << 32) | ids.clamp(min=0)
         key = torch.topk(key.masked_fill(empty, _MAXKEY), kk, dim=1, largest=False).values
         gone = key == _MAXKEY
