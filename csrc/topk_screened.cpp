@@ -79,10 +79,14 @@ Tensor rank_values(const Tensor& D) {
   return D.scalar_type() == at::kDouble ? D : D.to(at::kFloat);
 }
 
-// [n, C] int64 keys (bits(v) << 32) | id of fp32 values v >= 0 (-0.0 made +0.0, so the bit
-// patterns order like the values): at::topk on them orders by (v, id) exactly.
+// v >= 0 or NaN with bit patterns that order like the values: -0.0 made +0.0 and every NaN
+// positive (a NaN with its sign bit set, as x86 arithmetic makes, is a negative integer).
+Tensor monotone(const Tensor& v) { return v.add(0.0).masked_fill_(v.isnan(), NAN); }
+
+// [n, C] int64 keys (bits(v) << 32) | id of fp32 values v >= 0 (or NaN, after +inf): at::topk
+// on them orders by (v, id) exactly.
 Tensor packed_keys(const Tensor& v, const Tensor& ids) {
-  Tensor bits = v.add(0.0).view(at::kInt).to(at::kLong);
+  Tensor bits = monotone(v).view(at::kInt).to(at::kLong);
   return at::bitwise_or(at::bitwise_left_shift(bits, 32), ids);
 }
 
@@ -100,7 +104,7 @@ std::tuple<Tensor, Tensor> select_smallest(const Tensor& rank, const Tensor& ids
     Tensor out_d = at::bitwise_right_shift(top, 32).to(at::kInt).view(at::kFloat);
     return {out_d.masked_fill(gone, INFINITY), out_i};
   }
-  Tensor r = rank.add(0.0).view(at::kLong).masked_fill(empty, kEmptyKey);
+  Tensor r = monotone(rank).view(at::kLong).masked_fill(empty, kEmptyKey);
   Tensor thr = std::get<0>(at::topk(r, kk, 1, false, true)).narrow(1, kk - 1, 1);
   Tensor at_thr = at::where(r.eq(thr).logical_and(empty.logical_not()), ids, kEmptyKey);
   Tensor sel = std::get<1>(at::topk(at::where(r.lt(thr), -1, at_thr), kk, 1, false, false));
