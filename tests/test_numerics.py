@@ -364,3 +364,77 @@ def test_l2_with_eps_zero_at_zero_residual_agrees_with_reference(backend):
     close(loss, ref, torch.float64)
     for g, rg in zip(grads, ref_grads, strict=True):
         assert torch.equal(torch.isfinite(g), torch.isfinite(rg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite parameters: every backend gives the reference's NaN (and finite values) where it
+# gives them
+# ----------------------------------------------------------------------------------------------
+
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+NONFINITE = {
+    "nan": float("nan"),
+    "-nan": -float("nan"),  # sign bit set, as x86 arithmetic makes NaNs
+    "inf": float("inf"),
+    "-inf": float("-inf"),
+}
+
+
+def nonfinite_inputs(table: str, value: str):
+    """fp32 parameters with NONFINITE[value] in one coordinate of item 2 (``table="item"``: the
+    positive of rows 0 and 3, a negative of row 1; row 2 is clean) or of key 0 (``"key"``)."""
+    g = torch.Generator().manual_seed(11)
+    U, I, N, d = 4, 10, 3, 5
+    P = torch.randn(U, d, generator=g) * 0.5
+    Q = torch.randn(I, d, generator=g) * 0.5
+    K = torch.randn(N, d, generator=g)
+    M = torch.randn(N, d, generator=g) * 0.3
+    x = torch.tensor([NONFINITE[value]])
+    if value == "-nan":
+        x = torch.tensor([float("nan")]).neg()
+        assert x.view(torch.int32)[0] < 0
+    (Q if table == "item" else K)[2 if table == "item" else 0, 1] = x[0]
+    users, items = idx(0, 1, 2, 3), idx([2, 3, 4], [5, 2, 6], [7, 8, 9], [2, 1, 0])
+    return to([P, Q, K, M], torch.float32), users, items
+
+
+def same_nonfinite(actual, expected, what):
+    """NaN where ``expected`` has NaN, the same infinities, the finite values within TOL."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN at {a.isnan()} but {e.isnan()}"
+    close(a, e, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("value", ["nan", "-nan"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_nan_hinge_term_passes_its_gradient_as_the_reference(backend, relation, distance, value):
+    # relu(NaN) is NaN and torch's relu backward is 0 only where its argument is <= 0: a hinge
+    # term at NaN is active, in the loss and in ∂L/∂D. The kernels gave it 0, so the positive of
+    # a row with a NaN negative (item 5), and the negatives of a row whose positive is NaN (items
+    # 0, 1), got other finite gradients than the reference; the cpu backend also dropped the
+    # pair from the backward, so the user rows, keys and memory stayed finite.
+    params, users, items = nonfinite_inputs("item", value)
+    kw = {"distance": distance, "relation": relation}
+    loss, grads = hinge_run(
+        lambda *a, **k: lk.lrml_hinge_loss(*a, backend=backend, **k),
+        params, users, items, reduction="none", **kw,
+    )  # fmt: skip
+    ref, ref_grads = hinge_run(
+        reference.lrml_hinge_loss, params, users, items, reduction="none", **kw
+    )
+    same_nonfinite(loss, ref, "loss")
+    for name, g, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
+        same_nonfinite(g, rg, f"grad {name}")
+    if relation == "pair":  # (shared: the NaN column's relation gradient reaches them all)
+        assert ref_grads[1][[0, 1, 5]].isfinite().all() and ref_grads[1][[0, 1, 5]].abs().sum() > 0
+    fused = backends.get(backend, params[0].device).hinge_loss_grads(
+        *params, users, items, 0.5, distance, relation, 1e-3, "sum"
+    )
+    ref_fused = backends.TORCH_BACKEND.hinge_loss_grads(
+        *params, users, items, 0.5, distance, relation, 1e-3, "sum"
+    )
+    for name, g, rg in zip(("loss", "P", "Q", "K", "M"), fused, ref_fused, strict=True):
+        same_nonfinite(g, rg, f"hinge_loss_grads {name}")

@@ -383,12 +383,14 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       int64_t n_active = 0;
       for (int64_t c = 1; c < C; ++c) {
         const T h = base - Dr[c];
-        gr[c] = h > 0 ? T(1) : T(0);
-        if (h > 0) {
+        // active unless h <= 0: a NaN term (a NaN distance) makes the loss NaN and passes its
+        // gradient, as relu(NaN) does in the reference (torch's relu backward is 0 only where
+        // h <= 0)
+        const bool active = !(h <= 0);
+        gr[c] = active ? T(1) : T(0);
+        if (active) {
           L += h;
           ++n_active;
-        } else if (h != h) {
-          L += h;  // a NaN distance makes the loss NaN, as relu(NaN) does in the reference
         }
       }
       gr[0] = static_cast<T>(n_active);

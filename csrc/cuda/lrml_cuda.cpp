@@ -106,7 +106,9 @@ Tensor hinge_rows(const Tensor& D, double margin) {
 Tensor hinge_grad_D(const Tensor& D, double margin, const Tensor& w) {
   Tensor gD = at::zeros_like(D);
   if (D.size(1) < 2) return gD;
-  Tensor active = ((D.narrow(1, 0, 1) + margin - D.narrow(1, 1, D.size(1) - 1)) > 0).to(D.dtype());
+  // active unless h <= 0: a NaN term passes its gradient, as relu(NaN) does in the reference
+  Tensor h = D.narrow(1, 0, 1) + margin - D.narrow(1, 1, D.size(1) - 1);
+  Tensor active = h.le(0).logical_not().to(D.dtype());
   Tensor wv = w.reshape({-1, 1}).to(D.dtype());
   gD.narrow(1, 1, D.size(1) - 1).copy_(-active * wv);
   gD.narrow(1, 0, 1).copy_(active.sum(1, true) * wv);

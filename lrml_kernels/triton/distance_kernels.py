@@ -318,8 +318,10 @@ def _hinge_kernel(
     d0 = tl.load(D + offs_b * stride_db, mask=b_mask)
     h = margin + d0[:, None] - dist
     neg = mask & (offs_c[None, :] > 0)
-    active = neg & (h > 0)
-    loss = tl.sum(tl.where(active | (neg & (h != h)), h, 0.0), axis=1)  # NaN propagates
+    # active unless h <= 0: a NaN term (a NaN distance) makes the loss NaN and passes its
+    # gradient, as relu(NaN) does in the reference (torch's relu backward is 0 only where h <= 0)
+    active = neg & ((h > 0) | (h != h))
+    loss = tl.sum(tl.where(active, h, 0.0), axis=1)
     g = tl.where(active, -1.0, 0.0)
     g = tl.where(offs_c[None, :] == 0, -tl.sum(g, axis=1)[:, None], g)
     tl.store(
