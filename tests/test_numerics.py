@@ -438,3 +438,24 @@ def test_a_nan_hinge_term_passes_its_gradient_as_the_reference(backend, relation
     )
     for name, g, rg in zip(("loss", "P", "Q", "K", "M"), fused, ref_fused, strict=True):
         same_nonfinite(g, rg, f"hinge_loss_grads {name}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_an_infinite_key_gives_the_reference_key_gradient(backend, relation, value):
+    # Every pair here has the infinite logit at -inf (slot 0 gets no attention) or NaN: the
+    # reference's key gradient is finite where no pair's is NaN. The triton backward's padding
+    # rows (s = 0) had logits 0 · ±inf = NaN, and gK += gzᵀ s summed NaN into every key.
+    params, users, items = nonfinite_inputs("key", value)
+    kw = {"distance": "l2", "relation": relation}
+    _, grads = hinge_run(
+        lambda *a, **k: lk.lrml_distances(*a, backend=backend, **k).sum(), params, users, items,
+        **kw,
+    )  # fmt: skip
+    _, ref_grads = hinge_run(
+        lambda *a, **k: reference.lrml_distances(*a, **k).sum(), params, users, items, **kw
+    )
+    for name, g, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
+        same_nonfinite(g, rg, f"grad {name}")

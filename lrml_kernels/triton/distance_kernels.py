@@ -394,7 +394,8 @@ def _pair_backward_column(
         u, u_ok, it, it_ok, offs_n, n_mask, d,
         IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
     )  # fmt: skip
-    a = _softmax(z, n_mask)
+    # padding rows (s = 0): logit 0, not 0 · ±inf = NaN, which gK += gzᵀ s would sum in
+    a = _softmax(tl.where(b_mask[:, None], z, 0.0), n_mask)
     if HAS_D:  # (l2 only) ∂D/∂e = e / D with the forward's D
         dist = tl.load(Dist + offs_b * stride_db + c * stride_dc, mask=b_mask, other=1.0)
         coef = g / _upcast(dist, IS_FP64)
@@ -462,7 +463,8 @@ def _shared_backward_tile(
         u, u_ok, it0, it0_ok, offs_n, n_mask, d,
         IS_FP64, DOT_PREC, BLOCK_B, BLOCK_N, BLOCK_DC,
     )  # fmt: skip
-    a0 = _softmax(z, n_mask)
+    # padding rows (s = 0): logit 0, not 0 · ±inf = NaN, which gK += gzᵀ s would sum in
+    a0 = _softmax(tl.where(b_mask[:, None], z, 0.0), n_mask)
     bc_mask = b_mask[:, None] & c_mask[None, :]
     if HAS_D:  # (l2 only) ∂D/∂e = e / D with the forward's D
         dist = tl.load(
