@@ -442,6 +442,38 @@ def test_a_nan_hinge_term_passes_its_gradient_as_the_reference(backend, relation
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("case", ["item=nan", "item=inf", "key=inf", "key=-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_zero_upstream_gradient_at_a_nonfinite_pair_as_the_reference(
+    backend, relation, distance, case
+):
+    # A zero ∂L/∂D (an inactive hinge term, a zero weight on D) times a NaN or infinite local
+    # derivative is NaN in the reference's chain rule (0 · NaN, 0 · inf): at a NaN or ±inf D, or
+    # through a non-finite key or memory value. The cpu backend dropped every pair with a zero
+    # upstream gradient from its backward and left finite gradients there.
+    table, value = case.split("=")
+    params, users, items = nonfinite_inputs(table, value)
+    kw = {"distance": distance, "relation": relation}
+    weights = (torch.arange(items.numel()) % 3).reshape(items.shape).to(params[0])  # zeros too
+
+    def weighted(fn):
+        return lambda *a, **k: (fn(*a, **k) * weights).sum()
+
+    for what, fn, ref_fn in (
+        ("distances", weighted(lambda *a, **k: lk.lrml_distances(*a, backend=backend, **k)),
+         weighted(reference.lrml_distances)),
+        ("hinge", lambda *a, **k: lk.lrml_hinge_loss(*a, backend=backend, **k),
+         reference.lrml_hinge_loss),
+    ):  # fmt: skip
+        _, grads = hinge_run(fn, params, users, items, **kw)
+        _, ref_grads = hinge_run(ref_fn, params, users, items, **kw)
+        for name, g, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
+            same_nonfinite(g, rg, f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("value", ["inf", "-inf"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_an_infinite_key_gives_the_reference_key_gradient(backend, relation, value):

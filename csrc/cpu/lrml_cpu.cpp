@@ -8,8 +8,9 @@
 // with S = P ⊙ Q the tile's [pairs, d] joint embeddings, K, M (and Kᵀ, Mᵀ) padded once per call
 // to whole SIMD vectors and kept in cache. For the gradients, the hinge's ∂L/∂D and the backward
 // run right after the forward of the tile, while its rows are hot (one fused pass); pairs with a
-// zero upstream gradient (inactive hinge terms) are dropped from the backward GEMMs. With
-// relation="shared" only column 0 of a row goes through the attention.
+// zero upstream gradient (inactive hinge terms) are dropped from the backward GEMMs where that
+// drops nothing but zeros (D, K and M finite). With relation="shared" only column 0 of a row
+// goes through the attention.
 //
 // Per-row embedding gradients are written once, contiguous ([B, d], [B, C, d]); the keys/memory
 // gradients accumulate in per-block partials (blocks and tiles do not depend on the thread count;
@@ -411,7 +412,9 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       const int64_t tc = r * C + c;
       const T g = gr[c];
       w.slot[tc] = -1;
-      if (g == T(0)) {
+      // A zero upstream gradient is dropped, unless D is NaN or ±inf or K or M is: there the
+      // reference's chain rule gives 0 · NaN or 0 · inf = NaN in the pair's gradients.
+      if (g == T(0) && mem.finite && std::isfinite(w.Dc[tc])) {
         if (!pair && c > 0) zero(gq_row(tc), d);
         continue;
       }

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "tile_gemm.h"
@@ -17,6 +18,7 @@ struct Memory {
   int64_t N, d, dp, Np;
   at::Tensor buf;
   const T *Kp, *Mp, *Kt, *Mt;
+  bool finite = true;  // every value of K and M is finite (no NaN, no ±inf)
   Memory(const T* K, const T* M, int64_t N_, int64_t d_, const at::TensorOptions& opts)
       : N(N_), d(d_) {
     dp = round_up(d, Simd<T>::W);
@@ -33,6 +35,7 @@ struct Memory {
         mp[n * dp + j] = M[n * d + j];
         kt[j * Np + n] = K[n * d + j];
         mt[j * Np + n] = M[n * d + j];
+        finite = finite && std::isfinite(K[n * d + j]) && std::isfinite(M[n * d + j]);
       }
     Kp = kp;
     Mp = mp;

@@ -45,6 +45,8 @@ __device__ __forceinline__ int64_t row_of(const int64_t* idx, int64_t i, int64_t
   return r < 0 ? 0 : (r < size ? r : size - 1);
 }
 
+// ge = g ∂D/∂e. The callers skip it (ge = 0) for g = 0 only where D is finite: at a NaN or
+// ±inf D the reference's chain rule gives 0 · NaN or 0 · inf = NaN, as this does.
 __device__ __forceinline__ float residual_grad(float e, float g, float Dv, Distance distance) {
   if (distance == Distance::L2) return g / Dv * e;
   if (distance == Distance::SquaredL2) return 2.f * g * e;
@@ -147,10 +149,11 @@ __global__ void distances_backward_kernel(
           const T* q = Q + row_of(items, b * C + c, I) * d;
           const float gv = gD[b * C + c];
           const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
+          const bool zero_grad = gv == 0.f && isfinite(Dv);  // see residual_grad
           float* gq = grad_item_rows + (b * C + c) * d;
           for (int j = lane; j < d; j += kWarp) {
             const float e = to_f(p[j]) + r[j] - to_f(q[j]);
-            const float ge = gv == 0.f ? 0.f : residual_grad(e, gv, Dv, distance);
+            const float ge = zero_grad ? 0.f : residual_grad(e, gv, Dv, distance);
             gp[j] += ge;
             gr[j] += ge;
             gq[j] = -ge;
@@ -168,9 +171,10 @@ __global__ void distances_backward_kernel(
           const float gv = gD[b * C + c];
           warp_attend(p, q, K, M, N, d, s, a, r, lane);
           const float Dv = warp_distance(p, r, q, d, distance, eps, lane);
+          const bool zero_grad = gv == 0.f && isfinite(Dv);  // see residual_grad
           for (int j = lane; j < d; j += kWarp) {
             const float e = to_f(p[j]) + r[j] - to_f(q[j]);
-            const float ge = gv == 0.f ? 0.f : residual_grad(e, gv, Dv, distance);
+            const float ge = zero_grad ? 0.f : residual_grad(e, gv, Dv, distance);
             gr[j] = ge;
             gp[j] += ge;
             gq[j] = -ge;
