@@ -78,6 +78,10 @@ def fit_worker(rank, world, init_file, out_dir, case):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),  # a rank left waiting fails the test, not hangs
     )
+    # Both ranks through the connection set-up before either may leave: a rank refused at once
+    # (the unfused case) closed its connections while the other was still making its own, which
+    # failed there as "Gloo connectFullMesh failed ... Connection closed by peer".
+    dist.barrier()
     opts = dict(data="synthetic-small", epochs=2, dim=4, memory_slots=2, batch_size=256)
     opts.update(backend="torch", eval="none", progress=False)
     on_epoch = None
