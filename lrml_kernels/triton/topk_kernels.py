@@ -231,7 +231,11 @@ def _screen_kernel(
                 lo = x - (2.0 * tl.sqrt(tl.maximum(x, 0.0) + err) * rho + rho * rho + err)
                 if DISTANCE == 0:
                     lo = tl.sqrt(tl.maximum(lo, 0.0) + eps) * (1.0 - 2.0**-20)
-            lo = tl.maximum(lo, 0.0) + 0.0  # +0.0: bit patterns order like the values
+            # at least 0 (+0.0: bit patterns order like the values); NaN (a NaN user or item) as 0,
+            # a candidate: so written, not by tl.maximum, whose NaN result differs between the
+            # GPU (the other operand) and Triton 3.6's interpreter (NaN, which would keep the
+            # item out of both the candidates and the dropped bound, certifying a wrong list)
+            lo = tl.where(lo > 0.0, lo, 0.0) + 0.0
             if HAS_EXCL:  # excluded items never become candidates
                 byte = tl.load(EXCL + row * stride_xb + (offs_i >> 3), mask=i_mask, other=0)
                 lo = tl.where(
