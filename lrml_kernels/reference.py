@@ -205,7 +205,7 @@ def sort_candidates(dist: torch.Tensor, ids: torch.Tensor, k: int):
     return dist, ids
 
 
-def screen_tolerance(p, item_emb, keys, memory, *, distance="l2") -> torch.Tensor:
+def screen_tolerance(p, keys, memory, catalogue: dict, *, distance="l2") -> torch.Tensor:
     """Per user ``[B, 1]``: twice a bound ``δ`` on ``|screen − direct|`` (compute dtype).
 
     The screen is :func:`all_item_distances` (the rewrite's ``‖e‖²`` for "l2"/"squared_l2", the
@@ -213,26 +213,40 @@ def screen_tolerance(p, item_emb, keys, memory, *, distance="l2") -> torch.Tenso
     they differ by rounding only, cancellation in the rewrite included. The bound is the one
     ``csrc/cpu/topk_cpu.cpp`` uses: ``γ = 4 (d + N + 16) ε`` of the compute dtype times the
     magnitudes summed (``‖p‖², max ‖q‖², the M terms``), plus the logits' error ``γ max_n
-    ‖p ⊙ K_n‖ max ‖q‖`` carried through the softmax into the M terms.
+    ‖p ⊙ K_n‖ max ‖q‖`` carried through the softmax into the M terms. ``catalogue``: the
+    items' and memory's terms, :func:`catalogue_magnitudes` (the same for every user).
     """
     ct = compute_dtype(p.dtype)
-    p, Q, K, M = (t.to(ct) for t in (p, item_emb, keys, memory))
+    p, K, M = (t.to(ct) for t in (p, keys, memory))
     em = torch.finfo(ct).eps
     gamma = 4 * (K.shape[1] + K.shape[0] + 16) * em
-    q_max = _item_max(Q.norm(dim=1))
+    q_max = catalogue["q_max"]
     zb = (p[:, None, :] * K[None]).norm(dim=-1).amax(1, keepdim=True) * q_max  # |z| bound
     if distance == "l1":
-        msum = M.abs().amax(0).sum()
-        q1 = _item_max(Q.abs().sum(1))
+        msum = catalogue["msum"]
         p1 = p.abs().sum(1, keepdim=True)
-        delta = gamma * (p1 + q1 + msum + 2 * zb * msum) + 8 * em * msum
+        delta = gamma * (p1 + catalogue["q1"] + msum + 2 * zb * msum) + 8 * em * msum
     else:
-        mq = _item_max((Q @ M.T).abs().amax(1) if M.shape[0] else Q.new_zeros(Q.shape[0]))
-        V = 2 * (p @ M.T).abs().amax(1, keepdim=True) + 2 * mq + 2 * (M @ M.T).abs().max()
+        V = 2 * (p @ M.T).abs().amax(1, keepdim=True) + catalogue["mqm"]
         pp = (p * p).sum(1, keepdim=True)
         mag = pp + q_max**2 + 2 * pp.sqrt() * q_max + V
         delta = gamma * (mag + 2 * zb * V) + 8 * em * V
     return 2 * delta
+
+
+def catalogue_magnitudes(item_emb, memory, dtype, *, distance="l2") -> dict:
+    """The user-independent terms of :func:`screen_tolerance` in the compute dtype of ``dtype``:
+    ``q_max = max ‖q‖`` and, for "l1", ``q1 = max ‖q‖₁`` and ``msum = Σ_j max_n |M_nj|``, else
+    ``mqm = 2 max |q · M_n| + 2 max |M_n · M_m|``."""
+    ct = compute_dtype(dtype)
+    Q, M = item_emb.to(ct), memory.to(ct)
+    out = {"q_max": _item_max(Q.norm(dim=1))}
+    if distance == "l1":
+        out.update(q1=_item_max(Q.abs().sum(1)), msum=M.abs().amax(0).sum())
+    else:
+        mq = _item_max((Q @ M.T).abs().amax(1) if M.shape[0] else Q.new_zeros(Q.shape[0]))
+        out["mqm"] = 2 * mq + 2 * (M @ M.T).abs().max()
+    return out
 
 
 def _item_max(per_item: torch.Tensor) -> torch.Tensor:
@@ -277,6 +291,7 @@ def lrml_topk(
     screen_distance = "l1" if distance == "l1" else "squared_l2"
     # D̂ ranks as rounded to the parameter dtype: items apart by less than its rounding may tie.
     rel = 4 * torch.finfo(user_emb.dtype).eps
+    catalogue = catalogue_magnitudes(item_emb, memory, user_emb.dtype, distance=distance)
     out_d, out_i = [], []
     for start in range(0, B, chunk):
         u = users[start : start + chunk]
@@ -294,7 +309,7 @@ def lrml_topk(
         # only the first kk NaN items by id can be needed.
         screen = dist.masked_fill(excluded | nan, float("inf"))
         kth = screen.kthvalue(kk, dim=1, keepdim=True).values if kk else screen[:, :0]
-        tol = screen_tolerance(p, item_emb, keys, memory, distance=distance)
+        tol = screen_tolerance(p, keys, memory, catalogue, distance=distance)
         limit = kth + tol + rel * (kth.abs() + eps)
         keep = (screen <= limit) & ~excluded & ~nan
         keep |= nan & (nan.cumsum(1) <= kk)
