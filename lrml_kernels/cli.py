@@ -374,7 +374,8 @@ def _checkpoint_and_data(args):
             f"and {shape[1]:,}"
         )
     if split.fingerprint() != ckpt.get("data_fingerprint"):
-        print(f"warning: {spec!r} is not the data this checkpoint was trained on", file=sys.stderr)
+        message = f"{spec!r} is not the data this checkpoint was trained on"
+        warnings.warn(message, LRMLWarning, stacklevel=2)
     return model, split, ckpt
 
 

@@ -156,6 +156,19 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
     assert [r["item"] for r in rows] == [str(split.train.item_ids[i]) for i in ids.reshape(-1)]
 
 
+def test_cli_warns_in_one_line_of_data_of_the_same_size_but_other_rows(csv_run, capsys):
+    # the first user's timestamps reversed: the same users and items, another held-out item
+    lines = (csv_run / "log.csv").read_text().splitlines()
+    first = [i for i, line in enumerate(lines) if line.startswith("1000,")]
+    for i, j in zip(first, reversed(first), strict=True):
+        lines[i] = lines[i].rsplit(",", 1)[0] + "," + lines[j].rsplit(",", 1)[1]
+    (csv_run / "other.csv").write_text("\n".join(lines) + "\n")
+    argv = ["recommend", str(csv_run / "run" / "best.pt"), "--users", "1000", "--no-progress"]
+    assert main(argv + ["--data", f"csv:{csv_run / 'other.csv'}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("lrml recommend: warning: ") and "is not the data" in err[0], err
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [
