@@ -19,7 +19,9 @@ Ctrl-C and when a trial fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -270,19 +272,49 @@ def tune(
 
     try:
         if trials > finished:
-            study.optimize(
-                objective,
-                n_trials=trials - finished,
-                timeout=timeout,
-                gc_after_trial=False,
-                show_progress_bar=False,
-                callbacks=[after_trial],
-            )
+            with _quiet_interrupted_trial():
+                study.optimize(
+                    objective,
+                    n_trials=trials - finished,
+                    timeout=timeout,
+                    gc_after_trial=False,
+                    show_progress_bar=False,
+                    callbacks=[after_trial],
+                )
     except BaseException:  # Ctrl-C or a failed trial: the outputs of the trials done, then stop
         if completed():
             write()
         raise
     return write()
+
+
+class _InterruptedTrialFilter(logging.Filter):
+    """Drops Optuna's two warnings about a trial that Ctrl-C stopped (its traceback, then its
+    value None): the caller reports the interrupt in one line; other failures are logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(message.split(" failed with ", 1)[0])
+            return False
+        head = message.split(" failed with value ", 1)[0]
+        return head == message or head not in self.interrupted
+
+
+@contextlib.contextmanager
+def _quiet_interrupted_trial():
+    """:class:`_InterruptedTrialFilter` on the logger of Optuna's optimisation loop."""
+    logger = logging.getLogger("optuna.study._optimize")
+    quiet = _InterruptedTrialFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _base_config(base: TrainConfig, search) -> dict:

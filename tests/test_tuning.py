@@ -3,6 +3,7 @@ configuration that ``lrml train --config`` reads."""
 
 import dataclasses
 import json
+import logging
 import math
 
 import pytest
@@ -209,8 +210,44 @@ def test_outputs_are_written_after_each_trial_and_on_ctrl_c(
     capsys.readouterr()
     interrupt_fit(monkeypatch, at=1)
     argv = ["tune", "--data", "synthetic-small", "--dim", "8", "--epochs", "1", "--trials", "1"]
-    assert main([*argv, "--backend", "torch", "--no-progress", "--out", str(out)]) == 130
+    optuna_log = OptunaRecords()
+    with optuna_log:
+        assert main([*argv, "--backend", "torch", "--no-progress", "--out", str(out)]) == 130
     assert capsys.readouterr().err.splitlines()[-1].startswith("lrml tune: interrupted; ")
+    # ... without Optuna's traceback of the interrupted trial and its "failed with value None"
+    assert not [r for r in optuna_log.records if "Trial 0 failed" in r.getMessage()]
+
+
+class OptunaRecords(logging.Handler):
+    """The records that reach Optuna's own handler (its logger does not propagate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        logging.getLogger("optuna").addHandler(self)
+
+    def __exit__(self, *exc):
+        logging.getLogger("optuna").removeHandler(self)
+
+
+def test_a_failed_trial_is_still_logged(tmp_path, one_thread, monkeypatch):
+    # Only the interrupted trial's warnings are dropped: another error keeps its traceback.
+    from lrml_kernels import tuning
+
+    def fit(cfg, out_dir, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tuning, "fit", fit)
+    optuna_log = OptunaRecords()
+    with optuna_log, pytest.raises(RuntimeError, match="a bug"):
+        tune(tiny(), tmp_path / "out", trials=1, search=SEARCH, progress=False)
+    failed = [r for r in optuna_log.records if "Trial 0 failed" in r.getMessage()]
+    assert len(failed) == 2 and isinstance(failed[0].exc_info[1], RuntimeError)
 
 
 def test_options_are_checked_before_any_work(tmp_path, capsys):
