@@ -5,6 +5,7 @@ Public API::
     lrml_distances, lrml_hinge_loss, lrml_topk   # the fused ops (ops.py)
     lrml_relations                               # attention and relation of pairs (ops.py)
     available_backends                           # which backends run here (backends.py)
+    BackendUnavailable                           # raised for a backend that cannot run here
     LRML                                         # the nn.Module (model.py)
     LRMLTrainer                                  # fused sparse optimizer step (trainer.py)
     evaluate                                     # HR@k / nDCG@k, sampled or full (metrics.py)

@@ -224,6 +224,10 @@ def lrml_hinge_loss(
 
     Arguments as :func:`lrml_distances`, plus ``margin`` and ``reduction`` ("sum" as the authors'
     code, "mean" over rows, or "none" for the per-row losses ``[B]``).
+
+    Returns:
+        the loss in the parameter dtype: a scalar (``"sum"``, ``"mean"``) or ``[B]`` (``"none"``);
+        differentiable w.r.t. the four parameters.
     """
     _check_option("reduction", reduction, REDUCTIONS)
     check_number("margin", margin)
@@ -346,6 +350,8 @@ def lrml_topk(
     """The k items nearest to each user over the whole catalogue (relation="pair").
 
     Args:
+        user_emb, item_emb, keys, memory: P ``[U, d]``, Q ``[I, d]``, K ``[N, d]``, M ``[N, d]``,
+            as for :func:`lrml_distances`; distance, eps, backend, validate likewise.
         users: ``[B]`` integer user indices; k: 1 .. any (slots beyond the catalogue are padded).
         exclude: None or CSR ``(indptr [B+1], indices)``: items never returned for row b are
             ``indices[indptr[b]:indptr[b+1]]`` (sorted ascending), e.g. the user's training items.
