@@ -33,7 +33,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     a("--dim", type=int, default=d.dim, help="embedding dimension d (default: %(default)s)")
     a("--memory-slots", type=int, default=d.memory_slots, help="N (default: %(default)s)")
-    a("--negatives", type=int, default=d.negatives, help="negatives per positive")
+    a(
+        "--negatives",
+        type=int,
+        default=d.negatives,
+        help="negatives per positive (default: %(default)s)",
+    )
     a("--margin", type=float, default=d.margin, help="hinge margin (default: %(default)s)")
     a("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
     a(
@@ -49,8 +54,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["constant", "cosine"],
         help="learning-rate schedule over all steps (default: %(default)s)",
     )
-    a("--optimizer", default=d.optimizer, choices=["adam", "adagrad", "rowwise_adagrad", "sgd"])
-    a("--distance", default=d.distance, choices=["l2", "squared_l2", "l1"])
+    a(
+        "--optimizer",
+        default=d.optimizer,
+        choices=["adam", "adagrad", "rowwise_adagrad", "sgd"],
+        help="(default: %(default)s)",
+    )
+    a(
+        "--distance",
+        default=d.distance,
+        choices=["l2", "squared_l2", "l1"],
+        help="(default: %(default)s)",
+    )
     a(
         "--relation",
         default=d.relation,
@@ -59,10 +74,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     a("--batch-size", type=int, default=d.batch_size, help="rows per step (default: %(default)s)")
-    a("--max-norm", type=float, default=d.max_norm, help="unit-ball radius; 0 disables")
+    a(
+        "--max-norm",
+        type=float,
+        default=d.max_norm,
+        help="unit-ball radius; 0 disables (default: %(default)s)",
+    )
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     a("--backend", default=d.backend, choices=["auto", "torch", "triton", "cpu", "cuda"])
-    a("--eval", default=d.eval, choices=["sampled", "full", "none"], help="evaluation protocol")
+    a(
+        "--eval",
+        default=d.eval,
+        choices=["sampled", "full", "none"],
+        help="evaluation protocol (default: %(default)s)",
+    )
     a("--eval-k", type=int, default=d.eval_k, help="k of HR@k / nDCG@k (default: %(default)s)")
     a(
         "--eval-negatives",
@@ -590,7 +615,9 @@ def main(argv=None) -> int:
         "(training, validation, test); train = the training items; none (default: %(default)s)",
     )
     p.add_argument(
-        "--out", default="-", help="CSV file, written in full or not at all; - = standard output"
+        "--out",
+        default="-",
+        help="CSV file, written in full or not at all; - = standard output (default: -)",
     )
     p.add_argument(
         "--batch-size",
