@@ -9,10 +9,10 @@ Two shared libraries register the ``lrml_ext`` ops with the dispatcher (``torch.
 Each is taken, in order, from the ahead-of-time build of ``setup.py`` (``lrml_kernels._C_cpu`` /
 ``_C_cuda``, used only if built from the same sources for the same torch), else built just in time
 with ``torch.utils.cpp_extension.load`` (ninja) into ``$LRML_KERNELS_CACHE`` (default
-``~/.cache/lrml_kernels``)/``ext-<hash of sources, torch, python, cpu flags>``; later processes
-load the cached library without compiling. A failed build is remembered for the rest of the
-process and reported as :class:`~lrml_kernels.errors.BackendUnavailable` with the compiler's last
-lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
+``~/.cache/lrml_kernels``)/``ext-<hash of sources, their folder, torch, python, cpu flags>``;
+later processes load the cached library without compiling. A failed build is remembered for the
+rest of the process and reported as :class:`~lrml_kernels.errors.BackendUnavailable` with the
+compiler's last lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
 
 Autograd (``register_autograd``) and fake kernels (``register_fake``, for ``torch.compile`` and
 meta tensors) are registered here, once, after the CPU library is loaded.
