@@ -281,6 +281,40 @@ def test_epoch_warms_up_every_batch_shape_it_times(monkeypatch):
     assert bench.extra_info["time_s"] > 0 and "extrapolated" not in bench.extra_info
 
 
+def test_a_long_gpu_call_is_timed_by_events_and_says_so(monkeypatch):
+    # The GPU path of measure() on the CPU: torch.cuda's clock stood in for by events that
+    # report 0.4 s, then 0.6 s. A call over LONG_CALL_S (the all-user top-k) is timed call by
+    # call by those events, and its record says so, not "do_bench".
+    bl = load_benchmark("benchlib")
+    import torch
+
+    elapsed_ms = iter([400.0, 600.0])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def elapsed_time(self, end):
+            return next(elapsed_ms)
+
+    for name, value in {
+        "Event": Event, "synchronize": lambda device=None: None,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "memory_allocated": lambda device=None: 0, "max_memory_allocated": lambda device=None: 0,
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setitem(bl.SETTINGS, "disabled", False)
+    monkeypatch.setitem(bl.SETTINGS, "jsonl", None)
+    case = bl.Case("cuda", bl.SIZES["tiny"], torch.float32)
+    bench = _FakeBenchmark()
+    info = bl.measure(bench, case, "triton", lambda: None, workload="topk", pairs=10)
+    assert info["time_s"] == pytest.approx(0.5)  # the median of the two event-timed calls
+    assert info["timer"] == bl.TIMER_SINGLE_CALLS
+
+
 # --------------------------------------------------------------------------------------------
 # gpu_check.sh --plan / --dry-run
 
