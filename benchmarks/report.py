@@ -454,7 +454,9 @@ def _verdict(t: dict, row: dict, provider: str, skipped: list[dict]) -> tuple[st
         mb = rec.get("peak_extra_mb")
         if mb is None:
             return "—", "no memory measurement"
-        return f"{mb:.0f} MB", _ok(mb <= t["max_mb"])
+        # a subset's call (--lrml-cap) holds less than the whole workload's would
+        note = " (of the timed subset)" if rec.get("extrapolated") else ""
+        return f"{mb:.0f} MB{note}", _ok(mb <= t["max_mb"])
     if "min_bw" in t:
         frac = rec.get("bw_fraction")
         if frac is None:

@@ -164,6 +164,19 @@ def test_gpu_cells_show_bandwidth_and_extrapolation(tmp_path):
     assert verdicts[topk][0] == "2.00 s" and verdicts[topk][1].startswith("❌ not met")
 
 
+def test_a_memory_target_says_when_a_subset_was_measured(tmp_path):
+    # Under --lrml-cap the GPU top-k ranks a subset of the users: its peak memory is that call's,
+    # not the all-user workload's that the target names.
+    topk = {"device": "cuda", "users": 480_189, "k": 10}
+    recs = [
+        _rec("topk", "k=10", "triton", 2.0, peak_extra_mb=900.0, extrapolated="timed 0.25", **topk),
+        _rec("topk", "k=10", "cuda", 2.0, peak_extra_mb=1200.0, **topk),
+    ]
+    md = report.markdown(report.load(_write_run(tmp_path / "gpu.json", recs)))
+    mem = next(line for line in md.splitlines() if "extra GPU memory" in line)
+    assert "| 900 MB (of the timed subset) | ✅ met |" in mem, mem
+
+
 def test_jsonl_and_min_stat(tmp_path):
     path = tmp_path / "run.jsonl"
     lines = [
