@@ -452,6 +452,11 @@ def fit(
             there; an exception it raises ends training).
         test: with ``select_on="valid"``, evaluate the selected epoch on the test split at the
             end (False: the test split is never read).
+
+    Under an initialised process group every rank calls it with the same options but its own
+    device: ``lrml train`` sets ``cfg.device = f"cuda:{LOCAL_RANK}"`` and calls
+    ``torch.cuda.set_device`` before ``init_process_group("nccl")``; a caller of ``fit`` does
+    the same (``"cuda"`` alone is the current device, cuda:0 on every rank unless set).
     """
     cfg.validate()
     # A backend that cannot run on the device is refused now, not after the data is loaded.
