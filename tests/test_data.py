@@ -366,6 +366,22 @@ def test_citeulike(tmp_path):
     expect_error(lambda: D.read_citeulike(bad), bad, 2)
 
 
+@pytest.mark.parametrize("big", ["99999999999999999999", "-99999999999999999999"])
+def test_citeulike_ids_beyond_int64_are_an_error_not_clamped(tmp_path, big):
+    # np.fromstring saturates them to the int64 maximum: two ids would become one item
+    bad = write(tmp_path / "users.dat", f"1 5\n2 9223372036854775807 {big}\n")
+    assert "int64 range" in str(expect_error(lambda: D.read_citeulike(bad), bad, 2))
+    ok = write(tmp_path / "ok.dat", "1 9223372036854775807\n")  # the largest id itself reads
+    assert D.read_citeulike(ok).item_ids.tolist() == [2**63 - 1]
+
+
+def test_citeulike_byte_order_mark_and_no_items(tmp_path):
+    f = write(tmp_path / "users.dat", b"\xef\xbb\xbf2 5 9\r\n1 9\r\n")  # as the other readers
+    assert pairs(D.read_citeulike(f)) == [(0, 5), (0, 9), (1, 9)]
+    empty = write(tmp_path / "empty.dat", "0\n0\n")  # a DataFormatError, not a failure deep inside
+    assert "no items" in str(expect_error(lambda: D.load(f"citeulike:{empty}"), empty, None))
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_netflix_mat(tmp_path, compress):
     sio = pytest.importorskip("scipy.io")

@@ -33,6 +33,7 @@ def delimiter_name(delimiter: str) -> str:
     return _DELIMITER_NAMES.get(delimiter, repr(delimiter))
 
 
+_INT64 = np.iinfo(np.int64)
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write at the start
 
 
@@ -453,25 +454,33 @@ def parse_netflix_chunk(
 
 def parse_count_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(users, items)`` of a file whose 0-based line k is ``n item_1 ... item_n`` for user k."""
-    data = _normalize_newlines(Path(path).read_bytes())
+    data = _normalize_newlines(Path(path).read_bytes()).removeprefix(BOM)
     data = data.rstrip(b"\n \t") + b"\n"
     if data == b"\n":
         raise DataFormatError(path, 1, "no data rows (empty file?)")
 
-    def fail() -> DataFormatError:
+    def bad_line() -> DataFormatError | None:
         for k, raw in enumerate(data[:-1].split(b"\n")):
             parts = raw.split()
             if not parts:
                 return DataFormatError(path, k + 1, "empty line (expected 'count item ...')")
             if not all(_INT_RE.fullmatch(p) for p in parts):
                 return DataFormatError(path, k + 1, f"non-integer field in {_show(raw)}")
+            big = [p for p in parts if not _field_ok(p, "int")]
+            if big:
+                return DataFormatError(
+                    path, k + 1, f"field {_show(big[0])} is out of the int64 range"
+                )
             if int(parts[0]) != len(parts) - 1:
                 return DataFormatError(
                     path,
                     k + 1,
                     f"count field says {int(parts[0])} items, line has {len(parts) - 1}",
                 )
-        return DataFormatError(path, None, "cannot parse")
+        return None
+
+    def fail() -> DataFormatError:
+        return bad_line() or DataFormatError(path, None, "cannot parse")
 
     arr = np.frombuffer(data, dtype=np.uint8)
     ws = (arr == 32) | (arr == 9) | (arr == 10)
@@ -483,6 +492,11 @@ def parse_count_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise fail() from None
     if values.size != starts.size:
         raise fail()
+    # np.fromstring saturates a value beyond int64 to the int64 maximum, silently
+    if values.size and (values.max() == _INT64.max or values.min() == _INT64.min):
+        err = bad_line()
+        if err is not None:
+            raise err
     per_line = np.bincount(np.searchsorted(newlines, starts), minlength=newlines.size)
     if (per_line == 0).any():
         raise fail()
@@ -492,5 +506,7 @@ def parse_count_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise fail()
     is_item = np.ones(values.size, dtype=bool)
     is_item[offsets] = False
+    if not is_item.any():
+        raise DataFormatError(path, None, "no items (every line's count is 0)")
     users = np.repeat(np.arange(newlines.size, dtype=np.int64), counts)
     return users, values[is_item]
