@@ -305,12 +305,25 @@ def test_netflix_writer_round_trip(tmp_path):
         ("1:\n5;3;2005-09-06\n", 2, "expected"),
         ("1:\n5,x,2005-09-06\n", 2, "expected"),
         ("1:\n2:x\n", 2, "expected"),
+        ("1:\n5,3,2005-09-06\n5,300,2005-09-06\n", 3, "rating 300"),  # (int8 ratings)
+        ("1:\n5,3,2005-09-06\n3000000000,3,2005-09-06\n", 3, "CustomerID"),  # (int32 ids)
+        ("1:\n5,3,2005-09-06\n3000000000:\n", 3, "MovieID"),
     ],
 )
 def test_malformed_netflix(tmp_path, text, line, reason):
     f = write(tmp_path / "combined_data_1.txt", text)
     err = expect_error(lambda: D.read_netflix(f), f, line)
     assert reason in str(err)
+
+
+def test_netflix_byte_order_mark_whatever_the_file_size(tmp_path):
+    text = (
+        b"\xef\xbb\xbf" + netflix_text({1: [(5, 3, "2005-09-06"), (6, 4, "2005-09-07")]}).encode()
+    )
+    f = write(tmp_path / "mv_0000001.txt", text)
+    small = D.read_netflix(f, cache=False)  # read whole, with the other small files
+    large = D.read_netflix(f, cache=False, chunk_bytes=8)  # read in chunks
+    assert pairs(small) == pairs(large) == [(5, 1), (6, 1)]
 
 
 def test_malformed_netflix_names_the_movie_file(tmp_path):

@@ -34,6 +34,7 @@ def delimiter_name(delimiter: str) -> str:
 
 
 _INT64 = np.iinfo(np.int64)
+_INT32_MAX = int(np.iinfo(np.int32).max)
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write at the start
 
 
@@ -381,6 +382,8 @@ def _netflix_bad_line(chunk: bytes, first_line: int, movie: int | None) -> tuple
         text = raw.strip()
         if _NETFLIX_HEADER_RE.fullmatch(text):
             movie = int(text[:-1])
+            if movie > _INT32_MAX:
+                return line_no, f"MovieID {movie} is beyond 2**31 - 1"
             continue
         if _NETFLIX_ROW_RE.fullmatch(text) is None:
             return (
@@ -389,7 +392,12 @@ def _netflix_bad_line(chunk: bytes, first_line: int, movie: int | None) -> tuple
             )
         if movie is None:
             return line_no, "rating line before any 'MovieID:' line"
-        y, m, d = (int(x) for x in text.split(b",")[2].split(b"-"))
+        customer, rating, date = text.split(b",")
+        if int(customer) > _INT32_MAX:
+            return line_no, f"CustomerID {int(customer)} is beyond 2**31 - 1"
+        if int(rating) > 127:
+            return line_no, f"rating {int(rating)} is not in 0..127"
+        y, m, d = (int(x) for x in date.split(b"-"))
         if not _valid_dates(np.array([y]), np.array([m]), np.array([d]))[0]:
             return line_no, f"invalid date in {_show(raw)}"
     return None

@@ -710,7 +710,7 @@ def _netflix_chunks(
             for chunk, first in _text.iter_chunks(p, chunk_bytes):
                 yield chunk, [(1, p, first)], len(chunk)
             continue
-        data = _text._normalize_newlines(p.read_bytes())
+        data = _text._normalize_newlines(p.read_bytes()).removeprefix(_text.BOM)
         if not data.strip():
             raise DataFormatError(p, 1, "empty file")
         if not data.endswith(b"\n"):
