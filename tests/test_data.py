@@ -120,6 +120,18 @@ def test_min_rating_and_duplicates(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "spec, name", [("csv", "r.csv.gz"), ("movielens", "u.data"), ("netflix", "combined_data_1.txt")]
+)
+def test_compressed_files_are_named_as_such(tmp_path, spec, name):
+    import gzip
+
+    # (not "no data rows (empty file?)" or a parse error of the compressed bytes)
+    f = write(tmp_path / name, gzip.compress(b"1\t2\t3\t4\n1\t3\t3\t5\n"))
+    err = expect_error(lambda: D.load(f"{spec}:{f}", cache=False), f, None)
+    assert "gzip-compressed" in str(err)
+
+
+@pytest.mark.parametrize(
     "name, text, line, reason",
     [
         ("u.data", "1\t2\t3\t4\n1\t2\tx\t4\n", 2, "rating"),

@@ -391,12 +391,31 @@ def _to_interactions(arrays: dict, name: str) -> Interactions:
     )
 
 
+# The magic numbers of compressed files: the readers take plain text (and MAT files) only.
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
 def _require_file(path: Path) -> Path:
+    """``path`` if it is a file, not a compressed one (a clear error, not a parse error of
+    its bytes)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"not a file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataFormatError(
+                path, None, f"a {kind}-compressed file: decompress it first (plain text is read)"
+            )
     return path
 
 
@@ -680,7 +699,7 @@ def read_csv(
 
 def _netflix_files(path: Path) -> list[Path]:
     if path.is_file():
-        return [path]
+        return [_require_file(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or folder: {path}")
     for pattern in ("combined_data_*.txt", "training_set/mv_*.txt", "mv_*.txt"):
