@@ -400,6 +400,19 @@ def test_citeulike_ids_beyond_int64_are_an_error_not_clamped(tmp_path, big):
     assert D.read_citeulike(ok).item_ids.tolist() == [2**63 - 1]
 
 
+def test_citeulike_cache_from_before_the_int64_check_is_not_used(tmp_path):
+    from lrml_kernels.data import readers
+
+    bad = write(tmp_path / "users.dat", "2 5 99999999999999999999\n")
+
+    def clamped() -> dict:  # what that version read
+        cols = {"users": np.zeros(2, np.int64), "items": np.array([5, 2**63 - 1])}
+        return readers._finalize(bad, cols, None)
+
+    readers._cached("citeulike", [bad], bad, {}, clamped, True)  # under that version's key
+    expect_error(lambda: D.read_citeulike(bad), bad, 1)
+
+
 def test_citeulike_byte_order_mark_and_no_items(tmp_path):
     f = write(tmp_path / "users.dat", b"\xef\xbb\xbf2 5 9\r\n1 9\r\n")  # as the other readers
     assert pairs(D.read_citeulike(f)) == [(0, 5), (0, 9), (1, 9)]

@@ -981,7 +981,8 @@ def read_citeulike(path, *, cache: bool = True) -> Interactions:
         users, items = _text.parse_count_lists(path)
         return _finalize(path, {"users": users, "items": items}, None)
 
-    arrays = _cached("citeulike", [path], path, {}, build, cache)
+    # ("ids": caches from before ids beyond int64 were an error may hold them clamped)
+    arrays = _cached("citeulike", [path], path, {"ids": "int64-checked"}, build, cache)
     return _to_interactions(arrays, f"citeulike:{path}")
 
 
