@@ -164,6 +164,38 @@ def triton_launches(monkeypatch):
 
 
 @pytest.fixture
+def gpu_scalar_args(monkeypatch):
+    """Float kernel arguments typed as a compiled launch types them: fp32, unless the kernel
+    annotates the parameter (``eps: tl.float64``). The interpreter otherwise keeps a Python float
+    (a double), so an fp64 kernel sees the exact value that the GPU would round to fp32."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter only (the GPU types its arguments itself)")
+    import inspect
+
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction, TensorHandle
+    from triton.runtime.jit import _normalize_ty
+
+    run = InterpretedFunction.run
+
+    def typed(fn, name, value):
+        if not isinstance(value, float):
+            return value
+        note = inspect.get_annotations(fn).get(name)
+        fp64 = note is not None and _normalize_ty(note) == "fp64"
+        ty, np_ty = (tl.float64, np.float64) if fp64 else (tl.float32, np.float32)
+        return tl.tensor(TensorHandle(np.array([value], dtype=np_ty), ty), ty)
+
+    def as_on_gpu(self, *args, **kwargs):
+        args = [typed(self.fn, n, a) for n, a in zip(self.arg_names, args, strict=False)]
+        kwargs = {k: typed(self.fn, k, v) for k, v in kwargs.items()}
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", as_on_gpu)
+
+
+@pytest.fixture
 def tensor_core_tf32(monkeypatch):
     """The interpreter's ``tl.dot`` with tf32 operands truncated as the tensor cores truncate them
     (the low 13 mantissa bits of each fp32 operand dropped; the interpreter otherwise computes

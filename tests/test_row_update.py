@@ -84,6 +84,14 @@ def test_row_and_dense_updates_match_the_torch_ops_path_step_for_step(optimizer,
                 assert value == ref.state[name][key]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_betas_and_max_norm_are_typed_as_on_the_gpu(gpu_scalar_args, dtype):
+    # A compiled launch types a Python float argument fp32 unless the kernel annotates it (the
+    # interpreter keeps the double): fp64 tables got fp32 betas and max_norm on the GPU (1 -
+    # beta2 = 1 - fp32(0.999) = 9.99987e-4, not 1e-3), ~1e-5 off the torch-ops path's steps.
+    test_row_and_dense_updates_match_the_torch_ops_path_step_for_step("adam", 0.7, dtype)
+
+
 @pytest.mark.parametrize("d", [1, 13, 200])
 def test_long_segments_sum_every_gradient_row(d):
     """A row repeated more often than one read of BLOCK_S slots, and runs cut by the batch's end."""

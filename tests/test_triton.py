@@ -147,6 +147,24 @@ def test_hinge_loss_grads_per_row(reduction, relation):
     assert_matches("hinge_loss_grads", ref, loss, [None, None, gK, gM], (gp, gq))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_float_arguments_are_typed_as_on_the_gpu(gpu_scalar_args, relation, dtype):
+    # A compiled launch types a Python float argument fp32 unless the kernel annotates it (the
+    # interpreter keeps the double): eps, margin and the mean's 1/B must reach the fp64 kernels
+    # unrounded, or D, the loss and every gradient are off by ~1e-8 relative on the GPU; and an
+    # fp64 argument must not promote the fp32 kernels' tiles (tl.dot of fp64 and fp32 fails).
+    params, users, items = make_inputs(5, 6, 7, 19, 11, 4, dtype, scale=0.4)
+    kw = {"relation": relation, "margin": 0.3, "eps": 0.1}
+    check_backend("triton", params, users, items, reduction="mean", **kw)
+    P, Q, K, M = params
+    loss, gp, gq, gK, gM = T.hinge_loss_grads(
+        P, Q, K, M, users, items, 0.3, "l2", relation, 0.1, "mean"
+    )
+    ref = reference_with_bounds(params, users, items, op="hinge", reduction="mean", **kw)
+    assert_matches("hinge_loss_grads", ref, loss, [None, None, gK, gM], (gp, gq))
+
+
 def test_fp16_forward_and_backward():
     params, users, items = make_inputs(9, 11, 7, 37, 23, 3, torch.float16, scale=0.5)
     for relation in RELATIONS:

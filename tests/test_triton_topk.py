@@ -112,6 +112,19 @@ def test_topk_matches_brute_force(distance, dtype, with_exclude):
             assert (ids[2] == -1).all() and torch.isinf(dist[2]).all()  # every item excluded
 
 
+def test_fp64_eps_reaches_the_kernels_in_fp64_on_the_gpu(gpu_scalar_args):
+    # A compiled launch types a Python float argument fp32 unless the kernel annotates it (the
+    # interpreter keeps the double): fp64 distances with an fp32-rounded eps = 0.1 are off by
+    # ~2e-9 relative near D = sqrt(eps), in the re-score and on the direct path alike.
+    I = 150
+    params, users = make(6, I, 5, 9, 4, scale=0.05)
+    items = torch.arange(I, device=DEVICE).expand(4, I)
+    full = reference.lrml_distances(*params, users, items, eps=0.1).cpu()
+    for k in (5, I):  # screened and re-scored; direct (more candidates than MAX_CANDIDATES)
+        dist, ids = lk.lrml_topk(*params, users, k, eps=0.1, backend="triton")
+        torch.testing.assert_close(dist.cpu(), full.gather(1, ids.cpu()), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_duplicate_items_tie_to_smaller_id(distance):
     B, I = 6, 40

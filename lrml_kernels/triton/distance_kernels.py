@@ -57,7 +57,11 @@ dtype); float64 parameters are computed in float64 (``tl.dot`` in fp64). The dot
 parameters take tf32 operands (:func:`_dot_precision`: bf16's own rounding is 4× coarser);
 fp32 ``tl.dot`` runs in IEEE fp32 unless torch's fp32 matmul precision is not "highest" (then
 TF32; read by :func:`lrml_kernels.precision.fp32_matmul_precision`, whichever API set it);
-fp16 dots run in IEEE fp32.
+fp16 dots run in IEEE fp32. The float arguments (``eps``, ``margin``, the mean's ``1/B``) are
+fp64: a compiled launch types a Python float fp32 unless the kernel annotates it (the interpreter
+keeps the double), which rounded them for float64 parameters; each kernel casts them to its
+compute dtype first (:func:`_scalar`: an fp64 scalar would promote fp32 tiles), so fp32 kernels
+see fp32(eps) as before.
 
 Layout (Liger-Kernel style): kernels, then launchers, then the registered custom ops
 (``torch.library.custom_op`` with ``register_fake`` and ``register_autograd``), then the backend
@@ -98,6 +102,17 @@ def _upcast(x, IS_FP64: tl.constexpr):
         y = x.to(tl.float64)
     else:
         y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _scalar(x, IS_FP64: tl.constexpr):
+    """A float argument (fp64, module docstring) in the compute dtype: left fp64, it would
+    promote every fp32 tile it meets to fp64."""
+    if IS_FP64:
+        y = tl.full((), x, tl.float64)
+    else:
+        y = tl.full((), x, tl.float32)
     return y
 
 
@@ -213,11 +228,12 @@ def _lrml_pair_forward_kernel(
     items, stride_ib, stride_ic,  # [B, C] int32/int64
     D_out, stride_db, stride_dc,  # [B, C] out: distances
     B, C, U, I, N, d,
-    eps,
+    eps: tl.float64,  # (module docstring, Precision)
     DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):  # fmt: skip
     """relation="pair": program ``rb · C + c`` owns column ``c`` of row block ``rb``."""
+    eps = _scalar(eps, IS_FP64)
     pid = tl.program_id(0).to(tl.int64)
     c = pid % C
     offs_b = (pid // C) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -258,13 +274,14 @@ def _lrml_shared_forward_kernel(
     items, stride_ib, stride_ic,  # [B, C] int32/int64
     D_out, stride_db, stride_dc,  # [B, C] out: distances
     B, C, U, I, N, d,
-    eps,
+    eps: tl.float64,  # (module docstring, Precision)
     DISTANCE: tl.constexpr, IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """relation="shared": program ``rb`` owns every column of row block ``rb``; one attention
     (column 0) per row, then ``e = p + r₀ − q_c`` for every column, chunk by chunk."""
+    eps = _scalar(eps, IS_FP64)
     pid = tl.program_id(0).to(tl.int64)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -305,10 +322,11 @@ def _hinge_kernel(
     L_out, stride_Lb,  # [B] parameter dtype: per-row hinge losses
     G_out, stride_gb, stride_gc,  # [B, C] compute dtype: ∂L_b/∂D[b, c]
     B, C,
-    margin,
+    margin: tl.float64,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``L_b = Σ_{c≥1} relu(margin + D[b, 0] − D[b, c])`` and its gradient w.r.t. ``D``."""
+    margin = tl.full((), margin, D.dtype.element_ty)  # the compute dtype (see _scalar)
     pid = tl.program_id(0).to(tl.int64)
     offs_b = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
@@ -545,7 +563,7 @@ def _lrml_backward_kernel(
     GK, stride_gkp, stride_gkn, stride_gkd,  # [programs, N, d] out: per-program partials
     GM, stride_gmp, stride_gmn, stride_gmd,  # [programs, N, d] out: idem for memory
     B, C, U, I, N, d,
-    scale, eps,
+    scale: tl.float64, eps: tl.float64,
     DISTANCE: tl.constexpr, SHARED: tl.constexpr, HAS_W: tl.constexpr, HAS_D: tl.constexpr,
     IS_FP64: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
@@ -554,6 +572,8 @@ def _lrml_backward_kernel(
     """Program ``pid`` of ``G`` owns row blocks ``pid, pid + G, …`` (all their columns), in that
     order, and sums its keys/memory contributions into its own ``[N, d]`` slots: no atomics,
     and a fixed order of additions (the slots are summed afterwards, also in a fixed order)."""
+    scale = _scalar(scale, IS_FP64)
+    eps = _scalar(eps, IS_FP64)
     pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_DC)

@@ -40,7 +40,11 @@ and, for keys and memory, its epsilon, which change every step, and the rounding
 launch arguments: the kernel reads them from a small device tensor ``hyper = (lr, eps, seed)`` in
 the compute dtype (the trainer fills all of a step's with one non-blocking host-to-device copy).
 A launch captured in a CUDA graph therefore replays with the current values; eager launches take
-the same path. The constant ones (betas, max_norm) stay arguments.
+the same path. The constant ones (betas, max_norm) stay arguments, typed fp64: a compiled launch
+types a Python float fp32 unless the kernel annotates it (the interpreter keeps the double), which
+made an fp64 table's betas and radius fp32 and every table's ``1 - beta2`` ``1 - fp32(0.999) =
+9.99987e-4``. Now ``1 - beta`` is formed in fp64, as the torch path's ``1 - beta`` in Python, and
+cast to the compute dtype (an fp64 scalar would promote the fp32 row to fp64), as the radius.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def _row_update_kernel(
     grad_ptr, stride_gr,  # [n, d] gradient rows, in batch order ([R, d] if DENSE)
     n, d, R,
     hyper_ptr,  # [3] (lr, eps, seed), compute dtype: read on the device, so a replay sees new ones
-    beta1, beta2, max_norm,
+    beta1: tl.float64, beta2: tl.float64, max_norm: tl.float64,  # (module docstring)
     OPT: tl.constexpr, DENSE: tl.constexpr, HAS_MAX_NORM: tl.constexpr, IS_FP64: tl.constexpr,
     STOCHASTIC: tl.constexpr,  # bf16 table: round the written row stochastically
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -132,8 +136,10 @@ def _row_update_kernel(
             v_ptrs = s2_ptr + row * stride_sr + cols
             m = tl.load(m_ptrs, mask=cmask, other=0.0).to(ACC)
             v = tl.load(v_ptrs, mask=cmask, other=0.0).to(ACC)
-            m = m + (1.0 - beta1) * (g - m)
-            v = v + (g * g - v) * (1.0 - beta2)
+            w1 = tl.full((), 1.0 - beta1, ACC)  # 1 - beta in fp64, then the compute dtype
+            w2 = tl.full((), 1.0 - beta2, ACC)
+            m = m + w1 * (g - m)
+            v = v + (g * g - v) * w2
             tl.store(m_ptrs, m.to(s1_ptr.dtype.element_ty), mask=cmask)
             tl.store(v_ptrs, v.to(s2_ptr.dtype.element_ty), mask=cmask)
             x = x - lr * (m / (tl.sqrt(v) + eps))
@@ -150,7 +156,8 @@ def _row_update_kernel(
             x = x - lr * g
         if HAS_MAX_NORM:  # x / max(1, |x| / max_norm), as LRML.project_()
             x = tl.where(cmask, x, 0.0)
-            scale = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)) / max_norm, 1.0)
+            radius = tl.full((), max_norm, ACC)  # (an fp64 scalar would promote x to fp64)
+            scale = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)) / radius, 1.0)
             x = x / scale
         if STOCHASTIC:  # 16 random low bits added to the fp32 pattern, then truncated to bf16
             seed = tl.load(hyper_ptr + 2).to(tl.int32)

@@ -58,6 +58,7 @@ from lrml_kernels.precision import fp32_matmul_precision
 from lrml_kernels.triton import distance_kernels as TD
 
 _rows = TD._load_rows  # base[rows, :d] as a compute-dtype tile (a jit function)
+_scalar = TD._scalar  # a float argument in the compute dtype (a jit function)
 _interpreted, _device_guard, _compute_dtype = TD._interpreted, TD._device_guard, TD._compute_dtype
 _param_args = TD._param_args
 
@@ -276,11 +277,12 @@ def _direct_kernel(
     users, stride_ub,  # [n] users of this chunk
     D_out, stride_ob, stride_oi,  # [n, I] compute dtype: distance of every (user, item)
     n, U, I, N, d,
-    eps,
+    eps: tl.float64,  # fp64 for fp64 tables (distance_kernels' docstring, Precision)
     DISTANCE: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The fallback: the direct SPEC distance of every (user, item) of a chunk, IEEE dots."""
+    eps = _scalar(eps, IS_FP64)
     pid_u = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1).to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
