@@ -510,6 +510,14 @@ class _Run:
             split = lkdata.carve_validation(split, seed=cfg.seed)
         self.split = split
         self.eval_split = split.validation() if self.select else split  # what epochs evaluate
+        if cfg.eval != "none" and rank == 0 and len(self.eval_split.test_users) == 0:
+            warnings.warn(
+                f"data set {cfg.data!r}: the {'validation' if self.select else 'test'} split "
+                "holds no users (a user needs two distinct items, one to hold out): its HR and "
+                "nDCG are 0 by convention, not measured",
+                LRMLWarning,
+                stacklevel=3,
+            )
         device = self.device = torch.device(cfg.device)
         # (a hash of the whole split, test items included: taken only where a checkpoint needs
         # it, so that a run writing nothing, like a tuning trial, never reads the test arrays)

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from lrml_kernels import data
 from lrml_kernels.cli import main
+from lrml_kernels.errors import LRMLWarning
 from lrml_kernels.metrics import PopularityRanker, evaluate
 from lrml_kernels.precision import fp32_matmul_precision, using_fp32_matmul_precision
 from lrml_kernels.training import (
@@ -669,3 +671,16 @@ def test_background_checkpoint_writes_a_snapshot_in_order_and_reports_errors(tmp
     with pytest.raises(OSError, match="No space"):
         writer.wait()
     assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 1  # the last good file
+
+
+@pytest.mark.parametrize("select_on", ["last", "valid"])
+def test_a_split_with_no_held_out_users_warns(tmp_path, select_on):
+    # No user has two distinct items: nothing to hold out, so the metrics measure nothing.
+    f = tmp_path / "one.csv"
+    f.write_text("user,item\n1,1\n2,2\n3,3\n4,1\n2,2\n")
+    with pytest.warns(LRMLWarning, match="split holds no users"):
+        fit(cfg(data=f"csv:{f}", epochs=1, select_on=select_on), None)
+    # ... and a split that holds some does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LRMLWarning)
+        fit(cfg(epochs=1, select_on=select_on), None)
