@@ -183,6 +183,16 @@ def test_csv_detects_delimiter(tmp_path, delim):
     assert pairs(x) == [(7, 6)] and x.timestamps.tolist() == [200]
 
 
+def test_csv_delimiter_is_the_one_that_splits_every_line_alike(tmp_path):
+    # Decimal commas in a ';' file: ',' splits line 1 too, but into 2 fields where ';' gives 4
+    f = write(tmp_path / "eu.csv", "5;6;1,5;100\n7;6;4,0;200\n8;9;3;300\n")
+    x = D.read_csv(f)
+    assert pairs(x) == [(5, 6), (7, 6), (8, 9)] and x.timestamps.tolist() == [100, 200, 300]
+    # ... while ',' stays ',' beside text with a varying number of spaces or ';' in it
+    f = write(tmp_path / "t.csv", "5,6,Toy Story;Kids,100\n7,6,Heat,200\n")
+    assert D.read_csv(f, user_col=0, item_col=1, timestamp_col=3).timestamps.tolist() == [100, 200]
+
+
 def test_csv_header_names_dates_and_explicit_columns(tmp_path):
     f = write(
         tmp_path / "n.csv",

@@ -459,12 +459,20 @@ def _norm(name: bytes) -> str:
     return re.sub(r"[^a-z0-9]", "", name.decode("utf-8", errors="replace").lower())
 
 
-def _sniff_delimiter(path: Path, line: bytes) -> str:
+def _sniff_delimiter(path: Path, lines: list[bytes]) -> str:
+    """The delimiter that splits every head line into the same number (at least 2) of fields,
+    the most fields among those (``1;10;4,5`` is three ';'-separated fields, not two
+    ','-separated ones), ties in :data:`_DELIMITERS` order; where none splits them alike, the
+    first that splits line 1."""
+    counts = {d: {len(_text.split_fields(ln, d)) for ln in lines} for d in _DELIMITERS}
+    alike = [d for d in _DELIMITERS if len(counts[d]) == 1 and min(counts[d]) >= 2]
+    if alike:
+        return max(alike, key=lambda d: min(counts[d]))  # (max keeps the first of a tie)
     for d in _DELIMITERS:
-        if len(_text.split_fields(line, d)) >= 2:
+        if len(_text.split_fields(lines[0], d)) >= 2:
             return d
     raise DataFormatError(
-        path, 1, f"no delimiter found (tried '::', tab, ',', ';', space) in {line[:80]!r}"
+        path, 1, f"no delimiter found (tried '::', tab, ',', ';', space) in {lines[0][:80]!r}"
     )
 
 
@@ -515,7 +523,7 @@ def _read_rating_table(
     lines = _text.head_lines(path)
     if not lines:
         raise DataFormatError(path, 1, "empty file (no data rows)")
-    delim = delimiter or _sniff_delimiter(path, lines[0])
+    delim = delimiter or _sniff_delimiter(path, lines)
     first, *rows = [[f.strip() for f in _text.split_fields(ln, delim)] for ln in lines]
     has_header = _looks_like_header(first, rows[0] if rows else None) if header is None else header
     names = [_norm(f) for f in first] if has_header else []
@@ -667,7 +675,8 @@ def read_csv(
 
     Args:
         delimiter: ``","``, ``"\\t"``, ``"::"``, ``";"`` or ``" "`` (runs of whitespace); ``None``
-            detects it from the first line (tried in that order, ``"::"`` first).
+            detects it from the first lines: the one that splits each of them into the same
+            number (>= 2) of fields, the most fields among those, ties in that order.
         header: whether the first line is a header; ``None``: yes if a field of it is text where
             the second line has a number or a date (a UTF-8 byte-order mark is ignored).
         user_col, item_col, rating_col, timestamp_col: 0-based column index or header name;
