@@ -47,9 +47,8 @@ TORCH_LIBRARY(lrml_ext, m) {
         ", Tensor users, int k, Tensor? exclude_indptr, Tensor? exclude_indices, str distance,"
         " float eps, int candidates) -> (Tensor, Tensor, Tensor)");
   m.def("relations(" LRML_PARAMS ", Tensor users, Tensor items) -> (Tensor, Tensor)");
-  m.def("row_adam_(Tensor(a!) table, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor idx,"
-        " Tensor grad, float beta1, float beta2, float eps, float step_size, float max_norm)"
-        " -> ()");
+  m.def("row_update_(Tensor(a!) table, Tensor(b!)[] state, Tensor idx, Tensor grad,"
+        " str optimizer, float lr, float eps, float beta1, float beta2, float max_norm) -> ()");
   m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor? popularity, Tensor users,"
         " int num_items, int k, int seed, int max_tries) -> Tensor");
   m.def("epoch_order(Tensor round_keys, int start, int count, int n, int world, int rank, int a,"
@@ -81,7 +80,7 @@ TORCH_LIBRARY_IMPL(lrml_ext, CPU, m) {
   m.impl("hinge_loss_grads", &lrml::cpu::hinge_loss_grads);
   m.impl("topk", &lrml::cpu::topk);
   m.impl("relations", &lrml::cpu::relations);
-  m.impl("row_adam_", &lrml::cpu::row_adam_);
+  m.impl("row_update_", &lrml::cpu::row_update_);
   m.impl("sample_negatives", &lrml::cpu::sample_negatives);
   m.impl("training_batch", &lrml::cpu::training_batch);
   m.impl("epoch_order", &lrml::cpu::epoch_order);

@@ -530,9 +530,10 @@ class ExtensionBackend:
         a, r = _ops().relations(*params, users, items)
         return (a, r) if cast is None else (a.to(cast), r.to(cast))
 
-    def row_adam_(self, table, exp_avg, exp_avg_sq, idx, grad, betas, eps, step_size, max_norm):
-        """The fused trainer's lazy-Adam + projection update, in place: the rows ``idx [n]`` of
-        ``table`` (repeats allowed: their gradient rows ``grad [n, d]`` are summed in order).
+    def row_update_(self, table, states, idx, grad, optimizer, lr, eps, betas, max_norm):
+        """The fused trainer's row update + projection, in place: the rows ``idx [n]`` of
+        ``table`` (repeats allowed: their gradient rows ``grad [n, d]`` are summed in order) and
+        of the optimizer's ``states`` (``LRMLTrainer``'s, in the order of its ``_STATE_KEYS``).
 
         CPU tables only (fp32/fp64, contiguous, state of the same dtype); returns False where it
         does not apply, so the caller falls back to torch ops.
@@ -540,14 +541,14 @@ class ExtensionBackend:
         ok = (
             self.name == "cpu"
             and table.dtype in (torch.float32, torch.float64)
-            and all(t.is_contiguous() and t.dtype == table.dtype for t in (exp_avg, exp_avg_sq))
+            and all(t.is_contiguous() and t.dtype == table.dtype for t in states)
         )
         if not ok:
             return False
-        _ops().row_adam_(
-            table, exp_avg, exp_avg_sq, idx.reshape(-1).to(torch.int64).contiguous(),
-            grad.reshape(-1, table.shape[1]).to(table.dtype).contiguous(),
-            float(betas[0]), float(betas[1]), float(eps), float(step_size),
+        _ops().row_update_(
+            table, list(states), idx.reshape(-1).to(torch.int64).contiguous(),
+            grad.reshape(-1, table.shape[1]).to(table.dtype).contiguous(), optimizer,
+            float(lr), float(eps), float(betas[0]), float(betas[1]),
             0.0 if max_norm is None else float(max_norm),
         )  # fmt: skip
         return True

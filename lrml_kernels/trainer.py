@@ -427,22 +427,19 @@ class LRMLTrainer:
     def _update_rows(self, name, table, idx, grad_rows, max_norm):
         """Sum the gradient of each touched row, update those rows, project them, write once."""
         state = self.state[name]
-        lr, eps = self._scalars[name]
-        if self.optimizer == "adam":  # torch.optim.SparseAdam; lr is the bias-corrected step size
-            b1, b2 = self.betas
-            # cpu backend: de-duplication, Adam and projection in one C++ call
-            fused = getattr(self._impl, "row_adam_", None)
-            if fused is not None and fused(
-                table.data, state["exp_avg"], state["exp_avg_sq"], idx, grad_rows, self.betas,
-                eps, lr, max_norm,
-            ):  # fmt: skip
-                return
+        lr, eps = self._scalars[name]  # adam: lr is the bias-corrected step size (SparseAdam)
+        states = tuple(state[k] for k in _STATE_KEYS[self.optimizer])
+        # cpu backend: de-duplication, the optimizer and the projection in one C++ call
+        fused = getattr(self._impl, "row_update_", None)
+        if fused is not None and fused(
+            table.data, states, idx, grad_rows, self.optimizer, lr, eps, self.betas, max_norm
+        ):
+            return
         fused_gpu = self._gpu_row_update(table)
         if fused_gpu is not None:  # GPU backends: sort, then one Triton kernel; no host sync
             fused_gpu(
                 table.data, idx, grad_rows, self.optimizer, self._hyper[_PARAMS.index(name)],
-                tuple(state[k] for k in _STATE_KEYS[self.optimizer]), betas=self.betas,
-                max_norm=max_norm,
+                states, betas=self.betas, max_norm=max_norm,
             )  # fmt: skip
             return
         rows, inverse = torch.unique(idx.reshape(-1).long(), return_inverse=True)
@@ -451,6 +448,7 @@ class LRMLTrainer:
         grad = torch.zeros(rows.shape[0], d, device=table.device, dtype=ct)
         grad.index_add_(0, inverse, grad_rows.reshape(-1, d).to(ct))
         if self.optimizer == "adam":
+            b1, b2 = self.betas
             x = table.index_select(0, rows).to(ct)  # in place on the gathered rows
             m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - b1)
             v = state["exp_avg_sq"].index_select(0, rows)

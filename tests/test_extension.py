@@ -393,10 +393,20 @@ def test_errors_name_the_argument(ext):
                  "l2", 1e-3)  # fmt: skip
 
 
+def row_update_reference(name, table, states, idx, rows, lr, eps, max_norm):
+    """LRMLTrainer's torch-ops row update (of a trainer on the torch backend) on these rows."""
+    from lrml_kernels.trainer import _STATE_KEYS, LRMLTrainer
+
+    trainer = LRMLTrainer(lk.LRML(2, 2, dim=1, backend="torch"), name, adagrad_eps=eps)
+    state = dict(zip(_STATE_KEYS[name], states, strict=True))
+    trainer.state["user_emb"], trainer._scalars["user_emb"] = state, (lr, eps)
+    trainer._update_rows("user_emb", table, idx, rows, max_norm)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
-    # row_adam_ takes the batch's rows as they come (repeats included): the gradient of a row is
-    # the sum of its gradient rows, then SparseAdam's step and the max_norm projection.
+    # row_update_ takes the batch's rows as they come (repeats included): the gradient of a row
+    # is the sum of its gradient rows, then SparseAdam's step and the max_norm projection.
     g = torch.Generator().manual_seed(3)
     R, d, n, lr, max_norm = 50, 37, 400, 0.05, 1.0
     table = torch.randn(R, d, generator=g, dtype=torch.float64).to(dtype)
@@ -412,25 +422,53 @@ def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
             x = ref[idx.unique()]
             ref[idx.unique()] = x / x.norm(dim=1, keepdim=True).div(max_norm).clamp_min(1.0)
         step_size = lr * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step)
-        torch.ops.lrml_ext.row_adam_(table, m, v, idx, rows, 0.9, 0.999, 1e-8, step_size, max_norm)
+        torch.ops.lrml_ext.row_update_(
+            table, [m, v], idx, rows, "adam", step_size, 1e-8, 0.9, 0.999, max_norm
+        )
     torch.testing.assert_close(table, ref.detach(), **TOL[dtype])
     torch.testing.assert_close(m, opt.state[ref]["exp_avg"], **TOL[dtype])
-    # the same bits with one thread
-    t1, m1, v1 = (torch.randn(R, d, generator=g).to(dtype) for _ in range(3))
-    v1.abs_()
-    t2, m2, v2 = t1.clone(), m1.clone(), v1.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["adam", "adagrad", "rowwise_adagrad", "sgd"])
+def test_row_update_matches_the_trainers_torch_ops(ext, name, dtype):
+    # Every optimizer against LRMLTrainer's torch-ops update of the same rows, three steps,
+    # repeats summed; then the same bits with one thread; then the refusals.
+    g = torch.Generator().manual_seed(4)
+    R, d, n = 50, 37, 400
+    table = torch.randn(R, d, generator=g, dtype=torch.float64).to(dtype) * 0.2
+    shapes = {"adam": [(R, d), (R, d)], "adagrad": [(R, d)], "rowwise_adagrad": [(R,)], "sgd": []}
+    states = [torch.rand(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes[name]]
+    start, want, want_states = table.clone(), table.clone(), [s.clone() for s in states]
+    for step in range(3):
+        idx = torch.randint(0, R // 2, (n,), generator=g)
+        rows = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+        lr, eps, max_norm = 0.05 * (step + 1), 1e-3, (None, 0.8, 0.3)[step]
+        torch.ops.lrml_ext.row_update_(
+            table, states, idx, rows, name, lr, eps, 0.9, 0.999, max_norm or 0.0
+        )
+        row_update_reference(name, want, want_states, idx, rows, lr, eps, max_norm)
+        torch.testing.assert_close(table, want, **TOL[dtype])
+        for a, b in zip(states, want_states, strict=True):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+    assert table[R // 2 :].equal(start[R // 2 :]) and not table.equal(start)  # untouched rows
+    t1, s1 = table.clone(), [s.clone() for s in states]
     idx, rows = torch.randint(0, R, (n,), generator=g), torch.randn(n, d, generator=g).to(dtype)
+    torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5)
     threads = torch.get_num_threads()
-    torch.ops.lrml_ext.row_adam_(t1, m1, v1, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
     torch.set_num_threads(1)
     try:
-        torch.ops.lrml_ext.row_adam_(t2, m2, v2, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
+        torch.ops.lrml_ext.row_update_(t1, s1, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(t1, t2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert torch.equal(t1, table) and all(map(torch.equal, s1, states))
     idx[5] = R
     with pytest.raises(IndexError, match="idx holds index 50, out of range for a table of 50"):
-        torch.ops.lrml_ext.row_adam_(t1, m1, v1, idx, rows, 0.9, 0.999, 1e-8, 0.01, 0.5)
+        torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0)
+    with pytest.raises(RuntimeError, match="takes 1 state tensors, got 0"):
+        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "adagrad", 0.01, 1e-8, 0.9, 0.9, 0)
+    with pytest.raises(ValueError, match="optimizer must be adam, adagrad"):
+        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "lamb", 0.01, 1e-8, 0.9, 0.9, 0)
 
 
 def test_an_installed_ahead_of_time_build_is_the_one_loaded(ext):

@@ -29,7 +29,7 @@ BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if why_unavailable(b, "cpu"
 @pytest.mark.parametrize(("relation", "scale"), [("pair", 1.0), ("shared", 1.0), ("pair", 0.25)])
 def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, backend):
     # scale: relation_lr_scale, the keys' and memory's learning rate as a factor of lr
-    # backend="cpu" with adam runs the C++ row update (row_adam_); the reference runs torch ops.
+    # backend="cpu" runs the C++ row update (row_update_); the reference runs torch ops.
     torch.manual_seed(0)
     fused = lk.LRML(
         30, 25, dim=8, memory_slots=3, relation=relation, sparse=True, backend=backend
@@ -60,7 +60,7 @@ def test_fused_step_matches_torch_optimizer_for_20_steps(name, relation, scale, 
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_fused_step_projects_into_a_ball_of_radius_max_norm(name, backend):
     # max_norm = 0.37, not the default 1 (x / max(1, |x| / r) and x / max(1, |x| r) agree at
-    # r = 1): the fused update (torch ops; cpu + adam: the C++ row_adam_; triton: the Triton row
+    # r = 1): the fused update (torch ops; cpu: the C++ row_update_; triton: the Triton row
     # update) projects like autograd + the torch optimizer + project_(). Rows start at norm ~1.
     torch.manual_seed(0)
     fused = lk.LRML(13, 11, dim=7, memory_slots=3, max_norm=0.37, sparse=True, backend=backend)

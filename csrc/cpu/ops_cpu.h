@@ -49,13 +49,15 @@ std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_
                                      const Tensor& keys, const Tensor& memory,
                                      const Tensor& users, const Tensor& items);
 
-// In place, for each distinct row r of idx: lazy Adam with the gradient g = the sum of grad[i]
-// over the i with idx[i] = r, in increasing i (SparseAdam's update of a coalesced gradient;
-// step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)), then x /= max(1, |x| / max_norm) when
-// max_norm > 0.
-void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-               const Tensor& idx, const Tensor& grad, double beta1, double beta2, double eps,
-               double step_size, double max_norm);
+// In place, for each distinct row r of idx, with the gradient g = the sum of grad[i] over the i
+// with idx[i] = r, in increasing i: the optimizer's update of row r of the table and of its
+// state (adam: lazy Adam, SparseAdam's update of a coalesced gradient, state (exp_avg,
+// exp_avg_sq) [R, d], lr the bias-corrected step size lr * sqrt(1 - beta2^t) / (1 - beta1^t);
+// adagrad: state (sum [R, d]); rowwise_adagrad: state (sum [R]) of mean(g²); sgd: no state),
+// then x /= max(1, |x| / max_norm) when max_norm > 0. The trainer's torch-ops update, fused.
+void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
+                 const Tensor& grad, c10::string_view optimizer, double lr, double eps,
+                 double beta1, double beta2, double max_norm);
 
 // sampling_cpu.cpp: out [B, k] int64, negatives for users [B], each drawn uniformly among the
 // items its user has not trained on (row users[b] of the CSR (indptr, indices), strictly

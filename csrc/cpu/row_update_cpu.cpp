@@ -1,14 +1,16 @@
 // The fused trainer's row update on the CPU: the batch's gradient rows are grouped by table row
-// (duplicates summed in batch order), then each touched row gets lazy Adam (the update of
-// torch.optim.SparseAdam) and the projection into the max_norm ball, in one pass over the row, in
-// place. Grouping is one sequential pass through an open-addressing hash table of the row ids
-// (O(batch), nothing the size of the table); the rows then update independently, in parallel, and
-// the result does not depend on the number of threads.
+// (duplicates summed in batch order), then each touched row gets its optimizer's update (lazy
+// Adam as torch.optim.SparseAdam, Adagrad, row-wise Adagrad or SGD) and the projection into the
+// max_norm ball, in one pass over the row, in place. Grouping is one sequential pass through an
+// open-addressing hash table of the row ids (O(batch), nothing the size of the table); the rows
+// then update independently, in parallel, and the result does not depend on the number of
+// threads.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -57,23 +59,83 @@ struct RowGroups {
 
 constexpr int64_t kAhead = 8;  // rows prefetched ahead (random rows of tables beyond cache)
 
-// One row: lazy Adam with gradient g, then the projection; returns nothing, writes x, m, v.
+enum class RowOptimizer { Adam, Adagrad, RowwiseAdagrad, Sgd };
+
+RowOptimizer parse_optimizer(const std::string& name) {
+  if (name == "adam") return RowOptimizer::Adam;
+  if (name == "adagrad") return RowOptimizer::Adagrad;
+  if (name == "rowwise_adagrad") return RowOptimizer::RowwiseAdagrad;
+  TORCH_CHECK_VALUE(name == "sgd",
+                    "row_update_: optimizer must be adam, adagrad, rowwise_adagrad or sgd, got '",
+                    name, "'");
+  return RowOptimizer::Sgd;
+}
+
+// The step's scalars in the table's dtype.
 template <typename T>
-inline void adam_row(T* __restrict x, T* __restrict m, T* __restrict v, const T* __restrict g,
-                     int64_t d, T one_minus_b1, T one_minus_b2, T eps, T step_size, T max_norm) {
+struct RowStep {
+  RowOptimizer opt;
+  T lr;  // Adam: the bias-corrected step size
+  T eps, one_minus_b1, one_minus_b2, max_norm;
+};
+
+// One row with its summed gradient g: the optimizer's update of x and its state (Adam: s1 = m,
+// s2 = v, both [d]; Adagrad: s1 = the sum of g², [d]; row-wise Adagrad: s1 = the row's sum of
+// mean(g²), one value; SGD: none), each in the operation order of the torch-ops path of
+// LRMLTrainer._update_rows, then the projection x /= max(1, |x| / max_norm).
+template <typename T>
+inline void update_row(T* __restrict x, T* __restrict s1, T* __restrict s2,
+                       const T* __restrict g, int64_t d, const RowStep<T>& h) {
   T sq = 0;
+  switch (h.opt) {
+    case RowOptimizer::Adam:
 #pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < d; ++j) {
-    const T mj = m[j] + one_minus_b1 * (g[j] - m[j]);
-    const T vj = v[j] + (g[j] * g[j] - v[j]) * one_minus_b2;
-    m[j] = mj;
-    v[j] = vj;
-    const T xj = x[j] - step_size * (mj / (std::sqrt(vj) + eps));
-    x[j] = xj;
-    sq += xj * xj;
+      for (int64_t j = 0; j < d; ++j) {
+        const T mj = s1[j] + h.one_minus_b1 * (g[j] - s1[j]);
+        const T vj = s2[j] + (g[j] * g[j] - s2[j]) * h.one_minus_b2;
+        s1[j] = mj;
+        s2[j] = vj;
+        const T xj = x[j] - h.lr * (mj / (std::sqrt(vj) + h.eps));
+        x[j] = xj;
+        sq += xj * xj;
+      }
+      break;
+    case RowOptimizer::Adagrad:
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) {
+        const T acc = s1[j] + g[j] * g[j];
+        s1[j] = acc;
+        const T xj = x[j] - h.lr * g[j] / (std::sqrt(acc) + h.eps);
+        x[j] = xj;
+        sq += xj * xj;
+      }
+      break;
+    case RowOptimizer::RowwiseAdagrad: {
+      T gg = 0;
+#pragma omp simd reduction(+ : gg)
+      for (int64_t j = 0; j < d; ++j) gg += g[j] * g[j];
+      const T acc = s1[0] + gg / static_cast<T>(d);
+      s1[0] = acc;
+      const T denom = std::sqrt(acc) + h.eps;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) {
+        const T xj = x[j] - h.lr * g[j] / denom;
+        x[j] = xj;
+        sq += xj * xj;
+      }
+      break;
+    }
+    case RowOptimizer::Sgd:
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) {
+        const T xj = x[j] - h.lr * g[j];
+        x[j] = xj;
+        sq += xj * xj;
+      }
+      break;
   }
-  if (max_norm > 0) {
-    const T scale = std::sqrt(sq) / max_norm;
+  if (h.max_norm > 0) {
+    const T scale = std::sqrt(sq) / h.max_norm;
     if (scale > T(1)) {
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) x[j] = x[j] / scale;
@@ -81,16 +143,21 @@ inline void adam_row(T* __restrict x, T* __restrict m, T* __restrict v, const T*
   }
 }
 
+// state: the optimizer's state tables (Adam: m, v [R, d]; Adagrad: [R, d]; row-wise Adagrad:
+// [R]; SGD: none), row r of each updated with row r of the table.
 template <typename T>
-void row_adam_impl(T* table, T* exp_avg, T* exp_avg_sq, const RowGroups& groups, const T* grad,
-                   int64_t d, T one_minus_b1, T one_minus_b2, T eps, T step_size, T max_norm) {
+void row_update_impl(T* table, const std::vector<T*>& state,
+                     const std::vector<int64_t>& width, const RowGroups& groups, const T* grad,
+                     int64_t d, const RowStep<T>& h) {
   const int64_t nu = static_cast<int64_t>(groups.rows.size());
   at::parallel_for(0, nu, 64, [&](int64_t lo, int64_t hi) {
     std::vector<T> acc(d);
     for (int64_t u = lo; u < hi; ++u) {
       if (u + kAhead < hi) {
         const int64_t ra = groups.rows[u + kAhead];
-        for (T* t : {table, exp_avg, exp_avg_sq}) prefetch_row<1, 3>(t + ra * d, d);
+        prefetch_row<1, 3>(table + ra * d, d);
+        for (size_t s = 0; s < state.size(); ++s)
+          prefetch_row<1, 3>(state[s] + ra * width[s], width[s]);
         for (int32_t i = groups.first[u + kAhead]; i >= 0; i = groups.next[i])
           prefetch_row<0, 3>(grad + i * d, d);
       }
@@ -107,39 +174,54 @@ void row_adam_impl(T* table, T* exp_avg, T* exp_avg_sq, const RowGroups& groups,
         }
         g = a;
       }
-      adam_row(table + r * d, exp_avg + r * d, exp_avg_sq + r * d, g, d, one_minus_b1,
-               one_minus_b2, eps, step_size, max_norm);
+      T* s1 = state.empty() ? nullptr : state[0] + r * width[0];
+      T* s2 = state.size() < 2 ? nullptr : state[1] + r * width[1];
+      update_row(table + r * d, s1, s2, g, d, h);
     }
   });
 }
 
 }  // namespace
 
-void row_adam_(const Tensor& table, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-               const Tensor& idx, const Tensor& grad, double beta1, double beta2, double eps,
-               double step_size, double max_norm) {
-  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), "row_adam_: table must be 2-D contiguous");
-  for (const Tensor* t : {&exp_avg, &exp_avg_sq}) {
-    TORCH_CHECK(t->sizes() == table.sizes() && t->is_contiguous() &&
-                    t->scalar_type() == table.scalar_type(),
-                "row_adam_: exp_avg and exp_avg_sq must match table (shape, dtype, contiguous)");
-  }
+void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
+                 const Tensor& grad, c10::string_view optimizer, double lr, double eps,
+                 double beta1, double beta2, double max_norm) {
+  const RowOptimizer opt = parse_optimizer(std::string(optimizer));
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(),
+              "row_update_: table must be 2-D contiguous");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous(),
-              "row_adam_: idx must be a contiguous int64 vector");
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == idx.size(0) && grad.size(1) == table.size(1) &&
-                  grad.scalar_type() == table.scalar_type() && grad.is_contiguous(),
-              "row_adam_: grad must be [len(idx), d] contiguous, in the table's dtype");
+              "row_update_: idx must be a contiguous int64 vector");
   const int64_t n = idx.size(0), d = table.size(1), R = table.size(0);
-  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "row_adam_: more than 2^31 - 1 rows");
+  const size_t states = opt == RowOptimizer::Adam ? 2 : opt == RowOptimizer::Sgd ? 0 : 1;
+  TORCH_CHECK(state.size() == states, "row_update_: ", optimizer, " takes ", states,
+              " state tensors, got ", state.size());
+  std::vector<int64_t> width;
+  for (const Tensor& t : state) {
+    const bool per_row = opt == RowOptimizer::RowwiseAdagrad;
+    TORCH_CHECK((per_row ? t.dim() == 1 && t.size(0) == R : t.sizes() == table.sizes()) &&
+                    t.is_contiguous() && t.scalar_type() == table.scalar_type(),
+                "row_update_: the state must be ", per_row ? "[R]" : "[R, d]",
+                " contiguous, in the table's dtype");
+    width.push_back(per_row ? 1 : d);
+  }
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == d &&
+                  grad.scalar_type() == table.scalar_type() && grad.is_contiguous(),
+              "row_update_: grad must be [len(idx), d] contiguous, in the table's dtype");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "row_update_: more than 2^31 - 1 rows");
   if (n == 0) return;
   check_index_range("idx", idx, R);
   const RowGroups groups(idx.data_ptr<int64_t>(), n);
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "lrml_row_adam_cpu", [&] {
-    row_adam_impl<scalar_t>(table.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
-                            exp_avg_sq.data_ptr<scalar_t>(), groups, grad.data_ptr<scalar_t>(), d,
-                            static_cast<scalar_t>(1 - beta1), static_cast<scalar_t>(1 - beta2),
-                            static_cast<scalar_t>(eps), static_cast<scalar_t>(step_size),
-                            static_cast<scalar_t>(max_norm));
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "lrml_row_update_cpu", [&] {
+    std::vector<scalar_t*> ptrs;
+    for (const Tensor& t : state) ptrs.push_back(t.data_ptr<scalar_t>());
+    const RowStep<scalar_t> h{opt,
+                              static_cast<scalar_t>(lr),
+                              static_cast<scalar_t>(eps),
+                              static_cast<scalar_t>(1 - beta1),
+                              static_cast<scalar_t>(1 - beta2),
+                              static_cast<scalar_t>(max_norm)};
+    row_update_impl<scalar_t>(table.data_ptr<scalar_t>(), ptrs, width, groups,
+                              grad.data_ptr<scalar_t>(), d, h);
   });
 }
 

@@ -23,7 +23,7 @@ host synchronisation and static sizes:
 trainer's keys and memory, one launch each.
 
 The math and the state layout are those of the trainer's other paths (and of the CPU's
-``row_adam_``): lazy Adam as ``torch.optim.SparseAdam`` (``lr`` is then the bias-corrected step
+``row_update_``): lazy Adam as ``torch.optim.SparseAdam`` (``lr`` is then the bias-corrected step
 size), Adagrad as sparse ``torch.optim.Adagrad``, row-wise Adagrad with one accumulator per row
 (the mean of g² over the row), SGD. fp16/bf16 tables are computed in fp32, fp64 in fp64; the state
 is in the compute dtype.
