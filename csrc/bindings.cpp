@@ -48,7 +48,8 @@ TORCH_LIBRARY(lrml_ext, m) {
         " float eps, int candidates) -> (Tensor, Tensor, Tensor)");
   m.def("relations(" LRML_PARAMS ", Tensor users, Tensor items) -> (Tensor, Tensor)");
   m.def("row_update_(Tensor(a!) table, Tensor(b!)[] state, Tensor idx, Tensor grad,"
-        " str optimizer, float lr, float eps, float beta1, float beta2, float max_norm) -> ()");
+        " str optimizer, float lr, float eps, float beta1, float beta2, float max_norm,"
+        " int seed) -> ()");
   m.def("sample_negatives(Tensor indptr, Tensor indices, Tensor? popularity, Tensor users,"
         " int num_items, int k, int seed, int max_tries) -> Tensor");
   m.def("epoch_order(Tensor round_keys, int start, int count, int n, int world, int rank, int a,"

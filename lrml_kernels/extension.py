@@ -452,6 +452,33 @@ def _fused_autograd_applies(params, reduction: str) -> bool:
 # The backend objects of lrml_kernels.backends.
 
 
+def _gathers_rows(name, user_emb, users, items) -> bool:
+    """Whether the cpu backend's training step takes :func:`_batch_rows`: half-precision tables
+    (upcast for the kernel) and a well-formed batch (else the kernel's checks speak)."""
+    return (
+        name == "cpu"
+        and user_emb.dtype in (torch.float16, torch.bfloat16)
+        and users.dim() == 1
+        and items.dim() == 2
+        and items.shape[0] == users.shape[0]
+    )
+
+
+def _batch_rows(params, users, items):
+    """``(P[users], Q[items], K, M)`` as tables of their own, indexed ``0..B-1`` and
+    ``0..B·C-1``: the kernel reads only these rows, so its results are the same, and only they
+    are upcast (a Netflix-size user table is 48M values, a batch of 4096 × 5 rows 2M). The
+    indices are range-checked first, with the kernel's message."""
+    from lrml_kernels.ops import check_index_ranges
+
+    P, Q, K, M = params
+    check_index_ranges([("users", users, P.shape[0]), ("items", items, Q.shape[0])])
+    B, C = items.shape
+    rows = P.index_select(0, users.to(torch.int64)), Q.index_select(0, items.reshape(-1).long())
+    batch = torch.arange(B * C, device=users.device)
+    return (*rows, K, M), batch[:B], batch.view(B, C)
+
+
 class _Upcast(torch.autograd.Function):
     """``t.to(float32)`` whose backward keeps a sparse gradient sparse (ToCopyBackward cannot)."""
 
@@ -518,6 +545,8 @@ class ExtensionBackend:
         grad_item_rows [B, C, d], grad_keys [N, d], grad_memory [N, d])`` for ``∂loss = 1``
         (per-row losses each with gradient 1 for reduction="none")."""
         params = tuple(t.detach() for t in (user_emb, item_emb, keys, memory))
+        if _gathers_rows(self.name, params[0], users, items):
+            params, users, items = _batch_rows(params, users, items)
         params, cast = self._compute(params)
         out = _ops().hinge_loss_grads(
             *params, users, items, float(margin), distance, relation, float(eps), reduction
@@ -530,26 +559,30 @@ class ExtensionBackend:
         a, r = _ops().relations(*params, users, items)
         return (a, r) if cast is None else (a.to(cast), r.to(cast))
 
-    def row_update_(self, table, states, idx, grad, optimizer, lr, eps, betas, max_norm):
+    def row_update_(self, table, states, idx, grad, optimizer, lr, eps, betas, max_norm, seed):
         """The fused trainer's row update + projection, in place: the rows ``idx [n]`` of
         ``table`` (repeats allowed: their gradient rows ``grad [n, d]`` are summed in order) and
         of the optimizer's ``states`` (``LRMLTrainer``'s, in the order of its ``_STATE_KEYS``).
+        A bf16 table is updated in fp32 and written back stochastically rounded with the bits
+        that the Triton row update draws for ``seed``.
 
-        CPU tables only (fp32/fp64, contiguous, state of the same dtype); returns False where it
-        does not apply, so the caller falls back to torch ops.
+        CPU tables only (fp32/fp64, state of the same dtype; bf16, state in fp32; contiguous);
+        returns False where it does not apply, so the caller falls back to torch ops.
         """
+        compute = torch.float32 if table.dtype == torch.bfloat16 else table.dtype
         ok = (
             self.name == "cpu"
-            and table.dtype in (torch.float32, torch.float64)
-            and all(t.is_contiguous() and t.dtype == table.dtype for t in states)
+            and compute in (torch.float32, torch.float64)
+            and table.is_contiguous()
+            and all(t.is_contiguous() and t.dtype == compute for t in states)
         )
         if not ok:
             return False
         _ops().row_update_(
             table, list(states), idx.reshape(-1).to(torch.int64).contiguous(),
-            grad.reshape(-1, table.shape[1]).to(table.dtype).contiguous(), optimizer,
+            grad.reshape(-1, table.shape[1]).to(compute).contiguous(), optimizer,
             float(lr), float(eps), float(betas[0]), float(betas[1]),
-            0.0 if max_norm is None else float(max_norm),
+            0.0 if max_norm is None else float(max_norm), int(seed),
         )  # fmt: skip
         return True
 

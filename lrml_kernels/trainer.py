@@ -6,8 +6,9 @@ rows (and their optimizer state) are updated in place, then projected into the `
 No ``[U, d]`` or ``[I, d]`` gradient is built: one step costs O(B·C·d + N·d) memory beyond the
 tables and their optimizer state. ``keys`` and ``memory`` use the same optimizer densely, at the
 learning rate ``lr × relation_lr_scale``. fp16/bf16 parameters are updated in fp32 from fp32
-state; bf16 ones are written back stochastically rounded (:func:`stochastic_round_bf16`), with
-bits drawn from a seed per step and parameter.
+state; bf16 ones are written back stochastically rounded (:func:`stochastic_round_bf16` on the
+torch-ops path; the cpu backend's C++ update and the Triton update draw the Triton kernel's
+Philox bits), with bits drawn from a seed per step and parameter.
 
 Optimizers (``optimizer=``), each matching its torch counterpart step for step:
 
@@ -429,11 +430,13 @@ class LRMLTrainer:
         state = self.state[name]
         lr, eps = self._scalars[name]  # adam: lr is the bias-corrected step size (SparseAdam)
         states = tuple(state[k] for k in _STATE_KEYS[self.optimizer])
-        # cpu backend: de-duplication, the optimizer and the projection in one C++ call
+        # cpu backend: de-duplication, the optimizer and the projection in one C++ call (a bf16
+        # table rounded with the Triton row update's bits for this seed)
         fused = getattr(self._impl, "row_update_", None)
         if fused is not None and fused(
-            table.data, states, idx, grad_rows, self.optimizer, lr, eps, self.betas, max_norm
-        ):
+            table.data, states, idx, grad_rows, self.optimizer, lr, eps, self.betas, max_norm,
+            self._round_seed(name),
+        ):  # fmt: skip
             return
         fused_gpu = self._gpu_row_update(table)
         if fused_gpu is not None:  # GPU backends: sort, then one Triton kernel; no host sync

@@ -144,6 +144,24 @@ def test_hinge_loss_grads_matches_autograd(ext, relation, reduction):
     assert_matches("cpu hinge_loss_grads", ref, loss, tables, (gp, gq))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_half_tables_train_on_their_batch_rows_only(ext, relation, dtype):
+    # Half-precision tables: the training step upcasts the batch's rows, not the whole tables
+    # (48M values of a Netflix-size user table a step); the results are the kernel's on the
+    # whole upcast tables, bit for bit, and a bad index gets the kernel's message.
+    P, Q, K, M, users, items = make(37, 7, 37, 5, dtype, U=300, I=200, seed=6)
+    params = tuple(t.detach() for t in (P, Q, K, M))
+    args = (0.5, "l2", relation, 1e-3, "sum")
+    got = ext.hinge_loss_grads(*params, users, items, *args)
+    want = extension._ops().hinge_loss_grads(*(t.float() for t in params), users, items, *args)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    items[3, 2] = 200
+    with pytest.raises(IndexError, match="items holds index 200, out of range for a table of 200"):
+        ext.hinge_loss_grads(*params, users, items, *args)
+
+
 @pytest.mark.parametrize("relation", RELATIONS)
 def test_sparse_grad_equals_dense(ext, relation):
     P, Q, K, M, users, items = make(37, 7, 37, 13, torch.float64, seed=4)
@@ -423,7 +441,7 @@ def test_row_adam_sums_repeated_rows_then_matches_sparse_adam(ext, dtype):
             ref[idx.unique()] = x / x.norm(dim=1, keepdim=True).div(max_norm).clamp_min(1.0)
         step_size = lr * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step)
         torch.ops.lrml_ext.row_update_(
-            table, [m, v], idx, rows, "adam", step_size, 1e-8, 0.9, 0.999, max_norm
+            table, [m, v], idx, rows, "adam", step_size, 1e-8, 0.9, 0.999, max_norm, 0
         )
     torch.testing.assert_close(table, ref.detach(), **TOL[dtype])
     torch.testing.assert_close(m, opt.state[ref]["exp_avg"], **TOL[dtype])
@@ -445,7 +463,7 @@ def test_row_update_matches_the_trainers_torch_ops(ext, name, dtype):
         rows = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
         lr, eps, max_norm = 0.05 * (step + 1), 1e-3, (None, 0.8, 0.3)[step]
         torch.ops.lrml_ext.row_update_(
-            table, states, idx, rows, name, lr, eps, 0.9, 0.999, max_norm or 0.0
+            table, states, idx, rows, name, lr, eps, 0.9, 0.999, max_norm or 0.0, 0
         )
         row_update_reference(name, want, want_states, idx, rows, lr, eps, max_norm)
         torch.testing.assert_close(table, want, **TOL[dtype])
@@ -454,21 +472,68 @@ def test_row_update_matches_the_trainers_torch_ops(ext, name, dtype):
     assert table[R // 2 :].equal(start[R // 2 :]) and not table.equal(start)  # untouched rows
     t1, s1 = table.clone(), [s.clone() for s in states]
     idx, rows = torch.randint(0, R, (n,), generator=g), torch.randn(n, d, generator=g).to(dtype)
-    torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5)
+    torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5, 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.ops.lrml_ext.row_update_(t1, s1, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5)
+        torch.ops.lrml_ext.row_update_(t1, s1, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0.5, 0)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(t1, table) and all(map(torch.equal, s1, states))
     idx[5] = R
     with pytest.raises(IndexError, match="idx holds index 50, out of range for a table of 50"):
-        torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0)
+        torch.ops.lrml_ext.row_update_(table, states, idx, rows, name, 0.01, 1e-8, 0.9, 0.999, 0, 0)
     with pytest.raises(RuntimeError, match="takes 1 state tensors, got 0"):
-        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "adagrad", 0.01, 1e-8, 0.9, 0.9, 0)
+        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "adagrad", 0.01, 1e-8, 0.9, 0.9, 0, 0)
     with pytest.raises(ValueError, match="optimizer must be adam, adagrad"):
-        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "lamb", 0.01, 1e-8, 0.9, 0.9, 0)
+        torch.ops.lrml_ext.row_update_(table, [], idx, rows, "lamb", 0.01, 1e-8, 0.9, 0.9, 0, 0)
+
+
+def test_row_update_of_a_bf16_table_draws_the_triton_kernels_bits(ext):
+    # SGD at lr 1 with g = 2^-10 on ones: x = 1 - 2^-10 exactly (no rounding before the
+    # stochastic one), a quarter of a bf16 step below 1. The C++ update writes the same bits as
+    # the Triton row update (interpreter) for the same seed, other bits for another seed, and
+    # the mean is unbiased (32,768 draws of p = 1/4: standard error ~1e-5).
+    pytest.importorskip("triton")
+    from lrml_kernels.triton.row_update import row_update_
+
+    rows, d, step = 512, 64, 2.0**-10
+    grad = torch.full((rows, d), step)
+    idx = torch.arange(rows)
+
+    def cpu(seed):
+        table = torch.ones(rows, d, dtype=torch.bfloat16)
+        torch.ops.lrml_ext.row_update_(table, [], idx, grad, "sgd", 1.0, 0.0, 0.9, 0.9, 0, seed)
+        return table
+
+    table = torch.ones(rows, d, dtype=torch.bfloat16)
+    row_update_(table, idx, grad, "sgd", torch.tensor([1.0, 0.0, 7.0]))
+    a = cpu(7)
+    assert torch.equal(a, table) and not torch.equal(a, cpu(8))
+    assert set(a.float().unique().tolist()) == {1.0 - 2.0**-8, 1.0}
+    assert abs(a.float().mean().item() - (1 - step)) < 6e-5
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad", "rowwise_adagrad", "sgd"])
+def test_row_update_of_a_bf16_table_is_the_fp32_update_rounded_either_way(ext, name):
+    # The same rows of an fp32 copy updated in fp32: the same state bit for bit, and every bf16
+    # value one of the two bf16 neighbours of the fp32 result (the stochastic rounding's).
+    g = torch.Generator().manual_seed(5)
+    R, d, n = 40, 37, 300
+    table = (torch.randn(R, d, generator=g) * 0.3).bfloat16()
+    shapes = {"adam": [(R, d), (R, d)], "adagrad": [(R, d)], "rowwise_adagrad": [(R,)], "sgd": []}
+    states = [torch.rand(s, generator=g) for s in shapes[name]]
+    t32, s32 = table.float(), [s.clone() for s in states]
+    idx, rows = torch.randint(0, R, (n,), generator=g), torch.randn(n, d, generator=g)
+    args = (name, 0.05, 1e-3, 0.9, 0.999, 0.8)
+    torch.ops.lrml_ext.row_update_(table, states, idx, rows, *args, 3)
+    torch.ops.lrml_ext.row_update_(t32, s32, idx, rows, *args, 0)
+    assert all(map(torch.equal, states, s32))
+    down = (t32.view(torch.int32) & -(1 << 16)).view(torch.float32)  # toward zero
+    up = (t32.view(torch.int32) & -(1 << 16)).add(1 << 16).view(torch.float32)
+    got = table.float()
+    assert ((got == down) | (got == up)).all()
+    assert (got == up).any() and (got == down).any() and not torch.equal(got, t32)
 
 
 def test_an_installed_ahead_of_time_build_is_the_one_loaded(ext):

@@ -1,5 +1,6 @@
 // Inner loops of the CPU kernels: vectorisable loops over d (omp simd), the direct distance of
-// one pair (SPEC.md; the top-k's exact rescoring) and the prefetch of a row. Plain C++ on raw
+// one pair (SPEC.md; the top-k's exact rescoring), Triton's Philox word (the sampler's draws,
+// the bf16 row update's rounding bits) and the prefetch of a row. Plain C++ on raw
 // pointers; `T` is the compute type (float/double).
 #pragma once
 
@@ -31,6 +32,30 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
 template <typename T>
 inline void zero(T* x, int64_t n) {
   std::memset(x, 0, sizeof(T) * n);
+}
+
+inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// The first word of Philox-4x32 with 10 rounds at counter (lo, hi, 0, 0) and key (seed's low,
+// high word): triton.language.randint(seed, counter) for an int64 counter.
+inline uint32_t philox_word(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(kRoundB, a2) ^ c1 ^ k0;
+    c2 = mulhi32(kRoundA, a0) ^ c3 ^ k1;
+    c1 = kRoundB * a2;
+    c3 = kRoundA * a0;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  return c0;
 }
 
 // Prefetch the lines of a row of d entries: for reading or writing (kWrite), into L1

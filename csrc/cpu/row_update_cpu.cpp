@@ -1,16 +1,19 @@
 // The fused trainer's row update on the CPU: the batch's gradient rows are grouped by table row
 // (duplicates summed in batch order), then each touched row gets its optimizer's update (lazy
-// Adam as torch.optim.SparseAdam, Adagrad, row-wise Adagrad or SGD) and the projection into the
-// max_norm ball, in one pass over the row, in place. Grouping is one sequential pass through an
-// open-addressing hash table of the row ids (O(batch), nothing the size of the table); the rows
-// then update independently, in parallel, and the result does not depend on the number of
-// threads.
+// Adam as torch.optim.SparseAdam, Adagrad, row-wise Adagrad or SGD) and the projection into
+// the max_norm ball, in one pass over the row, in place (a bf16 table: in fp32, written back
+// stochastically rounded with the Triton row update's bits). Grouping is one sequential pass
+// through an open-addressing hash table of the row ids (O(batch), nothing the size of the
+// table); the rows then update independently, in parallel, and the result does not depend on
+// the number of threads.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -143,15 +146,32 @@ inline void update_row(T* __restrict x, T* __restrict s1, T* __restrict s2,
   }
 }
 
+// The updated fp32 row x written to a bf16 row as the Triton row update writes it: stochastically
+// rounded, 16 bits of Triton's Philox word at counter (r·d + j) mod 2^32 under seed added to the
+// fp32 pattern, then truncated; NaN and ±inf to nearest.
+inline void store_row(c10::BFloat16* __restrict out, const float* __restrict x, int64_t r,
+                      int64_t d, uint64_t seed) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    uint32_t u;
+    std::memcpy(&u, &x[j], sizeof(u));
+    const uint32_t bits = philox_word(seed, static_cast<uint32_t>(r * d + j)) & 0xFFFFu;
+    const uint16_t up = static_cast<uint16_t>((u + bits) >> 16);
+    out[j] = std::isfinite(x[j]) ? c10::BFloat16(up, c10::BFloat16::from_bits())
+                                 : c10::BFloat16(x[j]);
+  }
+}
+
 // state: the optimizer's state tables (Adam: m, v [R, d]; Adagrad: [R, d]; row-wise Adagrad:
-// [R]; SGD: none), row r of each updated with row r of the table.
-template <typename T>
-void row_update_impl(T* table, const std::vector<T*>& state,
-                     const std::vector<int64_t>& width, const RowGroups& groups, const T* grad,
-                     int64_t d, const RowStep<T>& h) {
+// [R]; SGD: none), row r of each updated with row r of the table. S: the table's dtype, T the
+// compute dtype (S = bf16: T = float, the row updated in a float copy and written by store_row).
+template <typename T, typename S>
+void row_update_impl(S* table, const std::vector<T*>& state, const std::vector<int64_t>& width,
+                     const RowGroups& groups, const T* grad, int64_t d, const RowStep<T>& h,
+                     uint64_t seed) {
   const int64_t nu = static_cast<int64_t>(groups.rows.size());
   at::parallel_for(0, nu, 64, [&](int64_t lo, int64_t hi) {
-    std::vector<T> acc(d);
+    std::vector<T> acc(d), row(std::is_same_v<S, T> ? 0 : d);
     for (int64_t u = lo; u < hi; ++u) {
       if (u + kAhead < hi) {
         const int64_t ra = groups.rows[u + kAhead];
@@ -176,21 +196,46 @@ void row_update_impl(T* table, const std::vector<T*>& state,
       }
       T* s1 = state.empty() ? nullptr : state[0] + r * width[0];
       T* s2 = state.size() < 2 ? nullptr : state[1] + r * width[1];
-      update_row(table + r * d, s1, s2, g, d, h);
+      if constexpr (std::is_same_v<S, T>) {
+        update_row(table + r * d, s1, s2, g, d, h);
+      } else {
+        std::copy(table + r * d, table + (r + 1) * d, row.begin());  // (exact in float)
+        update_row(row.data(), s1, s2, g, d, h);
+        store_row(table + r * d, row.data(), r, d, seed);
+      }
     }
   });
+}
+
+// row_update_impl for the table's dtype: T itself, or bf16 where T is float.
+template <typename T>
+void run_row_update(const Tensor& table, const std::vector<T*>& state,
+                    const std::vector<int64_t>& width, const RowGroups& groups, const T* grad,
+                    int64_t d, const RowStep<T>& h, uint64_t seed) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (table.scalar_type() == at::kBFloat16) {
+      row_update_impl(table.data_ptr<c10::BFloat16>(), state, width, groups, grad, d, h, seed);
+      return;
+    }
+  }
+  row_update_impl(table.data_ptr<T>(), state, width, groups, grad, d, h, seed);
 }
 
 }  // namespace
 
 void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
                  const Tensor& grad, c10::string_view optimizer, double lr, double eps,
-                 double beta1, double beta2, double max_norm) {
+                 double beta1, double beta2, double max_norm, int64_t seed) {
   const RowOptimizer opt = parse_optimizer(std::string(optimizer));
   TORCH_CHECK(table.dim() == 2 && table.is_contiguous(),
               "row_update_: table must be 2-D contiguous");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous(),
               "row_update_: idx must be a contiguous int64 vector");
+  const bool bf16 = table.scalar_type() == at::kBFloat16;
+  const at::ScalarType compute = bf16 ? at::kFloat : table.scalar_type();
+  TORCH_CHECK(bf16 || compute == at::kFloat || compute == at::kDouble,
+              "row_update_: the table must be float32, float64 or bfloat16, got ",
+              table.scalar_type());
   const int64_t n = idx.size(0), d = table.size(1), R = table.size(0);
   const size_t states = opt == RowOptimizer::Adam ? 2 : opt == RowOptimizer::Sgd ? 0 : 1;
   TORCH_CHECK(state.size() == states, "row_update_: ", optimizer, " takes ", states,
@@ -199,19 +244,20 @@ void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
   for (const Tensor& t : state) {
     const bool per_row = opt == RowOptimizer::RowwiseAdagrad;
     TORCH_CHECK((per_row ? t.dim() == 1 && t.size(0) == R : t.sizes() == table.sizes()) &&
-                    t.is_contiguous() && t.scalar_type() == table.scalar_type(),
+                    t.is_contiguous() && t.scalar_type() == compute,
                 "row_update_: the state must be ", per_row ? "[R]" : "[R, d]",
-                " contiguous, in the table's dtype");
+                " contiguous, in the compute dtype (float32 for a bfloat16 table)");
     width.push_back(per_row ? 1 : d);
   }
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == d &&
-                  grad.scalar_type() == table.scalar_type() && grad.is_contiguous(),
-              "row_update_: grad must be [len(idx), d] contiguous, in the table's dtype");
+                  grad.scalar_type() == compute && grad.is_contiguous(),
+              "row_update_: grad must be [len(idx), d] contiguous, in the compute dtype");
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "row_update_: more than 2^31 - 1 rows");
+  TORCH_CHECK_VALUE(seed >= 0, "row_update_: seed must be >= 0, got ", seed);
   if (n == 0) return;
   check_index_range("idx", idx, R);
   const RowGroups groups(idx.data_ptr<int64_t>(), n);
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "lrml_row_update_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, "lrml_row_update_cpu", [&] {
     std::vector<scalar_t*> ptrs;
     for (const Tensor& t : state) ptrs.push_back(t.data_ptr<scalar_t>());
     const RowStep<scalar_t> h{opt,
@@ -220,8 +266,8 @@ void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
                               static_cast<scalar_t>(1 - beta1),
                               static_cast<scalar_t>(1 - beta2),
                               static_cast<scalar_t>(max_norm)};
-    row_update_impl<scalar_t>(table.data_ptr<scalar_t>(), ptrs, width, groups,
-                              grad.data_ptr<scalar_t>(), d, h);
+    run_row_update<scalar_t>(table, ptrs, width, groups, grad.data_ptr<scalar_t>(), d, h,
+                             static_cast<uint64_t>(seed));
   });
 }
 
