@@ -192,21 +192,40 @@ class PopularityRanker:
             counts += np.bincount(items[s : s + (1 << 22)], minlength=split.num_items)
         self.neg_counts = -torch.as_tensor(counts, dtype=torch.float32, device=device)
         self.device = torch.device(device)
+        # Every user's ranking is this one order, (distance, id) ascending, less its exclusions.
+        self.order = torch.argsort(self.neg_counts, stable=True)
+        self.position = torch.empty_like(self.order)
+        self.position[self.order] = torch.arange(self.order.shape[0], device=self.device)
 
     def distances(self, users, items):
         return self.neg_counts[items]
 
     def recommend(self, users, k, exclude=None):
-        from lrml_kernels.reference import sort_candidates
-
-        D = self.neg_counts.expand(users.shape[0], -1).clone()
-        ids = torch.arange(D.shape[1], device=D.device).expand_as(D).clone()
-        if exclude is not None:
-            indptr, indices = exclude
-            rows = torch.arange(users.shape[0], device=D.device)
-            rows = torch.repeat_interleave(rows, indptr[1:] - indptr[:-1])
-            ids[rows, indices] = -1
-        return sort_candidates(D, ids, k)
+        """``(distances [B, k], ids [B, k])`` as :func:`~lrml_kernels.reference.sort_candidates`
+        ranks every item (ids −1 and +inf past the items left): the first k positions of the
+        global order that the user does not exclude. With the user's excluded positions sorted,
+        ``e_0 < e_1 < ...``, the j-th free position is ``j + #{i : e_i − i ≤ j}``; no
+        ``[B, items]`` array is formed."""
+        B, n = users.shape[0], self.order.shape[0]
+        want = torch.arange(k, device=self.device).expand(B, k)
+        pos = want
+        if exclude is not None and exclude[1].numel() > 0:
+            indptr, indices = (t.to(self.device) for t in exclude)
+            rows = torch.repeat_interleave(
+                torch.arange(B, device=self.device), indptr[1:] - indptr[:-1]
+            )
+            keys = torch.unique(rows * n + self.position[indices.long()])  # sorted, no repeats
+            rows, e = keys // n, keys % n
+            counts = torch.bincount(rows, minlength=B)
+            starts = torch.cumsum(counts, 0) - counts
+            i = torch.arange(keys.shape[0], device=self.device) - starts[rows]
+            shifted = torch.full((B, int(counts.max())), n + k, device=self.device)
+            shifted[rows, i] = e - i  # non-decreasing along each row
+            pos = want + torch.searchsorted(shifted, want.contiguous(), right=True)
+        inside = pos < n
+        ids = torch.where(inside, self.order[pos.clamp_max(n - 1)], -1)
+        dist = torch.where(inside, self.neg_counts[ids.clamp_min(0)], float("inf"))
+        return dist, ids
 
 
 def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):

@@ -146,6 +146,36 @@ def test_popularity_ranker():
     assert out["hr"] == 1.0  # items 1 and 2 are the most popular
 
 
+@pytest.mark.parametrize("k", [1, 7, 40, 45])
+def test_popularity_top_k_is_every_item_sorted(k):
+    # Against sort_candidates over every item (the definition): ties by id, excluded items
+    # (repeats among them) left out, -1 / +inf past the items left (user 2 excludes all but 3,
+    # user 3 everything), k beyond the catalogue.
+    from lrml_kernels.reference import sort_candidates
+
+    g = torch.Generator().manual_seed(0)
+    I, B = 41, 6
+    train = [(0, int(i)) for i in torch.randint(0, 12, (200,), generator=g)]  # many ties
+    ranker = PopularityRanker(make_split(train, [(0, 0)], None, I))
+    excl = [torch.randint(0, I, (n,), generator=g) for n in (0, 5, 60, 0, 20, 9)]
+    excl[2] = torch.arange(3, I).repeat(2)
+    excl[3] = torch.arange(I)
+    indptr = torch.tensor([0] + [len(e) for e in excl]).cumsum(0)
+    indices = torch.cat(excl)
+    users = torch.arange(B)
+    got = ranker.recommend(users, k, exclude=(indptr, indices))
+    D = ranker.neg_counts.expand(B, I).clone()
+    ids = torch.arange(I).expand(B, I).clone()
+    for u, e in enumerate(excl):
+        ids[u, e] = -1
+    want = sort_candidates(D, ids, k)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert (got[1][3] == -1).all() and (got[1][2, 3:] == -1).all()
+    assert torch.equal(
+        ranker.recommend(users, k)[1], sort_candidates(D, torch.arange(I).expand(B, I), k)[1]
+    )
+
+
 def test_bad_protocol():
     split = make_split([(0, 1)], [(0, 2)], None, 4)
     with pytest.raises(ValueError, match="protocol"):
