@@ -452,44 +452,22 @@ def _fused_autograd_applies(params, reduction: str) -> bool:
 # The backend objects of lrml_kernels.backends.
 
 
-def _gathers_rows(name, user_emb, users, items) -> bool:
-    """Whether the cpu backend's training step takes :func:`_batch_rows`: half-precision tables
-    (upcast for the kernel) and a well-formed batch (else the kernel's checks speak)."""
-    return (
-        name == "cpu"
-        and user_emb.dtype in (torch.float16, torch.bfloat16)
-        and users.dim() == 1
-        and items.dim() == 2
-        and items.shape[0] == users.shape[0]
-    )
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _batch_rows(params, users, items):
-    """``(P[users], Q[items], K, M)`` as tables of their own, indexed ``0..B-1`` and
-    ``0..B·C-1``: the kernel reads only these rows, so its results are the same, and only they
-    are upcast (a Netflix-size user table is 48M values, a batch of 4096 × 5 rows 2M). The
-    indices are range-checked first, with the kernel's message."""
+def _float_rows(name, table, idx):
+    """``(table[idx] in float32, 0..n-1)`` for the CPU kernels that take fp32 / fp64 only
+    (relations, top-k) and a half-precision ``table``: the rows the call reads, not the whole
+    table upcast (48M values of a Netflix-size user table). The indices are range-checked first,
+    with the kernels' message; indices that are not a 1-D integer tensor are left to the
+    kernel's checks (the table upcast whole)."""
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        return table.float(), idx
     from lrml_kernels.ops import check_index_ranges
 
-    P, Q, K, M = params
-    check_index_ranges([("users", users, P.shape[0]), ("items", items, Q.shape[0])])
-    B, C = items.shape
-    rows = P.index_select(0, users.to(torch.int64)), Q.index_select(0, items.reshape(-1).long())
-    batch = torch.arange(B * C, device=users.device)
-    return (*rows, K, M), batch[:B], batch.view(B, C)
-
-
-class _Upcast(torch.autograd.Function):
-    """``t.to(float32)`` whose backward keeps a sparse gradient sparse (ToCopyBackward cannot)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        ctx.dtype = t.dtype
-        return t.to(torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.dtype)  # Tensor.to(dtype) keeps the layout, sparse or strided
+    check_index_ranges([(name, idx, table.shape[0])])
+    rows = table.index_select(0, idx.to(torch.int64)).float()
+    return rows, torch.arange(idx.shape[0], device=idx.device)
 
 
 class ExtensionBackend:
@@ -502,20 +480,12 @@ class ExtensionBackend:
     def __repr__(self) -> str:
         return f"<lrml_kernels extension backend {self.name!r}>"
 
-    def _compute(self, params):
-        """Half-precision parameters on the CPU run in float32 (as the reference does)."""
-        dtype = params[0].dtype
-        if self.name == "cpu" and dtype not in (torch.float32, torch.float64):
-            return tuple(_Upcast.apply(t) for t in params), dtype
-        return params, None
-
     def distances(self, user_emb, item_emb, keys, memory, users, items, distance, relation, eps,
                   sparse_grad):  # fmt: skip
-        params, cast = self._compute((user_emb, item_emb, keys, memory))
-        D = _ops().distances(
-            *params, users, items, distance, relation, float(eps), bool(sparse_grad)
-        )
-        return D if cast is None else D.to(cast)
+        return _ops().distances(
+            user_emb, item_emb, keys, memory, users, items, distance, relation, float(eps),
+            bool(sparse_grad),
+        )  # fmt: skip
 
     def hinge_loss(self, user_emb, item_emb, keys, memory, users, items, margin, distance,
                    relation, eps, reduction, sparse_grad):  # fmt: skip
@@ -525,19 +495,10 @@ class ExtensionBackend:
                 *params, users, items, float(margin), distance, relation, float(eps), reduction,
                 bool(sparse_grad),
             )  # fmt: skip
-        params, cast = self._compute(params)
-        loss = _ops().hinge_loss(
-            *params,
-            users,
-            items,
-            float(margin),
-            distance,
-            relation,
-            float(eps),
-            reduction,
+        return _ops().hinge_loss(
+            *params, users, items, float(margin), distance, relation, float(eps), reduction,
             bool(sparse_grad),
-        )
-        return loss if cast is None else loss.to(cast)
+        )  # fmt: skip
 
     def hinge_loss_grads(self, user_emb, item_emb, keys, memory, users, items, margin, distance,
                          relation, eps, reduction):  # fmt: skip
@@ -545,19 +506,19 @@ class ExtensionBackend:
         grad_item_rows [B, C, d], grad_keys [N, d], grad_memory [N, d])`` for ``∂loss = 1``
         (per-row losses each with gradient 1 for reduction="none")."""
         params = tuple(t.detach() for t in (user_emb, item_emb, keys, memory))
-        if _gathers_rows(self.name, params[0], users, items):
-            params, users, items = _batch_rows(params, users, items)
-        params, cast = self._compute(params)
-        out = _ops().hinge_loss_grads(
+        return _ops().hinge_loss_grads(
             *params, users, items, float(margin), distance, relation, float(eps), reduction
         )
-        return out if cast is None else tuple(t.to(cast) for t in out)
 
     def relations(self, user_emb, item_emb, keys, memory, users, items):
         """``(a [B, N], r [B, d])`` of the pairs (users[b], items[b]); forward only."""
-        params, cast = self._compute((user_emb, item_emb, keys, memory))
-        a, r = _ops().relations(*params, users, items)
-        return (a, r) if cast is None else (a.to(cast), r.to(cast))
+        dtype = user_emb.dtype
+        if self.name != "cpu" or dtype not in _HALF:
+            return _ops().relations(user_emb, item_emb, keys, memory, users, items)
+        P, users = _float_rows("users", user_emb, users)
+        Q, items = _float_rows("items", item_emb, items)
+        a, r = _ops().relations(P, Q, keys.float(), memory.float(), users, items)
+        return a.to(dtype), r.to(dtype)
 
     def row_update_(self, table, states, idx, grad, optimizer, lr, eps, betas, max_norm, seed):
         """The fused trainer's row update + projection, in place: the rows ``idx [n]`` of
@@ -590,10 +551,14 @@ class ExtensionBackend:
         # Detached: the kernel's worker threads do not inherit the caller's no_grad mode, and
         # its GEMMs into preallocated outputs refuse inputs that require grad.
         params = tuple(t.detach() for t in (user_emb, item_emb, keys, memory))
-        params, cast = self._compute(params)
+        dtype = params[0].dtype
+        half = self.name == "cpu" and dtype in _HALF
+        if half:  # the users' rows only (the exclusions are per row of the call)
+            P, users = _float_rows("users", params[0], users)
+            params = (P, *(t.float() for t in params[1:]))
         indptr, indices = (None, None) if exclude is None else exclude
         D, ids = _ops().topk(*params, users, int(k), indptr, indices, distance, float(eps))
-        return (D if cast is None else D.to(cast)), ids
+        return (D.to(dtype) if half else D), ids
 
 
 def backend(name: str):

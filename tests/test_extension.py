@@ -146,20 +146,81 @@ def test_hinge_loss_grads_matches_autograd(ext, relation, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relation", RELATIONS)
-def test_half_tables_train_on_their_batch_rows_only(ext, relation, dtype):
-    # Half-precision tables: the training step upcasts the batch's rows, not the whole tables
-    # (48M values of a Netflix-size user table a step); the results are the kernel's on the
-    # whole upcast tables, bit for bit, and a bad index gets the kernel's message.
+def test_half_tables_are_read_in_place(ext, relation, dtype):
+    # Half-precision tables: the kernels read the rows they need and compute in fp32, with the
+    # results of the fp32 kernels on the upcast tables rounded to the dtype, bit for bit; a bad
+    # index gets the kernel's message.
     P, Q, K, M, users, items = make(37, 7, 37, 5, dtype, U=300, I=200, seed=6)
     params = tuple(t.detach() for t in (P, Q, K, M))
-    args = (0.5, "l2", relation, 1e-3, "sum")
-    got = ext.hinge_loss_grads(*params, users, items, *args)
-    want = extension._ops().hinge_loss_grads(*(t.float() for t in params), users, items, *args)
+    up = tuple(t.float() for t in params)
+    ops = extension._ops()
+    for distance in ("l2", "squared_l2", "l1"):
+        args = (0.5, distance, relation, 1e-3, "sum")
+        got = ext.hinge_loss_grads(*params, users, items, *args)
+        want = ops.hinge_loss_grads(*up, users, items, *args)
+        gD = torch.linspace(-1, 1, items.numel()).reshape(items.shape)
+        dargs = (distance, relation, 1e-3)
+        got += (
+            ext.distances(*params, users, items, *dargs, False),
+            ext.hinge_loss(*params, users, items, *args, False),
+            *ops.distances_backward(gD.to(dtype), *params, users, items, *dargs),
+        )
+        want += (
+            ops.distances(*up, users, items, *dargs, False),
+            ops.hinge_loss(*up, users, items, *args, False),
+            *ops.distances_backward(gD.to(dtype).float(), *up, users, items, *dargs),
+        )
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    # relations and top-k: the kernels take fp32, the rows read are upcast (not the tables)
+    got = ext.relations(*params, users, items[:, 0])
+    want = ops.relations(*up, users, items[:, 0])
     for a, b in zip(got, want, strict=True):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    exclude = (torch.arange(0, 2 * 37 + 1, 2), items[:, :2].reshape(-1))
+    D, ids = ext.topk(*params, users, 9, exclude, "l2", 1e-3)
+    want_D, want_ids = ops.topk(*up, users, 9, *exclude, "l2", 1e-3)
+    assert D.dtype == dtype and torch.equal(D, want_D.to(dtype)) and torch.equal(ids, want_ids)
     items[3, 2] = 200
     with pytest.raises(IndexError, match="items holds index 200, out of range for a table of 200"):
         ext.hinge_loss_grads(*params, users, items, *args)
+    with pytest.raises(IndexError, match="items holds index 200, out of range for a table of 200"):
+        ext.relations(*params, users, items[:, 2])
+    users[5] = -1
+    with pytest.raises(IndexError, match="users holds index -1, out of range for a table of 300"):
+        ext.topk(*params, users, 9, None, "l2", 1e-3)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_half_tables_are_not_upcast(sparse):
+    # A bf16 model's loss and backward on the cpu backend convert no table to fp32 (that would be
+    # 48M values a step at Netflix size): no op takes a bf16 tensor of a table's size but the
+    # gradient's accumulation.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    U, I = 3001, 2003
+    model = lk.LRML(
+        U, I, dim=16, memory_slots=4, backend="cpu", sparse=sparse, dtype=torch.bfloat16
+    )
+    users, items = torch.randint(0, U, (64,)), torch.randint(0, I, (64, 5))
+    reads = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in args:
+                table = torch.is_tensor(t) and t.layout == torch.strided and t.dim() == 2
+                table = table and t.shape[0] in (U, I)
+                if table and t.dtype == torch.bfloat16:
+                    reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        model(users, items).backward()
+    kernels = {"lrml_ext.hinge_loss.default", "lrml_ext.hinge_loss_backward.default"}
+    assert set(reads) <= kernels | {"aten.detach.default"}  # (detach: a view, no copy)
+    assert "lrml_ext.hinge_loss.default" in reads
+    assert model.user_emb.grad.dtype == torch.bfloat16
+    assert model.user_emb.grad.is_sparse == sparse
 
 
 @pytest.mark.parametrize("relation", RELATIONS)

@@ -50,11 +50,15 @@ constexpr int64_t kTilePairs = 90;         // attention pairs per tile (pair mod
 constexpr int64_t kSharedTileRows = 32;    // rows per tile with relation="shared"
 constexpr int64_t kStreamBytes = 4 << 20;  // gradient rows at least this large: streaming stores
 
-const std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
+const std::initializer_list<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf,
+                                                       at::kBFloat16};
 
-template <typename T>
+// T: the compute dtype; S: the parameters' (storage) dtype, T itself or, for T = float, fp16 or
+// bf16. Half-precision rows are converted to T as a tile gathers them and the gradient rows
+// rounded to S (to nearest) as it writes them; K and M are converted once per call.
+template <typename T, typename S = T>
 struct Job {
-  const T *P = nullptr, *Q = nullptr, *K = nullptr, *M = nullptr;
+  const S *P = nullptr, *Q = nullptr, *K = nullptr, *M = nullptr;
   const int64_t *users = nullptr, *items = nullptr;
   int64_t B = 0, C = 0, N = 0, d = 0;
   Distance distance = Distance::L2;
@@ -69,8 +73,8 @@ struct Job {
   const T* gD = nullptr;
   const T* w_rows = nullptr;
   T w_scalar = 0;
-  T* gp_rows = nullptr;  // [B, d]
-  T* gq_rows = nullptr;  // [B, C, d]
+  S* gp_rows = nullptr;  // [B, d]
+  S* gq_rows = nullptr;  // [B, C, d]
   bool grads = false;    // backward wanted (the row buffers are null when B = 0)
   bool stream = false;   // write the rows with non-temporal stores (outputs larger than cache)
 };
@@ -102,6 +106,13 @@ inline void stream_fence() {
 #endif
 }
 
+// dst[0:n] = src[0:n] in dst's dtype: half-precision rows to float as a tile gathers them, float
+// gradient rows to fp16 / bf16 as it writes them (to nearest even, as Tensor.to rounds).
+template <typename D, typename S>
+inline void convert(D* __restrict dst, const S* __restrict src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
+}
+
 // Per-thread tile buffers. Rows are dp (or Np) apart; the padding columns start at zero and the
 // element-wise loops never write them (the GEMMs may, only into padding of their outputs).
 template <typename T>
@@ -116,8 +127,9 @@ struct Tile {
   std::vector<T*> gout;
   std::unique_ptr<bool[]> gneg;
   T *S, *A, *R, *E, *GR, *GA, *GS, *Ac, *Sc, *Dc, *g, *Gq, *Gp;
+  T *Pc = nullptr, *Qc = nullptr;  // half-precision tables: the tile's rows in T, dp apart
   Tile(int64_t rows, int64_t C, int64_t Ta, bool pair, int64_t dp, int64_t Np,
-       const at::TensorOptions& opts)
+       const at::TensorOptions& opts, bool convert_rows)
       : act(Ta),
         slot(rows * C),
         prow(rows),
@@ -129,8 +141,9 @@ struct Tile {
     const int64_t Tc = rows * C;
     const int64_t Dsz = round_up(Tc, 16);
     const int64_t Esz = pair ? 0 : rows * dp;  // pair: E (then ge) in place of R; shared: ge_0
+    const int64_t Csz = convert_rows ? round_up(rows * dp, 16) + Tc * dp : 0;
     const int64_t n = 5 * Ta * dp + 3 * Ta * Np + Esz + 2 * Dsz + round_up(Tc * dp, 16) +
-                      round_up(rows * dp, 16);
+                      round_up(rows * dp, 16) + Csz;
     buf = at::zeros({n}, opts);
     T* x = buf.data_ptr<T>();
     S = x; x += Ta * dp;
@@ -146,6 +159,11 @@ struct Tile {
     g = x; x += Dsz;
     Gq = x; x += round_up(Tc * dp, 16);  // the tile's gq rows [Tc, d], as in the output
     Gp = x;                              // and its gp rows [rows, d]
+    x += round_up(rows * dp, 16);
+    if (convert_rows) {
+      Pc = x;
+      Qc = x + round_up(rows * dp, 16);
+    }
   }
 };
 
@@ -293,17 +311,17 @@ inline void prefetch_next_row(const T* x, int64_t d) {
   prefetch_row<0, 2>(x, d);
 }
 
-template <typename T>
-void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
+template <typename T, typename S>
+void prefetch_rows(const Job<T, S>& job, int64_t b0, int64_t nr) {
   // The tables are large (Netflix users: 192 MB in 4 KB pages): a software prefetch that misses
   // the TLB does not help, so one real load per row walks the page table first. The loads come
   // back to back, so that their page walks and misses overlap (a load to memory holds up
   // retirement: spread among the prefetches, each would stall on its own); then the prefetches
   // of the rows' lines find the translations.
   for (int64_t b = b0; b < b0 + nr; ++b)
-    (void)*reinterpret_cast<const volatile T*>(job.P + job.users[b] * job.d);
+    (void)*reinterpret_cast<const volatile S*>(job.P + job.users[b] * job.d);
   for (int64_t b = b0 * job.C; b < (b0 + nr) * job.C; ++b)
-    (void)*reinterpret_cast<const volatile T*>(job.Q + job.items[b] * job.d);
+    (void)*reinterpret_cast<const volatile S*>(job.Q + job.items[b] * job.d);
   for (int64_t b = b0; b < b0 + nr; ++b) {
     prefetch_next_row(job.P + job.users[b] * job.d, job.d);
     for (int64_t c = 0; c < job.C; ++c)
@@ -312,9 +330,10 @@ void prefetch_rows(const Job<T>& job, int64_t b0, int64_t nr) {
 }
 
 // One tile: rows [b0, b0 + nr). gK, gM: the block's padded partials [N, dp] (backward only).
-template <typename T>
-void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t nr, Tile<T>& w,
+template <typename T, typename S>
+void process_tile(const Job<T, S>& job, const Memory<T>& mem, int64_t b0, int64_t nr, Tile<T>& w,
                   T* gK, T* gM, int64_t pf_b, int64_t pf_n) {
+  constexpr bool kConvert = !std::is_same_v<T, S>;
   // Rows of the next tile [pf_b, pf_b + pf_n) are prefetched in three parts spread over this
   // tile's work (a burst of hundreds of prefetches would stall on the cache's miss buffers).
   auto prefetch_part = [&](int64_t k) {
@@ -325,14 +344,36 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
   const bool pair = job.relation == Relation::Pair;
   const int64_t Tc = nr * C;
   const int64_t Ta = pair ? Tc : nr;  // attention pairs
-  // Pair tc's item-gradient row: in the tile's buffer when streaming, else in the output.
-  auto gq_row = [&](int64_t tc) {
-    return (job.stream ? w.Gq : job.gq_rows + b0 * C * d) + tc * d;
+  // Pair tc's item-gradient row: in the tile's buffer when streaming or converting, else in the
+  // output.
+  auto gq_row = [&](int64_t tc) -> T* {
+    if constexpr (kConvert) {
+      return w.Gq + tc * d;
+    } else {
+      return (job.stream ? w.Gq : job.gq_rows + b0 * C * d) + tc * d;
+    }
+  };
+  auto gp_row = [&](int64_t r) -> T* {
+    if constexpr (kConvert) {
+      return w.Gp + r * d;
+    } else {
+      return (job.stream ? w.Gp : job.gp_rows + b0 * d) + r * d;
+    }
   };
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t b = b0 + r;
-    w.prow[r] = job.P + job.users[b] * d;
-    for (int64_t c = 0; c < C; ++c) w.qrow[r * C + c] = job.Q + job.items[b * C + c] * d;
+    if constexpr (kConvert) {
+      convert(w.Pc + r * dp, job.P + job.users[b] * d, d);
+      w.prow[r] = w.Pc + r * dp;
+      for (int64_t c = 0; c < C; ++c) {
+        T* q = w.Qc + (r * C + c) * dp;
+        convert(q, job.Q + job.items[b * C + c] * d, d);
+        w.qrow[r * C + c] = q;
+      }
+    } else {
+      w.prow[r] = job.P + job.users[b] * d;
+      for (int64_t c = 0; c < C; ++c) w.qrow[r * C + c] = job.Q + job.items[b * C + c] * d;
+    }
   }
 
   // ---- forward. Attention pair t: row t / C, column t % C (pair) or row t, column 0 (shared).
@@ -480,7 +521,7 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
   // Shared: only column 0 is left, and Σ_c ge_c is the row's GR.
   for (int64_t r = 0; r < nr; ++r) {
     const T* __restrict p = w.prow[r];
-    T* __restrict gp = (job.stream ? w.Gp : job.gp_rows + b0 * d) + r * d;
+    T* __restrict gp = gp_row(r);
     if (!pair) {
       const int64_t i = w.slot[r * C];
       T* __restrict gq = gq_row(r * C);
@@ -535,15 +576,18 @@ void process_tile(const Job<T>& job, const Memory<T>& mem, int64_t b0, int64_t n
       }
     }
   }
-  if (job.stream) {
+  if constexpr (kConvert) {
+    convert(job.gq_rows + b0 * C * d, w.Gq, Tc * d);
+    convert(job.gp_rows + b0 * d, w.Gp, nr * d);
+  } else if (job.stream) {
     stream_copy(job.gq_rows + b0 * C * d, w.Gq, Tc * d);
     stream_copy(job.gp_rows + b0 * d, w.Gp, nr * d);
   }
 }
 
 // Runs the rows; with gradients, returns (gK, gM) summed over the row-block partials in order.
-template <typename T>
-std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
+template <typename T, typename S>
+std::pair<Tensor, Tensor> run(Job<T, S> job, const at::TensorOptions& opts) {
   const int64_t B = job.B, N = job.N, d = job.d, C = job.C;
   const bool grads = job.grads;
   const bool pair = job.relation == Relation::Pair;
@@ -551,7 +595,8 @@ std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
     if (!grads) return {};
     return {at::zeros({N, d}, opts), at::zeros({N, d}, opts)};
   }
-  job.stream = grads && B * C * d * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  job.stream = grads && std::is_same_v<T, S> &&
+               B * C * d * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   Memory<T> mem(job.K, job.M, N, d, opts);
   const int64_t dp = mem.dp, Np = mem.Np;
   const int64_t nblk0 = std::max<int64_t>(
@@ -572,7 +617,7 @@ std::pair<Tensor, Tensor> run(Job<T> job, const at::TensorOptions& opts) {
   // Threads take blocks from `next` (balanced on a busy machine); what a block computes does not
   // depend on which thread runs it.
   at::parallel_for(0, nblk, 1, [&](int64_t, int64_t) {
-    Tile<T> w(tile_rows, C, Ta_max, pair, dp, Np, opts);
+    Tile<T> w(tile_rows, C, Ta_max, pair, dp, Np, opts, !std::is_same_v<T, S>);
     auto tiles = [&](int64_t blk) {  // a block's rows [lo, hi) and its number of tiles
       const int64_t lo = blk * rows, hi = std::min(B, lo + rows);
       return std::array<int64_t, 3>{lo, hi, (hi - lo + tile_rows - 1) / tile_rows};
@@ -644,13 +689,13 @@ Prepared prepare(const Tensor& user_emb, const Tensor& item_emb, const Tensor& k
                        c10::DeviceType::CPU, kDtypes, "cpu");
 }
 
-template <typename T>
-Job<T> make_job(const Prepared& pr, double eps) {
-  Job<T> job;
-  job.P = pr.p.P.data_ptr<T>();
-  job.Q = pr.p.Q.data_ptr<T>();
-  job.K = pr.p.K.data_ptr<T>();
-  job.M = pr.p.M.data_ptr<T>();
+template <typename T, typename S>
+Job<T, S> make_job(const Prepared& pr, double eps) {
+  Job<T, S> job;
+  job.P = pr.p.P.data_ptr<S>();
+  job.Q = pr.p.Q.data_ptr<S>();
+  job.K = pr.p.K.data_ptr<S>();
+  job.M = pr.p.M.data_ptr<S>();
   job.users = pr.b.users.data_ptr<int64_t>();
   job.items = pr.b.items.data_ptr<int64_t>();
   job.B = pr.b.B;
@@ -661,6 +706,26 @@ Job<T> make_job(const Prepared& pr, double eps) {
   job.relation = pr.relation;
   job.eps = static_cast<T>(eps);
   return job;
+}
+
+// f(T{}, S{}) for the parameters' dtype S and its compute dtype T (float for fp16 / bf16); the
+// dtype was checked by prepare.
+template <typename F>
+void dispatch(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kHalf: f(float{}, c10::Half{}); break;
+    case at::kBFloat16: f(float{}, c10::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "the cpu kernels do not take dtype ", dtype);
+  }
+}
+
+// The options of the compute dtype of parameters `p` (float for fp16 / bf16).
+at::TensorOptions compute_options(const Params& p) {
+  const at::ScalarType s = p.P.scalar_type();
+  const bool half = s == at::kHalf || s == at::kBFloat16;
+  return p.P.options().dtype(half ? at::kFloat : s);
 }
 
 Tensor reduce_loss(const Tensor& L, Reduction reduction) {
@@ -678,40 +743,45 @@ Tensor reduce_loss(const Tensor& L, Reduction reduction) {
   return at::scalar_tensor(acc, L.options().dtype(at::kDouble)).to(L.scalar_type());
 }
 
-// Shared by hinge_loss_backward and hinge_loss_grads.
+// Shared by hinge_loss_backward and hinge_loss_grads. The loss and the gradients in the
+// parameters' dtype (the loss and gK, gM of fp16 / bf16 parameters computed in float, then
+// rounded, as the float computation's outputs cast to it would be).
 Grads hinge_backward_impl(const Prepared& pr, const Tensor* grad, double margin, double eps,
                           Reduction reduction, Tensor* loss_out) {
   const auto opts = pr.p.P.options();
+  const auto copts = compute_options(pr.p);
   const int64_t B = pr.b.B, C = pr.b.C, d = pr.p.d;
   Tensor gp_rows = at::empty({B, d}, opts);
   Tensor gq_rows = at::empty({B, C, d}, opts);
-  Tensor L = at::empty({B}, opts);
+  Tensor L = at::empty({B}, copts);
   Tensor w;
   std::pair<Tensor, Tensor> gkm;
-  AT_DISPATCH_FLOATING_TYPES(pr.p.P.scalar_type(), "lrml_hinge_backward_cpu", [&] {
-    Job<scalar_t> job = make_job<scalar_t>(pr, eps);
+  dispatch(pr.p.P.scalar_type(), [&](auto t, auto s) {
+    using T = decltype(t);
+    using S = decltype(s);
+    Job<T, S> job = make_job<T, S>(pr, eps);
     job.hinge = true;
-    job.margin = static_cast<scalar_t>(margin);
-    job.L_out = L.data_ptr<scalar_t>();
+    job.margin = static_cast<T>(margin);
+    job.L_out = L.data_ptr<T>();
     double scale = 1.0;
     if (reduction == Reduction::Mean && B > 0) scale = 1.0 / static_cast<double>(B);
     if (grad == nullptr) {
-      job.w_scalar = static_cast<scalar_t>(scale);
+      job.w_scalar = static_cast<T>(scale);
     } else if (reduction == Reduction::None) {
-      w = grad->to(opts.dtype()).contiguous();
-      job.w_rows = w.data_ptr<scalar_t>();
+      w = grad->to(copts.dtype()).contiguous();
+      job.w_rows = w.data_ptr<T>();
     } else {
       // Same rounding as autograd of L.mean(): grad / B in the compute dtype.
-      const scalar_t g = grad->to(opts.dtype()).item<scalar_t>();
-      job.w_scalar = reduction == Reduction::Mean && B > 0 ? g / static_cast<scalar_t>(B) : g;
+      const T g = grad->to(copts.dtype()).item<T>();
+      job.w_scalar = reduction == Reduction::Mean && B > 0 ? g / static_cast<T>(B) : g;
     }
-    job.gp_rows = gp_rows.data_ptr<scalar_t>();
-    job.gq_rows = gq_rows.data_ptr<scalar_t>();
+    job.gp_rows = gp_rows.data_ptr<S>();
+    job.gq_rows = gq_rows.data_ptr<S>();
     job.grads = true;
-    gkm = run(job, opts);
+    gkm = run(job, copts);
   });
-  if (loss_out) *loss_out = reduce_loss(L, reduction);
-  return {gp_rows, gq_rows, gkm.first, gkm.second};
+  if (loss_out) *loss_out = reduce_loss(L, reduction).to(opts.dtype());
+  return {gp_rows, gq_rows, gkm.first.to(opts.dtype()), gkm.second.to(opts.dtype())};
 }
 
 }  // namespace
@@ -721,13 +791,14 @@ Tensor distances(const Tensor& user_emb, const Tensor& item_emb, const Tensor& k
                  c10::string_view distance, c10::string_view relation, double eps,
                  bool /*sparse_grad*/) {
   Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
-  Tensor D = at::empty({pr.b.B, pr.b.C}, pr.p.P.options());
-  AT_DISPATCH_FLOATING_TYPES(pr.p.P.scalar_type(), "lrml_distances_cpu", [&] {
-    Job<scalar_t> job = make_job<scalar_t>(pr, eps);
-    job.D_out = D.data_ptr<scalar_t>();
+  Tensor D = at::empty({pr.b.B, pr.b.C}, compute_options(pr.p));
+  dispatch(pr.p.P.scalar_type(), [&](auto t, auto s) {
+    using T = decltype(t);
+    Job<T, decltype(s)> job = make_job<T, decltype(s)>(pr, eps);
+    job.D_out = D.data_ptr<T>();
     run(job, D.options());
   });
-  return D;
+  return D.to(pr.p.P.scalar_type());
 }
 
 Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,
@@ -737,20 +808,23 @@ Grads distances_backward(const Tensor& grad, const Tensor& user_emb, const Tenso
   Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
   check_grad_D(grad, pr.b, pr.p);
   const auto opts = pr.p.P.options();
+  const auto copts = compute_options(pr.p);
   const int64_t B = pr.b.B, C = pr.b.C, d = pr.p.d;
-  Tensor g = grad.to(opts.dtype()).contiguous();
+  Tensor g = grad.to(copts.dtype()).contiguous();
   Tensor gp_rows = at::empty({B, d}, opts);
   Tensor gq_rows = at::empty({B, C, d}, opts);
   std::pair<Tensor, Tensor> gkm;
-  AT_DISPATCH_FLOATING_TYPES(pr.p.P.scalar_type(), "lrml_distances_backward_cpu", [&] {
-    Job<scalar_t> job = make_job<scalar_t>(pr, eps);
-    job.gD = g.data_ptr<scalar_t>();
-    job.gp_rows = gp_rows.data_ptr<scalar_t>();
-    job.gq_rows = gq_rows.data_ptr<scalar_t>();
+  dispatch(pr.p.P.scalar_type(), [&](auto t, auto s) {
+    using T = decltype(t);
+    using S = decltype(s);
+    Job<T, S> job = make_job<T, S>(pr, eps);
+    job.gD = g.data_ptr<T>();
+    job.gp_rows = gp_rows.data_ptr<S>();
+    job.gq_rows = gq_rows.data_ptr<S>();
     job.grads = true;
-    gkm = run(job, opts);
+    gkm = run(job, copts);
   });
-  return {gp_rows, gq_rows, gkm.first, gkm.second};
+  return {gp_rows, gq_rows, gkm.first.to(opts.dtype()), gkm.second.to(opts.dtype())};
 }
 
 Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& keys,
@@ -759,15 +833,16 @@ Tensor hinge_loss(const Tensor& user_emb, const Tensor& item_emb, const Tensor& 
                   c10::string_view reduction, bool /*sparse_grad*/) {
   const Reduction red = parse_reduction(str(reduction));
   Prepared pr = prepare(user_emb, item_emb, keys, memory, users, items, distance, relation, eps);
-  Tensor L = at::empty({pr.b.B}, pr.p.P.options());
-  AT_DISPATCH_FLOATING_TYPES(pr.p.P.scalar_type(), "lrml_hinge_loss_cpu", [&] {
-    Job<scalar_t> job = make_job<scalar_t>(pr, eps);
+  Tensor L = at::empty({pr.b.B}, compute_options(pr.p));
+  dispatch(pr.p.P.scalar_type(), [&](auto t, auto s) {
+    using T = decltype(t);
+    Job<T, decltype(s)> job = make_job<T, decltype(s)>(pr, eps);
     job.hinge = true;
-    job.margin = static_cast<scalar_t>(margin);
-    job.L_out = L.data_ptr<scalar_t>();
+    job.margin = static_cast<T>(margin);
+    job.L_out = L.data_ptr<T>();
     run(job, L.options());
   });
-  return reduce_loss(L, red);
+  return reduce_loss(L, red).to(pr.p.P.scalar_type());
 }
 
 Grads hinge_loss_backward(const Tensor& grad, const Tensor& user_emb, const Tensor& item_emb,

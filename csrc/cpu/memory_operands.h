@@ -19,7 +19,9 @@ struct Memory {
   at::Tensor buf;
   const T *Kp, *Mp, *Kt, *Mt;
   bool finite = true;  // every value of K and M is finite (no NaN, no ±inf)
-  Memory(const T* K, const T* M, int64_t N_, int64_t d_, const at::TensorOptions& opts)
+  // K, M: [N, d] in T or, converted here, a half-precision dtype.
+  template <typename S>
+  Memory(const S* K, const S* M, int64_t N_, int64_t d_, const at::TensorOptions& opts)
       : N(N_), d(d_) {
     dp = round_up(d, Simd<T>::W);
     Np = round_up(N, Simd<T>::W);
@@ -31,11 +33,12 @@ struct Memory {
     T* mt = kt + d * Np;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t j = 0; j < d; ++j) {
-        kp[n * dp + j] = K[n * d + j];
-        mp[n * dp + j] = M[n * d + j];
-        kt[j * Np + n] = K[n * d + j];
-        mt[j * Np + n] = M[n * d + j];
-        finite = finite && std::isfinite(K[n * d + j]) && std::isfinite(M[n * d + j]);
+        const T k = static_cast<T>(K[n * d + j]), m = static_cast<T>(M[n * d + j]);
+        kp[n * dp + j] = k;
+        mp[n * dp + j] = m;
+        kt[j * Np + n] = k;
+        mt[j * Np + n] = m;
+        finite = finite && std::isfinite(k) && std::isfinite(m);
       }
     Kp = kp;
     Mp = mp;
