@@ -367,6 +367,7 @@ def _tune(args) -> int:
             search=search,
             progress=cfg.progress,
             start_from=start_from,
+            seeds=args.seeds,
         )
     except KeyboardInterrupt:  # tune has written the outputs of the trials completed
         resume = "; the same command resumes the study" if args.storage else ""
@@ -565,6 +566,13 @@ def main(argv=None) -> int:
     a("--storage", default=None, help="Optuna storage, e.g. sqlite:///tune.db (default: memory)")
     a("--study-name", default="lrml", help="the study's name in the storage (default: %(default)s)")
     a("--out", default="runs/tune", help="output folder (default: %(default)s)")
+    a(
+        "--seeds",
+        type=int,
+        default=1,
+        help="training seeds per trial, --seed onwards, on the split --seed carves: a trial's "
+        "value is the mean of their best validation nDCG (default: %(default)s)",
+    )
     a(
         "--search",
         default=None,

@@ -2,7 +2,11 @@
 
 Every trial is ``fit(..., select_on="valid", test=False)``: it trains on the training data less
 the validation items, reports its validation nDCG@k after every epoch (the median pruner stops
-trials that fall behind), and its value is the best validation nDCG@k of its epochs. The test
+trials that fall behind), and its value is the best validation nDCG@k of its epochs. With
+``seeds=S`` a trial trains S times, with training seeds ``seed .. seed + S - 1`` on the one split
+that ``seed`` carves, and its value is the mean of their best validation nDCG@k: on a small data
+set, where two configurations differ by less than one seed's spread, a single seed selects the
+luckiest run rather than the best configuration. The test
 split is never read: not by a trial, not to choose the best, not for the plots. ``lrml train
 --config OUT/best_config.json`` then trains the chosen configuration and reports its test
 metrics once.
@@ -37,6 +41,7 @@ BEST_CONFIG = "best_config.json"
 TRIALS = "trials.json"
 START = "start"  # the user attribute of the trials of the options given and of start_from
 BASE = "base_config"  # the study's user attribute: the options its trials share, as JSON
+SEEDS = "tune_seeds"  # BASE's entry of the training seeds per trial
 
 #: The search space: parameter -> ("categorical", choices) or ("float"/"int", low, high, log).
 #: ``lr`` is searched as a factor of the optimizer's default learning rate (TRAIN_LR), so that
@@ -134,6 +139,7 @@ def tune(
     split=None,
     progress: bool = True,
     start_from=(),
+    seeds: int = 1,
 ) -> dict:
     """Run (or resume) the study; write its outputs; return ``{"best": ..., "trials": ...}``.
 
@@ -157,6 +163,11 @@ def tune(
             unless the study holds a completed trial of it; a value outside :data:`SPACE` is
             drawn by the sampler, and a point that the study's ``trials`` leave no room for is
             not tried (both with a warning on stderr).
+        seeds: training seeds per trial (``base.seed`` onwards; the split stays the one
+            ``base.seed`` carves); the trial's value is the mean of their best validation nDCG@k.
+            Epoch e of seed i is reported as step ``i * base.epochs + e`` (the pruner compares
+            each seed's curve with the other trials' same seed). A resumed study refuses another
+            number of seeds.
 
     A KeyboardInterrupt or an error ends the study after its outputs are written (once a trial
     has completed) and propagates. Without Optuna it raises
@@ -171,6 +182,8 @@ def tune(
     _check_search(search)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if base.max_steps is not None:
@@ -187,7 +200,7 @@ def tune(
     starts += [
         (f"start point {i}", _start_config(base, o, search)) for i, o in enumerate(start_from, 1)
     ]
-    fixed = _base_config(base, search)
+    fixed = {**_base_config(base, search), SEEDS: seeds}
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -204,6 +217,7 @@ def tune(
     )
     stored = study.user_attrs.get(BASE) if study.trials else None
     if stored is not None:
+        stored = {SEEDS: 1, **stored}  # (a study from before the option: one seed a trial)
         differ = sorted(k for k in set(stored) & set(fixed) if stored[k] != fixed[k])
         if differ:
             was = ", ".join(f"{k} {stored[k]!r} (here {fixed[k]!r})" for k in differ)
@@ -228,29 +242,36 @@ def tune(
     def objective(trial):
         cfg = suggest(trial, base, search)
         trial.set_user_attr("config", _config_doc(cfg))
-
-        def report(record):
-            if "valid_ndcg" in record:
-                trial.report(record["valid_ndcg"], record["epoch"])
-                if not trial.user_attrs.get(START) and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
-
         t0 = time.perf_counter()
-        try:
-            r = fit(cfg, None, split=split, on_epoch=report, test=False)
-        except (NonFiniteLossError, RuntimeError) as exc:
-            # A diverging configuration is as bad as it gets, not the end of the study. (The C++
-            # CPU kernel reports a loss beyond the float range as a RuntimeError "... without
-            # overflow" rather than as inf; other RuntimeErrors are bugs and propagate.)
-            if isinstance(exc, RuntimeError) and "overflow" not in str(exc):
-                raise
-            trial.set_user_attr("diverged", str(exc))
-            return 0.0
-        final = r["final"]
-        trial.set_user_attr("selected_epoch", final["selected_epoch"])
-        trial.set_user_attr("valid_hr", final["valid_hr"])
+        finals = []
+        for i in range(seeds):
+
+            def report(record, i=i):
+                if "valid_ndcg" in record:
+                    trial.report(record["valid_ndcg"], i * base.epochs + record["epoch"])
+                    if not trial.user_attrs.get(START) and trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+
+            try:
+                r = fit(replace(cfg, seed=base.seed + i), None, split=split, on_epoch=report,
+                        test=False)  # fmt: skip
+            except (NonFiniteLossError, RuntimeError) as exc:
+                # A diverging configuration is as bad as it gets, not the end of the study. (The
+                # C++ CPU kernel reports a loss beyond the float range as a RuntimeError "...
+                # without overflow" rather than as inf; other RuntimeErrors are bugs and
+                # propagate.)
+                if isinstance(exc, RuntimeError) and "overflow" not in str(exc):
+                    raise
+                trial.set_user_attr("diverged", str(exc))
+                return 0.0
+            finals.append(r["final"])
+        trial.set_user_attr("selected_epoch", finals[0]["selected_epoch"])
+        trial.set_user_attr("valid_hr", sum(f["valid_hr"] for f in finals) / seeds)
+        if seeds > 1:
+            trial.set_user_attr("seed_valid_ndcg", [f["valid_ndcg"] for f in finals])
+            trial.set_user_attr("seed_selected_epoch", [f["selected_epoch"] for f in finals])
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        return final["valid_ndcg"]
+        return sum(f["valid_ndcg"] for f in finals) / seeds
 
     state = optuna.trial.TrialState
     finished = len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
@@ -404,6 +425,10 @@ def _write_outputs(study, out: Path, seconds: float, plots: bool = True) -> dict
         "finished_trials": len([r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]),
         "note": "chosen on the validation split only; the test split was never read",
     }
+    if "seed_valid_ndcg" in best.user_attrs:  # seeds > 1: the values above are their means
+        config["_tuned"]["seeds"] = len(best.user_attrs["seed_valid_ndcg"])
+        for key in ("seed_valid_ndcg", "seed_selected_epoch"):
+            config["_tuned"][key] = best.user_attrs[key]
     _write_json(out / BEST_CONFIG, config)
     if plots:
         _plot_study(study, out)

@@ -14,6 +14,7 @@ from lrml_kernels.training import TRAIN_LR, TrainConfig
 
 optuna = pytest.importorskip("optuna")
 
+from lrml_kernels import tuning  # noqa: E402
 from lrml_kernels.tuning import SPACE, base_params, start_params, suggest, tune  # noqa: E402
 
 
@@ -55,6 +56,30 @@ def test_tune_never_reads_the_test_items_and_resumes(tmp_path, one_thread, poiso
     assert [t["value"] for t in again["trials"][:3]] == values
     # (neither the start point again nor a replay of trial 2's random draw)
     assert all(again["trials"][3]["params"] != t["params"] for t in again["trials"][:3])
+
+
+def test_seeds_average_the_training_seeds_on_one_split(tmp_path, one_thread, monkeypatch):
+    # seeds=2: each trial trains with seeds 7 and 8 on the split seed 7 carves; its value is the
+    # mean of the two best validation nDCGs, seed i's epoch e reported as step 2 * i + e
+    runs = []
+    real_fit = tuning.fit
+
+    def fit(cfg, out_dir, *, split, **kw):
+        runs.append((cfg.seed, id(split)))
+        return real_fit(cfg, out_dir, split=split, **kw)
+
+    monkeypatch.setattr(tuning, "fit", fit)
+    r = tune(tiny(seed=7), tmp_path, trials=2, search=("lr",), progress=False, seeds=2)
+    assert [seed for seed, _ in runs] == [7, 8, 7, 8] and len({s for _, s in runs}) == 1
+    for t in r["trials"]:
+        per_seed = t["user_attrs"]["seed_valid_ndcg"]
+        assert len(per_seed) == 2 and per_seed[0] != per_seed[1]
+        assert t["value"] == pytest.approx(sum(per_seed) / 2)
+        assert sorted(int(k) for k in t["intermediate"]) == [1, 2, 3, 4]
+        assert t["intermediate"]["2"] != t["intermediate"]["4"]  # seed 7's and seed 8's
+    best = json.loads((tmp_path / "best_config.json").read_text())
+    assert best["seed"] == 7 and best["_tuned"]["seeds"] == 2
+    assert best["_tuned"]["valid_ndcg"] == pytest.approx(sum(best["_tuned"]["seed_valid_ndcg"]) / 2)
 
 
 def test_the_start_trials_are_never_pruned(tmp_path, one_thread, monkeypatch):
@@ -260,11 +285,17 @@ def test_options_are_checked_before_any_work(tmp_path, capsys):
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="trials must be a positive integer"):
             tune(tiny(), out, trials=bad)
+        with pytest.raises(ValueError, match="seeds must be a positive integer"):
+            tune(tiny(), out, seeds=bad)
     assert not out.exists()
     argv = ["tune", "--data", "synthetic-small", "--out", str(out)]
     config = tmp_path / "c.json"  # (--max-steps is not an option of tune: a config's value)
     config.write_text('{"max_steps": 3}')
-    for extra in (["--config", str(config), "--trials", "2"], ["--timeout", "-5"]):
+    for extra in (
+        ["--config", str(config), "--trials", "2"],
+        ["--timeout", "-5"],
+        ["--seeds", "0"],
+    ):
         capsys.readouterr()
         assert main([*argv, *extra]) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
@@ -299,6 +330,8 @@ def test_a_study_resumes_only_with_the_options_it_was_run_with(tmp_path, one_thr
             **kw,
         )
     assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match=r"tune_seeds 1 \(here 2\)"):
+        tune(tiny(), tmp_path / "other", trials=2, search=("lr", "negatives"), seeds=2, **kw)
     # an option searched in any run is no longer one the study's trials share
     tune(tiny(), tmp_path / "out", trials=1, search=("lr", "margin"), **kw)
     study = optuna.load_study(study_name="t", storage=storage)
