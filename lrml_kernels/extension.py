@@ -527,8 +527,9 @@ class ExtensionBackend:
         A bf16 table is updated in fp32 and written back stochastically rounded with the bits
         that the Triton row update draws for ``seed``.
 
-        CPU tables only (fp32/fp64, state of the same dtype; bf16, state in fp32; contiguous);
-        returns False where it does not apply, so the caller falls back to torch ops.
+        CPU tables only (fp32/fp64, state of the same dtype; bf16, state in fp32, ``grad`` fp32 or
+        bf16, read as it is; contiguous); returns False where it does not apply, so the caller
+        falls back to torch ops.
         """
         compute = torch.float32 if table.dtype == torch.bfloat16 else table.dtype
         ok = (
@@ -539,9 +540,12 @@ class ExtensionBackend:
         )
         if not ok:
             return False
+        grad = grad.reshape(-1, table.shape[1])
+        if grad.dtype != table.dtype:
+            grad = grad.to(compute)
         _ops().row_update_(
             table, list(states), idx.reshape(-1).to(torch.int64).contiguous(),
-            grad.reshape(-1, table.shape[1]).to(compute).contiguous(), optimizer,
+            grad.contiguous(), optimizer,
             float(lr), float(eps), float(betas[0]), float(betas[1]),
             0.0 if max_norm is None else float(max_norm), int(seed),
         )  # fmt: skip

@@ -595,6 +595,15 @@ def test_row_update_of_a_bf16_table_is_the_fp32_update_rounded_either_way(ext, n
     got = table.float()
     assert ((got == down) | (got == up)).all()
     assert (got == up).any() and (got == down).any() and not torch.equal(got, t32)
+    # a bf16 gradient (the cpu backend's for a bf16 table) is read as it is: the same update as
+    # its fp32 conversion, bit for bit
+    grads = rows.bfloat16()
+    once, twice = table.clone(), table.clone()
+    s_once, s_twice = [s.clone() for s in states], [s.clone() for s in states]
+    torch.ops.lrml_ext.row_update_(once, s_once, idx, grads, *args, 4)
+    torch.ops.lrml_ext.row_update_(twice, s_twice, idx, grads.float(), *args, 4)
+    assert torch.equal(once, twice) and all(map(torch.equal, s_once, s_twice))
+    assert not torch.equal(once, table)
 
 
 def test_an_installed_ahead_of_time_build_is_the_one_loaded(ext):

@@ -34,6 +34,13 @@ inline void zero(T* x, int64_t n) {
   std::memset(x, 0, sizeof(T) * n);
 }
 
+// dst[0:n] = src[0:n] in dst's dtype: half-precision rows to float, float rows to fp16 / bf16
+// (to nearest even, as Tensor.to rounds).
+template <typename D, typename S>
+inline void convert(D* __restrict dst, const S* __restrict src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
+}
+
 inline uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }

@@ -106,13 +106,6 @@ inline void stream_fence() {
 #endif
 }
 
-// dst[0:n] = src[0:n] in dst's dtype: half-precision rows to float as a tile gathers them, float
-// gradient rows to fp16 / bf16 as it writes them (to nearest even, as Tensor.to rounds).
-template <typename D, typename S>
-inline void convert(D* __restrict dst, const S* __restrict src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
-}
-
 // Per-thread tile buffers. Rows are dp (or Np) apart; the padding columns start at zero and the
 // element-wise loops never write them (the GEMMs may, only into padding of their outputs).
 template <typename T>

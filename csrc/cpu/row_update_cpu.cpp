@@ -165,9 +165,10 @@ inline void store_row(c10::BFloat16* __restrict out, const float* __restrict x, 
 // state: the optimizer's state tables (Adam: m, v [R, d]; Adagrad: [R, d]; row-wise Adagrad:
 // [R]; SGD: none), row r of each updated with row r of the table. S: the table's dtype, T the
 // compute dtype (S = bf16: T = float, the row updated in a float copy and written by store_row).
-template <typename T, typename S>
+// G: the gradient's dtype, T or S (a bf16 table's gradient rows are converted as they are read).
+template <typename T, typename S, typename G>
 void row_update_impl(S* table, const std::vector<T*>& state, const std::vector<int64_t>& width,
-                     const RowGroups& groups, const T* grad, int64_t d, const RowStep<T>& h,
+                     const RowGroups& groups, const G* grad, int64_t d, const RowStep<T>& h,
                      uint64_t seed) {
   const int64_t nu = static_cast<int64_t>(groups.rows.size());
   at::parallel_for(0, nu, 64, [&](int64_t lo, int64_t hi) {
@@ -183,23 +184,25 @@ void row_update_impl(S* table, const std::vector<T*>& state, const std::vector<i
       }
       const int64_t r = groups.rows[u];
       int32_t i = groups.first[u];
-      const T* g = grad + i * d;
-      if (groups.next[i] >= 0) {  // a repeated row: its gradients summed in batch order
+      const T* g = nullptr;
+      if constexpr (std::is_same_v<G, T>) g = grad + i * d;
+      // a repeated row (its gradients summed in batch order) or a bf16 gradient: in acc
+      if (!std::is_same_v<G, T> || groups.next[i] >= 0) {
         T* __restrict a = acc.data();
-        std::copy(g, g + d, a);
-        for (i = groups.next[i]; i >= 0; i = groups.next[i]) {
-          const T* __restrict gi = grad + i * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) a[j] += gi[j];
-        }
         g = a;
+        convert(a, grad + i * d, d);
+        for (i = groups.next[i]; i >= 0; i = groups.next[i]) {
+          const G* __restrict gi = grad + i * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) a[j] += static_cast<T>(gi[j]);
+        }
       }
       T* s1 = state.empty() ? nullptr : state[0] + r * width[0];
       T* s2 = state.size() < 2 ? nullptr : state[1] + r * width[1];
       if constexpr (std::is_same_v<S, T>) {
         update_row(table + r * d, s1, s2, g, d, h);
       } else {
-        std::copy(table + r * d, table + (r + 1) * d, row.begin());  // (exact in float)
+        convert(row.data(), table + r * d, d);  // (exact in float)
         update_row(row.data(), s1, s2, g, d, h);
         store_row(table + r * d, row.data(), r, d, seed);
       }
@@ -207,18 +210,24 @@ void row_update_impl(S* table, const std::vector<T*>& state, const std::vector<i
   });
 }
 
-// row_update_impl for the table's dtype: T itself, or bf16 where T is float.
+// row_update_impl for the table's dtype (T itself, or bf16 where T is float) and the gradient's
+// (T, or bf16 for a bf16 table).
 template <typename T>
 void run_row_update(const Tensor& table, const std::vector<T*>& state,
-                    const std::vector<int64_t>& width, const RowGroups& groups, const T* grad,
-                    int64_t d, const RowStep<T>& h, uint64_t seed) {
+                    const std::vector<int64_t>& width, const RowGroups& groups,
+                    const Tensor& grad, int64_t d, const RowStep<T>& h, uint64_t seed) {
   if constexpr (std::is_same_v<T, float>) {
     if (table.scalar_type() == at::kBFloat16) {
-      row_update_impl(table.data_ptr<c10::BFloat16>(), state, width, groups, grad, d, h, seed);
+      auto* out = table.data_ptr<c10::BFloat16>();
+      if (grad.scalar_type() == at::kBFloat16) {
+        row_update_impl(out, state, width, groups, grad.data_ptr<c10::BFloat16>(), d, h, seed);
+      } else {
+        row_update_impl(out, state, width, groups, grad.data_ptr<T>(), d, h, seed);
+      }
       return;
     }
   }
-  row_update_impl(table.data_ptr<T>(), state, width, groups, grad, d, h, seed);
+  row_update_impl(table.data_ptr<T>(), state, width, groups, grad.data_ptr<T>(), d, h, seed);
 }
 
 }  // namespace
@@ -250,8 +259,10 @@ void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
     width.push_back(per_row ? 1 : d);
   }
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == d &&
-                  grad.scalar_type() == compute && grad.is_contiguous(),
-              "row_update_: grad must be [len(idx), d] contiguous, in the compute dtype");
+                  (grad.scalar_type() == compute || grad.scalar_type() == table.scalar_type()) &&
+                  grad.is_contiguous(),
+              "row_update_: grad must be [len(idx), d] contiguous, in the compute dtype or the "
+              "table's");
   TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "row_update_: more than 2^31 - 1 rows");
   TORCH_CHECK_VALUE(seed >= 0, "row_update_: seed must be >= 0, got ", seed);
   if (n == 0) return;
@@ -266,8 +277,7 @@ void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
                               static_cast<scalar_t>(1 - beta1),
                               static_cast<scalar_t>(1 - beta2),
                               static_cast<scalar_t>(max_norm)};
-    run_row_update<scalar_t>(table, ptrs, width, groups, grad.data_ptr<scalar_t>(), d, h,
-                             static_cast<uint64_t>(seed));
+    run_row_update<scalar_t>(table, ptrs, width, groups, grad, d, h, static_cast<uint64_t>(seed));
   });
 }
 
