@@ -23,8 +23,10 @@ import io
 import os
 import pickle
 import threading
+import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -51,10 +53,18 @@ REQUIRED_TO_RESUME = {
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
 
+# A temporary file of a process that is gone is deleted once it is this old (seconds): a writer
+# on another machine that shares the folder has a pid this one cannot check, but it keeps the
+# file's modification time fresh while it writes.
+STALE_SECONDS = 60.0
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through ``write(file)`` to a temporary file, fsync it, then rename over ``path``.
-    If ``write`` raises (or is interrupted), ``path`` is as it was and the temporary file gone."""
+    If ``write`` raises (or is interrupted), ``path`` is as it was and the temporary file gone.
+    The temporaries that killed writers (SIGKILL, power loss) left beside ``path`` are deleted."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -70,6 +80,38 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(path: Path, min_age: float = STALE_SECONDS) -> None:
+    """Delete the temporaries of :func:`atomic_write` beside ``path`` (``.NAME.tmpPID``) whose
+    process PID is gone and which have not changed for ``min_age`` seconds."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp"
+    try:
+        names = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return  # (no folder yet: the write reports it)
+    for tmp in names:
+        pid = tmp.name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_exists(int(pid)):
+            continue
+        try:
+            if time.time() - tmp.stat().st_mtime >= min_age:
+                tmp.unlink()
+        except OSError:
+            pass  # (gone meanwhile, or not ours to delete: it stays)
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # (Windows' os.kill(pid, 0) would send a CTRL_C_EVENT)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # (another user's process; OverflowError: not a pid, leave the file alone)
+    return True
 
 
 def to_plain(obj, where: str = "checkpoint"):
@@ -124,19 +166,21 @@ class BackgroundWriter:
     :meth:`save` waits for the write before it (never two at once, and in order), copies every
     tensor of the state to host memory (the caller may change its tensors as soon as it returns),
     then starts the write; :meth:`wait` joins it. A write is atomic (:func:`atomic_write`): a crash
-    in the middle leaves the file of the write before. An error of a write is raised by the next
-    :meth:`save` or :meth:`wait`.
+    in the middle leaves the file of the write before. ``then()``, if given, runs in the same
+    thread once the write is on disk (not after a failed one): a file that describes the
+    checkpoint (``metrics.json``) is then never ahead of it. An error of a write or of ``then`` is
+    raised by the next :meth:`save` or :meth:`wait`.
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict, path: Path) -> None:
+    def save(self, state: dict, path: Path, then: Callable[[], None] | None = None) -> None:
         self.wait()
         snapshot = _host_copy(to_plain(state))
         self._thread = threading.Thread(
-            target=self._write, args=(snapshot, Path(path)), name="lrml-checkpoint"
+            target=self._write, args=(snapshot, Path(path), then), name="lrml-checkpoint"
         )
         self._thread.start()
 
@@ -150,9 +194,11 @@ class BackgroundWriter:
         if error is not None and raise_error:
             raise error
 
-    def _write(self, state: dict, path: Path) -> None:
+    def _write(self, state: dict, path: Path, then) -> None:
         try:
             save(state, path)
+            if then is not None:
+                then()
         except BaseException as exc:  # raised in the training thread by wait()
             self._error = exc
 

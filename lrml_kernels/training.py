@@ -9,7 +9,9 @@ Files written to ``out_dir``: ``checkpoint.pt`` (after every epoch and every
 ``checkpoint_every`` steps; written to a temporary file, fsynced, then renamed, so a crash never
 leaves a broken checkpoint; in a background thread while training goes on, from a copy of the
 tensors; plain values only, loaded without running code: see :mod:`lrml_kernels.checkpoints`),
-``metrics.json`` (same atomic write) and ``learning_curve.png``. A fresh run (not resumed)
+``metrics.json`` (same atomic write, in the same thread once the epoch's checkpoint is on disk,
+so it never lists an epoch that ``checkpoint.pt`` lacks) and ``learning_curve.png``; the
+temporary files of a killed run are deleted when it resumes. A fresh run (not resumed)
 first removes those files and ``best.pt`` of an earlier run in ``out_dir``. Ctrl-C stops after the
 step under way and checkpoints there (:class:`TrainingInterrupted`).
 
@@ -32,12 +34,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -390,15 +392,13 @@ def _check_same_data(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
 
 
 def _plot_curve(history: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # (no pyplot: the caller's backend stays as it was, and a thread may draw)
+        from matplotlib.figure import Figure
     except ImportError:
         return
     epochs = [h["epoch"] for h in history]
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax1 = fig.subplots()
     ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("mean loss per row", color="tab:red")
@@ -413,10 +413,7 @@ def _plot_curve(history: list[dict], path: Path) -> None:
         ax2.set_ylabel("metric")
         ax2.legend(loc="center right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    checkpoints.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def evaluate_test(model, split, cfg: TrainConfig) -> dict:
@@ -567,8 +564,7 @@ class _Run:
         self.writer = checkpoints.BackgroundWriter() if out is not None and rank == 0 else None
         if self.writer is not None:  # temporary files of writes that a crash interrupted
             for name in (CHECKPOINT, BEST, METRICS, CURVE):
-                for stale in out.glob(f".{name}.tmp*"):
-                    stale.unlink()
+                checkpoints.remove_stale_temporaries(out / name, min_age=0)
                 if ckpt is None:  # a fresh run: an earlier run's files would not describe it
                     (out / name).unlink(missing_ok=True)
 
@@ -685,8 +681,9 @@ class _Run:
                 record["early_stop"] = True
             self.epoch += 1
             self.step_in_epoch, self.elapsed, self.loss_sum = 0, 0.0, 0.0
-            self._checkpoint()
-            self._write_metrics(self.history, final=False)
+            # metrics.json lists the epoch once checkpoint.pt holds it (a crash in between
+            # leaves both at the epoch before)
+            self._checkpoint(then=self._metrics_writer(self.history, final=False))
             self._on_epoch(on_epoch, record)
         final = self._finish(test)
         # metrics.json reports the final metrics once the checkpoints they describe are on disk
@@ -810,10 +807,11 @@ class _Run:
                 file=sys.stderr,
             )
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, then: Callable[[], None] | None = None) -> None:
         """Start writing ``checkpoint.pt`` in the background (rank 0; every rank takes part in
         gathering the generators' states, and every rank stops where rank 0's last write failed
-        or the parameters, the same on every rank, are not finite)."""
+        or the parameters, the same on every rank, are not finite); ``then()`` runs once it is
+        on disk."""
         failed = None
         if self.writer is not None:
             try:
@@ -853,7 +851,7 @@ class _Run:
             "history": self.history,
             "best": self.best,
         }
-        self.writer.save(state, self.out / CHECKPOINT)
+        self.writer.save(state, self.out / CHECKPOINT, then)
 
     def _kept(self) -> str:
         """What a stopped run leaves behind, for its error message."""
@@ -872,8 +870,15 @@ class _Run:
         }
 
     def _write_metrics(self, records: list[dict], final: bool = True, extra=None) -> None:
+        write = self._metrics_writer(records, final, extra)
+        if write is not None:
+            write()
+
+    def _metrics_writer(self, records: list[dict], final: bool = True, extra=None):
+        """A function that writes ``metrics.json`` and the learning curve as they are now
+        (``records`` are serialised at once), or None where nothing is written."""
         if self.writer is None:
-            return
+            return None
         split = self.split
         doc = {
             "config": asdict(self.cfg),
@@ -887,9 +892,14 @@ class _Run:
             doc["final"] = records[-1] if records else {}
         doc.update(extra or {})
         text = json.dumps(doc, indent=2).encode()
-        checkpoints.atomic_write(self.out / METRICS, lambda f: f.write(text))
-        if records:
-            _plot_curve(records, self.out / CURVE)
+        records = json.loads(text)["epochs"]
+
+        def write() -> None:
+            checkpoints.atomic_write(self.out / METRICS, lambda f: f.write(text))
+            if records:
+                _plot_curve(records, self.out / CURVE)
+
+        return write
 
     def _wait_for_writes(self) -> None:
         if self.writer is not None:

@@ -9,6 +9,9 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -354,3 +357,35 @@ def test_a_checkpoint_trained_with_cuda_graphs_loads_on_the_cpu(tmp_path, good, 
         "1",
         "2",
     ]
+
+
+def test_a_write_deletes_only_the_temporaries_of_gone_writers(tmp_path):
+    # What SIGKILL leaves beside a file written by atomic_write (checkpoints, recommend's lists):
+    # the next write of that file deletes a gone process's temporary once it is STALE_SECONDS
+    # old; a live process's (this test's parent) and a fresh one (maybe another machine's) stay.
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    gone = int(done.stdout)
+    path = tmp_path / "lists.tsv"
+    old = time.time() - 2 * checkpoints.STALE_SECONDS
+    stale, fresh, live, other = (
+        tmp_path / f".lists.tsv.tmp{gone}",
+        tmp_path / f".lists.tsv.tmp{gone}",
+        tmp_path / f".lists.tsv.tmp{os.getppid()}",
+        tmp_path / f".other.tsv.tmp{gone}",
+    )
+    for tmp in (stale, live, other):
+        tmp.write_bytes(b"torn")
+        os.utime(tmp, (old, old))
+    checkpoints.atomic_write(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert not stale.exists() and live.exists() and other.exists()
+    fresh.write_bytes(b"torn")  # written just now: the next write leaves it
+    checkpoints.atomic_write(path, lambda f: f.write(b"again"))
+    assert fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [path.name, fresh.name, live.name, other.name]
+    )

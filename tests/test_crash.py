@@ -197,6 +197,7 @@ def test_sigkill_during_checkpoint_write_then_resume_matches_uninterrupted(
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     resume(out, capsys)
     assert_same_run(out, reference_run)
+    assert not list(out.glob(".*.tmp*"))  # (the torn write's temporary is deleted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +410,8 @@ def test_nonfinite_skip_skips_the_step_and_finishes(tmp_path, poison_step):
 
 
 # Runs `lrml train` with the writer of KILL_FILE patched: it waits (up to 3 s) for metrics.json to
-# report the run's final metrics, then SIGKILLs its own process before the file is written.
+# hold WAIT_FOR (default: the run's final metrics), then SIGKILLs its own process before the file
+# is written.
 KILL_BEFORE_FILE = r"""
 import os, signal, sys, time
 from pathlib import Path
@@ -422,8 +424,9 @@ real = C.atomic_write
 def atomic_write(path, write):
     if path.name == os.environ["KILL_FILE"]:
         metrics, deadline = Path(path).with_name(T.METRICS), time.monotonic() + 3
+        wait_for = os.environ.get("WAIT_FOR", '"final"')
         while time.monotonic() < deadline and not (
-            metrics.exists() and '"final"' in metrics.read_text()
+            metrics.exists() and wait_for in metrics.read_text()
         ):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -432,6 +435,21 @@ def atomic_write(path, write):
 C.atomic_write = atomic_write
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def test_metrics_never_list_an_epoch_the_checkpoint_lacks(tmp_path):
+    # Killed at epoch 1's checkpoint write, after waiting up to 3 s for metrics.json to appear:
+    # metrics.json is written once the checkpoint is on disk, so it must not exist yet.
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_FILE, *cli_args(out)],
+        env={**env(), "KILL_FILE": CHECKPOINT, "WAIT_FOR": '"epochs"'},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / CHECKPOINT).exists() and not (out / METRICS).exists()
 
 
 @pytest.mark.parametrize(

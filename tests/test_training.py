@@ -343,17 +343,22 @@ def test_selection_never_reads_the_test_items(
 
     split = data.load("synthetic-small", validation=True)
     restore = poison_test_items(split)
-    real = training.evaluate_test
-    calls = []
+    real, real_evaluate = training.evaluate_test, training.evaluate
+    calls, evaluations = [], []
 
     def the_end(model, s, c):
-        calls.append(json.loads((tmp_path / "metrics.json").read_text())["epochs"])
+        calls.append(len(evaluations))
         restore()
         return real(model, s, c)
 
+    def evaluate(*args, **kwargs):
+        evaluations.append(args)
+        return real_evaluate(*args, **kwargs)
+
     monkeypatch.setattr(training, "evaluate_test", the_end)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     r = fit(cfg(epochs=3, select_on="valid", eval=protocol), tmp_path, split=split)
-    assert len(calls) == 1 and len(calls[0]) == 3  # after all three epochs
+    assert calls == [3]  # after all three epochs' evaluations
     valid = [e["valid_ndcg"] for e in r["epochs"]]
     assert all("hr" not in e for e in r["epochs"])
     assert r["final"]["selected_epoch"] == 1 + valid.index(max(valid))
