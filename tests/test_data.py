@@ -228,6 +228,57 @@ def test_csv_with_a_byte_order_mark(tmp_path, header):
     assert pairs(x) == [(1, 10), (2, 11)] and x.timestamps.tolist() == [1104624000, 1104710400]
 
 
+def test_csv_quoted_fields(tmp_path):
+    # Book-Crossing's BX-Book-Ratings.csv: every field quoted, ';'-separated, text ISBNs
+    f = write(
+        tmp_path / "bx.csv",
+        '"User-ID";"ISBN";"Book-Rating"\n"276725";"034545104X";"0"\n'
+        '"276726";"0155061224";"5"\n"276725";"0155061224";"3"\n',
+    )
+    x = D.read_csv(f, min_rating=1)
+    assert pairs(x) == [(276726, "0155061224"), (276725, "0155061224")]
+    # a quoted field may hold the delimiter and "" (one quote); a quote inside a field is text;
+    # a quoted empty timestamp is missing, as an empty one
+    g = write(
+        tmp_path / "t.csv",
+        'user,item,title,date\n"1","10","Toy Story, ""the"" film",""\n'
+        '2,11,5\'6" tall,"2005-01-02"\n',
+    )
+    y = D.read_csv(g, timestamp_col="date")
+    assert pairs(y) == [(1, 10), (2, 11)]
+    assert y.timestamps.tolist() == [MISSING_TIMESTAMP, 1104624000]
+
+
+@pytest.mark.parametrize("rows", ['1,"10\n2",11\n3,4\n', '1,"abc\n2,11\n3,4\n'])
+def test_csv_a_line_break_inside_quotes_is_an_error_not_merged_rows(tmp_path, rows):
+    # (numpy's parser would read it as one field spanning two lines: a row lost in silence)
+    f = write(tmp_path / "q.csv", "user,item\n" + rows)
+    err = expect_error(lambda: D.read_csv(f, cache=False), f, 2)
+    assert "quoted field is not closed" in str(err)
+
+
+@pytest.mark.parametrize("reader", ["csv", "movielens", "netflix", "citeulike"])
+def test_cr_only_line_ends(tmp_path, reader):
+    # classic Mac OS and some spreadsheet exports end lines with CR alone
+    if reader == "netflix":  # (a small file is read whole, a large one in chunks)
+        text = "1:\r5,3,2005-01-02\r6,4,2005-01-03\r"
+        for name in ("mv_0000001.txt", "combined_data_1.txt"):
+            f = write(tmp_path / name, text.ljust(1 << 20, "\r") if "combined" in name else text)
+            assert pairs(D.read_netflix(f, cache=False, chunk_bytes=1 << 20)) == [(5, 1), (6, 1)]
+        return
+    if reader == "citeulike":
+        f = write(tmp_path / "users.dat", "2 5 9\r1 9\r")
+        assert pairs(D.read_citeulike(f, cache=False)) == [(0, 5), (0, 9), (1, 9)]
+        return
+    name = "r.csv" if reader == "csv" else "ratings.csv"
+    f = write(tmp_path / name, "userId,movieId,rating,timestamp\r1,2,3.0,4\r5,6,4,7\r")
+    read = D.read_csv if reader == "csv" else D.read_movielens
+    x = read(f, cache=False)
+    assert pairs(x) == [(1, 2), (5, 6)] and x.timestamps.tolist() == [4, 7]
+    bad = write(tmp_path / "bad" / name, "userId,movieId,rating,timestamp\r1,2,3,4\r1\r")
+    assert "expected" in str(expect_error(lambda: read(bad, cache=False), bad, 3))
+
+
 def test_csv_timestamp_kind_from_the_first_row_that_has_one(tmp_path):
     f = write(tmp_path / "d.csv", "user,item,rating,date\n1,10,5,\n1,11,4,2005-01-02\n")
     x = D.read_csv(f)

@@ -8,6 +8,7 @@ when the fast path fails, to name the first bad line. Either the whole file pars
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import warnings
@@ -38,18 +39,30 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write at the start
 
 
+def _cr_only(head: bytes) -> bool:
+    """Whether a file whose first bytes are ``head`` ends its lines with CR alone (classic Mac OS,
+    and some spreadsheet exports): a CR and no LF in its first 64 KiB."""
+    head = head[: 1 << 16]
+    return b"\r" in head and b"\n" not in head
+
+
 def iter_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, int]]:
-    """``(chunk, first_line)`` pairs of whole lines (each chunk ends with a newline; CRLF -> LF;
-    a UTF-8 byte-order mark at the start dropped)."""
+    """``(chunk, first_line)`` pairs of whole lines (each chunk ends with a newline; CRLF and a
+    CR-only file's CR -> LF; a UTF-8 byte-order mark at the start dropped)."""
     with open(path, "rb") as f:
         if f.read(len(BOM)) != BOM:
             f.seek(0)
         rest = b""
         line = 1
+        cr_only = None
         while True:
             block = f.read(chunk_bytes)
             if not block:
                 break
+            if cr_only is None:
+                cr_only = _cr_only(block)
+            if cr_only:
+                block = block.replace(b"\r", b"\n")
             data = rest + block
             del block
             cut = data.rfind(b"\n")
@@ -69,8 +82,28 @@ def _normalize_newlines(chunk: bytes) -> bytes:
     return chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
 
 
+def read_lines_bytes(path: Path) -> bytes:
+    """A whole (small) file's bytes as :func:`iter_chunks` gives them: LF line ends (CRLF and a
+    CR-only file's CR -> LF), a UTF-8 byte-order mark at the start dropped."""
+    data = Path(path).read_bytes().removeprefix(BOM)
+    return data.replace(b"\r", b"\n") if _cr_only(data) else _normalize_newlines(data)
+
+
+def quotechar(delimiter: str) -> str | None:
+    """The quote character of fields separated by ``delimiter``: ``"`` for a one-character
+    delimiter other than space (CSV's quoting: ``"a,b"`` is one field, ``""`` inside quotes one
+    quote), else none."""
+    return '"' if len(delimiter) == 1 and delimiter != " " else None
+
+
 def split_fields(line: bytes, delimiter: str) -> list[bytes]:
-    return line.split() if delimiter == " " else line.split(delimiter.encode())
+    """The fields of one line, quoted ones unquoted (:func:`quotechar`)."""
+    if delimiter == " ":
+        return line.split()
+    if b'"' not in line or quotechar(delimiter) is None:
+        return line.split(delimiter.encode())
+    (fields,) = csv.reader([line.decode("latin-1")], delimiter=delimiter, quotechar='"')
+    return [f.encode("latin-1") for f in fields]
 
 
 def head_lines(path: Path, max_lines: int = 50, max_bytes: int = 1 << 16) -> list[bytes]:
@@ -80,7 +113,7 @@ def head_lines(path: Path, max_lines: int = 50, max_bytes: int = 1 << 16) -> lis
         data = f.read(max_bytes)
         more = bool(f.read(1))
     data = data.removeprefix(BOM)
-    lines = data.split(b"\n")
+    lines = data.split(b"\r" if _cr_only(data) else b"\n")
     if more and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut
     return [ln.rstrip(b"\r") for ln in lines if ln.strip()][:max_lines]
@@ -153,6 +186,11 @@ def find_bad_line(
         line_no = first_line + k
         if b"\r" in raw:
             return line_no, "stray carriage return inside the line"
+        if quotechar(delimiter) is not None and _open_quote(raw, delimiter.encode()):
+            return line_no, (
+                "a quoted field is not closed on its line (a line break inside quotes is not "
+                f"supported): {_show(raw)}"
+            )
         parts = split_fields(raw, delimiter)
         expected = ncols if ncols is not None else need
         if (ncols is not None and len(parts) != ncols) or len(parts) < need:
@@ -179,6 +217,27 @@ def find_bad_line(
                 if j not in used and not is_number(text):
                     return line_no, f"column {j + 1} {_show(text)} is not a number"
     return None
+
+
+def _open_quote(line: bytes, delimiter: bytes) -> bool:
+    """Whether ``line`` ends inside a quoted field (CSV's quoting; a quote that does not start
+    a field is a plain character)."""
+    inside = closed = False
+    start = True  # at the start of a field
+    for ch in line:
+        if inside:
+            inside = ch != 34  # 34: '"'
+            closed = not inside
+        else:
+            inside = ch == 34 and (start or closed)  # (a quote after a closing one: "" inside)
+            closed = False
+            start = ch == delimiter[0]
+    return inside
+
+
+def _nonempty_lines(chunk: bytes) -> int:
+    """The number of lines of ``chunk`` (which ends with a newline) that loadtxt reads as rows."""
+    return chunk.count(b"\n") - len(re.findall(rb"\n(?=\n)", chunk)) - chunk.startswith(b"\n")
 
 
 def _show(text: bytes, limit: int = 80) -> str:
@@ -271,7 +330,7 @@ def parse_chunk(
                 comments=None,
                 usecols=usecols,
                 ndmin=1,
-                quotechar=None,
+                quotechar=quotechar(delimiter),
             )
 
     # Integer parsing is twice as fast: "float" columns (ratings) are tried as integers first.
@@ -286,6 +345,8 @@ def parse_chunk(
         except ValueError as e:
             raise fail(str(e)) from None
         floats_as_int[0] = False
+    if b'"' in original and quotechar(delimiter) and len(table) != _nonempty_lines(original):
+        raise fail(None)  # a quoted field ran over a line break: rows merged
     out: dict[str, np.ndarray] = {}
     for f in fields:
         col = table[f.name]
@@ -462,7 +523,7 @@ def parse_netflix_chunk(
 
 def parse_count_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(users, items)`` of a file whose 0-based line k is ``n item_1 ... item_n`` for user k."""
-    data = _normalize_newlines(Path(path).read_bytes()).removeprefix(BOM)
+    data = read_lines_bytes(path)
     data = data.rstrip(b"\n \t") + b"\n"
     if data == b"\n":
         raise DataFormatError(path, 1, "no data rows (empty file?)")

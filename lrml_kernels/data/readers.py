@@ -671,7 +671,9 @@ def read_csv(
 ) -> Interactions:
     """A generic delimited file: user and item ids are integers, or text (``A1B2C3``, ``0312``):
     a column whose first rows' ids are not all integers written without a leading zero is read as
-    text, verbatim.
+    text, verbatim. With a one-character delimiter other than space, fields may be quoted as in
+    CSV (``"a,b"`` is one field, ``""`` inside quotes one quote); a line break inside quotes is
+    an error.
 
     Args:
         delimiter: ``","``, ``"\\t"``, ``"::"``, ``";"`` or ``" "`` (runs of whitespace); ``None``
@@ -738,7 +740,7 @@ def _netflix_chunks(
             for chunk, first in _text.iter_chunks(p, chunk_bytes):
                 yield chunk, [(1, p, first)], len(chunk)
             continue
-        data = _text._normalize_newlines(p.read_bytes()).removeprefix(_text.BOM)
+        data = _text.read_lines_bytes(p)
         if not data.strip():
             raise DataFormatError(p, 1, "empty file")
         if not data.endswith(b"\n"):
