@@ -394,6 +394,7 @@ def _check_same_data(ckpt: dict, cfg: TrainConfig, fingerprint: str) -> None:
 def _plot_curve(history: list[dict], path: Path) -> None:
     try:  # (no pyplot: the caller's backend stays as it was, and a thread may draw)
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return
     epochs = [h["epoch"] for h in history]
@@ -401,6 +402,7 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     ax1 = fig.subplots()
     ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:red", label="loss")
     ax1.set_xlabel("epoch")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylabel("mean loss per row", color="tab:red")
     pre = "valid_" if any("valid_hr" in h for h in history) else ""
     evals = [h for h in history if pre + "hr" in h]
