@@ -31,6 +31,7 @@ once, for the selected epoch (``best.pt`` holds that model).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -108,6 +109,13 @@ class NonFiniteLossError(FloatingPointError):
     """Training met a NaN/Inf loss or gradient; the last good checkpoint is left intact."""
 
 
+def check_int(name: str, value, least: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= least`` (1 or 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "positive" if least == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``lrml train`` (the CLI flags are these names with dashes)."""
@@ -157,11 +165,6 @@ class TrainConfig:
     patience: int | None = None  # select_on="valid": stop after this many evaluations w/o gain
 
     def validate(self) -> None:
-        def positive(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
         for name in (
             "epochs",
             "dim",
@@ -171,11 +174,9 @@ class TrainConfig:
             "eval_k",
             "eval_every",
         ):
-            positive(name)
+            check_int(name, getattr(self, name))
         for name in ("seed", "eval_negatives", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+            check_int(name, getattr(self, name), least=0)
         if self.seed >= 2**63:  # torch's generators take seeds below 2**64, with the ranks' offsets
             raise ValueError(f"seed must be below 2**63, got {self.seed}")
         if self.eval == "sampled" and self.eval_negatives < 1:
@@ -245,10 +246,7 @@ class TrainConfig:
         if self.select_on == "valid" and self.eval == "none":
             raise ValueError("select_on='valid' needs an evaluation protocol (eval='none' given)")
         if self.patience is not None:
-            if isinstance(self.patience, bool) or not isinstance(self.patience, int):
-                raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
-            if self.patience < 1:
-                raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
+            check_int("patience", self.patience)
             if self.select_on != "valid":
                 raise ValueError(
                     "patience (early stopping) needs select_on='valid' (--patience 0: none)"
@@ -894,7 +892,7 @@ class _Run:
             doc["final"] = records[-1] if records else {}
         doc.update(extra or {})
         text = json.dumps(doc, indent=2).encode()
-        records = json.loads(text)["epochs"]
+        records = copy.deepcopy(records)  # (the caller's records change after it returns)
 
         def write() -> None:
             checkpoints.atomic_write(self.out / METRICS, lambda f: f.write(text))

@@ -35,7 +35,7 @@ from pathlib import Path
 from lrml_kernels import data as lkdata
 from lrml_kernels.checkpoints import atomic_write
 from lrml_kernels.errors import MissingExtra
-from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, fit
+from lrml_kernels.training import TRAIN_LR, NonFiniteLossError, TrainConfig, check_int, fit
 
 BEST_CONFIG = "best_config.json"
 TRIALS = "trials.json"
@@ -180,10 +180,8 @@ def tune(
 
     search = tuple(search)
     _check_search(search)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive integer, got {trials!r}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    check_int("trials", trials)
+    check_int("seeds", seeds)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if base.max_steps is not None:

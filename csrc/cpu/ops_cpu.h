@@ -56,8 +56,9 @@ std::tuple<Tensor, Tensor> relations(const Tensor& user_emb, const Tensor& item_
 // adagrad: state (sum [R, d]); rowwise_adagrad: state (sum [R]) of mean(g²); sgd: no state),
 // then x /= max(1, |x| / max_norm) when max_norm > 0. The trainer's torch-ops update, fused.
 // float32 and float64 tables compute in their dtype; a bfloat16 table (state float32, grad
-// float32 or bfloat16) in float32, each updated row written back stochastically rounded with the bits the Triton row
-// update draws for the same seed (16 bits of the Philox word at counter r·d + j).
+// float32 or bfloat16) in float32, each updated row written back stochastically rounded with
+// the bits the Triton row update draws for the same seed (16 bits of the Philox word at counter
+// r·d + j).
 void row_update_(const Tensor& table, at::TensorList state, const Tensor& idx,
                  const Tensor& grad, c10::string_view optimizer, double lr, double eps,
                  double beta1, double beta2, double max_norm, int64_t seed);
