@@ -30,6 +30,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "movielens:PATH | netflix:PATH | netflix-mat:PATH | csv:FILE | citeulike:FILE "
         "(default: %(default)s)",
     )
+    a(
+        "--min-rating",
+        type=float,
+        default=d.min_rating,
+        metavar="R",
+        help="keep only the ratings >= R of a data set with ratings (movielens, netflix, "
+        "netflix-mat, csv with a rating column), each kept one a positive (default: all)",
+    )
     a("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     a("--dim", type=int, default=d.dim, help="embedding dimension d (default: %(default)s)")
     a("--memory-slots", type=int, default=d.memory_slots, help="N (default: %(default)s)")
@@ -256,6 +264,7 @@ def _config(args) -> TrainConfig:
     """The TrainConfig of ``lrml train`` / ``lrml tune``'s options."""
     return TrainConfig(
         data=args.data,
+        min_rating=args.min_rating,
         epochs=args.epochs,
         dim=args.dim,
         memory_slots=args.memory_slots,
@@ -499,7 +508,11 @@ def _baseline(args) -> int:
 
     validation = args.select_on == "valid"
     split = data.load(
-        args.data, num_negatives=args.eval_negatives, seed=args.seed, validation=validation
+        args.data,
+        min_rating=args.min_rating,
+        num_negatives=args.eval_negatives,
+        seed=args.seed,
+        validation=validation,
     )
     ranker = PopularityRanker(split)  # counts the training interactions only
     doc = {
@@ -677,6 +690,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("model", choices=["popularity"], help="popularity: rank by training count")
     p.add_argument("--data", default=TrainConfig().data, help="data set, as for train")
+    p.add_argument(
+        "--min-rating", type=float, default=None, metavar="R", help="as for train (default: all)"
+    )
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")

@@ -82,6 +82,7 @@ OPTIONS_BEFORE = {
     "select_on": "last",
     "patience": None,
     "eval_negatives": 100,
+    "min_rating": None,
 }
 # The parameters' storage dtypes of ``TrainConfig.dtype`` (the kernels compute in fp32 for both).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -121,6 +122,9 @@ class TrainConfig:
     """Every option of ``lrml train`` (the CLI flags are these names with dashes)."""
 
     data: str = "synthetic"
+    # keep only the ratings >= this of a source with ratings (each kept one is a positive);
+    # None: every interaction
+    min_rating: float | None = None
     epochs: int = 15
     dim: int = 64
     memory_slots: int = 20
@@ -179,6 +183,7 @@ class TrainConfig:
             check_int(name, getattr(self, name), least=0)
         if self.seed >= 2**63:  # torch's generators take seeds below 2**64, with the ranks' offsets
             raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        lkdata.check_min_rating(self.data, self.min_rating)
         if self.eval == "sampled" and self.eval_negatives < 1:
             raise ValueError("eval='sampled' needs eval_negatives >= 1")
         ops._check_option("distance", self.distance, DISTANCES)
@@ -366,7 +371,8 @@ def _check_compatible(ckpt: dict, cfg: TrainConfig, world: int) -> None:
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
         what = "options differ from the checkpoint's"
-        if {"data", "seed"} & set(diff):  # the seed draws the synthetic data and the split
+        # (the seed draws the synthetic data and the split; min_rating chooses the ratings)
+        if {"data", "min_rating", "seed"} & set(diff):
             what = "the checkpoint was trained on different data"
         raise ValueError(
             f"refusing to resume: {what} ({changes}); "
@@ -501,7 +507,11 @@ class _Run:
         self.select = cfg.select_on == "valid"
         if split is None:
             split = lkdata.load(
-                cfg.data, num_negatives=cfg.eval_negatives, seed=cfg.seed, validation=self.select
+                cfg.data,
+                min_rating=cfg.min_rating,
+                num_negatives=cfg.eval_negatives,
+                seed=cfg.seed,
+                validation=self.select,
             )
         elif self.select and not split.has_validation:
             split = lkdata.carve_validation(split, seed=cfg.seed)
@@ -1028,15 +1038,24 @@ def open_checkpoint(path, device="cpu", backend: str | None = None) -> tuple[LRM
 
 def load_checkpoint_data(ckpt: dict, data: str | None = None):
     """``(spec, split)``: the data set ``data`` (default: the one the checkpoint was trained on)
-    split as training split it, with the checkpoint's seed and, for a model selected on
-    validation, the validation items carved out again (they were not trained on). Whether it is
-    the same data is the caller's to check (``split.fingerprint()`` against the checkpoint's)."""
+    split as training split it, with the checkpoint's ``min_rating`` and seed and, for a model
+    selected on validation, the validation items carved out again (they were not trained on).
+    Whether it is the same data is the caller's to check (``split.fingerprint()`` against the
+    checkpoint's)."""
     spec = data or ckpt["config"].get("data")
     if not isinstance(spec, str):
         raise ValueError("the checkpoint names no data set: give one with --data")
     stored = _stored_options(ckpt)
+    try:
+        min_rating = lkdata.check_min_rating(spec, stored["min_rating"])
+    except ValueError:  # another data set than the ratings the checkpoint was trained on
+        raise ValueError(
+            f"{spec!r} is not the data this checkpoint was trained on: it was trained on the "
+            f"ratings >= {stored['min_rating']} of {ckpt['config'].get('data')!r}"
+        ) from None
     return spec, lkdata.load(
         spec,
+        min_rating=min_rating,
         num_negatives=stored["eval_negatives"],
         seed=stored.get("seed", 0),
         validation=stored["select_on"] == "valid",

@@ -215,7 +215,8 @@ def tune(
     )
     stored = study.user_attrs.get(BASE) if study.trials else None
     if stored is not None:
-        stored = {SEEDS: 1, **stored}  # (a study from before the option: one seed a trial)
+        # (a study from before these options: one seed a trial, every rating)
+        stored = {SEEDS: 1, "min_rating": None, **stored}
         differ = sorted(k for k in set(stored) & set(fixed) if stored[k] != fixed[k])
         if differ:
             was = ", ".join(f"{k} {stored[k]!r} (here {fixed[k]!r})" for k in differ)
@@ -227,7 +228,11 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     if split is None:
         split = lkdata.load(
-            base.data, num_negatives=base.eval_negatives, seed=base.seed, validation=True
+            base.data,
+            min_rating=base.min_rating,
+            num_negatives=base.eval_negatives,
+            seed=base.seed,
+            validation=True,
         )
     elif not split.has_validation:
         split = lkdata.carve_validation(split, seed=base.seed)

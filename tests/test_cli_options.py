@@ -113,6 +113,12 @@ def test_fit_checks_the_device_and_backend_before_the_data(monkeypatch, no_data,
         (TRAIN + ["--seed", str(2**63)], "seed must be below 2**63, got 9223372036854775808"),
         (TRAIN + ["--eval-negatives", "0"], "eval='sampled' needs eval_negatives >= 1"),
         (TRAIN + ["--checkpoint-every", "-2"], "checkpoint_every must be a non-negative integer"),
+        (TRAIN + ["--min-rating", "4"], "'synthetic-netflix' has no ratings: min_rating does not"),
+        (TRAIN + ["--min-rating", "nan"], "min_rating must be a finite number or None, got nan"),
+        (
+            ["train", "--data", "ncf:no/such", "--min-rating", "4"],
+            "ncf: files are implicit feedback already: min_rating does not apply",
+        ),
     ],
 )
 def test_other_bad_options_are_refused_before_the_data(no_data, error_line, args, words):

@@ -8,6 +8,7 @@ import sys
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -425,6 +426,50 @@ def test_cli_select_on_valid(tmp_path, capsys, one_thread):
     assert "not the data" not in captured.err
     assert json.loads(captured.out)["hr"] == final["hr"]
     assert main(["train", "--patience", "2", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_min_rating_trains_evaluates_and_resumes_on_the_kept_ratings(
+    tmp_path, capsys, error_line, one_thread
+):
+    rng = np.random.default_rng(0)
+    lines = ["user,item,rating"]
+    for u in range(50):
+        for i in rng.choice(250, size=20, replace=False):
+            lines.append(f"{u},{i},{rng.integers(1, 6)}")
+    path = tmp_path / "ratings.csv"
+    path.write_text("\n".join(lines) + "\n")
+    spec = f"csv:{path}"
+    kept, every = (data.load(spec, min_rating=m) for m in (4, None))
+    assert 0 < len(kept.train) < len(every.train) / 2
+    out = tmp_path / "run"
+    argv = ["train", "--data", spec, "--min-rating", "4", "--epochs", "1", "--dim", "8"]
+    argv += ["--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    final = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["config"]["min_rating"] == 4.0 and doc["data"] == f"{spec} (rating >= 4)"
+    assert doc["train_interactions"] == len(kept.train)
+    ckpt = load_checkpoint(out / CHECKPOINT)[1]
+    assert ckpt["data_fingerprint"] == kept.fingerprint() != every.fingerprint()
+    # evaluate reads the same ratings back (from the checkpoint's options) and repeats the run
+    assert main(["evaluate", str(out / CHECKPOINT), "--eval", "sampled", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "not the data" not in captured.err
+    assert json.loads(captured.out)["hr"] == final["hr"]
+    # another threshold is other data: the run does not resume on it
+    argv[4] = "3"
+    assert main(argv + ["--resume", "--epochs", "2"]) == 2
+    line = error_line("train")
+    assert "trained on different data (min_rating: 4.0 -> 3.0)" in line, line
+    # data without ratings cannot stand in for the checkpoint's
+    argv = ["evaluate", str(out / CHECKPOINT), "--data", "synthetic-small", "--no-progress"]
+    assert main(argv) == 2
+    assert "it was trained on the ratings >= 4.0 of" in error_line("evaluate")
+    # the popularity baseline counts the same ratings
+    pop = tmp_path / "pop"
+    argv = ["baseline", "popularity", "--data", spec, "--min-rating", "4", "--out", str(pop)]
+    assert main(argv + ["--eval", "sampled"]) == 0
+    assert json.loads((pop / "metrics.json").read_text())["train_interactions"] == len(kept.train)
 
 
 def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_thread):

@@ -16,7 +16,7 @@ from lrml_kernels.data.readers import (
 )
 from lrml_kernels.data.sampling import csr_membership, popularity_cdf, sample_negatives
 from lrml_kernels.data.side_info import MovieLensSideInfo, read_movielens_side_info
-from lrml_kernels.data.sources import FORMS, SYNTHETIC, load
+from lrml_kernels.data.sources import FORMS, SYNTHETIC, check_min_rating, load
 from lrml_kernels.data.split import (
     build_csr,
     carve_validation,
@@ -36,6 +36,7 @@ __all__ = [
     "build_csr",
     "cache_dir",
     "carve_validation",
+    "check_min_rating",
     "csr_membership",
     "leave_one_out",
     "load",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from lrml_kernels.data.readers import (
 from lrml_kernels.data.split import _leave_one_out, carve_validation
 from lrml_kernels.data.synthetic_data import synthetic
 
-__all__ = ["SYNTHETIC", "load"]
+__all__ = ["SYNTHETIC", "check_min_rating", "load"]
 
 #: The built-in synthetic data sets: name -> (users, items, interactions).
 SYNTHETIC: dict[str, tuple[int, int, int]] = {
@@ -50,6 +51,31 @@ _READERS = {
     "csv": read_csv,
     "citeulike": read_citeulike,
 }
+
+
+# The kinds whose files hold no ratings (the synthetic sets hold none either).
+_NO_RATINGS = {
+    "ncf": "ncf: files are implicit feedback already",
+    "citeulike": "citeulike has no ratings",
+}
+
+
+def check_min_rating(spec: str, min_rating) -> float | None:
+    """``min_rating`` as a float (None: keep every rating), refused where ``spec`` names a
+    source without ratings; the files themselves are not read (a ``csv:`` file without a rating
+    column is found out when it is)."""
+    if min_rating is None:
+        return None
+    number = isinstance(min_rating, (int, float)) and not isinstance(min_rating, bool)
+    if not (number and math.isfinite(min_rating)):
+        raise ValueError(f"min_rating must be a finite number or None, got {min_rating!r}")
+    if isinstance(spec, str):  # (another spec is refused by load with the accepted forms)
+        if spec in SYNTHETIC:
+            raise ValueError(f"{spec!r} has no ratings: min_rating does not apply")
+        kind = spec.partition(":")[0]
+        if kind in _NO_RATINGS:
+            raise ValueError(f"{_NO_RATINGS[kind]}: min_rating does not apply")
+    return float(min_rating)
 
 
 def _usage(problem: str) -> ValueError:
@@ -88,6 +114,7 @@ def load(
         raise ValueError(
             f"num_negatives must be a non-negative integer or None, got {num_negatives!r}"
         )
+    min_rating = check_min_rating(spec, min_rating)
     # (without a validation split the split is final as built: its training data is hashed
     # for the fingerprint on another thread meanwhile)
     with plain_pages():
@@ -102,8 +129,6 @@ def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Spl
     if not isinstance(spec, str) or not spec:
         raise _usage(f"data set must be a non-empty string, got {spec!r}")
     if spec in SYNTHETIC:
-        if min_rating is not None:
-            raise ValueError(f"{spec!r} has no ratings: min_rating does not apply")
         u, i, n = SYNTHETIC[spec]
         x = synthetic(u, i, n, seed=0, name=spec)
         # ``x`` is ours alone: the split compacts the training rows inside its arrays
@@ -113,8 +138,6 @@ def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Spl
         raise _usage(f"unknown data set {spec!r}")
     p = Path(path).expanduser()
     if kind == "ncf":
-        if min_rating is not None:
-            raise ValueError("ncf: files are implicit feedback already: min_rating does not apply")
         missing = [
             str(f)
             for f in (
@@ -129,8 +152,6 @@ def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Spl
         raise _usage(f"{spec!r}: no such file or folder {p}")
     reader = _READERS[kind]
     if kind == "citeulike":
-        if min_rating is not None:
-            raise ValueError("citeulike has no ratings: min_rating does not apply")
         x = reader(p, cache=cache)
     else:
         x = reader(p, min_rating=min_rating, cache=cache)
