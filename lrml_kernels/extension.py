@@ -10,7 +10,9 @@ Each is taken, in order, from the ahead-of-time build of ``setup.py`` (``lrml_ke
 ``_C_cuda``, used only if built from the same sources for the same torch), else built just in time
 with ``torch.utils.cpp_extension.load`` (ninja) into ``$LRML_KERNELS_CACHE`` (default
 ``~/.cache/lrml_kernels``)/``ext-<hash of sources, their folder, torch, python, cpu flags>``;
-later processes load the cached library without compiling. A failed build is remembered for the
+later processes load the cached library without compiling. Builders of one folder take turns under
+an advisory lock that dies with its process, so a build killed midway (``kill -9``, a timeout)
+leaves no lock behind for the next one to wait on forever. A failed build is remembered for the
 rest of the process and reported as :class:`~lrml_kernels.errors.BackendUnavailable` with the
 compiler's last lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
 
@@ -20,6 +22,7 @@ meta tensors) are registered here, once, after the CPU library is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -116,6 +119,28 @@ def _aot_library(name: str) -> str | None:
     return spec.origin
 
 
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Held while building in ``out``: an exclusive ``flock`` on ``out/.lrml-build.lock``, which
+    the kernel releases when its process dies. ``cpp_extension.load`` has a lock of its own, the
+    file ``out/lock``, which it creates and removes; a build killed midway leaves that file, and
+    every later build waits for it to go, forever. Found while this lock is held, it is such a
+    leftover (every builder of ``out`` holds this lock), and is removed. (No ``flock`` on
+    Windows: only torch's lock there.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / ".lrml-build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (out / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _jit_build(name: str) -> None:
     if os.environ.get("LRML_KERNELS_NO_JIT", "0") not in ("", "0"):
         raise BackendUnavailable(
@@ -159,15 +184,16 @@ def _jit_build(name: str) -> None:
             "LRML_KERNELS_CACHE to a writable folder"
         ) from exc
     try:
-        cpp_extension.load(
-            name=f"lrml_ext_{name}",
-            sources=sources,
-            extra_include_paths=[str(src)],
-            build_directory=str(out),
-            is_python_module=False,
-            verbose=os.environ.get("LRML_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
-            **kwargs,
-        )
+        with _build_lock(out):
+            cpp_extension.load(
+                name=f"lrml_ext_{name}",
+                sources=sources,
+                extra_include_paths=[str(src)],
+                build_directory=str(out),
+                is_python_module=False,
+                verbose=os.environ.get("LRML_KERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
+                **kwargs,
+            )
     except Exception as exc:  # compiler errors, missing ninja, loader errors
         raise BackendUnavailable(f"{name} backend: build failed:\n{_tail(exc)}") from exc
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -674,6 +675,52 @@ def test_an_unwritable_build_cache_names_the_variable(tmp_path, monkeypatch):
     cache.write_text("")  # a file where the folder should go: mkdir fails, even as root
     with pytest.raises(BackendUnavailable, match="set LRML_KERNELS_CACHE to a writable folder"):
         extension._jit_build("cpu")
+
+
+def test_a_killed_build_leaves_the_next_one_nothing_to_wait_for(tmp_path, monkeypatch):
+    # torch's cpp_extension.load waits while the file BUILD_DIR/lock exists; a build killed midway
+    # (kill -9, a timeout) left that file, and every later build of the folder waited forever
+    from torch.utils import cpp_extension
+    from torch.utils.file_baton import FileBaton
+
+    def load(build_directory, **kwargs):  # torch's locking, without the compiler
+        baton = FileBaton(os.path.join(build_directory, "lock"))
+        if baton.try_acquire():
+            baton.release()
+        else:
+            baton.wait()
+
+    monkeypatch.setenv("LRML_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.delenv("LRML_KERNELS_NO_JIT", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    out = extension.build_dir(extension.csrc_dir()) / "cpu"
+    code = (
+        "import pathlib, sys, time\n"
+        "from lrml_kernels.extension import _build_lock\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "out.mkdir(parents=True)\n"
+        "with _build_lock(out):\n"
+        "    (out / 'lock').touch()\n"
+        "    print('building', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert child.stdout.readline() == b"building\n"
+        built = threading.Event()
+        threading.Thread(
+            target=lambda: (extension._jit_build("cpu"), built.set()), daemon=True
+        ).start()
+        assert not built.wait(1.0)  # a build that is running is waited for
+        assert (out / "lock").exists()
+    finally:
+        child.kill()  # leaves its lock file behind
+        child.wait()
+    assert built.wait(30)  # which is not waited for
+    assert not (out / "lock").exists()
 
 
 @pytest.mark.slow
