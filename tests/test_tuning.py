@@ -343,6 +343,15 @@ def test_a_study_resumes_only_with_the_options_it_was_run_with(tmp_path, one_thr
         search=("lr",),
         **kw,
     )
+    # a study recorded before min_rating existed trained on every rating
+    study = optuna.load_study(study_name="t", storage=storage)
+    base = {k: v for k, v in study.user_attrs["base_config"].items() if k != "min_rating"}
+    study.set_user_attr("base_config", base)
+    rated = tmp_path / "rated.csv"
+    rated.write_text("user,item,rating\n0,0,5\n0,1,3\n1,1,4\n1,0,5\n")
+    other = dataclasses.replace(tiny(margin=0.5), negatives=3, data=f"csv:{rated}", min_rating=4)
+    with pytest.raises(ValueError, match=r"min_rating None \(here 4\)"):
+        tune(other, tmp_path / "other", trials=1, search=("lr",), **kw)
     # a study from before the attribute: this run's options are recorded
     old = optuna.create_study(study_name="old", storage=storage, direction="maximize")
     old.add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"config": {}}))
