@@ -451,9 +451,17 @@ def _recommend(args) -> int:
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
     ids = None if args.users is None else _user_ids(args.users)
     _set_threads(args.threads)
-    model, split, _ = _checkpoint_and_data(args)
+    model, split, ckpt = _checkpoint_and_data(args)
     users = recommend.user_indices(split, ids)
-    exclude = recommend.exclusion_csr(split, args.exclude)
+    rated = None
+    min_rating = ckpt["config"].get("min_rating")
+    if args.exclude == "known" and min_rating is not None:
+        # the items the user rated below it are known too (data.load dropped them)
+        from lrml_kernels import data
+
+        spec = args.data or ckpt["config"]["data"]
+        rated = recommend.rated_pairs(split, data.read_source(spec))
+    exclude = recommend.exclusion_csr(split, args.exclude, rated)
     batches = recommend.recommend_users(model, users, args.k, exclude, batch_size=args.batch_size)
     rows = recommend.write_csv(
         args.out, split, batches, total=users.size, progress=not args.no_progress
@@ -633,7 +641,8 @@ def main(argv=None) -> int:
         default="known",
         choices=list(EXCLUDE),
         help="items left out of a user's list: known = every item the data holds for the user "
-        "(training, validation, test); train = the training items; none (default: %(default)s)",
+        "(training, validation, test; with a model trained with --min-rating, the items rated "
+        "below it too); train = the training items; none (default: %(default)s)",
     )
     p.add_argument(
         "--out",

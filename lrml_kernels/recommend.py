@@ -31,11 +31,15 @@ EXCLUDE = ("known", "train", "none")
 HEADER = ("user", "rank", "item", "distance")
 
 
-def exclusion_csr(split, exclude: str = "known") -> tuple[np.ndarray, np.ndarray] | None:
+def exclusion_csr(
+    split, exclude: str = "known", rated=None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """``(indptr [num_users+1], indices)`` of the items left out of each user's list, or None.
 
-    ``known``: every item the data holds for the user (training, validation and test items);
-    ``train``: the training items only (what the model was fitted on); ``none``: nothing.
+    ``known``: every item the data holds for the user (training, validation and test items,
+    and the pairs ``rated``: ``(users, items)`` int64 in the split's indices, e.g. from
+    :func:`rated_pairs`); ``train``: the training items only (what the model was fitted on);
+    ``none``: nothing.
     """
     if exclude not in EXCLUDE:
         raise ValueError(f"exclude must be one of {EXCLUDE}, got {exclude!r}")
@@ -48,8 +52,30 @@ def exclusion_csr(split, exclude: str = "known") -> tuple[np.ndarray, np.ndarray
     indptr, indices = split.known_csr()
     users = np.asarray(split.test_users, dtype=np.int64)
     items = np.asarray(split.test_items, dtype=np.int64)
-    new = ~csr_contains(indptr, indices, users, items)  # a test item may repeat a training row
-    return csr_insert(indptr, indices, users[new], items[new], split.num_items)
+    for more_users, more_items in [(users, items)] + ([rated] if rated is not None else []):
+        # (a test item may repeat a training row; rated pairs repeat every known one)
+        new = ~csr_contains(indptr, indices, more_users, more_items)
+        indptr, indices = csr_insert(
+            indptr, indices, more_users[new], more_items[new], split.num_items
+        )
+    return indptr, indices
+
+
+def rated_pairs(split, log) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of ``log`` (an :class:`~lrml_kernels.data.Interactions` of the same source,
+    e.g. every rating where ``split`` kept those ``>= min_rating``) whose user and item the split
+    has, as int64 ``(users, items)`` in the split's indices (matched by original id)."""
+    users = _index_of(split.train.user_ids, log.user_ids)[np.asarray(log.users, dtype=np.int64)]
+    items = _index_of(split.train.item_ids, log.item_ids)[np.asarray(log.items, dtype=np.int64)]
+    both = (users >= 0) & (items >= 0)
+    return users[both], items[both]
+
+
+def _index_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """int64: the index in ``ids`` (distinct, not empty) of each of ``wanted``, -1 where absent."""
+    order = np.argsort(ids, kind="stable")
+    index = order[np.searchsorted(ids, wanted, sorter=order).clip(max=ids.size - 1)]
+    return np.where(ids[index] == wanted, index, -1).astype(np.int64)
 
 
 def user_indices(split, ids: list[str] | None) -> np.ndarray:

@@ -201,3 +201,38 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(csv_run):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert err == "", err
+
+
+def test_known_leaves_out_what_a_user_rated_below_min_rating(tmp_path, capsys):
+    # min_rating drops the low ratings from the data, but the user has seen those items: their
+    # ids are read back from the source (the users' ids 100.., the items' 500.., every third)
+    rng = np.random.default_rng(1)
+    lines = ["user,item,rating,timestamp"]
+    low = {}
+    for u in range(30):
+        items = rng.choice(60, size=15, replace=False)
+        low[100 + u] = {str(500 + 3 * int(i)) for i in items[:5]}
+        for t, i in enumerate(items):
+            lines.append(f"{100 + u},{500 + 3 * int(i)},{2 if t < 5 else 5},{t}")
+    path = tmp_path / "ratings.csv"
+    path.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    argv = ["train", "--data", f"csv:{path}", "--min-rating", "4", "--epochs", "1", "--dim", "8"]
+    assert main(argv + ["--eval-negatives", "20", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    kept = data.load(f"csv:{path}", min_rating=4, num_negatives=0)
+    out = {}
+    for exclude in ("known", "train"):
+        out[exclude] = tmp_path / f"{exclude}.csv"
+        argv = ["recommend", str(run / "checkpoint.pt"), "--k", "100", "--exclude", exclude]
+        assert main(argv + ["--out", str(out[exclude]), "--no-progress"]) == 0
+    rows = {e: list(csv.DictReader(f.read_text().splitlines())) for e, f in out.items()}
+    item_id = kept.train.item_ids.astype(str)
+    test = {
+        str(kept.train.user_ids[u]): item_id[i]
+        for u, i in zip(kept.test_users.tolist(), kept.test_items.tolist(), strict=True)
+    }
+    for user, seen in low.items():
+        listed = {e: {r["item"] for r in rows[e] if r["user"] == str(user)} for e in rows}
+        assert seen & set(item_id) <= listed["train"] and seen & set(item_id)  # rankable
+        assert listed["known"] == listed["train"] - seen - {test[str(user)]}

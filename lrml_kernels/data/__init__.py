@@ -16,7 +16,7 @@ from lrml_kernels.data.readers import (
 )
 from lrml_kernels.data.sampling import csr_membership, popularity_cdf, sample_negatives
 from lrml_kernels.data.side_info import MovieLensSideInfo, read_movielens_side_info
-from lrml_kernels.data.sources import FORMS, SYNTHETIC, check_min_rating, load
+from lrml_kernels.data.sources import FORMS, SYNTHETIC, check_min_rating, load, read_source
 from lrml_kernels.data.split import (
     build_csr,
     carve_validation,
@@ -49,6 +49,7 @@ __all__ = [
     "read_ncf",
     "read_netflix",
     "read_netflix_mat",
+    "read_source",
     "sample_eval_negatives",
     "sample_negatives",
     "synthetic",

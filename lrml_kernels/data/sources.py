@@ -19,7 +19,7 @@ from lrml_kernels.data.readers import (
 from lrml_kernels.data.split import _leave_one_out, carve_validation
 from lrml_kernels.data.synthetic_data import synthetic
 
-__all__ = ["SYNTHETIC", "check_min_rating", "load"]
+__all__ = ["SYNTHETIC", "check_min_rating", "load", "read_source"]
 
 #: The built-in synthetic data sets: name -> (users, items, interactions).
 SYNTHETIC: dict[str, tuple[int, int, int]] = {
@@ -125,6 +125,30 @@ def load(
     return split
 
 
+def read_source(spec: str, *, min_rating: float | None = None, cache: bool = True):
+    """The log that :func:`load` splits, as read: an :class:`Interactions` of every row (or of
+    the ratings ``>= min_rating``) of a file source (``movielens:``, ``netflix:``,
+    ``netflix-mat:``, ``csv:``, ``citeulike:``)."""
+    min_rating = check_min_rating(spec, min_rating)
+    kind, sep, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not path or kind not in _READERS:
+        raise _usage(f"{spec!r} is not a file source with one log")
+    with plain_pages():
+        return _read(kind, Path(path).expanduser(), spec, min_rating, cache)
+
+
+def _read(kind: str, p: Path, spec: str, min_rating, cache):
+    if not p.exists():
+        raise _usage(f"{spec!r}: no such file or folder {p}")
+    reader = _READERS[kind]
+    if kind == "citeulike":
+        x = reader(p, cache=cache)
+    else:
+        x = reader(p, min_rating=min_rating, cache=cache)
+    x.name = spec if min_rating is None else f"{spec} (rating >= {min_rating:g})"
+    return x
+
+
 def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Split:
     if not isinstance(spec, str) or not spec:
         raise _usage(f"data set must be a non-empty string, got {spec!r}")
@@ -148,14 +172,7 @@ def _load(spec, min_rating, num_negatives, seed, cache, hash_ahead: bool) -> Spl
         if missing:
             raise _usage(f"{spec!r}: missing file(s) {', '.join(missing)}")
         return read_ncf(p, cache=cache)
-    if not p.exists():
-        raise _usage(f"{spec!r}: no such file or folder {p}")
-    reader = _READERS[kind]
-    if kind == "citeulike":
-        x = reader(p, cache=cache)
-    else:
-        x = reader(p, min_rating=min_rating, cache=cache)
-    x.name = spec if min_rating is None else f"{spec} (rating >= {min_rating:g})"
+    x = _read(kind, p, spec, min_rating, cache)
     # ``x`` is ours alone (the readers build fresh arrays, also from a cache): the split compacts
     # the training rows inside its arrays instead of copying the log (100M rows: 1.6 GB less)
     return _leave_one_out(x, num_negatives, seed, consume=True, hash_ahead=hash_ahead)
