@@ -584,7 +584,9 @@ def _load(checkpoint, data_spec, device, backend):
         raise ValueError(
             f"{spec!r} is not the data {checkpoint} was trained on (fingerprints differ)"
         )
-    side = lkdata.read_movielens_side_info(Path(spec.partition(":")[2]).expanduser(), split)
+    side = lkdata.read_movielens_side_info(
+        Path(spec.partition(":")[2]).expanduser(), split, ckpt["config"].get("min_rating")
+    )
     return model, ckpt, split, side
 
 
@@ -626,7 +628,7 @@ def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) ->
         "",
         f"Model `{info['checkpoint']}` ({info['model']}), data `{info['data']}` "
         f"({info['release']}: "
-        f"{info['pairs']:,} rated pairs, {info['held_out']:,} of them held out in training; "
+        f"{info['pairs']:,} rated pairs, {info['held_out']:,} of them not trained on; "
         f"{info['dates']}). "
         f"Probes: {info['seeds']} seeds x {info['folds']}-fold stratified cross-validation, up to "
         f"{info['max_pairs']:,} pairs drawn per seed. Time: {info['seconds']['total']:.0f} s "

@@ -149,6 +149,34 @@ def test_side_info_follows_the_training_ids(tmp_path):
     assert (side.genders[u], side.age_groups[u], side.occupations[u]) == (1, 1, 5)
 
 
+def test_side_info_of_a_model_trained_with_min_rating(tmp_path):
+    # 5 stars inside the user's cluster, 1 outside: min_rating 4 keeps the 5-star pairs, and
+    # items rated 1 star by every user who rated them are not in the split at all
+    write_movielens(tmp_path, planted=True, users=40, items=150)
+    with open(tmp_path / "ratings.dat", "a") as f:  # a user and an item with one 1-star rating
+        f.write(f"{user_id(0)}::{item_id(999)}::1::978300000\n{user_id(999)}::{item_id(0)}::1::0\n")
+    cfg = TrainConfig(data=f"movielens:{tmp_path}", min_rating=4, epochs=1, dim=8,
+                      memory_slots=4, eval="none", progress=False)  # fmt: skip
+    fit(cfg, tmp_path / "run")
+    _, _, split, side = explain._load(tmp_path / "run" / "checkpoint.pt", None, "cpu", None)
+    raw = np.array([ln.split("::") for ln in (tmp_path / "ratings.dat").read_text().split()])
+    raw = raw.astype(np.int64)
+    has = np.isin(raw[:, 0], split.train.user_ids) & np.isin(raw[:, 1], split.train.item_ids)
+    assert has.sum() == raw.shape[0] - 2
+    # every pair of the split's users and items, in file order, the 1-star ones not trained on
+    np.testing.assert_array_equal(split.train.user_ids[side.users], raw[has, 0])
+    np.testing.assert_array_equal(split.train.item_ids[side.items], raw[has, 1])
+    np.testing.assert_array_equal(side.ratings, raw[has, 2])
+    low = side.ratings < 4
+    pairs = side.users * split.num_items + side.items
+    test = np.isin(pairs, split.test_users.astype(np.int64) * split.num_items + split.test_items)
+    assert low.any() and test.sum() == split.test_users.size
+    np.testing.assert_array_equal(side.held_out, low | test)
+    # read as if every rating were a positive, the same file is not the model's data
+    with pytest.raises(ValueError, match="not the data this model was trained on"):
+        lkdata.read_movielens_side_info(tmp_path, split)
+
+
 def test_side_info_errors(tmp_path):
     write_movielens(tmp_path / "a", planted=True, users=20, items=150)
     split = lkdata.load(f"movielens:{tmp_path / 'a'}")

@@ -87,7 +87,8 @@ class MovieLensSideInfo:
         history_position: float64 in [0, 1]: the rating's rank among the user's timestamped
             ratings (by time, ties by file order) over their count less one; NaN where the
             rating has no timestamp or the user fewer than two timestamped ratings.
-        held_out: bool: the split's test (or validation) pair, not seen in training.
+        held_out: bool: a pair not seen in training: the split's test (or validation) pair,
+            or rated below the ``min_rating`` the split was made with.
     Items (``[num_items]``): titles, release_years (int64, -1 unknown), genres (bool
     ``[num_items, len(GENRES)]``). Users (``[num_users]``): genders (int8, 0 F, 1 M),
     age_groups (int8 index into :data:`AGE_GROUPS`), occupations (int16 index into
@@ -257,10 +258,14 @@ def _history_position(users: np.ndarray, timestamps: np.ndarray, num_users: int)
     return pos
 
 
-def read_movielens_side_info(path, split: Split) -> MovieLensSideInfo:
+def read_movielens_side_info(
+    path, split: Split, min_rating: float | None = None
+) -> MovieLensSideInfo:
     """The rated pairs and side information of the MovieLens data at ``path`` (a folder, or its
     ratings file with the side files next to it), in the indices of ``split``: the split
-    ``lrml_kernels.data.load(f"movielens:{path}")`` makes, which the model trained on.
+    ``lrml_kernels.data.load(f"movielens:{path}", min_rating=min_rating)`` makes, which the
+    model trained on. With ``min_rating``, the pairs rated below it are kept (as not trained on)
+    where the split has their user and item.
 
     Raises FileNotFoundError when the side files are missing and ValueError when the ratings or
     side files do not match the split (an id it does not know, a size that differs).
@@ -269,6 +274,18 @@ def read_movielens_side_info(path, split: Split) -> MovieLensSideInfo:
     release, items_file, users_file = _side_files(ratings_file.parent)
     U, I = split.num_users, split.num_items
     user_ids, item_ids = split.train.user_ids, split.train.item_ids
+    if min_rating is not None:
+        # the reader's order: the latest rating of a pair decides, then min_rating, and users
+        # or items left with no rating are not in the split
+        _, u = np.unique(cols["user_id"], return_inverse=True)
+        _, i = np.unique(cols["item_id"], return_inverse=True)
+        keep = _dedup_keep(
+            u, i, cols["timestamp"], int(u.max(initial=-1)) + 1, int(i.max(initial=-1)) + 1
+        )
+        if keep is not None:
+            cols = {k: v[keep] for k, v in cols.items()}
+        known = np.isin(cols["user_id"], user_ids) & np.isin(cols["item_id"], item_ids)
+        cols = {k: v[known] for k, v in cols.items()}
     users = _to_indices(cols["user_id"], user_ids, "user", ratings_file)
     items = _to_indices(cols["item_id"], item_ids, "item", ratings_file)
     timestamps = cols["timestamp"]
@@ -283,18 +300,20 @@ def read_movielens_side_info(path, split: Split) -> MovieLensSideInfo:
         )
     if ratings.size and (ratings.min() < 1 or ratings.max() > 5 or (ratings % 1).any()):
         raise ValueError(f"{ratings_file}: ratings must be whole stars 1..5")
+    below = np.zeros(ratings.shape, dtype=bool) if min_rating is None else ratings < min_rating
     n_split = len(split.train) + split.test_users.size
     n_split += 0 if split.valid_users is None else split.valid_users.size
-    if users.size != n_split:
+    if users.size - int(below.sum()) != n_split:
+        kept = "" if min_rating is None else f" rated >= {min_rating:g}"
         raise ValueError(
-            f"{ratings_file} has {users.size:,} distinct rated pairs, the model's data "
-            f"{n_split:,}: not the data this model was trained on"
+            f"{ratings_file} has {users.size - int(below.sum()):,} distinct rated pairs{kept}, "
+            f"the model's data {n_split:,}: not the data this model was trained on"
         )
     key = users * I + items
     held = [split.test_users.astype(np.int64) * I + split.test_items]
     if split.valid_users is not None:
         held.append(split.valid_users.astype(np.int64) * I + split.valid_items)
-    held_out = np.isin(key, np.concatenate(held))
+    held_out = np.isin(key, np.concatenate(held)) | below
 
     if release == "ML-1M":
         item_table, user_table = _ml1m_items(items_file), _ml1m_users(users_file)
