@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import sys
@@ -141,6 +142,21 @@ def _build_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning
+    (logged on import where nvcc is installed and no GPU is seen: on stderr of every command
+    that loads the cached library, and beside the point for the CPU library; the CUDA library
+    says itself why it cannot be built)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _jit_build(name: str) -> None:
     if os.environ.get("LRML_KERNELS_NO_JIT", "0") not in ("", "0"):
         raise BackendUnavailable(
@@ -149,8 +165,7 @@ def _jit_build(name: str) -> None:
     src = csrc_dir()
     if src is None:
         raise BackendUnavailable(f"{name} backend: the csrc/ sources are not installed")
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     if name == "cpu":
         sources = [str(src / s) for s in CPU_SOURCES]
         kwargs = dict(
