@@ -391,7 +391,7 @@ def _tune(args) -> int:
 
 
 def _checkpoint_and_data(args):
-    """``(model, split, ckpt)`` for ``evaluate`` and ``recommend``: the options (device,
+    """``(model, spec, split, ckpt)`` for ``evaluate`` and ``recommend``: the options (device,
     backend), then the checkpoint, are checked before any data is loaded."""
     from lrml_kernels.training import load_checkpoint_data, open_checkpoint
 
@@ -411,7 +411,7 @@ def _checkpoint_and_data(args):
     if split.fingerprint() != ckpt.get("data_fingerprint"):
         message = f"{spec!r} is not the data this checkpoint was trained on"
         warnings.warn(message, LRMLWarning, stacklevel=2)
-    return model, split, ckpt
+    return model, spec, split, ckpt
 
 
 def _evaluate(args) -> int:
@@ -419,7 +419,7 @@ def _evaluate(args) -> int:
     from lrml_kernels.precision import using_fp32_matmul_precision
 
     _set_threads(args.threads)
-    model, split, ckpt = _checkpoint_and_data(args)
+    model, _, split, ckpt = _checkpoint_and_data(args)
     # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
     with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
         for protocol in args.eval:
@@ -451,15 +451,13 @@ def _recommend(args) -> int:
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
     ids = None if args.users is None else _user_ids(args.users)
     _set_threads(args.threads)
-    model, split, ckpt = _checkpoint_and_data(args)
+    model, spec, split, ckpt = _checkpoint_and_data(args)
     users = recommend.user_indices(split, ids)
     rated = None
-    min_rating = ckpt["config"].get("min_rating")
-    if args.exclude == "known" and min_rating is not None:
+    if args.exclude == "known" and ckpt["config"].get("min_rating") is not None:
         # the items the user rated below it are known too (data.load dropped them)
         from lrml_kernels import data
 
-        spec = args.data or ckpt["config"]["data"]
         rated = recommend.rated_pairs(split, data.read_source(spec))
     exclude = recommend.exclusion_csr(split, args.exclude, rated)
     batches = recommend.recommend_users(model, users, args.k, exclude, batch_size=args.batch_size)

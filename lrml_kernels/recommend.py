@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lrml_kernels.checkpoints import atomic_write
+from lrml_kernels.data.interactions import index_of
 from lrml_kernels.metrics import _device_of, batch_csr
 
 EXCLUDE = ("known", "train", "none")
@@ -65,17 +66,10 @@ def rated_pairs(split, log) -> tuple[np.ndarray, np.ndarray]:
     """The pairs of ``log`` (an :class:`~lrml_kernels.data.Interactions` of the same source,
     e.g. every rating where ``split`` kept those ``>= min_rating``) whose user and item the split
     has, as int64 ``(users, items)`` in the split's indices (matched by original id)."""
-    users = _index_of(split.train.user_ids, log.user_ids)[np.asarray(log.users, dtype=np.int64)]
-    items = _index_of(split.train.item_ids, log.item_ids)[np.asarray(log.items, dtype=np.int64)]
+    users = index_of(split.train.user_ids, log.user_ids)[np.asarray(log.users, dtype=np.int64)]
+    items = index_of(split.train.item_ids, log.item_ids)[np.asarray(log.items, dtype=np.int64)]
     both = (users >= 0) & (items >= 0)
     return users[both], items[both]
-
-
-def _index_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """int64: the index in ``ids`` (distinct, not empty) of each of ``wanted``, -1 where absent."""
-    order = np.argsort(ids, kind="stable")
-    index = order[np.searchsorted(ids, wanted, sorter=order).clip(max=ids.size - 1)]
-    return np.where(ids[index] == wanted, index, -1).astype(np.int64)
 
 
 def user_indices(split, ids: list[str] | None) -> np.ndarray:

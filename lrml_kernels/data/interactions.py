@@ -57,6 +57,17 @@ def _as_index_array(name: str, a, *, compact: bool = True) -> np.ndarray:
     return a
 
 
+def index_of(ids: np.ndarray, wanted) -> np.ndarray:
+    """int64: the index in ``ids`` (ascending, as the readers re-index: an
+    :class:`Interactions`' ``user_ids`` / ``item_ids``) of each original id of ``wanted``, -1
+    where ``ids`` does not hold it."""
+    wanted = np.asarray(wanted)
+    if ids.size == 0:
+        return np.full(wanted.shape, -1, dtype=np.int64)
+    idx = np.searchsorted(ids, wanted).clip(max=ids.size - 1)
+    return np.where(ids[idx] == wanted, idx, -1).astype(np.int64)
+
+
 def _check_range(name: str, a: np.ndarray, n: int) -> None:
     if a.size and (int(a.min()) < 0 or int(a.max()) >= n):
         raise ValueError(f"{name} must lie in [0, {n}), got [{int(a.min())}, {int(a.max())}]")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrml_kernels.data.interactions import MISSING_TIMESTAMP, DataFormatError, Split
+from lrml_kernels.data.interactions import MISSING_TIMESTAMP, DataFormatError, Split, index_of
 from lrml_kernels.data.readers import _dedup_keep, read_movielens_ratings
 
 __all__ = ["AGE_GROUPS", "GENRES", "MovieLensSideInfo", "read_movielens_side_info"]
@@ -231,19 +231,6 @@ def _lookup(table: dict, ids: np.ndarray, what: str, path: Path) -> list:
     return [table[int(i)] for i in ids]
 
 
-def _to_indices(raw: np.ndarray, ids: np.ndarray, what: str, path: Path) -> np.ndarray:
-    """Original ids -> the split's indices (``ids`` ascending, as the readers make them)."""
-    idx = np.minimum(np.searchsorted(ids, raw), max(ids.size - 1, 0))
-    bad = ids.size == 0 or not np.array_equal(ids[idx], raw)
-    if bad:
-        first = raw[np.flatnonzero(ids[idx] != raw)[0]] if ids.size else raw[0]
-        raise ValueError(
-            f"{path} rates {what} id {int(first)}, which the model's data does not have: "
-            "not the data this model was trained on"
-        )
-    return idx.astype(np.int64)
-
-
 def _history_position(users: np.ndarray, timestamps: np.ndarray, num_users: int) -> np.ndarray:
     """Each timestamped row's rank in its user's timestamped rows over their count less one."""
     pos = np.full(users.size, np.nan)
@@ -274,20 +261,21 @@ def read_movielens_side_info(
     release, items_file, users_file = _side_files(ratings_file.parent)
     U, I = split.num_users, split.num_items
     user_ids, item_ids = split.train.user_ids, split.train.item_ids
-    if min_rating is not None:
-        # the reader's order: the latest rating of a pair decides, then min_rating, and users
-        # or items left with no rating are not in the split
-        _, u = np.unique(cols["user_id"], return_inverse=True)
-        _, i = np.unique(cols["item_id"], return_inverse=True)
-        keep = _dedup_keep(
-            u, i, cols["timestamp"], int(u.max(initial=-1)) + 1, int(i.max(initial=-1)) + 1
-        )
-        if keep is not None:
-            cols = {k: v[keep] for k, v in cols.items()}
-        known = np.isin(cols["user_id"], user_ids) & np.isin(cols["item_id"], item_ids)
+    users = index_of(user_ids, cols["user_id"])
+    items = index_of(item_ids, cols["item_id"])
+    known = (users >= 0) & (items >= 0)
+    if not known.all():
+        if min_rating is None:
+            r = int(np.flatnonzero(~known)[0])
+            what = "user" if users[r] < 0 else "item"
+            raise ValueError(
+                f"{ratings_file} rates {what} id {int(cols[what + '_id'][r])}, which the model's "
+                "data does not have: not the data this model was trained on"
+            )
+        # users or items whose every rating is below min_rating are not in the split (a pair's
+        # rows go together: the de-duplication below sees the same pairs either way)
+        users, items = users[known], items[known]
         cols = {k: v[known] for k, v in cols.items()}
-    users = _to_indices(cols["user_id"], user_ids, "user", ratings_file)
-    items = _to_indices(cols["item_id"], item_ids, "item", ratings_file)
     timestamps = cols["timestamp"]
     keep = _dedup_keep(users, items, timestamps, U, I)  # the reader's rule: the latest rating
     ratings = cols["rating"]
