@@ -20,7 +20,9 @@ from lrml_kernels.training import CHECKPOINT, TrainConfig, TrainingInterrupted
 DEFAULT_OUT = "runs/latest"  # lrml train's output folder when --out is not given
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, *, tune: bool = False) -> None:
+    """The options ``lrml train`` and ``lrml tune`` share; ``tune``: the latter's (its trials
+    always select on validation, so they evaluate every time and ``none`` is no protocol)."""
     d = TrainConfig()
     a = p.add_argument
     a(
@@ -93,7 +95,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a(
         "--eval",
         default=d.eval,
-        choices=["sampled", "full", "none"],
+        choices=["sampled", "full"] if tune else ["sampled", "full", "none"],
         help="evaluation protocol (default: %(default)s)",
     )
     a("--eval-k", type=int, default=d.eval_k, help="k of HR@k / nDCG@k (default: %(default)s)")
@@ -162,8 +164,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--patience",
         type=int,
         default=d.patience,
-        help="with --select-on valid: stop after this many evaluations without a better "
-        "validation nDCG@k; 0: no early stopping (default: 0, clears a --config file's)",
+        help=("a trial stops" if tune else "with --select-on valid: stop")
+        + " after this many evaluations without a better validation nDCG@k; 0: no early "
+        "stopping (default: 0, clears a --config file's)",
     )
     a(
         "--config",
@@ -578,7 +581,7 @@ def main(argv=None) -> int:
         "tune",
         help="search hyperparameters on the validation split (Optuna); never reads the test items",
     )
-    _add_train_args(p)
+    _add_train_args(p, tune=True)
     a = p.add_argument
     a("--trials", type=int, default=50, help="the study's total trials (default: %(default)s)")
     a("--timeout", type=float, default=None, help="stop starting trials after SECONDS")

@@ -227,3 +227,13 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"lrml_kernels {lrml_kernels.__version__}"
+
+
+def test_tune_offers_only_the_protocols_its_trials_can_select_on(capsys):
+    # a trial always selects on validation: --eval none is not among tune's choices
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--eval", "none"])
+    assert exit_.value.code == 2
+    assert "argument --eval: invalid choice: 'none'" in capsys.readouterr().err
+    assert main(["train", "--eval", "none", "--data", "no:such"]) == 2  # train still takes it
+    assert "--eval" not in capsys.readouterr().err
