@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _gpu import require_gpu_backend
 from _tolerance import assert_relations_match, check_backend, reference_with_bounds, tf32_dots
 
 import lrml_kernels as lk
@@ -55,14 +56,6 @@ CASES = [
 ]
 
 
-def require(backend: str) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    why = lk.backends.why_unavailable(backend, "cuda")
-    if why is not None:
-        pytest.fail(f"the {backend} backend is unavailable on this GPU: {why}")
-
-
 def make(d, N, B, C, dtype, scale, seed=0):
     g = torch.Generator().manual_seed(seed)
     U, I = max(1, B // 3), max(2, (B * C) // 4)  # small tables: indices repeat
@@ -77,7 +70,7 @@ def make(d, N, B, C, dtype, scale, seed=0):
 
 @pytest.mark.parametrize(("backend", "distance", "relation", "prec"), CASES)
 def test_kernel_variant_gpu(backend, distance, relation, prec):
-    require(backend)
+    require_gpu_backend(backend)
     dtype, tf32, shape, scale = PRECISIONS[prec]
     shape = CORNERS.get((prec, distance, relation), shape)
     params, users, items = make(*shape, dtype, scale)
@@ -100,7 +93,7 @@ def test_wide_tensor_core_blocks_gpu(relation, prec):
     # (distance_kernels.block_config: 8 warps, warpgroup MMA): one partial block at the end.
     from lrml_kernels.triton import distance_kernels as TD
 
-    require("triton")
+    require_gpu_backend("triton")
     dtype, tf32, (d, N, _, _), scale = PRECISIONS[prec]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     B = TD.WIDE_BLOCK_B * sms + 37
@@ -125,7 +118,7 @@ def test_cuda_backend_large_shapes_gpu(d, N):
     # N = 20 keys, memory and scratch need more than the default 48 KB (the opt-in attribute);
     # at d = 300, N = 100 keys and memory (234 KB) exceed a block's shared memory and are read
     # from global memory. The shapes above take neither.
-    require("cuda")
+    require_gpu_backend("cuda")
     params, users, items = make(d, N, 33, 3, torch.float32, 0.3)
     for relation in RELATIONS:
         check_backend(
@@ -145,7 +138,7 @@ TOPK_CASES = [
 @pytest.mark.parametrize(("backend", "distance", "dtype"), TOPK_CASES)
 def test_topk_variant_gpu(backend, distance, dtype):
     # d = 37, N = 7, 613 items, 21 users, k = 10, a third of the items excluded per user.
-    require(backend)
+    require_gpu_backend(backend)
     params, users, _ = make(37, 7, 21, 1, dtype, 0.6, seed=5)
     params[1] = torch.randn(613, 37, generator=torch.Generator().manual_seed(6)).mul(0.6)
     params[1] = params[1].to(dtype).cuda()
@@ -214,7 +207,7 @@ def run_fused_trainer(backend, relation, device, steps=5):
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_trainer_gpu(backend, relation):
-    require(backend)
+    require_gpu_backend(backend)
     fused, ref, worst = run_fused_trainer(backend, relation, "cuda")
     assert worst < 1e-5, worst
     for (name, a), b in zip(fused.named_parameters(), ref.parameters(), strict=True):
@@ -227,7 +220,7 @@ def test_relations_gpu(backend, prec):
     # a [B, N] and r [B, d] of B pairs against the float64 reference, B = 1 and 1023.
     if backend == "cuda" and prec == "tf32":
         pytest.skip("the CUDA kernels have no TF32 path")
-    require(backend)
+    require_gpu_backend(backend)
     dtype, tf32, _, scale = PRECISIONS[prec]
     with using_fp32_matmul_precision("high" if tf32 else "highest"):
         for B in (1, 1023):

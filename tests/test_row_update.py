@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from _gpu import require_gpu_backend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lrml_kernels as lk
@@ -169,8 +170,7 @@ def test_sort_ids_is_torch_sort_stable(n, rows, bits):
 )
 def test_gpu_sort_ids_is_torch_sort_stable(n, rows, bits):
     """The compiled kernel (its barrier between the chunks' sorts and the merge) on a GPU."""
-    if backends.why_unavailable("triton", "cuda") is not None:
-        pytest.skip(backends.why_unavailable("triton", "cuda"))
+    require_gpu_backend("triton")
     _check_sort_ids(n, rows, bits, "cuda")
 
 
@@ -352,8 +352,7 @@ def test_triton_training_step_has_no_host_sync(no_sync):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_gpu_step_runs_under_sync_debug_mode_error(backend, optimizer):
-    if backends.why_unavailable(backend, "cuda") is not None:
-        pytest.skip(backends.why_unavailable(backend, "cuda"))
+    require_gpu_backend(backend)
     torch.manual_seed(0)
     m = lk.LRML(300, 250, dim=100, memory_slots=20, backend=backend).cuda()
     trainer = LRMLTrainer(m, optimizer)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _gpu import require_gpu_backend
 
 import lrml_kernels as lk
 from lrml_kernels.backends import why_unavailable
@@ -120,8 +121,7 @@ def test_bf16_updates_are_rounded_stochastically_without_bias(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_bf16_updates_are_rounded_stochastically_without_bias_gpu(backend):
     # the Triton row update's Philox bits (the trainer's update of CUDA tables, any backend)
-    if why_unavailable(backend, "cuda") is not None:
-        pytest.skip(why_unavailable(backend, "cuda"))
+    require_gpu_backend(backend)
     check_bf16_steps_keep_the_fp32_update_on_average(backend, "cuda")
 
 
@@ -298,8 +298,7 @@ def test_cuda_graph_step_matches_the_eager_step(name, backend):
     """cuda_graph=True against the eager trainer: 5 steps of new batches under an lr schedule
     (the first captures, the rest replay under sync debug mode "error"), then a new batch shape
     (a second graph) and the first shape again (a replay)."""
-    if why_unavailable(backend, "cuda") is not None:
-        pytest.skip(why_unavailable(backend, "cuda"))
+    require_gpu_backend(backend)
     torch.manual_seed(0)
     graphed_model = lk.LRML(300, 250, dim=100, memory_slots=20, backend=backend).cuda()
     eager_model = copy.deepcopy(graphed_model)
