@@ -5,8 +5,9 @@
 Most GPU tests have never run on a GPU when they are written, and a GPU is lent for minutes. The
 rehearsal runs them here so that what fails on the GPU is the GPU's doing, not the test's:
 
-- ``torch.cuda`` answers as one H200 would (available, 132 SMs, events timed on the host;
-  synchronisation and the sync debug mode do nothing);
+- ``torch.cuda`` answers as one H200 would (available, 132 SMs, events and
+  ``triton.testing.do_bench`` timed on the host; synchronisation and the sync debug mode do
+  nothing);
 - every ``"cuda"`` device (``device=``, ``.cuda()``, ``.to("cuda")``, a CUDA generator) is the
   CPU, and Triton runs through its interpreter;
 - with ``LRML_REHEARSE_CUDA_AS_CPU=1`` the cuda backend is the C++ CPU library (the same ops);
@@ -251,6 +252,17 @@ FAKE_CUDA = {
 }
 
 
+def _do_bench_on_the_host(fn, warmup=25, rep=100, return_mode="mean", **_):
+    """``triton.testing.do_bench`` (CUDA events through the driver) timed on the host instead."""
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
 def _cuda_backend_as_cpu():
     from lrml_kernels import backends, extension
 
@@ -266,6 +278,10 @@ def pytest_configure(config):
         setattr(torch.cuda, name, fake)
     torch.Generator = _Generator
     torch.testing.assert_close = _device_checked_assert_close
+    with contextlib.suppress(ImportError):
+        import triton.testing
+
+        triton.testing.do_bench = _do_bench_on_the_host
     if os.environ.get("LRML_REHEARSE_CUDA_AS_CPU"):
         _cuda_backend_as_cpu()
     CudaOnTheCpu().__enter__()  # for the whole session
