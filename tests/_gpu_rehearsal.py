@@ -206,7 +206,15 @@ class _Stream:
 _generator = torch.Generator
 
 
-class _Generator:
+class _IsAGenerator(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _generator)  # isinstance(g, torch.Generator) as before
+
+
+class _Generator(metaclass=_IsAGenerator):
+    """``torch.Generator(device)`` on the CPU for a CUDA device; still a ``torch.Generator`` to
+    ``isinstance`` (the checkpoints' state dicts test for it)."""
+
     def __new__(cls, device="cpu"):
         return _generator(device=_on_cpu(device) if _is_cuda(device) else device)
 

@@ -35,6 +35,7 @@ def test_what_cuda_allows():
     z = torch.empty_like(x).copy_(torch.randn(4, 3))  # copies move between devices
     torch.testing.assert_close(y.cpu(), y.detach().cpu().clone())
     assert torch.cuda.is_available() and x[torch.tensor([0, 2])].shape == (2, 3)
+    assert isinstance(torch.Generator("cuda"), torch.Generator)
     assert z.numel() == 12 and isinstance(y.sum().item(), float)
 """
 
