@@ -825,10 +825,7 @@ def compile_one(job: dict) -> dict:
     """Compile one specialised launch and read its resource usage (cached by PTX hash)."""
     import triton
 
-    module = importlib.import_module(job["module"])
-    fn = getattr(module, job["name"])
-    while not hasattr(fn, "params"):  # an autotuner or heuristics wrapper
-        fn = fn.fn
+    fn = _jit_function(job["module"], job["name"])
     t0 = time.perf_counter()
     src = ast_source(fn, job["signature"], job["constexprs"], job["attrs"])
     log = io.StringIO()  # Triton's own ptxas -v log, printed when it compiles (not when cached)
@@ -942,29 +939,36 @@ def _finish(row: dict) -> dict:
     return row
 
 
+def compile_job(fn, args: list, kwargs: dict) -> tuple[str, dict, dict]:
+    """``(key, job, constexprs by name)`` of one launch: the job :func:`compile_one` compiles,
+    and a key that is equal for launches Triton would compile once."""
+    signature, constexprs, attrs, options = specialize(fn, args, kwargs)
+    names = [p.name for p in fn.params]
+    named = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+    named = {k: v for k, v in named.items() if fn.params[names.index(k)].is_constexpr}
+    opts = dict(options.__dict__)
+    job = {
+        "module": fn.fn.__module__,
+        "name": fn.fn.__name__,
+        "signature": signature,
+        "constexprs": constexprs,
+        "attrs": attrs,
+        "options": opts,
+        "ptxas_flags": _ptxas_flags(options),
+    }
+    key = hashlib.sha256(
+        repr((job["module"], job["name"], signature, sorted(constexprs.items()), attrs,
+              sorted(opts.items()))).encode()
+    ).hexdigest()  # fmt: skip
+    return key, job, named
+
+
 def plan(case: Case) -> list[dict]:
     """The distinct launches of one case: compile job, key, grid, constexprs and how many times
     the call launches it (top-k launches one kernel per user chunk)."""
     out: dict[tuple, dict] = {}
     for fn, args, kwargs, grid in record_launches(case):
-        signature, constexprs, attrs, options = specialize(fn, args, kwargs)
-        names = [p.name for p in fn.params]
-        named = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
-        named = {k: v for k, v in named.items() if fn.params[names.index(k)].is_constexpr}
-        opts = dict(options.__dict__)
-        job = {
-            "module": fn.fn.__module__,
-            "name": fn.fn.__name__,
-            "signature": signature,
-            "constexprs": constexprs,
-            "attrs": attrs,
-            "options": opts,
-            "ptxas_flags": _ptxas_flags(options),
-        }
-        key = hashlib.sha256(
-            repr((job["module"], job["name"], signature, sorted(constexprs.items()), attrs,
-                  sorted(opts.items()))).encode()
-        ).hexdigest()  # fmt: skip
+        key, job, named = compile_job(fn, args, kwargs)
         entry = out.get((key, grid))
         if entry is None:
             out[(key, grid)] = {
@@ -1037,6 +1041,98 @@ def triton_rows(
         }
         rows.append(_finish(row))
     return rows
+
+
+def _jit_function(module: str, name: str):
+    fn = getattr(importlib.import_module(module), name)
+    while not hasattr(fn, "params"):  # an autotuner or heuristics wrapper
+        fn = fn.fn
+    return fn
+
+
+def _recorded(arg):
+    """A recorded launch argument (``tests/_gpu_rehearsal.py``, ``_describe``) as
+    :func:`specialize` takes it."""
+    if isinstance(arg, dict):
+        return TensorArg(arg["tensor"], arg["aligned"])
+    return arg
+
+
+def launch_rows(path: str, jobs: int | None = None, progress=None) -> list[dict]:
+    """One row per distinct compiled kernel among the launches recorded in ``path`` (JSON
+    lines: test, module, name, args, kwargs, grid), each compiled for sm_90: the Triton
+    launches the GPU tests make, recorded by the rehearsal (``LRML_REHEARSE_RECORD``)."""
+    if _interpreting():
+        raise RuntimeError("set TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    lines = Path(path).read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    plans: dict[str, dict] = {}
+    for rec in records:
+        fn = _jit_function(rec["module"], rec["name"])
+        args = [_recorded(a) for a in rec["args"]]
+        kwargs = {k: _recorded(v) for k, v in rec["kwargs"].items()}
+        key, job, named = compile_job(fn, args, kwargs)
+        entry = plans.setdefault(key, {"job": job, "constexprs": named, "tests": {}, "launches": 0})
+        entry["launches"] += 1
+        entry["tests"][rec["test"]] = None
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    if __name__ not in ("__main__", "__mp_main__", "kernel_report"):
+        jobs = 1  # loaded under another name: spawned workers could not import this module
+    t0 = time.perf_counter()
+    rows = []
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=get_context("spawn")))
+            mapper = pool.map
+        if progress:
+            progress(0, len(plans), 0.0, f"{len(records)} launches recorded")
+        jobs_ = [p["job"] for p in plans.values()]
+        for n, (p, res) in enumerate(zip(plans.values(), mapper(compile_one, jobs_), strict=True)):
+            if progress:
+                progress(n + 1, len(plans), time.perf_counter() - t0, res["kernel"])
+            blocks, flags = _blocks_and_flags(p["constexprs"])
+            row = {"source": "triton", **res, "blocks": blocks, "flags": flags,
+                   "launches": p["launches"], "tests": list(p["tests"])}  # fmt: skip
+            rows.append(_finish(row))
+    return rows
+
+
+LAUNCH_COLUMNS = (
+    "kernel", "blocks", "flags", "warps", "regs", "stack B", "spill st/ld B", "smem",
+    "blocks/SM", "TC", "compile s", "launches", "tests",
+)  # fmt: skip
+
+
+def launches_markdown(rows: list[dict], title: str = "") -> str:
+    """The table of :func:`launch_rows`: one row per distinct compiled kernel."""
+    lines = [f"## {title}", ""] if title else []
+    lines += [*summary(rows), ""]
+    lines += ["| " + " | ".join(LAUNCH_COLUMNS) + " |", "|" + "---|" * len(LAUNCH_COLUMNS)]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["blocks"], r["flags"])):
+        spills = f"{r['spill_stores']:,} / {r['spill_loads']:,}"
+        tests = sorted({t.split("::")[0].removeprefix("tests/") for t in r["tests"]})
+        lines.append("| " + " | ".join([
+            r["kernel"].removeprefix("_lrml_"), r["blocks"], r["flags"] or "—",
+            str(r["num_warps"]), str(r["registers"]), f"{r['stack']:,}",
+            f"**{spills}**" if r["spills"] else spills, _kb(r["shared"]),
+            str(r["blocks_per_sm"]), ",".join(r["tensor_cores"]) or "no",
+            f"{r['compile_s']:.1f}", str(r["launches"]),
+            f"{len(r['tests'])} ({', '.join(tests)})",
+        ]) + " |")  # fmt: skip
+    total = sum(r["compile_s"] for r in rows)
+    lines += [
+        "",
+        f"- {len(rows)} distinct compiled kernels, {sum(r['launches'] for r in rows)} launches; "
+        f"{sum(r['spills'] for r in rows)} spill; {total:.0f} s of compiling in all.",
+        "- compile s: triton.compile to a cubin (TTIR to ptxas) on this machine, what a fresh "
+        "GPU machine pays once per kernel where Triton's cache (TRITON_CACHE_DIR) started "
+        "empty; tests: how many tests launch it (their files).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1303,6 +1399,12 @@ def markdown(rows: list[dict], title: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--subset", choices=SUBSETS, default="full")
+    ap.add_argument(
+        "--launches",
+        metavar="JSONL",
+        help="compile the launches recorded in this file instead of a subset (the GPU tests' "
+        "launches: LRML_REHEARSE_RECORD of tests/_gpu_rehearsal.py)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     ap.add_argument("--fail-on-spills", action="store_true", help="exit 1 if any row spills")
@@ -1319,8 +1421,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"kernel_report: {secs:5.0f} s compiled {done}/{total} {what}", file=sys.stderr)
 
-    rows = collect(args.subset, args.jobs, not args.no_cuda, progress, args.all_distances)
     import triton
+
+    if args.launches:
+        rows = launch_rows(args.launches, args.jobs, progress)
+        title = f"Static GPU report of the recorded launches {args.launches} (sm_90, no GPU), "
+        table = launches_markdown(rows, title + f"triton {triton.__version__}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        if not args.quiet:
+            print(table)
+        return 1 if args.fail_on_spills and any(r["spills"] for r in rows) else 0
+    rows = collect(args.subset, args.jobs, not args.no_cuda, progress, args.all_distances)
 
     info = {
         "subset": args.subset,

@@ -16,6 +16,12 @@ rehearsal runs them here so that what fails on the GPU is the GPU's doing, not t
   ``.numpy()`` of a CUDA tensor too), so a reference built on the CPU and compared with a GPU
   result (the first H200 run's ``test_triton_bf16_large_norms_gpu``) fails here.
 
+With ``LRML_REHEARSE_RECORD=FILE`` the Triton launchers take the GPU's launch shapes instead of
+the interpreter's (and no longer refuse bfloat16 tables: the kernels only load, convert and
+store bf16, which the interpreter does), and every launch is recorded in ``FILE`` for
+``benchmarks/kernel_report.py --launches FILE``, which compiles each distinct kernel for sm_90
+(:func:`_record_launches`; its largest launches are recorded, not run).
+
 What cannot rehearse and fails for that reason alone: bfloat16 in the interpreter, the
 interpreter's block shapes (``block_config``), ``device.type == "cuda"`` asserts, CUDA graphs,
 and the cuda backend's unchecked-index clamping (the CPU library checks). Everything else must
@@ -25,6 +31,7 @@ pass. Numerics, speed and the compiled kernels are the GPU's to check.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import types
@@ -281,6 +288,66 @@ def _cuda_backend_as_cpu():
     )
 
 
+RECORD_RUN_MAX_PROGRAMS, RECORD_RUN_MAX_ROWS = 1024, 8192
+
+
+def _describe(arg):
+    """A launch argument as JSON: a tensor by its dtype and 16-byte alignment (all that Triton
+    specialises a pointer on), a number or string as itself."""
+    if isinstance(arg, torch.Tensor):
+        offset = arg.storage_offset() * arg.element_size()
+        return {"tensor": str(arg.dtype).removeprefix("torch."), "aligned": offset % 16 == 0}
+    if arg is None or isinstance(arg, bool | int | float | str):
+        return arg
+    raise TypeError(f"rehearsal: cannot record a launch argument of type {type(arg).__name__}")
+
+
+def _record_launches(path: str) -> None:
+    """Every Triton launch on tensors not known to be on the CPU takes the GPU's launch shapes
+    (block sizes, warps, register caps: the launchers' ``_interpreted`` answers as on the GPU;
+    a tensor made inside a custom op is not known), runs through the interpreter, and is
+    appended to ``path`` as one JSON line: the test, the kernel, its arguments
+    (:func:`_describe`), its launch options and grid. ``benchmarks/kernel_report.py
+    --launches path`` compiles each distinct one for sm_90. A launch of more than
+    ``RECORD_RUN_MAX_PROGRAMS`` programs, or over a batch of more than ``RECORD_RUN_MAX_ROWS``
+    rows (its argument ``B``), is recorded and not run (the GPU's 16-row blocks make thousands
+    of interpreted programs), so the test may fail after it: the record is the point."""
+    import json
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from lrml_kernels.triton import distance_kernels, sampling_kernels, topk_kernels
+
+    def interpreted(t: torch.Tensor) -> bool:
+        return DEVICES.of(t) == "cpu"
+
+    for module in (distance_kernels, sampling_kernels, topk_kernels):
+        module._interpreted = interpreted
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
+        shape = grid(bound) if callable(grid) else grid
+        record = {
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
+            "module": self.fn.__module__,
+            "name": self.fn.__name__,
+            "args": [_describe(a) for a in args],
+            "kwargs": {k: _describe(v) for k, v in kwargs.items()},
+            "grid": [int(g) for g in shape],
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if (
+            math.prod(record["grid"]) > RECORD_RUN_MAX_PROGRAMS
+            or bound.get("B", 0) > RECORD_RUN_MAX_ROWS
+        ):
+            return None  # recorded, not run: the test's later checks may fail
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+
+
 def pytest_configure(config):
     for name, fake in FAKE_CUDA.items():
         setattr(torch.cuda, name, fake)
@@ -292,4 +359,6 @@ def pytest_configure(config):
         triton.testing.do_bench = _do_bench_on_the_host
     if os.environ.get("LRML_REHEARSE_CUDA_AS_CPU"):
         _cuda_backend_as_cpu()
+    if os.environ.get("LRML_REHEARSE_RECORD"):
+        _record_launches(os.environ["LRML_REHEARSE_RECORD"])
     CudaOnTheCpu().__enter__()  # for the whole session

@@ -244,7 +244,7 @@ def test_screened_user_chunks(monkeypatch):
 def test_screen_with_the_gpu_tile_shapes(monkeypatch, distance):
     # The GPU launch's tiles (16 users a program, 32-item tiles) through the interpreter: a
     # partial last user block, a partial last item tile, exclusions, several tiles a program.
-    gpu = TK.screen_config(7, 37, 10, torch.device("cuda"))
+    gpu = TK.screen_config(7, 37, 10, interpreted=False)
     assert (gpu["BLOCK_U"], gpu["BLOCK_I"]) == (16, 32)
     shapes = {"BLOCK_U": gpu["BLOCK_U"], "BLOCK_I": gpu["BLOCK_I"]}
     config = TK.screen_config

@@ -341,7 +341,7 @@ def screen_precision() -> int:
     return SCREEN_BF16 if fp32_matmul_precision() == "medium" else SCREEN_TF32
 
 
-def screen_config(N: int, d: int, k: int, device: torch.device) -> dict:
+def screen_config(N: int, d: int, k: int, interpreted: bool) -> dict:
     """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
 
     ``BLOCK_N = next_pow2(N + 1)`` leaves the spare ones column for ``p·q``. A program owns
@@ -368,12 +368,12 @@ def screen_config(N: int, d: int, k: int, device: torch.device) -> dict:
     screen = screen_precision()
     cfg = {
         "SCREEN": screen,
-        "CAST_BF16": screen == SCREEN_BF16 and device.type == "cuda",
+        "CAST_BF16": screen == SCREEN_BF16 and not interpreted,
         "BLOCK_N": max(16, triton.next_power_of_2(N + 1)),
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
         "KC": candidates_for(k),
     }
-    if device.type != "cuda":
+    if interpreted:
         return {**cfg, "BLOCK_U": 16, "BLOCK_I": 128}
     return {**cfg, "BLOCK_U": 16, "BLOCK_I": 32, "num_warps": 2, "num_stages": 1, "maxnreg": 255}
 
@@ -401,7 +401,7 @@ def direct_fits(N: int, d: int, dtype: torch.dtype) -> bool:
     295 KB against 360 KB, over the 227 KB a program may have). Larger shapes take the pair
     forward kernels, which are chunked over d and N.
     """
-    cfg = direct_config(1, 1, N, d, torch.device("cuda"))
+    cfg = direct_config(1, 1, N, d, interpreted=False)
     bi, bn, bd = cfg["BLOCK_I"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     size = 8 if dtype == torch.float64 else 4
     return size * (bi * bd + 2 * bn * bd + bi * bn) <= 160 * 1024
@@ -410,10 +410,10 @@ def direct_fits(N: int, d: int, dtype: torch.dtype) -> bool:
 MAX_GRID_AXIS1 = 65_535  # programs along a CUDA grid's y axis
 
 
-def direct_config(n: int, I: int, N: int, d: int, device: torch.device) -> dict:
+def direct_config(n: int, I: int, N: int, d: int, interpreted: bool) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, triton.next_power_of_2(N))
-    if device.type != "cuda":  # interpreter: few, large programs
+    if interpreted:  # few, large programs
         return {
             "BLOCK_U": max(1, min(n, 64)),
             "BLOCK_I": min(1024, max(16, triton.next_power_of_2(I))),
@@ -484,7 +484,7 @@ def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, ep
     B, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
     dev = user_emb.device
-    cfg = screen_config(N, d, k, dev)
+    cfg = screen_config(N, d, k, _interpreted(user_emb))
     bn = cfg["BLOCK_N"]
     Pd = user_emb[users.clamp(0, user_emb.shape[0] - 1)].double()
     Qd, Kd, Md = item_emb.double(), keys.double(), memory.double()
@@ -547,7 +547,11 @@ def chunk_distances(user_emb, item_emb, keys, memory, users, distance, eps) -> t
     """
     n, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
-    cfg = direct_config(n, I, N, d, user_emb.device) if direct_fits(N, d, user_emb.dtype) else None
+    cfg = (
+        direct_config(n, I, N, d, _interpreted(user_emb))
+        if direct_fits(N, d, user_emb.dtype)
+        else None
+    )
     if cfg is None or triton.cdiv(I, cfg["BLOCK_I"]) > MAX_GRID_AXIS1:
         ids = torch.arange(I, device=users.device).expand(n, I)
         return rescore_launch(user_emb, item_emb, keys, memory, users, ids, distance, eps)
