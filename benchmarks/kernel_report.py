@@ -841,7 +841,9 @@ def compile_one(job: dict) -> dict:
         usage = json.loads(cached.read_text())
     else:
         usage = _usage(kernel, ptx, md, job["ptxas_flags"], log.getvalue())
-        cached.write_text(json.dumps(usage))
+        part = cached.with_suffix(f".{os.getpid()}.part")  # (another worker may read it now)
+        part.write_text(json.dumps(usage))
+        part.replace(cached)
     return {
         **usage,
         "kernel": md.name,

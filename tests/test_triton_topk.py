@@ -192,11 +192,6 @@ def test_matches_reference_topk_on_random_data():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bf16_screen(monkeypatch):
-    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", TK.SCREEN_BF16)
-
-
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_screened_odd_shapes(distance, dtype):
@@ -270,12 +265,10 @@ def test_screened_few_hundred_users():
 
 @pytest.mark.parametrize("scale", [0.05, 0.3, 1.5])
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
-def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen, scale):
+def test_screen_lower_bounds_hold_and_are_tight(distance, scale):
     # KC >= I: every item is a candidate, so the kernel reports a lower bound for each. Scales
     # from near-uniform to saturated attention; items 0-5 sit next to users 0-5 (small residuals,
     # where the rewrite cancels).
-    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
     I = 100
     params, _ = make(12, I, 7, 37, 6, torch.float32, seed=15, scale=scale)
     users = torch.arange(6, device=DEVICE)
@@ -291,7 +284,7 @@ def test_screen_lower_bounds_hold_and_are_tight(monkeypatch, distance, screen, s
     if scale > 1:
         return  # ‖p‖ ≈ 9 and peaked attention: valid, but (by design) loose
     # Not vacuous: the bound is within a few screening units of the exact value.
-    unit = TK.SCREEN_UNIT[screen]
+    unit = TK.SCREEN_UNIT
     assert ((exact - lo) <= 100 * unit * (1 + exact)).all(), ((exact - lo) / (1 + exact)).max()
     assert ((exact - lo) / (1 + exact)).max() > unit / 64  # and it is the screen that is rounded
 
@@ -415,13 +408,6 @@ def test_unchecked_exclusions_outside_the_catalogue_are_ignored(k):
     assert (got[1][2, : min(k, 20)] >= 0).all()  # row 2 excludes nothing: item 19 included
 
 
-def test_planted_near_ties_with_bf16_screen(bf16_screen):
-    params, users, _ = planted_near_ties(torch.float32, 20, 3e-5, seed=23)
-    full = brute_distances(params, users, "l2")
-    dist, ids = T.topk(*params, users, 10, None, "l2", 1e-3)
-    check_topk(dist, ids, full, None, 10, 1e-6)
-
-
 def test_near_tie_test_fails_without_the_error_bound(monkeypatch):
     # The screen's own values as lower bounds (no margin) and no certificate: the planted
     # boundary comes out in the screen's order (by id), which the check must reject.
@@ -490,30 +476,32 @@ def test_direct_chunks_beyond_shared_memory_take_the_pair_forward(monkeypatch, d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("screen", [TK.SCREEN_TF32, TK.SCREEN_BF16])
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_gpu_netflix_items_screened_is_exact(monkeypatch, screen, distance):
+def test_gpu_netflix_items_screened_is_exact(distance):
     # Netflix catalogue (17,770 items, d = 100, N = 20), unit-ball embeddings, ~50 exclusions per
     # user: the screened answer is the direct formula's; the fallback rate is printed.
-    monkeypatch.setattr(TK, "SCREEN_OVERRIDE", screen)
     B, I = 2048, 17770
     params, users = make(50_000, I, 20, 100, B, torch.float32, seed=31, scale=0.1)
     exclude, mask = random_exclude(B, I, seed=32, p=50 / I)
     dist, ids = T.topk(*params, users, 10, exclude, distance, 1e-3)
     stats = dict(TK.last_stats)
-    print(f"screen={screen} {distance}: {stats}")
-    if screen == TK.SCREEN_TF32:  # (bf16 operands: nearly every user falls back, exact still)
-        assert stats["fallback"] < B // 10
+    print(f"{distance}: {stats}")
+    assert stats["fallback"] < B // 10
     full = TK.chunk_distances(*params, users, distance, 1e-3).double().cpu()  # direct formula
     check_topk(dist, ids, full, mask, 10, 1e-6)
 
 
-def test_the_screen_is_tf32_unless_matmul_precision_is_medium():
-    # bf16 tables too: bf16 screening operands made nearly every Netflix-shaped user fall back
-    with using_fp32_matmul_precision("high"):
-        assert TK.screen_precision() == TK.SCREEN_TF32
-    with using_fp32_matmul_precision("medium"):
-        assert TK.screen_precision() == TK.SCREEN_BF16
+def test_the_screen_is_tf32_at_every_fp32_matmul_precision():
+    # "medium" too: bf16 screening operands widened the bound 8x and sent nearly every
+    # Netflix-shaped user to the direct path, so the screen's bounds do not follow the flag
+    params, _ = make(12, 100, 7, 37, 6, torch.float32, seed=15, scale=0.3)
+    users = torch.arange(6, device=DEVICE)
+    got = []
+    for precision in ("highest", "high", "medium"):
+        with using_fp32_matmul_precision(precision):
+            got.append(TK.screen_launch(*params, users, 60, None, "l2", 1e-3))
+    for keys, drop in got[1:]:
+        assert torch.equal(keys, got[0][0]) and torch.equal(drop, got[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

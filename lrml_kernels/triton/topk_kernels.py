@@ -5,8 +5,8 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
 1. **Screen** (:func:`_screen_kernel`, the hot loop). A program owns ``BLOCK_U`` users and streams
    the whole catalogue in tiles of ``BLOCK_I`` items. Per (item tile, user) the logits of every
    memory slot are one GEMM ``z = Q_tile (p ⊙ K)ᵀ`` (``[BLOCK_I, d] × [d, N]``, ``tl.dot`` on
-   tensor cores in tf32, in bf16 at torch's fp32 matmul precision "medium"; the operands are
-   rounded to that precision explicitly, so the interpreter reproduces the GPU's products
+   tensor cores in tf32 whatever the tables' dtype and torch's fp32 matmul precision; the
+   operands are rounded to tf32 explicitly, so the interpreter reproduces the GPU's products
    exactly). A spare column of ``Kᵀ`` holds ones, so the same GEMM yields ``p·q``.
    ``l2``/``squared_l2`` then use the rewrite
    ``‖e‖² = ‖p‖² + ‖q‖² − 2p·q + 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a`` with ``Mp``, ``Mq``, ``MMᵀ``
@@ -29,7 +29,8 @@ Three steps per block of users (the exactness argument is SPEC.md "Exact top-k f
 Roofline (Netflix: U = 480,189 users × I = 17,770 items, d = 100, N = 20, k = 10, H200): the logit
 GEMMs are 2·U·I·N·d = 3.4e13 FLOP; with the padding of the tile shapes (N+1 → 32, d → 128) the
 tensor cores execute 2·U·I·32·128 = 7.0e13, plus the quadratic-form GEMM 2·U·I·32·32 = 1.7e13:
-8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s), 0.09 s in bf16 (~990); the screen's
+8.7e13 FLOP, 0.18 s at the tf32 dense peak (~495 TFLOP/s; bf16's ~990 would halve it, but its
+operands widen the bound 8×: :data:`SCREEN_UNIT`); the screen's
 32-item tiles run ``mma.sync`` (HMMA), which does not reach Hopper's ``wgmma`` peak, so budget
 ~2× that. Scaling ``Kᵀ`` by each user's ``p`` costs ``d·N`` products per (user, tile): ~1e12
 flops, ~0.02 s. The per-pair CUDA-core work (softmax over 32 slots: 32 exps, ~8 flops per
@@ -54,7 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lrml_kernels.precision import fp32_matmul_precision
 from lrml_kernels.triton import distance_kernels as TD
 
 _rows = TD._load_rows  # base[rows, :d] as a compute-dtype tile (a jit function)
@@ -63,17 +63,16 @@ _interpreted, _device_guard, _compute_dtype = TD._interpreted, TD._device_guard,
 _param_args = TD._param_args
 
 DISTANCE_CODES = TD.DISTANCE_CODES
-SCREEN_TF32, SCREEN_BF16 = 0, 1
-# Unit roundoff of the screening GEMM inputs: tf32 keeps 10 mantissa bits, bf16 7.
-SCREEN_UNIT = {SCREEN_TF32: 2.0**-11, SCREEN_BF16: 2.0**-8}
+# Unit roundoff of the screening GEMM inputs: tf32 keeps 10 mantissa bits. (bf16 operands, 7
+# bits, widen the bound 8x: on Netflix-shaped data nearly every user then failed the certificate
+# and took the direct path, 62 of 64 users in l2; so the screen is tf32 at every precision.)
+SCREEN_UNIT = 2.0**-11
 # Largest candidate list per user; a larger k uses the direct path.
 MAX_CANDIDATES = 256
 # Bytes of per-chunk working memory of the screened path (exclusion bitmask, fp64 user rows, keys).
 SCREEN_CHUNK_BYTES = 1 << 29
 # Elements of the per-chunk distance buffer of the direct path (users_chunk × I).
 CHUNK_ELEMENTS = 1 << 24
-# Screen precision override (None: screen_precision's choice); tests force bf16 in the interpreter.
-SCREEN_OVERRIDE: int | None = None
 # Multiplier of the screening error bound, and the certificate switch: only tests that show that
 # the margin matters change them.
 BOUND_SCALE = 1.0
@@ -90,24 +89,16 @@ _MAXKEY = torch.iinfo(torch.int64).max
 
 
 @triton.jit
-def _round_operand(x, SCREEN: tl.constexpr):
-    """Round fp32 ``x`` to the tensor-core input precision (tf32: ties away, bf16: ties even)."""
+def _round_operand(x):
+    """Round fp32 ``x`` to tf32 (10 mantissa bits, ties away), the tensor cores' input."""
     b = x.to(tl.int32, bitcast=True)
-    if SCREEN == 0:
-        b = (b + 0x1000) & -8192
-    else:
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
+    return ((b + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _screen_dot(a, b, CAST_BF16: tl.constexpr):
-    """fp32-accumulated product of operands already rounded to the screen precision."""
-    if CAST_BF16:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        out = tl.dot(a, b, input_precision="tf32")
-    return out
+def _screen_dot(a, b):
+    """fp32-accumulated product of operands already rounded to tf32."""
+    return tl.dot(a, b, input_precision="tf32")
 
 
 @triton.jit
@@ -141,7 +132,7 @@ def _screen_kernel(
     Q, stride_qi, stride_qd,  # [I, d] item_emb
     K, stride_kn, stride_kd,  # [N, d] keys
     M, stride_mn, stride_md,  # [N, d] memory
-    QS, stride_si, stride_sd,  # [I, d] item_emb rounded to the screen precision (fp32 or bf16)
+    QS, stride_si, stride_sd,  # [I, d] fp32: item_emb rounded to tf32
     users,  # [B] rows of this chunk
     MP,  # [B, BLOCK_N] fp32: M p_u (zero beyond N)
     MQ,  # [I, BLOCK_N] fp32: M q_i (zero beyond N)
@@ -154,8 +145,7 @@ def _screen_kernel(
     DROP,  # [B] int64 out: the smallest key not kept
     B, U, I, N, d,
     eps, mu, muc, mu1, mu1c, c_z, c_r,
-    DISTANCE: tl.constexpr, SCREEN: tl.constexpr, CAST_BF16: tl.constexpr,
-    HAS_EXCL: tl.constexpr, IS_FP64: tl.constexpr,
+    DISTANCE: tl.constexpr, HAS_EXCL: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     KC: tl.constexpr,
 ):  # fmt: skip
@@ -170,11 +160,9 @@ def _screen_kernel(
     d_mask = offs_d < d
 
     if DISTANCE == 2:
-        Mr = _round_operand(
-            _rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, False), SCREEN
-        )
+        Mr = _round_operand(_rows(M, offs_n, n_mask, offs_d, d_mask, stride_mn, stride_md, False))
     else:
-        Gr = _round_operand(tl.load(G + offs_n[:, None] * BLOCK_N + offs_n[None, :]), SCREEN)
+        Gr = _round_operand(tl.load(G + offs_n[:, None] * BLOCK_N + offs_n[None, :]))
 
     Kt = tl.load(KT + offs_d[:, None] * BLOCK_N + offs_n[None, :])  # [BLOCK_D, BLOCK_N]
     state = tl.full((BLOCK_U, KC), big, tl.int64)
@@ -208,14 +196,14 @@ def _screen_kernel(
             np2 = tl.load(UNORM + row * 3)
             np1 = tl.load(UNORM + row * 3 + 1)
             kappa = tl.load(UNORM + row * 3 + 2)
-            z = _screen_dot(qs, _round_operand(p[:, None] * Kt, SCREEN), CAST_BF16)  # [BI, BN]
+            z = _screen_dot(qs, _round_operand(p[:, None] * Kt))  # [BI, BN]
             zl = tl.where(n_mask[None, :], z, float("-inf"))
             w = tl.exp(zl - tl.max(zl, axis=1)[:, None])  # zero beyond N
             S = tl.sum(w, axis=1)
             # Logit error bound ε (|Δz_n| ≤ ε for every slot) moves a by at most ε in l1.
             rho = c_z * kappa * nq + c_r
             if DISTANCE == 2:
-                r = _screen_dot(_round_operand(w / S[:, None], SCREEN), Mr, CAST_BF16)  # [BI, BD]
+                r = _screen_dot(_round_operand(w / S[:, None]), Mr)  # [BI, BD]
                 q = _rows(Q, offs_i, i_mask, offs_d, d_mask, stride_qi, stride_qd, False)
                 e = p[None, :] + r - q
                 delta = mu1c * rho + c_r * (np1 + nq1 + mu1)
@@ -224,7 +212,7 @@ def _screen_kernel(
                 mp = tl.load(MP + row * BLOCK_N + offs_n)
                 pq = tl.sum(tl.where(offs_n[None, :] == N, z, 0.0), axis=1)
                 lin = tl.sum(w * (mp[None, :] - mq), axis=1)
-                quad = tl.sum(w * _screen_dot(_round_operand(w, SCREEN), Gr, CAST_BF16), axis=1)
+                quad = tl.sum(w * _screen_dot(_round_operand(w), Gr), axis=1)
                 x = np2 * np2 + nq * nq - 2.0 * pq + (2.0 * lin + quad / S) / S
                 R = np2 + nq + mu
                 err = c_r * R * R
@@ -326,21 +314,6 @@ def candidates_for(k: int) -> int:
     return max(16, triton.next_power_of_2(max(2 * k, k + 16)))
 
 
-def screen_precision() -> int:
-    """tf32 tensor cores, whatever the tables' dtype; bf16 where torch's fp32 matmul precision is
-    "medium" (as the cuda backend's cuBLAS screen).
-
-    bf16 operands widen the screening bound ~8x (``c_z`` 2.25·2⁻⁸ against 2.25·2⁻¹¹). On
-    Netflix-shaped data (17,770 items, d = 100, N = 20, rows of norm ~0.1-1, ~50 exclusions a
-    user) nearly every user then fails the certificate and takes the direct path (through the
-    interpreter, 62 of 64 users in l2 and squared_l2, 52 in l1), against none with tf32; so bf16
-    tables screen in tf32 too (bf16 values are exact in tf32).
-    """
-    if SCREEN_OVERRIDE is not None:
-        return SCREEN_OVERRIDE
-    return SCREEN_BF16 if fp32_matmul_precision() == "medium" else SCREEN_TF32
-
-
 def screen_config(N: int, d: int, k: int, interpreted: bool) -> dict:
     """Constexprs and launch options of :func:`_screen_kernel` (the launcher's only source).
 
@@ -365,10 +338,7 @@ def screen_config(N: int, d: int, k: int, interpreted: bool) -> dict:
     from L2 (Netflix: 9 MB), serves 16 users (0.27 TB for all users). Under the interpreter, a
     wider item tile means fewer Python steps.
     """
-    screen = screen_precision()
     cfg = {
-        "SCREEN": screen,
-        "CAST_BF16": screen == SCREEN_BF16 and not interpreted,
         "BLOCK_N": max(16, triton.next_power_of_2(N + 1)),
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
         "KC": candidates_for(k),
@@ -435,25 +405,22 @@ def direct_config(n: int, I: int, N: int, d: int, interpreted: bool) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def bound_constants(N: int, d: int, screen: int) -> tuple[float, float]:
+def bound_constants(N: int, d: int) -> tuple[float, float]:
     """``(c_z, c_r)`` of SPEC.md "Exact top-k from a screen".
 
     ``g = (d + N + 32)·2⁻²³`` bounds every fp32 sum, product chain and exp of the screen and of the
     re-score relative to the magnitudes involved; ``c_z = 2.25·u + 4g`` bounds a logit's error
-    relative to ``Σ_j |p_j K_nj q_j|`` (operands rounded to u, fp32 accumulation, and the
+    relative to ``Σ_j |p_j K_nj q_j|`` (operands rounded to tf32's u, fp32 accumulation, and the
     re-score's own logits); ``c_r = c_z + 4g`` bounds the rest relative to ``R²`` (or ``R₁``).
     """
     g = (d + N + 32) * 2.0**-23
-    c_z = 2.25 * SCREEN_UNIT[screen] + 4 * g
+    c_z = 2.25 * SCREEN_UNIT + 4 * g
     return c_z * BOUND_SCALE, (c_z + 4 * g) * BOUND_SCALE
 
 
-def round_to_screen(x: torch.Tensor, screen: int, cast_bf16: bool) -> torch.Tensor:
-    """``x`` rounded as :func:`_round_operand` does (bf16 storage when the GPU casts anyway)."""
-    x = x.float()
-    if screen == SCREEN_BF16:
-        return x.to(torch.bfloat16) if cast_bf16 else x.to(torch.bfloat16).float()
-    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+def round_to_screen(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 rounded to tf32 as :func:`_round_operand` does."""
+    return ((x.float().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -501,11 +468,11 @@ def screen_launch(user_emb, item_emb, keys, memory, users, k, excl, distance, ep
     Mc = Md - Md.mean(dim=0)  # Σ Δa = 0: a softmax change moves r by Σ Δa_n (M_n − c), any c
     mu, muc = (float(x.norm(dim=1).max()) * (1 + 2.0**-22) for x in (Md, Mc))
     mu1, mu1c = (float(x.abs().sum(1).max()) * (1 + 2.0**-22) for x in (Md, Mc))
-    c_z, c_r = bound_constants(N, d, cfg["SCREEN"])
+    c_z, c_r = bound_constants(N, d)
     out_keys = torch.empty(B, cfg["KC"], dtype=torch.int64, device=dev)
     out_drop = torch.empty(B, dtype=torch.int64, device=dev)
     ex = excl if excl is not None else out_keys
-    QS = round_to_screen(item_emb, cfg["SCREEN"], cfg["CAST_BF16"])
+    QS = round_to_screen(item_emb)
     grid = (triton.cdiv(B, cfg["BLOCK_U"]),)
     with _device_guard(user_emb):
         _screen_kernel[grid](
