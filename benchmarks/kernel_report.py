@@ -988,6 +988,34 @@ def plan(case: Case) -> list[dict]:
     return list(out.values())
 
 
+@contextlib.contextmanager
+def _mapper(jobs: int | None):
+    """``map`` over ``jobs`` spawned processes (default ≤ 4), or in this one."""
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    if __name__ not in ("__main__", "__mp_main__", "kernel_report"):
+        jobs = 1  # loaded under another name: spawned workers could not import this module
+    if jobs == 1:
+        yield map
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        yield pool.map
+
+
+def _compile_all(mapper, todo: dict[str, dict], recorded: int, progress, t0: float) -> dict:
+    """Each distinct job of ``todo`` (key -> job) through :func:`compile_one`: key -> result."""
+    if progress:
+        progress(0, len(todo), time.perf_counter() - t0, f"{recorded} launches recorded")
+    compiled = {}
+    for n, (key, res) in enumerate(zip(todo, mapper(compile_one, todo.values()), strict=True)):
+        compiled[key] = res
+        if progress:
+            progress(n + 1, len(todo), time.perf_counter() - t0, res["kernel"])
+    return compiled
+
+
 def triton_rows(
     subset: str = "full", jobs: int | None = None, progress=None, all_distances: bool = False
 ) -> list[dict]:
@@ -998,28 +1026,11 @@ def triton_rows(
     if _interpreting():
         raise RuntimeError("set TRITON_INTERPRET=0 (collect() does it in a child process)")
     todo_cases = cases(subset, all_distances)
-    jobs = jobs or min(4, os.cpu_count() or 1)
-    if __name__ not in ("__main__", "__mp_main__", "kernel_report"):
-        jobs = 1  # loaded under another name: spawned workers could not import this module
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if jobs > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
-            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=get_context("spawn")))
-            mapper = pool.map
-        else:
-            mapper = map
+    with _mapper(jobs) as mapper:
         plans = [p for ps in mapper(plan, todo_cases) for p in ps]
         todo = {p["key"]: p["job"] for p in plans}
-        if progress:
-            progress(0, len(todo), time.perf_counter() - t0, f"{len(plans)} launches recorded")
-        compiled = {}
-        for n, (key, res) in enumerate(zip(todo, mapper(compile_one, todo.values()), strict=True)):
-            compiled[key] = res
-            if progress:
-                progress(n + 1, len(todo), time.perf_counter() - t0, res["kernel"])
+        compiled = _compile_all(mapper, todo, len(plans), progress, t0)
     rows = []
     for p in plans:
         c = compiled[p["key"]]
@@ -1053,11 +1064,9 @@ def _jit_function(module: str, name: str):
 
 
 def _recorded(arg):
-    """A recorded launch argument (``tests/_gpu_rehearsal.py``, ``_describe``) as
-    :func:`specialize` takes it."""
-    if isinstance(arg, dict):
-        return TensorArg(arg["tensor"], arg["aligned"])
-    return arg
+    """A recorded launch argument (JSON: :func:`_describe`'s, a :class:`TensorArg` as a dict)
+    as :func:`specialize` takes it."""
+    return TensorArg(**arg) if isinstance(arg, dict) else arg
 
 
 def launch_rows(path: str, jobs: int | None = None, progress=None) -> list[dict]:
@@ -1077,29 +1086,15 @@ def launch_rows(path: str, jobs: int | None = None, progress=None) -> list[dict]
         entry = plans.setdefault(key, {"job": job, "constexprs": named, "tests": {}, "launches": 0})
         entry["launches"] += 1
         entry["tests"][rec["test"]] = None
-    jobs = jobs or min(4, os.cpu_count() or 1)
-    if __name__ not in ("__main__", "__mp_main__", "kernel_report"):
-        jobs = 1  # loaded under another name: spawned workers could not import this module
-    t0 = time.perf_counter()
+    todo = {key: p["job"] for key, p in plans.items()}
+    with _mapper(jobs) as mapper:
+        compiled = _compile_all(mapper, todo, len(records), progress, time.perf_counter())
     rows = []
-    with contextlib.ExitStack() as stack:
-        mapper = map
-        if jobs > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
-            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=get_context("spawn")))
-            mapper = pool.map
-        if progress:
-            progress(0, len(plans), 0.0, f"{len(records)} launches recorded")
-        jobs_ = [p["job"] for p in plans.values()]
-        for n, (p, res) in enumerate(zip(plans.values(), mapper(compile_one, jobs_), strict=True)):
-            if progress:
-                progress(n + 1, len(plans), time.perf_counter() - t0, res["kernel"])
-            blocks, flags = _blocks_and_flags(p["constexprs"])
-            row = {"source": "triton", **res, "blocks": blocks, "flags": flags,
-                   "launches": p["launches"], "tests": list(p["tests"])}  # fmt: skip
-            rows.append(_finish(row))
+    for key, p in plans.items():
+        blocks, flags = _blocks_and_flags(p["constexprs"])
+        row = {"source": "triton", **compiled[key], "blocks": blocks, "flags": flags,
+               "launches": p["launches"], "tests": list(p["tests"])}  # fmt: skip
+        rows.append(_finish(row))
     return rows
 
 
@@ -1427,29 +1422,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.launches:
         rows = launch_rows(args.launches, args.jobs, progress)
-        title = f"Static GPU report of the recorded launches {args.launches} (sm_90, no GPU), "
-        table = launches_markdown(rows, title + f"triton {triton.__version__}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
-        if args.markdown:
-            Path(args.markdown).write_text(table)
-        if not args.quiet:
-            print(table)
-        return 1 if args.fail_on_spills and any(r["spills"] for r in rows) else 0
-    rows = collect(args.subset, args.jobs, not args.no_cuda, progress, args.all_distances)
-
+    else:
+        rows = collect(args.subset, args.jobs, not args.no_cuda, progress, args.all_distances)
     info = {
-        "subset": args.subset,
+        "subset": None if args.launches else args.subset,
+        "launches": args.launches,
         "triton": triton.__version__,
         "target": "cuda sm_90 (GPUTarget('cuda', 90, 32))",
-        "nvcc": _nvcc_version(),
+        "nvcc": None if args.launches else _nvcc_version(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    title = (
-        f"Static GPU report (sm_90, no GPU): subset {args.subset}, triton {info['triton']}, "
-        f"{info['nvcc'] or 'no nvcc'}"
-    )
-    table = markdown(rows, title)
+    if args.launches:
+        title = f"Static GPU report (sm_90, no GPU): the launches of {args.launches}, "
+        table = launches_markdown(rows, title + f"triton {info['triton']}")
+    else:
+        title = (
+            f"Static GPU report (sm_90, no GPU): subset {args.subset}, triton {info['triton']}, "
+            f"{info['nvcc'] or 'no nvcc'}"
+        )
+        table = markdown(rows, title)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     if args.markdown:

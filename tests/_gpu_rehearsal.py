@@ -291,32 +291,30 @@ def _cuda_backend_as_cpu():
 RECORD_RUN_MAX_PROGRAMS, RECORD_RUN_MAX_ROWS = 1024, 8192
 
 
-def _describe(arg):
-    """A launch argument as JSON: a tensor by its dtype and 16-byte alignment (all that Triton
-    specialises a pointer on), a number or string as itself."""
-    if isinstance(arg, torch.Tensor):
-        offset = arg.storage_offset() * arg.element_size()
-        return {"tensor": str(arg.dtype).removeprefix("torch."), "aligned": offset % 16 == 0}
-    if arg is None or isinstance(arg, bool | int | float | str):
-        return arg
-    raise TypeError(f"rehearsal: cannot record a launch argument of type {type(arg).__name__}")
-
-
 def _record_launches(path: str) -> None:
     """Every Triton launch on tensors not known to be on the CPU takes the GPU's launch shapes
     (block sizes, warps, register caps: the launchers' ``_interpreted`` answers as on the GPU;
     a tensor made inside a custom op is not known), runs through the interpreter, and is
-    appended to ``path`` as one JSON line: the test, the kernel, its arguments
-    (:func:`_describe`), its launch options and grid. ``benchmarks/kernel_report.py
-    --launches path`` compiles each distinct one for sm_90. A launch of more than
-    ``RECORD_RUN_MAX_PROGRAMS`` programs, or over a batch of more than ``RECORD_RUN_MAX_ROWS``
-    rows (its argument ``B``), is recorded and not run (the GPU's 16-row blocks make thousands
-    of interpreted programs), so the test may fail after it: the record is the point."""
+    appended to ``path`` as one JSON line: the test, the kernel, its arguments (tensors by
+    dtype and alignment, as ``kernel_report._describe``), its launch options and grid.
+    ``benchmarks/kernel_report.py --launches path`` compiles each distinct one for sm_90. A
+    launch of more than ``RECORD_RUN_MAX_PROGRAMS`` programs, or over a batch of more than
+    ``RECORD_RUN_MAX_ROWS`` rows (its argument ``B``), is recorded and not run (the GPU's 16-row
+    blocks make thousands of interpreted programs), so the test may fail after it: the record
+    is the point."""
+    import dataclasses
     import json
 
+    from _bench import load_benchmark
     from triton.runtime.interpreter import InterpretedFunction
 
     from lrml_kernels.triton import distance_kernels, sampling_kernels, topk_kernels
+
+    report = load_benchmark("kernel_report")
+
+    def describe(arg):  # kernel_report's description of a launch argument, as JSON
+        arg = report._describe(arg)
+        return dataclasses.asdict(arg) if isinstance(arg, report.TensorArg) else arg
 
     def interpreted(t: torch.Tensor) -> bool:
         return DEVICES.of(t) == "cpu"
@@ -332,8 +330,8 @@ def _record_launches(path: str) -> None:
             "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
             "module": self.fn.__module__,
             "name": self.fn.__name__,
-            "args": [_describe(a) for a in args],
-            "kwargs": {k: _describe(v) for k, v in kwargs.items()},
+            "args": [describe(a) for a in args],
+            "kwargs": {k: describe(v) for k, v in kwargs.items()},
             "grid": [int(g) for g in shape],
         }
         with open(path, "a") as f:
