@@ -11,6 +11,8 @@
 // lrml_ext::hinge_loss_fused has the schema of lrml_ext::hinge_loss. lrml_kernels.extension calls
 // it only for fp32/fp64 parameters, a scalar reduction, outside torch.compile (which traces the
 // Python-registered autograd of lrml_ext::hinge_loss instead).
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -77,8 +79,14 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
     {
       at::NoGradGuard no_grad;
       // The usual ∂loss = 1 skips the multiplies; reading it on a GPU would sync with the host.
-      const bool one = grad.device().is_cpu() && grad.item<double>() == 1.0;
-      auto scaled = [&](const Tensor& g) { return one ? g : g * grad.to(g.scalar_type()); };
+      // A zero gradient (no active hinge term reaches it) stays 0 under an inf or NaN ∂loss, as
+      // relu's backward gives in the reference, rather than 0 · inf = NaN.
+      const double value = grad.device().is_cpu() ? grad.item<double>() : 0.0;
+      const bool cpu_finite = grad.device().is_cpu() && std::isfinite(value);
+      auto scaled = [&](const Tensor& g) -> Tensor {
+        if (cpu_finite) return value == 1.0 ? g : g * grad.to(g.scalar_type());
+        return at::where(g.ne(0), g * grad.to(g.scalar_type()), at::zeros({}, g.options()));
+      };
       const bool sparse = ctx->saved_data["sparse"].toBool();
       if (ctx->needs_input_grad(0))
         out[0] = table_grad(scaled(saved[2]), users, ctx->saved_data["U"].toInt(), sparse);

@@ -491,3 +491,62 @@ def test_an_infinite_key_gives_the_reference_key_gradient(backend, relation, val
     )
     for name, g, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
         same_nonfinite(g, rg, f"grad {name}")
+
+
+def finite_where_the_reference_is(actual, expected, what):
+    """Non-finite exactly where ``expected`` is (inf and NaN alike: a backend that scales a
+    finite gradient by inf gives ±inf where the reference's chain rule gives NaN), the finite
+    values within TOL."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(a.isfinite(), e.isfinite()), f"{what}: finite at {a.isfinite()}"
+    close(a.nan_to_num(0.0, 0.0, 0.0), e.nan_to_num(0.0, 0.0, 0.0), torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_nonfinite_upstream_gradient_reaches_only_the_active_hinge_terms(
+    backend, relation, reduction, value
+):
+    # torch's relu backward is 0 where the hinge term is inactive, whatever the upstream
+    # gradient: an inf or NaN row weight (reduction="none") or loss gradient leaves the terms it
+    # does not reach at 0. The kernels multiplied the weight into a 0 (0 · inf = NaN): the cpu
+    # kernel's positive column of a row with no active term, the C++ fused autograd's scaling of
+    # its saved gradients, the triton backward's G · W, so one bad weight on an inactive row made
+    # every key and memory gradient NaN.
+    g = torch.Generator().manual_seed(5)
+    U, I, N, d, B, C = 6, 20, 3, 5, 4, 4
+    params = to([torch.randn(n, d, generator=g) for n in (U, I, N, N)], torch.float32)
+    # distinct items: a row's positive repeated as its negative cancels exactly at weight 1
+    # and is inf − inf = NaN at inf, which a kernel that sums first and scales second keeps at 0
+    users, items = idx(0, 1, 2, 3), torch.randperm(I, generator=g)[: B * C].reshape(B, C)
+    items = items.to(DEVICE)
+    D = reference.lrml_distances(*params, users, items, relation=relation)
+    gaps = D[:, 1:] - D[:, :1]  # term c of row b is active iff margin > gaps[b, c - 1]
+    bad = NONFINITE[value]
+    if reduction == "none":  # row 1 has no active term, the others have some
+        margins = [float(gaps[1].min()) - 0.25]
+        assert (gaps[[0, 2, 3]].min() < margins[0]).all(), "the case needs active terms"
+        upstream = torch.tensor([1.0, bad, 1.0, 1.0], device=DEVICE)
+    else:  # no active term at all, then some
+        mid = gaps.flatten().sort().values[gaps.numel() // 2 - 1 :][:2].mean()
+        margins = [float(gaps.min()) - 0.25, float(mid)]  # (mid: no term at its kink)
+        upstream = torch.tensor(bad, device=DEVICE)
+
+    def run(fn, margin):
+        ps = leaves(params)
+        loss = fn(*ps, users, items, margin=margin, relation=relation, reduction=reduction)
+        loss.backward(upstream)
+        return [p.grad for p in ps]
+
+    for margin in margins:
+        grads = run(lambda *a, **k: lk.lrml_hinge_loss(*a, backend=backend, **k), margin)
+        ref_grads = run(reference.lrml_hinge_loss, margin)
+        if margin == margins[0]:  # nothing active reaches the bad weight: all finite
+            assert all(rg.isfinite().all() for rg in ref_grads)
+        else:
+            assert not all(rg.isfinite().all() for rg in ref_grads)
+        for name, gr, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
+            finite_where_the_reference_is(gr, rg, f"margin {margin:.3g}: grad {name}")

@@ -437,7 +437,8 @@ void process_tile(const Job<T, S>& job, const Memory<T>& mem, int64_t b0, int64_
       std::copy(job.gD + (b0 + r) * C, job.gD + (b0 + r + 1) * C, gr);
     } else {
       const T wb = job.w_rows ? job.w_rows[b0 + r] : job.w_scalar;
-      gr[0] = wb * gr[0];
+      // an inactive term's gradient is 0 whatever wb is (relu's backward), not 0 · inf = NaN
+      gr[0] = gr[0] != T(0) ? wb * gr[0] : T(0);
       for (int64_t c = 1; c < C; ++c) gr[c] = gr[c] != T(0) ? -wb : T(0);
     }
     const bool l1 = job.distance == Distance::L1;

@@ -108,10 +108,13 @@ Tensor hinge_grad_D(const Tensor& D, double margin, const Tensor& w) {
   if (D.size(1) < 2) return gD;
   // active unless h <= 0: a NaN term passes its gradient, as relu(NaN) does in the reference
   Tensor h = D.narrow(1, 0, 1) + margin - D.narrow(1, 1, D.size(1) - 1);
-  Tensor active = h.le(0).logical_not().to(D.dtype());
+  // An inactive term's gradient is 0 whatever w is (relu's backward), not 0 · inf = NaN.
+  Tensor active = h.le(0).logical_not();
   Tensor wv = w.reshape({-1, 1}).to(D.dtype());
-  gD.narrow(1, 1, D.size(1) - 1).copy_(-active * wv);
-  gD.narrow(1, 0, 1).copy_(active.sum(1, true) * wv);
+  Tensor zero = at::zeros({}, D.options());
+  gD.narrow(1, 1, D.size(1) - 1).copy_(at::where(active, -wv, zero));
+  Tensor count = active.sum(1, true).to(D.dtype());
+  gD.narrow(1, 0, 1).copy_(at::where(count.gt(0), count * wv, zero));
   return gD;
 }
 

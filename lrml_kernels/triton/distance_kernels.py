@@ -406,7 +406,7 @@ def _pair_backward_column(
     ``gK += gzᵀ s`` and the row gradients."""
     it, it_ok = _load_indices(items + offs_b * stride_ib + c * stride_ic, offs_b, b_mask, I)
     g = _upcast(tl.load(G + offs_b * stride_gb + c * stride_gc, mask=b_mask, other=0.0), IS_FP64)
-    g = g * rw
+    g = tl.where(g == 0, 0.0, g * rw)  # an inactive hinge term stays 0 under rw = inf or NaN
     z = _logits(
         P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
         u, u_ok, it, it_ok, offs_n, n_mask, d,
@@ -475,7 +475,8 @@ def _shared_backward_tile(
         mask=b_mask[:, None] & c_mask[None, :],
         other=0.0,
     )
-    g = _upcast(g, IS_FP64) * rw[:, None]  # [BLOCK_B, BLOCK_C]
+    g = _upcast(g, IS_FP64)
+    g = tl.where(g == 0, 0.0, g * rw[:, None])  # [BLOCK_B, BLOCK_C]; as in the pair pass
     z = _logits(
         P, stride_pu, stride_pd, Q, stride_qi, stride_qd, K, stride_kn, stride_kd,
         u, u_ok, it0, it0_ok, offs_n, n_mask, d,
