@@ -128,9 +128,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, tune: bool = False) -> None:
         choices=["highest", "high", "medium"],
         help="torch's fp32 matmul precision for the run: highest = IEEE fp32; high and medium "
         "let the fp32 dots of the triton kernels and of cuBLAS use the TF32 tensor cores of a "
-        "CUDA device (faster; operands rounded to 10 bits; with the cuda backend medium also "
-        "screens full-ranking top-k in bf16, then re-scores it exactly); the cpu and cuda "
-        "kernels stay IEEE "
+        "CUDA device (faster; operands rounded to 10 bits; torch has no bf16 path for fp32 "
+        "matmuls on CUDA, so medium is high there, while on the CPU it lets oneDNN compute "
+        "torch's own fp32 matmuls in bf16); the cpu and cuda kernels stay IEEE "
         "(default: %(default)s)",
     )
     a(

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import torch
 
 # torch.set_float32_matmul_precision's values: "highest" IEEE fp32, "high" TF32 (tensor cores on
-# CUDA: the triton kernels' fp32 dots and cuBLAS), "medium" bf16 where torch has such a path.
+# CUDA: the triton kernels' fp32 dots and cuBLAS), "medium" bf16 where torch has such a path
+# (oneDNN on the CPU; on CUDA, torch 2.11-2.14 has none and "medium" is TF32).
 FP32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 

@@ -10,6 +10,7 @@ path computed. The GPU test (marked ``gpu``) runs the cuda backend on the Netfli
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -185,6 +186,47 @@ def test_planted_near_ties_at_the_boundary(ops, dtype, spread, tol, copies, prec
         assert not fallback.any()
 
 
+@contextlib.contextmanager
+def matmul_fp32_precision(backend, precision):
+    """torch 2.9+'s second API: ``torch.backends.<backend>.matmul.fp32_precision``."""
+    matmul = getattr(torch.backends, backend).matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = old
+
+
+@pytest.mark.parametrize(
+    ("setting", "bf16"),
+    [
+        (lambda: using_fp32_matmul_precision("highest"), False),
+        (lambda: using_fp32_matmul_precision("high"), False),
+        (lambda: using_fp32_matmul_precision("medium"), True),
+        (lambda: matmul_fp32_precision("mkldnn", "bf16"), True),
+        (lambda: matmul_fp32_precision("cuda", "tf32"), False),
+    ],
+    ids=["highest", "high", "medium", "onednn-bf16", "cuda-tf32"],
+)
+def test_the_screen_rounds_to_bf16_where_onednn_may_compute_in_it(ops, setting, bf16):
+    # On CPU tensors oneDNN may run an fp32 GEMM in bf16 when its matmul precision is "bf16",
+    # which "medium" sets and which torch.backends.mkldnn.matmul.fp32_precision sets alone: the
+    # screen then rounds its operands to bf16, whose 8x wider bound certifies no user of random
+    # data (the direct path answers, exactly). The op read torch's legacy precision, which
+    # raises once the second API has set a backend's ("a mix of the legacy and new APIs"): the
+    # cuda backend's top-k failed for a user who set either. (On CUDA tensors cuBLAS computes
+    # fp32 GEMMs in fp32 or tf32 at every precision: the screen stays tf32, see the GPU test.)
+    (P, Q, K, M), users = tables(37, 7, 64, torch.float32, U=200, I=211, seed=3)
+    indptr, indices = make_exclude(64, 211, seed=4)
+    with setting():
+        dist, ids, fallback = ops.topk_screened(
+            P, Q, K, M, users, 10, indptr, indices, "l2", 1e-3, 0
+        )
+    check_topk(dist, ids, P, Q, K, M, users, 10, (indptr, indices), "l2", 2e-4)
+    assert fallback.all() if bf16 else fallback.float().mean() < 0.05
+
+
 def test_user_chunks_on_the_netflix_catalogue(ops):
     # 17,770 items, N = 20: ~160 users per 1 GiB chunk, so 350 users take three chunks; the
     # answer is the cpu backend's (a different exact algorithm).
@@ -250,6 +292,12 @@ def test_gpu_cuda_backend_topk_matches_the_reference(distance):
     _, _, fallback = torch.ops.lrml_ext.topk_screened(*dev[:5], k, *dev[5:], distance, 1e-3, 0)
     print(f"cuda topk {distance}: {seconds:.3f} s for {B} users, fallback {int(fallback.sum())}")
     if distance != "l1":
+        assert fallback.sum() < B // 10
+    if distance != "l1" and dev[0].is_cuda:  # (the rehearsal's CPU tensors follow oneDNN)
+        with using_fp32_matmul_precision("medium"):  # cuBLAS has no bf16 fp32 GEMM: still tf32
+            _, _, fallback = torch.ops.lrml_ext.topk_screened(
+                *dev[:5], k, *dev[5:], distance, 1e-3, 0
+            )
         assert fallback.sum() < B // 10
     Pd, Qd, Kd, Md = (t.double() for t in dev[:4])
     starts = indptr.tolist()  # host offsets: slicing by CUDA scalars would sync twice per user
