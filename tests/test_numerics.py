@@ -550,3 +550,15 @@ def test_a_nonfinite_upstream_gradient_reaches_only_the_active_hinge_terms(
             assert not all(rg.isfinite().all() for rg in ref_grads)
         for name, gr, rg in zip(("P", "Q", "K", "M"), grads, ref_grads, strict=True):
             finite_where_the_reference_is(gr, rg, f"margin {margin:.3g}: grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_cuda_nonfinite_upstream_gradient_gpu(relation, reduction, value):
+    # the cuda backend's hinge_grad_D and the fused autograd's where on CUDA tensors (the
+    # triton backend's G · W is the interpreter's to check, the same kernel code)
+    test_a_nonfinite_upstream_gradient_reaches_only_the_active_hinge_terms(
+        "cuda", relation, reduction, value
+    )
