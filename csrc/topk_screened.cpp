@@ -8,8 +8,9 @@
 //      p ⊙ K_n and Q, p·q a second [chunk, d] × [d, I]; softmax over the N slots; the rewrite
 //      ‖e‖² = ‖p‖² + ‖q‖² − 2p·q + 2a·(Mp) − 2a·(Mq) + aᵀ(MMᵀ)a with aᵀ(MMᵀ) a third (batched)
 //      GEMM. The GEMM operands are rounded to tf32 (bf16 on CPU tensors when oneDNN's fp32
-//      matmul precision is bf16), so whatever cuBLAS does with fp32 inputs its products are exact
-//      and only the fp32 accumulation errs; the screened value minus the error bound δ is a lower bound lo.
+//      matmul precision is bf16), so whatever cuBLAS does with fp32 inputs its products are
+//      exact and only the fp32 accumulation errs; the screened value minus the error bound δ is
+//      a lower bound lo.
 //   2. The KC smallest (lo, id) per user by one at::topk on the key bits(lo) << 32 | id
 //      (excluded items never enter), and the smallest lower bound not kept.
 //   3. The KC candidates re-scored by the pair distances op lrml_ext::distances (the CUDA
@@ -180,9 +181,9 @@ Screen prepare_screen(const Call& c) {
   // cuBLAS runs fp32 GEMMs in fp32 or tf32 only (torch's CUDA matmul precision is "ieee" or
   // "tf32", "medium" included): tf32 operands are exact under both. oneDNN may run them in bf16
   // on CPU tensors (its matmul precision "bf16", which "medium" sets): round to bf16 there.
-  s.bf16 = !c.p.Q.is_cuda() &&
-           at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
-                                                at::Float32Op::MATMUL) == at::Float32Precision::BF16;
+  const auto onednn = at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
+                                                           at::Float32Op::MATMUL);
+  s.bf16 = !c.p.Q.is_cuda() && onednn == at::Float32Precision::BF16;
   const int64_t N = c.p.N, d = c.p.d;
   Tensor Qd = c.p.Q.to(at::kDouble);
   s.Kd = c.p.K.to(at::kDouble);
