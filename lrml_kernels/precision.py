@@ -35,16 +35,31 @@ def fp32_matmul_precision() -> str:
     return legacy or "highest"
 
 
+# The backends whose fp32 matmul precision torch.set_float32_matmul_precision sets (torch 2.9+).
+_MATMUL_BACKENDS = ("cuda", "mkldnn")
+
+
 @contextlib.contextmanager
 def using_fp32_matmul_precision(precision: str | None) -> Iterator[None]:
-    """``torch.set_float32_matmul_precision(precision)`` for the block, then the precision that
-    was in force again (None: leave it as it is)."""
+    """``torch.set_float32_matmul_precision(precision)`` for the block, then torch's settings as
+    they were (None: leave them as they are).
+
+    Restored exactly, whichever API set them: the first API's value (where it can be read) and
+    each backend's ``torch.backends.<cuda|mkldnn>.matmul.fp32_precision``, so that a oneDNN
+    "bf16" or a CUDA "tf32" set through the second API alone survives the block.
+    """
     if precision is None:
         yield
         return
-    old = fp32_matmul_precision()
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the APIs were mixed: the backends' values below are the state, and
+        legacy = "highest"  # the first API's default under them keeps it mixed (unreadable)
+    backends = {b: getattr(torch.backends, b).matmul.fp32_precision for b in _MATMUL_BACKENDS}
     torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        torch.set_float32_matmul_precision(legacy)
+        for b, value in backends.items():
+            getattr(torch.backends, b).matmul.fp32_precision = value

@@ -272,3 +272,50 @@ def test_using_fp32_matmul_precision_restores_what_was_in_force():
         assert fp32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def _matmul_settings():
+    """torch's fp32 matmul settings as both APIs read them (the first's getter may raise)."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = "mixed"
+    return (
+        legacy,
+        torch.backends.cuda.matmul.fp32_precision,
+        torch.backends.mkldnn.matmul.fp32_precision,
+    )
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ("legacy", "medium"),
+        ("legacy", "high"),
+        ("cuda", "tf32"),
+        ("cuda", "ieee"),
+        ("mkldnn", "bf16"),
+    ],
+    ids=lambda s: "=".join(s),
+)
+@pytest.mark.parametrize("inner", ["highest", "high", "medium"])
+def test_using_fp32_matmul_precision_restores_either_api_exactly(setup, inner):
+    # It set the first API's value back, which rewrites every backend's: a oneDNN "bf16" or a
+    # CUDA "tf32" set through torch.backends.<backend>.matmul.fp32_precision alone was lost after
+    # fit() (whose matmul_precision defaults to "highest"), or changed the other backend.
+    from lrml_kernels.precision import fp32_matmul_precision, using_fp32_matmul_precision
+
+    api, value = setup
+    try:
+        if api == "legacy":
+            torch.set_float32_matmul_precision(value)
+        else:
+            getattr(torch.backends, api).matmul.fp32_precision = value
+        before, seen = _matmul_settings(), fp32_matmul_precision()
+        with using_fp32_matmul_precision(inner):
+            assert fp32_matmul_precision() == inner
+        assert _matmul_settings() == before and fp32_matmul_precision() == seen
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
