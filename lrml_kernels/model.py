@@ -27,7 +27,9 @@ class LRML(nn.Module):
     unit-ball projection applied by :meth:`project_` (None disables it). ``relation`` is the
     training loss's choice (SPEC.md); :meth:`distances` and :meth:`recommend` rank per pair.
     ``relation="none"`` is CML (see :data:`MODEL_RELATIONS`): ``memory`` is zero and ``keys`` and
-    ``memory`` do not train.
+    ``memory`` do not train. ``generator``: a CPU ``torch.Generator`` to draw the initial values
+    from (drawn on the CPU, then moved to ``device``: one seed, the same model on every device);
+    None draws them from torch's default generator of ``device``.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class LRML(nn.Module):
         validate: bool = True,
         device=None,
         dtype=None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -62,12 +65,19 @@ class LRML(nn.Module):
         ops.check_number("max_norm", max_norm, low=0, above=True, optional=True)
         ops.check_number("margin", margin)
         ops.check_number("eps", eps, low=0)
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got {generator.device}")
         std = 1.0 / math.sqrt(dim)
-        kw = {"device": device, "dtype": dtype}
-        self.user_emb = nn.Parameter(torch.randn(num_users, dim, **kw) * std)
-        self.item_emb = nn.Parameter(torch.randn(num_items, dim, **kw) * std)
-        self.keys = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
-        self.memory = nn.Parameter(torch.randn(memory_slots, dim, **kw) * std)
+
+        def normal(rows: int) -> torch.Tensor:
+            if generator is None:
+                return torch.randn(rows, dim, device=device, dtype=dtype) * std
+            return (torch.randn(rows, dim, dtype=dtype, generator=generator) * std).to(device)
+
+        self.user_emb = nn.Parameter(normal(num_users))
+        self.item_emb = nn.Parameter(normal(num_items))
+        self.keys = nn.Parameter(normal(memory_slots))
+        self.memory = nn.Parameter(normal(memory_slots))
         if relation == "none":  # CML: r = Mᵀa = 0 whatever the attention
             self.keys.requires_grad_(False)
             self.memory.requires_grad_(False)

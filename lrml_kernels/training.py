@@ -300,8 +300,8 @@ class _UnfusedStep:
 
 
 def build_model(cfg: TrainConfig, num_users: int, num_items: int) -> LRML:
-    """The model of ``cfg``, initialised from ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
+    """The model of ``cfg``, initialised from ``cfg.seed`` by a generator of its own, so torch's
+    global RNG is left as it was."""
     return LRML(
         num_users,
         num_items,
@@ -316,6 +316,7 @@ def build_model(cfg: TrainConfig, num_users: int, num_items: int) -> LRML:
         validate=False,
         device=cfg.device,
         dtype=DTYPES[cfg.dtype],
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

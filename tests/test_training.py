@@ -16,6 +16,7 @@ from lrml_kernels import data
 from lrml_kernels.cli import main
 from lrml_kernels.errors import LRMLWarning
 from lrml_kernels.metrics import PopularityRanker, evaluate
+from lrml_kernels.model import LRML
 from lrml_kernels.precision import fp32_matmul_precision, using_fp32_matmul_precision
 from lrml_kernels.training import (
     CHECKPOINT,
@@ -225,6 +226,24 @@ def test_unfused_step_gives_the_relation_its_learning_rate_as_the_fused_one(opti
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         cfg(**bad).validate()
+
+
+def test_fit_draws_its_model_from_the_seed_and_leaves_the_global_rng_as_it_was(tmp_path, small):
+    # build_model reseeded torch's global RNG with cfg.seed: a caller's torch.rand after fit()
+    # drew the same numbers whatever came before it. The model is now drawn from a generator
+    # of its own, the same values as that seeding gave.
+    torch.manual_seed(123)
+    torch.rand(5)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    torch.rand(5)
+    fit(cfg(epochs=1, seed=7), tmp_path / "a", split=small)
+    assert torch.equal(torch.rand(5), expected)
+    model, _ = build(cfg(seed=7), small.num_users, small.num_items)
+    torch.manual_seed(7)  # the seeding it replaces
+    want = LRML(small.num_users, small.num_items, 8, 4)
+    for name in ("user_emb", "item_emb", "keys", "memory"):
+        assert torch.equal(getattr(model, name), getattr(want, name)), name
 
 
 def test_matmul_precision_holds_while_fit_runs_and_is_restored_after(tmp_path, small):
