@@ -13,6 +13,14 @@ import torch
 FP32_MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def _first_api_precision() -> str | None:
+    """``torch.get_float32_matmul_precision()``, or None where it raises (the APIs were mixed)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 def fp32_matmul_precision() -> str:
     """The precision torch would multiply fp32 matrices in: "highest" (IEEE), "high" (TF32) or
     "medium".
@@ -26,10 +34,7 @@ def fp32_matmul_precision() -> str:
     new = getattr(new, "fp32_precision", "none")
     if new == "ieee":  # (also what the first API's "highest", the default, sets)
         return "highest"
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the APIs were mixed: only the second is meaningful
-        legacy = None
+    legacy = _first_api_precision()  # None: the APIs were mixed, only the second is meaningful
     if new == "tf32":
         return legacy if legacy in ("high", "medium") else "high"
     return legacy or "highest"
@@ -51,10 +56,9 @@ def using_fp32_matmul_precision(precision: str | None) -> Iterator[None]:
     if precision is None:
         yield
         return
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the APIs were mixed: the backends' values below are the state, and
-        legacy = "highest"  # the first API's default under them keeps it mixed (unreadable)
+    # Mixed APIs: the backends' values below are the state, and the first API's default under
+    # them keeps it mixed (unreadable), as it was.
+    legacy = _first_api_precision() or "highest"
     backends = {b: getattr(torch.backends, b).matmul.fp32_precision for b in _MATMUL_BACKENDS}
     torch.set_float32_matmul_precision(precision)
     try:
