@@ -460,24 +460,93 @@ def fit(
     Under an initialised process group every rank calls it with the same options but its own
     device: ``lrml train`` sets ``cfg.device = f"cuda:{LOCAL_RANK}"`` and calls
     ``torch.cuda.set_device`` before ``init_process_group("nccl")``; a caller of ``fit`` does
-    the same (``"cuda"`` alone is the current device, cuda:0 on every rank unless set).
+    the same (``"cuda"`` alone is the current device, cuda:0 on every rank unless set). The
+    ranks check at set-up that they agree on everything else (:func:`_agree_across_ranks`), and
+    at every checkpoint that their replicas are still the same bit for bit.
     """
-    cfg.validate()
-    # A backend that cannot run on the device is refused now, not after the data is loaded.
-    backends.resolve(cfg.backend, torch.device(cfg.device))
+    try:
+        cfg.validate()
+        # A backend that cannot run on the device is refused now, not after the data is loaded.
+        backends.resolve(cfg.backend, torch.device(cfg.device))
+    except Exception as exc:
+        _agree_across_ranks(None, exc)  # the other ranks stop too, instead of waiting
+        raise
     # (rank 0 alone removes a folder it made: the ranks would race over it)
     new_dir = out_dir is not None and _rank_world()[0] == 0 and not Path(out_dir).exists()
     with using_fp32_matmul_precision(cfg.matmul_precision):
         try:
             run = _Run(cfg, out_dir, resume, split)
-        except BaseException:  # (a data error, say): no empty folder left behind
+        except BaseException as exc:  # (a data error, say): no empty folder left behind
             if new_dir and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
                 Path(out_dir).rmdir()
+            if isinstance(exc, Exception):
+                _agree_across_ranks(None, exc)  # the other ranks stop too, instead of waiting
             raise
         try:
+            if run.world > 1:
+                _agree_across_ranks(run.signature(), None)
             return run.train(on_epoch, test)
         finally:
             run.close()
+
+
+def _agree_across_ranks(signature: dict | None, failed: Exception | None) -> None:
+    """Under an initialised process group, check that every rank set up the same run: each
+    replica applies the combined batch's update to its own copy of the parameters, so ranks with
+    other options, data, package versions or update code would drift apart without an error.
+    One ``all_gather_object`` at set-up, which every rank reaches: with its run's ``signature``
+    (:meth:`_Run.signature`), or with the exception its set-up raised (``failed``), which then
+    stops every rank (the one that failed raises its own). Raises ValueError (the ranks
+    disagree) or RuntimeError (another rank failed); nothing in one process."""
+    world = _rank_world()[1]
+    if world == 1:
+        return
+    gathered = [None] * world
+    mine = ("failed", checkpoints.one_line(failed)) if failed is not None else ("ok", signature)
+    try:
+        torch.distributed.all_gather_object(gathered, mine)
+    except Exception:
+        if failed is not None:
+            return  # the set-up's own error says more
+        raise
+    if failed is not None:
+        return
+    for r, (state, what) in enumerate(gathered):
+        if state == "failed":
+            raise RuntimeError(f"rank {r} stopped during set-up: {what}")
+    sigs = [s for _, s in gathered]
+    diffs = []  # the same message on every rank: each value with the ranks that have it
+    for key in dict.fromkeys(k for s in sigs for k in s):
+        values = [s.get(key) for s in sigs]
+        if any(v != values[0] for v in values):
+            groups = {}
+            for r, v in enumerate(values):
+                groups.setdefault(repr(v), []).append(str(r))
+            diffs.append(
+                f"{key}: "
+                + ", ".join(
+                    f"rank{'s' if len(rs) > 1 else ''} {', '.join(rs)} {v}"
+                    for v, rs in groups.items()
+                )
+            )
+    if diffs:
+        raise ValueError(
+            "the ranks set up different runs, whose replicas would drift apart: "
+            + "; ".join(diffs)
+            + ". Every rank needs the same options (but --device), package versions, backend "
+            "and data"
+        )
+
+
+def _replica_checksum(model) -> list[int]:
+    """Exact integer sums of the bits of each parameter: equal on replicas that are the same bit
+    for bit (a difference in one element's last bit changes its sum), cheap (one reduction per
+    table, one host sync), and independent of the order in which a device sums integers."""
+    sums = []
+    for p in model.parameters():
+        bits = p.detach().reshape(-1).view(torch.int16 if p.element_size() == 2 else torch.int32)
+        sums.append(bits.sum(dtype=torch.int64))
+    return torch.stack(sums).tolist()
 
 
 class _Run:
@@ -578,6 +647,23 @@ class _Run:
                 checkpoints.remove_stale_temporaries(out / name, min_age=0)
                 if ckpt is None:  # a fresh run: an earlier run's files would not describe it
                     (out / name).unlink(missing_ok=True)
+
+    def signature(self) -> dict:
+        """What every rank of a data-parallel run must have the same (:func:`_agree_across_ranks`):
+        the options but the device, the package versions, the backend that steps (``"auto"``
+        resolved per rank) and whether the Triton row update runs (on CUDA it does where Triton
+        imports, else torch ops do), and the data's sizes and fingerprint."""
+        options = {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+        sig = {f"option {k}": v for k, v in options.items()}
+        sig["lrml_kernels version"] = _version()
+        sig["torch version"] = torch.__version__
+        backend = backends.resolve(self.cfg.backend, self.device)
+        sig["backend"] = backend
+        if self.device.type == "cuda":
+            sig["Triton row update"] = self.stepper._gpu_row_update(self.model.user_emb) is not None
+        split = self.split
+        sig["data"] = (split.num_users, split.num_items, self.n, self.fingerprint)
+        return sig
 
     def _restore(self, ckpt: dict, gen: torch.Generator) -> None:
         _check_same_data(ckpt, self.cfg, self.fingerprint)
@@ -833,10 +919,18 @@ class _Run:
         if self.world > 1:
             gathered = [None] * self.world
             why = None if failed is None else checkpoints.one_line(failed)
-            torch.distributed.all_gather_object(gathered, (self.gen_state, why))
-            gen_states = [state for state, _ in gathered]
+            checksum = _replica_checksum(self.model)
+            torch.distributed.all_gather_object(gathered, (self.gen_state, why, checksum))
+            gen_states = [state for state, _, _ in gathered]
             if failed is None and gathered[0][1] is not None:
                 raise OSError(f"rank 0 could not write its checkpoint: {gathered[0][1]}")
+            if failed is None and any(sums != checksum for _, _, sums in gathered):
+                ranks = [r for r, (_, _, sums) in enumerate(gathered) if sums != gathered[0][2]]
+                raise RuntimeError(
+                    f"the replicas diverged by step {self.global_step}: the parameters of rank "
+                    f"{', '.join(map(str, ranks))} differ from rank 0's (the ranks computed the "
+                    f"same update differently); {self._kept()}"
+                )
         if failed is not None:
             raise failed
         if self.out is None:

@@ -84,9 +84,29 @@ def fit_worker(rank, world, init_file, out_dir, case):
     dist.barrier()
     opts = dict(data="synthetic-small", epochs=2, dim=4, memory_slots=2, batch_size=256)
     opts.update(backend="torch", eval="none", progress=False)
-    on_epoch = None
+    on_epoch = split = None
     if case == "unfused":
         opts["fused_optimizer"] = False
+    elif case == "auto" and rank == 1:  # "auto" resolves to another backend on this rank
+        opts["backend"] = "auto"
+        os.environ["LRML_KERNELS_BACKEND"] = "torch"
+    elif case == "auto":
+        opts["backend"] = "auto"  # the cpu backend (the test runs where the extension loads)
+    elif case == "data" and rank == 1:  # the same options, other data (as another node's file)
+        from lrml_kernels import data as lkdata
+
+        split = lkdata.load("synthetic-small", seed=1)
+    elif case == "setup" and rank == 1:
+        opts["data"] = "csv:" + os.path.join(out_dir, "no-such-file.csv")
+    elif case == "diverge" and rank == 1:  # this rank's dense update is off by one bit
+        original = LRMLTrainer._update_dense
+
+        def _update_dense(self, name, param, grad):
+            original(self, name, param, grad)
+            if name == "memory":
+                param.data.view(torch.int32)[0, 0] += 1
+
+        LRMLTrainer._update_dense = _update_dense
     elif case == "nonfinite":  # parameters overflow at the first step; every rank checks them
         opts.update(optimizer="sgd", lr=1e39, checkpoint_every=1)
     elif case == "on_epoch" and rank == 1:
@@ -95,7 +115,7 @@ def fit_worker(rank, world, init_file, out_dir, case):
             raise KeyError("rank 1's callback")
 
     try:
-        fit(TrainConfig(**opts), os.path.join(out_dir, "run"), on_epoch=on_epoch)
+        fit(TrainConfig(**opts), os.path.join(out_dir, "run"), on_epoch=on_epoch, split=split)
         got = {"raised": None}
     except Exception as exc:
         got = {"raised": type(exc).__name__, "message": str(exc)}
@@ -111,11 +131,20 @@ def fit_worker(rank, world, init_file, out_dir, case):
         ("unfused", [("ValueError", "fused_optimizer=False")] * 2),
         ("nonfinite", [("NonFiniteLossError", "non-finite")] * 2),
         ("on_epoch", [("RuntimeError", "on_epoch raised on another rank"), ("KeyError", "rank 1")]),
+        ("auto", [("ValueError", "backend: rank 0 'cpu', rank 1 'torch'")] * 2),
+        ("data", [("ValueError", "data: rank 0 (")] * 2),
+        (
+            "setup",
+            [("RuntimeError", "rank 1 stopped during set-up"), ("ValueError", "no such file")],
+        ),
+        ("diverge", [("RuntimeError", "replicas diverged by step")] * 2),
     ],
 )
 def test_a_stop_on_one_rank_stops_every_rank(tmp_path, case, raised):
     import json
 
+    if case == "auto" and "cpu" not in lk.available_backends():
+        pytest.skip("needs the cpu backend (the C++ extension) beside the torch one")
     spawn_two(fit_worker, tmp_path, case)
     for rank, (kind, words) in enumerate(raised):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
