@@ -98,6 +98,8 @@ def fit_worker(rank, world, init_file, out_dir, case):
         split = lkdata.load("synthetic-small", seed=1)
     elif case == "setup" and rank == 1:
         opts["data"] = "csv:" + os.path.join(out_dir, "no-such-file.csv")
+    elif case == "cpu":  # the C++ row update, checkpoints every 3 steps
+        opts.update(backend="cpu", checkpoint_every=3)
     elif case == "diverge" and rank == 1:  # this rank's dense update is off by one bit
         original = LRMLTrainer._update_dense
 
@@ -149,3 +151,17 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path, case, raised):
     for rank, (kind, words) in enumerate(raised):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["raised"] == kind and words in got["message"], (rank, got)
+
+
+@pytest.mark.parametrize("case", ["torch", "cpu"])
+def test_two_ranks_train_to_the_end_with_their_replicas_equal(tmp_path, case):
+    """The checks of the ranks' agreement and replicas pass where nothing differs: every
+    checkpoint's comparison of the parameters' bits included (torch ops; the C++ row update)."""
+    import json
+
+    if case not in lk.available_backends():
+        pytest.skip(f"needs the {case} backend")
+    spawn_two(fit_worker, tmp_path, case)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"raised": None}
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
