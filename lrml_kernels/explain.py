@@ -619,7 +619,23 @@ def _fmt(r: ProbeResult, f: str) -> str:
     return f"{r.mean(f):.3f} ± {r.half_width(f):.3f}" if f in r.scores else "–"
 
 
-def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) -> str:
+def not_probed(target_list: list[Target], results: list[ProbeResult]) -> list[Target]:
+    """The targets :func:`probe_targets` left out: too few pairs in some seed's draw."""
+    probed = {r.target for r in results}
+    return [t for t in target_list if t.name not in probed]
+
+
+#: Why a target is not probed (:func:`not_probed`), for the report.
+NOT_PROBED_RULE = (
+    f"in every seed's draw a target needs at least {MIN_CLASS} pairs in each of two or more "
+    "classes (for a target grouped by item or user, pairs of at least as many items or users as "
+    "there are folds); more pairs (`--max-pairs`) or a larger data set may reach it"
+)
+
+
+def _report(
+    info: dict, results: list[ProbeResult], skipped: list[Target], figures: dict, out: Path
+) -> str:
     feats = [
         f for f in ("a", "r", "shuffled", "pq", "pmq", "cml") if any(f in r.scores for r in results)
     ]
@@ -641,18 +657,22 @@ def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) ->
     ]
     for claim, what in CLAIMS.items():
         mine = [r for r in results if r.claim == claim]
-        if not mine:
+        left = sum(t.claim == claim for t in skipped)
+        if not mine and not left:
             continue
         counts = {v: sum(r.verdict == v for r in mine) for v in VERDICTS}
         evidence = (
             ", ".join(f"{n} {v}" for v, n in counts.items() if n) + f" of {len(mine)} target(s)"
         )
-        if len(mine) <= 2:
+        if 0 < len(mine) <= 2:
             evidence = "; ".join(
                 f"{r.target}: {FEATURES[r.best_model_feature]} {_fmt(r, r.best_model_feature)} vs "
                 f"{FEATURES[r.best_control]} {_fmt(r, r.best_control)}"
                 for r in mine
             )
+        if left:
+            skip = f"{left} target(s) not probed: too few pairs"
+            evidence = f"{evidence} ({skip})" if mine else skip
         lines.append(f"| {what} | **{claim_verdict(results, claim)}** | {evidence} |")
     lines += [
         "",
@@ -672,6 +692,11 @@ def _report(info: dict, results: list[ProbeResult], figures: dict, out: Path) ->
     for r in results:
         cells = " | ".join(_fmt(r, f) for f in feats)
         lines.append(f"| {r.target} | {r.pairs:,.0f} | {cells} | {r.verdict} |")
+    if skipped:
+        lines += [
+            "",
+            f"Not probed: {', '.join(t.name for t in skipped)} ({NOT_PROBED_RULE}).",
+        ]
     lines += [
         "",
         "Notes:",
@@ -746,7 +771,8 @@ def run(
         folds: folds of the cross-validation (at least 2).
         cml: a checkpoint of ``lrml train --relation none`` on the same data: its ``p − q`` is a
             control too.
-    Returns a summary (verdicts per claim and per target, the AUCs, times).
+    Returns a summary (verdicts per claim and per target, the AUCs, the targets not probed,
+    times).
     """
     try:
         import matplotlib  # noqa: F401  (the plots, drawn after the probes)
@@ -772,10 +798,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     seconds["load"] = time.perf_counter() - start
     t = time.perf_counter()
+    target_list = targets(side)
     results = probe_targets(
         model,
         side,
-        targets(side),
+        target_list,
         max_pairs=max_pairs,
         seeds=seeds,
         folds=folds,
@@ -812,13 +839,15 @@ def run(
         ),
         "command": command + (f" --cml {cml}" if cml else ""),
     }
-    _report(info, results, figures, out)
+    skipped = not_probed(target_list, results)
+    _report(info, results, skipped, figures, out)
     summary = {
         "claims": {c: claim_verdict(results, c) for c in CLAIMS},
         "targets": {
             r.target: {"claim": r.claim, "verdict": r.verdict, "pairs": r.pairs, "auc": r.scores}
             for r in results
         },
+        "not_probed": [t.name for t in skipped],
         "attention": {
             "mean_entropy": figures["attention_entropy"],
             "uniform_entropy": math.log(figures["slots_n"]),

@@ -241,6 +241,9 @@ def test_probe_stays_at_chance_without_planted_structure(tmp_path, one_thread):
 def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
     data = tmp_path / "ml"
     write_movielens(data, planted=True, users=120, items=150)
+    movies = (data / "movies.dat").read_text(encoding="latin-1").splitlines(keepends=True)
+    movies[0] = movies[0].rsplit("::", 1)[0] + "::Documentary\n"  # a genre of one item
+    (data / "movies.dat").write_text("".join(movies), encoding="latin-1")
     ckpt = train(data, tmp_path / "run", epochs=2)
     out = tmp_path / "explain"
     argv = ["explain", str(ckpt), "--out", str(out), "--seeds", "2", "--max-pairs", "1500"]
@@ -257,6 +260,12 @@ def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
         assert f"]({name})" in report
     doc = json.loads((out / "probes.json").read_text(encoding="utf-8"))
     assert len(doc["targets"]["user gender"]["auc"]["r"]) == 2  # one AUC per seed
+    # every target is reported: probed, or listed as not probed (too few pairs in a draw)
+    side = explain._load(ckpt, None, "cpu", None)[3]
+    names = [t.name for t in explain.targets(side)]
+    assert sorted([*doc["targets"], *doc["not_probed"]]) == sorted(names)
+    assert doc["not_probed"] == ["genre: Documentary"]  # one item cannot fill 2 folds
+    assert "Not probed: genre: Documentary (in every seed's draw" in report
     # clear errors, before any work: other data, missing side files, a CML model that is not one
     other = tmp_path / "other"
     write_movielens(other, planted=True, users=100, items=150)
