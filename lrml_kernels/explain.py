@@ -375,7 +375,8 @@ def probe_targets(
 ) -> list[ProbeResult]:
     """Every target's probes over ``seeds`` seeds. Seed ``s`` draws ``max_pairs`` pairs at
     random (all when fewer), computes their features once, and probes each target on the drawn
-    pairs where it is defined (classes with fewer than :data:`MIN_CLASS` of them left out)."""
+    pairs where it is defined (classes with fewer than :data:`MIN_CLASS` of them left out).
+    Returns the results of the targets probed at every seed (:func:`not_probed`: the others)."""
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
