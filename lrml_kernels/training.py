@@ -533,8 +533,8 @@ def _agree_across_ranks(signature: dict | None, failed: Exception | None) -> Non
         raise ValueError(
             "the ranks set up different runs, whose replicas would drift apart: "
             + "; ".join(diffs)
-            + ". Every rank needs the same options (but --device), package versions, backend "
-            "and data"
+            + ". Every rank needs the same options (but --device and --no-progress), package "
+            "versions, backend and data"
         )
 
 
@@ -650,10 +650,11 @@ class _Run:
 
     def signature(self) -> dict:
         """What every rank of a data-parallel run must have the same (:func:`_agree_across_ranks`):
-        the options but the device, the package versions, the backend that steps (``"auto"``
-        resolved per rank) and whether the Triton row update runs (on CUDA it does where Triton
-        imports, else torch ops do), and the data's sizes and fingerprint."""
-        options = {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+        the options but the device and the progress bars (each rank's own), the package versions,
+        the backend that steps (``"auto"`` resolved per rank) and whether the Triton row update
+        runs (on CUDA it does where Triton imports, else torch ops do), and the data's sizes and
+        fingerprint."""
+        options = {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "progress")}
         sig = {f"option {k}": v for k, v in options.items()}
         sig["lrml_kernels version"] = _version()
         sig["torch version"] = torch.__version__

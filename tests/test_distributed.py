@@ -98,6 +98,8 @@ def fit_worker(rank, world, init_file, out_dir, case):
         split = lkdata.load("synthetic-small", seed=1)
     elif case == "setup" and rank == 1:
         opts["data"] = "csv:" + os.path.join(out_dir, "no-such-file.csv")
+    elif case == "torch" and rank == 1:  # progress bars are each rank's own (and off there)
+        opts["progress"] = True
     elif case == "cpu":  # the C++ row update, checkpoints every 3 steps
         opts.update(backend="cpu", checkpoint_every=3)
     elif case == "diverge" and rank == 1:  # this rank's dense update is off by one bit
