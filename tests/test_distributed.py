@@ -100,6 +100,8 @@ def fit_worker(rank, world, init_file, out_dir, case):
         opts["data"] = "csv:" + os.path.join(out_dir, "no-such-file.csv")
     elif case == "torch" and rank == 1:  # progress bars are each rank's own (and off there)
         opts["progress"] = True
+    elif case == "bf16":  # stochastic rounding: the same bits on every rank (int16 checksums)
+        opts["dtype"] = "bfloat16"
     elif case == "cpu":  # the C++ row update, checkpoints every 3 steps
         opts.update(backend="cpu", checkpoint_every=3)
     elif case == "diverge" and rank == 1:  # this rank's dense update is off by one bit
@@ -155,13 +157,14 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path, case, raised):
         assert got["raised"] == kind and words in got["message"], (rank, got)
 
 
-@pytest.mark.parametrize("case", ["torch", "cpu"])
+@pytest.mark.parametrize("case", ["torch", "bf16", "cpu"])
 def test_two_ranks_train_to_the_end_with_their_replicas_equal(tmp_path, case):
     """The checks of the ranks' agreement and replicas pass where nothing differs: every
-    checkpoint's comparison of the parameters' bits included (torch ops; the C++ row update)."""
+    checkpoint's comparison of the parameters' bits included (torch ops in fp32 and in bf16; the
+    C++ row update)."""
     import json
 
-    if case not in lk.available_backends():
+    if case == "cpu" and case not in lk.available_backends():
         pytest.skip(f"needs the {case} backend")
     spawn_two(fit_worker, tmp_path, case)
     for rank in range(2):
