@@ -658,8 +658,7 @@ class _Run:
         sig = {f"option {k}": v for k, v in options.items()}
         sig["lrml_kernels version"] = _version()
         sig["torch version"] = torch.__version__
-        backend = backends.resolve(self.cfg.backend, self.device)
-        sig["backend"] = backend
+        sig["backend"] = backends.resolve(self.cfg.backend, self.device)
         if self.device.type == "cuda":
             sig["Triton row update"] = self.stepper._gpu_row_update(self.model.user_emb) is not None
         split = self.split
