@@ -276,12 +276,10 @@ def test_using_fp32_matmul_precision_restores_what_was_in_force():
 
 def _matmul_settings():
     """torch's fp32 matmul settings as both APIs read them (the first's getter may raise)."""
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        legacy = "mixed"
+    from lrml_kernels.precision import _first_api_precision
+
     return (
-        legacy,
+        _first_api_precision() or "mixed",
         torch.backends.cuda.matmul.fp32_precision,
         torch.backends.mkldnn.matmul.fp32_precision,
     )
