@@ -98,9 +98,11 @@ def full_ranks(
     other returned items at a distance ≤ its own, both from that one call (a kernel's top-k may
     round differently from its ``distances``, which would hide a tie); a held-out item not
     returned has k+1 items ahead: ``k``, "not in the top k". A NaN distance ranks last, as in
-    :func:`sampled_ranks`: a held-out item at NaN is a miss. A split with a validation split also
-    excludes each user's validation item (``split.known_csr()``): it is a known positive, not a
-    rival of the test item. ``progress``: as in :func:`sampled_ranks`.
+    :func:`sampled_ranks`: a held-out item at NaN is a miss. The items excluded are
+    ``split.known_csr()``: with a validation split, each user's validation item too (a known
+    positive, not a rival of the test item); never the user's test item, even where it is also
+    a training pair (files split elsewhere, e.g. NCF's). ``progress``: as in
+    :func:`sampled_ranks`.
     """
     device = torch.device(device) if device is not None else _device_of(ranker)
     if batch_size is None:

@@ -874,6 +874,25 @@ def test_csr_membership_matches_numpy(one_thread):
     assert np.array_equal(D.split.csr_contains(indptr, indices, rows[:, None], vals), truth)
 
 
+def test_csr_remove_matches_a_rebuild(one_thread):
+    rng = np.random.default_rng(1)
+    x = interactions(rng.integers(0, 50, 3000), rng.integers(0, 80, 3000), num_items=80)
+    indptr, indices = D.build_csr(x.users, x.items, x.num_users, x.num_items)
+    rows = rng.integers(0, x.num_users, 400)
+    vals = rng.integers(0, 80, 400)  # some present, some absent, some pairs twice
+    gone = set(zip(rows.tolist(), vals.tolist(), strict=True))
+    keep = [
+        (u, i)
+        for u, i in zip(x.users.tolist(), x.items.tolist(), strict=True)
+        if (u, i) not in gone
+    ]
+    want = D.build_csr(*np.array(keep).T, x.num_users, x.num_items)
+    got = D.split.csr_remove(indptr, indices, rows, vals)
+    assert [a.tolist() for a in got] == [a.tolist() for a in want]
+    assert got[1].dtype == indices.dtype
+    assert [a.tolist() for a in D.split.csr_remove(*want, rows, vals)] == [a.tolist() for a in want]
+
+
 def test_sample_negatives_rejects_positives(one_thread):
     s = D.load("synthetic-small")
     indptr, indices = (torch.from_numpy(a) for a in s.train_csr())

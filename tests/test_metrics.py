@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lrml_kernels.data import read_ncf
 from lrml_kernels.metrics import PopularityRanker, evaluate, hit_ndcg
 
 
@@ -123,6 +124,22 @@ def test_full_protocol_excludes_training_items():
     out = evaluate(TableRanker(table), split, "full", k=2)
     assert out["hr"] == 1.0 and out["ndcg"] == pytest.approx(1 / math.log2(3))
     assert evaluate(TableRanker(table), split, "full", k=1)["hr"] == 0.0
+
+
+def test_full_protocol_ranks_a_test_pair_that_is_also_a_training_pair(tmp_path):
+    # NCF-format files are split elsewhere: here user 0's test item 2 is also in its training
+    # file. Excluded as a training item it could never be ranked (a miss whatever the model).
+    (tmp_path / "toy.train.rating").write_text("0\t1\t5\n0\t2\t5\n1\t3\t4\n")
+    (tmp_path / "toy.test.rating").write_text("0\t2\t5\n1\t0\t4\n")
+    (tmp_path / "toy.test.negative").write_text("(0,2)\t3\t4\n(1,0)\t4\t1\n")
+    split = read_ncf(tmp_path / "toy", cache=False)
+    table = [[0.9, 0.0, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.0, 0.8]]
+    out = evaluate(TableRanker(table), split, "full", k=1)  # item 1 (trained) is excluded
+    assert out["hr"] == 1.0 and out["ndcg"] == 1.0
+    assert evaluate(TableRanker(table), split, "sampled", k=1)["hr"] == 1.0
+    indptr, indices = split.known_csr()
+    assert indices[indptr[0] : indptr[1]].tolist() == [1]  # the training row 0-2 stays
+    assert split.train_csr()[1][:2].tolist() == [1, 2]
 
 
 def test_full_and_sampled_agree_when_negatives_are_everything_else():

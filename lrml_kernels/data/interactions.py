@@ -271,14 +271,20 @@ class Split:
         )
 
     def known_csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(indptr, indices)`` like :meth:`train_csr`, plus each user's validation item: every
-        item the user is known to like except the test item (what the full-ranking protocol of
-        the test split leaves out). Equal to :meth:`train_csr` without a validation split."""
-        if not self.has_validation or self.valid_users.size == 0:
-            return self.train_csr()
-        from lrml_kernels.data.split import csr_insert
+        """``(indptr, indices)`` like :meth:`train_csr`, plus each user's validation item, less
+        the user's test item: every item the user is known to like except the test item (what
+        the full-ranking protocol of the test split leaves out). A test pair can also be a
+        training pair in files split elsewhere (NCF's); excluded, it could never be ranked."""
+        from lrml_kernels.data.split import csr_contains, csr_insert, csr_remove
 
-        return csr_insert(*self.train_csr(), self.valid_users, self.valid_items, self.num_items)
+        csr = self.train_csr()
+        if self.has_validation and self.valid_users.size:
+            new = ~csr_contains(*csr, self.valid_users, self.valid_items)
+            csr = csr_insert(*csr, self.valid_users[new], self.valid_items[new], self.num_items)
+        held = csr_contains(*csr, self.test_users, self.test_items)
+        if held.any():
+            csr = csr_remove(*csr, self.test_users[held], self.test_items[held])
+        return csr
 
     @property
     def num_negatives(self) -> int:

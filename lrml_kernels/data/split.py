@@ -30,6 +30,7 @@ __all__ = [
     "carve_validation",
     "csr_contains",
     "csr_insert",
+    "csr_remove",
     "leave_one_out",
     "sample_eval_negatives",
 ]
@@ -128,17 +129,18 @@ def build_csr(
     return _csr_from_keys(keys, indptr, num_items, inplace=True)
 
 
-def csr_contains(
+def _csr_search(
     indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, values: np.ndarray
-) -> np.ndarray:
-    """Whether ``values[j]`` is among ``indices[indptr[rows[j]]:indptr[rows[j] + 1]]`` (sorted
-    slices), for every j: a binary search of every element at once (``rows`` broadcasts)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(at, found)``: where ``values[j]`` is or would go in row ``rows[j]``'s sorted slice of
+    ``indices``, and whether it is there, for every j: a binary search of every element at once
+    (``rows`` broadcasts)."""
     rows, values = np.broadcast_arrays(np.asarray(rows), np.asarray(values))
     lo = indptr[rows]
     hi = indptr[rows + 1]
     end = hi.copy()
     if indices.size == 0:
-        return np.zeros(values.shape, dtype=bool)
+        return lo, np.zeros(values.shape, dtype=bool)
     steps = int(np.max(end - lo, initial=0)).bit_length()
     last = indices.size - 1
     for _ in range(steps):
@@ -147,7 +149,27 @@ def csr_contains(
         right = indices[np.minimum(mid, last)] < values
         lo = np.where(active & right, mid + 1, lo)
         hi = np.where(active & ~right, mid, hi)
-    return (lo < end) & (indices[np.minimum(lo, last)] == values)
+    return lo, (lo < end) & (indices[np.minimum(lo, last)] == values)
+
+
+def csr_contains(
+    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """Whether ``values[j]`` is among ``indices[indptr[rows[j]]:indptr[rows[j] + 1]]`` (sorted
+    slices), for every j (``rows`` broadcasts)."""
+    return _csr_search(indptr, indices, rows, values)[1]
+
+
+def csr_remove(
+    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A new CSR without ``values[j]`` in row ``rows[j]``, where it is there (absent pairs are
+    skipped; a pair given twice is removed once)."""
+    at, found = _csr_search(indptr, indices, rows, values)
+    at = np.unique(at[found])
+    removed = np.bincount(np.searchsorted(indptr, at, side="right") - 1, minlength=indptr.size - 1)
+    out_indptr = indptr - np.concatenate([[0], np.cumsum(removed)]).astype(np.int64)
+    return out_indptr, np.delete(indices, at)
 
 
 def csr_insert(
