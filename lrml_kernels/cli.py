@@ -684,7 +684,8 @@ def main(argv=None) -> int:
         "--cml",
         default=None,
         metavar="CHECKPOINT",
-        help="a CML model (lrml train --relation none) on the same data: its p - q is a control",
+        help="a CML model (lrml train --relation none) on the same training data (its seed and "
+        "evaluation negatives may differ): its p - q is a control",
     )
     _add_device_args(p, backend_choices=["auto", "torch", "triton", "cpu", "cuda"])
     p.set_defaults(func=_explain)

@@ -591,8 +591,11 @@ def _load(checkpoint, data_spec, device, backend):
     return model, ckpt, split, side
 
 
-def _load_cml(path, ckpt, device):
-    from lrml_kernels.training import load_checkpoint
+def _load_cml(path, ckpt, spec, split, device):
+    """The CML model of checkpoint ``path``, trained on the training data of ``split`` (data
+    set ``spec``, as the model ``ckpt`` split it). Its evaluation split may differ: another
+    ``--seed`` or ``--eval-negatives`` draws other negatives from the same training data."""
+    from lrml_kernels.training import load_checkpoint, load_checkpoint_data
 
     cml, cml_ckpt = load_checkpoint(path, device)
     if cml.relation != "none":
@@ -600,9 +603,19 @@ def _load_cml(path, ckpt, device):
             f"--cml {path}: a CML model (lrml train --relation none) expected, got relation "
             f"{cml.relation!r}"
         )
-    if cml_ckpt.get("data_fingerprint") != ckpt.get("data_fingerprint"):
+    if cml_ckpt.get("data_fingerprint") == ckpt.get("data_fingerprint"):
+        return cml
+    try:  # its split rebuilt as trained, checked against its own fingerprint
+        cml_split = load_checkpoint_data(cml_ckpt, spec)[1]
+        same = cml_split.fingerprint() == cml_ckpt.get("data_fingerprint") and (
+            cml_split.train.fingerprint() == split.train.fingerprint()
+        )
+    except ValueError:
+        same = False
+    if not same:
         raise ValueError(
-            f"--cml {path} was trained on other data (or another split) than the model"
+            f"--cml {path} was trained on other training data than the model (another data set, "
+            "--min-rating or --select-on)"
         )
     return cml
 
@@ -794,7 +807,8 @@ def run(
     seconds = {}
     start = time.perf_counter()
     model, ckpt, split, side = _load(checkpoint, data, device, backend)
-    cml_model = None if cml is None else _load_cml(cml, ckpt, device)
+    spec = data or ckpt["config"]["data"]
+    cml_model = None if cml is None else _load_cml(cml, ckpt, spec, split, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds["load"] = time.perf_counter() - start
@@ -815,7 +829,6 @@ def run(
     figures = plots(model, side, out)
     seconds["plots"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
-    spec = data or ckpt["config"]["data"]
     command = (
         f"lrml explain {checkpoint} --data {spec} --out {out} --max-pairs {max_pairs} "
         f"--seeds {seeds} --folds {folds}"

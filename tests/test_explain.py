@@ -281,6 +281,22 @@ def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
     assert "is a CML model (relation 'none'): it has no memory to explain" in (
         capsys.readouterr().err
     )
+    # a CML control: the same training data, though another seed drew other test negatives
+    # (accepted); a CML model of other training data (refused)
+    cfg.seed = 1
+    fit(cfg, tmp_path / "cml1")
+    assert lkdata.load(f"movielens:{data}", seed=1).fingerprint() != (
+        explain._load(ckpt, None, "cpu", None)[2].fingerprint()
+    )
+    assert (
+        cli.main([*argv, "--no-progress", "--cml", str(tmp_path / "cml1" / "checkpoint.pt")]) == 0
+    )
+    assert set(json.loads(capsys.readouterr().out)) == set(explain.CLAIMS)
+    assert "`p − q of CML` from the CML model" in (out / "report.md").read_text(encoding="utf-8")
+    cfg = TrainConfig(data=f"movielens:{other}", epochs=1, dim=8, relation="none", progress=False)
+    fit(cfg, tmp_path / "cml_other")
+    assert cli.main([*argv, "--cml", str(tmp_path / "cml_other" / "checkpoint.pt")]) == 2
+    assert "trained on other training data than the model" in capsys.readouterr().err
     (data / "movies.dat").unlink()
     assert cli.main(argv) == 2
     assert "no MovieLens side information" in capsys.readouterr().err
