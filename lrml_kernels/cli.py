@@ -469,7 +469,8 @@ def _recommend(args) -> int:
         args.out, split, batches, total=users.size, progress=not args.no_progress
     )
     where = "standard output" if args.out == "-" else args.out
-    print(f"wrote {rows} recommendations for {users.size} users to {where}", file=sys.stderr)
+    lists = f"{users.size} user" + ("" if users.size == 1 else "s")
+    print(f"wrote {rows} recommendations for {lists} to {where}", file=sys.stderr)
     return 0
 
 

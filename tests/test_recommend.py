@@ -146,6 +146,9 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
     argv[-1] = str(csv_run / "recs2.csv")
     assert main(argv + ["--users", f"@{csv_run / 'ids.txt'}", "--no-progress"]) == 0
     assert (csv_run / "recs2.csv").read_text() == out.read_text()
+    capsys.readouterr()
+    assert main(argv + ["--users", "1007", "--no-progress"]) == 0
+    assert "wrote 4 recommendations for 1 user to" in capsys.readouterr().err
     # the same lists through the library, by index
     model, ckpt = load_checkpoint(csv_run / "run" / "best.pt")
     split = load_checkpoint_data(ckpt)[1]
