@@ -17,15 +17,15 @@ rehearsal runs them here so that what fails on the GPU is the GPU's doing, not t
   result (the first H200 run's ``test_triton_bf16_large_norms_gpu``) fails here.
 
 With ``LRML_REHEARSE_RECORD=FILE`` the Triton launchers take the GPU's launch shapes instead of
-the interpreter's (and no longer refuse bfloat16 tables: the kernels only load, convert and
-store bf16, which the interpreter does), and every launch is recorded in ``FILE`` for
+the interpreter's, and every launch is recorded in ``FILE`` for
 ``benchmarks/kernel_report.py --launches FILE``, which compiles each distinct kernel for sm_90
 (:func:`_record_launches`; its largest launches are recorded, not run).
 
-What cannot rehearse and fails for that reason alone: bfloat16 in the interpreter, the
-interpreter's block shapes (``block_config``), ``device.type == "cuda"`` asserts, CUDA graphs,
-and the cuda backend's unchecked-index clamping (the CPU library checks). Everything else must
-pass. Numerics, speed and the compiled kernels are the GPU's to check.
+What cannot rehearse and fails for that reason alone: the interpreter's block shapes
+(``block_config``), ``device.type == "cuda"`` asserts, CUDA graphs, and the cuda backend's
+unchecked-index clamping (the CPU library checks). Everything else must pass (bf16 included:
+the interpreter runs the kernels' bf16 loads, conversions and stores). Numerics, speed and the
+compiled kernels are the GPU's to check.
 """
 
 from __future__ import annotations

@@ -325,8 +325,6 @@ def test_topk_matches_brute_force(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sparse_grad_with_half_precision(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16 and INTERPRETED:
-        pytest.skip("the Triton interpreter cannot compute in bfloat16")
     g = torch.Generator().manual_seed(0)
     params = [(torch.randn(n, 6, generator=g) * 0.5).to(dtype).to(DEVICE) for n in (4, 5, 3, 3)]
     users = torch.tensor([0, 1, 1], device=DEVICE)

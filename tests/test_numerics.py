@@ -38,11 +38,6 @@ TOL = {
 }
 
 
-def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("the Triton interpreter cannot compute in bfloat16 (see the gpu test)")
-
-
 def close(actual, expected, dtype, what=""):
     """assert_close with rtol = atol = TOL[dtype], atol scaled by the largest expected value
     (for closed forms and top-k, which the shared helper does not cover)."""
@@ -71,14 +66,12 @@ def check_backend(backend, params, users, items, *, margin=0.5, kinks=True, **kw
     of the same (rounded) parameters, within the error bounds of tests/_tolerance.py; hinge
     terms (and l1 coordinates) within rounding of their kink are excluded and counted, unless
     ``kinks=False`` (inputs built to sit exactly on the kink: subgradient 0 is compared)."""
-    skip_unsupported(backend, params[0].dtype)
     return _tolerance.check_backend(backend, params, users, items, margin=margin, kinks=kinks, **kw)
 
 
 def check_fused_grads(backend, params, users, items, margin, kinks=True, **kw):
     """``hinge_loss_grads`` (the fused trainer's path): loss, per-row gradients and keys/memory
     against the float64 reference, as in :func:`check_backend`."""
-    skip_unsupported(backend, params[0].dtype)
     args = (margin, kw.get("distance", "l2"), kw.get("relation", "pair"), kw.get("eps", 1e-3))
     loss, gp, gq, gK, gM = backends.get(backend, params[0].device).hinge_loss_grads(
         *params, users, items, *args, "sum"

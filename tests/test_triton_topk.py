@@ -167,14 +167,15 @@ def test_d1_n1_and_single_item():
     assert ids[:, 1].eq(-1).all() and ids[[0, 3], 0].eq(-1).all() and ids[[1, 2], 0].eq(0).all()
 
 
-def test_fp16_topk():
+@pytest.mark.parametrize("dtype, unit", [(torch.float16, 2e-3), (torch.bfloat16, 8e-3)])
+def test_half_precision_topk(dtype, unit):
     B, I = 5, 50
-    params, users = make(7, I, 7, 24, B, torch.float16)
+    params, users = make(7, I, 7, 24, B, dtype)
     dist, ids = T.topk(*params, users, 12, None, "squared_l2", 1e-3)
-    assert dist.dtype == torch.float16
+    assert dist.dtype == dtype
     full = brute_distances([p.float() for p in params], users, "squared_l2")
-    # Ranking is on the fp16-rounded distances: compare values at fp16 resolution.
-    check_topk(dist, ids, full.half().double(), None, 12, 2e-3)
+    # Ranking is on the rounded distances: compare values at the dtype's resolution.
+    check_topk(dist, ids, full.to(dtype).double(), None, 12, unit)
 
 
 def test_matches_reference_topk_on_random_data():

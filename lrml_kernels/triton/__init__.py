@@ -2,7 +2,10 @@
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1`` set
 before this package is imported; :mod:`lrml_kernels.backends` enforces that). Parameters: float16,
-bfloat16 (GPU only), float32 (computed in fp32) and float64 (computed in fp64).
+bfloat16 and float32 (computed in fp32), float64 (computed in fp64). The interpreter holds bf16 as
+raw 16-bit integers and converts them to and from fp32 exactly, but would compute on them as
+integers: every kernel converts a bf16 value to fp32 before any arithmetic (the bf16 tests that
+run through the interpreter check it).
 
 Backend interface (inputs validated and contiguous by :mod:`lrml_kernels.ops`):
 

@@ -997,14 +997,6 @@ _hinge_fwd.register_autograd(_hinge_backward, setup_context=_setup_hinge)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_dtype(t: torch.Tensor) -> None:
-    if t.dtype == torch.bfloat16 and _interpreted(t):
-        raise TypeError(
-            "triton backend: bfloat16 parameters need a CUDA GPU (the Triton interpreter "
-            "cannot compute in bfloat16); use float16/float32/float64 on the CPU"
-        )
-
-
 def _reduce(L: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return L.sum()
@@ -1017,7 +1009,6 @@ def _reduce(L: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def distances(user_emb, item_emb, keys, memory, users, items, distance, relation, eps, sparse_grad):
     """``D [B, C]`` (differentiable w.r.t. the four parameters)."""
-    _check_dtype(user_emb)
     return _distances_fwd(
         user_emb, item_emb, keys, memory, users, items, distance, relation, float(eps),
         bool(sparse_grad),
@@ -1029,7 +1020,6 @@ def hinge_loss(
     sparse_grad,
 ):  # fmt: skip
     """Fused hinge loss: scalar ("sum", "mean") or per-row ``[B]`` ("none")."""
-    _check_dtype(user_emb)
     L, _ = _hinge_fwd(
         user_emb, item_emb, keys, memory, users, items, float(margin), distance, relation,
         float(eps), bool(sparse_grad),
@@ -1048,7 +1038,6 @@ def hinge_loss_grads(
     w.r.t. each gathered row (NOT scattered: row b of ``grad_user_rows`` belongs to
     ``users[b]``), and of keys and memory; all in the parameter dtype.
     """
-    _check_dtype(user_emb)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     B, C = items.shape

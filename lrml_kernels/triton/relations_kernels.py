@@ -65,7 +65,6 @@ def _lrml_relations_kernel(
 def relations(user_emb, item_emb, keys, memory, users, items, config=None):
     """``(a [B, N], r [B, d])`` of the pairs ``(users[b], items[b])`` (users, items: ``[B]``),
     in the parameter dtype. ``config`` overrides :func:`TD.block_config`."""
-    TD._check_dtype(user_emb)
     B = users.shape[0]
     N, d = keys.shape
     a = user_emb.new_empty(B, N)

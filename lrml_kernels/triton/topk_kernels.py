@@ -676,11 +676,6 @@ def _topk_screened(user_emb, item_emb, keys, memory, users, k, exclude, distance
 @torch.no_grad()
 def topk(user_emb, item_emb, keys, memory, users, k, exclude, distance, eps):
     """``(distances [B, k], ids int64 [B, k])``: the k nearest items per user (SPEC.md)."""
-    if user_emb.dtype == torch.bfloat16 and _interpreted(user_emb):
-        raise TypeError(
-            "triton backend: bfloat16 parameters need a CUDA GPU (the Triton interpreter "
-            "cannot compute in bfloat16); use float16/float32/float64 on the CPU"
-        )
     B, I = users.shape[0], item_emb.shape[0]
     N, d = keys.shape
     screen = N * d > 0 and candidates_for(k) <= MAX_CANDIDATES and screen_fits(N, d, distance)
