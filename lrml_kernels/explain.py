@@ -614,8 +614,8 @@ def _load_cml(path, ckpt, spec, split, device):
         same = False
     if not same:
         raise ValueError(
-            f"--cml {path} was trained on other training data than the model (another data set, "
-            "--min-rating or --select-on)"
+            f"--cml {path} was trained on other training data than the model (e.g. another "
+            "data set, --min-rating or --select-on)"
         )
     return cml
 
