@@ -419,17 +419,38 @@ def _checkpoint_and_data(args):
 
 
 def _evaluate(args) -> int:
-    from lrml_kernels.metrics import evaluate
+    from lrml_kernels.metrics import compare, evaluate
     from lrml_kernels.precision import using_fp32_matmul_precision
 
     _set_threads(args.threads)
-    model, _, split, ckpt = _checkpoint_and_data(args)
+    model, spec, split, ckpt = _checkpoint_and_data(args)
+    other = None if args.against is None else _other_model(args, spec, split)
     # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
     with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
         for protocol in args.eval:
-            m = evaluate(model, split, protocol, args.k, progress=not args.no_progress)
+            kw = {"progress": not args.no_progress}
+            if other is None:
+                m = evaluate(model, split, protocol, args.k, **kw)
+            else:
+                m = compare(model, other, split, protocol, args.k, **kw)
             print(json.dumps(m))
     return 0
+
+
+def _other_model(args, spec, split):
+    """The model of ``--against``: trained on the same split as the first (the same data,
+    seed, evaluation negatives and validation carve), run on the same device."""
+    from lrml_kernels.training import open_checkpoint
+
+    other, ckpt = open_checkpoint(args.against, args.device, args.backend)
+    if ckpt.get("data_fingerprint") != split.fingerprint():
+        raise ValueError(
+            f"--against {args.against} was not trained on the split of {spec!r} that "
+            f"{args.checkpoint} is evaluated on (data, --min-rating, --seed, --eval-negatives "
+            "and --select-on must match): a paired comparison needs the same held-out items "
+            "and the same training data"
+        )
+    return other
 
 
 def _user_ids(users: str) -> list[str]:
@@ -621,6 +642,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
     p.add_argument(
         "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a second model trained on the same split: a paired comparison per test user "
+        "(each metric's difference, its standard error and 95%% interval)",
     )
     _add_device_args(p)
     p.set_defaults(func=_evaluate)

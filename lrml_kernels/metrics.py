@@ -10,6 +10,7 @@ ranker which column holds the held-out item.
 
 from __future__ import annotations
 
+import math
 import sys
 from types import SimpleNamespace
 
@@ -19,14 +20,30 @@ import torch
 PROTOCOLS = ("sampled", "full")
 
 
-def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
-    """HR@k and nDCG@k of 0-based ranks ``[T]`` (nDCG: ``1/log2(rank + 2)`` for rank < k)."""
-    if ranks.numel() == 0:
-        return 0.0, 0.0
+def per_user(ranks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each test user's hit (1.0 or 0.0) and nDCG@k (``1/log2(rank + 2)`` for rank < k) from
+    0-based ranks ``[T]``: two float64 ``[T]``."""
     ranks = ranks.double()
     hit = ranks < k
     ndcg = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
-    return hit.double().mean().item(), ndcg.mean().item()
+    return hit.double(), ndcg
+
+
+def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
+    """HR@k and nDCG@k of 0-based ranks ``[T]``: the means of :func:`per_user`."""
+    if ranks.numel() == 0:
+        return 0.0, 0.0
+    hit, ndcg = per_user(ranks, k)
+    return hit.mean().item(), ndcg.mean().item()
+
+
+def standard_error(total: float, squares: float, n: int) -> float:
+    """The standard error of a mean over ``n`` users from the sum of their values and of their
+    squares: the sample standard deviation over sqrt(n); 0.0 below two users."""
+    if n < 2:
+        return 0.0
+    var = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(var / n)
 
 
 def sampled_ranks(
@@ -138,35 +155,79 @@ def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, *, shard=Non
     results over the ranks with ``torch.distributed`` (every rank gets the global numbers).
     ``kw`` goes to :func:`sampled_ranks` / :func:`full_ranks` (``batch_size``, ``device``,
     ``progress``).
-    Returns ``{"protocol", "k", "users", "hr", "ndcg"}`` (``hr``/``ndcg`` as SPEC.md defines).
+    Returns ``{"protocol", "k", "users", "hr", "ndcg", "hr_se", "ndcg_se"}`` (``hr``/``ndcg``
+    as SPEC.md defines; ``*_se`` their standard errors over the test users: how far another
+    draw of as many users would move them).
     """
+    _check_protocol(protocol, k)
+    if shard is not None:
+        split = _test_rows(split, slice(shard[0], None, shard[1]))
+    hit, ndcg = per_user(_ranks(ranker, split, protocol, k, kw), k)
+    sums = [hit.sum().item(), ndcg.sum().item(), float(hit.numel()), (ndcg * ndcg).sum().item()]
+    if shard is not None and shard[1] > 1:
+        sums = torch.tensor(sums, dtype=torch.float64, device=_device_of(ranker))
+        torch.distributed.all_reduce(sums)
+        sums = sums.tolist()
+    hits, ndcgs, users, squares = sums[0], sums[1], int(sums[2]), sums[3]
+    n = max(users, 1)
+    return {
+        "protocol": protocol,
+        "k": k,
+        "users": users,
+        "hr": hits / n,
+        "ndcg": ndcgs / n,
+        "hr_se": standard_error(hits, hits, users),  # (a hit squared is itself)
+        "ndcg_se": standard_error(ndcgs, squares, users),
+    }
+
+
+def compare(ranker, other, split, protocol: str = "sampled", k: int = 10, **kw) -> dict:
+    """A paired comparison of two rankers on the same held-out items of ``split``.
+
+    Returns ``{"protocol", "k", "users", "a", "b", "difference"}``: ``a`` and ``b`` the
+    ``hr``/``ndcg`` of ``ranker`` and ``other``; ``difference`` those of ``ranker`` minus
+    ``other``, each with ``*_se``, the standard error of the mean per-user difference, and
+    ``*_ci95``, the mean ± 1.96 standard errors (normal approximation over the users). The users
+    both rank alike add nothing to the differences' spread, so the paired standard error is
+    smaller than either model's own when the two agree on most users. ``kw`` as in
+    :func:`evaluate`.
+    """
+    _check_protocol(protocol, k)
+    a_hit, a_ndcg = per_user(_ranks(ranker, split, protocol, k, kw), k)
+    b_hit, b_ndcg = per_user(_ranks(other, split, protocol, k, kw), k)
+    users = int(a_hit.numel())
+    doc = {"protocol": protocol, "k": k, "users": users, "a": {}, "b": {}, "difference": {}}
+    for name, a, b in (("hr", a_hit, b_hit), ("ndcg", a_ndcg, b_ndcg)):
+        diff = a - b
+        mean = diff.mean().item() if users else 0.0
+        se = standard_error(diff.sum().item(), (diff * diff).sum().item(), users)
+        doc["a"][name] = a.mean().item() if users else 0.0
+        doc["b"][name] = b.mean().item() if users else 0.0
+        doc["difference"].update(
+            {name: mean, f"{name}_se": se, f"{name}_ci95": [mean - 1.96 * se, mean + 1.96 * se]}
+        )
+    return doc
+
+
+def _check_protocol(protocol: str, k) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if shard is not None:
-        split = _test_rows(split, slice(shard[0], None, shard[1]))
+
+
+def _ranks(ranker, split, protocol: str, k: int, kw: dict) -> torch.Tensor:
+    """The held-out items' ranks under ``protocol``, the ranker in eval mode meanwhile."""
     was_training = getattr(ranker, "training", False)
     if was_training:
         ranker.eval()
     try:
         if protocol == "sampled":
-            ranks = sampled_ranks(ranker, split, **kw)
-        else:
-            ranks = full_ranks(ranker, split, k=k, **kw)
+            return sampled_ranks(ranker, split, **kw)
+        return full_ranks(ranker, split, k=k, **kw)
     finally:
         if was_training:
             ranker.train()
-    hr, ndcg = hit_ndcg(ranks, k)
-    users = int(ranks.numel())
-    if shard is not None and shard[1] > 1:
-        sums = torch.tensor(
-            [hr * users, ndcg * users, users], dtype=torch.float64, device=_device_of(ranker)
-        )
-        torch.distributed.all_reduce(sums)
-        users = int(sums[2].item())
-        hr, ndcg = (sums[0] / max(users, 1)).item(), (sums[1] / max(users, 1)).item()
-    return {"protocol": protocol, "k": k, "users": users, "hr": hr, "ndcg": ndcg}
 
 
 def _test_rows(split, rows: slice):

@@ -1,5 +1,6 @@
 """HR@k / nDCG@k on hand-computed cases, both protocols, ties counted against the held-out item."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -311,3 +312,88 @@ def test_a_long_evaluation_shows_a_progress_bar_that_a_short_one_does_not(
     assert slow == quick and quick["hr"] == 1.0
     evaluate(SlowRanker(table), split, protocol, k=2, batch_size=1)  # progress off by default
     assert capsys.readouterr().err == ""
+
+
+def test_standard_errors_are_those_of_the_per_user_values():
+    # ranks 0, 5 and 20 at k = 10: hits 1, 1, 0 (sample variance 1/3: se 1/3); nDCG 1, 1/log2(7), 0
+    ranks = [0, 5, 20]
+    table = [[r - 0.5, *range(21)] for r in ranks]  # negative i at distance i - 1
+    negs = [list(range(1, 22))] * 3
+    split = make_split([(0, 1)], [(u, 0) for u in range(3)], negs, 22)
+    got = evaluate(TableRanker(table), split, "sampled", k=10)
+    ndcg = np.array([1.0, 1 / math.log2(7), 0.0])
+    assert got["hr"] == pytest.approx(2 / 3) and got["hr_se"] == pytest.approx(1 / 3)
+    assert got["ndcg"] == pytest.approx(ndcg.mean())
+    assert got["ndcg_se"] == pytest.approx(ndcg.std(ddof=1) / math.sqrt(3))
+    one = evaluate(TableRanker(table[:1]), make_split([(0, 1)], [(0, 0)], [[1, 2]], 22), k=1)
+    assert one["users"] == 1 and one["hr_se"] == one["ndcg_se"] == 0.0
+
+
+def test_compare_gives_the_paired_differences_per_user():
+    from lrml_kernels.metrics import compare
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random((40, 30)), rng.random((40, 30))
+    b[:20] = a[:20]  # the two models agree on half of the users
+    tests = [(u, u % 30) for u in range(40)]
+    negs = [[i for i in range(30) if i != u % 30] for u in range(40)]
+    split = make_split([(u, (u + 1) % 30) for u in range(40)], tests, negs, 30)
+    for protocol in ("sampled", "full"):
+        got = compare(TableRanker(a), TableRanker(b), split, protocol, k=5)
+        ea, eb = (evaluate(TableRanker(t), split, protocol, k=5) for t in (a, b))
+        assert got["users"] == 40 and got["a"]["hr"] == ea["hr"] and got["b"]["ndcg"] == eb["ndcg"]
+        for name in ("hr", "ndcg"):
+            per = []
+            for t in (a, b):  # each user's value from an evaluation of that user alone
+                one = [
+                    evaluate(TableRanker(t[u : u + 1]), _one_user(split, u), protocol, k=5)[name]
+                    for u in range(40)
+                ]
+                per.append(np.array(one))
+            diff = per[0] - per[1]
+            assert diff[:20].tolist() == [0.0] * 20 and diff.any()
+            d = got["difference"]
+            assert d[name] == pytest.approx(diff.mean())
+            assert d[f"{name}_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(40))
+            lo, hi = d[f"{name}_ci95"]
+            assert lo == pytest.approx(diff.mean() - 1.96 * d[f"{name}_se"]) and hi > lo
+
+
+def _one_user(split, u):
+    """``split`` with only test user ``u``, renumbered 0 (its training row kept)."""
+    indptr, indices = split.train_csr()
+    row = indices[indptr[u] : indptr[u + 1]]
+    return SimpleNamespace(
+        train=split.train,
+        test_users=np.array([0]),
+        test_items=split.test_items[u : u + 1],
+        test_negatives=split.test_negatives[u : u + 1],
+        num_users=1,
+        num_items=split.num_items,
+        train_csr=lambda: (np.array([0, row.size]), row),
+    )
+
+
+def test_lrml_evaluate_against_compares_two_checkpoints_of_one_split(tmp_path, capsys):
+    from lrml_kernels.cli import main
+    from lrml_kernels.training import TrainConfig, fit
+
+    opts = dict(data="synthetic-small", epochs=1, dim=8, memory_slots=4, batch_size=256)
+    opts.update(eval="none", progress=False, backend="torch")
+    fit(TrainConfig(**opts), tmp_path / "lrml")
+    fit(TrainConfig(**opts, relation="none"), tmp_path / "cml")
+    fit(TrainConfig(**opts, seed=1), tmp_path / "other")
+    a, b = (str(tmp_path / n / "checkpoint.pt") for n in ("lrml", "cml"))
+    assert main(["evaluate", a, "--eval", "sampled", "--no-progress"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["hr_se"] > 0 and alone["ndcg_se"] > 0
+    assert main(["evaluate", a, "--against", b, "--eval", "sampled", "full", "--no-progress"]) == 0
+    sampled, full = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (sampled["protocol"], full["protocol"]) == ("sampled", "full")
+    assert sampled["a"]["hr"] == alone["hr"] and sampled["a"]["ndcg"] == alone["ndcg"]
+    d = sampled["difference"]
+    assert d["hr"] == pytest.approx(sampled["a"]["hr"] - sampled["b"]["hr"])
+    assert d["hr_ci95"][0] < d["hr"] < d["hr_ci95"][1]
+    other = str(tmp_path / "other" / "checkpoint.pt")
+    assert main(["evaluate", a, "--against", other, "--no-progress"]) == 2
+    assert "was not trained on the split" in capsys.readouterr().err
