@@ -71,9 +71,7 @@ PATTERNS = ("random", "heavy repeats", "all same", "negatives = positive")
 @st.composite
 def problems(draw, backend: str):
     lim = 24 if small(backend) else 70
-    dtypes = [torch.float64, torch.float32, torch.float16]
-    if not (backend == "triton" and INTERPRETED):
-        dtypes.append(torch.bfloat16)
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
     dtype = draw(st.sampled_from(dtypes), label="dtype")
     half = dtype in (torch.float16, torch.bfloat16)
     return {
