@@ -641,7 +641,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
     p.add_argument(
-        "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
+        "-k", "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
     )
     p.add_argument(
         "--against",
@@ -659,7 +659,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
-    p.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s)")
+    p.add_argument("-k", "--k", type=int, default=10, help="items per user (default: %(default)s)")
     p.add_argument(
         "--users",
         default=None,
@@ -735,7 +735,9 @@ def main(argv=None) -> int:
         "--min-rating", type=float, default=None, metavar="R", help="as for train (default: all)"
     )
     p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "-k", "--k", type=int, default=10, help="k of HR@k / nDCG@k (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")
     p.add_argument(
         "--eval-negatives",

@@ -126,7 +126,7 @@ def csv_run(tmp_path_factory):
 
 def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
     out = csv_run / "recs.csv"
-    argv = ["recommend", str(csv_run / "run" / "best.pt"), "--k", "4", "--out", str(out)]
+    argv = ["recommend", str(csv_run / "run" / "best.pt"), "-k", "4", "--out", str(out)]
     assert main(argv + ["--users", "1007, 1000", "--no-progress"]) == 0
     assert "wrote 8 recommendations for 2 users" in capsys.readouterr().err
     rows = list(csv.DictReader(out.read_text().splitlines()))

@@ -499,7 +499,7 @@ def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_threa
     assert main(["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["k"], got["hr"], got["ndcg"]) == (5, recorded["hr"], recorded["ndcg"])
-    argv = ["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled", "--k", "10"]
+    argv = ["evaluate", str(out / "checkpoint.pt"), "--eval", "sampled", "-k", "10"]
     assert main(argv + ["--no-progress", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["k"] == 10
 
