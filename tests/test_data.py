@@ -310,11 +310,47 @@ def test_csv_text_ids_are_read_as_text_and_cached(tmp_path):
     assert pairs(z) == [("0312", 7), ("312", 7), ("0045", 8)]
 
 
-def test_csv_integer_ids_stay_strict_past_the_head(tmp_path):
-    # the head's ids are integers: a text id further down is an error, not a new kind of id
+def test_csv_a_header_further_down_is_an_error(tmp_path):
+    # files concatenated: a header line past the head is an error, not a user called "user"
     rows = "".join(f"{u},{u % 7},3\n" for u in range(1, 80)) + "user,item,rating\n"
     f = write(tmp_path / "i.csv", rows)
     expect_error(lambda: D.read_csv(f), f, 80)
+
+
+@pytest.mark.parametrize("late", ["bob", "0007"])
+def test_csv_id_kind_is_the_whole_files_not_the_heads(tmp_path, late):
+    # 60 integer user ids (past the 50 head lines), then "bob" (was an error) or "0007" (was
+    # merged into user 7): the user column is text, as where the id is in the head; the item
+    # column, plain integers all through, stays integer
+    rows = "".join(f"{u},{10 + u},5\n" for u in range(1, 61))
+    for where in ("late", "early"):
+        text = f"{late},99,4\n" + rows if where == "early" else rows + f"{late},99,4\n"
+        x = D.read_csv(write(tmp_path / f"{where}.csv", "user,item,rating\n" + text))
+        assert x.num_users == 61 and late in x.user_ids.tolist(), where
+        assert x.item_ids.dtype == np.int64 and x.item_ids.tolist() == list(range(11, 71)) + [99]
+        assert sorted(pairs(x)) == sorted([(str(u), 10 + u) for u in range(1, 61)] + [(late, 99)])
+
+
+def test_csv_text_ids_are_utf8(tmp_path):
+    # (were read as Latin-1: "josé" became "josÃ©", and recommend --users josé found no one)
+    f = write(tmp_path / "u.csv", "user,item\njosé,10\nzoë,20\njosé,30\n".encode())
+    assert D.read_csv(f).user_ids.tolist() == ["josé", "zoë"]
+    # a Latin-1 file is not valid UTF-8: its bytes stay Latin-1 characters
+    g = write(tmp_path / "l.csv", "user,item\njosé,10\nzoë,20\n".encode("latin-1"))
+    assert D.read_csv(g).user_ids.tolist() == ["josé", "zoë"]
+
+
+@pytest.mark.parametrize(
+    "text, users",
+    [
+        ("user,item\nalice,x1\nbob,x2\nalice,x2\n", ["alice", "bob"]),  # names: a header
+        ("userId,itemId,label\nalice,x1,1\nbob,x2,1\n", ["alice", "bob"]),
+        ("alice,x1,5\n42,x2,4\nbob,x1,3\n", ["42", "alice", "bob"]),  # ids text in some rows
+    ],
+)
+def test_csv_header_of_a_file_of_text_ids(tmp_path, text, users):
+    # (the first was read as a row of user "user", the last lost alice's row as a header)
+    assert D.read_csv(write(tmp_path / "t.csv", text)).user_ids.tolist() == users
 
 
 def test_netflix_combined_and_training_set_layouts(tmp_path):
@@ -522,6 +558,15 @@ def test_mat_rejects_what_it_does_not_read(tmp_path):
     sio.savemat(tmp_path / "noy.mat", {"a_X": np.ones((3, 2))})
     noy = tmp_path / "noy.mat"
     assert "a_Y" in str(expect_error(lambda: D.read_netflix_mat(noy), noy, None))
+    # ids stored as floats must be integers: 1.5 was user 1, 12.7 item 12, NaN and 1e20 user -2^63
+    for bad, words in [(1.5, "users (column 1): id 1.5"), (12.7, "items (column 2): id 12.7"),
+                       (np.nan, "id nan"), (1e20, "id 1e+20")]:  # fmt: skip
+        x = np.array([[1.0, 10.0], [2.0, 11.0], [2.0, 12.0]])
+        x[2, 1 if bad == 12.7 else 0] = bad
+        sio.savemat(tmp_path / "ids.mat", {"a_X": x, "a_Y": np.ones((3, 1))})
+        f = tmp_path / "ids.mat"
+        err = expect_error(lambda f=f: D.read_netflix_mat(f, cache=False), f, None)
+        assert words in str(err) and "(row 3) is not an integer" in str(err)
 
 
 def test_cache_round_trip(tmp_path, monkeypatch):

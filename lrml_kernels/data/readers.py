@@ -48,8 +48,9 @@ __all__ = [
     "read_netflix_mat",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: text ids decoded as UTF-8
 _INT32 = np.iinfo(np.int32)
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _CHUNK = 1 << 22  # elements per step of the full-size loops (temporaries of 16-32 MB, not GBs)
 _COMPACT = ("users", "items", "test_users", "test_items")  # arrays that may stay int32
 
@@ -210,6 +211,16 @@ def _index_dtype(n: int) -> type:
     return np.int32 if n <= _INT32.max + 1 else np.int64
 
 
+def _utf8(ids: np.ndarray) -> np.ndarray:
+    """Text ids as parsed (each byte one character, Latin-1) decoded as UTF-8 where every one of
+    them is valid UTF-8, else as they are (a Latin-1 file). The order stays ascending: UTF-8's
+    byte order is its code points' order."""
+    try:
+        return np.array([s.encode("latin-1").decode("utf-8") for s in ids.tolist()], dtype=str)
+    except UnicodeError:
+        return ids
+
+
 def _reindex(raw: np.ndarray, *, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, uniques)``: codes in ``0..len(uniques)-1`` (int32 unless there are more than
     2**31 uniques), uniques ascending (int64; str for text ids). ``inplace``: ``raw`` is the
@@ -219,7 +230,7 @@ def _reindex(raw: np.ndarray, *, inplace: bool = False) -> tuple[np.ndarray, np.
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
     if raw.dtype.kind == "U":  # text ids: sorted as text
         uniques, codes = np.unique(raw, return_inverse=True)
-        return codes.reshape(-1).astype(_index_dtype(uniques.size)), uniques
+        return codes.reshape(-1).astype(_index_dtype(uniques.size)), _utf8(uniques)
     lo, hi = int(raw.min()), int(raw.max())
     if hi - lo < max(4 * raw.size, 1 << 22):  # dense ids: a lookup table, O(n)
         present = np.zeros(hi - lo + 1, dtype=bool)
@@ -476,28 +487,33 @@ def _sniff_delimiter(path: Path, lines: list[bytes]) -> str:
     )
 
 
-def _looks_like_header(first: list[bytes], second: list[bytes] | None = None) -> bool:
-    """Whether line 1 (its fields ``first``) is a header: a field of it is text (neither a
-    number nor a date) where line 2 (``second``, when the file has one) holds a number or a
-    date. A column of text in every row (a title, a comment) does not make a header."""
+def _looks_like_header(first: list[bytes], rows: list[list[bytes]]) -> bool:
+    """Whether line 1 (its fields ``first``) is a header, given the next lines of the file's head
+    (``rows``): it names both a user and an item column (``user,item``: a file of text ids), or a
+    field of it is text (neither a number nor a date) where every next line holding that column
+    has a number or a date. A column of text in every row (a title, a comment) does not make a
+    header, nor does one of ids that are text in some rows (``alice`` over ``42`` and ``bob``)."""
 
     def value(f: bytes) -> bool:
         return _text.is_number(f) or _text.is_date(f)
 
+    names = {_norm(f) for f in first}
+    if names & _NAME_ROLES["user"] and names & _NAME_ROLES["item"]:
+        return True
     text = [j for j, f in enumerate(first) if f.strip() and not value(f)]
-    if second is None:
+    if not rows:
         return bool(text)
-    return any(j < len(second) and value(second[j]) for j in text)
-
-
-_PLAIN_INT = re.compile(rb"\s*[+-]?(?:0|[1-9][0-9]*)\s*")  # an integer with no leading zero
+    below = [[r[j] for r in rows if j < len(r) and r[j].strip()] for j in text]
+    return any(col and all(value(f) for f in col) for col in below)
 
 
 def _id_kind(rows: list[list[bytes]], col: int) -> str:
-    """``"int"`` where every head row holds a plainly written integer id in column ``col`` (the
-    rest of the file must then too), else ``"str"``: ids read as text, verbatim (``A1B2C3``;
-    ``0312``, which as an integer would be user 312), and re-indexed."""
-    return "int" if all(_PLAIN_INT.fullmatch(r[col]) for r in rows if col < len(r)) else "str"
+    """``"plain_int"`` where every head row holds a plainly written integer id in column ``col``,
+    else ``"str"``: ids read as text, verbatim (``A1B2C3``; ``0312``, which as an integer would be
+    user 312), and re-indexed. A later row that is not plain (``0312``, ``bob``) makes the whole
+    column text (:func:`_read_rating_table`)."""
+    plain = all(_text.PLAIN_INT_RE.fullmatch(r[col]) for r in rows if col < len(r))
+    return "plain_int" if plain else "str"
 
 
 def _read_rating_table(
@@ -513,7 +529,7 @@ def _read_rating_table(
     text_ids: bool = False,
 ) -> Interactions:
     """A delimited table with user, item, optional rating and optional timestamp columns.
-    ``text_ids``: an id column whose head is not all integers is read as text (``_id_kind``).
+    ``text_ids``: an id column that is not all plain integers is read as text (``_id_kind``).
 
     ``columns`` maps role -> column index, header name, or ``None`` (auto: by header name, else by
     position user 0, item 1, rating 2, timestamp 3 where the file has them). An empty timestamp
@@ -525,7 +541,7 @@ def _read_rating_table(
         raise DataFormatError(path, 1, "empty file (no data rows)")
     delim = delimiter or _sniff_delimiter(path, lines)
     first, *rows = [[f.strip() for f in _text.split_fields(ln, delim)] for ln in lines]
-    has_header = _looks_like_header(first, rows[0] if rows else None) if header is None else header
+    has_header = _looks_like_header(first, rows) if header is None else header
     names = [_norm(f) for f in first] if has_header else []
     width = len(first)
     roles = ("user", "item", "rating", "timestamp")
@@ -574,8 +590,8 @@ def _read_rating_table(
         "min_rating": min_rating,
     }
 
-    def build() -> dict:
-        t = _text.read_table(
+    def read(fields: list[Field]) -> dict[str, np.ndarray]:
+        return _text.read_table(
             path,
             fields,
             delimiter=delim,
@@ -583,6 +599,22 @@ def _read_rating_table(
             ncols=ncols,
             missing_ok=frozenset({"timestamp"}),
         )
+
+    def build() -> dict:
+        try:
+            t = read(fields)
+        except DataFormatError as strict:
+            if not any(f.kind == "plain_int" for f in fields):
+                raise
+            # an id beyond the head that is not a plain integer (bob, 0007): its column is text
+            plain = [f.name for f in fields if f.kind == "plain_int"]
+            t = read([Field(f.name, f.index, "str") if f.name in plain else f for f in fields])
+            for name in plain:
+                ids = np.unique(t[name]).tolist()
+                if any(_norm(i.encode("latin-1")) in _NAME_ROLES[name] for i in ids):
+                    raise strict from None  # a header line further down (files concatenated)
+                if all(_text.PLAIN_INT_RE.fullmatch(i.encode("latin-1")) for i in ids):
+                    t[name] = t[name].astype(np.int64)  # the other id column stays integer
         names = {"user": "users", "item": "items", "rating": "ratings", "timestamp": "timestamps"}
         return _finalize(path, {names[k]: v for k, v in t.items()}, min_rating)
 
@@ -640,11 +672,11 @@ def read_movielens_ratings(path) -> tuple[Path, dict[str, np.ndarray]]:
     cache. Returns ``(the file read, columns)``."""
     path, delim, header = _movielens_file(path)
     if header is None:
-        lines = _text.head_lines(path, max_lines=2)
+        lines = _text.head_lines(path)
         if not lines:
             raise DataFormatError(path, 1, "empty file (no data rows)")
         first, *rows = [[f.strip() for f in _text.split_fields(ln, delim)] for ln in lines]
-        header = _looks_like_header(first, rows[0] if rows else None)
+        header = _looks_like_header(first, rows)
     fields = [
         Field("user_id", 0, "int"),
         Field("item_id", 1, "int"),
@@ -670,17 +702,19 @@ def read_csv(
     cache: bool = True,
 ) -> Interactions:
     """A generic delimited file: user and item ids are integers, or text (``A1B2C3``, ``0312``):
-    a column whose first rows' ids are not all integers written without a leading zero is read as
-    text, verbatim. With a one-character delimiter other than space, fields may be quoted as in
-    CSV (``"a,b"`` is one field, ``""`` inside quotes one quote); a line break inside quotes is
-    an error.
+    a column whose ids are not all integers written without a leading zero is read as text,
+    verbatim (``0007`` and ``7`` are two ids), and decoded as UTF-8 (Latin-1 where the column is
+    not valid UTF-8). A header line further down (files concatenated) is an error. With a
+    one-character delimiter other than space, fields may be quoted as in CSV (``"a,b"`` is one
+    field, ``""`` inside quotes one quote); a line break inside quotes is an error.
 
     Args:
         delimiter: ``","``, ``"\\t"``, ``"::"``, ``";"`` or ``" "`` (runs of whitespace); ``None``
             detects it from the first lines: the one that splits each of them into the same
             number (>= 2) of fields, the most fields among those, ties in that order.
-        header: whether the first line is a header; ``None``: yes if a field of it is text where
-            the second line has a number or a date (a UTF-8 byte-order mark is ignored).
+        header: whether the first line is a header; ``None``: yes if it names a user and an
+            item column, or a field of it is text where each of the next lines (up to 49) has a
+            number or a date (a UTF-8 byte-order mark is ignored).
         user_col, item_col, rating_col, timestamp_col: 0-based column index or header name;
             ``None``: found by header name (``userId``, ``MovieID``, ``CustomerID``, ``rating``,
             ``timestamp``, ``Date`` ...), else by position 0, 1, 2, 3 where the file has them.
@@ -942,6 +976,23 @@ def _netflix_mat_files(path: Path) -> list[Path]:
     return files
 
 
+def _mat_ids(x: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """A MAT file's id column (often float64) as int64; ids that are not integers in int64's
+    range (``1.5``, NaN, ``1e20``) are a format error, not truncated or wrapped."""
+    if x.dtype.kind in "iu":
+        if x.dtype == np.uint64 and x.size and int(x.max()) > _INT64_MAX:
+            raise DataFormatError(path, None, f"{what}: id {int(x.max())} beyond int64")
+        return x.astype(np.int64)
+    f = x.astype(np.float64)
+    bad = ~(np.isfinite(f) & (f == np.round(f)) & (np.abs(f) < 2.0**63))
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(
+            path, None, f"{what}: id {x[j].item()!r} (row {j + 1}) is not an integer"
+        )
+    return f.astype(np.int64)
+
+
 def read_netflix_mat(path, *, min_rating: float | None = None, cache: bool = True) -> Interactions:
     """The Netflix 5K x 5K subset's MATLAB v5 files (``training_data5K5K.mat``,
     ``test_data5K5K.mat``): each holds ``<name>_X`` (``n x 2``: user, item) and ``<name>_Y``
@@ -967,8 +1018,8 @@ def read_netflix_mat(path, *, min_rating: float | None = None, cache: bool = Tru
                         f, None, f"expected {k} (n x 2) and {k[:-2]}_Y (n x 1), got {x.shape} "
                         f"and {shape}",
                     )  # fmt: skip
-                users.append(x[:, 0].astype(np.int64))
-                items.append(x[:, 1].astype(np.int64))
+                users.append(_mat_ids(x[:, 0], f, f"{k}'s users (column 1)"))
+                items.append(_mat_ids(x[:, 1], f, f"{k}'s items (column 2)"))
                 ratings.append(y.reshape(-1).astype(np.float64))
         cols = {"users": np.concatenate(users), "items": np.concatenate(items)}
         cols["ratings"] = np.concatenate(ratings)
