@@ -64,6 +64,10 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
     auto [loss, gp, gq, gK, gM] = op.call(user_emb, item_emb, keys, memory, users, items, margin,
                                           distance, relation, eps, reduction);
     ctx->save_for_backward({users, items, gp, gq, gK, gM});
+    // the tables, only as the inputs of the double-backward error node (not saved variables:
+    // the saved gradients, not the tables, are what backward reads, so a table changed in
+    // place after the forward does not invalidate them)
+    ctx->saved_data["tables"] = std::vector<Tensor>{user_emb, item_emb, keys, memory};
     ctx->saved_data["U"] = user_emb.size(0);
     ctx->saved_data["I"] = item_emb.size(0);
     ctx->saved_data["sparse"] = sparse_grad;
@@ -99,14 +103,22 @@ struct FusedHingeLoss : public torch::autograd::Function<FusedHingeLoss> {
     // create_graph: differentiable once. The saved gradients are constants, so differentiating
     // these gradients must raise (a DelayedError node, as @once_differentiable makes), not miss
     // the second-order terms silently; that holds when the upstream gradient is a constant too.
+    // The node takes the tables as inputs too, so that it lies on the path from each gradient
+    // back to them: torch.autograd.grad(f(gK), K) runs only the nodes on a path to K.
+    const size_t n_out = out.size();
     for (auto& g : out) {
       if (g.defined()) g = g.detach().requires_grad_(true);
     }
-    return torch::autograd::DelayedError(
-               "lrml_kernels: the cpu and cuda backends are differentiable once (no double "
-               "backward); use backend=\"torch\" for higher-order gradients",
-               static_cast<int64_t>(out.size()))
-        .apply(std::move(out));
+    for (const Tensor& t : ctx->saved_data["tables"].toTensorVector()) {
+      if (t.requires_grad()) out.push_back(t);
+    }
+    auto with_error = torch::autograd::DelayedError(
+                          "lrml_kernels: the cpu and cuda backends are differentiable once (no "
+                          "double backward); use backend=\"torch\" for higher-order gradients",
+                          static_cast<int64_t>(out.size()))
+                          .apply(std::move(out));
+    with_error.resize(n_out);
+    return with_error;
   }
 };
 

@@ -46,6 +46,7 @@ from lrml_kernels._build import (
 )
 from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.gradients import table_grad
+from lrml_kernels.reference import sort_candidates
 
 NAMESPACE = "lrml_ext"
 # -fno-math-errno: sqrt in vectorised loops (errno is never read)
@@ -461,7 +462,10 @@ def _differentiable_once(backward):
     the upstream gradient requires grad; under ``create_graph`` with a constant upstream gradient
     (``torch.autograd.grad(loss, K, create_graph=True)``) it hands back gradients with no graph,
     and a loss built on them loses its second-order terms. Here every gradient computed under
-    ``create_graph`` raises when it is differentiated (fused_hinge_autograd.cpp does the same)."""
+    ``create_graph`` raises when it is differentiated (fused_hinge_autograd.cpp does the same).
+    The error node takes the op's tables as inputs too: it lies on the path from each gradient
+    back to them, so ``torch.autograd.grad(f(gK), K)``, which runs only the nodes on a path to
+    ``K``, raises as ``backward()`` does."""
 
     @functools.wraps(backward)
     def wrapper(ctx, grad):
@@ -469,12 +473,14 @@ def _differentiable_once(backward):
             outputs = backward(ctx, grad)
         if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
             return outputs
+        tables = [t for t in ctx.saved_tensors[:4] if t.requires_grad]
         error = torch._C._functions.DelayedError(
             b"lrml_kernels: the cpu and cuda backends are differentiable once (no double "
             b'backward); use backend="torch" for higher-order gradients',
-            len(outputs),
+            len(outputs) + len(tables),
         )
-        return error(*[None if g is None else g.detach().requires_grad_() for g in outputs])
+        grads = [None if g is None else g.detach().requires_grad_() for g in outputs]
+        return error(*grads, *tables)[: len(outputs)]
 
     return wrapper
 
@@ -602,8 +608,22 @@ class ExtensionBackend:
             P, users = _float_rows("users", params[0], users)
             params = (P, *(t.float() for t in params[1:]))
         indptr, indices = (None, None) if exclude is None else exclude
-        D, ids = _ops().topk(*params, users, int(k), indptr, indices, distance, float(eps))
-        return (D.to(dtype) if half else D), ids
+        if not half:
+            return _ops().topk(*params, users, int(k), indptr, indices, distance, float(eps))
+        # SPEC.md: fp16/bf16 parameters rank the distances rounded to their dtype, ties by the
+        # smaller id. The kernel ranks in fp32: take its top kk, kk doubled until every item that
+        # rounds to the k-th value is among them, then rank (rounded, id).
+        n_items, kk = params[1].shape[0], int(k)
+        while True:
+            D, ids = _ops().topk(*params, users, kk, indptr, indices, distance, float(eps))
+            D = D.to(dtype)
+            if kk >= n_items or not k or not users.numel():
+                break
+            last, kth = D[:, -1], D[:, k - 1]
+            if bool(((last > kth) | last.isnan() | (ids[:, -1] < 0)).all()):
+                break
+            kk = min(2 * kk, n_items)
+        return sort_candidates(D, ids, int(k))
 
 
 def backend(name: str):
