@@ -143,7 +143,9 @@ class LRMLTrainer:
             if not (ops.check_number(name, beta, low=0) < 1):
                 raise ValueError(f"{name} must lie in [0, 1), got {beta!r}")
         self.relation_lr_scale = check_relation_lr_scale(relation_lr_scale)
-        self.betas, self.adam_eps, self.adagrad_eps = betas, adam_eps, adagrad_eps
+        self.betas = betas
+        self.adam_eps = ops.check_number("adam_eps", adam_eps, low=0)
+        self.adagrad_eps = ops.check_number("adagrad_eps", adagrad_eps, low=0)
         self.reduction = reduction
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         self._impl = backends.TORCH_BACKEND  # the backend of the current step

@@ -208,3 +208,15 @@ def test_cml_is_lrml_with_relation_zero(backend, distance, one_thread):
     m(u, i).backward()
     opt.step()
     assert m.keys.grad is None and torch.equal(m.keys, keys) and not m.memory.any()
+
+
+def test_a_model_on_the_meta_device_runs_its_shapes():
+    # A dry run with no values (shape inference, deferred initialisation): the index range check,
+    # which reads values, has nothing to check and must not fail on the default validate=True.
+    m = lk.LRML(5, 9, dim=8, memory_slots=3, device="meta")
+    users = torch.tensor([0, 1], device="meta")
+    items = torch.zeros(2, 3, dtype=torch.int64, device="meta")
+    loss = m(users, items)
+    assert loss.device.type == "meta" and loss.shape == ()
+    dist = m.distances(users, items)
+    assert dist.device.type == "meta" and dist.shape == (2, 3)

@@ -206,6 +206,8 @@ def test_bad_optimizer_name():
         ({"lr": 0.0}, "lr must be a finite number > 0"),
         ({"betas": (1.5, 0.999)}, r"betas\[0\] must lie in \[0, 1\)"),
         ({"betas": (0.9, -0.1)}, "betas.1. must be a finite number >= 0"),
+        ({"adam_eps": float("nan")}, "adam_eps must be a finite number >= 0"),  # (NaN'd the model)
+        ({"adagrad_eps": -1e-10}, "adagrad_eps must be a finite number >= 0"),
     ],
 )
 def test_bad_trainer_arguments(kw, words):
