@@ -129,6 +129,10 @@ def test_compressed_files_are_named_as_such(tmp_path, spec, name):
     f = write(tmp_path / name, gzip.compress(b"1\t2\t3\t4\n1\t3\t3\t5\n"))
     err = expect_error(lambda: D.load(f"{spec}:{f}", cache=False), f, None)
     assert "gzip-compressed" in str(err)
+    # Excel's "Unicode text": UTF-16 (was "stray carriage return inside the line")
+    g = write(tmp_path / "utf16" / name, "user\titem\r\n1\t2\r\n".encode("utf-16"))
+    err = expect_error(lambda: D.load(f"{spec}:{g}", cache=False), g, None)
+    assert "a UTF-16 text file: save it as UTF-8" in str(err)
 
 
 @pytest.mark.parametrize(

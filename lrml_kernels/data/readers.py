@@ -427,6 +427,8 @@ def _require_file(path: Path) -> Path:
             raise DataFormatError(
                 path, None, f"a {kind}-compressed file: decompress it first (plain text is read)"
             )
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # (Excel's "Unicode text")
+        raise DataFormatError(path, None, "a UTF-16 text file: save it as UTF-8 (or ASCII) first")
     return path
 
 
