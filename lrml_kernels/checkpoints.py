@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 # What every checkpoint holds, and what resuming training needs as well: key -> type.
 REQUIRED = {"config": dict, "model": dict, "num_users": int, "num_items": int}
 REQUIRED_TO_RESUME = {
-    "trainer": dict,
+    "trainer": (dict, list),  # (a list: torch optimizers' states, as written before 2026-12-07)
     "epoch": int,
     "step_in_epoch": int,
     "global_step": int,
@@ -274,9 +274,8 @@ def check(ckpt, path, *, resume: bool = False) -> None:
         v = ckpt[k]
         allowed = (int, float) if t is float else t  # a float may have been stored as an int
         if isinstance(v, bool) or not isinstance(v, allowed):
-            raise CheckpointError(
-                f"{path}: {k!r} should be a {t.__name__}, not a {type(v).__name__}"
-            )
+            name = " or a ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+            raise CheckpointError(f"{path}: {k!r} should be a {name}, not a {type(v).__name__}")
     bad = [k for k, v in ckpt["model"].items() if not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(f"{path}: the model's {', '.join(map(repr, bad))} are not tensors")

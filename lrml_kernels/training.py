@@ -292,10 +292,11 @@ class _UnfusedStep:
         return loss.detach()
 
     def state_dict(self):
-        return [o.state_dict() for o in self.opts]
+        return {"optimizers": [o.state_dict() for o in self.opts]}
 
     def load_state_dict(self, sd):
-        for o, s in zip(self.opts, sd, strict=True):
+        # (a list: as written before 2026-12-07, when the checkpoint check refused it)
+        for o, s in zip(self.opts, sd["optimizers"] if isinstance(sd, dict) else sd, strict=True):
             o.load_state_dict(s)
 
 
@@ -681,7 +682,7 @@ class _Run:
             self.model.load_state_dict(ckpt["model"])
             self.stepper.load_state_dict(ckpt["trainer"])
             gen.set_state(ckpt["gen_states"][self.rank])
-        except (RuntimeError, KeyError, IndexError, TypeError) as exc:
+        except (RuntimeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise checkpoints.CheckpointError(
                 f"{self.out / CHECKPOINT} does not fit the model it was written for (damaged?): "
                 + checkpoints.one_line(exc)

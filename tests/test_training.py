@@ -108,10 +108,11 @@ def test_cli_module_entry_point_and_bad_flags(tmp_path):
     assert r.returncode == 2 and "error" in r.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
-def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, small, optimizer):
+@pytest.mark.parametrize("optimizer, fused", [("adam", True), ("adagrad", True), ("adam", False)])
+def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, small, optimizer, fused):
     # More epochs on resume: a constant learning rate (the cosine schedule spans --epochs).
-    kw = {"optimizer": optimizer, "lr_schedule": "constant"}
+    # (fused=False: torch's optimizers, whose state the checkpoint refused as "not a dict")
+    kw = {"optimizer": optimizer, "lr_schedule": "constant", "fused_optimizer": fused}
     full = fit(cfg(epochs=3, **kw), tmp_path / "a", split=small)
     fit(cfg(epochs=1, **kw), tmp_path / "b", split=small)
     resumed = fit(cfg(epochs=3, **kw), tmp_path / "b", split=small, resume=True)
