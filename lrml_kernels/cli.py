@@ -15,9 +15,17 @@ from pathlib import Path
 from lrml_kernels.backends import BackendUnavailable
 from lrml_kernels.errors import LRMLWarning, MissingExtra
 from lrml_kernels.recommend import EXCLUDE
-from lrml_kernels.training import CHECKPOINT, TrainConfig, TrainingInterrupted
+from lrml_kernels.training import (
+    BEST,
+    CHECKPOINT,
+    CURVE,
+    METRICS,
+    TrainConfig,
+    TrainingInterrupted,
+)
 
 DEFAULT_OUT = "runs/latest"  # lrml train's output folder when --out is not given
+DEFAULT_BASELINE_OUT = "runs/popularity"  # lrml baseline's
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, tune: bool = False) -> None:
@@ -315,6 +323,16 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _refuse_a_run(out: Path, how: str) -> None:
+    """An ``--out`` named on the command line that holds a run (a training run's checkpoints, or
+    any command's metrics.json) is not replaced in silence: ``ValueError`` saying ``how``."""
+    held = [n for n in (CHECKPOINT, BEST, METRICS) if (out / n).is_file()]
+    if held:
+        if CHECKPOINT not in held:
+            how = "replace it with --overwrite, or name another --out"
+        raise ValueError(f"--out {out} holds a run ({held[0]}): {how}")
+
+
 def _train(args) -> int:
     import torch
 
@@ -325,11 +343,8 @@ def _train(args) -> int:
     out = Path(args.out or DEFAULT_OUT)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: not both")
-    if args.out is not None and not (args.resume or args.overwrite) and (out / CHECKPOINT).exists():
-        raise ValueError(
-            f"--out {out} holds a run ({CHECKPOINT}): continue it with --resume, or replace it "
-            "with --overwrite"
-        )
+    if args.out is not None and not (args.resume or args.overwrite):
+        _refuse_a_run(out, "continue it with --resume, or replace it with --overwrite")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
         import torch.distributed as dist
@@ -536,8 +551,10 @@ def _baseline(args) -> int:
     from lrml_kernels import data
     from lrml_kernels.checkpoints import atomic_write
     from lrml_kernels.metrics import PopularityRanker, evaluate
-    from lrml_kernels.training import METRICS
 
+    out = Path(args.out or DEFAULT_BASELINE_OUT)
+    if args.out is not None and not args.overwrite:
+        _refuse_a_run(out, "replace it with --overwrite, or name another --out")
     validation = args.select_on == "valid"
     split = data.load(
         args.data,
@@ -560,8 +577,9 @@ def _baseline(args) -> int:
     if validation:  # nothing to select: reported for comparison with LRML's validation curves
         doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in args.eval}
     doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in args.eval}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
+        (out / name).unlink(missing_ok=True)
     text = json.dumps(doc, indent=2).encode()
     atomic_write(out / METRICS, lambda f: f.write(text))
     print(json.dumps(doc["test"], indent=2))
@@ -752,7 +770,13 @@ def main(argv=None) -> int:
         help="valid: carve the validation split first, as lrml train --select-on valid does "
         "(the counts then leave the validation items out; both splits are reported)",
     )
-    p.add_argument("--out", default="runs/popularity", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output folder (default: {DEFAULT_BASELINE_OUT}, which each run replaces; a folder "
+        "named here that holds a run needs --overwrite)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.set_defaults(func=_baseline)
     p = sub.add_parser("info", help="versions and which backends run here")
     p.set_defaults(func=_info)

@@ -332,6 +332,21 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys, monk
     args = cli_args(out, epochs=1)[3:]  # no --out
     assert main(["train", *args]) == 0 and main(["train", *args]) == 0
     assert (tmp_path / "runs" / "latest" / CHECKPOINT).exists()
+    # a baseline's folder and a training run's are not replaced by the other command either
+    # (only checkpoint.pt was looked for: metrics.json was replaced in silence)
+    pop = tmp_path / "pop"
+    baseline = ["baseline", "popularity", "--data", "synthetic-small", "--eval", "sampled"]
+    assert main([*baseline, "--out", str(pop)]) == 0
+    doc = (pop / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(cli_args(pop, epochs=1)) == 2
+    assert "holds a run (metrics.json): replace it with --overwrite" in capsys.readouterr().err
+    assert main([*baseline, "--out", str(out)]) == 2
+    assert f"--out {out} holds a run (checkpoint.pt)" in capsys.readouterr().err
+    assert (pop / "metrics.json").read_bytes() == doc and (out / CHECKPOINT).exists()
+    assert main([*baseline, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # the run's files gone too
+    assert main([*baseline]) == 0 and main([*baseline]) == 0  # runs/popularity: replaced
 
 
 # ----------------------------------------------------------------------------------------------

@@ -559,7 +559,8 @@ def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_
     for protocol in ("sampled", "full"):
         assert doc["test"][protocol] == evaluate(ranker, split, protocol)
         assert doc["valid"][protocol] == evaluate(ranker, split.validation(), protocol)
-    assert main(argv) == 0  # without a validation split: counts over all training items
+    assert main(argv) == 2  # the folder holds that run
+    assert main([*argv, "--overwrite"]) == 0  # without a validation split: all training items
     plain = data.load("synthetic-small")
     doc = json.loads((out / "metrics.json").read_text())
     assert "valid" not in doc and doc["train_interactions"] == len(plain.train)
