@@ -820,6 +820,16 @@ def _run(parser, with_config, args, argv) -> int:
     ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # out of memory (the CPU allocator's, CUDA's) is not a bug
+        text = str(exc)
+        if not ("can't allocate memory" in text or "out of memory" in text.lower()):
+            raise
+        print(
+            f"lrml {args.command}: error: out of memory ({text.strip().splitlines()[0]}): "
+            "a smaller --batch-size (or --negatives, --dim) needs less",
+            file=sys.stderr,
+        )
+        return 2
     except TrainingInterrupted as exc:
         print(f"lrml {args.command}: {exc}", file=sys.stderr)
         return 130

@@ -474,12 +474,16 @@ def fit(
         raise
     # (rank 0 alone removes a folder it made: the ranks would race over it)
     new_dir = out_dir is not None and _rank_world()[0] == 0 and not Path(out_dir).exists()
+
+    def remove_if_empty():  # a run that failed before it wrote anything leaves no empty folder
+        if new_dir and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()
+
     with using_fp32_matmul_precision(cfg.matmul_precision):
         try:
             run = _Run(cfg, out_dir, resume, split)
-        except BaseException as exc:  # (a data error, say): no empty folder left behind
-            if new_dir and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
-                Path(out_dir).rmdir()
+        except BaseException as exc:  # (a data error, say)
+            remove_if_empty()
             if isinstance(exc, Exception):
                 _agree_across_ranks(None, exc)  # the other ranks stop too, instead of waiting
             raise
@@ -487,6 +491,9 @@ def fit(
             if run.world > 1:
                 _agree_across_ranks(run.signature(), None)
             return run.train(on_epoch, test)
+        except BaseException:  # (out of memory at the first step, say)
+            remove_if_empty()
+            raise
         finally:
             run.close()
 

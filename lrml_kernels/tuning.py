@@ -201,18 +201,26 @@ def tune(
     fixed = {**_base_config(base, search), SEEDS: seeds}
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=base.seed),
-        # a trial is pruned once its epoch-e validation nDCG is below the median of the
-        # earlier trials' at epoch e (after 5 finished trials, from epoch 2 on); the trials of the
-        # options given and of start_from always run to the end (they are the reference points,
-        # and an option that learns slowly at first, as popularity negatives do, would be cut)
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-    )
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=base.seed),
+            # a trial is pruned once its epoch-e validation nDCG is below the median of the
+            # earlier trials' at epoch e (after 5 finished trials, from epoch 2 on); the trials
+            # of the options given and of start_from always run to the end (they are the
+            # reference points, and an option that learns slowly at first, as popularity
+            # negatives do, would be cut)
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        )
+    except Exception as exc:  # the storage's own errors (sqlalchemy's: no such dialect, no
+        # such folder, not a database); a bug of this module would not come from this call
+        if storage is None or isinstance(exc, ValueError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"storage {storage!r}: {first}") from None
     stored = study.user_attrs.get(BASE) if study.trials else None
     if stored is not None:
         # (a study from before these options: one seed a trial, every rating)

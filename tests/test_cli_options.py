@@ -237,3 +237,46 @@ def test_tune_offers_only_the_protocols_its_trials_can_select_on(capsys):
     assert "argument --eval: invalid choice: 'none'" in capsys.readouterr().err
     assert main(["train", "--eval", "none", "--data", "no:such"]) == 2  # train still takes it
     assert "--eval" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "raised, code",
+    [
+        (
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 26 GB",
+            2,
+        ),
+        ("CUDA out of memory. Tried to allocate 24.00 GiB", 2),
+        ("some other failure", None),  # a bug keeps its traceback
+    ],
+)
+def test_out_of_memory_is_one_line_and_leaves_no_folder(
+    monkeypatch, capsys, tmp_path, raised, code
+):
+    # (was a RuntimeError traceback, exit 1, and an empty --out folder left behind)
+    from lrml_kernels import trainer
+
+    def step(*args, **kwargs):
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(trainer.LRMLTrainer, "step", step)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--data",
+        "synthetic-small",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    if code is None:
+        with pytest.raises(RuntimeError, match=raised):
+            main(argv)
+    else:
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert err.startswith("lrml train: error: out of memory (") and len(err.splitlines()) == 1
+        assert "a smaller --batch-size" in err
+    assert not out.exists()

@@ -300,6 +300,18 @@ def test_options_are_checked_before_any_work(tmp_path, capsys):
         assert main([*argv, *extra]) == 2
         assert len(capsys.readouterr().err.splitlines()) == 1
     assert not out.exists()
+    # a storage that cannot be opened: one line naming it (were sqlalchemy tracebacks)
+    (tmp_path / "garbage.db").write_text("hello")
+    for storage, words in [
+        ("foo://bar", "Can't load plugin"),
+        (f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}", "unable to open database file"),
+        (f"sqlite:///{tmp_path / 'garbage.db'}", "file is not a database"),
+    ]:
+        capsys.readouterr()
+        assert main([*argv, "--trials", "1", "--no-progress", "--storage", storage]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lrml tune: error: storage {storage!r}: ") and words in err, err
+        assert len(err.splitlines()) == 1
 
 
 def test_no_reject_positives_leaves_popularity_negatives_out(tmp_path, capsys, one_thread):
