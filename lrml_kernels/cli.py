@@ -440,9 +440,17 @@ def _evaluate(args) -> int:
     _set_threads(args.threads)
     model, spec, split, ckpt = _checkpoint_and_data(args)
     other = None if args.against is None else _other_model(args, spec, split)
+    protocols = args.eval or ["sampled", "full"]
+    if split.test_negatives is None and "sampled" in protocols:
+        if args.eval:
+            raise ValueError(
+                f"{args.checkpoint} was trained with --eval-negatives 0: its split has no "
+                "sampled negatives; use --eval full"
+            )
+        protocols = ["full"]
     # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
     with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
-        for protocol in args.eval:
+        for protocol in protocols:
             kw = {"progress": not args.no_progress}
             if other is None:
                 m = evaluate(model, split, protocol, args.k, **kw)
@@ -657,7 +665,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
-    p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        choices=["sampled", "full"],
+        help="protocols (default: both; full alone for a run with --eval-negatives 0)",
+    )
     p.add_argument(
         "-k", "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
     )

@@ -505,6 +505,23 @@ def test_cli_evaluate_reports_the_k_the_run_recorded(tmp_path, capsys, one_threa
     assert json.loads(capsys.readouterr().out)["k"] == 10
 
 
+def test_cli_evaluate_of_a_run_without_sampled_negatives_ranks_in_full(
+    tmp_path, capsys, one_thread
+):
+    # --eval full --eval-negatives 0 (the README's advice for small catalogues): evaluate with
+    # its default protocols exited 2 and printed nothing
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-small", "--epochs", "1", "--dim", "8", "--eval", "full"]
+    assert main(argv + ["--eval-negatives", "0", "--out", str(out), "--no-progress"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(out / CHECKPOINT), "--no-progress"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    got = json.loads(line)
+    assert (got["protocol"], got["hr"], got["ndcg"]) == ("full", recorded["hr"], recorded["ndcg"])
+    assert main(["evaluate", str(out / CHECKPOINT), "--eval", "sampled"]) == 2
+    assert "no sampled negatives; use --eval full" in capsys.readouterr().err
+
+
 def test_an_option_of_a_newer_version_is_refused_on_resume_and_named_on_evaluate(
     tmp_path, capsys, one_thread
 ):
