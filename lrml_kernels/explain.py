@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lrml_kernels import data as lkdata
+from lrml_kernels.checkpoints import atomic_write
 from lrml_kernels.data.side_info import AGE_GROUPS, GENRES, MovieLensSideInfo
 from lrml_kernels.errors import MissingExtra
 
@@ -434,7 +435,7 @@ def _plot_lift(lift: np.ndarray, rows: list[str], title: str, path: Path) -> Non
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="log2 lift of mean attention", shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -480,7 +481,7 @@ def _plot_relation_map(model, side: MovieLensSideInfo, path: Path, per_level: in
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return share
 
@@ -758,7 +759,7 @@ def _report(
         )
     lines += ["", f"Reproduce: `{info['command']}`", ""]
     text = "\n".join(lines)
-    (out / "report.md").write_text(text, encoding="utf-8")
+    atomic_write(out / "report.md", lambda f: f.write(text.encode("utf-8")))
     return text
 
 
@@ -869,7 +870,6 @@ def run(
         },
         "seconds": seconds,
     }
-    (out / "probes.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    text = json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8")
+    atomic_write(out / "probes.json", lambda f: f.write(text))
     return summary
