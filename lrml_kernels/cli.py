@@ -167,7 +167,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, tune: bool = False) -> None:
         "--on-nonfinite",
         default=d.on_nonfinite,
         choices=["stop", "skip"],
-        help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step",
+        help="on NaN/Inf: stop (the last good checkpoint stays) or skip the step (counted in "
+        "the epoch's skipped_steps, with a warning; an epoch of skipped steps only stops)",
     )
     a(
         "--patience",

@@ -635,6 +635,7 @@ class _Run:
         self.best = None  # select_on="valid": {"epoch", "valid_hr", "valid_ndcg", "model"}
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.loss_sum, self.elapsed = 0.0, 0.0  # of the epoch so far
+        self.skipped = [0, 0]  # steps and rows of the epoch skipped (on_nonfinite="skip")
         if ckpt is not None:
             self._restore(ckpt, gen)
         self.gen_state = gen.get_state()  # after the last batch stepped on
@@ -698,6 +699,7 @@ class _Run:
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step = ckpt["global_step"]
         self.loss_sum = float(ckpt["loss_sum"])
+        self.skipped = list(ckpt.get("skipped", [0, 0]))  # (absent before 2026-12-07: none)
         self.elapsed = ckpt["epoch_seconds"]
         self.best = ckpt.get("best")
 
@@ -786,6 +788,7 @@ class _Run:
                 record["early_stop"] = True
             self.epoch += 1
             self.step_in_epoch, self.elapsed, self.loss_sum = 0, 0.0, 0.0
+            self.skipped = [0, 0]
             # metrics.json lists the epoch once checkpoint.pt holds it (a crash in between
             # leaves both at the epoch before)
             self._checkpoint(then=self._metrics_writer(self.history, final=False))
@@ -870,9 +873,14 @@ class _Run:
 
     def _read_loss(self) -> None:
         """Add the steps' losses since the last read to ``loss_sum``; stop at a non-finite one
-        (``on_nonfinite="skip"``: those steps were not applied and count as 0)."""
+        (``on_nonfinite="skip"``: those steps were not applied; ``skipped`` counts them and
+        their rows, which the epoch's mean loss leaves out)."""
         skip = self.cfg.on_nonfinite == "skip"
-        self.loss_sum, bad = self.losses.read(self.loss_sum, skip_nonfinite=skip)
+        first = self.step_in_epoch - self.losses.pending  # the window's first step in the epoch
+        self.loss_sum, bad, skipped = self.losses.read(self.loss_sum, skip_nonfinite=skip)
+        for i in skipped:
+            self.skipped[0] += 1
+            self.skipped[1] += self._rows_of(first + i)
         if bad is not None:
             step = self.global_step - bad
             raise NonFiniteLossError(
@@ -880,15 +888,35 @@ class _Run:
                 f"{step - (self.global_step - self.step_in_epoch)}); {self._kept()}"
             )
 
+    def _rows_of(self, step: int) -> int:
+        """The rows (all ranks) of the epoch's step ``step`` (0-based): the last may be short."""
+        bs = self.cfg.batch_size
+        return max(0, min(bs, self.n_local - step * bs)) * self.world
+
     def _epoch_record(self, seconds: float) -> dict:
         rows = min(self.step_in_epoch * self.cfg.batch_size, self.n_local) * self.world
+        steps, skipped_rows = self.skipped
         record = {
             "epoch": self.epoch + 1,
             "steps": self.step_in_epoch,
-            "loss": self.loss_sum / max(rows, 1),
+            "loss": self.loss_sum / max(rows - skipped_rows, 1),  # of the steps applied
             "seconds": seconds,
             "pairs_per_s": rows * (1 + self.cfg.negatives) / max(seconds, 1e-9),
         }
+        if steps:
+            record["skipped_steps"] = steps
+            if steps == self.step_in_epoch:
+                raise NonFiniteLossError(
+                    f"every step of epoch {self.epoch + 1} ({steps}) had a non-finite loss and "
+                    f"was skipped: nothing trains; {self._kept()}"
+                )
+            if self.rank == 0:
+                warnings.warn(
+                    f"epoch {self.epoch + 1}: {steps} of {self.step_in_epoch} steps skipped "
+                    "(non-finite loss); its loss is the mean over the others",
+                    LRMLWarning,
+                    stacklevel=2,
+                )
         if not math.isfinite(record["loss"]):
             raise NonFiniteLossError(f"non-finite loss in epoch {self.epoch + 1}")
         return record
@@ -960,6 +988,7 @@ class _Run:
             "gen_states": gen_states,
             "world_size": self.world,
             "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64),
+            "skipped": list(self.skipped),
             "epoch_seconds": self.elapsed,
             "history": self.history,
             "best": self.best,
@@ -1060,17 +1089,26 @@ class _LossWindow:
         self._window[self._count] = loss
         self._count += 1
 
-    def read(self, total: float, *, skip_nonfinite: bool) -> tuple[float, int | None]:
-        """``(total + the window's losses, None)``, or where a loss is non-finite (and not
-        skipped) ``(total, k)``: the k-th step before the last one read is the first bad one."""
+    @property
+    def pending(self) -> int:
+        """The steps added since the last read."""
+        return self._count
+
+    def read(self, total: float, *, skip_nonfinite: bool) -> tuple[float, int | None, list[int]]:
+        """``(total + the window's losses, None, skipped)``, ``skipped`` the window positions of
+        the non-finite losses (steps that ``skip_nonfinite`` skipped: they add nothing), or
+        where a loss is non-finite and not skipped ``(total, k, [])``: the k-th step before the
+        last one read is the first bad one."""
         values, self._count = self._window[: self._count].tolist(), 0
+        skipped = []
         for i, v in enumerate(values):
             if not math.isfinite(v):
                 if not skip_nonfinite:
-                    return total, len(values) - 1 - i
-                v = 0.0  # a skipped step (on_nonfinite="skip") adds nothing
+                    return total, len(values) - 1 - i, []
+                skipped.append(i)
+                continue
             total += v
-        return total, None
+        return total, None, skipped
 
 
 def _index_tensor(a, device: torch.device) -> torch.Tensor:

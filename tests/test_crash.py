@@ -26,6 +26,7 @@ import torch
 import lrml_kernels as lk
 from lrml_kernels import backends, data
 from lrml_kernels.cli import main
+from lrml_kernels.errors import LRMLWarning
 from lrml_kernels.training import CHECKPOINT, METRICS, NonFiniteLossError, TrainConfig, fit
 
 # Small torch ops: one intra-op thread (tests/conftest.py).
@@ -407,21 +408,39 @@ def test_cli_reports_nonfinite_loss_as_an_error(tmp_path, poison_step, capsys):
 
 def test_nonfinite_skip_skips_the_step_and_finishes(tmp_path, poison_step):
     calls = poison_step(5)
-    result = fit(small_cfg(on_nonfinite="skip", checkpoint_every=1), tmp_path / "full")
+    with pytest.warns(LRMLWarning, match="steps skipped"):
+        result = fit(small_cfg(on_nonfinite="skip", checkpoint_every=1), tmp_path / "full")
     assert calls[0] == result["final"]["steps"] > 5  # every step ran
     assert torch.isfinite(torch.tensor(result["final"]["loss"]))
     ckpt = load(tmp_path / "full")
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     # The skipped step changed nothing: 5 steps with the 5th skipped leave exactly the
     # parameters of 4 clean steps.
+    assert result["final"]["skipped_steps"] == 1
     calls = poison_step(5)
-    fit(small_cfg(on_nonfinite="skip", max_steps=5), tmp_path / "five")
+    with pytest.warns(LRMLWarning, match="epoch 1: 1 of 5 steps skipped"):
+        r5 = fit(small_cfg(on_nonfinite="skip", max_steps=5), tmp_path / "five")
     assert calls[0] == 5
     poison_step(10**9)
-    fit(small_cfg(max_steps=4), tmp_path / "four")
+    r4 = fit(small_cfg(max_steps=4), tmp_path / "four")
     five, four = load(tmp_path / "five")["model"], load(tmp_path / "four")["model"]
     for name, t in four.items():
         assert torch.equal(five[name], t), name
+    # the epoch's loss is the mean over the steps applied (was: over every row, the skipped
+    # step's as 0)
+    assert r5["final"]["loss"] == r4["final"]["loss"] and "skipped_steps" not in r4["final"]
+
+
+def test_nonfinite_skip_of_every_step_is_an_error_not_a_loss_of_0(tmp_path, monkeypatch):
+    # (an epoch whose steps were all skipped reported loss 0.0, HR 0, and the run went on)
+    real = backends.TORCH_BACKEND.hinge_loss_grads
+
+    def poisoned(*args):
+        return tuple(t * float("nan") for t in real(*args))
+
+    monkeypatch.setattr(backends.TORCH_BACKEND, "hinge_loss_grads", poisoned)
+    with pytest.raises(NonFiniteLossError, match="every step of epoch 1 .* was skipped"):
+        fit(small_cfg(on_nonfinite="skip"), tmp_path)
 
 
 # Runs `lrml train` with the writer of KILL_FILE patched: it waits (up to 3 s) for metrics.json to
