@@ -181,8 +181,11 @@ class TrainConfig:
             check_int(name, getattr(self, name))
         for name in ("seed", "eval_negatives", "checkpoint_every"):
             check_int(name, getattr(self, name), least=0)
-        if self.seed >= 2**63:  # torch's generators take seeds below 2**64, with the ranks' offsets
-            raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        if self.seed >= 2**32:  # torch's CPU generator keeps a seed's low 32 bits only
+            raise ValueError(
+                f"seed must be below 2**32, got {self.seed} (torch's CPU generator keeps 32 bits: "
+                f"it would train as seed {self.seed % 2**32})"
+            )
         lkdata.check_min_rating(self.data, self.min_rating)
         if self.eval == "sampled" and self.eval_negatives < 1:
             raise ValueError("eval='sampled' needs eval_negatives >= 1")

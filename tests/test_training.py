@@ -631,8 +631,8 @@ def test_epoch_order_is_a_seeded_permutation_shared_out_between_ranks(n, world):
 
 
 def test_epoch_order_of_a_large_seed():
-    # TrainConfig takes any seed >= 0; seed * 1_000_003 + epoch beyond 2**64 overflowed the
-    # generator's seed when the first epoch began (after the data and the model were built)
+    # EpochOrder takes any seed >= 0 (TrainConfig: below 2**32); seed * 1_000_003 + epoch beyond
+    # 2**64 overflowed the generator's seed when the first epoch began
     from lrml_kernels.batches import EpochOrder
 
     for seed in (2**45, 2**62):
