@@ -838,6 +838,14 @@ def test_evaluation_negatives_dense_users_and_too_few_items():
         D.leave_one_out(interactions(users, items, num_items=50), num_negatives=6)
 
 
+def test_too_few_negatives_names_the_users_own_id(tmp_path):
+    # (named the re-indexed user: "user 1" for "bob", an id the file does not hold)
+    rows = ["alice,a", "alice,b", "bob,a", "bob,b", "bob,c", "carol,c", "carol,a"]
+    f = write(tmp_path / "l.csv", "user,item\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"\(e\.g\. user bob: 0 of 3\)"):
+        D.load(f"csv:{f}", num_negatives=1, cache=False)
+
+
 @pytest.mark.parametrize("timestamps", ["known", "some missing", "none"])
 def test_leave_one_out_in_place_and_in_small_chunks(monkeypatch, timestamps):
     """``load`` lets the split compact the training rows inside the log's own arrays (and the

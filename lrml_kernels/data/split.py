@@ -228,9 +228,11 @@ def sample_eval_negatives(
     rng: np.random.Generator,
     *,
     max_rounds: int = 64,
+    user_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[len(users), k]`` items each user never interacted with, uniform, without replacement
-    within a row, rows sorted ascending.
+    within a row, rows sorted ascending. ``user_ids``: the data's own ids of the users (for the
+    error message).
 
     ``keys``: the sorted, unique ``user * num_items + item`` of every interaction (train and
     test); ``indptr``: its per-user offsets. Rejection sampling in numpy (duplicates and
@@ -243,10 +245,11 @@ def sample_eval_negatives(
     avail = num_items - deg
     if (avail < k).any():
         bad = int(np.argmax(avail < k))
+        who = users[bad] if user_ids is None else user_ids[users[bad]]
         raise ValueError(
             f"{int((avail < k).sum())} test users have fewer than num_negatives={k} items they "
-            f"never interacted with (e.g. user {int(users[bad])}: {int(avail[bad])} of "
-            f"{num_items}); sample fewer (lrml: --eval-negatives N, or 0 with --eval full)"
+            f"never interacted with (e.g. user {who}: {int(avail[bad])} of {num_items}); "
+            "sample fewer (lrml: --eval-negatives N, or 0 with --eval full)"
         )
     T = users.size
     neg = rng.integers(0, num_items, size=(T, k), dtype=np.int64)
@@ -390,7 +393,9 @@ def _leave_one_out(
     negatives = None
     if num_negatives:
         rng = np.random.default_rng(seed)
-        negatives = sample_eval_negatives(keys, indptr, test_users, I, int(num_negatives), rng)
+        negatives = sample_eval_negatives(
+            keys, indptr, test_users, I, int(num_negatives), rng, user_ids=x.user_ids
+        )
     del indptr
 
     # The training CSR is the full one minus each test pair: no second sort of the log, and no
@@ -462,8 +467,9 @@ def carve_validation(
     if num_negatives:
         rng = np.random.default_rng([seed, 0x7A11D])  # the validation stream: not the test's
         negatives = sample_eval_negatives(
-            all_keys, all_ptr, inner.test_users, I, int(num_negatives), rng
-        )
+            all_keys, all_ptr, inner.test_users, I, int(num_negatives), rng,
+            user_ids=split.train.user_ids,
+        )  # fmt: skip
     del all_keys, all_ptr
     return Split(
         train=inner.train,
