@@ -509,7 +509,8 @@ def _recommend(args) -> int:
 
         rated = recommend.rated_pairs(split, data.read_source(spec))
     exclude = recommend.exclusion_csr(split, args.exclude, rated)
-    batches = recommend.recommend_users(model, users, args.k, exclude, batch_size=args.batch_size)
+    k = min(args.k, split.num_items)  # (the lists hold no more: a k of 10^9 needs no memory)
+    batches = recommend.recommend_users(model, users, k, exclude, batch_size=args.batch_size)
     rows = recommend.write_csv(
         args.out, split, batches, total=users.size, progress=not args.no_progress
     )

@@ -136,8 +136,8 @@ def full_ranks(
             bar.update(u.shape[0])
             sub_ptr, sub_idx = batch_csr(indptr, indices, u)
             ud, t = u.to(device), tests[start : start + batch_size].to(device)
-            dist, ids = ranker.recommend(
-                ud, k + 1, exclude=(sub_ptr.to(device), sub_idx.to(device))
+            dist, ids = ranker.recommend(  # (no wider than the catalogue: a k of 10^9 is fine)
+                ud, min(k + 1, split.num_items), exclude=(sub_ptr.to(device), sub_idx.to(device))
             )
             is_test = ids == t[:, None]
             d_test = torch.where(is_test, dist, float("inf")).min(1, keepdim=True).values

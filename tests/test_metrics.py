@@ -156,6 +156,24 @@ def test_full_and_sampled_agree_when_negatives_are_everything_else():
         assert a["hr"] == pytest.approx(b["hr"]) and a["ndcg"] == pytest.approx(b["ndcg"])
 
 
+def test_a_k_beyond_the_catalogue_ranks_what_the_catalogue_holds():
+    # (the full protocol asked the ranker for k + 1 items however few the catalogue had: a k of
+    # 10^9 allocated [users, 10^9] and ran out of memory)
+    rng = np.random.default_rng(1)
+    table = rng.random((6, 9))
+    split = make_split([(u, u) for u in range(6)], [(u, (u + 3) % 9) for u in range(6)], None, 9)
+    asked = []
+
+    class Recording(TableRanker):
+        def recommend(self, users, k, exclude=None):
+            asked.append(k)
+            return super().recommend(users, k, exclude)
+
+    huge = evaluate(Recording(table), split, "full", k=10**9)
+    assert asked == [9] and huge["hr"] == 1.0
+    assert huge["ndcg"] == evaluate(TableRanker(table), split, "full", k=20)["ndcg"]
+
+
 def test_popularity_ranker():
     split = make_split(
         [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 3)], [(3, 1), (3, 2)], [[0, 3], [0, 3]], 4

@@ -157,6 +157,13 @@ def test_cli_writes_the_lists_with_the_sources_ids(csv_run, capsys):
         model, users, 4, recommend.exclusion_csr(split, "known")
     )
     assert [r["item"] for r in rows] == [str(split.train.item_ids[i]) for i in ids.reshape(-1)]
+    # a k beyond the catalogue lists the whole catalogue (it asked the top-k for [users, k]:
+    # out of memory at a k of 10^9)
+    out_all = csv_run / "all.csv"
+    argv = ["recommend", str(csv_run / "run" / "best.pt"), "-k", str(10**9), "--exclude", "none"]
+    assert main(argv + ["--users", "1007", "--out", str(out_all), "--no-progress"]) == 0
+    items = [r["item"] for r in csv.DictReader(out_all.read_text().splitlines())]
+    assert sorted(items) == sorted({r["item"] for r in log}) == sorted(set(items))
 
 
 def test_cli_warns_in_one_line_of_data_of_the_same_size_but_other_rows(csv_run, capsys):
