@@ -565,6 +565,9 @@ def _baseline(args) -> int:
     out = Path(args.out or DEFAULT_BASELINE_OUT)
     if args.out is not None and not args.overwrite:
         _refuse_a_run(out, "replace it with --overwrite, or name another --out")
+    protocols = args.eval or (["sampled", "full"] if args.eval_negatives else ["full"])
+    if "sampled" in protocols and not args.eval_negatives:
+        raise ValueError("--eval sampled needs --eval-negatives >= 1 (or use --eval full)")
     validation = args.select_on == "valid"
     split = data.load(
         args.data,
@@ -585,8 +588,8 @@ def _baseline(args) -> int:
         "train_interactions": len(split.train),
     }
     if validation:  # nothing to select: reported for comparison with LRML's validation curves
-        doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in args.eval}
-    doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in args.eval}
+        doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in protocols}
+    doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in protocols}
     out.mkdir(parents=True, exist_ok=True)
     for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
         (out / name).unlink(missing_ok=True)
@@ -768,7 +771,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--min-rating", type=float, default=None, metavar="R", help="as for train (default: all)"
     )
-    p.add_argument("--eval", nargs="+", default=["sampled", "full"], choices=["sampled", "full"])
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        choices=["sampled", "full"],
+        help="protocols (default: both; full alone with --eval-negatives 0)",
+    )
     p.add_argument(
         "-k", "--k", type=int, default=10, help="k of HR@k / nDCG@k (default: %(default)s)"
     )

@@ -582,6 +582,14 @@ def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_
     doc = json.loads((out / "metrics.json").read_text())
     assert "valid" not in doc and doc["train_interactions"] == len(plain.train)
     assert doc["test"]["sampled"] == evaluate(PopularityRanker(plain), plain, "sampled")
+    # without sampled negatives: full ranking by default, sampled refused naming --eval full
+    # (was "use protocol='full'", after loading the data)
+    zero = ["baseline", "popularity", "--data", "synthetic-small", "--eval-negatives", "0"]
+    assert main([*zero, "--out", str(tmp_path / "z")]) == 0
+    assert set(json.loads((tmp_path / "z" / "metrics.json").read_text())["test"]) == {"full"}
+    capsys.readouterr()
+    assert main([*zero, "--eval", "sampled", "--out", str(tmp_path / "s")]) == 2
+    assert "--eval sampled needs --eval-negatives >= 1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
