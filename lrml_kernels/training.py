@@ -788,7 +788,8 @@ class _Run:
                 }
             if cfg.patience is not None and _stale(self.history, self.best) >= cfg.patience:
                 stop = True
-                record["early_stop"] = True
+                if self.epoch + 1 < cfg.epochs:  # (patience out at the last epoch stops nothing)
+                    record["early_stop"] = True
             self.epoch += 1
             self.step_in_epoch, self.elapsed, self.loss_sum = 0, 0.0, 0.0
             self.skipped = [0, 0]

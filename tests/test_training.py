@@ -416,6 +416,15 @@ def test_early_stopping_stops(tmp_path, small_valid, one_thread):
         resume=True,
     )
     assert again["final"] == f
+    # patience running out at the last epoch stops nothing early (it said stopped_early: true)
+    r = fit(
+        cfg(epochs=3, select_on="valid", patience=2, lr=1e-12, lr_schedule="constant"),
+        tmp_path / "three",
+        split=small_valid,
+    )
+    f = r["final"]
+    assert (f["selected_epoch"], f["epochs_run"], f["stopped_early"]) == (1, 3, False)
+    assert not any("early_stop" in e for e in r["epochs"])
 
 
 def test_selection_survives_resume(tmp_path, small_valid, one_thread):
