@@ -20,6 +20,7 @@ from lrml_kernels.training import (
     CHECKPOINT,
     CURVE,
     METRICS,
+    OtherRankError,
     TrainConfig,
     TrainingInterrupted,
 )
@@ -842,6 +843,7 @@ def _run(parser, with_config, args, argv) -> int:
         BackendUnavailable,
         MissingExtra,  # an optional dependency: the message names the extra to install
         FloatingPointError,  # training.NonFiniteLossError
+        OtherRankError,  # a run of several processes stopped by another rank
     ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -110,6 +110,11 @@ class NonFiniteLossError(FloatingPointError):
     """Training met a NaN/Inf loss or gradient; the last good checkpoint is left intact."""
 
 
+class OtherRankError(RuntimeError):
+    """A run of several processes stopped on this rank because of another: its set-up or its
+    ``on_epoch`` failed there, or the replicas diverged. The message says which and why."""
+
+
 def check_int(name: str, value, least: int = 1) -> None:
     """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= least`` (1 or 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -524,7 +529,7 @@ def _agree_across_ranks(signature: dict | None, failed: Exception | None) -> Non
         return
     for r, (state, what) in enumerate(gathered):
         if state == "failed":
-            raise RuntimeError(f"rank {r} stopped during set-up: {what}")
+            raise OtherRankError(f"rank {r} stopped during set-up: {what}")
     sigs = [s for _, s in gathered]
     diffs = []  # the same message on every rank: each value with the ranks that have it
     for key in dict.fromkeys(k for s in sigs for k in s):
@@ -573,9 +578,9 @@ class _Run:
         out = self.out = Path(out_dir) if out_dir is not None else None
         if resume and (out is None or not (out / CHECKPOINT).exists()):
             raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = rank, world = _rank_world()
+        if out is not None and rank == 0:  # (rank 0 alone: it removes a folder it made in vain)
+            out.mkdir(parents=True, exist_ok=True)
         if world > 1 and not cfg.fused_optimizer:
             raise ValueError(
                 "fused_optimizer=False trains each process on its own batches (torch's optimizers "
@@ -817,7 +822,7 @@ class _Run:
             flag = torch.tensor([failed is not None], dtype=torch.int32, device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if failed is None and bool(flag.item()):
-                raise RuntimeError("on_epoch raised on another rank: training stopped there")
+                raise OtherRankError("on_epoch raised on another rank: training stopped there")
         if failed is not None:
             raise failed
 
@@ -966,7 +971,7 @@ class _Run:
                 raise OSError(f"rank 0 could not write its checkpoint: {gathered[0][1]}")
             if failed is None and any(sums != checksum for _, _, sums in gathered):
                 ranks = [r for r, (_, _, sums) in enumerate(gathered) if sums != gathered[0][2]]
-                raise RuntimeError(
+                raise OtherRankError(
                     f"the replicas diverged by step {self.global_step}: the parameters of rank "
                     f"{', '.join(map(str, ranks))} differ from rank 0's (the ranks computed the "
                     f"same update differently); {self._kept()}"
@@ -1028,6 +1033,7 @@ class _Run:
         split = self.split
         doc = {
             "config": asdict(self.cfg),
+            "world_size": self.world,  # processes: each steps on batch_size rows
             "data": split.name,
             "num_users": split.num_users,
             "num_items": split.num_items,
