@@ -827,6 +827,12 @@ def _one_line_warnings(command: str, show):
 
 def _run(parser, with_config, args, argv) -> int:
     try:
+        if args.command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+            # (each rank would run the whole command: results printed and files raced over)
+            raise ValueError(
+                f"lrml {args.command} runs in one process; of the commands, only lrml train "
+                "uses the processes torchrun starts"
+            )
         if getattr(args, "config", None):  # the file's options, then the command line's again
             values = _read_config(args.config)
             for p in with_config:

@@ -283,3 +283,17 @@ def test_out_of_memory_is_one_line_and_leaves_no_folder(
         assert err.startswith("lrml train: error: out of memory (") and len(err.splitlines()) == 1
         assert "a smaller --batch-size" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend", "explain", "baseline", "tune"])
+def test_commands_but_train_refuse_the_ranks_of_torchrun(monkeypatch, capsys, no_data, command):
+    # (every rank ran the whole command: evaluate printed its result once a rank, and the
+    # baseline's ranks raced over one --out)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"baseline": ["baseline", "popularity"], "tune": ["tune"]}.get(command, [command, "x"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lrml {command}: error: lrml {command} runs in one process; of the commands, only lrml "
+        "train uses the processes torchrun starts\n"
+    )
