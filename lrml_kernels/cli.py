@@ -458,8 +458,20 @@ def _evaluate(args) -> int:
                 m = evaluate(model, split, protocol, args.k, **kw)
             else:
                 m = compare(model, other, split, protocol, args.k, **kw)
+            _warn_if_no_users(m["users"], spec)
             print(json.dumps(m))
     return 0
+
+
+def _warn_if_no_users(users: int, spec: str) -> None:
+    """As ``lrml train`` warns: a split with no test users has HR and nDCG 0 by convention."""
+    if users == 0:
+        warnings.warn(
+            f"data set {spec!r}: the test split holds no users (a user needs two distinct "
+            "items, one to hold out): its HR and nDCG are 0 by convention, not measured",
+            LRMLWarning,
+            stacklevel=2,
+        )
 
 
 def _other_model(args, spec, split):
@@ -591,6 +603,7 @@ def _baseline(args) -> int:
     if validation:  # nothing to select: reported for comparison with LRML's validation curves
         doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in protocols}
     doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in protocols}
+    _warn_if_no_users(len(split.test_users), args.data)
     out.mkdir(parents=True, exist_ok=True)
     for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
         (out / name).unlink(missing_ok=True)

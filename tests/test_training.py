@@ -531,6 +531,22 @@ def test_cli_evaluate_of_a_run_without_sampled_negatives_ranks_in_full(
     assert "no sampled negatives; use --eval full" in capsys.readouterr().err
 
 
+def test_evaluate_and_baseline_warn_of_a_test_split_without_users(tmp_path, capsys, one_thread):
+    # (lrml train warned of it; evaluate and baseline printed "users": 0, "hr": 0.0 alone)
+    f = tmp_path / "one.csv"
+    f.write_text("user,item\n1,a\n2,b\n3,a\n")  # nobody has two items: nothing to hold out
+    words = "the test split holds no users (a user needs two distinct items, one to hold out)"
+    base = ["--data", f"csv:{f}", "--eval", "full"]
+    assert main(["baseline", "popularity", *base, "--out", str(tmp_path / "b")]) == 0
+    assert f"lrml baseline: warning: data set 'csv:{f}': {words}" in capsys.readouterr().err
+    argv = ["train", *base, "--eval-negatives", "0", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "t" / CHECKPOINT), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["users"] == 0 and "lrml evaluate: warning: data set" in out.err
+
+
 def test_an_option_of_a_newer_version_is_refused_on_resume_and_named_on_evaluate(
     tmp_path, capsys, one_thread
 ):
