@@ -11,6 +11,7 @@ ranker which column holds the held-out item.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from types import SimpleNamespace
 
@@ -159,9 +160,12 @@ def evaluate(ranker, split, protocol: str = "sampled", k: int = 10, *, shard=Non
     as SPEC.md defines; ``*_se`` their standard errors over the test users: how far another
     draw of as many users would move them).
     """
-    _check_protocol(protocol, k)
+    k = _check_protocol(protocol, k)
     if shard is not None:
-        split = _test_rows(split, slice(shard[0], None, shard[1]))
+        rank, world = shard
+        if not all(isinstance(v, numbers.Integral) for v in shard) or not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+        split = _test_rows(split, slice(rank, None, world))
     hit, ndcg = per_user(_ranks(ranker, split, protocol, k, kw), k)
     sums = [hit.sum().item(), ndcg.sum().item(), float(hit.numel()), (ndcg * ndcg).sum().item()]
     if shard is not None and shard[1] > 1:
@@ -192,7 +196,7 @@ def compare(ranker, other, split, protocol: str = "sampled", k: int = 10, **kw) 
     smaller than either model's own when the two agree on most users. ``kw`` as in
     :func:`evaluate`.
     """
-    _check_protocol(protocol, k)
+    k = _check_protocol(protocol, k)
     a_hit, a_ndcg = per_user(_ranks(ranker, split, protocol, k, kw), k)
     b_hit, b_ndcg = per_user(_ranks(other, split, protocol, k, kw), k)
     users = int(a_hit.numel())
@@ -209,15 +213,36 @@ def compare(ranker, other, split, protocol: str = "sampled", k: int = 10, **kw) 
     return doc
 
 
-def _check_protocol(protocol: str, k) -> None:
+def _check_protocol(protocol: str, k) -> int:
+    """``k`` as an int (a numpy integer too), or ``ValueError``; the same for ``protocol``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_ranker(ranker, split, kw: dict) -> None:
+    """A ranker of another catalogue (or user table) than ``split`` would rank ids the split
+    does not have, or miss some: ``ValueError``. So for a ``batch_size`` below 1."""
+    for name in ("num_items", "num_users"):
+        size = getattr(ranker, name, None)
+        if isinstance(size, numbers.Integral) and size != getattr(split, name):
+            raise ValueError(
+                f"the ranker has {name}={size} but the split {getattr(split, name)}: it was "
+                "made for other data"
+            )
+    batch_size = kw.get("batch_size")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):  # fmt: skip
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _ranks(ranker, split, protocol: str, k: int, kw: dict) -> torch.Tensor:
     """The held-out items' ranks under ``protocol``, the ranker in eval mode meanwhile."""
+    _check_ranker(ranker, split, kw)
     was_training = getattr(ranker, "training", False)
     if was_training:
         ranker.eval()
@@ -269,6 +294,8 @@ class PopularityRanker:
         global order that the user does not exclude. With the user's excluded positions sorted,
         ``e_0 < e_1 < ...``, the j-th free position is ``j + #{i : e_i − i ≤ j}``; no
         ``[B, items]`` array is formed."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")  # (as LRML.recommend)
         B, n = users.shape[0], self.order.shape[0]
         want = torch.arange(k, device=self.device).expand(B, k)
         pos = want
@@ -294,6 +321,9 @@ class PopularityRanker:
 def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):
     """The rows ``users`` of the CSR ``(indptr, indices)`` as a CSR of their own: ``(indptr
     [len(users)+1], indices)``, int64 (``indices`` may be int32: only the batch's are widened)."""
+    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= indptr.shape[0] - 1):
+        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
+        raise IndexError(f"users holds {bad}, out of range for a CSR of {indptr.shape[0] - 1} rows")
     lo, hi = indptr[users], indptr[users + 1]
     lengths = hi - lo
     sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
@@ -306,7 +336,8 @@ def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):
 
 def _device_of(ranker) -> torch.device:
     if isinstance(ranker, torch.nn.Module):
-        return next(ranker.parameters()).device
+        p = next(ranker.parameters(), None)  # (a module without parameters: the CPU)
+        return p.device if p is not None else torch.device("cpu")
     return getattr(ranker, "device", torch.device("cpu"))
 
 

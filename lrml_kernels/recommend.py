@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,9 +75,13 @@ def rated_pairs(split, log) -> tuple[np.ndarray, np.ndarray]:
 
 def user_indices(split, ids: list[str] | None) -> np.ndarray:
     """int64 indices of the users whose original ids (as written in the source) are ``ids``,
-    in that order; every user, ascending, for None. An unknown id raises ``ValueError``."""
+    in that order (an id may be given as a number too: ``196`` is ``"196"``); every user,
+    ascending, for None. An unknown id raises ``ValueError``."""
     if ids is None:
         return np.arange(split.num_users, dtype=np.int64)
+    if isinstance(ids, (str, bytes)):  # (would be split into its characters)
+        raise TypeError(f"ids must be a list of ids, not one {type(ids).__name__}: [{ids!r}]")
+    ids = [str(u) for u in ids]
     index = {str(u): i for i, u in enumerate(split.train.user_ids.tolist())}
     missing = [u for u in ids if u not in index]
     if missing:
@@ -96,10 +101,25 @@ def recommend_users(
     device = torch.device(device) if device is not None else _device_of(ranker)
     if batch_size is None:
         batch_size = 8192 if device.type == "cuda" else 1024
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    users = torch.as_tensor(users)
+    if users.dtype.is_floating_point or users.dtype.is_complex or users.dtype == torch.bool:
+        raise TypeError(f"users must hold integer indices, got {users.dtype}")
+    num_users = getattr(ranker, "num_users", None)
+    if exclude is not None:
+        num_users = torch.as_tensor(exclude[0]).shape[0] - 1
+    if users.numel() and (int(users.min()) < 0 or (num_users and int(users.max()) >= num_users)):
+        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
+        raise IndexError(f"users holds {bad}, out of range for {num_users} users")
     if exclude is not None:
         indptr = torch.as_tensor(exclude[0], dtype=torch.int64)
         indices = torch.as_tensor(exclude[1])
-    users = torch.as_tensor(users, dtype=torch.int64)
+    users = users.to(torch.int64)
     with torch.no_grad():
         for start in range(0, users.shape[0], batch_size):
             u = users[start : start + batch_size]

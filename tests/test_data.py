@@ -1579,3 +1579,41 @@ def test_fingerprint_in_background_and_page_population():
         thread.join()
     assert np.array_equal(a[: 1 << 20], np.arange(1 << 20) + 1)
     assert np.array_equal(a[1 << 20 :], np.arange(1 << 20, 3 << 20))
+
+
+def test_a_split_pickles_before_its_fingerprint_is_read():
+    # load() hashes the training data on a thread: the split held that thread and could not be
+    # pickled or deep-copied (DataLoader workers, multiprocessing) until fingerprint() was read
+    import copy
+    import pickle
+
+    s = D.load("synthetic-small")
+    for twin in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert twin.fingerprint() == s.fingerprint()
+        assert np.array_equal(twin.train.users, s.train.users)
+
+
+def test_split_helpers_check_their_arguments_as_load_does():
+    x = D.load("synthetic-small").train
+    for bad in (-1, None, 1.5):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            D.leave_one_out(x, seed=bad)
+    for bad in (-1, 1.5):  # (1.5 was 1 negative; -1 a numpy error)
+        with pytest.raises(ValueError, match="num_negatives must be a non-negative integer"):
+            D.leave_one_out(x, num_negatives=bad)
+    s = D.leave_one_out(x, num_negatives=5)
+    for bad in (None, np.random.default_rng(0)):  # (were a TypeError deep inside numpy)
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            D.carve_validation(s, seed=bad)
+    # float negatives were truncated (1.7 became item 1); float users and items were refused
+    with pytest.raises(ValueError, match="test_negatives must hold integer item ids"):
+        D.Split(x, test_users=[0], test_items=[0], test_negatives=[[1.7]], num_users=x.num_users,
+                num_items=x.num_items)  # fmt: skip
+
+
+def test_numpy_numbers_are_numbers(tmp_path):
+    # (min_rating=np.int64(3) was "must be a finite number, got np.int64(3)")
+    f = write(tmp_path / "r.csv", "user,item,rating\n1,1,5\n1,2,2\n2,1,4\n2,2,5\n1,3,4\n")
+    got = D.load(f"csv:{f}", min_rating=np.int64(4), num_negatives=0, seed=np.int64(3))
+    want = D.load(f"csv:{f}", min_rating=4, num_negatives=0, seed=3)
+    assert got.fingerprint() == want.fingerprint()

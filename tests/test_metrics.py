@@ -415,3 +415,53 @@ def test_lrml_evaluate_against_compares_two_checkpoints_of_one_split(tmp_path, c
     other = str(tmp_path / "other" / "checkpoint.pt")
     assert main(["evaluate", a, "--against", other, "--no-progress"]) == 2
     assert "was not trained on the split" in capsys.readouterr().err
+
+
+def test_evaluate_checks_shard_batch_size_and_the_rankers_catalogue():
+    import lrml_kernels as lk
+    from lrml_kernels import data
+
+    s = data.load("synthetic-small")
+    pop = PopularityRanker(s)
+    # shard (1, 1) evaluated 299 of 300 users and (-1, 1) one, without an error
+    for bad in [(1, 1), (-1, 1), (0, 0), (0, -1), (0.5, 2)]:
+        with pytest.raises(ValueError, match="shard must be"):
+            evaluate(pop, s, shard=bad)
+    # a batch size below 1 evaluated nobody ({'users': 0, 'hr': 0.0})
+    for protocol in ("sampled", "full"):
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+                evaluate(pop, s, protocol, batch_size=bad)
+    # a model of another catalogue ranked item ids the split does not have
+    other = lk.LRML(s.num_users, s.num_items + 1000, dim=8, memory_slots=4)
+    for protocol in ("sampled", "full"):
+        with pytest.raises(ValueError, match=r"num_items=1200 but the split 200"):
+            evaluate(other, s, protocol)
+    # numpy integers are integers; the result's k is a plain int (it goes to JSON)
+    got = evaluate(pop, s, "full", k=np.int64(5))
+    assert type(got["k"]) is int and got == evaluate(pop, s, "full", k=5)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        pop.recommend(torch.tensor([0]), 0)  # (was an empty list; -1 a torch.arange error)
+
+
+def test_a_ranker_module_without_parameters_runs_on_the_cpu():
+    class Constant(torch.nn.Module):  # (next(parameters()) raised a bare StopIteration)
+        def distances(self, users, items):
+            return torch.zeros(items.shape)
+
+        def recommend(self, users, k, exclude=None):
+            return torch.zeros(users.shape[0], k), torch.arange(k).expand(users.shape[0], k)
+
+    split = make_split([(0, 0), (1, 1)], [(0, 2), (1, 3)], [[4], [5]], 6)
+    assert evaluate(Constant(), split, "sampled")["users"] == 2
+
+
+def test_batch_csr_checks_its_users():
+    from lrml_kernels.metrics import batch_csr
+
+    indptr, indices = torch.tensor([0, 2, 3, 3, 5]), torch.tensor([1, 4, 2, 0, 3])
+    ptr, idx = batch_csr(indptr, indices, torch.tensor([3, 0]))
+    assert ptr.tolist() == [0, 2, 4] and idx.tolist() == [0, 3, 1, 4]
+    for bad in (-2, -1, 4):  # (-2 gave user 3's row)
+        with pytest.raises(IndexError, match=f"users holds {bad}, out of range for a CSR of 4"):
+            batch_csr(indptr, indices, torch.tensor([bad]))

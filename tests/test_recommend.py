@@ -246,3 +246,25 @@ def test_known_leaves_out_what_a_user_rated_below_min_rating(tmp_path, capsys):
         listed = {e: {r["item"] for r in rows[e] if r["user"] == str(user)} for e in rows}
         assert seen & set(item_id) <= listed["train"] and seen & set(item_id)  # rankable
         assert listed["known"] == listed["train"] - seen - {test[str(user)]}
+
+
+def test_user_indices_and_recommend_users_check_their_users():
+    split = data.load("synthetic-small")
+    ids = split.train.user_ids
+    # one string was split into its characters ("196": users '1', '9', '6')
+    with pytest.raises(TypeError, match="ids must be a list of ids, not one str"):
+        recommend.user_indices(split, str(ids[5]))
+    # numbers name the ids they are written as
+    assert recommend.user_indices(split, [int(ids[5]), str(ids[7])]).tolist() == [5, 7]
+    model = lk.LRML(split.num_users, split.num_items, dim=8, memory_slots=2)
+    exclude = recommend.exclusion_csr(split, "known")
+    for users, error, words in [
+        (np.array([1.9]), TypeError, "users must hold integer indices, got torch.float64"),
+        (np.array([-1]), IndexError, "users holds -1, out of range for 300 users"),
+        (np.array([300]), IndexError, "users holds 300, out of range for 300 users"),
+    ]:  # (1.9 was user 1; -1 and 300 internal torch errors, or user -1 written as user 299)
+        for ex in (exclude, None):
+            with pytest.raises(error, match=words):
+                next(recommend.recommend_users(model, users, 3, ex))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got -1"):
+        next(recommend.recommend_users(model, np.arange(3), 3, None, batch_size=-1))

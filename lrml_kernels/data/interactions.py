@@ -147,7 +147,8 @@ class Interactions:
         pending, self._pending_fingerprint = self._pending_fingerprint, None
         if pending is not None:
             thread, result = pending
-            thread.join()
+            if thread is not None:  # (None: a copy, the result came with it)
+                thread.join()
             if result:  # (else the thread failed: hashing again raises the error here)
                 return result[0]
         return self._hash()
@@ -164,6 +165,18 @@ class Interactions:
         )
         thread.start()
         self._pending_fingerprint = (thread, result)
+
+    def __getstate__(self) -> dict:
+        """Pickled (or deep-copied) without the background hash's thread: it is waited for and
+        its result kept, so the copy's :meth:`fingerprint` needs no second hash."""
+        pending = self._pending_fingerprint
+        state = dict(self.__dict__, _pending_fingerprint=None)
+        if pending is not None:
+            thread, result = pending
+            thread.join()
+            if result:
+                state["_pending_fingerprint"] = (None, result)
+        return state
 
     def _hash(self) -> str:
         h = hashlib.sha256(b"lrml-interactions-v1")
@@ -236,6 +249,8 @@ class Split:
         _check_range(f"{kind}_items", items, self.num_items)
         if negatives is not None:
             neg = np.asarray(negatives)
+            if neg.size and not np.issubdtype(neg.dtype, np.integer):  # (1.7 was item 1)
+                raise ValueError(f"{kind}_negatives must hold integer item ids, got {neg.dtype}")
             if neg.dtype != np.int64:
                 neg = neg.astype(np.int64)
             if neg.ndim != 2 or neg.shape[0] != users.shape[0]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Integral
+from numbers import Real
 from pathlib import Path
 
 from lrml_kernels.data._compiled import plain_pages
@@ -16,7 +16,7 @@ from lrml_kernels.data.readers import (
     read_netflix,
     read_netflix_mat,
 )
-from lrml_kernels.data.split import _leave_one_out, carve_validation
+from lrml_kernels.data.split import _leave_one_out, carve_validation, check_seed_and_negatives
 from lrml_kernels.data.synthetic_data import synthetic
 
 __all__ = ["SYNTHETIC", "check_min_rating", "load", "read_source"]
@@ -66,7 +66,7 @@ def check_min_rating(spec: str, min_rating) -> float | None:
     column is found out when it is)."""
     if min_rating is None:
         return None
-    number = isinstance(min_rating, (int, float)) and not isinstance(min_rating, bool)
+    number = isinstance(min_rating, Real) and not isinstance(min_rating, bool)
     if not (number and math.isfinite(min_rating)):
         raise ValueError(f"min_rating must be a finite number or None, got {min_rating!r}")
     if isinstance(spec, str):  # (another spec is refused by load with the accepted forms)
@@ -104,16 +104,7 @@ def load(
             (:func:`lrml_kernels.data.carve_validation`, seeded by ``seed``): the training data
             then excludes the validation pairs. The test split is the same either way.
     """
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if num_negatives is not None and (
-        isinstance(num_negatives, bool)
-        or not isinstance(num_negatives, Integral)
-        or num_negatives < 0
-    ):
-        raise ValueError(
-            f"num_negatives must be a non-negative integer or None, got {num_negatives!r}"
-        )
+    check_seed_and_negatives(seed, num_negatives)
     min_rating = check_min_rating(spec, min_rating)
     # (without a validation split the split is final as built: its training data is hashed
     # for the fingerprint on another thread meanwhile)

@@ -20,6 +20,8 @@ rows, the look-ups of the negatives, the compaction of the training rows) run as
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
 
 from lrml_kernels.data._compiled import data_op, tensor
@@ -306,6 +308,20 @@ def sample_eval_negatives(
     return neg
 
 
+def check_seed_and_negatives(seed, num_negatives) -> None:
+    """``ValueError`` unless ``seed`` is an integer >= 0 and ``num_negatives`` one or None."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if num_negatives is not None and (
+        isinstance(num_negatives, bool)
+        or not isinstance(num_negatives, Integral)
+        or num_negatives < 0
+    ):
+        raise ValueError(
+            f"num_negatives must be a non-negative integer or None, got {num_negatives!r}"
+        )
+
+
 def leave_one_out(
     interactions: Interactions, *, num_negatives: int | None = 100, seed: int = 0
 ) -> Split:
@@ -316,6 +332,7 @@ def leave_one_out(
         num_negatives: sampled-protocol candidates per test user (0 or None: no negatives).
         seed: seeds the negatives (numpy ``default_rng``); the split itself is deterministic.
     """
+    check_seed_and_negatives(seed, num_negatives)
     return _leave_one_out(interactions, num_negatives, seed, consume=False)
 
 
@@ -440,6 +457,7 @@ def carve_validation(
 
     ``consume``: the caller gives ``split`` away (its training arrays may be compacted in place).
     """
+    check_seed_and_negatives(seed, num_negatives)
     if split.has_validation:
         raise ValueError(f"{split.name or 'this split'} already has a validation split")
     U, I = split.num_users, split.num_items
