@@ -406,6 +406,11 @@ def _tune(args) -> int:
             file=sys.stderr,
         )
         return 130
+    if r.get("all_diverged"):
+        raise ValueError(
+            f"every completed trial diverged (a non-finite loss), so no best_config.json: lower "
+            f"the learning rate or its range ({args.out}/trials.json holds the trials)"
+        )
     print(json.dumps(r["best"], indent=2))
     print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
     return 0

@@ -125,6 +125,9 @@ def _check_search(search) -> None:
     unknown = sorted(set(search) - set(SPACE))
     if unknown:
         raise ValueError(f"cannot search {unknown}: the search space has {sorted(SPACE)}")
+    twice = sorted({n for n in search if list(search).count(n) > 1})
+    if twice:
+        raise ValueError(f"search names {', '.join(twice)} more than once")
 
 
 def tune(
@@ -193,6 +196,11 @@ def tune(
     base.validate()
     if not base.reject_positives and "popularity_negatives" in search:
         search = tuple(name for name in search if name != "popularity_negatives")
+        if not search:
+            raise ValueError(
+                "nothing to search: popularity_negatives needs reject_positives, and the search "
+                "has nothing else"
+            )
         _warn("popularity_negatives is not searched: it needs reject_positives")
     starts = [("the options given", base)]
     starts += [
@@ -363,23 +371,29 @@ def _queue_starts(study, starts, search, room: int) -> None:
     with values outside :data:`SPACE` (drawn instead) and of the points left out."""
     from optuna.trial import TrialState
 
-    complete = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    # (params, start label or True) of the completed and the queued trials
+    tried = [
+        (t.params, t.user_attrs.get(START))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ]
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    queued = [t.system_attrs.get("fixed_params", {}) for t in waiting]
+    queued = [(t.system_attrs.get("fixed_params", {}), t.user_attrs.get(START)) for t in waiting]
     left_out = []
     for label, cfg in starts:
         params = base_params(cfg, search)
-        if any(_holds(p, params) for p in complete + queued):
+        drawn = [n for n in search if ("lr_factor" if n == "lr" else n) not in params]
+        # a point with values drawn by the sampler matches other trials in what is left of it:
+        # it is tried unless a trial of it, by its label, was
+        if any(_holds(p, params) and (not drawn or s == label) for p, s in tried + queued):
             continue
         if len(queued) >= room:
             left_out.append(label)
             continue
-        drawn = [n for n in search if ("lr_factor" if n == "lr" else n) not in params]
         if drawn:
             values = ", ".join(f"{n} {getattr(cfg, n)!r}" for n in drawn)
             _warn(f"{label}: {values} outside the search space, drawn by the sampler")
-        study.enqueue_trial(params, user_attrs={START: True})
-        queued.append(params)
+        study.enqueue_trial(params, user_attrs={START: label})
+        queued.append((params, label))
     if left_out:
         _warn(f"not tried, the study's trials are used up (raise --trials): {', '.join(left_out)}")
 
@@ -426,6 +440,8 @@ def _write_outputs(study, out: Path, seconds: float, plots: bool = True) -> dict
     if not complete:
         return {"best": None, **result}
     best = study.best_trial
+    if best.user_attrs.get("diverged"):  # every completed trial diverged: nothing to recommend
+        return {"best": None, "all_diverged": True, **result}
     config = dict(best.user_attrs["config"])
     config["_tuned"] = {
         "study": study.study_name,

@@ -413,3 +413,39 @@ def test_non_finite_values_are_written_as_null(tmp_path, monkeypatch):
     assert trials[0]["value"] is None and trials[0]["user_attrs"]["valid_hr"] is None
     tuned = json.loads((tmp_path / "best_config.json").read_text())["_tuned"]
     assert tuned["valid_ndcg"] is None and tuned["valid_hr"] is None
+
+
+def test_a_start_point_with_values_outside_the_space_is_still_tried(tmp_path, capsys, one_thread):
+    # (dim 48 is not among the searched dims: what was left of the point, {}, matched the
+    # options given, so the point was never tried and no warning was given)
+    kw = dict(storage=f"sqlite:///{tmp_path / 's.db'}", search=("dim",), progress=False)
+    r = tune(tiny(), tmp_path, trials=3, start_from=[{"dim": 48}], **kw)
+    starts = [t["user_attrs"].get("start") for t in r["trials"]]
+    assert starts[:2] == ["the options given", "start point 1"] and not starts[2]
+    assert "start point 1: dim 48 outside the search space, drawn by the sampler" in (
+        capsys.readouterr().err
+    )
+    # resumed: it was tried (known by its label), so it is not queued again
+    r = tune(tiny(), tmp_path, trials=4, start_from=[{"dim": 48}], **kw)
+    assert [t["user_attrs"].get("start") for t in r["trials"]].count("start point 1") == 1
+
+
+def test_search_mistakes_and_an_all_diverged_study_are_errors_not_results(tmp_path, capsys):
+    with pytest.raises(ValueError, match="search names lr more than once"):  # (was a KeyError)
+        tune(tiny(), tmp_path / "a", trials=1, search=("lr", "lr"))
+    with pytest.raises(ValueError, match="nothing to search"):  # (ran trials of nothing)
+        tune(tiny(reject_positives=False), tmp_path / "b", search=("popularity_negatives",))
+    # every trial diverges: no best_config.json (it named a diverged configuration, exit 0)
+    sgd = tiny(optimizer="sgd", lr=1e30, max_norm=None)
+    r = tune(sgd, tmp_path / "c", trials=2, search=("margin",), progress=False)
+    assert r["best"] is None and r["all_diverged"]
+    assert not (tmp_path / "c" / tuning.BEST_CONFIG).exists()
+    argv = ["tune", "--data", "synthetic-small", "--epochs", "1", "--trials", "2", "--lr", "1e30"]
+    argv += ["--optimizer", "sgd", "--max-norm", "0", "--search", "margin", "--no-progress"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("lrml tune: error: every completed trial diverged")
+        and len(err.splitlines()) == 1
+    ), err
