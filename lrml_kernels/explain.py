@@ -243,21 +243,27 @@ def probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if groups is None:
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))
-    else:
+    def splits_of(labels: np.ndarray) -> list:
+        if groups is None:
+            return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, labels))
         cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        splits = list(cv.split(y, y, groups))
+        return list(cv.split(y, labels, groups))
+
     rng = np.random.default_rng(seed)
     sets = dict(features)
     labels = dict.fromkeys(sets, y)
     if "r" in sets:
         sets["shuffled"], labels["shuffled"] = sets["r"], rng.permutation(y)
+    # folds stratified on the labels probed: the real labels' folds could leave a fold of the
+    # permuted ones with one class, whose AUC is NaN (it was shown as "nan ± nan")
+    splits = {False: splits_of(y)}
+    if "shuffled" in sets:
+        splits[True] = splits_of(labels["shuffled"])
     out = {}
     for name, X in sets.items():
         yy = labels[name]
         scores = []
-        for train, test in splits:
+        for train, test in splits[name == "shuffled"]:
             clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
             clf.fit(X[train], yy[train])
             scores.append(_auc(yy[test], clf.predict_proba(X[test]), clf.classes_))
@@ -763,6 +769,17 @@ def _report(
     return text
 
 
+def _finite_or_null(x):
+    """``x`` with every NaN/inf float None (null: JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
 def run(
     checkpoint,
     out,
@@ -870,6 +887,7 @@ def run(
         },
         "seconds": seconds,
     }
-    text = json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8")
+    text = json.dumps(_finite_or_null(summary), indent=2, ensure_ascii=False, allow_nan=False)
+    text = text.encode("utf-8")
     atomic_write(out / "probes.json", lambda f: f.write(text))
     return summary

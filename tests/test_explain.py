@@ -357,3 +357,17 @@ def test_a_grouped_class_in_fewer_groups_than_folds_is_left_out():
         mp.setattr(explain, "pair_features", lambda *args: feats)
         explain._probe_seed(None, side, [target], 0, n, 2, None, results, pairs, bar)
     assert results[target.name].scores == {} and pairs[target.name] == []
+
+
+def test_the_shuffled_probe_is_stratified_on_its_own_labels():
+    # A class of 5 rows in 5 folds: the real labels' folds hold one each, the permuted labels'
+    # rows of that class fall anywhere, so a test fold with none gave AUC NaN ("nan ± nan" in
+    # report.md, NaN in probes.json)
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(0)
+    y = np.zeros(200, dtype=np.int64)
+    y[:5] = 1
+    X = rng.normal(size=(200, 4))
+    for seed in range(5):
+        got = explain.probe({"r": X}, y, folds=5, seed=seed)
+        assert np.isfinite(got["r"]) and np.isfinite(got["shuffled"]), (seed, got)
