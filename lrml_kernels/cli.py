@@ -761,10 +761,14 @@ def main(argv=None) -> int:
         "--max-pairs",
         type=int,
         default=50_000,
-        help="pairs drawn per seed for the probes (default: %(default)s)",
+        help="pairs drawn per seed for the probes, at least 1,000 (default: %(default)s)",
     )
-    p.add_argument("--seeds", type=int, default=5, help="seeds of draws and folds (default: 5)")
-    p.add_argument("--folds", type=int, default=2, help="cross-validation folds (default: 2)")
+    p.add_argument(
+        "--seeds", type=int, default=5, help="seeds of draws and folds, at least 2 (default: 5)"
+    )
+    p.add_argument(
+        "--folds", type=int, default=2, help="cross-validation folds, at least 2 (default: 2)"
+    )
     p.add_argument(
         "--cml",
         default=None,

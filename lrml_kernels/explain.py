@@ -821,7 +821,8 @@ def run(
         ("folds", folds, 2),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            flag = "--" + name.replace("_", "-")  # (the command line's name beside the API's)
+            raise ValueError(f"{name} ({flag}) must be an integer >= {low}, got {value!r}")
     seconds = {}
     start = time.perf_counter()
     model, ckpt, split, side = _load(checkpoint, data, device, backend)

@@ -275,6 +275,8 @@ def test_lrml_explain_writes_report_and_plots(tmp_path, capsys, one_thread):
     assert "a CML model (lrml train --relation none) expected" in capsys.readouterr().err
     assert cli.main([*argv, "--backend", "cuda"]) == 2  # (no CUDA here, or not the data's device)
     assert "cuda" in capsys.readouterr().err
+    assert cli.main([*argv, "--max-pairs", "999"]) == 2  # (the error named max_pairs alone)
+    assert "max_pairs (--max-pairs) must be an integer >= 1000, got 999" in capsys.readouterr().err
     cfg = TrainConfig(data=f"movielens:{data}", epochs=1, dim=8, relation="none", progress=False)
     fit(cfg, tmp_path / "cml")
     assert cli.main(["explain", str(tmp_path / "cml" / "checkpoint.pt"), "--out", str(out)]) == 2
