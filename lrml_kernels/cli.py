@@ -401,10 +401,12 @@ def _tune(args) -> int:
         )
     except KeyboardInterrupt:  # tune has written the outputs of the trials completed
         resume = "; the same command resumes the study" if args.storage else ""
-        print(
-            f"lrml tune: interrupted; {args.out} holds the trials completed{resume}",
-            file=sys.stderr,
+        held = (
+            f"{args.out} holds the trials completed"
+            if (Path(args.out) / "trials.json").exists()
+            else "no trial had completed"
         )
+        print(f"lrml tune: interrupted; {held}{resume}", file=sys.stderr)
         return 130
     if r.get("all_diverged"):
         raise ValueError(

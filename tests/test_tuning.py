@@ -449,3 +449,14 @@ def test_search_mistakes_and_an_all_diverged_study_are_errors_not_results(tmp_pa
         err.startswith("lrml tune: error: every completed trial diverged")
         and len(err.splitlines()) == 1
     ), err
+
+
+def test_ctrl_c_before_any_trial_says_none_completed(tmp_path, capsys, monkeypatch):
+    # (said "OUT holds the trials completed" of an empty folder)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning, "tune", interrupted)
+    out = tmp_path / "t"
+    assert main(["tune", "--data", "synthetic-small", "--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "lrml tune: interrupted; no trial had completed\n"
