@@ -130,6 +130,8 @@ def full_ranks(
     indices = torch.as_tensor(indices)  # int32 or int64: each batch's rows are widened
     users = torch.as_tensor(split.test_users, dtype=torch.int64)
     tests = torch.as_tensor(split.test_items, dtype=torch.int64)
+    # no wider than the catalogue (where the split says it): a k of 10^9 needs no memory
+    width = min(k + 1, getattr(split, "num_items", k + 1))
     ranks = []
     with torch.no_grad(), _bar(users.shape[0], "full ranking", progress) as bar:
         for start in range(0, users.shape[0], batch_size):
@@ -137,8 +139,8 @@ def full_ranks(
             bar.update(u.shape[0])
             sub_ptr, sub_idx = batch_csr(indptr, indices, u)
             ud, t = u.to(device), tests[start : start + batch_size].to(device)
-            dist, ids = ranker.recommend(  # (no wider than the catalogue: a k of 10^9 is fine)
-                ud, min(k + 1, split.num_items), exclude=(sub_ptr.to(device), sub_idx.to(device))
+            dist, ids = ranker.recommend(
+                ud, width, exclude=(sub_ptr.to(device), sub_idx.to(device))
             )
             is_test = ids == t[:, None]
             d_test = torch.where(is_test, dist, float("inf")).min(1, keepdim=True).values
@@ -226,11 +228,10 @@ def _check_ranker(ranker, split, kw: dict) -> None:
     """A ranker of another catalogue (or user table) than ``split`` would rank ids the split
     does not have, or miss some: ``ValueError``. So for a ``batch_size`` below 1."""
     for name in ("num_items", "num_users"):
-        size = getattr(ranker, name, None)
-        if isinstance(size, numbers.Integral) and size != getattr(split, name):
+        size, want = getattr(ranker, name, None), getattr(split, name, None)
+        if isinstance(size, numbers.Integral) and want is not None and size != want:
             raise ValueError(
-                f"the ranker has {name}={size} but the split {getattr(split, name)}: it was "
-                "made for other data"
+                f"the ranker has {name}={size} but the split {want}: it was made for other data"
             )
     batch_size = kw.get("batch_size")
     if batch_size is not None and (
