@@ -23,6 +23,7 @@ from lrml_kernels.training import (
     OtherRankError,
     TrainConfig,
     TrainingInterrupted,
+    warn_no_users,
 )
 
 DEFAULT_OUT = "runs/latest"  # lrml train's output folder when --out is not given
@@ -442,6 +443,31 @@ def _checkpoint_and_data(args):
     return model, spec, split, ckpt
 
 
+def _add_eval_args(p: argparse.ArgumentParser, *, k: int | None, k_help: str) -> None:
+    """``--eval`` and ``-k`` of the commands that evaluate a ranker (evaluate, baseline)."""
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        choices=["sampled", "full"],
+        help="protocols (default: both; full alone with --eval-negatives 0)",
+    )
+    p.add_argument("-k", "--k", type=int, default=k, help=f"k of HR@k / nDCG@k (default: {k_help})")
+
+
+def _protocols(asked: list[str] | None, sampled_negatives: bool, whose: str) -> list[str]:
+    """The protocols to run: those ``asked`` (``--eval``), by default both, or full ranking alone
+    where there are no sampled negatives (``--eval-negatives 0``), for which an explicit
+    sampled is an error naming ``whose`` split it is."""
+    if sampled_negatives:
+        return asked or ["sampled", "full"]
+    if asked and "sampled" in asked:
+        raise ValueError(
+            f"{whose} --eval-negatives 0: its split has no sampled negatives; use --eval full"
+        )
+    return asked or ["full"]
+
+
 def _evaluate(args) -> int:
     from lrml_kernels.metrics import compare, evaluate
     from lrml_kernels.precision import using_fp32_matmul_precision
@@ -449,14 +475,9 @@ def _evaluate(args) -> int:
     _set_threads(args.threads)
     model, spec, split, ckpt = _checkpoint_and_data(args)
     other = None if args.against is None else _other_model(args, spec, split)
-    protocols = args.eval or ["sampled", "full"]
-    if split.test_negatives is None and "sampled" in protocols:
-        if args.eval:
-            raise ValueError(
-                f"{args.checkpoint} was trained with --eval-negatives 0: its split has no "
-                "sampled negatives; use --eval full"
-            )
-        protocols = ["full"]
+    protocols = _protocols(
+        args.eval, split.test_negatives is not None, f"{args.checkpoint} was trained with"
+    )
     # at the fp32 matmul precision the run evaluated with (TF32 dots on a GPU with "high")
     with using_fp32_matmul_precision(ckpt["config"].get("matmul_precision", "highest")):
         for protocol in protocols:
@@ -465,20 +486,10 @@ def _evaluate(args) -> int:
                 m = evaluate(model, split, protocol, args.k, **kw)
             else:
                 m = compare(model, other, split, protocol, args.k, **kw)
-            _warn_if_no_users(m["users"], spec)
+            if m["users"] == 0:
+                warn_no_users(spec)
             print(json.dumps(m))
     return 0
-
-
-def _warn_if_no_users(users: int, spec: str) -> None:
-    """As ``lrml train`` warns: a split with no test users has HR and nDCG 0 by convention."""
-    if users == 0:
-        warnings.warn(
-            f"data set {spec!r}: the test split holds no users (a user needs two distinct "
-            "items, one to hold out): its HR and nDCG are 0 by convention, not measured",
-            LRMLWarning,
-            stacklevel=2,
-        )
 
 
 def _other_model(args, spec, split):
@@ -585,9 +596,7 @@ def _baseline(args) -> int:
     out = Path(args.out or DEFAULT_BASELINE_OUT)
     if args.out is not None and not args.overwrite:
         _refuse_a_run(out, "replace it with --overwrite, or name another --out")
-    protocols = args.eval or (["sampled", "full"] if args.eval_negatives else ["full"])
-    if "sampled" in protocols and not args.eval_negatives:
-        raise ValueError("--eval sampled needs --eval-negatives >= 1 (or use --eval full)")
+    protocols = _protocols(args.eval, args.eval_negatives > 0, "this baseline has")
     validation = args.select_on == "valid"
     split = data.load(
         args.data,
@@ -610,7 +619,8 @@ def _baseline(args) -> int:
     if validation:  # nothing to select: reported for comparison with LRML's validation curves
         doc["valid"] = {p: evaluate(ranker, split.validation(), p, args.k) for p in protocols}
     doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in protocols}
-    _warn_if_no_users(len(split.test_users), args.data)
+    if len(split.test_users) == 0:
+        warn_no_users(args.data)
     out.mkdir(parents=True, exist_ok=True)
     for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
         (out / name).unlink(missing_ok=True)
@@ -691,16 +701,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (sampled and/or full ranking)")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by lrml train")
     p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
-    p.add_argument(
-        "--eval",
-        nargs="+",
-        default=None,
-        choices=["sampled", "full"],
-        help="protocols (default: both; full alone for a run with --eval-negatives 0)",
-    )
-    p.add_argument(
-        "-k", "--k", type=int, default=None, help="k of HR@k / nDCG@k (default: the run's --eval-k)"
-    )
+    _add_eval_args(p, k=None, k_help="the run's --eval-k")
     p.add_argument(
         "--against",
         default=None,
@@ -796,16 +797,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--min-rating", type=float, default=None, metavar="R", help="as for train (default: all)"
     )
-    p.add_argument(
-        "--eval",
-        nargs="+",
-        default=None,
-        choices=["sampled", "full"],
-        help="protocols (default: both; full alone with --eval-negatives 0)",
-    )
-    p.add_argument(
-        "-k", "--k", type=int, default=10, help="k of HR@k / nDCG@k (default: %(default)s)"
-    )
+    _add_eval_args(p, k=10, k_help="10")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled negatives")
     p.add_argument(
         "--eval-negatives",

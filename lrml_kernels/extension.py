@@ -613,7 +613,9 @@ class ExtensionBackend:
         # SPEC.md: fp16/bf16 parameters rank the distances rounded to their dtype, ties by the
         # smaller id. The kernel ranks in fp32: take its top kk, kk doubled until every item that
         # rounds to the k-th value is among them, then rank (rounded, id).
-        n_items, kk = params[1].shape[0], int(k)
+        # (twice k to start: a second full pass over the catalogue is rarely needed)
+        n_items, k = params[1].shape[0], int(k)
+        kk = min(max(2 * k, k + 16), max(k, n_items))
         while True:
             D, ids = _ops().topk(*params, users, kk, indptr, indices, distance, float(eps))
             D = D.to(dtype)
@@ -623,7 +625,7 @@ class ExtensionBackend:
             if bool(((last > kth) | last.isnan() | (ids[:, -1] < 0)).all()):
                 break
             kk = min(2 * kk, n_items)
-        return sort_candidates(D, ids, int(k))
+        return sort_candidates(D, ids, k)
 
 
 def backend(name: str):

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lrml_kernels.ops import check_index_ranges
+
 PROTOCOLS = ("sampled", "full")
 
 
@@ -219,9 +221,15 @@ def _check_protocol(protocol: str, k) -> int:
     """``k`` as an int (a numpy integer too), or ``ValueError``; the same for ``protocol``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return int(k)
+    return check_positive_int("k", k)
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int if it is an integer >= 1 (a numpy integer too, not a bool), else
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _check_ranker(ranker, split, kw: dict) -> None:
@@ -233,12 +241,8 @@ def _check_ranker(ranker, split, kw: dict) -> None:
             raise ValueError(
                 f"the ranker has {name}={size} but the split {want}: it was made for other data"
             )
-    batch_size = kw.get("batch_size")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):  # fmt: skip
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if kw.get("batch_size") is not None:
+        check_positive_int("batch_size", kw["batch_size"])
 
 
 def _ranks(ranker, split, protocol: str, k: int, kw: dict) -> torch.Tensor:
@@ -295,8 +299,7 @@ class PopularityRanker:
         global order that the user does not exclude. With the user's excluded positions sorted,
         ``e_0 < e_1 < ...``, the j-th free position is ``j + #{i : e_i − i ≤ j}``; no
         ``[B, items]`` array is formed."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")  # (as LRML.recommend)
+        k = check_positive_int("k", k)  # (as LRML.recommend)
         B, n = users.shape[0], self.order.shape[0]
         want = torch.arange(k, device=self.device).expand(B, k)
         pos = want
@@ -322,9 +325,7 @@ class PopularityRanker:
 def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):
     """The rows ``users`` of the CSR ``(indptr, indices)`` as a CSR of their own: ``(indptr
     [len(users)+1], indices)``, int64 (``indices`` may be int32: only the batch's are widened)."""
-    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= indptr.shape[0] - 1):
-        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
-        raise IndexError(f"users holds {bad}, out of range for a CSR of {indptr.shape[0] - 1} rows")
+    check_index_ranges([("users", users, indptr.shape[0] - 1)])
     lo, hi = indptr[users], indptr[users + 1]
     lengths = hi - lo
     sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])

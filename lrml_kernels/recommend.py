@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import numbers
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 
 from lrml_kernels.checkpoints import atomic_write
 from lrml_kernels.data.interactions import index_of
-from lrml_kernels.metrics import _device_of, batch_csr
+from lrml_kernels.metrics import _device_of, batch_csr, check_positive_int
+from lrml_kernels.ops import check_index_ranges
 
 EXCLUDE = ("known", "train", "none")
 HEADER = ("user", "rank", "item", "distance")
@@ -101,24 +101,16 @@ def recommend_users(
     device = torch.device(device) if device is not None else _device_of(ranker)
     if batch_size is None:
         batch_size = 8192 if device.type == "cuda" else 1024
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = check_positive_int("batch_size", batch_size)
     users = torch.as_tensor(users)
     if users.dtype.is_floating_point or users.dtype.is_complex or users.dtype == torch.bool:
         raise TypeError(f"users must hold integer indices, got {users.dtype}")
     num_users = getattr(ranker, "num_users", None)
     if exclude is not None:
-        num_users = torch.as_tensor(exclude[0]).shape[0] - 1
-    if users.numel() and (int(users.min()) < 0 or (num_users and int(users.max()) >= num_users)):
-        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
-        raise IndexError(f"users holds {bad}, out of range for {num_users} users")
-    if exclude is not None:
         indptr = torch.as_tensor(exclude[0], dtype=torch.int64)
         indices = torch.as_tensor(exclude[1])
+        num_users = indptr.shape[0] - 1
+    check_index_ranges([("users", users, num_users if num_users is not None else 2**63 - 1)])
     users = users.to(torch.int64)
     with torch.no_grad():
         for start in range(0, users.shape[0], batch_size):

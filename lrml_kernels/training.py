@@ -115,6 +115,16 @@ class OtherRankError(RuntimeError):
     ``on_epoch`` failed there, or the replicas diverged. The message says which and why."""
 
 
+def warn_no_users(spec: str, which: str = "test", stacklevel: int = 3) -> None:
+    """The warning that the ``which`` split of data set ``spec`` holds no users."""
+    warnings.warn(
+        f"data set {spec!r}: the {which} split holds no users (a user needs two distinct items, "
+        "one to hold out): its HR and nDCG are 0 by convention, not measured",
+        LRMLWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def check_int(name: str, value, least: int = 1) -> None:
     """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= least`` (1 or 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -604,13 +614,7 @@ class _Run:
         self.split = split
         self.eval_split = split.validation() if self.select else split  # what epochs evaluate
         if cfg.eval != "none" and rank == 0 and len(self.eval_split.test_users) == 0:
-            warnings.warn(
-                f"data set {cfg.data!r}: the {'validation' if self.select else 'test'} split "
-                "holds no users (a user needs two distinct items, one to hold out): its HR and "
-                "nDCG are 0 by convention, not measured",
-                LRMLWarning,
-                stacklevel=3,
-            )
+            warn_no_users(cfg.data, "validation" if self.select else "test", stacklevel=4)
         device = self.device = torch.device(cfg.device)
         # (a hash of the whole split, test items included: taken only where a checkpoint needs
         # it, so that a run writing nothing, like a tuning trial, never reads the test arrays)

@@ -463,5 +463,7 @@ def test_batch_csr_checks_its_users():
     ptr, idx = batch_csr(indptr, indices, torch.tensor([3, 0]))
     assert ptr.tolist() == [0, 2, 4] and idx.tolist() == [0, 3, 1, 4]
     for bad in (-2, -1, 4):  # (-2 gave user 3's row)
-        with pytest.raises(IndexError, match=f"users holds {bad}, out of range for a CSR of 4"):
+        with pytest.raises(
+            IndexError, match=f"users holds index {bad}, out of range for a table of 4 rows"
+        ):
             batch_csr(indptr, indices, torch.tensor([bad]))

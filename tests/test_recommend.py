@@ -260,8 +260,12 @@ def test_user_indices_and_recommend_users_check_their_users():
     exclude = recommend.exclusion_csr(split, "known")
     for users, error, words in [
         (np.array([1.9]), TypeError, "users must hold integer indices, got torch.float64"),
-        (np.array([-1]), IndexError, "users holds -1, out of range for 300 users"),
-        (np.array([300]), IndexError, "users holds 300, out of range for 300 users"),
+        (np.array([-1]), IndexError, "users holds index -1, out of range for a table of 300 rows"),
+        (
+            np.array([300]),
+            IndexError,
+            "users holds index 300, out of range for a table of 300 rows",
+        ),
     ]:  # (1.9 was user 1; -1 and 300 internal torch errors, or user -1 written as user 299)
         for ex in (exclude, None):
             with pytest.raises(error, match=words):

@@ -614,7 +614,10 @@ def test_cli_baseline_popularity_uses_the_same_evaluation(tmp_path, capsys, one_
     assert set(json.loads((tmp_path / "z" / "metrics.json").read_text())["test"]) == {"full"}
     capsys.readouterr()
     assert main([*zero, "--eval", "sampled", "--out", str(tmp_path / "s")]) == 2
-    assert "--eval sampled needs --eval-negatives >= 1" in capsys.readouterr().err
+    assert (
+        "this baseline has --eval-negatives 0: its split has no sampled negatives; use --eval full"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.fixture(scope="module")

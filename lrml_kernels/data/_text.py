@@ -240,29 +240,39 @@ def _zero_padded(
     before = [b"\n", *([b" ", b"\t"] if delimiter == " " else [delimiter.encode()])]
     if b'"' in chunk and quotechar(delimiter):
         before.append(b'"')
-    found = 0 if re.match(rb"0[0-9]", chunk) and _bad_plain(chunk, 0, fields, delimiter) else None
+    found = bad = None
+    if re.match(rb"0[0-9]", chunk):
+        bad = _bad_plain(chunk, 0, fields, delimiter)
+        found = 0 if bad else None
     for prefix in before:
         for m in re.finditer(re.escape(prefix) + rb"0[0-9]", chunk):
             start = chunk.rfind(b"\n", 0, m.start() + 1) + 1
             if found is not None and start >= found:
                 break
-            if _bad_plain(chunk, start, fields, delimiter):
-                found = start
+            hit = _bad_plain(chunk, start, fields, delimiter)
+            if hit is not None:
+                found, bad = start, hit
                 break
     if found is None:
         return None
-    parts = split_fields(chunk[found : chunk.find(b"\n", found)], delimiter)
-    f = next(f for f in fields if not _field_ok(parts[f.index], f.kind))
+    f, text = bad
     return first_line + chunk.count(b"\n", 0, found), (
-        f"{f.name} field (column {f.index + 1}) {_show(parts[f.index])} is not {_KIND_TEXT[f.kind]}"
+        f"{f.name} field (column {f.index + 1}) {_show(text)} is not {_KIND_TEXT[f.kind]}"
     )
 
 
-def _bad_plain(chunk: bytes, start: int, fields: Sequence[Field], delimiter: str) -> bool:
-    """Whether the line of ``chunk`` from ``start`` has a ``fields`` value that is not plain."""
+def _bad_plain(
+    chunk: bytes, start: int, fields: Sequence[Field], delimiter: str
+) -> tuple[Field, bytes] | None:
+    """The first of ``fields`` whose value on the line of ``chunk`` from ``start`` is not plain,
+    with that value, or None."""
     end = chunk.find(b"\n", start)
     parts = split_fields(chunk[start : end if end >= 0 else len(chunk)], delimiter)
-    return any(f.index < len(parts) and not _field_ok(parts[f.index], f.kind) for f in fields)
+    return next(
+        ((f, parts[f.index]) for f in fields
+         if f.index < len(parts) and not _field_ok(parts[f.index], f.kind)),
+        None,
+    )  # fmt: skip
 
 
 def _open_quote(line: bytes, delimiter: bytes) -> bool:
