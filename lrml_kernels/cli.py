@@ -450,7 +450,8 @@ def _add_eval_args(p: argparse.ArgumentParser, *, k: int | None, k_help: str) ->
         nargs="+",
         default=None,
         choices=["sampled", "full"],
-        help="protocols (default: both; full alone with --eval-negatives 0)",
+        help="protocols (default: both; full alone where the split has no sampled negatives, "
+        "as after training with --eval-negatives 0)",
     )
     p.add_argument("-k", "--k", type=int, default=k, help=f"k of HR@k / nDCG@k (default: {k_help})")
 

@@ -322,18 +322,21 @@ class PopularityRanker:
         return dist, ids
 
 
-def batch_csr(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor):
+def batch_csr(indptr, indices, users):
     """The rows ``users`` of the CSR ``(indptr, indices)`` as a CSR of their own: ``(indptr
-    [len(users)+1], indices)``, int64 (``indices`` may be int32: only the batch's are widened)."""
+    [len(users)+1], indices)``, int64 (``indices`` may be int32: only the batch's are widened).
+    Tensors or numpy arrays (``split.train_csr()``'s); the result is on ``indptr``'s device."""
+    indptr, indices = torch.as_tensor(indptr), torch.as_tensor(indices)
+    users = torch.as_tensor(users, device=indptr.device)
     check_index_ranges([("users", users, indptr.shape[0] - 1)])
-    lo, hi = indptr[users], indptr[users + 1]
+    lo, hi = indptr[users].long(), indptr[users + 1].long()
     lengths = hi - lo
-    sub_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    sub_ptr = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
     total = int(sub_ptr[-1])
     if total == 0:
-        return sub_ptr, torch.zeros(0, dtype=torch.int64)
+        return sub_ptr, lengths.new_zeros(0)
     starts = torch.repeat_interleave(lo - sub_ptr[:-1], lengths)
-    return sub_ptr, indices[starts + torch.arange(total)].long()
+    return sub_ptr, indices[starts + torch.arange(total, device=starts.device)].long()
 
 
 def _device_of(ranker) -> torch.device:
@@ -347,8 +350,10 @@ __all__ = [
     "PROTOCOLS",
     "PopularityRanker",
     "batch_csr",
+    "compare",
     "evaluate",
     "hit_ndcg",
     "full_ranks",
+    "per_user",
     "sampled_ranks",
 ]

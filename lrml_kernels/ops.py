@@ -269,6 +269,7 @@ def lrml_relations(
     *,
     backend: str = "auto",
     validate: bool = True,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the memory says about each pair: ``s = p ⊙ q``, ``a = softmax(K s)``, ``r = Mᵀ a``
     (SPEC.md) for the pairs ``(users[b], items[b])``.
@@ -278,13 +279,13 @@ def lrml_relations(
             (one floating dtype, one device).
         users, items: ``[B]`` integer indices (int32 or int64 run as they are).
         backend: "auto", "torch", "triton", "cpu" or "cuda" (see :mod:`lrml_kernels.backends`).
-        validate: check index ranges (one host sync).
+        validate: check index ranges (one host sync). check_finite: reject NaN/Inf parameters.
 
     Returns:
         ``(attention a [B, N], relation r [B, d])`` in the parameter dtype; each row of ``a``
         sums to 1. Forward only: the outputs carry no autograd graph.
     """
-    params = check_params(user_emb, item_emb, keys, memory)
+    params = check_params(user_emb, item_emb, keys, memory, check_finite=check_finite)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)
     items = check_index_tensor("items", items, 1, device)
@@ -347,12 +348,14 @@ def lrml_topk(
     eps: float = 1e-3,
     backend: str = "auto",
     validate: bool = True,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k items nearest to each user over the whole catalogue (relation="pair").
 
     Args:
         user_emb, item_emb, keys, memory: P ``[U, d]``, Q ``[I, d]``, K ``[N, d]``, M ``[N, d]``,
-            as for :func:`lrml_distances`; distance, eps, backend, validate likewise.
+            as for :func:`lrml_distances`; distance, eps, backend, validate, check_finite
+            likewise.
         users: ``[B]`` integer user indices; k: 1 .. any (slots beyond the catalogue are padded).
         exclude: None or CSR ``(indptr [B+1], indices)``: items never returned for row b are
             ``indices[indptr[b]:indptr[b+1]]`` (sorted ascending), e.g. the user's training items.
@@ -367,7 +370,7 @@ def lrml_topk(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     check_number("eps", eps, low=0)
-    params = check_params(user_emb, item_emb, keys, memory)
+    params = check_params(user_emb, item_emb, keys, memory, check_finite=check_finite)
     device = params[0].device
     users = check_index_tensor("users", users, 1, device)
     checks = [("users", users, params[0].shape[0])]

@@ -467,3 +467,17 @@ def test_batch_csr_checks_its_users():
             IndexError, match=f"users holds index {bad}, out of range for a table of 4 rows"
         ):
             batch_csr(indptr, indices, torch.tensor([bad]))
+
+
+def test_batch_csr_takes_the_numpy_csr_of_a_split():
+    from lrml_kernels.data import load
+    from lrml_kernels.metrics import batch_csr
+
+    indptr, indices = load("synthetic-small").train_csr()
+    assert isinstance(indptr, np.ndarray)
+    users = torch.tensor([3, 0])
+    ptr, idx = batch_csr(indptr, indices, users)
+    rows = [indices[indptr[u] : indptr[u + 1]] for u in users.tolist()]
+    assert ptr.tolist() == [0, len(rows[0]), len(rows[0]) + len(rows[1])]
+    assert idx.tolist() == np.concatenate(rows).tolist()
+    assert ptr.dtype == idx.dtype == torch.int64

@@ -79,6 +79,10 @@ def test_check_finite_rejects_nan():
     P[2][0, 0] = float("nan")
     with pytest.raises(ValueError, match="keys contains NaN or Inf"):
         lk.lrml_distances(*P, u, i, check_finite=True)
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        lk.lrml_relations(*P, u, i[:, 0], check_finite=True)
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        lk.lrml_topk(*P, u, 2, check_finite=True)
 
 
 def test_validate_false_skips_the_range_check():

@@ -199,7 +199,7 @@ class Split:
 
     Attributes:
         train: the training interactions.
-        test_users, test_items: int32 or int64 ``[T]`` (as ``train.users`` / ``train.items``):
+        test_users, test_items: int32 or int64 ``[T]`` (``leave_one_out`` gives int64):
             user ``test_users[t]`` held out ``test_items[t]`` (at most one row per user, users
             ascending).
         test_negatives: int64 ``[T, n_neg]`` candidates of the sampled protocol, or ``None``.
