@@ -782,6 +782,26 @@ def test_validation_split_rules():
         D.carve_validation(s)
 
 
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_validation_item_is_never_the_test_item_of_files_split_elsewhere(tmp_path, timestamps):
+    """A train file that holds its test pairs too: the test item is the latest training row (with
+    timestamps) or any row (without), and still never the validation item."""
+    rows = [(0, 0, 1), (0, 1, 2), (0, 2, 300), (1, 3, 5), (1, 0, 200), (2, 5, 7), (2, 6, 8)]
+    body = "".join(f"{u}\t{i}\t5" + (f"\t{t}" if timestamps else "") + "\n" for u, i, t in rows)
+    prefix = _ncf_files(tmp_path, body)  # test: 0 -> 2 (t 300), 1 -> 0 (t 200), both trained on
+    for seed in range(8):
+        s = D.load(f"ncf:{prefix}", validation=True, seed=seed)
+        assert s.test_users.tolist() == [0, 1] and s.test_items.tolist() == [2, 0]
+        valid = dict(zip(s.valid_users.tolist(), s.valid_items.tolist(), strict=True))
+        assert valid.keys() == {0, 1, 2}
+        assert valid[0] in {0, 1} and valid[1] == 3
+        if timestamps:  # the latest of the other rows
+            assert valid == {0: 1, 1: 3, 2: 6}
+        train = set(zip(s.train.users.tolist(), s.train.items.tolist(), strict=True))
+        assert (0, 2) in train and (1, 0) in train  # the test pairs stay training rows
+        assert not train & set(valid.items())
+
+
 def test_validation_is_disjoint_from_training_and_test():
     plain = D.load("synthetic-small", seed=5)
     s = D.load("synthetic-small", seed=5, validation=True)

@@ -453,7 +453,9 @@ def carve_validation(
     ``num_negatives`` sampled items (default: as many as the test split has, none if it has none)
     that the user never interacted with in the whole log (training, validation or test), seeded
     by ``seed`` on a stream of its own (not the test negatives' stream). The test rows are kept as
-    they are; only the sampling reads them, to exclude the test items from the negatives.
+    they are; only the sampling reads them, to exclude the test items from the negatives, and,
+    where a test pair is a training row too (files split elsewhere), to keep the user's test item
+    from being its validation item.
 
     ``consume``: the caller gives ``split`` away (its training arrays may be compacted in place).
     """
@@ -468,18 +470,33 @@ def carve_validation(
     test_users = np.asarray(split.test_users, dtype=np.int64)
     test_items = np.asarray(split.test_items, dtype=np.int64)
     all_ptr, all_idx = indptr, indices
+    test_item_of = None  # where test pairs are training rows too (files split elsewhere)
     if test_users.size:
         known = csr_contains(indptr, indices, test_users, test_items)
         all_ptr, all_idx = csr_insert(indptr, indices, test_users[~known], test_items[~known], I)
+        if known.any():
+            test_item_of = np.full(U, -1, dtype=np.int64)
+            test_item_of[test_users[known]] = test_items[known]
     row_of = np.repeat(np.arange(U, dtype=np.int64), np.diff(all_ptr))
     all_keys = row_of * np.int64(I) + all_idx
     del row_of, all_idx
 
-    order = None
-    if split.train.timestamps is None:  # a random row per user (see above), seeded
+    x, order = split.train, None
+    if x.timestamps is None:  # a random row per user (see above), seeded
         rng = np.random.default_rng([seed, 0x7A11D, 1])
-        order = rng.integers(0, 1 << 62, size=len(split.train), dtype=np.int64)
-    inner = _leave_one_out(split.train, None, seed, consume=consume, order=order)
+        order = rng.integers(0, 1 << 62, size=len(x), dtype=np.int64)
+    if test_item_of is not None:
+        # A user's test item is never its validation item (the test split is read once, after
+        # selection): its rows rank below every other row of the user, which has another item.
+        if order is None:  # the timestamps' ranks, ties ranked by row as _latest_rows breaks them
+            order = np.empty(len(x), dtype=np.int64)
+            order[np.argsort(x.timestamps, kind="stable")] = np.arange(1, len(x) + 1)
+        for s in range(0, len(x), _CHUNK):
+            e = min(s + _CHUNK, len(x))
+            part = order[s:e]
+            part[x.items[s:e] == test_item_of[x.users[s:e]]] = -1
+        del test_item_of
+    inner = _leave_one_out(x, None, seed, consume=consume, order=order)
     del order
     negatives = None
     if num_negatives:
