@@ -4,16 +4,19 @@ the command line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
 from pathlib import Path
 
 from lrml_kernels.backends import BackendUnavailable
-from lrml_kernels.errors import LRMLWarning, MissingExtra
+from lrml_kernels.errors import LRMLWarning, MissingExtra, Terminated
 from lrml_kernels.recommend import EXCLUDE
 from lrml_kernels.training import (
     BEST,
@@ -400,15 +403,15 @@ def _tune(args) -> int:
             start_from=start_from,
             seeds=args.seeds,
         )
-    except KeyboardInterrupt:  # tune has written the outputs of the trials completed
+    except KeyboardInterrupt as exc:  # tune has written the outputs of the trials completed
         resume = "; the same command resumes the study" if args.storage else ""
         held = (
             f"{args.out} holds the trials completed"
             if (Path(args.out) / "trials.json").exists()
             else "no trial had completed"
         )
-        print(f"lrml tune: interrupted; {held}{resume}", file=sys.stderr)
-        return 130
+        print(f"lrml tune: {_signal_name(exc)}; {held}{resume}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     if r.get("all_diverged"):
         raise ValueError(
             f"every completed trial diverged (a non-finite loss), so no best_config.json: lower "
@@ -842,6 +845,37 @@ def _one_line_warnings(command: str, show):
     return showwarning
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt(command: str):
+    """SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread for
+    the command's duration, so that it stops as on Ctrl-C (a signal the process ignores, as under
+    nohup, stays ignored). Not for the processes of a torchrun run, whose launcher stops them."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get(
+        "WORLD_SIZE", "1"
+    ).strip() not in ("", "1"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.getsignal(s) for s in signums}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _signal_name(exc: BaseException) -> str:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 def _run(parser, with_config, args, argv) -> int:
     try:
         if args.command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
@@ -855,7 +889,8 @@ def _run(parser, with_config, args, argv) -> int:
             for p in with_config:
                 p.set_defaults(**values)
             args = parser.parse_args(argv)
-        return args.func(args)
+        with _terminate_as_interrupt(args.command):
+            return args.func(args)
     except BrokenPipeError:  # `lrml recommend ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush)
         return 128 + 13  # as a process that SIGPIPE ended: what the shell reports for `yes | head`
@@ -882,7 +917,7 @@ def _run(parser, with_config, args, argv) -> int:
         return 2
     except TrainingInterrupted as exc:
         print(f"lrml {args.command}: {exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # Ctrl-C anywhere else (evaluate, recommend, explain, ...)
-        print(f"lrml {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
+    except KeyboardInterrupt as exc:  # Ctrl-C (or Terminated) elsewhere: evaluate, recommend, ...
+        print(f"lrml {args.command}: {_signal_name(exc)}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)

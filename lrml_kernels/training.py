@@ -102,8 +102,20 @@ RESUMABLE_CHANGES = (
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped :func:`fit` after a whole step, and the run was checkpointed
-    there: ``--resume`` goes on from that step as if it had not stopped."""
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP stopped :func:`fit` after a whole step, and the run
+    was checkpointed there: ``--resume`` goes on from that step as if it had not stopped.
+    ``signum``: the signal."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+#: The signals a checkpointing run takes after its step under way: Ctrl-C, ``kill`` / a
+#: scheduler's stop, a closed terminal (a signal the process ignores, as under nohup, stays so).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -729,10 +741,11 @@ class _Run:
 
     @contextlib.contextmanager
     def _deferred_interrupt(self):
-        """A run that writes checkpoints (one process, the main thread) takes the first Ctrl-C
-        after the step under way, writes a checkpoint there and raises
-        :class:`TrainingInterrupted`; a second Ctrl-C interrupts at once, as usual."""
-        self.interrupted = False
+        """A run that writes checkpoints (one process, the main thread) takes the first Ctrl-C,
+        SIGTERM or SIGHUP (:data:`STOP_SIGNALS`) after the step under way, writes a checkpoint
+        there and raises :class:`TrainingInterrupted`; a second one acts at once, as it would
+        have without this. ``self.interrupted``: the signal taken, or 0."""
+        self.interrupted = 0
         if (
             self.writer is None
             or self.world > 1
@@ -740,16 +753,20 @@ class _Run:
         ):
             yield
             return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
 
         def handler(signum, frame):
-            self.interrupted = True
-            signal.signal(signal.SIGINT, previous)
+            self.interrupted = self.interrupted or signum
+            signal.signal(signum, previous[signum])
 
-        previous = signal.signal(signal.SIGINT, handler)
+        for s in previous:
+            signal.signal(s, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _stop_interrupted(self, t0: float) -> None:
         """Checkpoint the step reached and raise :class:`TrainingInterrupted`."""
@@ -757,9 +774,12 @@ class _Run:
         self._read_loss()
         self._checkpoint()
         self._wait_for_writes()
+        signum = self.interrupted
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         raise TrainingInterrupted(
-            f"interrupted after step {self.global_step} (epoch {self.epoch + 1}, batch "
-            f"{self.step_in_epoch}); {self.out / CHECKPOINT} holds it: continue with --resume"
+            f"interrupted{by} after step {self.global_step} (epoch {self.epoch + 1}, batch "
+            f"{self.step_in_epoch}); {self.out / CHECKPOINT} holds it: continue with --resume",
+            signum,
         )
 
     def _train(self, on_epoch, test: bool) -> dict:

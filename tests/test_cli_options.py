@@ -6,6 +6,8 @@ these run the same on machines with and without GPUs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 
@@ -195,6 +197,22 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys, c
     assert main(COMMANDS[command]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == f"lrml {command}: interrupted", err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(monkeypatch, capsys, command, signum):
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # (the handler raises here, in the main thread)
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr("lrml_kernels.training.open_checkpoint", killed)
+    before = signal.getsignal(signum)
+    assert main(COMMANDS[command]) == 128 + signum
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert "Traceback" not in err and err.strip() == f"lrml {command}: stopped by {name}", err
+    assert signal.getsignal(signum) is before  # the command's handler is gone again
 
 
 @pytest.mark.parametrize(

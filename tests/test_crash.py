@@ -290,28 +290,51 @@ def test_a_checkpoint_from_before_model_selection_resumes(tmp_path, reference_ru
     assert_same_run(out, reference_run)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_checkpoints_the_step_reached_then_resume_matches_uninterrupted(
-    tmp_path, reference_run, capsys, monkeypatch
+    tmp_path, reference_run, capsys, monkeypatch, signum
 ):
+    """Ctrl-C, and SIGTERM / SIGHUP (kill, timeout, a scheduler, a closed terminal) alike."""
     real = backends.TORCH_BACKEND.hinge_loss_grads
     calls = [0]
 
-    def interrupted(*args):  # Ctrl-C during the 30th step
+    def interrupted(*args):  # the signal during the 30th step
         calls[0] += 1
         if calls[0] == 30:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return real(*args)
 
     monkeypatch.setattr(backends.TORCH_BACKEND, "hinge_loss_grads", interrupted)
     out = tmp_path / "run"
-    assert main(cli_args(out)) == 130
+    assert main(cli_args(out)) == 128 + signum
     err = capsys.readouterr().err
-    assert "interrupted after step 30 (epoch 1, batch 30)" in err and "--resume" in err
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    assert f"interrupted{by} after step 30 (epoch 1, batch 30)" in err and "--resume" in err
     assert "Traceback" not in err
     assert load(out)["global_step"] == 30 and load(out)["step_in_epoch"] == 30
     monkeypatch.undo()
     resume(out, capsys)
     assert_same_run(out, reference_run)
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path, monkeypatch, capsys):
+    """Under nohup SIGHUP is ignored: training must not take it as a stop."""
+    real = backends.TORCH_BACKEND.hinge_loss_grads
+    calls = [0]
+
+    def hung_up(*args):
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(*args)
+
+    monkeypatch.setattr(backends.TORCH_BACKEND, "hinge_loss_grads", hung_up)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert main(cli_args(tmp_path / "run", epochs=1)) == 0, capsys.readouterr().err
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys, monkeypatch):
