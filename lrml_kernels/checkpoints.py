@@ -72,14 +72,30 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        cause = _os_error_under(exc)
+        if cause is not None:  # torch.save reports a full disk as RuntimeError("unexpected pos")
+            raise OSError(cause.errno, f"{cause.strerror} (writing {path})") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The OSError (a full disk, a file-size limit) behind an error that is not one itself."""
+    if isinstance(exc, OSError) or not isinstance(exc, Exception):
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def remove_stale_temporaries(path: Path, min_age: float = STALE_SECONDS) -> None:
@@ -227,7 +243,7 @@ def read(path, *, resume: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         raise CheckpointError(
             f"{path} is not a checkpoint written by lrml train, or is damaged (not a whole "
             "torch.save zip archive)"
@@ -290,7 +306,7 @@ def convert(old, new) -> list[str]:
     old, new = Path(old), Path(new)
     if not old.is_file():
         raise FileNotFoundError(f"no checkpoint at {old}")
-    damaged = _bad_crc(old) if zipfile.is_zipfile(old) else None  # (else: a bare pickle)
+    damaged = _bad_crc(old) if _is_zip(old) else None  # (else: a bare pickle)
     if damaged is not None:  # converted, it would get CRC-32s that hide the damage
         raise CheckpointError(f"{old} is damaged ({damaged})")
     names = _unsafe_globals(old) or []
@@ -311,13 +327,25 @@ def convert(old, new) -> list[str]:
     return names
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # (a damaged end-of-archive record raises instead of False)
+        return False
+
+
 def _bad_crc(path: Path) -> str | None:
     """Why the archive at ``path`` is damaged: a member whose bytes do not match the CRC-32
     stored for it (one stored as 0, as ``torch.serialization.set_crc32_options(False)`` writes,
-    is not checked), or a member that cannot be read; None if every member checks out."""
+    is not checked), a member flagged as a directory, or a member that cannot be read; None if
+    every member checks out."""
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                if info.is_dir() or info.external_attr & 0x10:  # (MS-DOS "directory" bit)
+                    # torch.save writes files only; torch's reader takes a member flagged as a
+                    # directory for one and loads uninitialised memory for its tensor
+                    return f"member {info.filename} is flagged as a directory"
                 if info.CRC == 0:
                     continue
                 with archive.open(info) as member:  # raises at the end on a CRC mismatch

@@ -329,6 +329,22 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _check_out_folder(out: Path) -> None:
+    """Fail before any data is loaded where ``--out`` cannot become a folder to write to (not
+    after an epoch's or a study's work): a file in its place, or a folder not writable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    _check_writable(out if out.exists() else out.parent, f"--out {out}")
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """``path`` (or the nearest folder above it that exists) lets this process create files."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: this process may not write in {path}")
+
+
 def _refuse_a_run(out: Path, how: str) -> None:
     """An ``--out`` named on the command line that holds a run (a training run's checkpoints, or
     any command's metrics.json) is not replaced in silence: ``ValueError`` saying ``how``."""
@@ -351,6 +367,7 @@ def _train(args) -> int:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: not both")
     if args.out is not None and not (args.resume or args.overwrite):
         _refuse_a_run(out, "continue it with --resume, or replace it with --overwrite")
+    _check_out_folder(out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: one process per device
         import torch.distributed as dist
@@ -385,6 +402,7 @@ def _tune(args) -> int:
     _set_threads(args.threads)
     search = tuple(SPACE) if args.search is None else tuple(args.search.split(","))
     cfg = _config(args)
+    _check_out_folder(Path(args.out))
     start_from = []
     for path in args.start_from:
         options = _read_config(path)
@@ -531,8 +549,12 @@ def _recommend(args) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.out != "-" and not Path(args.out).parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    if args.out != "-":
+        if not Path(args.out).parent.is_dir():
+            raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder: name the file to write")
+        _check_writable(Path(args.out).parent, f"--out {args.out}")
     ids = None if args.users is None else _user_ids(args.users)
     _set_threads(args.threads)
     model, spec, split, ckpt = _checkpoint_and_data(args)
@@ -600,6 +622,7 @@ def _baseline(args) -> int:
     out = Path(args.out or DEFAULT_BASELINE_OUT)
     if args.out is not None and not args.overwrite:
         _refuse_a_run(out, "replace it with --overwrite, or name another --out")
+    _check_out_folder(out)
     protocols = _protocols(args.eval, args.eval_negatives > 0, "this baseline has")
     validation = args.select_on == "valid"
     split = data.load(
@@ -625,11 +648,17 @@ def _baseline(args) -> int:
     doc["test"] = {p: evaluate(ranker, split, p, args.k) for p in protocols}
     if len(split.test_users) == 0:
         warn_no_users(args.data)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
-        (out / name).unlink(missing_ok=True)
     text = json.dumps(doc, indent=2).encode()
-    atomic_write(out / METRICS, lambda f: f.write(text))
+    try:
+        atomic_write(out / METRICS, lambda f: f.write(text))
+    except BaseException:
+        if made:
+            out.rmdir()  # (atomic_write leaves nothing in it)
+        raise
+    for name in (CHECKPOINT, BEST, CURVE):  # --overwrite of a training run: all of it replaced
+        (out / name).unlink(missing_ok=True)  # (once the new metrics.json is there)
     print(json.dumps(doc["test"], indent=2))
     print(f"wrote {out / METRICS}", file=sys.stderr)
     return 0

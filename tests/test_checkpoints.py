@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,16 @@ def write_foreign(path, kind: str, good_path) -> None:
             at = blob.find(b"on_nonfinite")
             blob[at : at + 12] = b"on_nonfinitf"
         path.write_bytes(blob)
+    elif kind == "a member flagged as a directory":
+        # one bit of the central directory: torch.load would read uninitialised memory for it
+        blob = bytearray(good_path.read_bytes())
+        entry = blob.find(b"PK\x01\x02")  # the first member's central-directory record
+        blob[entry + 38] ^= 0x10  # its external attributes: the MS-DOS directory bit
+        path.write_bytes(blob)
+    elif kind == "a bit flipped in the end-of-archive record":
+        blob = bytearray(good_path.read_bytes())
+        blob[-37] ^= 1  # the zip64 locator's disk count: zipfile.is_zipfile raises
+        path.write_bytes(blob)
     elif kind == "a pickle that makes the loader raise TypeError":
         # a whole archive (right CRC-32s) whose pickle calls OrderedDict(True)
         blob = io.BytesIO()
@@ -167,6 +178,8 @@ FOREIGN = [
     ("truncated", "not a whole torch.save zip archive"),
     ("a bit flipped in a weight", "Bad CRC-32 for file 'archive/data"),
     ("a name changed in its pickle", "Bad CRC-32 for file 'archive/data"),
+    ("a member flagged as a directory", "is flagged as a directory"),
+    ("a bit flipped in the end-of-archive record", "not a whole torch.save zip archive"),
     ("a pickle that makes the loader raise TypeError", "damaged or not a checkpoint"),
     ("a list", "holds a list, not a dict"),
     ("a bare state_dict", "it lacks 'config'"),
@@ -389,3 +402,27 @@ def test_a_write_deletes_only_the_temporaries_of_gone_writers(tmp_path):
     assert fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [path.name, fresh.name, live.name, other.name]
     )
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file_and_keeps_the_old_one(tmp_path):
+    # torch.save reports a failed write as RuntimeError("... unexpected pos ..."): the CLI would
+    # print it as a traceback. A file-size limit (the same EFBIG/ENOSPC path) in a child process.
+    script = f"""
+import errno, resource, torch
+from pathlib import Path
+from lrml_kernels import checkpoints
+path = Path({str(tmp_path / "ckpt.pt")!r})
+checkpoints.atomic_write(path, lambda f: torch.save({{"x": torch.zeros(4)}}, f))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoints.atomic_write(path, lambda f: torch.save({{"x": torch.zeros(1 << 16)}}, f))
+except OSError as exc:
+    assert exc.errno == errno.EFBIG and str(path) in str(exc), exc
+    print("OSError", exc)
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.startswith("OSError"), done.stderr[-2000:]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["x"].shape == (4,)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

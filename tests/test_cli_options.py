@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_a_config_file_is_checked_before_the_data(no_data, error_line, tmp_path,
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--out", "{file}"], "File exists"),
+        (["--out", "{file}"], "is a file, not a folder"),
         (["--out", "{file}/run"], "Not a directory"),
         (["--config", "{dir}"], "Is a directory"),
     ],
@@ -315,3 +316,48 @@ def test_commands_but_train_refuse_the_ranks_of_torchrun(monkeypatch, capsys, no
         f"lrml {command}: error: lrml {command} runs in one process; of the commands, only lrml "
         "train uses the processes torchrun starts\n"
     )
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "baseline"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data(
+    tmp_path, no_data, error_line, monkeypatch, command
+):
+    """Not after an epoch, a trial or a whole evaluation: a file in --out's place, or a folder
+    this process may not write in (os.access: the tests may run as root)."""
+    head = {
+        "train": TRAIN,
+        "tune": ["tune", "--no-progress"],
+        "baseline": ["baseline", "popularity"],
+    }[command]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([*head, "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file, not a folder" in error_line(command)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != tmp_path)
+    assert main([*head, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert f"this process may not write in {tmp_path}" in error_line(command)
+
+
+def test_recommend_refuses_a_folder_as_its_out_file(tmp_path, error_line, no_data):
+    assert main([*RECOMMEND, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder: name the file to write" in error_line("recommend")
+
+
+def test_baseline_overwrite_keeps_the_old_run_when_its_write_fails(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "best.pt", "metrics.json"):
+        (out / name).write_text("old")
+
+    def full_disk(path, write):
+        raise OSError(28, f"No space left on device (writing {path})")
+
+    monkeypatch.setattr("lrml_kernels.checkpoints.atomic_write", full_disk)
+    args = ["baseline", "popularity", "--data", "synthetic-small", "--out", str(out), "--overwrite"]
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "metrics.json"]
+    fresh = tmp_path / "fresh"
+    assert main([*args[:-2], str(fresh)]) == 2
+    assert not fresh.exists()  # (nothing written: no empty folder left behind)
