@@ -36,12 +36,13 @@ The environment variable ``LRML_KERNELS_BACKEND`` replaces ``"auto"`` by a name.
 from __future__ import annotations
 
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
 
 from lrml_kernels import reference
-from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.errors import BackendUnavailable, LRMLWarning
 
 BACKENDS = ("torch", "triton", "cpu", "cuda")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -189,6 +190,15 @@ def _import_backend(name: str):
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
+_fell_back: set[str] = set()  # the device types "auto" has warned about (once a process)
+
+
+def check_name(backend) -> None:
+    """``ValueError`` unless ``backend`` is "auto" or one of :data:`BACKENDS`."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
 def _runs_on(name: str, device_type: str) -> str | None:
     """None if backend `name` can run on `device_type`, else the reason it cannot."""
     if name == "torch":
@@ -223,6 +233,8 @@ def why_unavailable(name: str, device_type: str | None = None) -> str | None:
     if device_type is None and name == "triton":
         if not (torch.cuda.is_available() or triton_interpreted()):
             return "triton backend: no CUDA device (set TRITON_INTERPRET=1 to run on the CPU)"
+        if not torch.cuda.is_available():  # (the interpreter only: it may not run here)
+            return _runs_on(name, "cpu")
     if device_type is None and name == "cuda" and not torch.cuda.is_available():
         return "cuda backend: no CUDA device"
     return None
@@ -287,12 +299,24 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("LRML_KERNELS_BACKEND", "auto") or "auto"
         if backend == "auto":
+            reasons = []
             for name in _AUTO_ORDER.get(device.type, ("torch",)):
-                if why_unavailable(name, device.type) is None:
+                reason = why_unavailable(name, device.type)
+                if reason is None:
+                    if name == "torch" and reasons and device.type not in _fell_back:
+                        _fell_back.add(device.type)
+                        warnings.warn(
+                            f"no compiled backend runs on {device.type} here "
+                            f"({'; '.join(reasons)}): the torch backend (the reference, several "
+                            "times slower) runs instead",
+                            LRMLWarning,
+                            stacklevel=3,
+                        )
                     return name
+                lines = [line.strip() for line in reason.splitlines() if line.strip()]
+                reasons.append(" ".join(lines[:1] + lines[1:][-1:]))  # (a build's: its last)
             return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    check_name(backend)
     reason = why_unavailable(backend, device.type)
     if reason:
         raise BackendUnavailable(reason)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lrml_kernels import ops
+from lrml_kernels import backends, ops
 from lrml_kernels.reference import compute_dtype
 
 #: ``relation`` of the model: the ops' relations, and "none": CML (Hsieh et al., WWW 2017), LRML's
@@ -65,6 +65,9 @@ class LRML(nn.Module):
         ops.check_number("max_norm", max_norm, low=0, above=True, optional=True)
         ops.check_number("margin", margin)
         ops.check_number("eps", eps, low=0)
+        backends.check_name(backend)
+        if not isinstance(sparse, bool):
+            raise TypeError(f"sparse must be True or False, got {sparse!r}")
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got {generator.device}")
         std = 1.0 / math.sqrt(dim)

@@ -10,8 +10,11 @@ loads, so even unchecked indices never make them read out of bounds.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 
+import numpy as np
 import torch
 
 from lrml_kernels import backends, reference
@@ -38,7 +41,11 @@ def check_number(
     naming ``name``."""
     if optional and value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = (  # (numpy's numbers too: np.float32 is no float subclass)
+        isinstance(value, numbers.Real)
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
     if ok and low is not None:
         ok = value > low if above else value >= low
     if not ok:
@@ -46,6 +53,15 @@ def check_number(
         none = " or None" if optional else ""
         raise ValueError(f"{name} must be a finite number{bound}{none}, got {value!r}")
     return float(value)
+
+
+def _no_autocast(device: torch.device):
+    """The ops compute in their parameters' dtype (fp32 accumulation for half, SPEC.md) and top-k
+    is exact, whatever ``torch.autocast`` region they are called in: it is switched off inside
+    (the extension's kernels would get mixed dtypes, the torch backend would round to half)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_params(user_emb, item_emb, keys, memory, *, check_finite: bool = False):
@@ -200,7 +216,8 @@ def lrml_distances(
         check_finite,
     )
     impl = backends.get(backend, params[0].device, users.shape[0])
-    return impl.distances(*params, users, items, distance, relation, float(eps), sparse_grad)
+    with _no_autocast(params[0].device):
+        return impl.distances(*params, users, items, distance, relation, float(eps), sparse_grad)
 
 
 def lrml_hinge_loss(
@@ -246,17 +263,18 @@ def lrml_hinge_loss(
         check_finite,
     )
     impl = backends.get(backend, params[0].device, users.shape[0])
-    return impl.hinge_loss(
-        *params,
-        users,
-        items,
-        float(margin),
-        distance,
-        relation,
-        float(eps),
-        reduction,
-        sparse_grad,
-    )
+    with _no_autocast(params[0].device):
+        return impl.hinge_loss(
+            *params,
+            users,
+            items,
+            float(margin),
+            distance,
+            relation,
+            float(eps),
+            reduction,
+            sparse_grad,
+        )
 
 
 def lrml_relations(
@@ -298,7 +316,7 @@ def lrml_relations(
     if validate:
         check_index_ranges(checks)
     impl = backends.get(backend, device, users.shape[0])
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(device):
         return impl.relations(*(t.detach() for t in params), users, items)
 
 
@@ -365,8 +383,9 @@ def lrml_topk(
         item id; where fewer than k items remain the ids are -1 and the distances +inf.
     """
     _check_option("distance", distance, DISTANCES)
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     check_number("eps", eps, low=0)
@@ -379,7 +398,7 @@ def lrml_topk(
         check_index_ranges(checks)
     exclude = check_exclude(exclude, users.shape[0], params[1].shape[0], device, validate)
     impl = backends.get(backend, device, users.shape[0])
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(device):
         return impl.topk(*params, users, k, exclude, distance, float(eps))
 
 

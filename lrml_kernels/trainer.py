@@ -34,6 +34,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lrml_kernels import backends, ops
@@ -131,8 +132,15 @@ class LRMLTrainer:
         cuda_graph: bool = False,
         relation_lr_scale: float = 1.0,
     ):
+        if not isinstance(model, LRML):
+            raise TypeError(f"model must be an lrml_kernels.LRML, got {type(model).__name__}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.model, self.optimizer = model, optimizer
@@ -143,11 +151,11 @@ class LRMLTrainer:
             if not (ops.check_number(name, beta, low=0) < 1):
                 raise ValueError(f"{name} must lie in [0, 1), got {beta!r}")
         self.relation_lr_scale = check_relation_lr_scale(relation_lr_scale)
-        self.betas = betas
+        self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = ops.check_number("adam_eps", adam_eps, low=0)
         self.adagrad_eps = ops.check_number("adagrad_eps", adagrad_eps, low=0)
         self.reduction = reduction
-        self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        self.skip_nonfinite, self.skipped = bool(skip_nonfinite), 0
         self._impl = backends.TORCH_BACKEND  # the backend of the current step
         self.group = process_group
         self.state = {name: self._init_state(p) for name, p in self._named_params()}
@@ -162,6 +170,20 @@ class LRMLTrainer:
             why = self._graph_refusal(model.user_emb.device, model.backend)
             if why:
                 raise ValueError(f"cuda_graph=True: {why}")
+
+    def _check_nothing_frozen(self) -> None:
+        """The fused step updates every table it trains: one frozen by ``requires_grad_(False)``
+        is refused rather than moved (``relation="none"`` freezes keys and memory itself)."""
+        m = self.model
+        tables = self._named_params() if m.relation != "none" else self._named_params()[:2]
+        frozen = [name for name, p in tables if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"LRMLTrainer updates every table, but {', '.join(frozen)} "
+                f"{'has' if len(frozen) == 1 else 'have'} requires_grad=False: "
+                "relation_lr_scale=0 freezes keys and memory; to freeze other tables, train with "
+                "the model's autograd and a torch optimizer"
+            )
 
     def _named_params(self):
         m = self.model
@@ -204,6 +226,7 @@ class LRMLTrainer:
         precision); :meth:`set_lr` and the step counters reach it through the device scalars.
         """
         m = self.model
+        self._check_nothing_frozen()
         self._follow_tables(m.user_emb)
         params, users, items = ops.prepare(
             m.user_emb,

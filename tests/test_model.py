@@ -220,3 +220,22 @@ def test_a_model_on_the_meta_device_runs_its_shapes():
     assert loss.device.type == "meta" and loss.shape == ()
     dist = m.distances(users, items)
     assert dist.device.type == "meta" and dist.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_autocast_leaves_the_ops_exact(backend):
+    """Under torch.autocast the ops compute as outside it: the cpu top-k crashed on the mixed
+    dtypes, the torch backend rounded its distances to bf16 (other top-k ids)."""
+    if backend not in lk.available_backends():
+        pytest.skip(f"{backend} backend not available here")
+    torch.manual_seed(0)
+    m = lk.LRML(40, 300, dim=16, memory_slots=5, backend=backend)
+    users, items = torch.arange(40), torch.randint(0, 300, (40, 4))
+    want = m.recommend(users, 10), m.distances(users, items), m.relations(users, items[:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.recommend(users, 10), m.distances(users, items), m.relations(users, items[:, 0])
+        loss = m(users, items)
+    assert loss.dtype == torch.float32
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True) if isinstance(g, tuple) else [(g, w)]:
+            assert a.dtype == b.dtype and torch.equal(a, b)

@@ -1,5 +1,7 @@
 """The public ops: input validation (before any kernel), backend choice, edge cases."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -321,3 +323,28 @@ def test_using_fp32_matmul_precision_restores_either_api_exactly(setup, inner):
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.fp32_precision = "none"
         torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+def test_auto_says_once_when_no_compiled_backend_runs(monkeypatch):
+    from lrml_kernels import backends
+    from lrml_kernels.errors import LRMLWarning
+
+    real = backends.why_unavailable
+    monkeypatch.setattr(
+        backends,
+        "why_unavailable",
+        lambda name, device_type=None: (
+            "cpu backend: build failed:\nc++: not found"
+            if name == "cpu"
+            else real(name, device_type)
+        ),
+    )
+    monkeypatch.setattr(backends, "_fell_back", set())
+    cpu = torch.device("cpu")
+    with pytest.warns(
+        LRMLWarning, match=r"\(cpu backend: build failed: c\+\+: not found\): the torch"
+    ):
+        assert backends.resolve("auto", cpu) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("auto", cpu) == "torch"  # (once a process)

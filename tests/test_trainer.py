@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from _gpu import require_gpu_backend
@@ -389,3 +390,34 @@ def test_graph_step_bookkeeping_gives_the_eager_steps(monkeypatch):
     for a, b in zip(graphed_model.parameters(), eager_model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert graphed.steps == eager.steps == len(shapes)
+
+
+def test_trainer_and_model_options_are_checked_at_construction():
+    m = lk.LRML(10, 12, dim=8, memory_slots=3)
+    bad = [
+        (dict(betas=(0.9, 0.99, 0.5)), ValueError, "betas must be a pair"),
+        (dict(betas=0.9), ValueError, "betas must be a pair"),
+        (dict(skip_nonfinite="no"), TypeError, "skip_nonfinite must be True or False"),
+        (dict(cuda_graph="no"), TypeError, "cuda_graph must be True or False"),
+    ]
+    for kw, exc, words in bad:
+        with pytest.raises(exc, match=words):
+            lk.LRMLTrainer(m, **kw)
+    with pytest.raises(TypeError, match="model must be an lrml_kernels.LRML, got Linear"):
+        lk.LRMLTrainer(torch.nn.Linear(2, 2))
+    assert lk.LRMLTrainer(m, lr=np.float32(0.5)).lr == 0.5  # numpy numbers are numbers
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        lk.LRML(10, 12, dim=8, memory_slots=3, backend="gpu")
+    with pytest.raises(TypeError, match="sparse must be True or False"):
+        lk.LRML(10, 12, dim=8, memory_slots=3, sparse="no")
+
+
+def test_trainer_refuses_a_frozen_table_rather_than_moving_it():
+    m = lk.LRML(10, 12, dim=8, memory_slots=3, backend="torch")
+    m.item_emb.requires_grad_(False)
+    before = m.item_emb.detach().clone()
+    with pytest.raises(ValueError, match="item_emb has requires_grad=False"):
+        lk.LRMLTrainer(m).step(torch.tensor([0, 1]), torch.tensor([[5, 7], [2, 9]]))
+    assert torch.equal(m.item_emb, before)
+    cml = lk.LRML(10, 12, dim=8, memory_slots=3, relation="none", backend="torch")
+    assert torch.isfinite(lk.LRMLTrainer(cml).step(torch.tensor([0]), torch.tensor([[5, 7]])))
