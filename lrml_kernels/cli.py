@@ -436,7 +436,16 @@ def _tune(args) -> int:
             f"the learning rate or its range ({args.out}/trials.json holds the trials)"
         )
     print(json.dumps(r["best"], indent=2))
-    print(f"wrote {args.out}/best_config.json, trials.json and the plots (PNG)", file=sys.stderr)
+    plots = ", ".join(r.get("plots", []))
+    print(
+        f"wrote {args.out}/best_config.json, trials.json{', ' if plots else ''}{plots}",
+        file=sys.stderr,
+    )
+    if not plots and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "lrml tune: no plots: matplotlib is not installed (pip install 'lrml_kernels[plot]')",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -687,7 +696,10 @@ def _info(args) -> int:
 def main(argv=None) -> int:
     from lrml_kernels import __version__
 
-    parser = argparse.ArgumentParser(prog="lrml", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lrml",
+        description="Train, tune, evaluate and serve LRML recommenders (lrml COMMAND --help).",
+    )
     parser.add_argument("--version", action="version", version=f"lrml_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train LRML and evaluate it every epoch")
@@ -934,13 +946,15 @@ def _run(parser, with_config, args, argv) -> int:
     ) as exc:
         print(f"lrml {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # out of memory (the CPU allocator's, CUDA's) is not a bug
-        text = str(exc)
-        if not ("can't allocate memory" in text or "out of memory" in text.lower()):
+    except (RuntimeError, MemoryError) as exc:  # out of memory (torch's, CUDA's, numpy's)
+        text = str(exc) or type(exc).__name__
+        oom = "can't allocate memory" in text or "out of memory" in text.lower()
+        if not (oom or isinstance(exc, MemoryError)):
             raise
         print(
             f"lrml {args.command}: error: out of memory ({text.strip().splitlines()[0]}): "
-            "a smaller --batch-size (or --negatives, --dim) needs less",
+            "a smaller --dim, --batch-size or --negatives needs less (the data set itself, "
+            "its evaluation negatives and the tables with their optimizer state must fit too)",
             file=sys.stderr,
         )
         return 2

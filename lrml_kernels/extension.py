@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from lrml_kernels._build import (
     sources_hash,
     stamp_path,
 )
-from lrml_kernels.errors import BackendUnavailable
+from lrml_kernels.errors import BackendUnavailable, LRMLWarning
 from lrml_kernels.gradients import table_grad
 from lrml_kernels.reference import sort_candidates
 
@@ -93,6 +95,11 @@ def build_dir(src: Path) -> Path:
         ]
     )
     return cache_root() / ("ext-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _first(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _tail(text: str, lines: int = 25) -> str:
@@ -166,6 +173,12 @@ def _jit_build(name: str) -> None:
     src = csrc_dir()
     if src is None:
         raise BackendUnavailable(f"{name} backend: the csrc/ sources are not installed")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:  # (torch would say the compiler is "not compatible")
+        raise BackendUnavailable(
+            f"{name} backend: no C++ compiler ({cxx}) on the PATH to build it: install one "
+            "(e.g. g++) or set CXX"
+        )
     cpp_extension = _cpp_extension()
     if name == "cpu":
         sources = [str(src / s) for s in CPU_SOURCES]
@@ -199,6 +212,13 @@ def _jit_build(name: str) -> None:
             f"{name} backend: cannot create the build folder {out} ({exc}); set "
             "LRML_KERNELS_CACHE to a writable folder"
         ) from exc
+    if not (out / f"lrml_ext_{name}.so").exists():  # a first build: minutes, say so
+        warnings.warn(
+            f"building the C++ {name} extension once into {out} (a few minutes; "
+            "LRML_KERNELS_VERBOSE_BUILD=1 shows the compiler)",
+            LRMLWarning,
+            stacklevel=2,
+        )
     try:
         with _build_lock(out):
             cpp_extension.load(
@@ -254,18 +274,24 @@ def _load_library(name: str) -> None:
             raise state
         try:
             if name == "cuda":
+                if torch.version.cuda is None:  # (before the CPU library's own failure)
+                    raise BackendUnavailable("cuda backend: this torch build has no CUDA support")
                 _load_library("cpu")  # the schema lives in the CPU library
             path = _aot_library(name)
-            loaded = False
+            aot_error = None
             if path is not None:
                 try:
                     torch.ops.load_library(path)
-                    loaded = True
                     _origin[name] = f"ahead-of-time build {path}"
-                except Exception:  # ABI mismatch etc.: fall back to the JIT build
-                    loaded = False
-            if not loaded:
-                _jit_build(name)
+                except Exception as exc:  # ABI mismatch etc.: fall back to the JIT build
+                    aot_error = f"the ahead-of-time build {path} did not load ({_first(exc)})"
+            if name not in _origin:
+                try:
+                    _jit_build(name)
+                except BackendUnavailable as exc:
+                    if aot_error is None:
+                        raise
+                    raise BackendUnavailable(f"{exc}; {aot_error}") from exc
                 _origin[name] = f"just-in-time build in {build_dir(csrc_dir()) / name}"
             if name == "cpu":
                 _register_python_side()

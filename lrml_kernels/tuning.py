@@ -457,9 +457,8 @@ def _write_outputs(study, out: Path, seconds: float, plots: bool = True) -> dict
         for key in ("seed_valid_ndcg", "seed_selected_epoch"):
             config["_tuned"][key] = best.user_attrs[key]
     _write_json(out / BEST_CONFIG, config)
-    if plots:
-        _plot_study(study, out)
-    return {"best": config, **result}
+    drawn = _plot_study(study, out) if plots else []
+    return {"best": config, "plots": [p.name for p in drawn], **result}
 
 
 def _write_json(path: Path, doc) -> None:

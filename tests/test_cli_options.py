@@ -269,6 +269,7 @@ def test_tune_offers_only_the_protocols_its_trials_can_select_on(capsys):
             2,
         ),
         ("CUDA out of memory. Tried to allocate 24.00 GiB", 2),
+        (MemoryError("Unable to allocate 763. MiB for an array"), 2),  # numpy's (data set-up)
         ("some other failure", None),  # a bug keeps its traceback
     ],
 )
@@ -279,7 +280,7 @@ def test_out_of_memory_is_one_line_and_leaves_no_folder(
     from lrml_kernels import trainer
 
     def step(*args, **kwargs):
-        raise RuntimeError(raised)
+        raise raised if isinstance(raised, BaseException) else RuntimeError(raised)
 
     monkeypatch.setattr(trainer.LRMLTrainer, "step", step)
     out = tmp_path / "run"
@@ -300,7 +301,7 @@ def test_out_of_memory_is_one_line_and_leaves_no_folder(
         assert main(argv) == code
         err = capsys.readouterr().err
         assert err.startswith("lrml train: error: out of memory (") and len(err.splitlines()) == 1
-        assert "a smaller --batch-size" in err
+        assert "a smaller --dim, --batch-size or --negatives" in err
     assert not out.exists()
 
 

@@ -1045,3 +1045,16 @@ def test_cuda_ops_do_not_sync_and_clamp_unchecked_indices(relation):
     clamped = cuda.distances(P, Q, K, M, bad_u.clamp(0, 39), bad_i.clamp(0, 29), "l2", relation,
                              1e-3, False)  # fmt: skip
     assert torch.equal(D, clamped)
+
+
+def test_a_build_without_a_compiler_says_so_in_one_line(monkeypatch, tmp_path):
+    # (torch's own message for a missing compiler: "Your compiler (c++) is not compatible ...")
+    monkeypatch.setenv("CXX", "no-such-cxx-here")
+    monkeypatch.setenv("LRML_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.delenv("LRML_KERNELS_NO_JIT", raising=False)
+    with pytest.raises(BackendUnavailable) as info:
+        extension._jit_build("cpu")
+    assert str(info.value) == (
+        "cpu backend: no C++ compiler (no-such-cxx-here) on the PATH to build it: install one "
+        "(e.g. g++) or set CXX"
+    )

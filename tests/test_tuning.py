@@ -145,8 +145,13 @@ def test_cli_tune_then_train_with_its_configuration(tmp_path, capsys, one_thread
     argv += ["--search", "lr,negatives", "--storage", f"sqlite:///{tmp_path / 's.db'}"]
     argv += ["--backend", "torch", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
-    best = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    best = json.loads(cap.out)
     assert best == json.loads((out / "best_config.json").read_text())
+    wrote = next(line for line in cap.err.splitlines() if line.startswith("wrote"))
+    head = f"wrote {out}/best_config.json, trials.json"
+    assert wrote.startswith(head)  # the plots it says it wrote: all there are
+    assert sorted(wrote[len(head) :].split(", ")[1:]) == sorted(p.name for p in out.glob("*.png"))
     run = tmp_path / "run"
     assert main(["train", "--config", str(out / "best_config.json"), "--out", str(run)]) == 0
     used = json.loads((run / "metrics.json").read_text())

@@ -80,8 +80,11 @@ def plain_pages():
     process has just freed, erratically (384 MB of evaluation negatives: 0.1 to 1 s; plain
     pages: 0.22 s every time). The set-up writes each array once, in order, so inside this
     block numpy allocates plain pages; the setting is restored after (it is process-wide)."""
-    core = getattr(np, "_core", None) or np.core  # (numpy 2 / numpy 1)
-    set_hugepage = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        from numpy._core import multiarray
+    else:  # (numpy 1's numpy._core is a stub for unpickling: torch's import may load it)
+        from numpy.core import multiarray
+    set_hugepage = getattr(multiarray, "_set_madvise_hugepage", None)
     if set_hugepage is None:
         yield
         return
