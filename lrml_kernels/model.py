@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lrml_kernels import backends, ops
+from lrml_kernels.errors import BackendUnavailable
 from lrml_kernels.reference import compute_dtype
 
 #: ``relation`` of the model: the ops' relations, and "none": CML (Hsieh et al., WWW 2017), LRML's
@@ -89,6 +90,23 @@ class LRML(nn.Module):
         self.distance, self.relation, self.margin = distance, relation, float(margin)
         self.max_norm, self.sparse, self.backend = max_norm, sparse, backend
         self.eps, self.validate = float(eps), validate
+        self._load_backend()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...: maybe another backend
+        module = super()._apply(fn, *args, **kwargs)
+        self._load_backend()
+        return module
+
+    def _load_backend(self) -> None:
+        """Load the backend the model's device resolves to now, eagerly: a first call under
+        ``torch.compile(fullgraph=True)`` cannot trace the loading (a lock, a dlopen). A backend
+        that cannot run is left for the first call to report."""
+        device = self.user_emb.device
+        if device.type != "meta" and not torch.compiler.is_compiling():
+            try:
+                backends.resolve(self.backend, device)
+            except BackendUnavailable:
+                pass
 
     @property
     def kernel_relation(self) -> str:

@@ -567,12 +567,24 @@ class LRMLTrainer:
             raise ValueError(
                 f"checkpoint optimizer {sd['optimizer']!r} differs from {self.optimizer!r}"
             )
+        state = {}
+        for name, p in self._named_params():  # checked against a fresh state of this model
+            want, got = self._init_state(p), sd["state"][name]
+            if set(got) != set(want):
+                raise ValueError(f"{name}'s state holds {sorted(got)}, {self.optimizer} needs "
+                                 f"{sorted(want)}")  # fmt: skip
+            state[name] = {}
+            for k, t in want.items():
+                v = got[k]
+                if torch.is_tensor(t):
+                    if not torch.is_tensor(v) or v.shape != t.shape:
+                        shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                        raise ValueError(
+                            f"{name}'s state {k!r} is {shape}, this model's table needs "
+                            f"{tuple(t.shape)}: the state of another model"
+                        )
+                    v = v.to(t.device, t.dtype)  # (the model's compute dtype: fp32 -> fp64, ...)
+                state[name][k] = v
         self.lr, self.steps = sd["lr"], sd["steps"]
         self.relation_lr_scale = sd.get("relation_lr_scale", 1.0)  # (1.0 before the option)
-        self.state = {
-            name: {
-                k: (v.to(p.device) if torch.is_tensor(v) else v)
-                for k, v in sd["state"][name].items()
-            }
-            for name, p in self._named_params()
-        }
+        self.state = state

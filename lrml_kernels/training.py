@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -116,6 +117,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
+
+
+class RunInProgressError(ValueError):
+    """Another process holds the output folder: it is training into it now."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -495,16 +500,47 @@ def fit(
     ranks check at set-up that they agree on everything else (:func:`_agree_across_ranks`), and
     at every checkpoint that their replicas are still the same bit for bit.
     """
+    # (rank 0 alone makes, holds and removes the folder: the ranks would race over it)
+    first = out_dir is not None and _rank_world()[0] == 0
+    new_dir = first and not Path(out_dir).exists()
     try:
         cfg.validate()
         # A backend that cannot run on the device is refused now, not after the data is loaded.
         backends.resolve(cfg.backend, torch.device(cfg.device))
+        held = _hold_folder(Path(out_dir)) if first else None
     except Exception as exc:
         _agree_across_ranks(None, exc)  # the other ranks stop too, instead of waiting
         raise
-    # (rank 0 alone removes a folder it made: the ranks would race over it)
-    new_dir = out_dir is not None and _rank_world()[0] == 0 and not Path(out_dir).exists()
+    try:
+        return _fit(cfg, out_dir, resume, split, on_epoch, test, new_dir)
+    finally:
+        if held is not None:
+            os.close(held)
 
+
+def _hold_folder(out: Path) -> int | None:
+    """Make ``out`` and hold an exclusive ``flock`` on it for the run (the folder itself: no lock
+    file to leave behind; the kernel drops it when the process ends, SIGKILL too). A second run
+    into the same folder is refused instead of mixing its files with the first's. Returns the
+    descriptor to close, or None where there is no ``flock`` (not POSIX)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInProgressError(
+            f"--out {out} is in use: another process is training into it (wait for it to end, "
+            "or name another --out)"
+        ) from None
+    return fd
+
+
+def _fit(cfg, out_dir, resume, split, on_epoch, test, new_dir) -> dict:
     def remove_if_empty():  # a run that failed before it wrote anything leaves no empty folder
         if new_dir and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()

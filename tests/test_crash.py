@@ -537,3 +537,26 @@ def test_metrics_report_the_final_metrics_only_once_the_files_hold_them(
         final = json.loads((out / METRICS).read_text())["final"]
         best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
         assert best["epoch"] == final["selected_epoch"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_trains(tmp_path, error_line):
+    """Both exited 0 before, the folder ending with one run's checkpoint and the other's best.pt.
+    A run holds a flock on its --out (here taken as another process would hold it)."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(cli_args(out, epochs=1)) == 2
+        assert f"--out {out} is in use: another process is training into it" in error_line("train")
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    assert main(cli_args(out, epochs=1)) == 0  # released: the run goes ahead
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and lets go at its end
+    finally:
+        os.close(fd)

@@ -1,6 +1,10 @@
 """The LRML module: parameters, optimizers, sparse gradients, projection, state_dict, compile."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +160,24 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for p, g in zip(m.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="needs the cpu backend")
+def test_torch_compile_fullgraph_of_a_fresh_process_on_the_default_backend():
+    # (the backend's library was loaded on the first call, inside the trace: dynamo refused the
+    # loading's lock, on every call, unless something had loaded it eagerly before)
+    script = """
+import torch, lrml_kernels as lk
+m = lk.LRML(10, 12, dim=8, memory_slots=3)
+u, i = torch.tensor([0, 1]), torch.tensor([[5, 7], [2, 9]])
+got = torch.compile(m, fullgraph=True, backend="aot_eager")(u, i)
+torch.testing.assert_close(got, m(u, i))
+print("ok")
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_recommend_on_a_trainable_model_uses_worker_threads_safely():

@@ -421,3 +421,23 @@ def test_trainer_refuses_a_frozen_table_rather_than_moving_it():
     assert torch.equal(m.item_emb, before)
     cml = lk.LRML(10, 12, dim=8, memory_slots=3, relation="none", backend="torch")
     assert torch.isfinite(lk.LRMLTrainer(cml).step(torch.tensor([0]), torch.tensor([[5, 7]])))
+
+
+def test_trainer_load_state_dict_checks_the_state_against_the_model():
+    u, i = torch.tensor([0, 1]), torch.tensor([[5, 7], [2, 9]])
+    t = lk.LRMLTrainer(lk.LRML(10, 12, dim=8, memory_slots=3, backend="torch"))
+    t.step(u, i)
+    # another model's state: refused when loaded (was: a misleading error at the next step, the
+    # step counter advanced)
+    other = lk.LRMLTrainer(lk.LRML(20, 12, dim=8, memory_slots=3, backend="torch"))
+    with pytest.raises(ValueError, match=r"user_emb's state 'exp_avg' is \(10, 8\), .* \(20, 8\)"):
+        other.load_state_dict(t.state_dict())
+    assert other.steps == 0
+    with pytest.raises(ValueError, match="adagrad needs"):
+        m = lk.LRML(10, 12, dim=8, memory_slots=3, backend="torch")
+        lk.LRMLTrainer(m, "adagrad").load_state_dict({**t.state_dict(), "optimizer": "adagrad"})
+    # a float32 state in a float64 model takes the model's compute dtype
+    t64 = lk.LRMLTrainer(lk.LRML(10, 12, dim=8, memory_slots=3, dtype=torch.float64))
+    t64.load_state_dict(t.state_dict())
+    assert t64.state["user_emb"]["exp_avg"].dtype == torch.float64
+    assert torch.isfinite(t64.step(u, i))
