@@ -650,6 +650,10 @@ class _Run:
             _check_compatible(ckpt, cfg, world)
         self.select = cfg.select_on == "valid"
         if split is None:
+            t0 = time.perf_counter()
+            say = cfg.progress and rank == 0  # (a large set takes a while: say what happens)
+            if say:
+                print(f"loading {cfg.data} and splitting it ...", file=sys.stderr, flush=True)
             split = lkdata.load(
                 cfg.data,
                 min_rating=cfg.min_rating,
@@ -657,6 +661,13 @@ class _Run:
                 seed=cfg.seed,
                 validation=self.select,
             )
+            if say:
+                print(
+                    f"loaded {split.name}: {split.num_users:,} users, {split.num_items:,} items, "
+                    f"{len(split.train):,} training interactions "
+                    f"({time.perf_counter() - t0:.1f} s)",
+                    file=sys.stderr,
+                )
         elif self.select and not split.has_validation:
             split = lkdata.carve_validation(split, seed=cfg.seed)
         self.split = split
