@@ -74,7 +74,7 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        cause = _os_error_under(exc)
+        cause = os_error_under(exc)
         if cause is not None:  # torch.save reports a full disk as RuntimeError("unexpected pos")
             raise OSError(cause.errno, f"{cause.strerror} (writing {path})") from exc
         raise
@@ -85,7 +85,7 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
-def _os_error_under(exc: BaseException) -> OSError | None:
+def os_error_under(exc: BaseException) -> OSError | None:
     """The OSError (a full disk, a file-size limit) behind an error that is not one itself."""
     if isinstance(exc, OSError) or not isinstance(exc, Exception):
         return None

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from lrml_kernels.backends import BackendUnavailable
+from lrml_kernels.checkpoints import os_error_under
 from lrml_kernels.errors import LRMLWarning, MissingExtra, Terminated
 from lrml_kernels.recommend import EXCLUDE
 from lrml_kernels.training import (
@@ -421,6 +422,12 @@ def _tune(args) -> int:
             start_from=start_from,
             seeds=args.seeds,
         )
+    except Exception as exc:  # the study's storage failing (a full disk, say) is no bug of ours
+        if type(exc).__name__ != "StorageInternalError":  # (optuna.exceptions: not imported)
+            raise
+        cause = os_error_under(exc)
+        why = f"{cause.strerror}" if cause is not None else str(exc).splitlines()[0]
+        raise OSError(f"the study's storage {args.storage} failed: {why}") from exc
     except KeyboardInterrupt as exc:  # tune has written the outputs of the trials completed
         resume = "; the same command resumes the study" if args.storage else ""
         held = (

@@ -465,3 +465,23 @@ def test_ctrl_c_before_any_trial_says_none_completed(tmp_path, capsys, monkeypat
     out = tmp_path / "t"
     assert main(["tune", "--data", "synthetic-small", "--out", str(out), "--no-progress"]) == 130
     assert capsys.readouterr().err == "lrml tune: interrupted; no trial had completed\n"
+
+
+def test_a_full_disk_under_the_study_is_one_line(monkeypatch, tmp_path, capsys):
+    # (optuna's StorageInternalError from SQLite's failed commit was a traceback)
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            raise optuna.exceptions.StorageInternalError(
+                "An exception is raised during the commit"
+            ) from exc
+
+    monkeypatch.setattr(tuning, "tune", full_disk)
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    argv = ["tune", "--data", "synthetic-small", "--storage", db, "--out", str(tmp_path / "t")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"lrml tune: error: the study's storage {db} failed: No space left on device"
+    ), err
