@@ -537,6 +537,9 @@ def _hold_folder(out: Path) -> int | None:
             f"--out {out} is in use: another process is training into it (wait for it to end, "
             "or name another --out)"
         ) from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded
+        os.close(fd)
+        return None
     return fd
 
 
