@@ -566,3 +566,90 @@ def test_pytest_shards_deals_round_robin_and_sums_the_shards(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0 and log.read_text() == "sharded: no tests collected\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu_check.sh: what goes wrong on the GPU machine, on the CPU
+
+
+HANGING = """
+import os, signal, time, pytest
+
+def test_fast():
+    pass
+
+def test_hang_counts_sigint():
+    # the first SIGINT is counted and waited out a little; pytest then stops
+    def on_int(signum, frame):
+        with open(os.environ["SIGINTS"], "a") as f:
+            f.write("INT\\n")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        time.sleep(0.5)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_int)
+    time.sleep(1000)
+
+def test_hang_ignores_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(1000)
+
+@pytest.mark.parametrize("i", range(4))
+def test_later(i):
+    time.sleep(1000 if os.environ.get("SLOW_LATER") else 0)
+"""
+
+
+def _shards(tmp_path, *pre: str, log: Path, extra=(), env=None):
+    return subprocess.run(
+        [*pre, sys.executable, str(BENCH / "pytest_shards.py"), "--shards", "2", "--log",
+         str(log), *extra, str(tmp_path / "t"), "--", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_pytest_shards_names_a_hung_test_and_loses_nothing_when_stopped(tmp_path):
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils timeout is not installed")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_hang.py").write_text(HANGING)
+    sigints = tmp_path / "sigints"
+    log = tmp_path / "shards.log"
+    # as gpu_check.sh runs it: SIGINT to timeout's process group, SIGKILL 10 s later
+    run = _shards(tmp_path, "timeout", "-s", "INT", "-k", "10", "8", log=log, env={"SIGINTS": str(
+        sigints)}, extra=["--grace", "2", "--hang-dump", "2"])  # fmt: skip
+    assert run.returncode == 124, run.stdout + run.stderr  # (timeout's: the command was stopped)
+    text = log.read_text()
+    last = text.splitlines()[-1]
+    assert re.match(r"sharded: 1 passed, 2 interrupted, 4 not run in \d+ s \(2 shards\); "
+                    r"stopped by signal 2; still running when stopped: ", last), last  # fmt: skip
+    assert "test_hang.py::test_hang_counts_sigint" in last and "test_hang_ignores_sigint" in last
+    assert sigints.read_text() == "INT\n"  # one SIGINT a shard, not two
+    assert "killed after the grace (rc=-9)" in text  # the one that ignored it
+    assert "Timeout (0:00:02)!" in text and 'test_hang.py", line' in text  # the stacks
+    assert "every thread's stack (SIGUSR1), then SIGINT" in text
+    # pytest_shards itself killed (SIGKILL): its log is the last snapshot, and no shard is left
+    run = _shards(tmp_path, "timeout", "-s", "KILL", "7", log=log, env={"SIGINTS": str(sigints)})
+    assert run.returncode in (137, -9)  # (timeout's own group gets the SIGKILL too)
+    text = log.read_text()
+    assert "=== shard 1/2: 4 tests, running" in text and "sharded (running, " in text
+    assert "running now: " in text.splitlines()[-1]
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "t") not in ps and "--shard-worker" not in ps.replace(str(BENCH), "")
+
+
+def test_pytest_shards_writes_the_log_when_collection_fails(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "conftest.py").write_text("raise RuntimeError('broken conftest')\n")
+    (tmp_path / "t" / "test_x.py").write_text("def test_x():\n    pass\n")
+    log = tmp_path / "shards.log"
+    run = _shards(tmp_path, log=log)
+    assert run.returncode == 4, run.stdout + run.stderr
+    text = log.read_text()
+    assert text.startswith("pytest_shards: collection failed (rc=4):")
+    assert "broken conftest" in text and "broken conftest" in run.stdout  # (pytest's stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# report.py on damaged runs, conftest's records of failures, the train loop's reserve
