@@ -14,7 +14,9 @@ later processes load the cached library without compiling. Builders of one folde
 an advisory lock that dies with its process, so a build killed midway (``kill -9``, a timeout)
 leaves no lock behind for the next one to wait on forever. A failed build is remembered for the
 rest of the process and reported as :class:`~lrml_kernels.errors.BackendUnavailable` with the
-compiler's last lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds.
+compiler's last lines; ``LRML_KERNELS_NO_JIT=1`` disables just-in-time builds (loading a cached
+one too), ``LRML_KERNELS_NO_JIT=cuda`` (a comma list of ``cpu``, ``cuda``) those of the libraries
+named (the GPU check sets it for the libraries whose build failed).
 
 Autograd (``register_autograd``) and fake kernels (``register_fake``, for ``torch.compile`` and
 meta tensors) are registered here, once, after the CPU library is loaded.
@@ -165,10 +167,21 @@ def _cpp_extension():
     return cpp_extension
 
 
+def _jit_disabled(name: str) -> bool:
+    """Whether ``LRML_KERNELS_NO_JIT`` rules out a just-in-time build of library ``name``: any
+    value but "" and "0" does, unless it is a comma list of library names without ``name``."""
+    value = os.environ.get("LRML_KERNELS_NO_JIT", "0").strip()
+    if value in ("", "0"):
+        return False
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    return name in names or not names <= {"cpu", "cuda"}
+
+
 def _jit_build(name: str) -> None:
-    if os.environ.get("LRML_KERNELS_NO_JIT", "0") not in ("", "0"):
+    if _jit_disabled(name):
+        value = os.environ.get("LRML_KERNELS_NO_JIT")
         raise BackendUnavailable(
-            f"{name} backend: no ahead-of-time build and LRML_KERNELS_NO_JIT is set"
+            f"{name} backend: no ahead-of-time build and LRML_KERNELS_NO_JIT={value} is set"
         )
     src = csrc_dir()
     if src is None:

@@ -572,6 +572,19 @@ def test_pytest_shards_deals_round_robin_and_sums_the_shards(tmp_path):
 # gpu_check.sh: what goes wrong on the GPU machine, on the CPU
 
 
+def test_no_jit_names_the_libraries_not_to_build(monkeypatch):
+    # after a failed build the GPU check sets LRML_KERNELS_NO_JIT to the failed libraries
+    from lrml_kernels import extension
+
+    for value, off in [("", ()), ("0", ()), ("1", ("cpu", "cuda")), ("cuda", ("cuda",)),
+                       ("cpu,cuda", ("cpu", "cuda")), ("yes", ("cpu", "cuda"))]:  # fmt: skip
+        monkeypatch.setenv("LRML_KERNELS_NO_JIT", value)
+        assert tuple(n for n in ("cpu", "cuda") if extension._jit_disabled(n)) == off, value
+    monkeypatch.setenv("LRML_KERNELS_NO_JIT", "cuda")
+    with pytest.raises(extension.BackendUnavailable, match="LRML_KERNELS_NO_JIT=cuda"):
+        extension._jit_build("cuda")
+
+
 HANGING = """
 import os, signal, time, pytest
 
