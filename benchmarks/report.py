@@ -1,7 +1,7 @@
 """Turn a benchmark run into a Markdown table (and a PNG bar chart of the speedups).
 
     python benchmarks/report.py RUN.json [--markdown OUT.md] [--png OUT.png] [--require P,Q]
-                                         [--status TEXT] [--title TEXT]
+                                         [--status TEXT] [--title TEXT] [--partial RUN.jsonl]
 
 RUN is the ``--benchmark-json`` file of ``pytest benchmarks/`` or the ``--lrml-jsonl`` file of the
 same run (written as it goes, so it survives a run that was cut short). One table row per
@@ -10,8 +10,12 @@ the row's ``eager`` provider; on the GPU also the achieved GB/s and its fraction
 copy bandwidth. Below it, every target of the issues with its measured ratio and a verdict.
 
 The table is headed INCOMPLETE (with ``--status`` in front) when a provider named by
-``--require`` measured nothing or benchmarks were skipped "out of time" (the run's deadline).
-With ``--markdown``, a file is written even when RUN cannot be read: the INCOMPLETE heading and
+``--require`` measured nothing, benchmarks were skipped "out of time" (the run's deadline) or
+failed, a result has no valid time (NaN, 0: listed under "Not measured", not tabulated), or the
+run ended early: a ``--lrml-jsonl`` record without its closing line (cut short) or a run whose
+pytest was interrupted or left benchmarks unrun. ``--partial PATH`` (the GPU check: the run's
+``--lrml-jsonl`` record) is read when RUN is missing or unreadable, and says so in the heading.
+With ``--markdown``, a file is written even when nothing can be read: the INCOMPLETE heading and
 why, no numbers.
 
 Exit status: 0; 2 for unreadable input; 3 when a provider named by ``--require`` measured
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -176,7 +181,7 @@ def load(path: str | Path, stat: str = "median") -> dict:
     """
     path = Path(path)
     text = path.read_text()
-    records, skipped, machine, commit = [], [], {}, {}
+    records, skipped, machine, commit, end, cut = [], [], {}, {}, None, None
     if path.suffix == ".jsonl":
         lines = [line for line in text.splitlines() if line.strip()]
         for n, line in enumerate(lines, 1):
@@ -184,25 +189,39 @@ def load(path: str | Path, stat: str = "median") -> dict:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 if n == len(lines):  # a run killed while it wrote its last record
+                    cut = "its last record is cut off"
                     break
                 raise
             if "machine" in rec:  # (the first line: benchmarks/conftest.py)
                 machine = {"lrml": rec["machine"]}
+            elif "end" in rec:  # (the last: the session ended)
+                end = rec["end"]
             else:
-                (skipped if rec.get("skipped") else records).append(rec)
+                (skipped if rec.get("skipped") or rec.get("failed") else records).append(rec)
+        if end is None and cut is None:
+            cut = "it has no closing line"
     else:
         data = json.loads(text)
         for b in data.get("benchmarks", []):
             rec = dict(b.get("extra_info") or {})
             if "workload" not in rec:
                 continue
+            rec.setdefault("name", b.get("name", ""))
             if "time_s" not in rec and b.get("stats"):
                 rec["time_s"] = b["stats"]["median"]
             records.append(rec)
-        skipped = data.get("lrml_skipped", [])
+        skipped = list(data.get("lrml_skipped", []))
         machine = data.get("machine_info", {})
         commit = data.get("commit_info", {})
-    records = [r for r in records if r.get("time_s")]
+        end = data.get("lrml_end")
+    valid = []
+    for r in records:  # a result without a valid time is listed as not measured, not dropped
+        t = r.get("time_s")
+        if isinstance(t, int | float) and math.isfinite(t) and t > 0:
+            valid.append(r)
+        else:
+            skipped.append({**r, "invalid": True, "reason": f"invalid time_s ({t!r}): no result"})
+    records = valid
     if stat == "min":
         for r in records:
             if r.get("time_min_s") and r["device"] == "cpu":
@@ -212,12 +231,35 @@ def load(path: str | Path, stat: str = "median") -> dict:
         raise ValueError(f"stat must be median or min, got {stat!r}")
     return {
         "records": records, "skipped": skipped, "machine": machine, "commit": commit, "stat": stat,
+        "end": end, "cut": cut,
     }  # fmt: skip
 
 
 def load_empty() -> dict:
     """A run with no results."""
     return {"records": [], "skipped": [], "machine": {}, "commit": {}, "stat": "median"}
+
+
+def incomplete(run: dict, name: str = "the run") -> list[str]:
+    """Why ``run`` is incomplete, beyond the providers asked for (one phrase each)."""
+    why = []
+    if run.get("cut"):
+        why.append(f"{name} ends before its run did ({run['cut']}: cut short)")
+    end = run.get("end") or {}
+    if end.get("exitstatus") == 2:  # pytest's "interrupted"
+        why.append("the run was interrupted")
+    if end.get("not_run"):
+        why.append(f"{end['not_run']} benchmark(s) never ran")
+    late = [s for s in run["skipped"] if s.get("reason", "").startswith(OUT_OF_TIME)]
+    if late:
+        why.append(f"{len(late)} benchmark(s) not run, {OUT_OF_TIME}")
+    failed = [s for s in run["skipped"] if s.get("failed")]
+    if failed:
+        why.append(f"{len(failed)} benchmark(s) failed")
+    invalid = [s for s in run["skipped"] if s.get("invalid")]
+    if invalid:
+        why.append(f"{len(invalid)} result(s) without a valid time")
+    return why
 
 
 def _join(status: str | None, more: str) -> str:
@@ -306,7 +348,11 @@ def cell(rec: dict | None) -> str:
 def device_header(device: str, machine: dict, commit: dict) -> str:
     lk = machine.get("lrml", {})
     commit_id = lk.get("commit") or (commit.get("id", "")[:12] if commit else "")
-    dirty = " (with uncommitted changes)" if lk.get("dirty") or commit.get("dirty") else ""
+    if "dirty" in lk:  # (None: this tree had no git of its own to ask)
+        dirty = {True: " (with uncommitted changes)", None: " (uncommitted changes: unknown)"}
+        dirty = dirty.get(lk["dirty"], "")
+    else:
+        dirty = " (with uncommitted changes)" if commit.get("dirty") else ""
     common = (
         f"torch {lk.get('torch', '?')}, triton {lk.get('triton', '?')}, commit "
         f"`{commit_id or '?'}`{dirty}, {lk.get('date', '?')}"
@@ -566,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", help="a banner above the table, e.g. INCOMPLETE: ...")
     ap.add_argument("--title")
     ap.add_argument(
+        "--partial", metavar="RUN.jsonl",
+        help="read this --lrml-jsonl record when RUN is missing or unreadable (INCOMPLETE)",
+    )  # fmt: skip
+    ap.add_argument(
         "--readme", nargs=2, metavar=("README", "BLOCK"),
         help="replace the text between <!-- BLOCK:begin --> and <!-- BLOCK:end --> in README "
         "with the table (and the chart, if --png)",
@@ -575,28 +625,40 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU rounds: the median (default) or the fastest (for a machine shared with others)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    status = args.status
+    name = Path(args.run).name
     try:
         run = load(args.run, args.stat)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"report.py: cannot read {args.run}: {exc}", file=sys.stderr)
-        if args.markdown:
-            why = f"INCOMPLETE: no benchmark results ({Path(args.run).name}: {exc})"
-            Path(args.markdown).write_text(
-                markdown(load_empty(), title=args.title, status=_join(args.status, why))
-            )
-        return 2
+        why = f"{name}: {exc}"
+        run = None
+        if args.partial:
+            try:
+                run = load(args.partial, args.stat)
+                name = Path(args.partial).name
+                status = _join(status, f"INCOMPLETE: results from the partial record {name}")
+                print(f"report.py: read {args.partial} instead", file=sys.stderr)
+            except (OSError, ValueError, KeyError, TypeError) as exc2:
+                print(f"report.py: cannot read {args.partial}: {exc2}", file=sys.stderr)
+                why += f"; {Path(args.partial).name}: {exc2}"
+        if run is None:
+            if args.markdown:
+                why = f"INCOMPLETE: no benchmark results ({why})"
+                Path(args.markdown).write_text(
+                    markdown(load_empty(), title=args.title, status=_join(status, why))
+                )
+            return 2
     missing = [
         p for p in filter(None, (x.strip() for x in args.require.split(",")))
         if not any(r["provider"] == p for r in run["records"])
     ]  # fmt: skip
-    status = args.status
     if missing:
         status = _join(
             status, f"INCOMPLETE: no results for required provider(s) {', '.join(missing)}"
         )
-    late = [s for s in run["skipped"] if s.get("reason", "").startswith(OUT_OF_TIME)]
-    if late:
-        status = _join(status, f"INCOMPLETE: {len(late)} benchmark(s) not run, {OUT_OF_TIME}")
+    for why in incomplete(run, name):
+        status = _join(status, f"INCOMPLETE: {why}")
     text = markdown(run, title=args.title, status=status)
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -240,6 +240,10 @@ def test_report_is_written_without_results_and_says_incomplete(tmp_path):
     text = md.read_text()
     assert text.startswith("> **s; INCOMPLETE: no benchmark results (bench.jsonl: ")
     assert "|" not in text  # no table, no numbers
+    # --partial: neither file there, both named
+    args = [str(tmp_path / "bench.json"), "--partial", str(tmp_path / "bench.jsonl")]
+    assert report.main([*args, "--markdown", str(md)]) == 2
+    assert "(bench.json: " in md.read_text() and "; bench.jsonl: " in md.read_text()
     late = {"skipped": True, "provider": "compile", "device": "cuda", "name": "test_x[c]",
             "reason": "out of time: the run's deadline (60 s) was past"}  # fmt: skip
     run = _write_run(tmp_path / "run.json", _cpu_run(), [late])
@@ -666,3 +670,40 @@ def test_pytest_shards_writes_the_log_when_collection_fails(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # report.py on damaged runs, conftest's records of failures, the train loop's reserve
+
+
+def test_report_lists_invalid_times_and_failed_benchmarks_and_heads_them_incomplete(tmp_path):
+    recs = [_rec("hinge fwd+bwd", "pair", "eager", 0.1), _rec("hinge fwd+bwd", "pair", "cpu", 0.02)]
+    recs[1]["time_s"], recs[1]["pairs_per_s"] = float("nan"), float("nan")
+    zero = _rec("hinge fwd+bwd", "shared", "eager", 0.1)
+    zero["time_s"] = 0.0
+    failed = {"failed": True, "provider": "cpu", "device": "cpu", "size": "netflix",
+              "name": "test_train_step[cpu-netflix-fp32-cpu]",
+              "reason": "FAILED (call): AssertionError: loss: relative error 0.5"}  # fmt: skip
+    md = tmp_path / "t.md"
+    run = _write_run(tmp_path / "run.json", [*recs, zero], [failed])
+    assert report.main([str(run), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "nan µs" not in text and "nan×" not in text and "| 0 µs" not in text
+    assert "INCOMPLETE: 1 benchmark(s) failed; INCOMPLETE: 2 result(s) without a valid time" in text
+    assert "cpu on cpu: invalid time_s (nan): no result (1 benchmarks)" in text
+    assert "eager on cpu: invalid time_s (0.0): no result" in text
+    assert "FAILED (call): AssertionError: loss: relative error 0.5" in text
+    # a record cut short (no closing line, a torn last line) is INCOMPLETE on its own
+    jsonl = tmp_path / "run.jsonl"
+    jsonl.write_text(json.dumps(recs[0]) + "\n")
+    assert report.main([str(jsonl), "--markdown", str(md)]) == 0
+    assert "INCOMPLETE: run.jsonl ends before its run did (it has no closing line" in md.read_text()
+    jsonl.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0])[:30])
+    report.main([str(jsonl), "--markdown", str(md)])
+    assert "(its last record is cut off: cut short)" in md.read_text()
+    end = {"end": {"exitstatus": 2, "not_run": 3}}
+    jsonl.write_text(json.dumps(recs[0]) + "\n" + json.dumps(end) + "\n")
+    report.main([str(jsonl), "--markdown", str(md), "--status", "s"])
+    assert md.read_text().startswith(
+        "> **s; INCOMPLETE: the run was interrupted; INCOMPLETE: 3 benchmark(s) never ran**"
+    )
+    # --partial: the JSONL where the JSON is missing, said in the heading
+    assert report.main([str(tmp_path / "none.json"), "--partial", str(jsonl), "--markdown",
+                        str(md)]) == 0  # fmt: skip
+    assert "INCOMPLETE: results from the partial record run.jsonl" in md.read_text()
