@@ -103,6 +103,7 @@ def _step_seconds(case: bl.Case, cfg: TrainConfig, split, batches: list[Batch]) 
 def test_train_loop(benchmark, case, provider):
     bl.require(provider, case.device)
     split = _split(case.size)
+    bl.LOOP_DATA_READY.add(case.size.name)  # (the next cases of the size reuse it)
     s = case.size
     if bl.SETTINGS["disabled"]:
         epochs = benchmark(lambda: fit(_config(case, provider, SMOKE_STEPS), None, split=split))

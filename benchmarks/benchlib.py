@@ -24,7 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError as _exc:  # step 1 of the GPU check says so, and the check stops
+    if __name__ == "__main__" and sys.argv[1:2] == ["env"]:
+        print(f"NO_DEVICE: torch cannot be imported by {sys.executable} ({_exc})", flush=True)
+        sys.exit(3)
+    raise
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest benchmarks/` without an installed package
@@ -175,6 +181,25 @@ OUT_OF_TIME = "out of time"  # how a benchmark skipped past the deadline says so
 
 
 COMPILE_RESERVE_S = 20.0  # a compile peer starts only this long before the deadline or earlier
+# The train loop's first case of a size builds and splits its synthetic data (Netflix: ~10-25 s
+# of CPU) before anything is timed; it starts only this long before the deadline or earlier. The
+# later cases of the size reuse the data: they need LOOP_RESERVE_S.
+LOOP_SETUP_RESERVE_S = {"netflix": 45.0, "small": 10.0}
+LOOP_RESERVE_S = 10.0
+LOOP_DATA_READY: set[str] = set()  # sizes whose train-loop data is built (bench_train_loop)
+
+
+def start_reserve_s(test: str, provider: str | None, size: str) -> float:
+    """Seconds a benchmark needs before the run's deadline to start at all: a compile peer
+    COMPILE_RESERVE_S, the train loop its data set-up (first case of a size) or LOOP_RESERVE_S,
+    any other none (the deadline already leaves the longest capped one)."""
+    if provider == "compile":
+        return COMPILE_RESERVE_S
+    if test == "test_train_loop":
+        if size in LOOP_DATA_READY:
+            return LOOP_RESERVE_S
+        return LOOP_SETUP_RESERVE_S.get(size, LOOP_RESERVE_S)
+    return 0.0
 
 
 def out_of_time(need_s: float = 0.0) -> bool:
@@ -615,6 +640,25 @@ def git(*args) -> str:
         return ""
 
 
+UNKNOWN_COMMIT = "unknown (set LRML_COMMIT)"
+
+
+def commit_info() -> tuple[str, bool | None]:
+    """(the commit measured, whether the tree has uncommitted changes: None if unknown).
+
+    ``LRML_COMMIT`` where set (a tree copied without .git); else git's, but only where this tree
+    is the root of its repository: a tree copied into another repository must not be labelled
+    with that repository's commit. Uncommitted changes are known only from this tree's own git.
+    """
+    top = git("rev-parse", "--show-toplevel")
+    own = bool(top) and Path(top).resolve() == REPO
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if own else None
+    commit = os.environ.get("LRML_COMMIT") or (
+        git("rev-parse", "--short=12", "HEAD") if own else ""
+    )
+    return commit or UNKNOWN_COMMIT, dirty
+
+
 def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     import triton.testing
@@ -638,12 +682,34 @@ def nvidia_smi(*args: str) -> str | None:
     return run.stdout.strip() if run.returncode == 0 else None
 
 
-def _env_main(dry_run: bool) -> None:
-    """Step 1 of the GPU check: versions, the GPU, and the copy bandwidth (``COPY_GBPS=`` line)."""
+def nvidia_smi_start(*args: str) -> subprocess.Popen | None:
+    """``nvidia-smi ARGS`` started in the background (None where it is missing)."""
+    try:
+        return subprocess.Popen(
+            ["nvidia-smi", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+    except OSError:
+        return None
+
+
+def _env_main(dry_run: bool, end_at: float | None = None) -> None:
+    """Step 1 of the GPU check: versions, the GPU, and the copy bandwidth (``COPY_GBPS=`` line).
+
+    Exit status 3 with a ``NO_DEVICE:`` line when nothing can run: torch sees no CUDA device (the
+    dry run: torch cannot be imported, above). Anything else that goes wrong (nvidia-smi, the
+    bandwidth) is printed and the status stays 0. ``end_at`` (epoch seconds): no bandwidth
+    measurement that could end after it; nvidia-smi is given until then (at most 10 s).
+    """
     import platform
 
+    def left() -> float:
+        return math.inf if end_at is None else end_at - time.time()
+
+    query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem"
+    smi = None if dry_run else nvidia_smi_start(query, "--format=csv")  # (beside the rest)
     print(
-        f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
+        flush=True,
     )
     try:
         import triton
@@ -652,23 +718,38 @@ def _env_main(dry_run: bool) -> None:
     except ImportError as exc:
         print(f"triton: not importable ({exc})")
     print(f"lrml_kernels {lk.__version__} (backends are built and probed by the later steps)")
-    query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem"
-    smi = None if dry_run else nvidia_smi(query, "--format=csv")
-    if smi:
-        print(smi)
+    if dry_run:
+        print("DEVICE_OK=cpu (dry run: no GPU used, no bandwidth measurement)")
+        return
+    if smi is not None:
+        try:
+            text, _ = smi.communicate(timeout=max(0.5, min(10.0, left() - 10)))
+            print(
+                text.strip() if smi.returncode == 0 else f"nvidia-smi: exit status {smi.returncode}"
+            )
+        except subprocess.TimeoutExpired:
+            smi.kill()
+            print("WARNING: nvidia-smi did not answer in time (left out)")
+    else:
+        print("nvidia-smi: not found")
+    sys.stdout.flush()
     if not torch.cuda.is_available():
-        if dry_run:
-            print("dry run: no GPU used (no bandwidth measurement)")
-            return
-        sys.exit("no CUDA device visible to torch")
+        print("NO_DEVICE: torch sees no CUDA device", flush=True)
+        sys.exit(3)
     props = torch.cuda.get_device_properties(0)
     gib = props.total_memory / 2**30
     print(f"GPU 0: {props.name}, {props.multi_processor_count} SMs, {gib:.0f} GiB, "
           f"compute capability {props.major}.{props.minor}")  # fmt: skip
     print(f"GPU_MEMORY_GIB={gib:.0f}")
-    if dry_run:
+    print("DEVICE_OK=cuda", flush=True)
+    if left() < 5:
+        print(f"WARNING: no bandwidth measurement: {max(0.0, left()):.0f} s left of the step")
         return
-    gbps = measure_copy_gbps()
+    try:
+        gbps = measure_copy_gbps()
+    except Exception as exc:  # the check carries on without it (the bench measures it again)
+        print(f"WARNING: the bandwidth measurement failed: {type(exc).__name__}: {exc}")
+        return
     print(f"device copy bandwidth (1 GiB, read + write): {gbps:.0f} GB/s")
     print(f"COPY_GBPS={gbps:.1f}")
 
@@ -746,7 +827,16 @@ def _peakmem_main(provider: str, size: str, dtype: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "peakmem":
         _peakmem_main(*sys.argv[2:])
-    elif len(sys.argv) in (2, 3) and sys.argv[1] == "env":
-        _env_main(dry_run=sys.argv[2:] == ["--dry-run"])
+    elif sys.argv[1:2] == ["env"]:
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="benchlib.py env")
+        ap.add_argument("--dry-run", action="store_true")
+        ap.add_argument("--end-at", type=float, default=None, help="epoch seconds")
+        env_args = ap.parse_args(sys.argv[2:])
+        _env_main(dry_run=env_args.dry_run, end_at=env_args.end_at)
     else:
-        sys.exit("usage: benchlib.py peakmem PROVIDER SIZE DTYPE | benchlib.py env [--dry-run]")
+        sys.exit(
+            "usage: benchlib.py peakmem PROVIDER SIZE DTYPE | "
+            "benchlib.py env [--dry-run] [--end-at EPOCH]"
+        )

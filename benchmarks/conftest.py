@@ -19,6 +19,9 @@ Options (each also read from an environment variable, the command line wins):
   --lrml-deadline=SECONDS              LRML_BENCH_DEADLINE (default none): seconds after the
                                        start of the run after which no benchmark starts; the
                                        rest are skipped "out of time" (the report says so)
+  --lrml-deadline-at=EPOCH             LRML_BENCH_DEADLINE_AT (default none): the same as an
+                                       absolute time (Unix seconds: the GPU check's, which
+                                       counts the start-up in); with both, the earlier
 
 Test files are ``bench_*.py`` (collected by the hook below; pyproject's defaults stay untouched).
 A test declares what it runs on with ``@pytest.mark.lrml(devices=..., sizes=..., dtypes=...,
@@ -27,7 +30,12 @@ netflix-epoch and tiny-epoch, which run nothing else; ``tf32_sizes``: the sizes 
 runs the tf32 case, where --lrml-dtypes has it) and takes the ``case`` argument; providers are a
 plain ``parametrize("provider", ...)``. Sizes run in the order given; within a size ``compile``
 peers run after every other benchmark (compiling costs the most time: under a deadline, what is
-left out); the train loop runs after every size (its data set-up is the slowest part).
+left out); the train loop runs after every size (its data set-up is the slowest part) and starts
+only with the time for that set-up left before the deadline (benchlib.start_reserve_s).
+
+A benchmark that fails (an error, a failed check) is recorded too (``"failed": true`` and the
+error), and the ``--lrml-jsonl`` file ends with ``{"end": {"exitstatus": ..., "not_run": ...}}``
+when the session ends: a file without it was cut short (report.py says so).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ def pytest_addoption(parser):
     )
     group.addoption("--lrml-cap", type=float, default=_env_float("LRML_BENCH_CAP"))
     group.addoption("--lrml-deadline", type=float, default=_env_float("LRML_BENCH_DEADLINE"))
+    group.addoption("--lrml-deadline-at", type=float, default=_env_float("LRML_BENCH_DEADLINE_AT"))
 
 
 def _env_float(name: str) -> float | None:
@@ -124,12 +133,18 @@ def pytest_configure(config):
     s["jsonl"] = config.getoption("--lrml-jsonl")
     s["malloc"] = benchlib.set_malloc_mode(config.getoption("--lrml-malloc"))
     s["cap_s"] = config.getoption("--lrml-cap")
-    deadline = config.getoption("--lrml-deadline")
-    s["deadline"] = None if deadline is None else time.monotonic() + deadline
+    deadlines = []
+    if config.getoption("--lrml-deadline") is not None:
+        deadlines.append(time.monotonic() + config.getoption("--lrml-deadline"))
+    if config.getoption("--lrml-deadline-at") is not None:  # (epoch -> this process's clock)
+        deadlines.append(time.monotonic() + config.getoption("--lrml-deadline-at") - time.time())
+    s["deadline"] = min(deadlines) if deadlines else None
     env_bw = os.environ.get("LRML_COPY_GBPS")
     if env_bw:
         s["copy_gbps"] = float(env_bw)
     config._lrml_skipped = []
+    config._lrml_reported = set()  # benchmark ids with a report (the rest never ran)
+    config._lrml_items = []
 
 
 def pytest_generate_tests(metafunc):
@@ -198,6 +213,15 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = others + [item for _, item in bench_items]
 
 
+def pytest_collection_finish(session):
+    # the benchmarks of this session (after -k / -m deselection): those never reported never ran
+    ids = session.config._lrml_items = []
+    for item in session.items:
+        cs = getattr(item, "callspec", None)
+        if cs is not None and "case" in cs.params:
+            ids.append(item.nodeid)
+
+
 def _is_headline(test: str, case: benchlib.Case) -> bool:
     if test not in benchlib.HEADLINE:
         return False
@@ -206,20 +230,21 @@ def _is_headline(test: str, case: benchlib.Case) -> bool:
 
 
 def pytest_runtest_setup(item):
-    """Past --lrml-deadline no benchmark starts (a compile peer: COMPILE_RESERVE_S before it);
-    a tf32 case runs only the providers with a TF32 path."""
+    """Past the run's deadline no benchmark starts (a compile peer, the train loop: their
+    benchlib.start_reserve_s before it); a tf32 case runs only the providers with a TF32 path."""
     cs = getattr(item, "callspec", None)
     if cs is None or "case" not in cs.params:
         return
-    if cs.params["case"].tf32:
+    case = cs.params["case"]
+    if case.tf32:
         why = benchlib.why_not_tf32(cs.params.get("provider"))
         if why:
             pytest.skip(why)
-    need = benchlib.COMPILE_RESERVE_S if cs.params.get("provider") == "compile" else 0.0
+    need = benchlib.start_reserve_s(item.originalname, cs.params.get("provider"), case.size.name)
     if benchlib.out_of_time(need):
-        deadline = item.config.getoption("--lrml-deadline")
-        when = f"less than {need:g} s away" if need else "past"
-        pytest.skip(f"{benchlib.OUT_OF_TIME}: the run's deadline ({deadline:g} s) was {when}")
+        left = benchlib.SETTINGS["deadline"] - time.monotonic()
+        when = f"less than {need:g} s away ({max(left, 0):.0f} s)" if need else "past"
+        pytest.skip(f"{benchlib.OUT_OF_TIME}: the run's deadline was {when}")
 
 
 @pytest.fixture(autouse=True)
@@ -276,6 +301,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def _machine(config) -> dict:
     """What the report's header says about the machine and the code measured."""
+    commit, dirty = benchlib.commit_info()
     info = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": _cpu_model(),
@@ -284,9 +310,10 @@ def _machine(config) -> dict:
         "torch": torch.__version__,
         "sizes": [s.name for s in config._lrml_sizes],
         "devices": list(_devices(config)),
-        # LRML_COMMIT: the commit measured, where the tree was copied without .git (GPU machine)
-        "commit": os.environ.get("LRML_COMMIT") or benchlib.git("rev-parse", "--short=12", "HEAD"),
-        "dirty": bool(benchlib.git("status", "--porcelain", "--untracked-files=no")),
+        # LRML_COMMIT: the commit measured, where the tree was copied without .git (GPU machine);
+        # dirty None: unknown (no .git of this tree's own)
+        "commit": commit,
+        "dirty": dirty,
         "malloc": benchlib.SETTINGS["malloc"],
     }
     try:
@@ -310,9 +337,21 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     cs = getattr(item, "callspec", None)
-    if not rep.skipped or cs is None or "case" not in cs.params:
+    if cs is None or "case" not in cs.params:
+        return
+    item.config._lrml_reported.add(item.nodeid)
+    if rep.failed and rep.when in ("setup", "call"):  # listed as not measured, with the error
+        crash = getattr(rep.longrepr, "reprcrash", None)
+        reason = getattr(crash, "message", None) or str(rep.longrepr).strip().splitlines()[-1]
+        _not_measured(item, cs, f"FAILED ({rep.when}): {reason}", failed=True)
+        return
+    if not rep.skipped:
         return
     reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    _not_measured(item, cs, reason)
+
+
+def _not_measured(item, cs, reason: str, failed: bool = False) -> None:
     case = cs.params["case"]
     entry = {
         "name": item.name,
@@ -323,11 +362,22 @@ def pytest_runtest_makereport(item, call):
         "reason": reason.removeprefix("Skipped: ").removeprefix(
             f"{cs.params.get('provider')} on {case.device}: "
         ),
-        "skipped": True,
+        "failed" if failed else "skipped": True,
     }
     item.config._lrml_skipped.append(entry)
     benchlib.record(entry)
 
 
+@pytest.hookimpl(tryfirst=True)  # (before pytest-benchmark writes its JSON)
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    config._lrml_end = {
+        "exitstatus": int(exitstatus),
+        "not_run": len([i for i in config._lrml_items if i not in config._lrml_reported]),
+    }
+    benchlib.record({"end": config._lrml_end})
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["lrml_skipped"] = config._lrml_skipped
+    output_json["lrml_end"] = getattr(config, "_lrml_end", None)

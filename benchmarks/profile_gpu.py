@@ -2,6 +2,7 @@
 
     python benchmarks/profile_gpu.py OUT.md [--device cuda|cpu] [--size netflix|tiny]
                                      [--backends torch,triton,cuda] [--time-limit SECONDS]
+                                     [--end-at UNIX_TIME]
 
 For each backend that runs here (default: torch, triton, cuda on CUDA; torch, cpu on the CPU),
 on generated tables of the size (netflix: 480,189 x 17,770, d = 100, N = 20; no data files):
@@ -29,10 +30,10 @@ each called twice to warm up (compilation, autotuning, allocator), then:
   extension is not seen); the wall time of that call.
 
 The work runs in the order hinge B = 4096, train step, negatives, hinge B = 2^20 (each for every
-backend that has it) and
-OUT.md is rewritten after each piece, so a run cut short keeps what was done. A piece that would
-start after ``--time-limit`` (or with less time left than twice the longest piece so far) is
-listed as "not profiled: out of time", never dropped silently. Exit status 0 when every piece of
+backend that has it) and OUT.md is rewritten after each piece, so a run cut short keeps what was
+done. A piece that would start after ``--time-limit`` (seconds from the start) or ``--end-at`` (a
+Unix time: the start-up counts too), or with less time left than twice the longest piece so far,
+is listed as "not profiled: out of time", never dropped silently. Exit status 0 when every piece of
 every available backend was profiled, 1 otherwise.
 """
 
@@ -267,10 +268,13 @@ def _header(device: str, size: bl.Size, dtype: torch.dtype) -> str:
         where = f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
     else:
         where = f"CPU ({platform.machine()}, {os.cpu_count()} cores): a dry run of the logic"
-    commit = os.environ.get("LRML_COMMIT") or bl.git("rev-parse", "--short=12", "HEAD")
+    commit, dirty = bl.commit_info()
+    commit += {True: " (with uncommitted changes)", None: " (uncommitted changes: unknown)"}.get(
+        dirty, ""
+    )
     return (
         f"## Profile: {where}\n\ntorch {torch.__version__}, triton {tv}, Python "
-        f"{platform.python_version()}, commit `{commit or '?'}`. Tables {size.name} "
+        f"{platform.python_version()}, commit `{commit}`. Tables {size.name} "
         f"({size.U:,}×{size.I:,}, d={size.d}, N={size.N}, {bl.DTYPE_NAMES[dtype]}), generated; "
         f"distance l2, relation pair; hinge with sparse embedding gradients; a backend named "
         f'`…{TF32}` runs at fp32 matmul precision "high" (TF32 dots). {WARMUP} warm-up '
@@ -287,8 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--backends", help="comma list (default: by device)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
+    ap.add_argument(
+        "--end-at", type=float, default=None,
+        help="Unix time by which the run ends (the GPU check's: the start-up counts too)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     t_start = time.monotonic()
+    if args.end_at is not None:  # (the earlier of the two)
+        left = args.end_at - time.time()
+        args.time_limit = left if args.time_limit is None else min(args.time_limit, left)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("profile_gpu.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -422,11 +422,13 @@ def test_gpu_check_failed_steps_are_named_and_the_report_still_written(tmp_path)
     assert proc.stdout.rstrip().endswith(table.rstrip())
 
 
-def test_profile_lists_what_it_had_no_time_for(tmp_path):
+@pytest.mark.parametrize("limit", ["--time-limit=0", "--end-at=AT"])
+def test_profile_lists_what_it_had_no_time_for(tmp_path, limit):
+    # --end-at: a Unix time (the GPU check's: the start-up counts too), here past
     md = tmp_path / "profile.md"
     run = subprocess.run(
         [sys.executable, str(BENCH / "profile_gpu.py"), str(md), "--device", "cpu", "--size",
-         "tiny", "--backends", "torch,nope", "--time-limit", "0"],
+         "tiny", "--backends", "torch,nope", limit.replace("AT", str(int(time.time())))],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
@@ -478,18 +480,22 @@ def test_headline_selection_epoch_batch_compile_and_loop_last():
     assert compile_at and compile_at == list(range(len(tiny) - len(compile_at), len(tiny)))
 
 
-def test_no_benchmark_starts_after_the_deadline(tmp_path):
+@pytest.mark.parametrize("deadline", ["--lrml-deadline=0", "--lrml-deadline-at=AT"])
+def test_no_benchmark_starts_after_the_deadline(tmp_path, deadline):
+    # --lrml-deadline-at: a Unix time (the GPU check's: the start-up counts too), here past
     jsonl = tmp_path / "run.jsonl"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/bench_hinge_loss.py", "-q",
-         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny", "--lrml-deadline=0",
+         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny",
+         deadline.replace("AT", str(int(time.time()))),
          f"--lrml-jsonl={jsonl}", "-k", "forward_backward"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    machine, *recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    machine, *recs, end = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert machine["machine"]["commit"] and machine["machine"]["devices"] == ["cpu"]
     assert len(recs) == 10 and all(r["reason"].startswith("out of time") for r in recs), recs
+    assert end["end"] == {"exitstatus": 0, "not_run": 0}
 
 
 def test_tf32_rows_run_at_matmul_precision_high_at_the_epoch_batch_only(tmp_path):
@@ -588,6 +594,36 @@ def test_no_jit_names_the_libraries_not_to_build(monkeypatch):
     with pytest.raises(extension.BackendUnavailable, match="LRML_KERNELS_NO_JIT=cuda"):
         extension._jit_build("cuda")
 
+
+def test_env_step_warns_about_the_bandwidth_and_stops_only_without_a_gpu(monkeypatch, capsys):
+    bl = load_benchmark("benchlib")
+    import torch
+
+    monkeypatch.setattr(bl, "nvidia_smi_start", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        bl._env_main(dry_run=False)
+    assert exc.value.code == 3 and "NO_DEVICE: torch sees no CUDA device" in capsys.readouterr().out
+    props = types.SimpleNamespace(name="H200", multi_processor_count=132, total_memory=141 << 30,
+                                  major=9, minor=0)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+
+    def broken():
+        raise RuntimeError("CUDA error: launch failure")
+
+    monkeypatch.setattr(bl, "measure_copy_gbps", broken)
+    bl._env_main(dry_run=False)  # no exit: a warning
+    text = capsys.readouterr().out
+    assert "DEVICE_OK=cuda" in text and "GPU_MEMORY_GIB=141" in text
+    assert "WARNING: the bandwidth measurement failed: RuntimeError" in text
+    assert "COPY_GBPS=" not in text
+    bl._env_main(dry_run=False, end_at=time.time() + 2)  # no time left for it
+    assert "WARNING: no bandwidth measurement" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest_shards.py: hangs, kills, collection errors
 
 HANGING = """
 import os, signal, time, pytest
@@ -707,3 +743,51 @@ def test_report_lists_invalid_times_and_failed_benchmarks_and_heads_them_incompl
     assert report.main([str(tmp_path / "none.json"), "--partial", str(jsonl), "--markdown",
                         str(md)]) == 0  # fmt: skip
     assert "INCOMPLETE: results from the partial record run.jsonl" in md.read_text()
+
+
+def test_a_failing_benchmark_is_recorded_and_reported(tmp_path):
+    (tmp_path / "failplugin.py").write_text(
+        "import pytest\n"
+        "@pytest.hookimpl(tryfirst=True)\n"
+        "def pytest_runtest_call(item):\n"
+        "    if item.name.endswith('-cpu-pair]'):\n"
+        "        raise RuntimeError('injected failure')\n"
+    )
+    jsonl = tmp_path / "run.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_hinge_loss.py", "-q", "-p", "failplugin",
+         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny", "--lrml-budget=0.01",
+         f"--lrml-jsonl={jsonl}", "-k", "forward_backward and pair and (eager or cpu)"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    failed = [r for r in recs if r.get("failed")]
+    assert [r["provider"] for r in failed] == ["cpu"], recs
+    assert failed[0]["reason"] == "FAILED (call): RuntimeError: injected failure"
+    assert recs[-1]["end"] == {"exitstatus": 1, "not_run": 0}
+    md = tmp_path / "t.md"
+    report.main([str(jsonl), "--markdown", str(md)])
+    assert "INCOMPLETE: 1 benchmark(s) failed" in md.read_text()
+    assert "cpu on cpu: FAILED (call): RuntimeError: injected failure" in md.read_text()
+
+
+def test_the_train_loop_starts_only_with_time_for_its_data_set_up(tmp_path):
+    bl = load_benchmark("benchlib")
+    assert bl.start_reserve_s("test_topk", "compile", "netflix") == bl.COMPILE_RESERVE_S
+    assert bl.start_reserve_s("test_topk", "triton", "netflix") == 0
+    assert bl.start_reserve_s("test_train_loop", "triton", "netflix") == 45
+    bl.LOOP_DATA_READY.add("netflix")  # (the data of the size's first case, reused)
+    assert bl.start_reserve_s("test_train_loop", "cuda", "netflix") == bl.LOOP_RESERVE_S
+    # a deadline closer than the loop's reserve: no case of it starts (tiny: LOOP_RESERVE_S)
+    jsonl = tmp_path / "run.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_train_loop.py", "-q",
+         "-p", "no:cacheprovider", "--lrml-device=cpu", "--lrml-size=tiny",
+         f"--lrml-deadline-at={time.time() + 8}", f"--lrml-jsonl={jsonl}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()][1:-1]
+    assert len(recs) == 4 and all(r["reason"].startswith("out of time") for r in recs), recs
