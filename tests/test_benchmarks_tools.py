@@ -370,8 +370,16 @@ def test_gpu_check_budget_runs_every_step_within_it():
     assert plans[300]["gpu-tests"] >= 110  # the GPU test matrix, sharded over processes
     assert plans[300]["build"] >= 30  # a cold build of both libraries at once: ~25 s
     assert plans[1000]["bench"] == 300  # proportional once the floors no longer bind
-    proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", "100"), mode="--plan")
-    assert proc.returncode == 2 and ">= 120" in proc.stderr
+    assert sum(plans[120].values()) <= 120 - 3  # the script's own seconds stay out
+    assert plans[120]["env"] >= 30  # a cold torch import, nvidia-smi, CUDA, the bandwidth
+    for bad in ("100", "08", "1e3", "-5"):
+        proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", bad), mode="--plan")
+        assert proc.returncode == 2 and ">= 120" in proc.stderr, (bad, proc.stderr)
+    assert _plan(int("0300")) == plans[300]  # a leading zero: decimal, not octal
+    proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", "0300"), mode="--plan")
+    assert proc.stdout.startswith("budget 300 s;"), proc.stdout
+    proc = _gpu_check(None, ("LRML_GPU_CHECK_TOTAL_S", "1000"), mode="--plan")
+    assert "does not fit one command of the device tool" in proc.stderr
 
 
 @pytest.mark.slow
@@ -384,13 +392,18 @@ def test_gpu_check_dry_run(tmp_path, budget):
     assert files == sorted(["gpu_check.log", "gpu_tests.log", "bench.log", "bench.json",
                             "bench.jsonl", "table.md", "profile.md"])  # fmt: skip
     assert f"budget {budget or 300} s" in proc.stdout
-    assert "GPU CHECK OK (dry run)" in proc.stdout
+    assert "GPU CHECK OK (dry run)" in proc.stdout and "WARNING" not in proc.stdout
     for step in STEPS:
         assert f"   {step}: ok" in proc.stdout
+    took, budget_s = map(int, re.search(r"== summary \((\d+) s of (\d+) s\)", proc.stdout).groups())
+    assert took <= budget_s
+    # the bench's deadline is an absolute time (its start-up counts), its record closed
+    assert re.search(r"--lrml-deadline-at=\d{10}", proc.stdout)
+    assert json.loads((out / "bench.jsonl").read_text().splitlines()[-1])["end"]["exitstatus"] == 0
     # the gpu tests ran through the shards (each skipped: no GPU), the prewarm beside them
     last = (out / "gpu_tests.log").read_text().splitlines()[-1]
     assert last.startswith("sharded: ") and " skipped in " in last and "failed" not in last
-    assert re.search(r"== prewarm \(beside gpu-tests, \d+ shards; .*: sharded: \d+ passed",
+    assert re.search(r"== prewarm \(beside gpu-tests, \d+ shards; .*: ok: sharded: \d+ passed",
                      proc.stdout)  # fmt: skip
     table = (out / "table.md").read_text()
     assert "DRY RUN" in table and "INCOMPLETE" not in table
@@ -418,7 +431,8 @@ def test_gpu_check_failed_steps_are_named_and_the_report_still_written(tmp_path)
     assert "GPU CHECK FAILED: bench (rc=7) profile (rc=7) report (rc=2)" in proc.stdout
     table = (out / "table.md").read_text()
     assert "INCOMPLETE: failed step(s): bench (rc=7) profile (rc=7)" in table
-    assert "no benchmark results (bench.jsonl" in table and "|" not in table
+    assert "no benchmark results (bench.json: " in table and "bench.jsonl: " in table
+    assert "|" not in table
     assert proc.stdout.rstrip().endswith(table.rstrip())
 
 
@@ -440,12 +454,20 @@ def test_profile_lists_what_it_had_no_time_for(tmp_path, limit):
 
 
 def test_gpu_check_without_gpu_stops_at_step_one(tmp_path):
+    # (the injection stands for "torch sees no GPU": exit status 3 and a NO_DEVICE line)
     out = tmp_path / "out"
     proc = _gpu_check(out, ("LRML_GPU_CHECK_FAIL", "env"))
     assert proc.returncode == 1
-    assert "GPU CHECK FAILED: env (rc=7)" in proc.stdout
+    assert "GPU CHECK FAILED: env (no usable torch)" in proc.stdout
     assert "step build" not in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "table.md"]
+    assert "> **INCOMPLETE: step env found no usable torch" in (out / "table.md").read_text()
+    # a Python without torch: the same, and it says so
+    (tmp_path / "torch.py").write_text("raise ImportError('No module named torch (test)')\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    proc = _gpu_check(out, ("PYTHONPATH", path))
+    assert proc.returncode == 1 and "torch cannot be imported" in proc.stdout, proc.stdout
+    assert "torch cannot be imported" in (out / "table.md").read_text()
 
 
 def _collected(*paths: str, size: str = "tiny") -> list[str]:
@@ -580,6 +602,94 @@ def test_pytest_shards_deals_round_robin_and_sums_the_shards(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # gpu_check.sh: what goes wrong on the GPU machine, on the CPU
+
+
+def _summary_seconds(stdout: str) -> tuple[int, int]:
+    return tuple(map(int, re.search(r"== summary \((\d+) s of (\d+) s\)", stdout).groups()))
+
+
+@pytest.mark.slow
+def test_gpu_check_carries_on_after_a_hung_env_step_and_ends_within_its_budget(tmp_path):
+    # step 1 hangs (ignoring SIGINT: killed at its limit): a warning, not the end of the check;
+    # a failed build sets LRML_KERNELS_NO_JIT for the later steps; the rest fail at once
+    out = tmp_path / "out"
+    proc = _gpu_check(
+        out, ("LRML_GPU_CHECK_TOTAL_S", "120"), ("LRML_GPU_CHECK_HANG", "env"),
+        ("LRML_GPU_CHECK_FAIL", "build,prewarm,gpu-tests,bench,profile"),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "WARNING: step env failed (rc=137, timed out)" in proc.stdout
+    assert "LRML_KERNELS_NO_JIT=1 for the later steps" in proc.stdout
+    assert "== step report" in proc.stdout and "   report: " in proc.stdout
+    assert "prewarm: FAILED (rc=7)" in proc.stdout  # named, not a blank status
+    took, budget = _summary_seconds(proc.stdout)
+    assert 30 <= took <= budget == 120
+    table = (out / "table.md").read_text()
+    assert table.startswith("## GPU check") and "INCOMPLETE: failed step(s): build (rc=7)" in table
+    assert "WARNING: step env failed" in table
+    log = (out / "gpu_tests.log").read_text()  # (pytest_shards never ran: the script says so)
+    assert log.startswith("=== pytest_shards did not finish (step gpu-tests: rc=7)")
+
+
+def test_gpu_check_stopped_by_sigterm_stops_its_steps_and_writes_a_report(tmp_path):
+    # the device tool's timeout: SIGTERM to the script while a step and the prewarm hang (each
+    # ignoring SIGINT, each in a process group of its own): both are stopped, the summary and a
+    # stub table written, exit status 128 + 15
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, LRML_GPU_CHECK_HANG="gpu-tests,prewarm",
+               LRML_GPU_CHECK_FAIL="build")  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        log = out / "gpu_check.log"
+        while "== step gpu-tests" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() - t0 < 120 and proc.poll() is None
+            time.sleep(0.2)
+        time.sleep(1)
+        t1 = time.monotonic()
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15, stdout[-3000:]
+    assert time.monotonic() - t1 < 15  # the grace (5 s), once for both groups
+    assert "GPU CHECK STOPPED by SIGTERM during step gpu-tests" in stdout
+    table = (out / "table.md").read_text()
+    assert "INCOMPLETE: the check was stopped by SIGTERM during step gpu-tests" in table
+    left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in left, "a step's process outlived the check"
+
+
+def test_gpu_check_labels_a_tree_inside_another_repository_as_unknown(tmp_path):
+    # the tree copied into another git repository: not that repository's commit
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    outer = tmp_path / "outer"
+    (outer / "tree" / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "gpu_check.sh", outer / "tree" / "benchmarks")
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    env = {**os.environ, "PYTHON": sys.executable, "LRML_GPU_CHECK_FAIL": "env"}
+    env.pop("LRML_COMMIT", None)
+    proc = subprocess.run(
+        ["bash", str(outer / "tree" / "benchmarks" / "gpu_check.sh"), "--dry-run",
+         str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "commit unknown (set LRML_COMMIT) (uncommitted changes: unknown)" in proc.stdout
+    bl = load_benchmark("benchlib")
+    assert bl.commit_info()[1] is not None  # (this checkout: its own git)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bl, "git", lambda *a: str(outer) if a[0] == "rev-parse" else "M x")
+        mp.delenv("LRML_COMMIT", raising=False)
+        assert bl.commit_info() == (bl.UNKNOWN_COMMIT, None)
+        mp.setenv("LRML_COMMIT", "abc123")
+        assert bl.commit_info() == ("abc123", None)
+    machine = {"cpu_model": "Test CPU", "commit": "abc123", "dirty": None}
+    md = report.markdown(report.load(_write_run(tmp_path / "r.json", _cpu_run(), machine=machine)))
+    assert "commit `abc123` (uncommitted changes: unknown)" in md
 
 
 def test_no_jit_names_the_libraries_not_to_build(monkeypatch):
