@@ -1432,13 +1432,19 @@ def main(argv: list[str] | None = None) -> int:
         "nvcc": None if args.launches else _nvcc_version(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    # Without nvcc the CUDA rows are missing: said in the title and on stderr, and the spill gate
+    # fails (it would pass on the Triton rows alone) unless --no-cuda asked for no CUDA rows.
+    no_cuda_rows = not args.launches and not args.no_cuda and info["nvcc"] is None
     if args.launches:
         title = f"Static GPU report (sm_90, no GPU): the launches of {args.launches}, "
         table = launches_markdown(rows, title + f"triton {info['triton']}")
     else:
+        nvcc = info["nvcc"] or (
+            "no CUDA rows (--no-cuda)" if args.no_cuda else "no nvcc: the CUDA rows were NOT built"
+        )
         title = (
             f"Static GPU report (sm_90, no GPU): subset {args.subset}, triton {info['triton']}, "
-            f"{info['nvcc'] or 'no nvcc'}"
+            f"{nvcc}"
         )
         table = markdown(rows, title)
     if args.json:
@@ -1448,9 +1454,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(table)
         print(f"kernel_report: {len(rows)} rows in {info['seconds']} s", file=sys.stderr)
+    if no_cuda_rows:
+        print(
+            "kernel_report: nvcc not found (PATH, $NVCC): the CUDA kernels' rows were not built; "
+            "pass --no-cuda to leave them out on purpose",
+            file=sys.stderr,
+        )
     if args.fail_on_spills and any(r["spills"] for r in rows):
         bad = sorted({f"{r['source']}:{r['kernel']}" for r in rows if r["spills"]})
         print(f"kernel_report: spills in {', '.join(bad)}", file=sys.stderr)
+        return 1
+    if args.fail_on_spills and no_cuda_rows:
+        print("kernel_report: --fail-on-spills without the CUDA rows: failed", file=sys.stderr)
         return 1
     return 0
 

@@ -901,3 +901,15 @@ def test_the_train_loop_starts_only_with_time_for_its_data_set_up(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     recs = [json.loads(line) for line in jsonl.read_text().splitlines()][1:-1]
     assert len(recs) == 4 and all(r["reason"].startswith("out of time") for r in recs), recs
+
+
+def test_kernel_report_without_nvcc_says_so_and_fails_the_spill_gate(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    kr = load_benchmark("kernel_report")
+    monkeypatch.setattr(kr, "collect", lambda *a, **k: [])
+    monkeypatch.setattr(kr, "_nvcc_version", lambda: None)
+    assert kr.main(["--subset", "smoke", "--fail-on-spills", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "the CUDA kernels' rows were not built" in err and "--fail-on-spills without" in err
+    assert kr.main(["--subset", "smoke", "--fail-on-spills", "--quiet", "--no-cuda"]) == 0
+    assert "not built" not in capsys.readouterr().err
