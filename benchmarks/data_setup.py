@@ -1,15 +1,16 @@
 """Time the data set-up that ``lrml train --data NAME`` does before its first step.
 
-    PYTHONPATH=. python benchmarks/data_setup.py [synthetic-netflix] [--compiled-only]
+    PYTHONPATH=. python benchmarks/data_setup.py [NAME] [--compiled-only]
     PYTHONPATH=. python benchmarks/data_setup.py --first-step [lrml train options]
 
 Runs the set-up twice in one process, side by side: on the numpy code alone (what runs where the
 C++ extension cannot load, and what ran before its set-up ops existed) and with the extension's
-ops (``csrc/cpu/synthetic_cpu.cpp``, ``csrc/cpu/split_cpu.cpp``). Prints wall and CPU seconds of
-each stage: generating the synthetic log, the leave-one-out split (the evaluation negatives, part
-of it, also on their own), and the split's fingerprint; then the fingerprints (equal: the same
-data, bit for bit) and the peak memory. CPU time is the figure to compare on a shared machine,
-where wall time depends on the other processes. ``--compiled-only`` skips the numpy run.
+ops (``csrc/cpu/synthetic_cpu.cpp``, ``csrc/cpu/split_cpu.cpp``) on the synthetic data set NAME
+(default synthetic-netflix). Prints wall and CPU seconds of each stage: generating the synthetic
+log, the leave-one-out split (the evaluation negatives, part of it, also on their own), and the
+split's fingerprint; then the fingerprints (equal: the same data, bit for bit) and the peak
+memory. CPU time is the figure to compare on a shared machine, where wall time depends on the
+other processes. ``--compiled-only`` skips the numpy run.
 
 ``--first-step``: the whole start-up instead, in this process (start it fresh): the seconds
 from the start of the process to the end of the first training step of ``lrml train`` with
@@ -132,7 +133,19 @@ def first_step(argv: list[str]) -> int:
     return cli.main(["train", *argv])
 
 
+def parse(argv: list[str]) -> tuple[str, tuple[str, ...]]:
+    """(the data set's name, the flags) of the set-up timing's command line, in any order."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="data_setup.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", nargs="?", default="synthetic-netflix", choices=sorted(SYNTHETIC))
+    ap.add_argument("--compiled-only", action="store_true", help="skip the numpy run")
+    args = ap.parse_args(argv)
+    return args.name, ("--compiled-only",) if args.compiled_only else ()
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--first-step"]:
         sys.exit(first_step(sys.argv[2:]))
-    main(*sys.argv[1:])
+    name, flags = parse(sys.argv[1:])
+    main(name, *flags)

@@ -913,3 +913,11 @@ def test_kernel_report_without_nvcc_says_so_and_fails_the_spill_gate(monkeypatch
     assert "the CUDA kernels' rows were not built" in err and "--fail-on-spills without" in err
     assert kr.main(["--subset", "smoke", "--fail-on-spills", "--quiet", "--no-cuda"]) == 0
     assert "not built" not in capsys.readouterr().err
+
+
+def test_data_setup_takes_its_flags_without_a_name():
+    ds = load_benchmark("data_setup")
+    assert ds.parse(["--compiled-only"]) == ("synthetic-netflix", ("--compiled-only",))
+    assert ds.parse(["synthetic-small"]) == ("synthetic-small", ())
+    with pytest.raises(SystemExit):
+        ds.parse(["no-such-data"])
