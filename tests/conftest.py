@@ -225,3 +225,23 @@ def tensor_core_tf32(monkeypatch):
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", tf32_dot)
     with using_fp32_matmul_precision("high"):  # (fp32 dots: tf32 where this is not "highest")
         yield count
+
+
+@pytest.fixture
+def catchable():
+    """``catchable(signum)``: the signal acts as it does in an interactive shell for the test
+    (SIGINT raises KeyboardInterrupt, others their default), even where the suite runs as a
+    background job, which starts with SIGINT ignored (an ignored signal stays ignored: the CLI
+    and training respect that)."""
+    import signal
+
+    saved = {}
+
+    def make(signum):
+        saved.setdefault(signum, signal.getsignal(signum))
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)
+
+    yield make
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

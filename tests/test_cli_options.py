@@ -202,7 +202,11 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys, c
 
 @pytest.mark.parametrize("command", ["evaluate", "recommend"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(monkeypatch, capsys, command, signum):
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(
+    monkeypatch, capsys, catchable, command, signum
+):
+    catchable(signum)
+
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signum)  # (the handler raises here, in the main thread)
         raise AssertionError("the signal did not stop the command")

@@ -292,9 +292,10 @@ def test_a_checkpoint_from_before_model_selection_resumes(tmp_path, reference_ru
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_checkpoints_the_step_reached_then_resume_matches_uninterrupted(
-    tmp_path, reference_run, capsys, monkeypatch, signum
+    tmp_path, reference_run, capsys, monkeypatch, catchable, signum
 ):
     """Ctrl-C, and SIGTERM / SIGHUP (kill, timeout, a scheduler, a closed terminal) alike."""
+    catchable(signum)
     real = backends.TORCH_BACKEND.hinge_loss_grads
     calls = [0]
 
