@@ -27,6 +27,7 @@ from lrml_kernels.training import (
     OtherRankError,
     TrainConfig,
     TrainingInterrupted,
+    handling_signals,
     warn_no_users,
 )
 
@@ -908,15 +909,8 @@ def _terminate_as_interrupt(command: str):
         raise Terminated(signum)
 
     signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    previous = {s: signal.getsignal(s) for s in signums}
-    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
+    with handling_signals(signums, handler):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _signal_name(exc: BaseException) -> str:

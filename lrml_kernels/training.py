@@ -123,6 +123,22 @@ class RunInProgressError(ValueError):
     """Another process holds the output folder: it is training into it now."""
 
 
+@contextlib.contextmanager
+def handling_signals(signums, handler):
+    """``handler`` for each of ``signums`` that the process does not ignore (an ignored one, as
+    under nohup or SIGINT in a background job, stays ignored), their previous handlers yielded
+    and restored after."""
+    previous = {s: signal.getsignal(s) for s in signums}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield previous
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training met a NaN/Inf loss or gradient; the last good checkpoint is left intact."""
 
@@ -803,20 +819,13 @@ class _Run:
         ):
             yield
             return
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
 
         def handler(signum, frame):
             self.interrupted = self.interrupted or signum
             signal.signal(signum, previous[signum])
 
-        for s in previous:
-            signal.signal(s, handler)
-        try:
+        with handling_signals(STOP_SIGNALS, handler) as previous:
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _stop_interrupted(self, t0: float) -> None:
         """Checkpoint the step reached and raise :class:`TrainingInterrupted`."""
