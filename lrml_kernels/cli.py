@@ -894,14 +894,17 @@ def _one_line_warnings(command: str, show):
     return showwarning
 
 
+def _under_torchrun() -> bool:
+    """This process is one of several that torchrun started (``WORLD_SIZE`` > 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
 @contextlib.contextmanager
-def _terminate_as_interrupt(command: str):
+def _terminate_as_interrupt():
     """SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread for
     the command's duration, so that it stops as on Ctrl-C (a signal the process ignores, as under
     nohup, stays ignored). Not for the processes of a torchrun run, whose launcher stops them."""
-    if threading.current_thread() is not threading.main_thread() or os.environ.get(
-        "WORLD_SIZE", "1"
-    ).strip() not in ("", "1"):
+    if threading.current_thread() is not threading.main_thread() or _under_torchrun():
         yield
         return
 
@@ -920,7 +923,7 @@ def _signal_name(exc: BaseException) -> str:
 
 def _run(parser, with_config, args, argv) -> int:
     try:
-        if args.command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        if args.command != "train" and _under_torchrun():
             # (each rank would run the whole command: results printed and files raced over)
             raise ValueError(
                 f"lrml {args.command} runs in one process; of the commands, only lrml train "
@@ -931,7 +934,7 @@ def _run(parser, with_config, args, argv) -> int:
             for p in with_config:
                 p.set_defaults(**values)
             args = parser.parse_args(argv)
-        with _terminate_as_interrupt(args.command):
+        with _terminate_as_interrupt():
             return args.func(args)
     except BrokenPipeError:  # `lrml recommend ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush)

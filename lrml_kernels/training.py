@@ -655,9 +655,7 @@ class _Run:
         out = self.out = Path(out_dir) if out_dir is not None else None
         if resume and (out is None or not (out / CHECKPOINT).exists()):
             raise FileNotFoundError(f"--resume: no checkpoint at {out and out / CHECKPOINT}")
-        self.rank, self.world = rank, world = _rank_world()
-        if out is not None and rank == 0:  # (rank 0 alone: it removes a folder it made in vain)
-            out.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = rank, world = _rank_world()  # (fit made out: _hold_folder)
         if world > 1 and not cfg.fused_optimizer:
             raise ValueError(
                 "fused_optimizer=False trains each process on its own batches (torch's optimizers "
