@@ -988,8 +988,18 @@ def _hinge_backward(ctx, grad_L, grad_G):
     return (*_grads(ctx, G, grad_L), None, None, None, None, None, None, None)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "lrml_kernels: the triton backend is differentiable once (no double backward); use "
+        'backend="torch" for higher-order gradients'
+    )
+
+
 _distances_fwd.register_autograd(_distances_backward, setup_context=_setup_distances)
 _hinge_fwd.register_autograd(_hinge_backward, setup_context=_setup_hinge)
+# A gradient of these ops is a constant to autograd: differentiating it raises instead of
+# silently losing the second-order terms (as the cpu and cuda backends do).
+_backward_op.register_autograd(_no_double_backward)
 
 
 # ----------------------------------------------------------------------------------------------
