@@ -99,7 +99,7 @@ def check_params(user_emb, item_emb, keys, memory, *, check_finite: bool = False
         raise ValueError("the embedding dimension d must be at least 1")
     if check_finite and not _compiling():
         for name, t in zip(PARAM_NAMES, params, strict=True):
-            if not bool(torch.isfinite(t).all()):
+            if not _host_values(torch.isfinite(t).all(), "check_finite=True"):
                 raise ValueError(f"{name} contains NaN or Inf")
     return tuple(t.contiguous() for t in params)
 
@@ -121,6 +121,20 @@ def check_index_tensor(name: str, idx, rank: int, device: torch.device) -> torch
     return idx.contiguous()
 
 
+def _host_values(t: torch.Tensor, option: str):
+    """``t.tolist()``: the values a check reads on the host, which a ``torch.func`` transform
+    (``vmap``) does not hand out: then an error that names the option to turn off."""
+    try:
+        return t.tolist()
+    except RuntimeError as e:
+        if "storage" not in str(e) and "vmap" not in str(e):
+            raise
+        raise RuntimeError(
+            f"lrml_kernels: {option} reads values on the host, which torch.func.vmap does not "
+            f"allow; under vmap pass {option.replace('True', 'False')}"
+        ) from e
+
+
 def check_tables_have_rows(checks) -> None:
     """``checks`` as :func:`check_index_ranges`'s; shapes only, so it runs with validate=False
     too: the kernels clamp an index into ``[0, size - 1]``, which reads before a table of 0 rows."""
@@ -135,9 +149,10 @@ def check_index_ranges(checks) -> None:
     checks = [c for c in checks if c[1].numel() > 0 and c[1].device.type != "meta"]
     if not checks or _compiling():
         return
-    bounds = torch.stack(
-        [torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in checks]
-    ).tolist()
+    bounds = _host_values(
+        torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in checks]),
+        "validate=True",
+    )
     for (name, _, size), (lo, hi) in zip(checks, bounds, strict=True):
         if lo < 0 or hi >= size:
             bad = lo if lo < 0 else hi

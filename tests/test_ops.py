@@ -95,6 +95,29 @@ def test_validate_false_skips_the_range_check():
     assert "users holds index" not in str(info.value)
 
 
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_vmap_names_the_checks_that_read_values(backend):
+    # torch.func.vmap hides the values that the range and finiteness checks read on the host:
+    # the error names the option to turn off, and with it off vmap gives the batched result.
+    P, (u, i) = params(), batch(B=4)
+    u2, i2 = u.view(2, 2), i.view(2, 2, 2)
+
+    def batched(**kw):
+        return torch.func.vmap(lambda uu, ii: lk.lrml_distances(*P, uu, ii, backend=backend, **kw))
+
+    with pytest.raises(RuntimeError, match="under vmap pass validate=False"):
+        batched()(u2, i2)
+    want = lk.lrml_distances(*P, u, i, backend=backend)
+    torch.testing.assert_close(batched(validate=False)(u2, i2).reshape(4, 2), want)
+    # two models at once (their tables stacked): the finiteness check reads the tables
+    stacked = [torch.stack([t, t]) for t in P]
+    models = torch.func.vmap(
+        lambda *ts: lk.lrml_distances(*ts, u, i, backend=backend, check_finite=True)
+    )
+    with pytest.raises(RuntimeError, match="under vmap pass check_finite=False"):
+        models(*stacked)
+
+
 @pytest.mark.parametrize("table", [0, 1])
 @pytest.mark.parametrize("backend", lk.available_backends())
 def test_an_empty_table_raises_even_without_validation(table, backend):
