@@ -120,9 +120,6 @@ def _dtypes(config, device: str) -> tuple[str, ...]:
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "lrml(devices, sizes, dtypes): restrict a benchmark's cases (benchmarks/)"
-    )
     try:
         config._lrml_sizes = benchlib.parse_sizes(config.getoption("--lrml-size"))
     except ValueError as exc:
