@@ -22,9 +22,13 @@ def table_grad(rows, index, num_rows: int, dtype, sparse: bool) -> torch.Tensor:
         index = index.to(torch.int64)
     rows = rows.reshape(index.shape[1], -1)
     if sparse:
-        return torch.sparse_coo_tensor(
-            index, rows.to(dtype), (num_rows, rows.shape[1]), check_invariants=False
-        )
+        shape = (num_rows, rows.shape[1])
+        if torch.compiler.is_compiling():
+            return torch.sparse_coo_tensor(index, rows.to(dtype), shape, check_invariants=False)
+        # (torch 2.11 and 2.12 warn "Sparse invariant checks are implicitly disabled ... Memory
+        # errors (e.g. SEGFAULT) will occur" at the first call despite check_invariants=False)
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            return torch.sparse_coo_tensor(index, rows.to(dtype), shape, check_invariants=False)
     if rows.dtype in (torch.float16, torch.bfloat16):
         rows = rows.float()
     out = rows.new_zeros(num_rows, rows.shape[1])

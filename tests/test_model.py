@@ -180,6 +180,26 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_sparse_gradients_warn_nothing(backend):
+    # torch 2.11 and 2.12 warned "Sparse invariant checks are implicitly disabled ... Memory
+    # errors (e.g. SEGFAULT) will occur" at a process's first sparse gradient (once a process:
+    # hence a fresh one), though the gradients pass check_invariants=False.
+    script = f"""
+import warnings
+warnings.simplefilter("error", UserWarning)
+import torch, lrml_kernels as lk
+m = lk.LRML(20, 15, dim=6, memory_slots=3, sparse=True, backend={backend!r})
+m(torch.tensor([1, 2]), torch.tensor([[3, 4], [5, 6]])).backward()
+assert m.user_emb.grad.is_sparse
+print("ok")
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_recommend_on_a_trainable_model_uses_worker_threads_safely():
     # Parameters that require grad, and a catalogue large enough for the kernels to go parallel.
     torch.manual_seed(0)
