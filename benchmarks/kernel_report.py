@@ -632,10 +632,11 @@ def _recording(launches: list, backwards: list):
 
 
 def _run_backwards(backwards: list) -> None:
-    """Each recorded custom op's registered backward, with gradients of ones."""
+    """Each recorded custom op's registered backward, with gradients of ones (first order: not
+    the backward of an op that a backward calls, which raises: no double backward)."""
     import torch
 
-    for op, args, out in backwards:
+    for op, args, out in list(backwards):
         ctx = _Ctx(args)
         if op._setup_context_fn is not None:
             op._setup_context_fn(ctx, args, out)
