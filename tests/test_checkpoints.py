@@ -426,3 +426,67 @@ except OSError as exc:
     assert done.returncode == 0 and done.stdout.startswith("OSError"), done.stderr[-2000:]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["x"].shape == (4,)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+# checkpoints: the checks of check(), os_error_under and atomic_write's fsync
+def _ckpt(**over):
+    ckpt = {"config": {}, "model": {"w": torch.zeros(2)}, "num_users": 3, "num_items": 4}
+    return {**ckpt, **over}
+
+
+def _resumable(**over):
+    resume = dict(
+        trainer={}, epoch=1, step_in_epoch=0, global_step=10, gen_states=[],
+        loss_sum=torch.zeros(()), epoch_seconds=1.5, history=[], data_fingerprint="f",
+    )  # fmt: skip
+    return _ckpt(**{**resume, **over})
+
+
+def test_check_refuses_a_bool_for_an_int_and_takes_an_int_for_a_float(tmp_path):
+    from lrml_kernels.checkpoints import check
+
+    with pytest.raises(CheckpointError, match="'num_users' should be a int, not a bool"):
+        check(_ckpt(num_users=True), tmp_path / "x.pt")
+    check(_resumable(epoch_seconds=3), tmp_path / "x.pt", resume=True)  # 3 s stored as an int
+    with pytest.raises(CheckpointError, match="'epoch_seconds' should be a float, not a str"):
+        check(_resumable(epoch_seconds="3"), tmp_path / "x.pt", resume=True)
+
+
+def test_read_refuses_a_model_entry_that_is_not_a_tensor(tmp_path):
+    path = tmp_path / "x.pt"
+    checkpoints.save(_ckpt(model={"w": torch.zeros(2), "n": 3}), path)
+    with pytest.raises(CheckpointError, match="the model's 'n' are not tensors"):
+        checkpoints.read(path)
+
+
+def test_an_interrupt_during_a_failing_write_stays_an_interrupt(tmp_path):
+    def write(f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise KeyboardInterrupt  # noqa: B904 (as a Ctrl-C there: its __context__ the OSError)
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.atomic_write(tmp_path / "x.pt", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_fsyncs_the_file_before_it_renames_it(tmp_path, monkeypatch):
+    import stat
+
+    calls, fsync, replace = [], os.fsync, os.replace
+
+    def traced_fsync(fd):
+        st = os.fstat(fd)
+        calls.append(("fsync", "file" if stat.S_ISREG(st.st_mode) else "dir", st.st_size))
+        fsync(fd)
+
+    def traced_replace(a, b):
+        calls.append(("replace",))
+        replace(a, b)
+
+    monkeypatch.setattr(checkpoints.os, "fsync", traced_fsync)
+    monkeypatch.setattr(checkpoints.os, "replace", traced_replace)
+    checkpoints.atomic_write(tmp_path / "x.bin", lambda f: f.write(b"whole"))
+    assert calls[0] == ("fsync", "file", 5) and calls[1] == ("replace",)
+    assert calls[2][:2] == ("fsync", "dir")

@@ -1637,3 +1637,22 @@ def test_numpy_numbers_are_numbers(tmp_path):
     got = D.load(f"csv:{f}", min_rating=np.int64(4), num_negatives=0, seed=np.int64(3))
     want = D.load(f"csv:{f}", min_rating=4, num_negatives=0, seed=3)
     assert got.fingerprint() == want.fingerprint()
+
+
+# data.split._latest_rows, numpy fallback: chunk offsets and users with no known timestamp
+@pytest.mark.parametrize("chunk", [3, 1 << 22])
+def test_leave_one_out_fallback_in_small_chunks_hand_computed(monkeypatch, chunk):
+    from lrml_kernels.data import split as S
+
+    monkeypatch.setattr(S, "data_op", lambda name: None)  # the numpy path
+    monkeypatch.setattr(S, "_CHUNK", chunk)
+    M = MISSING_TIMESTAMP
+    users = np.array([0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 0])
+    items = np.array([1, 2, 3, 4, 5, 6, 7, 1, 2, 1, 8, 9, 2])
+    ts = np.array([5, 9, 7, 3, 3, 1, 4, M, 2, M, M, M, 9])
+    x = D.Interactions(users, items, ts, 5, 12, np.arange(5), np.arange(12), "toy")
+    s = D.leave_one_out(x, num_negatives=0)
+    assert s.test_users.tolist() == [0, 1, 3, 4]
+    assert s.test_items.tolist() == [2, 5, 2, 9]  # user 4: all times missing -> its last row
+    x = D.Interactions(users, items, None, 5, 12, np.arange(5), np.arange(12), "toy")
+    assert D.leave_one_out(x, num_negatives=0).test_items.tolist() == [2, 6, 1, 9]

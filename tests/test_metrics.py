@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lrml_kernels.data import read_ncf
-from lrml_kernels.metrics import PopularityRanker, evaluate, hit_ndcg
+from lrml_kernels.metrics import PopularityRanker, compare, evaluate, hit_ndcg
 
 
 class TableRanker:
@@ -481,3 +481,43 @@ def test_batch_csr_takes_the_numpy_csr_of_a_split():
     assert ptr.tolist() == [0, len(rows[0]), len(rows[0]) + len(rows[1])]
     assert idx.tolist() == np.concatenate(rows).tolist()
     assert ptr.dtype == idx.dtype == torch.int64
+
+
+# metrics.full_ranks: the padding ids -1 (+inf) of a short catalogue are not rivals
+def test_full_protocol_ignores_the_empty_slots_of_a_short_catalogue():
+    inf = float("inf")
+    # user 0 trained on item 3: 3 items left to rank, the top-(k+1)=4 call pads one slot (-1,
+    # +inf). The held-out item 0 at +inf ranks 2 (behind items 1 and 2), not 3.
+    table = [[inf, 0.1, 0.2, 0.0]]
+    split = make_split([(0, 3)], [(0, 0)], [[1, 2]], 4)
+    full = evaluate(TableRanker(table), split, "full", k=3)
+    sampled = evaluate(TableRanker(table), split, "sampled", k=3)
+    assert full["hr"] == sampled["hr"] == 1.0
+    assert full["ndcg"] == pytest.approx(1 / math.log2(4)) == sampled["ndcg"]
+
+
+# metrics._ranks: a ranker in training mode is ranked in eval mode, then put back
+@pytest.mark.parametrize("protocol", ["sampled", "full"])
+def test_evaluation_restores_the_training_mode_of_a_module(protocol):
+    class Module(torch.nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.inner, self.modes = TableRanker(table), []
+
+        def distances(self, users, items):
+            self.modes.append(self.training)
+            return self.inner.distances(users, items)
+
+        def recommend(self, users, k, exclude=None):
+            self.modes.append(self.training)
+            return self.inner.recommend(users, k, exclude)
+
+    split = make_split([(0, 3), (1, 0)], [(0, 0), (1, 3)], [[1, 2], [1, 2]], 4)
+    table = [[0.5, 0.1, 0.9, 1.0], [0.7, 0.8, 0.9, 0.2]]
+    a, b = Module(table), Module(table)
+    a.train()
+    evaluate(a, split, protocol, k=1)
+    assert a.training and a.modes and not any(a.modes)
+    b.eval()
+    compare(a, b, split, protocol, k=1)
+    assert a.training and not b.training and not any(a.modes + b.modes)

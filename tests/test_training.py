@@ -808,3 +808,27 @@ def test_a_split_with_no_held_out_users_warns(tmp_path, select_on):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LRMLWarning)
         fit(cfg(epochs=1, select_on=select_on), None)
+
+
+# batches.EpochOrder, torch-op fallback: values that leave the domain twice are walked again
+@pytest.mark.parametrize("n, world", [(4097, 1), (4097, 3), (65537, 1)])
+def test_epoch_order_fallback_is_a_permutation_where_values_walk_twice(n, world):
+    from lrml_kernels.batches import EpochOrder
+
+    rows = []
+    for rank in range(world):
+        o = EpochOrder(n, 5, 2, "cpu", rank, world)
+        o._op = None  # the torch ops, as where the extension cannot load
+        rows.append(o.rows(0, len(o)))
+    rows = torch.cat(rows)
+    assert bool(((rows >= 0) & (rows < n)).all()) and rows.unique().numel() == rows.numel()
+
+
+# batches.EpochOrder: the CPU order of a seed is pinned (a = ceil(sqrt n), also at squares)
+def test_epoch_order_is_the_same_as_when_first_pinned():
+    from lrml_kernels.batches import EpochOrder
+
+    fast, plain = EpochOrder(10_000, 5, 2, "cpu"), EpochOrder(10_000, 5, 2, "cpu")
+    plain._op = None
+    want = [5096, 720, 5124, 3758, 3441, 4615, 6282, 5599]
+    assert fast.rows(0, 8).tolist() == want and plain.rows(0, 8).tolist() == want
