@@ -8,6 +8,7 @@ when the fast path fails, to name the first bad line. Either the whole file pars
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -323,6 +324,18 @@ def _fill_empty_fields(chunk: bytes, delim: bytes, sentinel: bytes) -> bytes:
     return chunk.replace(delim + b"\n", delim + sentinel + b"\n")
 
 
+@contextlib.contextmanager
+def quiet_loadtxt():
+    """``np.loadtxt``'s warnings off ("input contained no data" for an all-blank chunk) except
+    numpy 1.x's DeprecationWarnings for a float read as an integer ("3.5" -> 3) and for an
+    integer beyond its dtype (3000000000 as int32), which numpy 2 refuses: as errors, which
+    ``np.loadtxt`` reports as the ValueError that numpy 2 raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", DeprecationWarning)
+        yield
+
+
 def parse_chunk(
     path: Path,
     chunk: bytes,
@@ -377,8 +390,7 @@ def parse_chunk(
         return DataFormatError(path, line, "cannot parse")
 
     def load(floats_as_int: bool) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "input contained no data" for an all-blank chunk
+        with quiet_loadtxt():
             return np.loadtxt(
                 io.BytesIO(chunk),
                 dtype=dtype(floats_as_int),
@@ -541,8 +553,7 @@ def parse_netflix_chunk(
         return DataFormatError(path, None, f"cannot parse: {message or 'unexpected content'}")
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_loadtxt():
             t = np.loadtxt(
                 io.BytesIO(text), dtype=np.int32, delimiter=",", comments=None, ndmin=2,
                 quotechar=None,

@@ -1076,8 +1076,7 @@ def _read_ncf_negatives(path: Path) -> np.ndarray:
     for chunk, first in _text.iter_chunks(path):
         text = chunk.replace(b"(", b"").replace(b")", b"").replace(b",", b"\t")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _text.quiet_loadtxt():
                 t = np.loadtxt(
                     io.BytesIO(text), dtype=np.int64, delimiter="\t",
                     comments=None, ndmin=2, quotechar=None,
