@@ -281,3 +281,20 @@ def test_autocast_leaves_the_ops_exact(backend):
     for g, w in zip(got, want, strict=True):
         for a, b in zip(g, w, strict=True) if isinstance(g, tuple) else [(g, w)]:
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_model_distances_follow_validate_false():
+    m = lk.LRML(5, 4, dim=3, memory_slots=2, backend="torch", validate=False)
+    with pytest.raises(IndexError) as info:  # torch's own indexing error, not the op's check
+        m.distances(torch.tensor([100]), torch.tensor([[0]]))
+    assert "users holds index" not in str(info.value)
+
+
+def test_model_uses_its_eps():
+    torch.manual_seed(0)
+    m = lk.LRML(5, 4, dim=3, memory_slots=2, backend="torch", eps=0.5)
+    u, i = torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]])
+    got = m.distances(u, i)
+    P = [t.detach() for t in (m.user_emb, m.item_emb, m.keys, m.memory)]
+    torch.testing.assert_close(got, lk.lrml_distances(*P, u, i, eps=0.5, backend="torch"))
+    assert not torch.allclose(got, lk.lrml_distances(*P, u, i, eps=1e-3, backend="torch"))

@@ -371,3 +371,50 @@ def test_auto_says_once_when_no_compiled_backend_runs(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.resolve("auto", cpu) == "torch"  # (once a process)
+
+
+def test_exclude_indptr_must_be_non_decreasing():  # (torch backend: no kernel re-check)
+    # starts at 0, ends at len(indices), rows sorted: only the decrease in the middle is wrong
+    P = params()
+    ex = (torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lk.lrml_topk(*P, torch.tensor([0, 1, 2]), 2, exclude=ex, backend="torch")
+
+
+def test_exclude_indptr_must_start_at_zero():
+    P = params()
+    ex = (torch.tensor([1, 2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="start at 0"):
+        lk.lrml_topk(*P, torch.tensor([0]), 2, exclude=ex, backend="torch")
+
+
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_k_zero_is_refused_by_the_op_itself_on_every_backend(backend):
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        lk.lrml_topk(*params(), torch.tensor([0]), 0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_one_index_into_an_empty_table_raises_without_validation(backend):
+    P = params()
+    P[0] = P[0][:0]
+    with pytest.raises(IndexError, match="users indexes a table with no rows"):
+        lk.lrml_distances(
+            *P, torch.tensor([0]), torch.tensor([[0]]), backend=backend, validate=False
+        )
+
+
+def test_distances_sparse_grad_gives_sparse_gradients():
+    P = [t.requires_grad_() for t in params()]
+    u, i = torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]])
+    lk.lrml_distances(*P, u, i, sparse_grad=True, backend="torch").sum().backward()
+    assert P[0].grad.is_sparse and P[1].grad.is_sparse
+
+
+@pytest.mark.parametrize("backend", lk.available_backends())
+def test_an_index_equal_to_the_table_size_is_out_of_range(backend):
+    P, (u, i) = params(), batch()
+    with pytest.raises(IndexError, match="users holds index 5, out of range for a table of 5"):
+        lk.lrml_distances(*P, torch.full_like(u, 5), i, backend=backend)
+    with pytest.raises(IndexError, match="items holds index 6, out of range for a table of 6"):
+        lk.lrml_distances(*P, u, torch.full_like(i, 6), backend=backend)

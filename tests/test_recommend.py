@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -272,3 +273,37 @@ def test_user_indices_and_recommend_users_check_their_users():
                 next(recommend.recommend_users(model, users, 3, ex))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got -1"):
         next(recommend.recommend_users(model, np.arange(3), 3, None, batch_size=-1))
+
+
+def test_exclusion_csr_known_holds_each_item_once():
+    # a test pair that repeats a training pair, and rated pairs that repeat known ones
+    split = SimpleNamespace(
+        known_csr=lambda: (np.array([0, 2, 3]), np.array([1, 3, 0])),
+        test_users=np.array([0]),
+        test_items=np.array([3]),
+        num_items=5,
+    )
+    rated = (np.array([0, 0, 1]), np.array([1, 2, 0]))
+    indptr, indices = recommend.exclusion_csr(split, "known", rated)
+    assert indptr.tolist() == [0, 3, 4]
+    assert indices.tolist() == [1, 2, 3, 0]
+
+
+def test_rated_pairs_drops_pairs_with_an_unknown_user_or_item():
+    split = SimpleNamespace(
+        train=SimpleNamespace(user_ids=np.array(["a", "b"]), item_ids=np.array(["x", "y"]))
+    )
+    log = SimpleNamespace(
+        user_ids=np.array(["a", "c"]),
+        item_ids=np.array(["x", "z"]),
+        users=np.array([0, 1, 0, 1]),
+        items=np.array([0, 0, 1, 1]),
+    )
+    users, items = recommend.rated_pairs(split, log)
+    assert users.tolist() == [0] and items.tolist() == [0]
+
+
+def test_user_indices_counts_the_unknown_ids_beyond_five():
+    split = SimpleNamespace(train=SimpleNamespace(user_ids=np.array(["a"])), name="toy")
+    with pytest.raises(ValueError, match="and 2 more"):
+        recommend.user_indices(split, ["q", "r", "s", "t", "u", "v", "w"])

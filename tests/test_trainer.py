@@ -441,3 +441,14 @@ def test_trainer_load_state_dict_checks_the_state_against_the_model():
     t64.load_state_dict(t.state_dict())
     assert t64.state["user_emb"]["exp_avg"].dtype == torch.float64
     assert torch.isfinite(t64.step(u, i))
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.0)])
+def test_trainer_refuses_a_beta_of_one(betas):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "adam", betas=betas)
+
+
+def test_trainer_refuses_reduction_none():
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        LRMLTrainer(lk.LRML(3, 3, dim=2, memory_slots=1), "adam", reduction="none")
